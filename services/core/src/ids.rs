@@ -1,0 +1,152 @@
+//! Identities of the things idlemeter meters.
+//!
+//! Ids are parsed at the edge (wire, JSONL, HTTP) into newtypes, so a value that
+//! exists is valid: non-empty, at most [`MAX_ID_LEN`] bytes, and made of
+//! printable ASCII without spaces or control characters. That keeps them safe to
+//! use as Kafka keys, ClickHouse string keys and URL path segments.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why a string is not a valid id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("{kind} is empty")]
+    Empty { kind: &'static str },
+    #[error("{kind} is {len} bytes long, the limit is {MAX_ID_LEN}")]
+    TooLong { kind: &'static str, len: usize },
+    #[error("{kind} {value:?} contains {bad:?}: only printable ASCII without spaces is allowed")]
+    BadCharacter {
+        kind: &'static str,
+        value: String,
+        bad: char,
+    },
+}
+
+fn validate_id(kind: &'static str, value: &str) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong {
+            kind,
+            len: value.len(),
+        });
+    }
+    if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(IdError::BadCharacter {
+            kind,
+            value: value.to_owned(),
+            bad,
+        });
+    }
+    Ok(())
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses an id, refusing empty, overlong or non-printable values.
+            pub fn parse(value: impl Into<String>) -> Result<Self, IdError> {
+                let value = value.into();
+                validate_id($kind, &value)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<Self, IdError> {
+                Self::parse(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// The tenant that pays: every sample, invoice and API key belongs to one.
+    CustomerId,
+    "customer id"
+);
+string_id!(
+    /// One persistent sandbox (microVM or container), stable across suspends,
+    /// resumes and restarts.
+    SandboxId,
+    "sandbox id"
+);
+string_id!(
+    /// The node (host) whose collector measured a sample; the Kafka key of its batches.
+    NodeId,
+    "node id"
+);
+
+/// One boot or restore of a sandbox. Counters are cumulative within an epoch and
+/// start again from zero in the next one, so usage is only ever a difference of
+/// two counters of the same epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_refuse_empty_long_and_spaced_values() {
+        assert_eq!(
+            SandboxId::parse(""),
+            Err(IdError::Empty { kind: "sandbox id" })
+        );
+        assert!(matches!(
+            CustomerId::parse("x".repeat(MAX_ID_LEN + 1)),
+            Err(IdError::TooLong { len: 129, .. })
+        ));
+        assert!(matches!(
+            NodeId::parse("node 1"),
+            Err(IdError::BadCharacter { bad: ' ', .. })
+        ));
+        assert_eq!(
+            SandboxId::parse("sbx-01").map(|id| id.to_string()),
+            Ok("sbx-01".to_owned())
+        );
+    }
+
+    #[test]
+    fn ids_deserialize_through_validation() {
+        let parsed: Result<CustomerId, _> = serde_json::from_str("\"\"");
+        assert!(parsed.is_err());
+        let parsed: CustomerId = serde_json::from_str("\"acme\"").expect("valid id");
+        assert_eq!(parsed.as_str(), "acme");
+    }
+}
