@@ -10,6 +10,7 @@
 //! gains tokio, rdkafka, clickhouse or axum.
 
 pub mod ids;
+pub mod rollup;
 pub mod sample;
 
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};

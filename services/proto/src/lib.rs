@@ -84,12 +84,20 @@ fn sample_from_wire(wire: v1::UsageSample, batch_node: &NodeId) -> Result<UsageS
         Ok(v1::LifecycleState::Suspended) => LifecycleState::Suspended,
         Ok(v1::LifecycleState::Stopped) => LifecycleState::Stopped,
         Ok(v1::LifecycleState::Unspecified) | Err(_) => {
-            return Err(format!("field `state`: {} is not a lifecycle state", wire.state))
+            return Err(format!(
+                "field `state`: {} is not a lifecycle state",
+                wire.state
+            ))
         }
     };
     let ts = DateTime::<Utc>::from_timestamp_millis(wire.ts_unix_ms)
         .filter(|ts| ts.timestamp() > 0)
-        .ok_or_else(|| format!("field `ts_unix_ms`: {} is not a valid time", wire.ts_unix_ms))?;
+        .ok_or_else(|| {
+            format!(
+                "field `ts_unix_ms`: {} is not a valid time",
+                wire.ts_unix_ms
+            )
+        })?;
     let sample = UsageSample {
         customer: CustomerId::parse(wire.customer).map_err(|e| e.to_string())?,
         node,
@@ -249,7 +257,10 @@ mod tests {
         assert_eq!(decoded.samples.len(), 1);
         assert_eq!(decoded.samples[0].seq, 2);
         let reason = decoded.rejected[0].to_string();
-        assert!(reason.contains("sample 0") && reason.contains("sandbox id"), "{reason}");
+        assert!(
+            reason.contains("sample 0") && reason.contains("sandbox id"),
+            "{reason}"
+        );
     }
 
     #[test]

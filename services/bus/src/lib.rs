@@ -1,0 +1,169 @@
+//! Kafka adapter of idlemeter, over rdkafka (librdkafka, bundled).
+//!
+//! It speaks the Kafka protocol to Apache Kafka, Redpanda, MSK and, in tests,
+//! tansu. idlemeter never relies on Kafka transactions: exactly-once comes from
+//! idempotent writes downstream plus committing offsets only after the sink
+//! acknowledged (see ../../shared/DESIGN.md), so consumers built here have
+//! auto-commit and auto offset store turned off.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
+
+/// Errors of the Kafka adapter, with the topic or client they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kafka {context}: {source}")]
+    Kafka {
+        context: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to reach the brokers. `properties` passes any librdkafka setting
+/// (SASL, TLS, compression) through unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` list.
+    pub brokers: String,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Topic names; defaults are the production names, tests use unique ones.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    #[serde(default = "default_samples_topic")]
+    pub samples: String,
+    #[serde(default = "default_dead_letter_topic")]
+    pub samples_dead_letter: String,
+    #[serde(default = "default_commands_topic")]
+    pub commands: String,
+}
+
+fn default_samples_topic() -> String {
+    "usage.samples".to_owned()
+}
+fn default_dead_letter_topic() -> String {
+    "usage.samples.dlq".to_owned()
+}
+fn default_commands_topic() -> String {
+    "sandbox.commands".to_owned()
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            samples: default_samples_topic(),
+            samples_dead_letter: default_dead_letter_topic(),
+            commands: default_commands_topic(),
+        }
+    }
+}
+
+/// Header carrying why a message was dead-lettered.
+pub const DEAD_LETTER_REASON_HEADER: &str = "idlemeter-dlq-reason";
+/// Headers carrying where a dead-lettered message came from.
+pub const DEAD_LETTER_SOURCE_HEADER: &str = "idlemeter-dlq-source";
+
+impl KafkaSettings {
+    fn client_config(&self, client_id: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id);
+        config
+    }
+
+    /// An idempotent producer (acks=all): a retried send is never duplicated in
+    /// the log.
+    pub fn producer(&self, client_id: &str) -> Result<FutureProducer> {
+        let mut config = self.client_config(client_id);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000");
+        apply_overrides(&mut config, &self.properties);
+        config.create().map_err(|source| Error::Kafka {
+            context: format!("producer {client_id}"),
+            source,
+        })
+    }
+
+    /// A group consumer that commits only when told to: no auto-commit and no
+    /// automatic offset store. New groups start at the earliest offset so no
+    /// sample produced before the first deployment is skipped.
+    pub fn consumer(&self, client_id: &str, group_id: &str) -> Result<StreamConsumer> {
+        let mut config = self.client_config(client_id);
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            // Bounded prefetch: memory stays flat while the sink is slow.
+            .set("queued.max.messages.kbytes", "65536");
+        apply_overrides(&mut config, &self.properties);
+        config.create().map_err(|source| Error::Kafka {
+            context: format!("consumer {client_id} in group {group_id}"),
+            source,
+        })
+    }
+
+    /// Creates the topics that do not exist yet; existing ones are left alone.
+    pub async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<()> {
+        let mut config = self.client_config("idlemeter-admin");
+        apply_overrides(&mut config, &self.properties);
+        let admin: AdminClient<DefaultClientContext> =
+            config.create().map_err(|source| Error::Kafka {
+                context: "admin client".to_owned(),
+                source,
+            })?;
+        let new_topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&new_topics, &options)
+            .await
+            .map_err(|source| Error::Kafka {
+                context: "create topics".to_owned(),
+                source,
+            })?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(Error::CreateTopic { topic, code }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// User properties win over our defaults, so operators can tune anything.
+fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+}

@@ -1,0 +1,75 @@
+//! Subcommand bodies. Each builds what it needs from [`Settings`] and runs it.
+
+pub mod simulate;
+
+use idlemeter_ingest::Ingest;
+use idlemeter_store::Store;
+use idlemeter_telemetry::{serve_metrics, Health};
+use tokio::net::TcpListener;
+
+use crate::settings::Settings;
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let store = Store::new(&settings.clickhouse);
+    let now = u32::try_from(chrono::Utc::now().timestamp())?;
+    let report = store.migrate(now).await?;
+    for name in &report.already_applied {
+        println!("already applied  {name}");
+    }
+    for name in &report.applied {
+        println!("applied          {name}");
+    }
+    println!(
+        "database {}: {} applied now, {} already applied",
+        store.database(),
+        report.applied.len(),
+        report.already_applied.len()
+    );
+    Ok(())
+}
+
+pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
+    settings
+        .kafka
+        .ensure_topics(&[
+            (settings.topics.samples.as_str(), 8),
+            (settings.topics.samples_dead_letter.as_str(), 1),
+        ])
+        .await?;
+    let registry = prometheus::Registry::new();
+    let ingest = Ingest::build(
+        &settings.kafka,
+        &settings.clickhouse,
+        settings.topics.clone(),
+        settings.ingest.clone(),
+        &registry,
+    )?;
+    let health = Health::default();
+    health.set_healthy(true);
+    let listener = TcpListener::bind(&settings.metrics.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "metrics and health served");
+    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    ingest.run_until_stopped(shutdown_signal()).await?;
+    metrics.await??;
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! Configuration: one typed struct, loaded from built-in defaults, then an
+//! optional TOML file, then environment variables `IDLEMETER_<SECTION>__<KEY>`
+//! (for example `IDLEMETER_KAFKA__BROKERS=10.0.0.5:9092`,
+//! `IDLEMETER_CLICKHOUSE__DATABASE=billing`). Later sources win.
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use idlemeter_bus::{KafkaSettings, Topics};
+use idlemeter_ingest::IngestConfig;
+use idlemeter_store::ClickHouseSettings;
+use serde::{Deserialize, Serialize};
+
+/// Everything any subcommand may need.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub clickhouse: ClickHouseSettings,
+    pub topics: Topics,
+    pub ingest: IngestConfig,
+    pub metrics: MetricsSettings,
+}
+
+/// Where a long-running service serves `/metrics` and `/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// `host:port`; port 0 picks a free one (logged at start).
+    pub listen: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            kafka: KafkaSettings {
+                brokers: "127.0.0.1:19092".to_owned(),
+                properties: Default::default(),
+            },
+            clickhouse: ClickHouseSettings {
+                url: "http://127.0.0.1:18123".to_owned(),
+                database: "idlemeter".to_owned(),
+                user: "default".to_owned(),
+                password: String::new(),
+            },
+            topics: Topics::default(),
+            ingest: IngestConfig::default(),
+            metrics: MetricsSettings {
+                listen: "127.0.0.1:9464".to_owned(),
+            },
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults ← `file` (if given; it must exist) ← `IDLEMETER_*` environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
+            figment = figment.merge(Toml::file(file));
+        }
+        let settings = figment
+            .merge(Env::prefixed("IDLEMETER_").split("__"))
+            .extract()?;
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "idlemeter.toml",
+                "[clickhouse]\nurl = \"http://ch:8123\"\ndatabase = \"from_file\"\n[ingest]\nbatch_max_samples = 7\n",
+            )?;
+            jail.set_env("IDLEMETER_CLICKHOUSE__DATABASE", "from_env");
+            let settings = Settings::load(Some(Path::new("idlemeter.toml"))).expect("loads");
+            assert_eq!(settings.clickhouse.url, "http://ch:8123");
+            assert_eq!(settings.clickhouse.database, "from_env");
+            assert_eq!(settings.ingest.batch_max_samples, 7);
+            assert_eq!(settings.kafka.brokers, "127.0.0.1:19092");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[ingest]\nbatch_size = 7\n")?;
+            let error = Settings::load(Some(Path::new("bad.toml"))).expect_err("refused");
+            assert!(error.to_string().contains("batch_size"), "{error}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,169 @@
+//! One batch of consumed messages: the good samples, the dead letters, and the
+//! offsets to commit once both are durable.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use idlemeter_bus::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
+use idlemeter_core::UsageSample;
+use idlemeter_proto::decode_node_batch;
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::IngestMetrics;
+
+/// A message that could not be used, or only partly, kept byte for byte.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    /// What was wrong, for people: `sample 3: field `state`: 0 is not a lifecycle state`.
+    pub reason: String,
+    /// `topic/partition/offset` of the original message.
+    pub source: String,
+}
+
+/// Samples and dead letters gathered from consecutive messages.
+#[derive(Debug, Default)]
+pub struct Batch {
+    samples: Vec<UsageSample>,
+    dead_letters: Vec<DeadLetter>,
+    /// Next offset to consume per (topic, partition).
+    next_offsets: BTreeMap<(String, i32), i64>,
+    /// Producer timestamps (Unix ms) of the messages, for end-to-end latency.
+    produced_at_ms: Vec<i64>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.next_offsets.is_empty()
+    }
+
+    pub fn sample_count(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn samples(&self) -> &[UsageSample] {
+        &self.samples
+    }
+
+    pub fn dead_letters(&self) -> &[DeadLetter] {
+        &self.dead_letters
+    }
+
+    /// Takes one message in: its good samples into the batch, the message itself
+    /// into the dead letters if any part of it was refused.
+    pub fn accept(&mut self, message: &BorrowedMessage<'_>, metrics: &IngestMetrics) {
+        metrics.messages_consumed.inc();
+        let source = format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
+        let payload = message.payload().unwrap_or_default();
+        let refusal = match decode_node_batch(payload) {
+            Ok(decoded) => {
+                metrics
+                    .samples_consumed
+                    .inc_by(decoded.samples.len() as u64);
+                self.samples.extend(decoded.samples);
+                if decoded.rejected.is_empty() {
+                    None
+                } else {
+                    metrics
+                        .samples_rejected
+                        .inc_by(decoded.rejected.len() as u64);
+                    let reasons: Vec<String> =
+                        decoded.rejected.iter().map(ToString::to_string).collect();
+                    Some(format!(
+                        "{} of the batch's samples refused (the others were ingested): {}",
+                        reasons.len(),
+                        reasons.join("; ")
+                    ))
+                }
+            }
+            Err(error) => Some(error.to_string()),
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(%source, %reason, "dead-lettering message");
+            self.dead_letters.push(DeadLetter {
+                key: message.key().map(<[u8]>::to_vec),
+                payload: payload.to_vec(),
+                reason,
+                source,
+            });
+        }
+        if let Some(produced_at) = message.timestamp().to_millis() {
+            self.produced_at_ms.push(produced_at);
+        }
+        let next = message.offset() + 1;
+        let slot = self
+            .next_offsets
+            .entry((message.topic().to_owned(), message.partition()))
+            .or_insert(next);
+        *slot = (*slot).max(next);
+    }
+
+    /// Produces the dead letters and waits for the broker's acknowledgement.
+    /// Delivered ones are removed, so a retry never sends one twice.
+    pub async fn send_dead_letters(
+        &mut self,
+        producer: &FutureProducer,
+        topic: &str,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let deliveries = self.dead_letters.iter().map(|letter| {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: DEAD_LETTER_REASON_HEADER,
+                    value: Some(letter.reason.as_str()),
+                })
+                .insert(Header {
+                    key: DEAD_LETTER_SOURCE_HEADER,
+                    value: Some(letter.source.as_str()),
+                });
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                .payload(letter.payload.as_slice())
+                .headers(headers);
+            if let Some(key) = &letter.key {
+                record = record.key(key.as_slice());
+            }
+            producer.send(record, Duration::from_secs(30))
+        });
+        let outcomes = futures::future::join_all(deliveries).await;
+        let mut first_error = None;
+        let mut outcome_of_each = outcomes.into_iter();
+        self.dead_letters.retain(|_| match outcome_of_each.next() {
+            Some(Ok(_)) => false,
+            Some(Err((error, _))) => {
+                first_error.get_or_insert(error);
+                true
+            }
+            None => true,
+        });
+        match first_error {
+            None => Ok(()),
+            Some(error) => Err(error),
+        }
+    }
+
+    /// Offsets to commit: the next one to read on every partition seen.
+    pub fn offsets_to_commit(&self) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), next) in &self.next_offsets {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .expect("a fresh offset for a partition added once is accepted");
+        }
+        list
+    }
+
+    /// Records produce→durable latency of every message in the batch.
+    pub fn observe_latency(&self, metrics: &IngestMetrics) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for produced_at in &self.produced_at_ms {
+            let seconds = (now_ms - produced_at).max(0) as f64 / 1000.0;
+            metrics.end_to_end_seconds.observe(seconds);
+        }
+    }
+}

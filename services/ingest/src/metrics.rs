@@ -1,0 +1,141 @@
+//! Prometheus metrics of ingest, all named `idlemeter_ingest_*`.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Offset;
+
+/// Every metric ingest exports.
+#[derive(Debug, Clone)]
+pub struct IngestMetrics {
+    pub messages_consumed: IntCounter,
+    pub samples_consumed: IntCounter,
+    pub samples_rejected: IntCounter,
+    pub samples_inserted: IntCounter,
+    pub dead_letters: IntCounter,
+    pub consume_errors: IntCounter,
+    pub insert_failures: IntCounter,
+    pub commit_failures: IntCounter,
+    pub batches_committed: IntCounter,
+    pub batch_samples: Histogram,
+    pub insert_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub lag_messages: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let counter = IntCounter::with_opts(Opts::new(name, help))?;
+    registry.register(Box::new(counter.clone()))?;
+    Ok(counter)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> prometheus::Result<Histogram> {
+    let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    registry.register(Box::new(histogram.clone()))?;
+    Ok(histogram)
+}
+
+impl IngestMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let seconds = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let lag_messages = IntGauge::with_opts(Opts::new(
+            "idlemeter_ingest_lag_messages",
+            "messages not yet consumed on the assigned partitions (high watermark - position)",
+        ))?;
+        registry.register(Box::new(lag_messages.clone()))?;
+        Ok(Self {
+            messages_consumed: counter(
+                registry,
+                "idlemeter_ingest_messages_consumed_total",
+                "kafka messages consumed",
+            )?,
+            samples_consumed: counter(
+                registry,
+                "idlemeter_ingest_samples_consumed_total",
+                "valid samples decoded",
+            )?,
+            samples_rejected: counter(
+                registry,
+                "idlemeter_ingest_samples_rejected_total",
+                "samples refused by validation",
+            )?,
+            samples_inserted: counter(
+                registry,
+                "idlemeter_ingest_samples_inserted_total",
+                "sample rows acknowledged by clickhouse (replays included)",
+            )?,
+            dead_letters: counter(
+                registry,
+                "idlemeter_ingest_dead_letters_total",
+                "messages sent to the dead-letter topic",
+            )?,
+            consume_errors: counter(
+                registry,
+                "idlemeter_ingest_consume_errors_total",
+                "kafka consume errors",
+            )?,
+            insert_failures: counter(
+                registry,
+                "idlemeter_ingest_insert_failures_total",
+                "failed clickhouse inserts (retried)",
+            )?,
+            commit_failures: counter(
+                registry,
+                "idlemeter_ingest_commit_failures_total",
+                "failed offset commits (batch replays)",
+            )?,
+            batches_committed: counter(
+                registry,
+                "idlemeter_ingest_batches_committed_total",
+                "batches whose offsets were committed",
+            )?,
+            batch_samples: histogram(
+                registry,
+                "idlemeter_ingest_batch_samples",
+                "samples per inserted batch",
+                prometheus::exponential_buckets(1.0, 4.0, 10)?,
+            )?,
+            insert_seconds: histogram(
+                registry,
+                "idlemeter_ingest_insert_seconds",
+                "clickhouse insert latency",
+                seconds.clone(),
+            )?,
+            end_to_end_seconds: histogram(
+                registry,
+                "idlemeter_ingest_end_to_end_seconds",
+                "message produced to rows acknowledged",
+                seconds,
+            )?,
+            lag_messages,
+        })
+    }
+
+    /// Updates the lag gauge from the cached watermarks of assigned partitions.
+    /// Uses `fetch_watermarks` with a short timeout; cheap next to an insert.
+    pub fn record_lag(&self, consumer: &StreamConsumer) {
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        let mut lag = 0i64;
+        for element in positions.elements() {
+            let Offset::Offset(position) = element.offset() else {
+                continue;
+            };
+            if let Ok((_, high)) = consumer.fetch_watermarks(
+                element.topic(),
+                element.partition(),
+                std::time::Duration::from_millis(200),
+            ) {
+                lag += (high - position).max(0);
+            }
+        }
+        self.lag_messages.set(lag);
+    }
+}

@@ -1,0 +1,122 @@
+//! ClickHouse adapter of idlemeter: schema migrations, sample inserts and the
+//! rollup queries, on ClickHouse 18.16 through current releases.
+//!
+//! SQL is kept to what both ends accept (see ../shared/INFRA.md): no
+//! `DateTime64`, no server-side query parameters, no window functions. Values are
+//! bound with the clickhouse crate's client-side `?` binding, never formatted into
+//! SQL. Schema validation is off because it needs the
+//! `RowBinaryWithNamesAndTypes` format that 18.16 lacks; the row structs here are
+//! checked against the migrations by the integration tests instead.
+
+mod migrate;
+mod samples;
+mod usage;
+
+use serde::Deserialize;
+
+pub use migrate::{Migration, MigrationReport, MIGRATIONS};
+pub use samples::SampleRow;
+
+/// Where and as whom to reach ClickHouse.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseSettings {
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub database: String,
+    #[serde(default = "default_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+}
+
+fn default_user() -> String {
+    "default".to_owned()
+}
+
+/// Errors of the store, with the statement or table they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("clickhouse {context}: {source}")]
+    ClickHouse {
+        context: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    #[error("migration {name} was changed after it was applied (applied checksum {applied}, file checksum {current}); add a new migration instead")]
+    ChangedMigration {
+        name: String,
+        applied: String,
+        current: String,
+    },
+    #[error("stored row is invalid: {0}")]
+    BadRow(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) trait Context<T> {
+    fn context(self, context: impl Into<String>) -> Result<T>;
+}
+
+impl<T> Context<T> for Result<T, clickhouse::error::Error> {
+    fn context(self, context: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::ClickHouse {
+            context: context.into(),
+            source,
+        })
+    }
+}
+
+/// A handle on idlemeter's ClickHouse database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    client: clickhouse::Client,
+    /// Same server, no database selected: for `CREATE DATABASE`.
+    server: clickhouse::Client,
+    database: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+impl Store {
+    pub fn new(settings: &ClickHouseSettings) -> Self {
+        let server = clickhouse::Client::default()
+            .with_url(&settings.url)
+            .with_user(&settings.user)
+            .with_password(&settings.password)
+            .with_validation(false);
+        let client = server.clone().with_database(&settings.database);
+        Self {
+            client,
+            server,
+            database: settings.database.clone(),
+        }
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The underlying client, for queries this crate does not wrap yet (tests,
+    /// admin commands).
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    /// Checks that the server answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.server
+            .query("SELECT 1")
+            .fetch_one::<u8>()
+            .await
+            .context("ping")
+            .map(|_| ())
+    }
+}

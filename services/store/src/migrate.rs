@@ -1,0 +1,203 @@
+//! Schema migrations: the SQL files of `migrations/`, applied in order and
+//! recorded in `schema_migrations` with a checksum.
+//!
+//! Applying is idempotent (applied files are skipped, and every statement is
+//! `IF NOT EXISTS`, so a crash between a statement and its record is harmless on
+//! rerun) and refuses a file whose content changed after it was applied.
+//! Migrations are compiled into the binary so a deployed `idlemeter migrate`
+//! cannot drift from the code that reads the tables.
+
+use sha2::{Digest, Sha256};
+
+use crate::{Context, Error, Result, Store};
+
+/// One migration file.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+macro_rules! migration {
+    ($name:literal) => {
+        Migration {
+            name: $name,
+            sql: include_str!(concat!("../../../migrations/", $name)),
+        }
+    };
+}
+
+/// Every migration, in order. A test checks this list against the directory.
+pub const MIGRATIONS: &[Migration] = &[
+    migration!("0001_usage_samples.sql"),
+    migration!("0002_usage_hourly.sql"),
+];
+
+impl Migration {
+    /// Hex SHA-256 of the file's bytes.
+    pub fn checksum(&self) -> String {
+        Sha256::digest(self.sql.as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
+    /// The statements of the file: comments dropped, split at `;` ending a line.
+    pub fn statements(&self) -> Vec<String> {
+        let without_comments: String = self
+            .sql
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        without_comments
+            .split(";\n")
+            .map(|statement| statement.trim().trim_end_matches(';').trim().to_owned())
+            .filter(|statement| !statement.is_empty())
+            .collect()
+    }
+}
+
+/// What a migration run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub applied: Vec<&'static str>,
+    pub already_applied: Vec<&'static str>,
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct AppliedRow {
+    name: String,
+    checksum: String,
+}
+
+#[derive(Debug, clickhouse::Row, serde::Serialize)]
+struct AppliedInsert<'a> {
+    name: &'a str,
+    checksum: &'a str,
+    applied_at: u32,
+}
+
+impl Store {
+    /// Creates the database if needed and applies every pending migration.
+    pub async fn migrate(&self, now_unix: u32) -> Result<MigrationReport> {
+        let create_database = format!("CREATE DATABASE IF NOT EXISTS {}", self.database_ident()?);
+        self.server
+            .query(&create_database)
+            .execute()
+            .await
+            .context(create_database.clone())?;
+        self.client
+            .query(
+                "CREATE TABLE IF NOT EXISTS schema_migrations \
+                 (name String, checksum String, applied_at DateTime) \
+                 ENGINE = MergeTree ORDER BY name",
+            )
+            .execute()
+            .await
+            .context("create schema_migrations")?;
+        let applied: Vec<AppliedRow> = self
+            .client
+            .query("SELECT name, checksum FROM schema_migrations ORDER BY name")
+            .fetch_all()
+            .await
+            .context("read schema_migrations")?;
+
+        let mut report = MigrationReport::default();
+        for migration in MIGRATIONS {
+            let checksum = migration.checksum();
+            if let Some(row) = applied.iter().find(|row| row.name == migration.name) {
+                if row.checksum != checksum {
+                    return Err(Error::ChangedMigration {
+                        name: migration.name.to_owned(),
+                        applied: row.checksum.clone(),
+                        current: checksum,
+                    });
+                }
+                report.already_applied.push(migration.name);
+                continue;
+            }
+            self.apply(migration, &checksum, now_unix).await?;
+            report.applied.push(migration.name);
+        }
+        Ok(report)
+    }
+
+    async fn apply(&self, migration: &Migration, checksum: &str, now_unix: u32) -> Result<()> {
+        for (index, statement) in migration.statements().iter().enumerate() {
+            self.client
+                .query(statement)
+                .execute()
+                .await
+                .context(format!("{} statement {}", migration.name, index + 1))?;
+        }
+        let mut insert = self
+            .client
+            .insert::<AppliedInsert<'_>>("schema_migrations")
+            .await
+            .context("record migration")?;
+        insert
+            .write(&AppliedInsert {
+                name: migration.name,
+                checksum,
+                applied_at: now_unix,
+            })
+            .await
+            .context("record migration")?;
+        insert.end().await.context("record migration")?;
+        tracing::info!(migration = migration.name, "applied migration");
+        Ok(())
+    }
+
+    /// The database name, checked to be a plain identifier because `CREATE
+    /// DATABASE` cannot take a bound parameter.
+    fn database_ident(&self) -> Result<&str> {
+        let valid = !self.database.is_empty()
+            && self
+                .database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if valid {
+            Ok(&self.database)
+        } else {
+            Err(Error::BadRow(format!(
+                "database name {:?} must be letters, digits and underscores",
+                self.database
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_list_matches_the_directory() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .expect("migrations dir")
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        on_disk.sort();
+        let listed: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        assert_eq!(on_disk, listed, "MIGRATIONS must list every file, in order");
+    }
+
+    #[test]
+    fn statements_split_at_line_ending_semicolons_and_drop_comments() {
+        let migration = Migration {
+            name: "x.sql",
+            sql: "-- a comment; with a semicolon\nCREATE TABLE a (s String DEFAULT ';')\nENGINE = Log;\n\nCREATE VIEW b AS SELECT 1;\n",
+        };
+        assert_eq!(
+            migration.statements(),
+            vec![
+                "CREATE TABLE a (s String DEFAULT ';')\nENGINE = Log".to_owned(),
+                "CREATE VIEW b AS SELECT 1".to_owned()
+            ]
+        );
+    }
+}

@@ -1,0 +1,30 @@
+SELECT
+    sandbox,
+    epoch,
+    toUInt32(if(hour < toDateTime(?), toDateTime(0), hour)) AS bucket,
+    uniqExactMerge(samples) AS sample_count,
+    minMerge(cpu_used_usec_min) AS cpu_lo,
+    minMerge(net_rx_bytes_min) AS rx_lo,
+    minMerge(net_tx_bytes_min) AS tx_lo,
+    minMerge(vcpu_alloc_usec_min) AS vcpu_lo,
+    minMerge(mem_alloc_kib_ms_min) AS mem_alloc_lo,
+    minMerge(mem_used_kib_ms_min) AS mem_used_lo,
+    minMerge(gpu_alloc_ms_min) AS gpu_lo,
+    minMerge(disk_mib_ms_min) AS disk_lo,
+    maxMerge(cpu_used_usec_max) AS cpu_hi,
+    maxMerge(net_rx_bytes_max) AS rx_hi,
+    maxMerge(net_tx_bytes_max) AS tx_hi,
+    maxMerge(vcpu_alloc_usec_max) AS vcpu_hi,
+    maxMerge(mem_alloc_kib_ms_max) AS mem_alloc_hi,
+    maxMerge(mem_used_kib_ms_max) AS mem_used_hi,
+    maxMerge(gpu_alloc_ms_max) AS gpu_hi,
+    maxMerge(disk_mib_ms_max) AS disk_hi
+FROM usage_hourly
+WHERE customer = ?
+  AND hour < toDateTime(?)
+  AND (sandbox, epoch) IN (
+      SELECT sandbox, epoch FROM usage_hourly
+      WHERE customer = ? AND hour >= toDateTime(?) AND hour < toDateTime(?)
+  )
+GROUP BY sandbox, epoch, bucket
+ORDER BY sandbox, epoch, bucket
