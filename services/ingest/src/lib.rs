@@ -81,7 +81,6 @@ pub struct Ingest {
     topics: Topics,
     config: IngestConfig,
     metrics: IngestMetrics,
-    lag_recorded_at: std::cell::Cell<std::time::Instant>,
 }
 
 /// How often the lag gauge is refreshed. Refreshing asks the broker for
@@ -121,7 +120,6 @@ impl Ingest {
             topics,
             config,
             metrics: IngestMetrics::register(registry)?,
-            lag_recorded_at: std::cell::Cell::new(std::time::Instant::now()),
         })
     }
 
@@ -138,6 +136,7 @@ impl Ingest {
             stop_on_shutdown.cancel();
         });
         tracing::info!(topic = %self.topics.samples, group = %self.config.group_id, "ingest started");
+        let mut lag_recorded_at = std::time::Instant::now();
         while !stop.is_cancelled() {
             let batch = self.collect_batch(&stop).await;
             if batch.is_empty() {
@@ -145,6 +144,10 @@ impl Ingest {
             }
             if !self.flush(batch, &stop).await {
                 break;
+            }
+            if lag_recorded_at.elapsed() >= LAG_REFRESH {
+                self.metrics.record_lag(&self.consumer);
+                lag_recorded_at = std::time::Instant::now();
             }
         }
         tracing::info!("ingest stopped");
@@ -238,10 +241,6 @@ impl Ingest {
                 self.metrics.commit_failures.inc();
                 tracing::warn!(%error, "offset commit failed; the batch will be replayed");
             }
-        }
-        if self.lag_recorded_at.get().elapsed() >= LAG_REFRESH {
-            self.metrics.record_lag(&self.consumer);
-            self.lag_recorded_at.set(std::time::Instant::now());
         }
         true
     }

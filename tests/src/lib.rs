@@ -1,0 +1,233 @@
+//! Test harness: every test gets its own ClickHouse database and its own Kafka
+//! topics and consumer group on the real servers that `scripts/services.sh start`
+//! runs, so tests run in parallel without seeing each other.
+//!
+//! Servers are found through the same variables the services read:
+//! `IDLEMETER_CLICKHOUSE__URL` (default `http://127.0.0.1:18123`) and
+//! `IDLEMETER_KAFKA__BROKERS` (default `127.0.0.1:19092`). A test fails, never
+//! skips, when they are not there.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use idlemeter_bus::{KafkaSettings, Topics};
+use idlemeter_core::{
+    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+};
+use idlemeter_ingest::{Ingest, IngestConfig};
+use idlemeter_store::{ClickHouseSettings, Store};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// One test's private slice of the real servers.
+#[derive(Debug, Clone)]
+pub struct TestEnv {
+    pub kafka: KafkaSettings,
+    pub clickhouse: ClickHouseSettings,
+    pub topics: Topics,
+    pub group_id: String,
+    pub store: Store,
+}
+
+impl TestEnv {
+    /// A fresh, migrated database and fresh topics named after `test_name`.
+    pub async fn new(test_name: &str) -> anyhow::Result<Self> {
+        let unique = format!(
+            "{test_name}_{}_{}_{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            Utc::now().timestamp_millis() % 100_000
+        );
+        let clickhouse = ClickHouseSettings {
+            url: std::env::var("IDLEMETER_CLICKHOUSE__URL")
+                .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned()),
+            database: format!("test_{unique}"),
+            user: "default".to_owned(),
+            password: String::new(),
+        };
+        let kafka = KafkaSettings {
+            brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
+                .unwrap_or_else(|_| "127.0.0.1:19092".to_owned()),
+            properties: Default::default(),
+        };
+        let topics = Topics {
+            samples: format!("{unique}.usage.samples"),
+            samples_dead_letter: format!("{unique}.usage.samples.dlq"),
+            commands: format!("{unique}.sandbox.commands"),
+        };
+        let store = Store::new(&clickhouse);
+        store.ping().await.map_err(|error| {
+            anyhow::anyhow!("clickhouse at {} is not reachable ({error}); start it with `scripts/services.sh start`", clickhouse.url)
+        })?;
+        store.migrate(0).await?;
+        kafka
+            .ensure_topics(&[
+                (topics.samples.as_str(), 3),
+                (topics.samples_dead_letter.as_str(), 1),
+            ])
+            .await?;
+        Ok(Self {
+            kafka,
+            clickhouse,
+            topics,
+            group_id: format!("{unique}.ingest"),
+            store,
+        })
+    }
+
+    /// Ingest settings tuned for tests: small batches, short waits.
+    pub fn ingest_config(&self) -> IngestConfig {
+        IngestConfig {
+            group_id: self.group_id.clone(),
+            batch_max_samples: 1_000,
+            batch_max_wait_ms: 50,
+            retry_initial_backoff_ms: 50,
+            retry_max_backoff_ms: 500,
+        }
+    }
+
+    /// Starts an in-process ingest worker; stop it with [`RunningIngest::stop`].
+    pub fn start_ingest(&self, clickhouse: &ClickHouseSettings) -> anyhow::Result<RunningIngest> {
+        let registry = prometheus::Registry::new();
+        let ingest = Ingest::build(
+            &self.kafka,
+            clickhouse,
+            self.topics.clone(),
+            self.ingest_config(),
+            &registry,
+        )?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            ingest
+                .run_until_stopped(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(RunningIngest {
+            stop,
+            task,
+            registry,
+        })
+    }
+
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        Ok(self.kafka.producer("idlemeter-test-producer")?)
+    }
+
+    /// Produces raw bytes to the samples topic and waits for the broker's ack.
+    pub async fn produce(
+        &self,
+        producer: &FutureProducer,
+        key: &str,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        producer
+            .send(
+                FutureRecord::to(&self.topics.samples)
+                    .key(key)
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(error, _)| anyhow::anyhow!("produce to {}: {error}", self.topics.samples))?;
+        Ok(())
+    }
+
+    /// Rows in `usage_samples`, duplicates included (no FINAL).
+    pub async fn raw_sample_rows(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .store
+            .client()
+            .query("SELECT count() FROM usage_samples")
+            .fetch_one::<u64>()
+            .await?)
+    }
+
+    /// Polls `condition` every 100 ms for up to 30 s.
+    pub async fn eventually<F, Fut>(&self, what: &str, mut condition: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if condition().await? {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// An ingest worker running inside the test process.
+#[derive(Debug)]
+pub struct RunningIngest {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<idlemeter_ingest::Result<()>>,
+    pub registry: prometheus::Registry,
+}
+
+impl RunningIngest {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+
+    /// Current value of a counter metric, 0 if absent.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == name)
+            .flat_map(|family| family.get_metric().iter())
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+/// A running sandbox's sample with the given counters; everything else fixed.
+pub fn sample(
+    sandbox: &str,
+    epoch: u64,
+    seq: u64,
+    ts: DateTime<Utc>,
+    cpu_used_usec: u64,
+    net_tx_bytes: u64,
+) -> UsageSample {
+    UsageSample {
+        customer: CustomerId::parse("acme").expect("valid id"),
+        node: NodeId::parse("node-1").expect("valid id"),
+        sandbox: SandboxId::parse(sandbox).expect("valid id"),
+        epoch: Epoch(epoch),
+        seq,
+        ts,
+        state: LifecycleState::Running,
+        vcpu: VcpuMillis(2000),
+        mem_bytes: 4 << 30,
+        gpu_model: None,
+        gpu_count: 0,
+        disk_bytes: 10 << 30,
+        cpu_used_usec,
+        net_rx_bytes: 0,
+        net_tx_bytes,
+        vcpu_alloc_usec: seq * 2_000_000,
+        mem_alloc_kib_ms: 0,
+        mem_used_kib_ms: 0,
+        gpu_alloc_ms: 0,
+        disk_mib_ms: 0,
+        api_calls: 0,
+        mem_used_bytes: 1 << 30,
+        exec_sessions: 1,
+        open_conns: 0,
+    }
+}
