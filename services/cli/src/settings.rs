@@ -73,12 +73,14 @@ impl Settings {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
 mod tests {
     use super::*;
 
     #[test]
     fn file_then_environment_override_defaults() {
         figment::Jail::expect_with(|jail| {
+            jail.clear_env();
             jail.create_file(
                 "idlemeter.toml",
                 "[clickhouse]\nurl = \"http://ch:8123\"\ndatabase = \"from_file\"\n[ingest]\nbatch_max_samples = 7\n",
@@ -96,6 +98,7 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
         figment::Jail::expect_with(|jail| {
+            jail.clear_env();
             jail.create_file("bad.toml", "[ingest]\nbatch_size = 7\n")?;
             let error = Settings::load(Some(Path::new("bad.toml"))).expect_err("refused");
             assert!(error.to_string().contains("batch_size"), "{error}");

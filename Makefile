@@ -1,0 +1,52 @@
+# idlemeter: the two commands a newcomer needs are `make run` and `make test`.
+# Everything else here is what they are made of.
+
+SHELL := /bin/bash
+CACHE_DIR ?= $(HOME)/.cache/idlemeter
+CHDB_VENV ?= $(CACHE_DIR)/venv
+CHDB_VERSION ?= 4.4.0
+
+# Tests get their own servers (ports, state directory) so they never touch the
+# stack `make run` started. Memory storage: every run starts clean.
+TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
+	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
+
+.PHONY: run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+
+## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
+run: build
+	scripts/run.sh
+
+## Everything, against real servers: unit, property, integration and chDB tests.
+test: test-services-start chdb-venv
+	@if cargo nextest --version >/dev/null 2>&1; then \
+		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python cargo nextest run --workspace --no-fail-fast; \
+	else \
+		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python cargo test --workspace --no-fail-fast; \
+	fi
+
+## Formatting and lints, as CI checks them.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+build:
+	cargo build --release --bin idlemeter
+
+services-start:
+	scripts/services.sh start
+services-stop:
+	scripts/services.sh stop
+test-services-start:
+	$(TEST_ENV) scripts/services.sh start
+test-services-stop:
+	$(TEST_ENV) scripts/services.sh stop
+
+## A virtualenv with chDB (ClickHouse 26.x embedded) for tests/chdb/check_sql.py.
+chdb-venv: $(CHDB_VENV)/.chdb-$(CHDB_VERSION)
+$(CHDB_VENV)/.chdb-$(CHDB_VERSION):
+	python3 -m venv $(CHDB_VENV)
+	$(CHDB_VENV)/bin/pip install --quiet chdb==$(CHDB_VERSION)
+	touch $@

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# `make run`: the whole stack on this machine. Starts ClickHouse and a durable
+# broker (scripts/services.sh), migrates, then runs ingest and a simulated fleet
+# in the foreground until Ctrl-C, and says where to look.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/release/idlemeter
+eval "$(scripts/services.sh start)"
+export IDLEMETER_CLICKHOUSE__URL IDLEMETER_KAFKA__BROKERS
+$bin migrate
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    echo "run: ingest and simulator stopped; servers still up (make services-stop stops them)"
+}
+trap cleanup EXIT INT TERM
+
+$bin ingest 2>.run/ingest.log & pids+=($!)
+$bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>.run/simulate.log & pids+=($!)
+
+ch=$IDLEMETER_CLICKHOUSE__URL
+cat <<INFO
+
+idlemeter is running.
+  ClickHouse     $ch   (database idlemeter)
+  latest samples curl -s '$ch/?query=SELECT+sandbox,state,seq,cpu_used_usec+FROM+idlemeter.usage_samples+ORDER+BY+ts_ms+DESC+LIMIT+5'
+  by hour        curl -s '$ch/?query=SELECT+hour,uniqExactMerge(samples)+FROM+idlemeter.usage_hourly+GROUP+BY+hour+ORDER+BY+hour'
+  ingest metrics http://127.0.0.1:9464/metrics   (health: /health)
+  logs           .run/ingest.log .run/simulate.log .run/*.log
+Ctrl-C stops ingest and the simulator.
+
+INFO
+while sleep 5; do
+    rows=$(curl -s "$ch/?query=SELECT+count()+FROM+idlemeter.usage_samples" || echo "?")
+    echo "run: $rows samples in ClickHouse"
+done

@@ -1,0 +1,100 @@
+"""Runs every migration and every store query on a current ClickHouse (chDB).
+
+ClickHouse 18.16, the server the integration tests start, is old; production
+runs current releases. This script applies migrations/*.sql in order to an
+embedded ClickHouse 26.x (PyPI `chdb`), loads a small known trace, runs each
+query of services/store/src/queries/ with its `?` placeholders bound, and
+checks the answers. Exit status 0 means both engines accept the same SQL.
+
+Usage: python check_sql.py   (needs `pip install chdb`; `make chdb-venv` does it)
+"""
+
+import pathlib
+import sys
+import tempfile
+
+from chdb import session
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MIGRATIONS = sorted((ROOT / "migrations").glob("*.sql"))
+QUERIES = ROOT / "services" / "store" / "src" / "queries"
+
+# 2026-11-01 10:00:00 UTC (1793527200) and the trace of tests/tests/end_to_end.rs.
+HOUR_10 = 1793527200
+TRACE = [
+    # sandbox, epoch, seq, ts, cpu_used_usec
+    ("sbx-a", 1, 1, HOUR_10 + 3598, 1000),
+    ("sbx-a", 1, 2, HOUR_10 + 3599, 3000),
+    ("sbx-a", 1, 3, HOUR_10 + 3600, 6000),
+    ("sbx-a", 1, 4, HOUR_10 + 3601, 10000),
+    ("sbx-b", 1, 1, HOUR_10 + 1800, 500),
+    ("sbx-b", 1, 2, HOUR_10 + 1860, 900),
+    ("sbx-b", 2, 1, HOUR_10 + 1920, 100),
+    ("sbx-b", 2, 2, HOUR_10 + 1980, 400),
+]
+
+
+def statements(sql: str):
+    """Same rule as idlemeter-store's Migration::statements."""
+    text = "\n".join(l for l in sql.splitlines() if not l.lstrip().startswith("--"))
+    for statement in text.split(";\n"):
+        statement = statement.strip().rstrip(";").strip()
+        if statement:
+            yield statement
+
+
+def bind(sql: str, params):
+    """Client-side `?` binding, as the clickhouse crate does it."""
+    parts = sql.split("?")
+    assert len(parts) == len(params) + 1, f"{len(parts) - 1} placeholders, {len(params)} params"
+    out = parts[0]
+    for value, rest in zip(params, parts[1:]):
+        out += (f"'{value}'" if isinstance(value, str) else str(value)) + rest
+    return out
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as path:
+        db = session.Session(path)
+        db.query("CREATE DATABASE IF NOT EXISTS idlemeter")
+        db.query("USE idlemeter")
+        for migration in MIGRATIONS:
+            for statement in statements(migration.read_text()):
+                db.query(statement)
+            # Applying twice must be harmless (IF NOT EXISTS everywhere).
+            for statement in statements(migration.read_text()):
+                db.query(statement)
+            print(f"ok  {migration.name}")
+
+        rows = ",".join(
+            f"('acme','{sbx}','node-1',{epoch},{seq},{ts},{ts * 1000},'running',2000,0,'',0,0,"
+            f"{cpu},0,0,{seq * 2000000},0,0,0,0,0,0,1,0)"
+            for sbx, epoch, seq, ts, cpu in TRACE
+        )
+        db.query(f"INSERT INTO usage_samples VALUES {rows}")
+        db.query(f"INSERT INTO usage_samples VALUES {rows}")  # a replay
+
+        sql = (QUERIES / "usage_hourly_window.sql").read_text()
+        window = (HOUR_10, "acme", HOUR_10 + 7200, "acme", HOUR_10, HOUR_10 + 7200)
+        result = db.query(bind(sql, window), "CSV").bytes().decode()
+        got = [line.split(",")[:5] + [line.split(",")[12]] for line in result.strip().splitlines()]
+        expected = [
+            ['"sbx-a"', "1", str(HOUR_10), "2", "1000", "3000"],
+            ['"sbx-a"', "1", str(HOUR_10 + 3600), "2", "6000", "10000"],
+            ['"sbx-b"', "1", str(HOUR_10), "2", "500", "900"],
+            ['"sbx-b"', "2", str(HOUR_10), "2", "100", "400"],
+        ]
+        if got != expected:
+            print(f"FAIL usage_hourly_window.sql\n got      {got}\n expected {expected}")
+            return 1
+        print("ok  usage_hourly_window.sql")
+        final = db.query("SELECT count() FROM usage_samples FINAL", "CSV").bytes().decode().strip()
+        if final != "8":
+            print(f"FAIL duplicates did not collapse under FINAL: {final}")
+            return 1
+        print("ok  ReplacingMergeTree collapses the replay")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
