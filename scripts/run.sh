@@ -15,7 +15,8 @@ cleanup() {
     wait 2>/dev/null || true
     echo "run: ingest and simulator stopped; servers still up (make services-stop stops them)"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 0' INT TERM
 
 $bin ingest 2>.run/ingest.log & pids+=($!)
 $bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>.run/simulate.log & pids+=($!)
