@@ -81,7 +81,9 @@ impl FromStr for LifecycleState {
 /// Allocated vCPUs in thousandths (1.5 vCPU = 1500). Integer so that the hot
 /// rating path multiplies integers; three decimals cover every published minimum
 /// (Modal's 0.125 core is 0.25 vCPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct VcpuMillis(pub u32);
 
@@ -166,9 +168,10 @@ impl UsageSample {
                 "gpu_model",
                 format!("missing while gpu_count is {count}"),
             )),
-            (Some(model), _) if model.trim().is_empty() => {
-                Err(SampleError::field("gpu_model", "is empty: use null for no GPU"))
-            }
+            (Some(model), _) if model.trim().is_empty() => Err(SampleError::field(
+                "gpu_model",
+                "is empty: use null for no GPU",
+            )),
             _ => Ok(()),
         }
     }
