@@ -25,7 +25,10 @@ fn bill<'a>(report: &'a RateReport, customer: &str) -> &'a CustomerBill {
 }
 
 fn lines<'a>(bill: &'a CustomerBill, resource: &str) -> Vec<&'a InvoiceLine> {
-    bill.lines.iter().filter(|line| line.resource == resource).collect()
+    bill.lines
+        .iter()
+        .filter(|line| line.resource == resource)
+        .collect()
 }
 
 /// (quantity, unit price, amount) of the single line of a resource.
@@ -33,7 +36,11 @@ fn only_line(bill: &CustomerBill, resource: &str) -> (String, String, String) {
     let found = lines(bill, resource);
     assert_eq!(found.len(), 1, "one {resource} line in {:?}", bill.lines);
     let line = found[0];
-    (line.quantity.to_string(), line.unit_price.to_string(), line.amount.to_string())
+    (
+        line.quantity.to_string(),
+        line.unit_price.to_string(),
+        line.amount.to_string(),
+    )
 }
 
 fn money(bill: &CustomerBill) -> [String; 4] {
@@ -51,10 +58,16 @@ fn e2b_bills_allocated_vcpu_and_memory_per_second() {
     // vCPU: 2 vCPU allocated x 3600 s = 7200 vCPU-s x $0.000014 = $0.1008 -> $0.10
     assert_eq!(only_line(acme, "vcpu"), owned(("7200", "0.000014", "0.10")));
     // memory: 512 MiB = 0.5 GiB x 3600 s = 1800 GiB-s x $0.0000045 = $0.0081 -> $0.01
-    assert_eq!(only_line(acme, "memory"), owned(("1800", "0.0000045", "0.01")));
+    assert_eq!(
+        only_line(acme, "memory"),
+        owned(("1800", "0.0000045", "0.01"))
+    );
     // Hobby: the $100 one-time credit covers the $0.11 subtotal.
     let credit = lines(acme, "credit.one_time")[0];
-    assert_eq!(credit.credit_available.map(|c| c.to_string()).as_deref(), Some("100.00"));
+    assert_eq!(
+        credit.credit_available.map(|c| c.to_string()).as_deref(),
+        Some("100.00")
+    );
     assert_eq!(money(acme), ["0.11", "0.00", "-0.11", "0.00"]);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
@@ -72,7 +85,10 @@ fn e2b_pro_plan_adds_its_monthly_fee() {
 
 #[test]
 fn codesandbox_rounds_each_running_span_up_to_the_minute() {
-    let report = rate(CODESANDBOX, include_str!("fixtures/codesandbox_minutes.jsonl"));
+    let report = rate(
+        CODESANDBOX,
+        include_str!("fixtures/codesandbox_minutes.jsonl"),
+    );
     let acme = bill(&report, "acme");
     // Spans: 10:00:00-10:03:25 (3 min 25 s, bills 4 min) and, after a suspended
     // stretch that bills nothing, 10:10:00-10:10:30 (30 s, bills 1 min): 300 s.
@@ -90,19 +106,31 @@ fn codesandbox_rounds_each_running_span_up_to_the_minute() {
 
 #[test]
 fn modal_bills_max_of_requested_and_used_with_minimums() {
-    let report = rate(MODAL, include_str!("fixtures/modal_max_requested_used.jsonl"));
+    let report = rate(
+        MODAL,
+        include_str!("fixtures/modal_max_requested_used.jsonl"),
+    );
     let acme = bill(&report, "acme");
     // Request 0.125 vCPU is below the 0.25 vCPU (0.125 core) minimum: requested = 0.25.
     // Hour 1: used 14400 vCPU-s (4 vCPU busy) > requested 0.25 x 3600 = 900: 14400.
     // Hour 2: used 180 vCPU-s < requested 900: 900.
     // 15300 vCPU-s x $0.00000655 = $0.100215 -> $0.10
-    assert_eq!(only_line(acme, "vcpu"), owned(("15300", "0.00000655", "0.10")));
+    assert_eq!(
+        only_line(acme, "vcpu"),
+        owned(("15300", "0.00000655", "0.10"))
+    );
     // Memory requested 64 MiB is below the 128 MiB (0.125 GiB) minimum.
     // Hour 1: used 8 GiB x 3600 = 28800 GiB-s. Hour 2: used 32 MiB < 128 MiB: 0.125 x 3600 = 450.
     // 29250 GiB-s x $0.00000222 = $0.064935 -> $0.06
-    assert_eq!(only_line(acme, "memory"), owned(("29250", "0.00000222", "0.06")));
+    assert_eq!(
+        only_line(acme, "memory"),
+        owned(("29250", "0.00000222", "0.06"))
+    );
     // H100: 1 GPU x 7200 s x $0.001097 = $7.8984 -> $7.90
-    assert_eq!(only_line(acme, "gpu.H100"), owned(("7200", "0.001097", "7.90")));
+    assert_eq!(
+        only_line(acme, "gpu.H100"),
+        owned(("7200", "0.001097", "7.90"))
+    );
     // Starter: $30 of monthly credits cover the $8.06.
     assert_eq!(money(acme), ["8.06", "0.00", "-8.06", "0.00"]);
 }
@@ -143,7 +171,10 @@ fn sprites_level_10_includes_usage_before_pricing_it() {
 #[test]
 fn northflank_price_change_splits_usage_at_the_effective_date() {
     let sheet = include_str!("fixtures/northflank_price_change.toml");
-    let report = rate(sheet, include_str!("fixtures/northflank_price_change.jsonl"));
+    let report = rate(
+        sheet,
+        include_str!("fixtures/northflank_price_change.jsonl"),
+    );
     let acme = bill(&report, "acme");
     // One interval 10:30-11:30, 4 vCPU, 8 GB, one H100; new prices from 11:00.
     let vcpu: Vec<(String, String)> = lines(acme, "vcpu")
@@ -152,10 +183,19 @@ fn northflank_price_change_splits_usage_at_the_effective_date() {
         .collect();
     // before: 4 x 0.5 h = 2 vCPU-h x $0.01667 = $0.03334 -> $0.03
     // after:  2 vCPU-h x $0.02 = $0.04
-    assert_eq!(vcpu, vec![("2".to_owned(), "0.03".to_owned()), ("2".to_owned(), "0.04".to_owned())]);
+    assert_eq!(
+        vcpu,
+        vec![
+            ("2".to_owned(), "0.03".to_owned()),
+            ("2".to_owned(), "0.04".to_owned())
+        ]
+    );
     // memory: 8 GB x 0.5 h = 4 GB-h x $0.00833 = $0.03332 -> $0.03, in each version
     // H100: 0.5 h x $2.74 = $1.37, in each version
-    let gpu: Vec<String> = lines(acme, "gpu.H100").iter().map(|line| line.amount.to_string()).collect();
+    let gpu: Vec<String> = lines(acme, "gpu.H100")
+        .iter()
+        .map(|line| line.amount.to_string())
+        .collect();
     assert_eq!(gpu, vec!["1.37", "1.37"]);
     // 0.03 + 0.03 + 1.37 + 0.04 + 0.03 + 1.37 = 2.87
     assert_eq!(money(acme), ["2.87", "0.00", "0.00", "2.87"]);
@@ -170,7 +210,10 @@ fn northflank_price_change_splits_usage_at_the_effective_date() {
 
 #[test]
 fn northflank_sheet_loads_and_bills_nothing_for_a_lone_baseline() {
-    let baseline = include_str!("fixtures/e2b_one_hour.jsonl").lines().next().expect("a line");
+    let baseline = include_str!("fixtures/e2b_one_hour.jsonl")
+        .lines()
+        .next()
+        .expect("a line");
     let report = rate(NORTHFLANK, baseline);
     let acme = bill(&report, "acme");
     assert!(acme.lines.is_empty());
@@ -187,7 +230,11 @@ fn bad_fields_name_line_and_field_and_good_lines_still_bill() {
         .collect();
     // line 2: vcpu "two" is not a number; line 4: cpu_used_usec went from 3000 to 10.
     assert_eq!(errors, vec![(2, "vcpu"), (4, "cpu_used_usec")]);
-    assert!(report.errors[1].reason.contains("backwards"), "{}", report.errors[1].reason);
+    assert!(
+        report.errors[1].reason.contains("backwards"),
+        "{}",
+        report.errors[1].reason
+    );
     // Lines 1 and 3 still bill their hour: 7200 vCPU-s x $0.000014 = $0.10.
     let acme = bill(&report, "acme");
     assert_eq!(only_line(acme, "vcpu"), owned(("7200", "0.000014", "0.10")));
