@@ -89,7 +89,21 @@ fn median_rate(sheet: &PriceSheet, samples: &[NumberedSample]) -> f64 {
 }
 
 fn main() {
-    let samples = trace();
+    let interleaved = trace();
+    let mut grouped = interleaved.clone();
+    grouped.sort_by(|left, right| {
+        (&left.sample.sandbox, left.sample.seq).cmp(&(&right.sample.sandbox, right.sample.seq))
+    });
+    for (order, samples) in [
+        ("interleaved by time", &interleaved),
+        ("grouped by sandbox", &grouped),
+    ] {
+        println!("input {order}:");
+        rate_each_sheet(samples);
+    }
+}
+
+fn rate_each_sheet(samples: &[NumberedSample]) {
     for (name, text) in [
         ("e2b (allocated)", include_str!("../../../prices/e2b.toml")),
         (
@@ -102,9 +116,9 @@ fn main() {
         ),
     ] {
         let sheet = PriceSheet::from_toml(text, name).expect("shipped sheet loads");
-        let rate = median_rate(&sheet, &samples);
+        let rate = median_rate(&sheet, samples);
         println!(
-            "{name}: {} samples, median {:.2} M samples/s on one core",
+            "  {name}: {} samples, median {:.2} M samples/s on one core",
             samples.len(),
             rate / 1e6
         );

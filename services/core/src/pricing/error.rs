@@ -55,7 +55,7 @@ impl SheetText<'_> {
     /// Translates a TOML parse or type error, recovering the field from the
     /// table header and key around the span, since the toml crate keeps its key
     /// path private.
-    pub fn from_toml(&self, error: &toml::de::Error) -> SheetError {
+    pub fn locate_toml_error(&self, error: &toml::de::Error) -> SheetError {
         let reason = error.message().trim().to_owned();
         let span = error.span();
         let mut field = span

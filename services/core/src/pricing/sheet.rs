@@ -49,7 +49,8 @@ impl PriceSheet {
     /// errors: the core never opens files.
     pub fn from_toml(text: &str, path: &str) -> Result<Self, SheetError> {
         let sheet_text = SheetText { text, path };
-        let raw: RawSheet = toml::from_str(text).map_err(|error| sheet_text.from_toml(&error))?;
+        let raw: RawSheet =
+            toml::from_str(text).map_err(|error| sheet_text.locate_toml_error(&error))?;
         SheetBuilder {
             sheet_text,
             raw: &raw,

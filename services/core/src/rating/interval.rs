@@ -321,6 +321,9 @@ fn check_interval(previous: &NumberedSample, closing: &NumberedSample) -> Result
             ),
         ));
     }
+    if counters_rise(&previous.sample, &closing.sample) {
+        return Ok(());
+    }
     let backwards = counters(&previous.sample)
         .into_iter()
         .zip(counters(&closing.sample))
@@ -336,6 +339,19 @@ fn check_interval(previous: &NumberedSample, closing: &NumberedSample) -> Result
         )),
         None => Ok(()),
     }
+}
+
+/// The common case, checked without building the named list.
+fn counters_rise(before: &UsageSample, after: &UsageSample) -> bool {
+    after.cpu_used_usec >= before.cpu_used_usec
+        && after.net_rx_bytes >= before.net_rx_bytes
+        && after.net_tx_bytes >= before.net_tx_bytes
+        && after.vcpu_alloc_usec >= before.vcpu_alloc_usec
+        && after.mem_alloc_kib_ms >= before.mem_alloc_kib_ms
+        && after.mem_used_kib_ms >= before.mem_used_kib_ms
+        && after.gpu_alloc_ms >= before.gpu_alloc_ms
+        && after.disk_mib_ms >= before.disk_mib_ms
+        && after.api_calls >= before.api_calls
 }
 
 /// The cumulative counters of a sample, by field name.

@@ -7,6 +7,7 @@
 //! either one would be a guess.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::LineError;
 use crate::ids::{Epoch, SandboxId};
@@ -19,7 +20,8 @@ pub(super) fn build_series(
     samples: &[NumberedSample],
     errors: &mut Vec<LineError>,
 ) -> Vec<Vec<usize>> {
-    let mut series = group_by_sandbox_epoch(samples);
+    let (series_of, series_count) = number_series(samples);
+    let mut series = bucket_by_series(&series_of, series_count);
     for members in &mut series {
         if !members.is_sorted_by_key(|index| samples[*index].sample.seq) {
             // Stable: among equal seqs the earliest input stays first.
@@ -30,24 +32,64 @@ pub(super) fn build_series(
     series
 }
 
-fn group_by_sandbox_epoch(samples: &[NumberedSample]) -> Vec<Vec<usize>> {
-    let mut index_of: HashMap<(&SandboxId, Epoch), usize> = HashMap::new();
-    let mut series: Vec<Vec<usize>> = Vec::new();
-    let mut previous: Option<((&SandboxId, Epoch), usize)> = None;
-    for (index, numbered) in samples.iter().enumerate() {
+/// The series number of every sample, numbered by first appearance.
+fn number_series(samples: &[NumberedSample]) -> (Vec<u32>, usize) {
+    let mut number_of: HashMap<(&SandboxId, Epoch), u32, BuildHasherDefault<IdHasher>> =
+        HashMap::default();
+    let mut series_of = Vec::with_capacity(samples.len());
+    let mut previous: Option<((&SandboxId, Epoch), u32)> = None;
+    for numbered in samples {
         let key = (&numbered.sample.sandbox, numbered.sample.epoch);
-        // Traces are usually grouped already: skip the hash for a run.
-        let position = match previous {
-            Some((previous_key, position)) if previous_key == key => position,
-            _ => *index_of.entry(key).or_insert_with(|| {
-                series.push(Vec::new());
-                series.len() - 1
-            }),
+        // Traces are often grouped already: skip the hash for a run.
+        let number = match previous {
+            Some((previous_key, number)) if previous_key == key => number,
+            _ => {
+                let next = u32::try_from(number_of.len()).expect("fewer than 2^32 series");
+                *number_of.entry(key).or_insert(next)
+            }
         };
-        series[position].push(index);
-        previous = Some((key, position));
+        series_of.push(number);
+        previous = Some((key, number));
+    }
+    (series_of, number_of.len())
+}
+
+/// A counting sort of sample indices by series: two linear passes, no
+/// per-sample allocation.
+fn bucket_by_series(series_of: &[u32], series_count: usize) -> Vec<Vec<usize>> {
+    let mut sizes = vec![0usize; series_count];
+    for &number in series_of {
+        sizes[number as usize] += 1;
+    }
+    let mut series: Vec<Vec<usize>> = sizes.into_iter().map(Vec::with_capacity).collect();
+    for (index, &number) in series_of.iter().enumerate() {
+        series[number as usize].push(index);
     }
     series
+}
+
+/// FNV-1a: ids are short, trusted-length strings from our own parser, and
+/// the default SipHash costs more than the rest of grouping a sample.
+#[derive(Debug, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Default for IdHasher {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 fn drop_duplicates(
