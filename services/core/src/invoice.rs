@@ -373,7 +373,10 @@ fn display_quantity(quantity_base: u128, divisor: u128) -> Decimal {
             .unwrap_or_default(),
         _ => Decimal::ZERO,
     };
-    (whole + fraction)
+    // A whole part near Decimal::MAX cannot take a fraction: show it whole.
+    whole
+        .checked_add(fraction)
+        .unwrap_or(whole)
         .round_dp(QUANTITY_DISPLAY_DIGITS)
         .normalize()
 }
