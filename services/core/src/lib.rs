@@ -6,12 +6,31 @@
 //! in as arguments. That is what makes rating a pure, replayable function of its
 //! inputs, and what lets the property tests drive it with arbitrary traces.
 //!
-//! A CI check (`tests/core_is_pure.rs`) fails if this crate's dependency tree ever
+//! Where a sample becomes money: [`jsonl`] (or the Kafka edge) makes
+//! [`UsageSample`]s, [`rating::rate_samples`] turns them into integer
+//! quantities per customer, price version and resource, [`invoice`] prices
+//! those into lines rounded once each, and [`report`] wraps the bills into the
+//! output document. [`report::rate_jsonl`] does all of it for the CLI.
+//!
+//! A CI check (`tests/tests/core_is_pure.rs` in the workspace's tests crate) fails if this crate's dependency tree ever
 //! gains tokio, rdkafka, clickhouse or axum.
 
+pub mod error;
 pub mod ids;
+pub mod invoice;
+pub mod jsonl;
+pub mod money;
+pub mod pricing;
+pub mod rating;
+pub mod report;
 pub mod rollup;
 pub mod sample;
 
+pub use error::{Error, LineError, Result};
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};
+pub use invoice::{BillingOptions, CustomerBill, InvoiceLine, LineKind};
+pub use money::{Currency, Money, RoundingRule};
+pub use pricing::{PriceSheet, SheetError};
+pub use rating::{rate_samples, IdlePolicy, NumberedSample, RatedUsage, SessionOrConnection};
+pub use report::{rate_jsonl, rate_report, RateReport};
 pub use sample::{LifecycleState, SampleError, UsageSample, VcpuMillis};

@@ -1,0 +1,346 @@
+//! The JSONL sample format of the offline rater: one JSON object per line.
+//!
+//! Fields: `ts` (RFC 3339, UTC), `customer`, `node`, `sandbox`, `epoch`, `seq`,
+//! `state` (running | suspended | stopped), `vcpu` (a decimal number or
+//! string), `mem_bytes`, `gpu_model` (string or null), `gpu_count`,
+//! `disk_bytes`, `cpu_used_usec`, `mem_used_bytes`, `net_rx_bytes`,
+//! `net_tx_bytes`, `exec_sessions`, `open_conns`. `gpu_model` and `gpu_count`
+//! may be left out for a sandbox without GPU; the other cumulative counters of
+//! [`UsageSample`] (`vcpu_alloc_usec`, ...) are accepted and default to 0.
+//! Unknown fields are refused, so a misspelt counter is never read as zero.
+//!
+//! Every field is parsed from its raw JSON text: `vcpu` never passes through a
+//! binary float, integers must be plain non-negative JSON integers. A bad line
+//! yields one [`LineError`] per bad field and the good lines are kept.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::value::RawValue;
+
+use crate::error::LineError;
+use crate::ids::{CustomerId, Epoch, NodeId, SandboxId};
+use crate::rating::NumberedSample;
+use crate::sample::{LifecycleState, UsageSample, VcpuMillis};
+
+/// Samples parsed from JSONL, and the lines refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedSamples {
+    pub samples: Vec<NumberedSample>,
+    pub errors: Vec<LineError>,
+}
+
+/// Parses every non-blank line of a JSONL text. Never fails as a whole.
+pub fn parse_samples(text: &str) -> ParsedSamples {
+    let mut parsed = ParsedSamples::default();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_number = index as u64 + 1;
+        match parse_sample(line) {
+            Ok(sample) => parsed.samples.push(NumberedSample {
+                line: line_number,
+                sample,
+            }),
+            Err(field_errors) => parsed.errors.extend(
+                field_errors
+                    .into_iter()
+                    .map(|(field, reason)| LineError::new(line_number, field, reason)),
+            ),
+        }
+    }
+    parsed
+}
+
+/// A field name and why its value was refused.
+type FieldError = (String, String);
+
+/// Parses one line, collecting every bad field rather than stopping at the first.
+pub fn parse_sample(line: &str) -> Result<UsageSample, Vec<FieldError>> {
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_str(line)
+        .map_err(|error| vec![("json".to_owned(), format!("not a JSON object: {error}"))])?;
+    let mut reader = FieldReader {
+        fields: &fields,
+        errors: Vec::new(),
+    };
+    let sample = reader.read_sample();
+    reader.refuse_unknown_fields();
+    match sample {
+        Some(sample) if reader.errors.is_empty() => sample
+            .validate()
+            .map(|()| sample)
+            .map_err(|error| vec![field_error_of(error)]),
+        _ => Err(reader.errors),
+    }
+}
+
+const KNOWN_FIELDS: &[&str] = &[
+    "ts",
+    "customer",
+    "node",
+    "sandbox",
+    "epoch",
+    "seq",
+    "state",
+    "vcpu",
+    "mem_bytes",
+    "gpu_model",
+    "gpu_count",
+    "disk_bytes",
+    "cpu_used_usec",
+    "mem_used_bytes",
+    "net_rx_bytes",
+    "net_tx_bytes",
+    "exec_sessions",
+    "open_conns",
+    "vcpu_alloc_usec",
+    "mem_alloc_kib_ms",
+    "mem_used_kib_ms",
+    "gpu_alloc_ms",
+    "disk_mib_ms",
+    "api_calls",
+];
+
+fn field_error_of(error: crate::sample::SampleError) -> FieldError {
+    match error {
+        crate::sample::SampleError::Field { field, reason } => (field.to_owned(), reason),
+    }
+}
+
+/// Reads typed fields out of one line's raw values, recording what is wrong.
+struct FieldReader<'a> {
+    fields: &'a BTreeMap<String, &'a RawValue>,
+    errors: Vec<FieldError>,
+}
+
+/// What a field may be when it is not there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Required,
+    /// Absent (or null) means zero / none.
+    Optional,
+}
+
+impl FieldReader<'_> {
+    fn read_sample(&mut self) -> Option<UsageSample> {
+        use Presence::{Optional, Required};
+        // Every field is read before any is unwrapped, so all errors are seen.
+        let ts = self.required("ts", parse_timestamp);
+        let customer = self.required("customer", |raw| parse_id(raw, CustomerId::parse));
+        let node = self.required("node", |raw| parse_id(raw, NodeId::parse));
+        let sandbox = self.required("sandbox", |raw| parse_id(raw, SandboxId::parse));
+        let epoch = self.integer("epoch", Required).map(Epoch);
+        let seq = self.integer("seq", Required);
+        let state = self.required("state", |raw| {
+            LifecycleState::from_str(&json_string(raw)?).map_err(|error| field_error_of(error).1)
+        });
+        let vcpu = self.required("vcpu", parse_vcpu);
+        let mem_bytes = self.integer("mem_bytes", Required);
+        let gpu_model = self.optional("gpu_model", |raw| json_string(raw).map(Some));
+        let gpu_count = self.integer("gpu_count", Optional);
+        let disk_bytes = self.integer("disk_bytes", Required);
+        let cpu_used_usec = self.integer("cpu_used_usec", Required);
+        let mem_used_bytes = self.integer("mem_used_bytes", Required);
+        let net_rx_bytes = self.integer("net_rx_bytes", Required);
+        let net_tx_bytes = self.integer("net_tx_bytes", Required);
+        let exec_sessions = self.integer("exec_sessions", Required);
+        let open_conns = self.integer("open_conns", Required);
+        let vcpu_alloc_usec = self.integer("vcpu_alloc_usec", Optional);
+        let mem_alloc_kib_ms = self.integer("mem_alloc_kib_ms", Optional);
+        let mem_used_kib_ms = self.integer("mem_used_kib_ms", Optional);
+        let gpu_alloc_ms = self.integer("gpu_alloc_ms", Optional);
+        let disk_mib_ms = self.integer("disk_mib_ms", Optional);
+        let api_calls = self.integer("api_calls", Optional);
+        Some(UsageSample {
+            ts: ts?,
+            customer: customer?,
+            node: node?,
+            sandbox: sandbox?,
+            epoch: epoch?,
+            seq: seq?,
+            state: state?,
+            vcpu: vcpu?,
+            mem_bytes: mem_bytes?,
+            gpu_model: gpu_model?,
+            gpu_count: gpu_count?,
+            disk_bytes: disk_bytes?,
+            cpu_used_usec: cpu_used_usec?,
+            mem_used_bytes: mem_used_bytes?,
+            net_rx_bytes: net_rx_bytes?,
+            net_tx_bytes: net_tx_bytes?,
+            vcpu_alloc_usec: vcpu_alloc_usec?,
+            mem_alloc_kib_ms: mem_alloc_kib_ms?,
+            mem_used_kib_ms: mem_used_kib_ms?,
+            gpu_alloc_ms: gpu_alloc_ms?,
+            disk_mib_ms: disk_mib_ms?,
+            api_calls: api_calls?,
+            exec_sessions: exec_sessions?,
+            open_conns: open_conns?,
+        })
+    }
+
+    fn required<T>(
+        &mut self,
+        field: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        self.read(field, parse, || Err("is missing".to_owned()))
+    }
+
+    /// An optional field absent or null is the type's default (zero, none).
+    fn optional<T: Default>(
+        &mut self,
+        field: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        self.read(field, parse, || Ok(T::default()))
+    }
+
+    /// Reads a field with `parse`, or `absent` when it is not there. Returns
+    /// `None`, and records why, when the value is unusable.
+    fn read<T>(
+        &mut self,
+        field: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+        absent: impl FnOnce() -> Result<T, String>,
+    ) -> Option<T> {
+        let outcome = match self.fields.get(field).map(|raw| raw.get().trim()) {
+            None => absent(),
+            Some("null") => absent().map_err(|_| "is null".to_owned()),
+            Some(raw) => parse(raw),
+        };
+        outcome
+            .map_err(|reason| self.errors.push((field.to_owned(), reason)))
+            .ok()
+    }
+
+    fn integer<T: FromStr + Default>(&mut self, field: &str, presence: Presence) -> Option<T> {
+        let parse = |raw: &str| {
+            raw.parse::<T>().map_err(|_| {
+                format!("{raw} is not a non-negative integer in range (write counters as plain JSON integers)")
+            })
+        };
+        match presence {
+            Presence::Required => self.required(field, parse),
+            Presence::Optional => self.optional(field, parse),
+        }
+    }
+
+    fn refuse_unknown_fields(&mut self) {
+        for name in self.fields.keys() {
+            if !KNOWN_FIELDS.contains(&name.as_str()) {
+                self.errors
+                    .push((name.clone(), "is not a sample field (misspelt?)".to_owned()));
+            }
+        }
+    }
+}
+
+fn json_string(raw: &str) -> Result<String, String> {
+    serde_json::from_str::<String>(raw).map_err(|_| format!("{raw} is not a JSON string"))
+}
+
+fn parse_id<T, E: std::fmt::Display>(
+    raw: &str,
+    parse: impl FnOnce(String) -> Result<T, E>,
+) -> Result<T, String> {
+    parse(json_string(raw)?).map_err(|error| error.to_string())
+}
+
+/// RFC 3339 with a zero UTC offset; sub-millisecond digits are truncated, as
+/// samples carry millisecond precision.
+fn parse_timestamp(raw: &str) -> Result<DateTime<Utc>, String> {
+    let text = json_string(raw)?;
+    let parsed = DateTime::parse_from_rfc3339(&text)
+        .map_err(|error| format!("{text:?} is not an RFC 3339 timestamp: {error}"))?;
+    if parsed.offset().local_minus_utc() != 0 {
+        return Err(format!("{text:?} is not in UTC (use Z or +00:00)"));
+    }
+    let millis = parsed.timestamp_millis();
+    DateTime::from_timestamp_millis(millis).ok_or_else(|| format!("{text:?} is out of range"))
+}
+
+/// A vCPU count from a JSON number token or string, exactly: the token's
+/// digits go straight to a decimal, never through a binary float.
+fn parse_vcpu(raw: &str) -> Result<VcpuMillis, String> {
+    let text = if raw.starts_with('"') {
+        json_string(raw)?
+    } else {
+        raw.to_owned()
+    };
+    let decimal = if text.contains(['e', 'E']) {
+        Decimal::from_scientific(&text)
+    } else {
+        Decimal::from_str(&text)
+    }
+    .map_err(|_| format!("{text} is not a decimal number"))?;
+    VcpuMillis::from_decimal(decimal).map_err(|error| field_error_of(error).1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"ts":"2026-01-05T10:00:00Z","customer":"acme","node":"n1","sandbox":"s1","epoch":1,"seq":2,"state":"running","vcpu":0.125,"mem_bytes":1024,"gpu_model":null,"gpu_count":0,"disk_bytes":0,"cpu_used_usec":5,"mem_used_bytes":7,"net_rx_bytes":1,"net_tx_bytes":2,"exec_sessions":1,"open_conns":0}"#;
+
+    #[test]
+    fn a_good_line_parses_exactly() {
+        let sample = parse_sample(GOOD).expect("good line");
+        assert_eq!(sample.vcpu, VcpuMillis(125));
+        assert_eq!(sample.seq, 2);
+        assert_eq!(sample.vcpu_alloc_usec, 0);
+        assert_eq!(sample.ts.to_rfc3339(), "2026-01-05T10:00:00+00:00");
+    }
+
+    #[test]
+    fn vcpu_is_read_from_its_text_not_a_float() {
+        assert_eq!(parse_vcpu("\"1.5\""), Ok(VcpuMillis(1500)));
+        assert_eq!(parse_vcpu("2"), Ok(VcpuMillis(2000)));
+        assert_eq!(parse_vcpu("2.5e-1"), Ok(VcpuMillis(250)));
+        // 0.1 + 0.2 as a float is 0.30000000000000004: the text must win.
+        assert_eq!(parse_vcpu("0.300"), Ok(VcpuMillis(300)));
+        assert!(parse_vcpu("0.0001").is_err());
+        assert!(parse_vcpu("true").is_err());
+    }
+
+    #[test]
+    fn every_bad_field_of_a_line_is_named() {
+        let line = GOOD
+            .replace("\"seq\":2", "\"seq\":-2")
+            .replace("\"running\"", "\"paused\"")
+            .replace("\"open_conns\":0", "\"open_conn\":0");
+        let errors = parse_sample(&line).expect_err("bad line");
+        let fields: Vec<&str> = errors.iter().map(|(field, _)| field.as_str()).collect();
+        assert_eq!(fields, vec!["seq", "state", "open_conns", "open_conn"]);
+    }
+
+    #[test]
+    fn non_utc_timestamps_and_fractional_counters_are_refused() {
+        let line = GOOD.replace("10:00:00Z", "10:00:00+02:00");
+        assert_eq!(parse_sample(&line).expect_err("offset")[0].0, "ts");
+        let line = GOOD.replace("\"cpu_used_usec\":5", "\"cpu_used_usec\":5.0");
+        assert_eq!(
+            parse_sample(&line).expect_err("float")[0].0,
+            "cpu_used_usec"
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_reported_and_good_lines_kept() {
+        let text = format!(
+            "{GOOD}\nnot json\n\n{}\n",
+            GOOD.replace("\"seq\":2", "\"seq\":3")
+        );
+        let parsed = parse_samples(&text);
+        assert_eq!(parsed.samples.len(), 2);
+        assert_eq!(parsed.samples[1].line, 4);
+        assert_eq!(parsed.errors.len(), 1);
+        assert_eq!(
+            (parsed.errors[0].line, parsed.errors[0].field.as_str()),
+            (2, "json")
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! Rating: usage samples in, integer quantities per customer, price version
+//! and resource out.
+//!
+//! [`rate_samples`] is a pure function of (samples, sheet, idle policy): the
+//! offline CLI and the online rater call the same code. It puts samples back
+//! into (sandbox, epoch) series, walks each series interval by interval and
+//! adds base-unit quantities into one row per customer. Turning quantities
+//! into money is [`crate::invoice`]'s job, once per line.
+
+mod idle;
+mod interval;
+mod series;
+
+use std::collections::HashMap;
+
+pub use idle::{IdlePolicy, NeverIdle, SessionOrConnection};
+
+use crate::error::LineError;
+use crate::ids::CustomerId;
+use crate::pricing::{PriceSheet, ResourceSlot};
+use crate::sample::UsageSample;
+
+/// A sample with the input line (or record position) it came from, so every
+/// error and every line of a bill can point back at its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberedSample {
+    /// 1-based line number in the input.
+    pub line: u64,
+    pub sample: UsageSample,
+}
+
+/// Rated quantities of one customer, in base units, per (version, slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerUsage {
+    pub customer: CustomerId,
+    slot_count: usize,
+    /// Version-major: `quantities[version * slot_count + slot]`.
+    quantities: Vec<u128>,
+}
+
+impl CustomerUsage {
+    /// Base-unit quantity rated for a resource under a price version.
+    pub fn quantity(&self, version: usize, slot: ResourceSlot) -> u128 {
+        self.quantities
+            .get(version * self.slot_count + slot.0)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The result of rating: quantities per customer (in customer id order) and
+/// the input lines that were refused or only partly billed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RatedUsage {
+    pub customers: Vec<CustomerUsage>,
+    /// Sorted by line, then field.
+    pub errors: Vec<LineError>,
+    /// Version of the idle policy that classified the intervals.
+    pub idle_policy: String,
+}
+
+/// Rates samples against a sheet. Samples may be in any order and repeated;
+/// see [`crate::sample`] for the interval semantics.
+pub fn rate_samples<P: IdlePolicy>(
+    sheet: &PriceSheet,
+    samples: &[NumberedSample],
+    policy: &P,
+) -> RatedUsage {
+    let mut errors = Vec::new();
+    let series = series::build_series(samples, &mut errors);
+    let mut accumulator = Accumulator::new(sheet.versions().len(), sheet.slot_count());
+    let mut rater = interval::SeriesRater::new(sheet, policy, &mut accumulator, &mut errors);
+    for members in &series {
+        rater.rate_series(samples, members);
+    }
+    errors.sort_by(|left, right| (left.line, &left.field).cmp(&(right.line, &right.field)));
+    RatedUsage {
+        customers: accumulator.into_customers(),
+        errors,
+        idle_policy: policy.version().to_owned(),
+    }
+}
+
+/// One row of quantities per customer, found by id once per series.
+#[derive(Debug)]
+pub(crate) struct Accumulator {
+    slot_count: usize,
+    row_len: usize,
+    row_index: HashMap<CustomerId, usize>,
+    customers: Vec<CustomerId>,
+    rows: Vec<Vec<u128>>,
+    last_row: Option<usize>,
+}
+
+impl Accumulator {
+    fn new(version_count: usize, slot_count: usize) -> Self {
+        Self {
+            slot_count,
+            row_len: version_count * slot_count,
+            row_index: HashMap::new(),
+            customers: Vec::new(),
+            rows: Vec::new(),
+            last_row: None,
+        }
+    }
+
+    /// The row of a customer, created on first sight.
+    fn row_of(&mut self, customer: &CustomerId) -> usize {
+        if let Some(last) = self.last_row {
+            if &self.customers[last] == customer {
+                return last;
+            }
+        }
+        let row = match self.row_index.get(customer) {
+            Some(row) => *row,
+            None => {
+                self.customers.push(customer.clone());
+                self.rows.push(vec![0; self.row_len]);
+                self.row_index.insert(customer.clone(), self.rows.len() - 1);
+                self.rows.len() - 1
+            }
+        };
+        self.last_row = Some(row);
+        row
+    }
+
+    fn add(&mut self, row: usize, version: usize, slot: ResourceSlot, quantity: u128) {
+        let cell = &mut self.rows[row][version * self.slot_count + slot.0];
+        // u128 base units: 1e38 byte-ms is ~3e18 GiB-years; saturating keeps
+        // an impossible overflow from wrapping into a small bill.
+        *cell = cell.saturating_add(quantity);
+    }
+
+    fn into_customers(self) -> Vec<CustomerUsage> {
+        let slot_count = self.slot_count;
+        let mut customers: Vec<CustomerUsage> = self
+            .customers
+            .into_iter()
+            .zip(self.rows)
+            .map(|(customer, quantities)| CustomerUsage {
+                customer,
+                slot_count,
+                quantities,
+            })
+            .collect();
+        customers.sort_by(|left, right| left.customer.cmp(&right.customer));
+        customers
+    }
+}
