@@ -5,6 +5,7 @@ mod commands;
 mod settings;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -29,13 +30,30 @@ enum Command {
     Ingest,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
     Simulate(commands::simulate::SimulateArgs),
+    /// Rate a JSONL file of samples with a price sheet, offline; prints JSON.
+    Rate(commands::rate::RateArgs),
     /// Print the effective configuration (defaults + file + environment) as JSON.
     Config,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            // `{:#}` prints the context chain on one line: what, where, why.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     idlemeter_telemetry::init_tracing();
+    // Offline tools need neither servers nor configuration.
+    if let Command::Rate(args) = &cli.command {
+        return commands::rate::run(args);
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -46,14 +64,11 @@ fn main() -> anyhow::Result<()> {
             Command::Ingest => commands::ingest(&settings).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
-                println!("{}", toml_of(&settings)?);
+                println!("{}", serde_json::to_string_pretty(&settings)?);
                 Ok(())
             }
+            Command::Rate(_) => unreachable!("handled before the runtime starts"),
         }
-    })
-}
-
-fn toml_of(settings: &Settings) -> anyhow::Result<String> {
-    // figment has no TOML writer; JSON is as readable for a quick look.
-    Ok(serde_json::to_string_pretty(settings)?)
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
