@@ -28,6 +28,8 @@ enum Command {
     Migrate,
     /// Run the ingest service: Kafka usage.samples -> ClickHouse, exactly once.
     Ingest,
+    /// Run the online rater: rate closed hours of stored usage into rated_usage.
+    Rater,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
     Simulate(commands::simulate::SimulateArgs),
     /// Rate a JSONL file of samples with a price sheet, offline; prints JSON.
@@ -62,6 +64,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Migrate => commands::migrate(&settings).await,
             Command::Ingest => commands::ingest(&settings).await,
+            Command::Rater => commands::rater(&settings).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
                 println!("{}", serde_json::to_string_pretty(&settings)?);

@@ -9,6 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_ingest::IngestConfig;
+use idlemeter_rater::RaterConfig;
 use idlemeter_store::ClickHouseSettings;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,7 @@ pub struct Settings {
     pub clickhouse: ClickHouseSettings,
     pub topics: Topics,
     pub ingest: IngestConfig,
+    pub rater: RaterConfig,
     pub metrics: MetricsSettings,
 }
 
@@ -46,6 +48,7 @@ impl Default for Settings {
             },
             topics: Topics::default(),
             ingest: IngestConfig::default(),
+            rater: RaterConfig::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
             },

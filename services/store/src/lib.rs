@@ -9,12 +9,16 @@
 //! checked against the migrations by the integration tests instead.
 
 mod migrate;
+mod rated;
 mod samples;
 mod usage;
 
 use serde::Deserialize;
 
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};
+pub use rated::{
+    from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE, SAMPLES_FOR_RATING_SQL,
+};
 pub use samples::SampleRow;
 
 /// Where and as whom to reach ClickHouse.

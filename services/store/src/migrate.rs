@@ -31,6 +31,7 @@ macro_rules! migration {
 pub const MIGRATIONS: &[Migration] = &[
     migration!("0001_usage_samples.sql"),
     migration!("0002_usage_hourly.sql"),
+    migration!("0003_rated_usage.sql"),
 ];
 
 impl Migration {

@@ -3,7 +3,9 @@
 pub mod rate;
 pub mod simulate;
 
+use anyhow::Context;
 use idlemeter_ingest::Ingest;
+use idlemeter_rater::Rater;
 use idlemeter_store::Store;
 use idlemeter_telemetry::{serve_metrics, Health};
 use tokio::net::TcpListener;
@@ -71,6 +73,28 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "metrics and health served");
     let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
     ingest.run_until_stopped(shutdown_signal()).await?;
+    metrics.await??;
+    Ok(())
+}
+
+pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
+    let sheet_path = &settings.rater.sheet;
+    let sheet = std::fs::read_to_string(sheet_path)
+        .with_context(|| format!("reading price sheet {sheet_path}"))?;
+    let registry = prometheus::Registry::new();
+    let rater = Rater::new(
+        Store::new(&settings.clickhouse),
+        &sheet,
+        settings.rater.clone(),
+        &registry,
+    )?;
+    tracing::info!(sheet = %sheet_path, checksum = rater.sheet_checksum(), "rater started");
+    let health = Health::default();
+    health.set_healthy(true);
+    let listener = TcpListener::bind(&settings.metrics.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "metrics and health served");
+    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    rater.run_until_stopped(shutdown_signal()).await?;
     metrics.await??;
     Ok(())
 }

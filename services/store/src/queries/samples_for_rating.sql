@@ -1,0 +1,17 @@
+SELECT
+    customer, sandbox, node, epoch, seq, ts_ms, state,
+    vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes,
+    cpu_used_usec, net_rx_bytes, net_tx_bytes, vcpu_alloc_usec,
+    mem_alloc_kib_ms, mem_used_kib_ms, gpu_alloc_ms, disk_mib_ms, api_calls,
+    mem_used_bytes, exec_sessions, open_conns
+FROM usage_samples FINAL
+WHERE customer = ?
+  AND (
+      (ts_ms >= ? AND ts_ms < ?)
+      OR (sandbox, epoch, seq) IN (
+          SELECT sandbox, epoch, max(seq) FROM usage_samples
+          WHERE customer = ? AND ts_ms < ?
+          GROUP BY sandbox, epoch
+      )
+  )
+ORDER BY sandbox, epoch, seq

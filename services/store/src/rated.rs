@@ -1,0 +1,289 @@
+//! Reading samples for the rater and storing what it rated (migration 0003).
+
+use chrono::{DateTime, Utc};
+use idlemeter_core::{
+    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+};
+use rust_decimal::Decimal;
+use serde_repr::Deserialize_repr;
+
+use crate::{Context, Error, Result, Store};
+
+/// Samples of one customer closing an interval in `[from_ms, to_ms)`, plus each
+/// epoch's last sample before `from_ms` as its baseline. Binds: customer, from,
+/// to, customer, from.
+pub const SAMPLES_FOR_RATING_SQL: &str = include_str!("queries/samples_for_rating.sql");
+
+/// Scale of every `Decimal(38, 12)` column.
+pub const MONEY_SCALE: u32 = 12;
+
+#[derive(Debug, Clone, Copy, Deserialize_repr)]
+#[repr(i8)]
+enum StoredState {
+    Running = 1,
+    Suspended = 2,
+    Stopped = 3,
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct StoredSample {
+    customer: String,
+    sandbox: String,
+    node: String,
+    epoch: u64,
+    seq: u64,
+    ts_ms: u64,
+    state: StoredState,
+    vcpu_milli: u32,
+    mem_bytes: u64,
+    gpu_model: String,
+    gpu_count: u32,
+    disk_bytes: u64,
+    cpu_used_usec: u64,
+    net_rx_bytes: u64,
+    net_tx_bytes: u64,
+    vcpu_alloc_usec: u64,
+    mem_alloc_kib_ms: u64,
+    mem_used_kib_ms: u64,
+    gpu_alloc_ms: u64,
+    disk_mib_ms: u64,
+    api_calls: u64,
+    mem_used_bytes: u64,
+    exec_sessions: u32,
+    open_conns: u32,
+}
+
+impl TryFrom<StoredSample> for UsageSample {
+    type Error = Error;
+    fn try_from(row: StoredSample) -> Result<Self> {
+        let bad = |what: String| {
+            Error::BadRow(format!("usage_samples {}/{}: {what}", row.sandbox, row.seq))
+        };
+        let ts = i64::try_from(row.ts_ms)
+            .ok()
+            .and_then(DateTime::<Utc>::from_timestamp_millis)
+            .ok_or_else(|| bad(format!("ts_ms {} out of range", row.ts_ms)))?;
+        Ok(UsageSample {
+            customer: CustomerId::parse(row.customer.clone()).map_err(|e| bad(e.to_string()))?,
+            node: NodeId::parse(row.node.clone()).map_err(|e| bad(e.to_string()))?,
+            sandbox: SandboxId::parse(row.sandbox.clone()).map_err(|e| bad(e.to_string()))?,
+            epoch: Epoch(row.epoch),
+            seq: row.seq,
+            ts,
+            state: match row.state {
+                StoredState::Running => LifecycleState::Running,
+                StoredState::Suspended => LifecycleState::Suspended,
+                StoredState::Stopped => LifecycleState::Stopped,
+            },
+            vcpu: VcpuMillis(row.vcpu_milli),
+            mem_bytes: row.mem_bytes,
+            gpu_model: Some(row.gpu_model).filter(|model| !model.is_empty()),
+            gpu_count: row.gpu_count,
+            disk_bytes: row.disk_bytes,
+            cpu_used_usec: row.cpu_used_usec,
+            net_rx_bytes: row.net_rx_bytes,
+            net_tx_bytes: row.net_tx_bytes,
+            vcpu_alloc_usec: row.vcpu_alloc_usec,
+            mem_alloc_kib_ms: row.mem_alloc_kib_ms,
+            mem_used_kib_ms: row.mem_used_kib_ms,
+            gpu_alloc_ms: row.gpu_alloc_ms,
+            disk_mib_ms: row.disk_mib_ms,
+            api_calls: row.api_calls,
+            mem_used_bytes: row.mem_used_bytes,
+            exec_sessions: row.exec_sessions,
+            open_conns: row.open_conns,
+        })
+    }
+}
+
+/// One stored bill line of a rated snapshot. Field order is column order.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct RatedLineRow {
+    pub customer: String,
+    /// Unix seconds.
+    pub period_start: u32,
+    /// Unix seconds: the end of the last hour the snapshot covers.
+    pub as_of: u32,
+    pub sheet: String,
+    pub sheet_checksum: String,
+    pub idle_policy: String,
+    pub currency: String,
+    pub line_no: u16,
+    pub kind: String,
+    pub resource: String,
+    pub price_version: String,
+    /// `Decimal(38, 12)` mantissas; see [`to_column`] and [`from_column`].
+    pub quantity: i128,
+    pub quantity_base: String,
+    pub unit: String,
+    pub unit_price: i128,
+    pub amount: i128,
+    pub rated_at: u32,
+}
+
+/// Why a customer's total moved when the sheet changed.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct RatingChangeRow {
+    pub customer: String,
+    pub period_start: u32,
+    pub as_of: u32,
+    pub sheet: String,
+    pub old_checksum: String,
+    pub new_checksum: String,
+    pub old_total: i128,
+    pub new_total: i128,
+    pub explanation: String,
+    pub detected_at: u32,
+}
+
+/// A decimal as a `Decimal(38, 12)` mantissa; refuses values that would lose digits.
+pub fn to_column(value: Decimal) -> Result<i128> {
+    let mut scaled = value;
+    scaled.rescale(MONEY_SCALE);
+    if scaled != value {
+        return Err(Error::BadRow(format!(
+            "{value} has more than {MONEY_SCALE} decimal places or is too large for Decimal(38, {MONEY_SCALE})"
+        )));
+    }
+    Ok(scaled.mantissa())
+}
+
+/// A `Decimal(38, 12)` mantissa back as a decimal.
+pub fn from_column(mantissa: i128) -> Result<Decimal> {
+    Decimal::try_from_i128_with_scale(mantissa, MONEY_SCALE)
+        .map_err(|error| Error::BadRow(format!("decimal {mantissa}e-12: {error}")))
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct SnapshotTotal {
+    sheet_checksum: String,
+    total: i128,
+}
+
+impl Store {
+    /// Customers with at least one sample taken in `[from_ms, to_ms)`.
+    pub async fn customers_with_samples(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<CustomerId>> {
+        let names: Vec<String> = self
+            .client
+            .query("SELECT DISTINCT customer FROM usage_samples WHERE ts_ms >= ? AND ts_ms < ? ORDER BY customer")
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all()
+            .await
+            .context("customers with samples")?;
+        names
+            .into_iter()
+            .map(|name| CustomerId::parse(name).map_err(|e| Error::BadRow(e.to_string())))
+            .collect()
+    }
+
+    /// See [`SAMPLES_FOR_RATING_SQL`]. Duplicates are already collapsed (FINAL).
+    pub async fn samples_for_rating(
+        &self,
+        customer: &CustomerId,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<UsageSample>> {
+        let rows: Vec<StoredSample> = self
+            .client
+            .query(SAMPLES_FOR_RATING_SQL)
+            .bind(customer.as_str())
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(customer.as_str())
+            .bind(from_ms)
+            .fetch_all()
+            .await
+            .context(format!("samples for rating {customer}"))?;
+        rows.into_iter().map(UsageSample::try_from).collect()
+    }
+
+    /// Stores one snapshot's lines in one insert.
+    pub async fn insert_rated_lines(&self, rows: &[RatedLineRow]) -> Result<()> {
+        let mut insert = self
+            .client
+            .insert::<RatedLineRow>("rated_usage")
+            .await
+            .context("insert rated_usage")?;
+        for row in rows {
+            insert.write(row).await.context("insert rated_usage")?;
+        }
+        insert.end().await.context("insert rated_usage")
+    }
+
+    pub async fn insert_rating_change(&self, row: &RatingChangeRow) -> Result<()> {
+        let mut insert = self
+            .client
+            .insert::<RatingChangeRow>("rating_changes")
+            .await
+            .context("insert rating_changes")?;
+        insert.write(row).await.context("insert rating_changes")?;
+        insert.end().await.context("insert rating_changes")
+    }
+
+    /// Totals of the snapshots of one (customer, period, as_of), per sheet checksum.
+    pub async fn snapshot_totals(
+        &self,
+        customer: &CustomerId,
+        period_start: u32,
+        as_of: u32,
+    ) -> Result<Vec<(String, Decimal)>> {
+        let rows: Vec<SnapshotTotal> = self
+            .client
+            .query(
+                "SELECT sheet_checksum, sum(amount) AS total FROM rated_usage FINAL \
+                 WHERE customer = ? AND period_start = toDateTime(?) AND as_of = toDateTime(?) \
+                 GROUP BY sheet_checksum ORDER BY sheet_checksum",
+            )
+            .bind(customer.as_str())
+            .bind(period_start)
+            .bind(as_of)
+            .fetch_all()
+            .await
+            .context(format!("snapshot totals of {customer}"))?;
+        rows.into_iter()
+            .map(|row| Ok((row.sheet_checksum, from_column(row.total)?)))
+            .collect()
+    }
+
+    /// Lines of one snapshot, in line order.
+    pub async fn rated_lines(
+        &self,
+        customer: &CustomerId,
+        sheet_checksum: &str,
+        as_of: u32,
+    ) -> Result<Vec<RatedLineRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM rated_usage FINAL \
+                 WHERE customer = ? AND sheet_checksum = ? AND as_of = toDateTime(?) ORDER BY line_no",
+            )
+            .bind(customer.as_str())
+            .bind(sheet_checksum)
+            .bind(as_of)
+            .fetch_all()
+            .await
+            .context(format!("rated lines of {customer}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_round_trip_through_the_column_scale_and_refuse_extra_digits() {
+        let value: Decimal = "0.000014".parse().expect("decimal");
+        assert_eq!(
+            from_column(to_column(value).expect("fits")).expect("back"),
+            value
+        );
+        assert_eq!(to_column(Decimal::ONE).expect("fits"), 1_000_000_000_000);
+        let too_fine: Decimal = "0.0000000000001".parse().expect("decimal");
+        assert!(to_column(too_fine).is_err());
+    }
+}
