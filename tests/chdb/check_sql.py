@@ -88,6 +88,33 @@ def main() -> int:
             print(f"FAIL usage_hourly_window.sql\n got      {got}\n expected {expected}")
             return 1
         print("ok  usage_hourly_window.sql")
+        sql = (QUERIES / "samples_for_rating.sql").read_text()
+        # sbx-a's samples closing in hour 11, plus its last sample of hour 10 as
+        # baseline; sbx-b has nothing in hour 11, so none of its samples.
+        h11, h12 = (HOUR_10 + 3600) * 1000, (HOUR_10 + 7200) * 1000
+        params = ("acme", h11, h12, "acme", h11, "acme", h11, h12)
+        result = db.query(bind(sql, params), "CSV").bytes().decode()
+        got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
+        expected = [('"sbx-a"', "2"), ('"sbx-a"', "3"), ('"sbx-a"', "4")]
+        if got != expected:
+            print(f"FAIL samples_for_rating.sql\n got      {got}\n expected {expected}")
+            return 1
+        print("ok  samples_for_rating.sql")
+
+        # Rated usage: Decimal(38, 12) money summed per checksum (no decimal GROUP BY key).
+        db.query(
+            "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
+            "'1.5', '1500', 'vcpu-hour', '0.01667', '0.03', 1), ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 1, "
+            "'usage', 'memory', '', '2', '2', 'GB-hour', '0.00833', '0.02', 1)"
+        )
+        total = db.query(
+            "SELECT sheet_checksum, sum(amount) AS total FROM rated_usage FINAL WHERE customer = 'acme' "
+            "AND period_start = toDateTime(0) AND as_of = toDateTime(3600) GROUP BY sheet_checksum", "CSV"
+        ).bytes().decode().strip()
+        if total not in ('"c1",0.05', '"c1",0.050000000000'):
+            print(f"FAIL rated_usage totals: {total}")
+            return 1
+        print("ok  rated_usage totals")
         final = db.query("SELECT count() FROM usage_samples FINAL", "CSV").bytes().decode().strip()
         if final != "8":
             print(f"FAIL duplicates did not collapse under FINAL: {final}")

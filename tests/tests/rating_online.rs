@@ -150,3 +150,60 @@ async fn closed_hours_are_rated_like_the_cli_once_and_rerated_on_a_sheet_change(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interval_belongs_to_the_period_its_closing_sample_is_in() -> anyhow::Result<()> {
+    let env = TestEnv::new("rating_boundary").await?;
+    // Samples at 23:40, 23:50 (day 3), 00:00, 00:10, 00:20 (day 4): 4 intervals of 600 s.
+    let samples: Vec<_> = (0..5)
+        .map(|step| {
+            sample(
+                "sbx-a",
+                1,
+                step + 1,
+                at("2026-11-03T23:40:00Z") + Duration::minutes(10 * step as i64),
+                0,
+                0,
+            )
+        })
+        .collect();
+    env.store.insert_samples(&samples).await?;
+    let rater = Rater::new(
+        env.store.clone(),
+        SHEET,
+        config(),
+        &prometheus::Registry::new(),
+    )?;
+    let pass = rater.rate_closed_hours(at("2026-11-04T01:30:00Z")).await?;
+    // Day 3 has one hour with samples (as of 00:00); day 4 one closed hour (as of 01:00).
+    assert_eq!(pass.snapshots_written, 2);
+
+    let vcpu_base = |lines: Vec<idlemeter_store::RatedLineRow>| {
+        lines
+            .into_iter()
+            .find(|line| line.resource == "vcpu")
+            .map(|line| line.quantity_base)
+    };
+    let checksum = rater.sheet_checksum();
+    let day_3 = env
+        .store
+        .rated_lines(
+            &CustomerId::parse("acme")?,
+            checksum,
+            at("2026-11-04T00:00:00Z").timestamp() as u32,
+        )
+        .await?;
+    let day_4 = env
+        .store
+        .rated_lines(
+            &CustomerId::parse("acme")?,
+            checksum,
+            at("2026-11-04T01:00:00Z").timestamp() as u32,
+        )
+        .await?;
+    // Day 3: 23:40 -> 23:50, 600 s x 2 vCPU = 1.2e9 vCPU-µs. The interval closing
+    // at 00:00 is day 4's, measured from day 3's last sample: 3 x 600 s x 2 vCPU.
+    assert_eq!(vcpu_base(day_3).as_deref(), Some("1200000000"));
+    assert_eq!(vcpu_base(day_4).as_deref(), Some("3600000000"));
+    Ok(())
+}

@@ -145,8 +145,11 @@ impl Rater {
                 .store
                 .customers_with_samples(unix_ms(period_start), unix_ms(period_end))
                 .await?;
-            for customer in &customers {
-                let mut as_of = period_start + chrono::Duration::hours(1);
+            for (customer, first_ms) in &customers {
+                // Hours before the customer's first sample of the period bill nothing.
+                let first_sample =
+                    DateTime::from_timestamp_millis(*first_ms as i64).unwrap_or(period_start);
+                let mut as_of = period::floor_hour(first_sample) + chrono::Duration::hours(1);
                 while as_of <= period_end {
                     self.rate_snapshot(customer, period_start, as_of, now, &mut pass)
                         .await?;

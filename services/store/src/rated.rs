@@ -9,9 +9,9 @@ use serde_repr::Deserialize_repr;
 
 use crate::{Context, Error, Result, Store};
 
-/// Samples of one customer closing an interval in `[from_ms, to_ms)`, plus each
-/// epoch's last sample before `from_ms` as its baseline. Binds: customer, from,
-/// to, customer, from.
+/// Samples of one customer closing an interval in `[from_ms, to_ms)`, plus, for
+/// each epoch with samples there, its last sample before `from_ms` as the
+/// baseline. Binds: customer, from, to, customer, from, customer, from, to.
 pub const SAMPLES_FOR_RATING_SQL: &str = include_str!("queries/samples_for_rating.sql");
 
 /// Scale of every `Decimal(38, 12)` column.
@@ -161,23 +161,29 @@ struct SnapshotTotal {
 }
 
 impl Store {
-    /// Customers with at least one sample taken in `[from_ms, to_ms)`.
+    /// Customers with at least one sample taken in `[from_ms, to_ms)`, each with
+    /// the time (Unix ms) of its first sample there.
     pub async fn customers_with_samples(
         &self,
         from_ms: u64,
         to_ms: u64,
-    ) -> Result<Vec<CustomerId>> {
-        let names: Vec<String> = self
+    ) -> Result<Vec<(CustomerId, u64)>> {
+        let rows: Vec<(String, u64)> = self
             .client
-            .query("SELECT DISTINCT customer FROM usage_samples WHERE ts_ms >= ? AND ts_ms < ? ORDER BY customer")
+            .query(
+                "SELECT customer, min(ts_ms) FROM usage_samples \
+                 WHERE ts_ms >= ? AND ts_ms < ? GROUP BY customer ORDER BY customer",
+            )
             .bind(from_ms)
             .bind(to_ms)
             .fetch_all()
             .await
             .context("customers with samples")?;
-        names
-            .into_iter()
-            .map(|name| CustomerId::parse(name).map_err(|e| Error::BadRow(e.to_string())))
+        rows.into_iter()
+            .map(|(name, first_ms)| {
+                let customer = CustomerId::parse(name).map_err(|e| Error::BadRow(e.to_string()))?;
+                Ok((customer, first_ms))
+            })
             .collect()
     }
 
@@ -196,6 +202,9 @@ impl Store {
             .bind(to_ms)
             .bind(customer.as_str())
             .bind(from_ms)
+            .bind(customer.as_str())
+            .bind(from_ms)
+            .bind(to_ms)
             .fetch_all()
             .await
             .context(format!("samples for rating {customer}"))?;

@@ -11,6 +11,10 @@ WHERE customer = ?
       OR (sandbox, epoch, seq) IN (
           SELECT sandbox, epoch, max(seq) FROM usage_samples
           WHERE customer = ? AND ts_ms < ?
+            AND (sandbox, epoch) IN (
+                SELECT sandbox, epoch FROM usage_samples
+                WHERE customer = ? AND ts_ms >= ? AND ts_ms < ?
+            )
           GROUP BY sandbox, epoch
       )
   )
