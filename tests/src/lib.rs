@@ -138,6 +138,16 @@ impl TestEnv {
         Ok(())
     }
 
+    /// Distinct sample identities in `usage_samples`.
+    pub async fn distinct_samples(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .store
+            .client()
+            .query("SELECT uniqExact(sandbox, epoch, seq) FROM usage_samples")
+            .fetch_one::<u64>()
+            .await?)
+    }
+
     /// Rows in `usage_samples`, duplicates included (no FINAL).
     pub async fn raw_sample_rows(&self) -> anyhow::Result<u64> {
         Ok(self
@@ -149,12 +159,27 @@ impl TestEnv {
     }
 
     /// Polls `condition` every 100 ms for up to 30 s.
-    pub async fn eventually<F, Fut>(&self, what: &str, mut condition: F) -> anyhow::Result<()>
+    pub async fn eventually<F, Fut>(&self, what: &str, condition: F) -> anyhow::Result<()>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<bool>>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        self.eventually_within(Duration::from_secs(30), what, condition)
+            .await
+    }
+
+    /// Polls `condition` every 100 ms for up to `limit`.
+    pub async fn eventually_within<F, Fut>(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut condition: F,
+    ) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             if condition().await? {
                 return Ok(());

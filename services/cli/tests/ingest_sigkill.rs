@@ -1,0 +1,134 @@
+//! The `idlemeter ingest` process killed with SIGKILL, again and again, while a
+//! known stream flows: after a last clean run every sample is stored once and
+//! every rollup is exact. Real broker, real ClickHouse, real process deaths.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use idlemeter_core::{CustomerId, NodeId};
+use idlemeter_proto::encode_node_batch;
+use idlemeter_tests::{sample, TestEnv};
+
+const SANDBOXES: u64 = 20;
+const TICKS: u64 = 60;
+
+fn spawn_ingest(env: &TestEnv) -> std::io::Result<Child> {
+    Command::new(env!("CARGO_BIN_EXE_idlemeter"))
+        .arg("ingest")
+        .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
+        .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+        .env("IDLEMETER_KAFKA__BROKERS", &env.kafka.brokers)
+        .env("IDLEMETER_TOPICS__SAMPLES", &env.topics.samples)
+        .env(
+            "IDLEMETER_TOPICS__SAMPLES_DEAD_LETTER",
+            &env.topics.samples_dead_letter,
+        )
+        .env("IDLEMETER_INGEST__GROUP_ID", &env.group_id)
+        .env("IDLEMETER_INGEST__BATCH_MAX_SAMPLES", "50")
+        .env("IDLEMETER_INGEST__BATCH_MAX_WAIT_MS", "20")
+        .env("IDLEMETER_METRICS__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(std::env::temp_dir().join(format!("{}.ingest.log", env.group_id)))?,
+        )
+        .spawn()
+}
+
+fn kill_hard(child: &mut Child) {
+    // Child::kill sends SIGKILL on unix: no shutdown path runs.
+    child.kill().expect("the ingest process can be killed");
+    child.wait().expect("the killed process is reaped");
+}
+
+/// A killed consumer stays in its group until its session times out (10 s),
+/// so each kill costs a rebalance of about that long.
+const RECOVERY: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::new("faults_sigkill").await?;
+    let producer = env.producer()?;
+    let node = NodeId::parse("node-1")?;
+    let start = Utc
+        .with_ymd_and_hms(2026, 11, 2, 14, 0, 0)
+        .single()
+        .expect("valid time");
+    let mut ingest = spawn_ingest(&env)?;
+    for phase in 0..3 {
+        for tick in phase * TICKS / 3..(phase + 1) * TICKS / 3 {
+            // Sandbox i's CPU counter is 500 x tick: usage over the stream 500 x 59.
+            let samples: Vec<_> = (0..SANDBOXES)
+                .map(|index| {
+                    sample(
+                        &format!("sbx-{index}"),
+                        1,
+                        tick + 1,
+                        start + chrono::Duration::seconds(tick as i64),
+                        500 * tick,
+                        0,
+                    )
+                })
+                .collect();
+            env.produce(
+                &producer,
+                node.as_str(),
+                &encode_node_batch(&node, Utc::now(), tick, &samples),
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let produced = SANDBOXES * TICKS / 3 * (phase + 1);
+        if phase < 2 {
+            // Kill while the phase's batches are still being inserted and committed.
+            kill_hard(&mut ingest);
+            ingest = spawn_ingest(&env)?;
+        }
+        let caught_up = env
+            .eventually_within(RECOVERY, "the restarted ingest to catch up", || async {
+                Ok(env.distinct_samples().await? >= produced)
+            })
+            .await;
+        if caught_up.is_err() {
+            kill_hard(&mut ingest);
+        }
+        caught_up?;
+    }
+    kill_hard(&mut ingest);
+
+    let expected = SANDBOXES * TICKS;
+    assert_eq!(env.distinct_samples().await?, expected, "no sample lost");
+    let collapsed: u64 = env
+        .store
+        .client()
+        .query("SELECT count() FROM usage_samples FINAL")
+        .fetch_one()
+        .await?;
+    assert_eq!(
+        collapsed, expected,
+        "each sample exactly once after collapsing replays"
+    );
+    let usage = env
+        .store
+        .usage_by_hour(
+            &CustomerId::parse("acme")?,
+            start,
+            start + chrono::Duration::hours(1),
+        )
+        .await?;
+    assert_eq!(usage.len() as u64, SANDBOXES);
+    for hour in &usage {
+        assert_eq!(
+            hour.usage.cpu_used_usec,
+            500 * (TICKS - 1),
+            "{}",
+            hour.sandbox
+        );
+        assert_eq!(hour.samples, TICKS, "{}", hour.sandbox);
+    }
+    Ok(())
+}
