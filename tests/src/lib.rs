@@ -148,6 +148,54 @@ impl TestEnv {
             .await?)
     }
 
+    /// Reconciles a known stream: `sandboxes` sandboxes of customer `acme`, each
+    /// sending `ticks` samples within the hour starting at `hour`, whose CPU
+    /// counters rose by `cpu_per_sandbox` in all. Fails on any lost or doubled
+    /// sample and on any rollup that differs from what was sent.
+    pub async fn assert_stream_reconciles(
+        &self,
+        hour: DateTime<Utc>,
+        sandboxes: u64,
+        ticks: u64,
+        cpu_per_sandbox: u64,
+    ) -> anyhow::Result<()> {
+        let expected = sandboxes * ticks;
+        anyhow::ensure!(
+            self.distinct_samples().await? == expected,
+            "samples lost or invented"
+        );
+        let collapsed: u64 = self
+            .store
+            .client()
+            .query("SELECT count() FROM usage_samples FINAL")
+            .fetch_one()
+            .await?;
+        anyhow::ensure!(
+            collapsed == expected,
+            "{collapsed} rows after collapsing, {expected} sent"
+        );
+        let customer = CustomerId::parse("acme")?;
+        let usage = self
+            .store
+            .usage_by_hour(&customer, hour, hour + chrono::Duration::hours(1))
+            .await?;
+        anyhow::ensure!(
+            usage.len() as u64 == sandboxes,
+            "{} sandboxes in the rollup, {sandboxes} sent",
+            usage.len()
+        );
+        for row in &usage {
+            anyhow::ensure!(
+                row.usage.cpu_used_usec == cpu_per_sandbox && row.samples == ticks,
+                "{}: {} µs in {} samples, sent {cpu_per_sandbox} µs in {ticks}",
+                row.sandbox,
+                row.usage.cpu_used_usec,
+                row.samples
+            );
+        }
+        Ok(())
+    }
+
     /// Rows in `usage_samples`, duplicates included (no FINAL).
     pub async fn raw_sample_rows(&self) -> anyhow::Result<u64> {
         Ok(self

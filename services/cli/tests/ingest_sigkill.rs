@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use idlemeter_core::{CustomerId, NodeId};
+use idlemeter_core::NodeId;
 use idlemeter_proto::encode_node_batch;
 use idlemeter_tests::{sample, TestEnv};
 
@@ -100,35 +100,6 @@ async fn sigkilled_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
     }
     kill_hard(&mut ingest);
 
-    let expected = SANDBOXES * TICKS;
-    assert_eq!(env.distinct_samples().await?, expected, "no sample lost");
-    let collapsed: u64 = env
-        .store
-        .client()
-        .query("SELECT count() FROM usage_samples FINAL")
-        .fetch_one()
-        .await?;
-    assert_eq!(
-        collapsed, expected,
-        "each sample exactly once after collapsing replays"
-    );
-    let usage = env
-        .store
-        .usage_by_hour(
-            &CustomerId::parse("acme")?,
-            start,
-            start + chrono::Duration::hours(1),
-        )
-        .await?;
-    assert_eq!(usage.len() as u64, SANDBOXES);
-    for hour in &usage {
-        assert_eq!(
-            hour.usage.cpu_used_usec,
-            500 * (TICKS - 1),
-            "{}",
-            hour.sandbox
-        );
-        assert_eq!(hour.samples, TICKS, "{}", hour.sandbox);
-    }
-    Ok(())
+    env.assert_stream_reconciles(start, SANDBOXES, TICKS, 500 * (TICKS - 1))
+        .await
 }
