@@ -69,7 +69,13 @@ impl Settings {
             figment = figment.merge(Toml::file(file));
         }
         let settings = figment
-            .merge(Env::prefixed("IDLEMETER_").split("__"))
+            // Only `SECTION__KEY` variables: IDLEMETER_CONFIG (the file's path) and the
+            // service scripts' own IDLEMETER_* variables are not settings.
+            .merge(
+                Env::prefixed("IDLEMETER_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
             .extract()?;
         Ok(settings)
     }
@@ -89,6 +95,8 @@ mod tests {
                 "[clickhouse]\nurl = \"http://ch:8123\"\ndatabase = \"from_file\"\n[ingest]\nbatch_max_samples = 7\n",
             )?;
             jail.set_env("IDLEMETER_CLICKHOUSE__DATABASE", "from_env");
+            jail.set_env("IDLEMETER_CONFIG", "idlemeter.toml");
+            jail.set_env("IDLEMETER_RUN_DIR", "/tmp/not-a-setting");
             let settings = Settings::load(Some(Path::new("idlemeter.toml"))).expect("loads");
             assert_eq!(settings.clickhouse.url, "http://ch:8123");
             assert_eq!(settings.clickhouse.database, "from_env");

@@ -13,8 +13,9 @@ use idlemeter_tests::{sample, TestEnv};
 const SANDBOXES: u64 = 20;
 const TICKS: u64 = 60;
 
-fn spawn_ingest(env: &TestEnv) -> std::io::Result<Child> {
-    Command::new(env!("CARGO_BIN_EXE_idlemeter"))
+fn spawn_ingest(env: &TestEnv) -> anyhow::Result<Child> {
+    let log = std::env::temp_dir().join(format!("{}.ingest.log", env.group_id));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idlemeter"))
         .arg("ingest")
         .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
         .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
@@ -34,9 +35,19 @@ fn spawn_ingest(env: &TestEnv) -> std::io::Result<Child> {
             std::fs::File::options()
                 .create(true)
                 .append(true)
-                .open(std::env::temp_dir().join(format!("{}.ingest.log", env.group_id)))?,
+                .open(&log)?,
         )
-        .spawn()
+        .spawn()?;
+    // A process that cannot start (bad configuration) must fail the test now,
+    // not after the catch-up timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(status) = child.try_wait()? {
+        anyhow::bail!(
+            "idlemeter ingest exited at start ({status}); see {}",
+            log.display()
+        );
+    }
+    Ok(child)
 }
 
 fn kill_hard(child: &mut Child) {
