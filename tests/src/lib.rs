@@ -304,3 +304,97 @@ pub fn sample(
         open_conns: 0,
     }
 }
+
+/// A ClickHouse server of the test's own, for tests that stop and restart it
+/// (the shared server must stay up for the tests running beside them). Same
+/// binary and settings as `scripts/services.sh`, on a free port, in a
+/// temporary directory; killed on drop.
+#[derive(Debug)]
+pub struct PrivateClickHouse {
+    dir: std::path::PathBuf,
+    pub http_port: u16,
+    server: Option<std::process::Child>,
+}
+
+impl PrivateClickHouse {
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("idlemeter-ch-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("data"))?;
+        let http_port = free_port()?;
+        let tcp_port = free_port()?;
+        let config = format!(
+            "<yandex><logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/server.err.log</errorlog></logger>\
+             <http_port>{http_port}</http_port><tcp_port>{tcp_port}</tcp_port><listen_host>127.0.0.1</listen_host>\
+             <path>{d}/data/</path><tmp_path>{d}/tmp/</tmp_path><user_files_path>{d}/user_files/</user_files_path>\
+             <users_config>{d}/users.xml</users_config><default_profile>default</default_profile>\
+             <default_database>default</default_database><mark_cache_size>67108864</mark_cache_size>\
+             <mlock_executable>false</mlock_executable><timezone>UTC</timezone></yandex>",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("config.xml"), config)?;
+        std::fs::write(
+            dir.join("users.xml"),
+            "<yandex><profiles><default></default></profiles><users><default><password></password>\
+             <networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>\
+             <quotas><default></default></quotas></yandex>",
+        )?;
+        let mut private = Self {
+            dir,
+            http_port,
+            server: None,
+        };
+        private.resume().await?;
+        Ok(private)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Starts (or restarts, on the same data) the server and waits until it answers.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let server = std::process::Command::new("clickhouse-server")
+            .arg(format!("--config-file={}", self.dir.join("config.xml").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|error| anyhow::anyhow!("starting clickhouse-server: {error} (run scripts/services.sh start once to install it)"))?;
+        self.server = Some(server);
+        let store = Store::new(&ClickHouseSettings {
+            url: self.url(),
+            database: "default".to_owned(),
+            user: "default".to_owned(),
+            password: String::new(),
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while store.ping().await.is_err() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "private clickhouse did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

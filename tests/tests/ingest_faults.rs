@@ -94,3 +94,64 @@ async fn a_rebalance_between_two_workers_loses_and_doubles_nothing() -> anyhow::
     )
     .await
 }
+
+/// ClickHouse dies mid-stream and stays down, then comes back: the same ingest
+/// process keeps retrying with backoff, consumes nothing new meanwhile, and
+/// catches up without losing or doubling a sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_down_then_back_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let mut env = TestEnv::new("faults_clickhouse_down").await?;
+    let mut clickhouse = idlemeter_tests::PrivateClickHouse::start("faults").await?;
+    env.clickhouse.url = clickhouse.url();
+    env.store = idlemeter_store::Store::new(&env.clickhouse);
+    env.store.migrate(0).await?;
+    let producer = env.producer()?;
+    let ingest = env.start_ingest(&env.clickhouse)?;
+    let produce_ticks = |ticks: std::ops::Range<u64>| {
+        let (env, producer) = (&env, &producer);
+        async move {
+            for tick in ticks {
+                for node in 0..NODES {
+                    let (node_id, samples) = batch(node, tick);
+                    let payload = encode_node_batch(&node_id, Utc::now(), tick, &samples);
+                    env.produce(producer, node_id.as_str(), &payload).await?;
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+    };
+    produce_ticks(0..TICKS / 2).await?;
+    env.eventually("the first half stored", || async {
+        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS / 2)
+    })
+    .await?;
+
+    clickhouse.kill();
+    produce_ticks(TICKS / 2..TICKS).await?;
+    env.eventually("insert failures while clickhouse is down", || async {
+        Ok(ingest.counter("idlemeter_ingest_insert_failures_total") >= 3)
+    })
+    .await?;
+    // Down for 30 s in all, as an operator's restart of ClickHouse would be.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let failures_while_down = ingest.counter("idlemeter_ingest_insert_failures_total");
+    clickhouse.resume().await?;
+
+    env.eventually("the second half stored", || async {
+        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
+    })
+    .await?;
+    // Backoff, not a busy loop: with 50 ms doubling to 500 ms, 30 s is at most ~65 tries.
+    assert!(
+        failures_while_down < 100,
+        "{failures_while_down} insert attempts in 30 s"
+    );
+    ingest.stop().await?;
+    env.assert_stream_reconciles(
+        start(),
+        NODES * SANDBOXES_PER_NODE,
+        TICKS,
+        1_000 * (TICKS - 1),
+    )
+    .await
+}
