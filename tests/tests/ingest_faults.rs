@@ -155,3 +155,47 @@ async fn clickhouse_down_then_back_loses_and_doubles_nothing() -> anyhow::Result
     )
     .await
 }
+
+/// The stream arrives backwards, every batch twice, with a burst of garbage
+/// between: every garbage message is dead-lettered and the usage is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordered_duplicated_stream_with_a_garbage_burst_reconciles() -> anyhow::Result<()> {
+    const GARBAGE: u64 = 200;
+    let env = TestEnv::new("faults_disorder").await?;
+    let producer = env.producer()?;
+    let ingest = env.start_ingest(&env.clickhouse)?;
+    for tick in (0..TICKS).rev() {
+        for node in 0..NODES {
+            let (node_id, samples) = batch(node, tick);
+            let payload = encode_node_batch(&node_id, Utc::now(), tick, &samples);
+            env.produce(&producer, node_id.as_str(), &payload).await?;
+            env.produce(&producer, node_id.as_str(), &payload).await?;
+        }
+        if tick == TICKS / 2 {
+            for index in 0..GARBAGE {
+                env.produce(&producer, "node-0", format!("garbage {index}").as_bytes())
+                    .await?;
+            }
+        }
+    }
+    env.eventually("every sample stored", || async {
+        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
+    })
+    .await?;
+    env.eventually("every garbage message dead-lettered", || async {
+        Ok(ingest.counter("idlemeter_ingest_dead_letters_total") >= GARBAGE)
+    })
+    .await?;
+    assert_eq!(
+        ingest.counter("idlemeter_ingest_dead_letters_total"),
+        GARBAGE
+    );
+    ingest.stop().await?;
+    env.assert_stream_reconciles(
+        start(),
+        NODES * SANDBOXES_PER_NODE,
+        TICKS,
+        1_000 * (TICKS - 1),
+    )
+    .await
+}
