@@ -1,0 +1,1 @@
+//! GPU usage (placeholder, filled in below).
