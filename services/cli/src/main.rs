@@ -27,6 +27,8 @@ enum Command {
     Migrate,
     /// Run the ingest service: Kafka usage.samples -> ClickHouse, exactly once.
     Ingest,
+    /// Run the node collector: sample sandbox cgroups, ship node batches, act on commands.
+    Collector,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
     Simulate(commands::simulate::SimulateArgs),
     /// Print the effective configuration (defaults + file + environment) as JSON.
@@ -44,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Migrate => commands::migrate(&settings).await,
             Command::Ingest => commands::ingest(&settings).await,
+            Command::Collector => commands::collector(&settings).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
                 println!("{}", toml_of(&settings)?);
