@@ -333,3 +333,73 @@ pub async fn send_command(
         .map_err(|(error, _)| anyhow::anyhow!("producing a command: {error}"))?;
     Ok(())
 }
+
+/// The `idlemeter collector` binary running as a child process; killed on drop.
+#[derive(Debug)]
+pub struct CollectorProcess {
+    child: Child,
+}
+
+impl CollectorProcess {
+    /// Starts `idlemeter collector` configured through `IDLEMETER_*` variables only.
+    pub fn spawn(
+        env: &TestEnv,
+        config: &idlemeter_collector::CollectorConfig,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let path = |p: &Path| p.display().to_string();
+        let child = Command::new(idlemeter_binary()?)
+            .arg("collector")
+            .env_remove("IDLEMETER_CONFIG")
+            .env("IDLEMETER_KAFKA__BROKERS", &env.kafka.brokers)
+            .env("IDLEMETER_TOPICS__SAMPLES", &env.topics.samples)
+            .env("IDLEMETER_TOPICS__COMMANDS", &env.topics.commands)
+            .env("IDLEMETER_METRICS__LISTEN", "127.0.0.1:0")
+            .env("IDLEMETER_COLLECTOR__NODE", &config.node)
+            .env(
+                "IDLEMETER_COLLECTOR__CGROUP_PARENT",
+                path(&config.cgroup_parent),
+            )
+            .env(
+                "IDLEMETER_COLLECTOR__CGROUP_V1_MEMORY_PARENT",
+                path(&config.cgroup_v1_memory_parent),
+            )
+            .env("IDLEMETER_COLLECTOR__LABELS_DIR", path(&config.labels_dir))
+            .env(
+                "IDLEMETER_COLLECTOR__ACTIVITY_DIR",
+                path(&config.activity_dir),
+            )
+            .env("IDLEMETER_COLLECTOR__STATE_DIR", path(&config.state_dir))
+            .env(
+                "IDLEMETER_COLLECTOR__INTERVAL_MS",
+                config.interval_ms.to_string(),
+            )
+            .env(
+                "IDLEMETER_COLLECTOR__SEND_TIMEOUT_MS",
+                config.send_timeout_ms.to_string(),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill_hard(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for CollectorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
