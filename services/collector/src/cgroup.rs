@@ -214,7 +214,7 @@ impl CgroupReader {
 impl UsageReader for CgroupReader {
     fn read_node(&mut self, readings: &mut Vec<SandboxReading>) -> Result<()> {
         self.discover()?;
-        let check_labels = self.reads % LABEL_CHECK_EVERY == 0;
+        let check_labels = self.reads.is_multiple_of(LABEL_CHECK_EVERY);
         let reread_activity = self.activity_changed() || check_labels;
         self.reads += 1;
         readings.clear();
