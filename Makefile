@@ -19,6 +19,9 @@ run: build
 
 ## Everything, against real servers: unit, property, integration and chDB tests.
 test: test-services-start chdb-venv
+	@# The collector's fault tests run (and SIGKILL) the real binary; cargo does
+	@# not build another package's binary for a test, so build it first.
+	cargo build -p idlemeter-cli --bin idlemeter
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
 		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python cargo nextest run --workspace --no-fail-fast; \

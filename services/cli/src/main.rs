@@ -30,6 +30,8 @@ enum Command {
     Ingest,
     /// Run the online rater: rate closed hours of stored usage into rated_usage.
     Rater,
+    /// Run the node collector: sample sandbox cgroups, ship node batches, act on commands.
+    Collector,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
     Simulate(commands::simulate::SimulateArgs),
     /// Rate a JSONL file of samples with a price sheet, offline; prints JSON.
@@ -65,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Migrate => commands::migrate(&settings).await,
             Command::Ingest => commands::ingest(&settings).await,
             Command::Rater => commands::rater(&settings).await,
+            Command::Collector => commands::collector(&settings).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
                 println!("{}", serde_json::to_string_pretty(&settings)?);

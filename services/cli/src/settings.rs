@@ -8,6 +8,7 @@ use std::path::Path;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use idlemeter_bus::{KafkaSettings, Topics};
+use idlemeter_collector::CollectorConfig;
 use idlemeter_ingest::IngestConfig;
 use idlemeter_rater::RaterConfig;
 use idlemeter_store::ClickHouseSettings;
@@ -22,6 +23,7 @@ pub struct Settings {
     pub topics: Topics,
     pub ingest: IngestConfig,
     pub rater: RaterConfig,
+    pub collector: CollectorConfig,
     pub metrics: MetricsSettings,
 }
 
@@ -49,6 +51,7 @@ impl Default for Settings {
             topics: Topics::default(),
             ingest: IngestConfig::default(),
             rater: RaterConfig::default(),
+            collector: CollectorConfig::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
             },
@@ -92,16 +95,20 @@ mod tests {
             jail.clear_env();
             jail.create_file(
                 "idlemeter.toml",
-                "[clickhouse]\nurl = \"http://ch:8123\"\ndatabase = \"from_file\"\n[ingest]\nbatch_max_samples = 7\n",
+                "[collector]\nnode = \"n-7\"\n[clickhouse]\nurl = \"http://ch:8123\"\ndatabase = \"from_file\"\n[ingest]\nbatch_max_samples = 7\n",
             )?;
             jail.set_env("IDLEMETER_CLICKHOUSE__DATABASE", "from_env");
             jail.set_env("IDLEMETER_CONFIG", "idlemeter.toml");
             jail.set_env("IDLEMETER_RUN_DIR", "/tmp/not-a-setting");
+            jail.set_env("IDLEMETER_COLLECTOR__SPOOL_MAX_BYTES", "4096");
             let settings = Settings::load(Some(Path::new("idlemeter.toml"))).expect("loads");
             assert_eq!(settings.clickhouse.url, "http://ch:8123");
             assert_eq!(settings.clickhouse.database, "from_env");
             assert_eq!(settings.ingest.batch_max_samples, 7);
             assert_eq!(settings.kafka.brokers, "127.0.0.1:19092");
+            assert_eq!(settings.collector.interval_ms, 1_000);
+            assert_eq!(settings.collector.node, "n-7");
+            assert_eq!(settings.collector.spool_max_bytes, 4096);
             Ok(())
         });
     }

@@ -4,6 +4,7 @@ pub mod rate;
 pub mod simulate;
 
 use anyhow::Context;
+use idlemeter_collector::Collector;
 use idlemeter_ingest::Ingest;
 use idlemeter_rater::Rater;
 use idlemeter_store::Store;
@@ -95,6 +96,35 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "metrics and health served");
     let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
     rater.run_until_stopped(shutdown_signal()).await?;
+    metrics.await??;
+    Ok(())
+}
+
+pub async fn collector(settings: &Settings) -> anyhow::Result<()> {
+    settings
+        .kafka
+        .ensure_topics(&[
+            (settings.topics.samples.as_str(), 8),
+            (settings.topics.commands.as_str(), 8),
+        ])
+        .await
+        .unwrap_or_else(|error| {
+            // The collector must sample and spool even while Kafka is down.
+            tracing::warn!(%error, "could not ensure kafka topics; continuing");
+        });
+    let registry = prometheus::Registry::new();
+    let collector = Collector::build(
+        settings.collector.clone(),
+        &settings.kafka,
+        settings.topics.clone(),
+        &registry,
+    )?;
+    let health = Health::default();
+    health.set_healthy(true);
+    let listener = TcpListener::bind(&settings.metrics.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, node = %collector.node(), "metrics and health served");
+    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    collector.run_until_stopped(shutdown_signal()).await?;
     metrics.await??;
     Ok(())
 }

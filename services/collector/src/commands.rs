@@ -1,0 +1,236 @@
+//! Acting on `sandbox.commands`: suspend freezes a sandbox's cgroup, resume
+//! thaws it (`cgroup.freeze` on v2). The acknowledgement is the state change in
+//! the next samples (`suspended` / `running`), which the policy reads anyway.
+//!
+//! Each node has its own consumer group, so every node sees every command and
+//! acts only on those naming it. An offset is committed after the command was
+//! acted on (or judged not to apply); a crash in between replays that command,
+//! and freezing or thawing twice is harmless. Commands older than
+//! `command_max_age_ms` are ignored, so a new node's group (which starts at the
+//! earliest offset) does not replay old decisions, and so are commands about
+//! another epoch of the sandbox than the current one: the sandbox restarted
+//! since the policy decided.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use idlemeter_bus::KafkaSettings;
+use idlemeter_core::NodeId;
+use idlemeter_proto::{decode_command, v1};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::Message;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cgroup::set_frozen;
+use crate::metrics::CollectorMetrics;
+use crate::sampler::EpochIndex;
+use crate::sandbox::SandboxKey;
+use crate::{Error, Result};
+
+/// What to do about one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Freeze (`true`) or thaw (`false`) this sandbox.
+    Freeze { key: SandboxKey, frozen: bool },
+    /// For another node: not ours to judge.
+    OtherNode,
+    /// Ours, but not applied, and why.
+    Ignore(String),
+}
+
+/// Decides what a command means for `node` at `now_ms`. Pure: the epochs known
+/// now and the clock come in as arguments.
+pub fn decide(
+    command: &v1::SandboxCommand,
+    node: &NodeId,
+    epochs: &EpochIndex,
+    now_ms: i64,
+    max_age_ms: u64,
+) -> Decision {
+    if command.node != node.as_str() {
+        return Decision::OtherNode;
+    }
+    let age_ms = now_ms.saturating_sub(command.issued_unix_ms);
+    if u64::try_from(age_ms).is_ok_and(|age| age > max_age_ms) {
+        return Decision::Ignore(format!(
+            "issued {age_ms} ms ago, the limit is {max_age_ms} ms"
+        ));
+    }
+    let key =
+        match SandboxKey::from_cgroup_name(&format!("{}.{}", command.customer, command.sandbox)) {
+            Ok(key) => key,
+            Err(error) => return Decision::Ignore(error.to_string()),
+        };
+    let current_epoch = epochs.get(&key.cgroup_name()).copied();
+    if command.epoch != 0 && current_epoch.is_some_and(|epoch| epoch != command.epoch) {
+        return Decision::Ignore(format!(
+            "about epoch {} but the sandbox is in epoch {}",
+            command.epoch,
+            current_epoch.unwrap_or_default()
+        ));
+    }
+    match v1::CommandAction::try_from(command.action) {
+        Ok(v1::CommandAction::Suspend) => Decision::Freeze { key, frozen: true },
+        Ok(v1::CommandAction::Resume) => Decision::Freeze { key, frozen: false },
+        _ => Decision::Ignore(format!(
+            "action {} is not supported by the collector",
+            command.action
+        )),
+    }
+}
+
+/// Consumes commands for one node and applies them to its cgroups.
+#[derive(Debug)]
+pub struct CommandActor {
+    pub kafka: KafkaSettings,
+    pub topic: String,
+    pub group_id: String,
+    pub node: NodeId,
+    pub cgroup_parent: PathBuf,
+    pub max_age_ms: u64,
+    pub epochs: watch::Receiver<EpochIndex>,
+    pub metrics: CollectorMetrics,
+}
+
+impl CommandActor {
+    /// Runs until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) -> Result<()> {
+        let consumer: StreamConsumer = self.kafka.consumer(
+            &format!("idlemeter-collector-{}", self.node),
+            &self.group_id,
+        )?;
+        consumer
+            .subscribe(&[self.topic.as_str()])
+            .map_err(|source| Error::Kafka {
+                context: format!("subscribing to {}", self.topic),
+                source,
+            })?;
+        tracing::info!(topic = %self.topic, group = %self.group_id, "listening for sandbox commands");
+        loop {
+            let message = tokio::select! {
+                message = consumer.recv() => message,
+                _ = stop.cancelled() => return Ok(()),
+            };
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(%error, "receiving commands failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            self.act(message.payload().unwrap_or_default());
+            if let Err(error) = consumer.commit_message(&message, CommitMode::Async) {
+                tracing::warn!(%error, "committing a command offset failed: it may be replayed");
+            }
+        }
+    }
+
+    fn act(&self, payload: &[u8]) {
+        let command = match decode_command(payload) {
+            Ok(command) => command,
+            Err(error) => {
+                tracing::warn!(%error, "undecodable command skipped");
+                return;
+            }
+        };
+        let epochs = self.epochs.borrow().clone();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        match decide(&command, &self.node, &epochs, now_ms, self.max_age_ms) {
+            Decision::OtherNode => {}
+            Decision::Ignore(reason) => {
+                self.metrics.commands_ignored.inc();
+                tracing::warn!(command_id = %command.command_id, sandbox = %command.sandbox, %reason, "command ignored");
+            }
+            Decision::Freeze { key, frozen } => match set_frozen(&self.cgroup_parent, &key, frozen)
+            {
+                Ok(()) => {
+                    self.metrics.commands_applied.inc();
+                    tracing::info!(command_id = %command.command_id, sandbox = %key, frozen, reason = %command.reason, "command applied");
+                }
+                Err(error) => {
+                    self.metrics.commands_ignored.inc();
+                    tracing::warn!(command_id = %command.command_id, sandbox = %key, %error, "command could not be applied");
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::*;
+
+    const NOW: i64 = 1_790_000_000_000;
+
+    fn command(action: v1::CommandAction, epoch: u64, issued_unix_ms: i64) -> v1::SandboxCommand {
+        v1::SandboxCommand {
+            schema_version: 1,
+            command_id: "c-1".into(),
+            node: "node-1".into(),
+            customer: "acme".into(),
+            sandbox: "sbx-1".into(),
+            epoch,
+            action: action as i32,
+            reason: "idle".into(),
+            policy_version: "p1".into(),
+            issued_unix_ms,
+        }
+    }
+
+    fn epochs() -> EpochIndex {
+        Arc::new(HashMap::from([("acme.sbx-1".to_owned(), 77)]))
+    }
+
+    fn node() -> NodeId {
+        NodeId::parse("node-1").expect("valid id")
+    }
+
+    #[test]
+    fn suspend_and_resume_for_this_node_freeze_and_thaw() {
+        let suspend = decide(
+            &command(v1::CommandAction::Suspend, 77, NOW),
+            &node(),
+            &epochs(),
+            NOW,
+            60_000,
+        );
+        assert!(matches!(suspend, Decision::Freeze { frozen: true, .. }));
+        let resume = decide(
+            &command(v1::CommandAction::Resume, 0, NOW),
+            &node(),
+            &epochs(),
+            NOW,
+            60_000,
+        );
+        assert!(matches!(resume, Decision::Freeze { frozen: false, .. }));
+    }
+
+    #[test]
+    fn commands_for_other_nodes_old_commands_and_stale_epochs_are_not_applied() {
+        let mut elsewhere = command(v1::CommandAction::Suspend, 77, NOW);
+        elsewhere.node = "node-2".into();
+        assert_eq!(
+            decide(&elsewhere, &node(), &epochs(), NOW, 60_000),
+            Decision::OtherNode
+        );
+        let old = command(v1::CommandAction::Suspend, 77, NOW - 60_001);
+        assert!(matches!(
+            decide(&old, &node(), &epochs(), NOW, 60_000),
+            Decision::Ignore(_)
+        ));
+        let stale = command(v1::CommandAction::Suspend, 76, NOW);
+        assert!(
+            matches!(decide(&stale, &node(), &epochs(), NOW, 60_000), Decision::Ignore(reason) if reason.contains("epoch 76"))
+        );
+        let stop = command(v1::CommandAction::Stop, 77, NOW);
+        assert!(matches!(
+            decide(&stop, &node(), &epochs(), NOW, 60_000),
+            Decision::Ignore(_)
+        ));
+    }
+}

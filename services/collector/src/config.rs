@@ -1,0 +1,74 @@
+//! The `[collector]` configuration section: where sandboxes live on this node,
+//! where the collector keeps its state, and how often it samples.
+//!
+//! Every field has a production default, so a node needs to set only what its
+//! layout differs in (usually `node`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Tuning and layout of one node's collector.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorConfig {
+    /// This node's id (the Kafka key of its batches). Empty: the host name.
+    pub node: String,
+    /// cgroup v2 directory whose children are the sandboxes, one child each,
+    /// named `<customer>.<sandbox>` (see `sandbox.rs`).
+    pub cgroup_parent: PathBuf,
+    /// The matching cgroup v1 memory directory, read for memory when the v2
+    /// child has no `memory.current` (no memory controller in v2's subtree).
+    pub cgroup_v1_memory_parent: PathBuf,
+    /// Per-sandbox allocation files `<customer>.<sandbox>.toml` written by the
+    /// platform when it creates the sandbox.
+    pub labels_dir: PathBuf,
+    /// Per-sandbox activity files `<customer>.<sandbox>` that the platform's
+    /// agent rewrites when sessions and connections open or close.
+    pub activity_dir: PathBuf,
+    /// Counter state (`state.json`) and the outgoing spool (`spool/`).
+    pub state_dir: PathBuf,
+    /// Time between two samples of every sandbox.
+    pub interval_ms: u64,
+    /// Bound of the on-disk spool; past it the oldest batches are dropped.
+    pub spool_max_bytes: u64,
+    /// How long one send to Kafka may take before the batch stays spooled and
+    /// is retried.
+    pub send_timeout_ms: u64,
+    /// Commands issued longer ago than this are ignored: a collector joining
+    /// late must not replay yesterday's suspends.
+    pub command_max_age_ms: u64,
+    /// Consumer group of `sandbox.commands`. Empty: `idlemeter-collector-<node>`,
+    /// one group per node so every node sees every command.
+    pub command_group_id: String,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        Self {
+            node: String::new(),
+            cgroup_parent: PathBuf::from("/sys/fs/cgroup/unified/idlemeter"),
+            cgroup_v1_memory_parent: PathBuf::from("/sys/fs/cgroup/memory/idlemeter"),
+            labels_dir: PathBuf::from("/etc/idlemeter/sandboxes"),
+            activity_dir: PathBuf::from("/run/idlemeter/activity"),
+            state_dir: PathBuf::from("/var/lib/idlemeter/collector"),
+            interval_ms: 1_000,
+            spool_max_bytes: 256 << 20,
+            send_timeout_ms: 5_000,
+            command_max_age_ms: 60_000,
+            command_group_id: String::new(),
+        }
+    }
+}
+
+impl CollectorConfig {
+    /// The file that carries counters across restarts.
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    /// The directory of batches not yet acknowledged by Kafka.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
+    }
+}

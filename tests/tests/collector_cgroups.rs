@@ -1,0 +1,119 @@
+//! The collector against real cgroups: CPU burners in a sandbox cgroup, the
+//! collected CPU seconds checked against the kernel's and the burners' own
+//! accounting, and a suspend/resume command round trip through Kafka.
+
+use idlemeter_core::LifecycleState;
+use idlemeter_proto::v1::CommandAction;
+use idlemeter_tests::collector::{
+    cgroup_usage_usec, collector_config, process_cpu_usec, send_command, RunningCollector,
+    SampleTail, ShippedSample, TestCgroups,
+};
+use idlemeter_tests::TestEnv;
+
+fn within_two_percent(measured: u64, reference: u64) -> bool {
+    measured.abs_diff(reference) * 50 <= reference
+}
+
+fn last(samples: &[ShippedSample]) -> Option<&ShippedSample> {
+    samples.last()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burner_cpu_matches_kernel_accounting_and_suspend_stops_the_counter() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("collector_burn").await?;
+    env.kafka
+        .ensure_topics(&[(env.topics.commands.as_str(), 1)])
+        .await?;
+    let mut cgroups = TestCgroups::new("burn")?;
+    let sandbox = cgroups.add_sandbox("acme.burner")?;
+    let burners = [
+        cgroups.spawn_burner(&sandbox)?,
+        cgroups.spawn_burner(&sandbox)?,
+    ];
+    let work = tempfile::tempdir()?;
+    std::fs::create_dir_all(work.path().join("labels"))?;
+    std::fs::write(
+        work.path().join("labels/acme.burner.toml"),
+        "vcpu_milli = 2000\n",
+    )?;
+    let node = format!("node-burn-{}", std::process::id());
+    let collector = RunningCollector::start(
+        collector_config(&cgroups.parent, work.path(), &node),
+        &env.kafka,
+        env.topics.clone(),
+    )?;
+    let mut tail = SampleTail::new(&env)?;
+
+    // Burn at least 1.5 CPU-seconds while running.
+    tail.wait_for("1.5 s of collected cpu", |samples| {
+        last(samples).is_some_and(|s| s.sample.cpu_used_usec > 1_500_000)
+    })
+    .await?;
+    send_command(&env, &node, "acme", "burner", CommandAction::Suspend).await?;
+    tail.wait_for("three suspended samples", |samples| {
+        samples
+            .iter()
+            .filter(|s| s.sample.state == LifecycleState::Suspended)
+            .count()
+            >= 3
+    })
+    .await?;
+
+    let suspended: Vec<_> = tail
+        .samples
+        .iter()
+        .filter(|s| s.sample.state == LifecycleState::Suspended)
+        .collect();
+    let frozen_cpu = suspended[0].sample.cpu_used_usec;
+    let frozen_vcpu = suspended[0].sample.vcpu_alloc_usec;
+    for sample in &suspended {
+        assert_eq!(
+            sample.sample.cpu_used_usec, frozen_cpu,
+            "cpu advanced while suspended"
+        );
+        assert_eq!(
+            sample.sample.vcpu_alloc_usec, frozen_vcpu,
+            "allocation billed while suspended"
+        );
+    }
+    // While frozen nothing moves, so the three accountings can be compared at rest.
+    let kernel_usec = cgroup_usage_usec(&sandbox)?;
+    let burners_usec: u64 = burners
+        .iter()
+        .map(|pid| process_cpu_usec(*pid))
+        .sum::<anyhow::Result<u64>>()?;
+    eprintln!("collected {frozen_cpu} µs, burners {burners_usec} µs, cgroup {kernel_usec} µs");
+    assert!(
+        within_two_percent(frozen_cpu, burners_usec),
+        "collected {frozen_cpu} µs, burners' own accounting {burners_usec} µs"
+    );
+    assert!(
+        within_two_percent(frozen_cpu, kernel_usec),
+        "collected {frozen_cpu} µs, cgroup usage_usec {kernel_usec} µs"
+    );
+
+    send_command(&env, &node, "acme", "burner", CommandAction::Resume).await?;
+    tail.wait_for("cpu advancing again after resume", |samples| {
+        last(samples).is_some_and(|s| {
+            s.sample.state == LifecycleState::Running
+                && s.sample.cpu_used_usec > frozen_cpu + 200_000
+        })
+    })
+    .await?;
+    let resumed = last(&tail.samples)
+        .map(|s| s.sample.clone())
+        .expect("waited for it");
+    assert!(
+        resumed.vcpu_alloc_usec > frozen_vcpu,
+        "allocation bills again once running"
+    );
+    // One epoch throughout: a freeze is not a restart.
+    assert!(tail.samples.iter().all(|s| s.sample.epoch == resumed.epoch));
+    assert_eq!(
+        collector.metric("idlemeter_collector_commands_applied_total"),
+        2
+    );
+    collector.stop().await?;
+    Ok(())
+}
