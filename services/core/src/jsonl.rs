@@ -13,7 +13,7 @@
 //! binary float, integers must be plain non-negative JSON integers. A bad line
 //! yields one [`LineError`] per bad field and the good lines are kept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
@@ -35,6 +35,7 @@ pub struct ParsedSamples {
 /// Parses every non-blank line of a JSONL text. Never fails as a whole.
 pub fn parse_samples(text: &str) -> ParsedSamples {
     let mut parsed = ParsedSamples::default();
+    let mut interner = IdInterner::default();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -43,7 +44,7 @@ pub fn parse_samples(text: &str) -> ParsedSamples {
         match parse_sample(line) {
             Ok(sample) => parsed.samples.push(NumberedSample {
                 line: line_number,
-                sample,
+                sample: interner.intern(sample),
             }),
             Err(field_errors) => parsed.errors.extend(
                 field_errors
@@ -53,6 +54,34 @@ pub fn parse_samples(text: &str) -> ParsedSamples {
         }
     }
     parsed
+}
+
+/// Makes every sample of a customer, node or sandbox share one id allocation,
+/// so that rating compares ids by pointer instead of by bytes.
+#[derive(Debug, Default)]
+struct IdInterner {
+    customers: HashSet<CustomerId>,
+    nodes: HashSet<NodeId>,
+    sandboxes: HashSet<SandboxId>,
+}
+
+impl IdInterner {
+    fn intern(&mut self, mut sample: UsageSample) -> UsageSample {
+        sample.customer = shared(&mut self.customers, sample.customer);
+        sample.node = shared(&mut self.nodes, sample.node);
+        sample.sandbox = shared(&mut self.sandboxes, sample.sandbox);
+        sample
+    }
+}
+
+fn shared<T: Clone + Eq + std::hash::Hash>(seen: &mut HashSet<T>, id: T) -> T {
+    match seen.get(&id) {
+        Some(existing) => existing.clone(),
+        None => {
+            seen.insert(id.clone());
+            id
+        }
+    }
 }
 
 /// A field name and why its value was refused.
