@@ -55,7 +55,7 @@ macro_rules! string_id {
         /// Shared (`Arc<str>`): clones are cheap, and equality checks the pointer
         /// before the bytes, so ids interned at the edge compare in one step on
         /// the rating hot path.
-        #[derive(Debug, Clone, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
         pub struct $name(Arc<str>);
 
@@ -75,6 +75,13 @@ macro_rules! string_id {
         impl PartialEq for $name {
             fn eq(&self, other: &Self) -> bool {
                 Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+            }
+        }
+
+        // By content, consistent with `eq` (equal ids have equal bytes).
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.0.hash(state);
             }
         }
 
