@@ -152,6 +152,8 @@ XML
 start_clickhouse() {
     if is_ours clickhouse clickhouse-server; then log "clickhouse already running (pid $(cat "$run_dir/clickhouse.pid"))"; return; fi
     ensure_clickhouse
+    require_free_port "$ch_http_port" IDLEMETER_CH_HTTP_PORT
+    require_free_port "$ch_tcp_port" IDLEMETER_CH_TCP_PORT
     write_clickhouse_config
     local started=$SECONDS
     setsid clickhouse-server --config-file="$run_dir/clickhouse/config.xml" \
@@ -164,6 +166,7 @@ start_clickhouse() {
 start_broker() {
     if is_ours tansu tansu; then log "broker already running (pid $(cat "$run_dir/tansu.pid"))"; return; fi
     resolve_tansu
+    require_free_port "$kafka_port" IDLEMETER_KAFKA_PORT
     local storage_url
     case $kafka_storage in
         sqlite) storage_url="sqlite://tansu.db" ;; # tansu resolves it against its working directory
@@ -178,6 +181,16 @@ start_broker() {
     echo $! >"$run_dir/tansu.pid"
     wait_until "broker on :$kafka_port" 100 bash -c "exec 3<>/dev/tcp/127.0.0.1/$kafka_port"
     log "broker ready on 127.0.0.1:$kafka_port ($kafka_storage storage)"
+}
+
+# port_free PORT: nothing listens on 127.0.0.1:PORT. Starting on a taken port
+# would mistake someone else's server for ours.
+port_free() {
+    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+require_free_port() {
+    port_free "$1" || die "port $1 is in use by a process this script did not start; choose another with $2"
 }
 
 stop_one() {

@@ -150,9 +150,18 @@ impl Rater {
                 let first_sample =
                     DateTime::from_timestamp_millis(*first_ms as i64).unwrap_or(period_start);
                 let mut as_of = period::floor_hour(first_sample) + chrono::Duration::hours(1);
+                // One query for what this sheet already rated, not one per hour.
+                let rated = self
+                    .store
+                    .rated_hours(customer, unix_secs(period_start), &self.sheet_checksum)
+                    .await?;
                 while as_of <= period_end {
-                    self.rate_snapshot(customer, period_start, as_of, now, &mut pass)
-                        .await?;
+                    if rated.contains(&unix_secs(as_of)) {
+                        pass.snapshots_present += 1;
+                    } else {
+                        self.rate_snapshot(customer, period_start, as_of, now, &mut pass)
+                            .await?;
+                    }
                     as_of += chrono::Duration::hours(1);
                 }
             }
@@ -169,6 +178,7 @@ impl Rater {
         pass: &mut RatingPass,
     ) -> Result<()> {
         let (period_secs, as_of_secs) = (unix_secs(period_start), unix_secs(as_of));
+        // Snapshots of other sheet versions: the new one is explained against them.
         let existing = self
             .store
             .snapshot_totals(customer, period_secs, as_of_secs)

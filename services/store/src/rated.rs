@@ -259,6 +259,29 @@ impl Store {
             .collect()
     }
 
+    /// The `as_of` times (Unix seconds) of one customer's snapshots of a period
+    /// under one sheet checksum.
+    pub async fn rated_hours(
+        &self,
+        customer: &CustomerId,
+        period_start: u32,
+        sheet_checksum: &str,
+    ) -> Result<std::collections::HashSet<u32>> {
+        let hours: Vec<u32> = self
+            .client
+            .query(
+                "SELECT DISTINCT toUInt32(as_of) FROM rated_usage \
+                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ?",
+            )
+            .bind(customer.as_str())
+            .bind(period_start)
+            .bind(sheet_checksum)
+            .fetch_all()
+            .await
+            .context(format!("rated hours of {customer}"))?;
+        Ok(hours.into_iter().collect())
+    }
+
     /// Lines of one snapshot, in line order.
     pub async fn rated_lines(
         &self,
