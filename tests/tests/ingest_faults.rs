@@ -41,6 +41,23 @@ fn batch(node: u64, tick: u64) -> (NodeId, Vec<UsageSample>) {
     (node_id, samples)
 }
 
+/// Produces every node's batch of `tick`, each `copies` times.
+async fn produce_tick(
+    env: &TestEnv,
+    producer: &rdkafka::producer::FutureProducer,
+    tick: u64,
+    copies: usize,
+) -> anyhow::Result<()> {
+    for node in 0..NODES {
+        let (node_id, samples) = batch(node, tick);
+        let payload = encode_node_batch(&node_id, Utc::now(), tick, &samples);
+        for _ in 0..copies {
+            env.produce(producer, node_id.as_str(), &payload).await?;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_between_two_workers_loses_and_doubles_nothing() -> anyhow::Result<()> {
     let env = TestEnv::new("faults_rebalance").await?;
@@ -48,11 +65,7 @@ async fn a_rebalance_between_two_workers_loses_and_doubles_nothing() -> anyhow::
     let first = env.start_ingest(&env.clickhouse)?;
     let mut second = None;
     for tick in 0..TICKS {
-        for node in 0..NODES {
-            let (node_id, samples) = batch(node, tick);
-            let payload = encode_node_batch(&node_id, Utc::now(), tick, &samples);
-            env.produce(&producer, node_id.as_str(), &payload).await?;
-        }
+        produce_tick(&env, &producer, tick, 1).await?;
         if tick == 10 {
             // A second worker joins the group mid-stream: partitions move.
             second = Some(env.start_ingest(&env.clickhouse)?);
@@ -63,17 +76,8 @@ async fn a_rebalance_between_two_workers_loses_and_doubles_nothing() -> anyhow::
     let consumed_by_first = first.counter("idlemeter_ingest_messages_consumed_total");
     first.stop().await?;
     let expected = NODES * SANDBOXES_PER_NODE * TICKS;
-    let distinct = || async {
-        Ok::<u64, anyhow::Error>(
-            env.store
-                .client()
-                .query("SELECT uniqExact(sandbox, epoch, seq) FROM usage_samples")
-                .fetch_one::<u64>()
-                .await?,
-        )
-    };
     env.eventually("every sample stored", || async {
-        Ok(distinct().await? >= expected)
+        Ok(env.distinct_samples().await? >= expected)
     })
     .await?;
     let second = second.expect("started at tick 10");
@@ -107,27 +111,18 @@ async fn clickhouse_down_then_back_loses_and_doubles_nothing() -> anyhow::Result
     env.store.migrate(0).await?;
     let producer = env.producer()?;
     let ingest = env.start_ingest(&env.clickhouse)?;
-    let produce_ticks = |ticks: std::ops::Range<u64>| {
-        let (env, producer) = (&env, &producer);
-        async move {
-            for tick in ticks {
-                for node in 0..NODES {
-                    let (node_id, samples) = batch(node, tick);
-                    let payload = encode_node_batch(&node_id, Utc::now(), tick, &samples);
-                    env.produce(producer, node_id.as_str(), &payload).await?;
-                }
-            }
-            Ok::<(), anyhow::Error>(())
-        }
-    };
-    produce_ticks(0..TICKS / 2).await?;
+    for tick in 0..TICKS / 2 {
+        produce_tick(&env, &producer, tick, 1).await?;
+    }
     env.eventually("the first half stored", || async {
         Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS / 2)
     })
     .await?;
 
     clickhouse.kill();
-    produce_ticks(TICKS / 2..TICKS).await?;
+    for tick in TICKS / 2..TICKS {
+        produce_tick(&env, &producer, tick, 1).await?;
+    }
     env.eventually("insert failures while clickhouse is down", || async {
         Ok(ingest.counter("idlemeter_ingest_insert_failures_total") >= 3)
     })
@@ -165,12 +160,7 @@ async fn reordered_duplicated_stream_with_a_garbage_burst_reconciles() -> anyhow
     let producer = env.producer()?;
     let ingest = env.start_ingest(&env.clickhouse)?;
     for tick in (0..TICKS).rev() {
-        for node in 0..NODES {
-            let (node_id, samples) = batch(node, tick);
-            let payload = encode_node_batch(&node_id, Utc::now(), tick, &samples);
-            env.produce(&producer, node_id.as_str(), &payload).await?;
-            env.produce(&producer, node_id.as_str(), &payload).await?;
-        }
+        produce_tick(&env, &producer, tick, 2).await?;
         if tick == TICKS / 2 {
             for index in 0..GARBAGE {
                 env.produce(&producer, "node-0", format!("garbage {index}").as_bytes())
