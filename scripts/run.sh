@@ -18,7 +18,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
-$bin ingest 2>.run/ingest.log & pids+=($!)
+IDLEMETER_METRICS__LISTEN=127.0.0.1:9464 $bin ingest 2>.run/ingest.log & pids+=($!)
+# The rater rates each closed hour; a short grace so the demo shows money soon.
+IDLEMETER_METRICS__LISTEN=127.0.0.1:9465 IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} \
+    IDLEMETER_RATER__GRACE_SECONDS=60 $bin rater 2>.run/rater.log & pids+=($!)
+# The simulator stands in for node collectors (`idlemeter collector` needs one
+# cgroup per sandbox on a real node).
 $bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>.run/simulate.log & pids+=($!)
 
 ch=$IDLEMETER_CLICKHOUSE__URL
@@ -29,7 +34,9 @@ idlemeter is running.
   latest samples curl -s '$ch/?query=SELECT+sandbox,state,seq,cpu_used_usec+FROM+idlemeter.usage_samples+ORDER+BY+ts_ms+DESC+LIMIT+5'
   by hour        curl -s '$ch/?query=SELECT+hour,uniqExactMerge(samples)+FROM+idlemeter.usage_hourly+GROUP+BY+hour+ORDER+BY+hour'
   ingest metrics http://127.0.0.1:9464/metrics   (health: /health)
-  logs           .run/ingest.log .run/simulate.log .run/*.log
+  rater metrics  http://127.0.0.1:9465/metrics   (rated_usage fills as each hour closes)
+  money so far   curl -s '$ch/?query=SELECT+customer,sum(amount)+FROM+idlemeter.rated_usage+FINAL+GROUP+BY+customer'
+  logs           .run/ingest.log .run/rater.log .run/simulate.log .run/*.log
 Ctrl-C stops ingest and the simulator.
 
 INFO

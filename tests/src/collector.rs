@@ -8,9 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use idlemeter_bus::GroupConsumer;
 use idlemeter_core::UsageSample;
 use idlemeter_proto::decode_node_batch;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 
 use crate::TestEnv;
@@ -156,7 +157,7 @@ pub struct ShippedSample {
 
 /// Reads every node batch on a test's samples topic, from the beginning.
 pub struct SampleTail {
-    consumer: StreamConsumer,
+    consumer: GroupConsumer,
     pub samples: Vec<ShippedSample>,
 }
 

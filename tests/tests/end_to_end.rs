@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use idlemeter_bus::GroupConsumer;
 use idlemeter_core::rollup::HourUsage;
 use idlemeter_core::{CustomerId, NodeId, UsageSample};
 use idlemeter_proto::{encode_node_batch, sample_to_wire, v1};
 use idlemeter_tests::{sample, TestEnv};
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -263,7 +264,7 @@ async fn malformed_messages_are_dead_lettered_and_good_samples_kept() -> anyhow:
 }
 
 async fn read_dead_letters(env: &TestEnv, count: usize) -> anyhow::Result<Vec<String>> {
-    let consumer: StreamConsumer = env
+    let consumer: GroupConsumer = env
         .kafka
         .consumer("dlq-reader", &format!("{}.dlq-reader", env.group_id))?;
     consumer.subscribe(&[env.topics.samples_dead_letter.as_str()])?;

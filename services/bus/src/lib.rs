@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
@@ -35,6 +35,57 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A group consumer whose rebalances are logged: which partitions a process
+/// gained or lost, and when, is the first question after any ingest incident.
+pub type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// Consumer context that logs every rebalance with the partitions it moved.
+#[derive(Debug, Clone)]
+pub struct GroupContext {
+    group_id: String,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => tracing::info!(
+                group = %self.group_id,
+                partitions = %describe(partitions),
+                "partitions revoked"
+            ),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(error) => {
+                tracing::warn!(group = %self.group_id, %error, "rebalance failed")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            tracing::info!(
+                group = %self.group_id,
+                partitions = %describe(partitions),
+                "partitions assigned"
+            );
+        }
+    }
+}
+
+fn describe(partitions: &rdkafka::TopicPartitionList) -> String {
+    let listed: Vec<String> = partitions
+        .elements()
+        .iter()
+        .map(|element| format!("{}[{}]", element.topic(), element.partition()))
+        .collect();
+    if listed.is_empty() {
+        "none".to_owned()
+    } else {
+        listed.join(",")
+    }
+}
 
 /// How to reach the brokers. `properties` passes any librdkafka setting
 /// (SASL, TLS, compression) through unchanged.
@@ -112,7 +163,7 @@ impl KafkaSettings {
     /// A group consumer that commits only when told to: no auto-commit and no
     /// automatic offset store. New groups start at the earliest offset so no
     /// sample produced before the first deployment is skipped.
-    pub fn consumer(&self, client_id: &str, group_id: &str) -> Result<StreamConsumer> {
+    pub fn consumer(&self, client_id: &str, group_id: &str) -> Result<GroupConsumer> {
         let mut config = self.client_config(client_id);
         config
             .set("group.id", group_id)
@@ -124,10 +175,15 @@ impl KafkaSettings {
             // Bounded prefetch: memory stays flat while the sink is slow.
             .set("queued.max.messages.kbytes", "65536");
         apply_overrides(&mut config, &self.properties);
-        config.create().map_err(|source| Error::Kafka {
-            context: format!("consumer {client_id} in group {group_id}"),
-            source,
-        })
+        let context = GroupContext {
+            group_id: group_id.to_owned(),
+        };
+        config
+            .create_with_context(context)
+            .map_err(|source| Error::Kafka {
+                context: format!("consumer {client_id} in group {group_id}"),
+                source,
+            })
     }
 
     /// Creates the topics that do not exist yet; existing ones are left alone.

@@ -14,10 +14,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use idlemeter_bus::KafkaSettings;
+use idlemeter_bus::{GroupConsumer, KafkaSettings};
 use idlemeter_core::NodeId;
 use idlemeter_proto::{decode_command, v1};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::Message;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -96,7 +96,7 @@ pub struct CommandActor {
 impl CommandActor {
     /// Runs until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) -> Result<()> {
-        let consumer: StreamConsumer = self.kafka.consumer(
+        let consumer: GroupConsumer = self.kafka.consumer(
             &format!("idlemeter-collector-{}", self.node),
             &self.group_id,
         )?;

@@ -19,9 +19,9 @@ mod metrics;
 use std::future::Future;
 use std::time::Duration;
 
-use idlemeter_bus::{KafkaSettings, Topics};
+use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
 use idlemeter_store::{ClickHouseSettings, Store};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::FutureProducer;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +75,7 @@ impl Default for IngestConfig {
 
 /// A running ingest worker: one consumer-group member and its sink.
 pub struct Ingest {
-    consumer: StreamConsumer,
+    consumer: GroupConsumer,
     dead_letter_producer: FutureProducer,
     store: Store,
     topics: Topics,

@@ -1,7 +1,8 @@
 //! Prometheus metrics of ingest, all named `idlemeter_ingest_*`.
 
+use idlemeter_bus::GroupConsumer;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 
 /// Every metric ingest exports.
@@ -119,7 +120,7 @@ impl IngestMetrics {
 
     /// Updates the lag gauge from the cached watermarks of assigned partitions.
     /// Uses `fetch_watermarks` with a short timeout; cheap next to an insert.
-    pub fn record_lag(&self, consumer: &StreamConsumer) {
+    pub fn record_lag(&self, consumer: &GroupConsumer) {
         let Ok(positions) = consumer.position() else {
             return;
         };
