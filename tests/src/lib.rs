@@ -268,6 +268,17 @@ impl RunningIngest {
             .map(|metric| metric.get_counter().get_value() as u64)
             .sum()
     }
+
+    /// Current value of a gauge of this worker's registry (0 if absent).
+    pub fn gauge(&self, name: &str) -> i64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == name)
+            .flat_map(|family| family.get_metric().iter())
+            .map(|metric| metric.get_gauge().get_value() as i64)
+            .sum()
+    }
 }
 
 /// A running sandbox's sample with the given counters; everything else fixed.

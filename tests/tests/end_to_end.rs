@@ -189,6 +189,12 @@ async fn offsets_wait_for_clickhouse_and_nothing_is_lost_meanwhile() -> anyhow::
         0,
         "no offset may be committed before the insert is acknowledged"
     );
+    // The lag gauge keeps reporting while inserts are retried: both messages
+    // are waiting (the gauge is refreshed every 5 s).
+    env.eventually_within(Duration::from_secs(20), "lag of 2 messages", || async {
+        Ok(ingest.gauge("idlemeter_ingest_lag_messages") == 2)
+    })
+    .await?;
     ingest.stop().await?;
 
     // Same group, ClickHouse back: the uncommitted messages are consumed again.

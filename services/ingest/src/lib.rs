@@ -17,6 +17,7 @@ mod batch;
 mod metrics;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
@@ -75,17 +76,13 @@ impl Default for IngestConfig {
 
 /// A running ingest worker: one consumer-group member and its sink.
 pub struct Ingest {
-    consumer: GroupConsumer,
+    consumer: Arc<GroupConsumer>,
     dead_letter_producer: FutureProducer,
     store: Store,
     topics: Topics,
     config: IngestConfig,
     metrics: IngestMetrics,
 }
-
-/// How often the lag gauge is refreshed. Refreshing asks the broker for
-/// watermarks (a short blocking call), so it is kept off the per-batch path.
-const LAG_REFRESH: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Ingest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,7 +111,7 @@ impl Ingest {
                 source,
             })?;
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             dead_letter_producer: kafka.producer(&client_id)?,
             store: Store::new(clickhouse),
             topics,
@@ -136,7 +133,8 @@ impl Ingest {
             stop_on_shutdown.cancel();
         });
         tracing::info!(topic = %self.topics.samples, group = %self.config.group_id, "ingest started");
-        let mut lag_recorded_at = std::time::Instant::now();
+        self.metrics
+            .follow_lag(Arc::clone(&self.consumer), stop.clone());
         while !stop.is_cancelled() {
             let batch = self.collect_batch(&stop).await;
             if batch.is_empty() {
@@ -144,10 +142,6 @@ impl Ingest {
             }
             if !self.flush(batch, &stop).await {
                 break;
-            }
-            if lag_recorded_at.elapsed() >= LAG_REFRESH {
-                self.metrics.record_lag(&self.consumer);
-                lag_recorded_at = std::time::Instant::now();
             }
         }
         tracing::info!("ingest stopped");

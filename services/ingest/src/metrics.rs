@@ -1,9 +1,13 @@
 //! Prometheus metrics of ingest, all named `idlemeter_ingest_*`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use idlemeter_bus::GroupConsumer;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
 use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
+use tokio_util::sync::CancellationToken;
 
 /// Every metric ingest exports.
 #[derive(Debug, Clone)]
@@ -118,25 +122,51 @@ impl IngestMetrics {
         })
     }
 
-    /// Updates the lag gauge from the cached watermarks of assigned partitions.
-    /// Uses `fetch_watermarks` with a short timeout; cheap next to an insert.
-    pub fn record_lag(&self, consumer: &GroupConsumer) {
-        let Ok(positions) = consumer.position() else {
-            return;
-        };
-        let mut lag = 0i64;
-        for element in positions.elements() {
-            let Offset::Offset(position) = element.offset() else {
-                continue;
-            };
-            if let Ok((_, high)) = consumer.fetch_watermarks(
-                element.topic(),
-                element.partition(),
-                std::time::Duration::from_millis(200),
-            ) {
-                lag += (high - position).max(0);
+    /// Refreshes the lag gauge every 5 s until `stop`: for each partition this
+    /// process owns, high watermark minus the group's committed offset (the low
+    /// watermark before the first commit). A consumed message whose insert is
+    /// still being retried counts as lag. It runs in its own blocking task,
+    /// beside the consuming loop, so it keeps reporting during a sink outage and
+    /// its broker round trips never delay a batch.
+    pub fn follow_lag(&self, consumer: Arc<GroupConsumer>, stop: CancellationToken) {
+        let gauge = self.lag_messages.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.cancelled() => break,
+                }
+                let consumer = Arc::clone(&consumer);
+                if let Ok(Some(lag)) =
+                    tokio::task::spawn_blocking(move || group_lag(&consumer)).await
+                {
+                    gauge.set(lag);
+                }
             }
-        }
-        self.lag_messages.set(lag);
+        });
     }
+}
+
+/// Uncommitted messages on the partitions `consumer` owns; `None` when the
+/// broker did not answer in time (the gauge then keeps its last value).
+fn group_lag(consumer: &GroupConsumer) -> Option<i64> {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let assignment = consumer.assignment().ok()?;
+    if assignment.count() == 0 {
+        return Some(0);
+    }
+    let committed = consumer.committed_offsets(assignment, TIMEOUT).ok()?;
+    let mut lag = 0;
+    for element in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(element.topic(), element.partition(), TIMEOUT)
+            .ok()?;
+        let from = match element.offset() {
+            Offset::Offset(offset) => offset,
+            _ => low,
+        };
+        lag += (high - from).max(0);
+    }
+    Some(lag)
 }

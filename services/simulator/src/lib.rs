@@ -18,6 +18,10 @@ pub struct FleetShape {
     pub nodes: usize,
     pub customers: usize,
     pub seed: u64,
+    /// Epoch of every sandbox's counters. A restarted simulator must use a new
+    /// one (as a real collector does after a sandbox restart): its counters
+    /// start again from zero and would otherwise collide with the old run's.
+    pub epoch: u64,
 }
 
 /// What a sandbox is doing this tick.
@@ -66,7 +70,7 @@ impl Fleet {
                         node: nodes[index % nodes.len()].clone(),
                         sandbox: SandboxId::parse(format!("sbx-{index:07}"))
                             .expect("generated ids are valid"),
-                        epoch: Epoch(1),
+                        epoch: Epoch(shape.epoch),
                         seq: 0,
                         ts: DateTime::UNIX_EPOCH,
                         state: LifecycleState::Running,
@@ -192,6 +196,7 @@ mod tests {
             nodes: 3,
             customers: 7,
             seed: 1,
+            epoch: 1,
         });
         let start = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
         let mut previous: Vec<UsageSample> = Vec::new();
@@ -222,6 +227,7 @@ mod tests {
             nodes: 2,
             customers: 2,
             seed: 9,
+            epoch: 1,
         };
         let time = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
         let (mut a, mut b) = (Fleet::new(shape), Fleet::new(shape));

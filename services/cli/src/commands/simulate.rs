@@ -43,6 +43,9 @@ pub async fn run(settings: &Settings, args: SimulateArgs) -> anyhow::Result<()> 
         nodes: args.nodes,
         customers: args.customers,
         seed: args.seed,
+        // A new epoch per run: counters restart from zero, like a fleet whose
+        // sandboxes all restarted.
+        epoch: u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(1),
     });
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(args.interval_s));
     let shutdown = super::shutdown_signal();
