@@ -20,6 +20,7 @@ pub mod ids;
 pub mod invoice;
 pub mod jsonl;
 pub mod money;
+pub mod policy;
 pub mod pricing;
 pub mod rating;
 pub mod report;

@@ -63,7 +63,10 @@ impl SheetText<'_> {
             .map(|span| self.field_around(span.start))
             .unwrap_or_default();
         if let Some(missing) = backquoted(&reason) {
-            if reason.starts_with("missing field") || reason.starts_with("unknown field") {
+            let named_already = field == missing || field.ends_with(&format!(".{missing}"));
+            if (reason.starts_with("missing field") || reason.starts_with("unknown field"))
+                && !named_already
+            {
                 field = join_path(&field, missing);
             }
         }

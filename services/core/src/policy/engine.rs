@@ -1,0 +1,511 @@
+//! The idle-suspend decision engine: a pure state machine over the sample
+//! stream.
+//!
+//! Time is the samples' own (`ts`), never the clock, so replaying a day of
+//! samples with the same policy gives the same decisions at the same instants,
+//! with the same ids. The state per sandbox is small and serialisable: a
+//! service snapshots it and restores it after a restart, and a replay of
+//! samples it had already seen changes nothing (they are recognised by `seq`).
+//!
+//! The rules, per running span of a sandbox:
+//! - an interval is *active* when any enabled signal says so: an exec session
+//!   or inbound connection open at its end, an API call during it, network or
+//!   CPU above the thresholds. A resume or start counts as activity.
+//! - the idle streak starts at the end of the last active interval, or at the
+//!   expiry of a keep-alive lease if that is later. When the streak reaches the
+//!   idle window, the engine decides `idle_window` with the policy's action.
+//! - a running span that reaches `max_session_s` is decided `max_session`,
+//!   whatever its activity and leases (it is a platform limit).
+//! - a customer whose reported spend reached their limit gets `budget_cap`
+//!   (suspend) for each sandbox still running.
+//! - a decision is not repeated while it is pending; if the sandbox still runs
+//!   `reissue_after_s` later, it is issued again (attempt 2, ...).
+//! - hysteresis: a span shorter than `short_run_s` that ended by an idle
+//!   suspend is a flap; each consecutive flap multiplies the window.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{CustomerId, Epoch, NodeId, SandboxId};
+use crate::policy::file::{Action, Policy, Rules};
+use crate::sample::{LifecycleState, UsageSample};
+
+/// Why a decision was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    IdleWindow,
+    MaxSession,
+    BudgetCap,
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::IdleWindow => "idle_window",
+            Rule::MaxSession => "max_session",
+            Rule::BudgetCap => "budget_cap",
+        }
+    }
+}
+
+/// A keep-alive lease: the sandbox is held awake until `until` (exclusive).
+/// A lease whose `until` is in the past releases an earlier one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub customer: CustomerId,
+    pub sandbox: SandboxId,
+    pub until: DateTime<Utc>,
+    /// Who holds it (`customer`, `platform`, a user id), for the trail.
+    pub holder: String,
+}
+
+/// A customer's spend so far in the period, as the rater reported it at `at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spend {
+    pub customer: CustomerId,
+    pub at: DateTime<Utc>,
+    pub amount: Decimal,
+}
+
+/// What the engine consumes, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Sample(UsageSample),
+    Lease(Lease),
+    Spend(Spend),
+}
+
+/// The measurements that decided, recorded with the decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signals {
+    pub running_since: DateTime<Utc>,
+    pub idle_since: DateTime<Utc>,
+    pub window_s: u64,
+    pub flaps: u32,
+    pub exec_sessions: u32,
+    pub open_conns: u32,
+    pub net_bytes_per_s: u64,
+    pub cpu_percent: Decimal,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub spend: Option<Decimal>,
+}
+
+/// One decision about one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Deterministic: the same stream and policy give the same id, so a
+    /// replayed decision collapses downstream.
+    pub id: String,
+    pub customer: CustomerId,
+    pub sandbox: SandboxId,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    /// The `ts` of the sample at which the rule fired.
+    pub at: DateTime<Utc>,
+    pub rule: Rule,
+    pub action: Action,
+    /// 1 for the first issue, 2 and up for re-issues.
+    pub attempt: u32,
+    pub policy_version: String,
+    pub reason: String,
+    pub signals: Signals,
+}
+
+/// What the engine remembers of one sandbox; serialisable for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub customer: CustomerId,
+    pub sandbox: SandboxId,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub ts: DateTime<Utc>,
+    pub state: LifecycleState,
+    pub cpu_used_usec: u64,
+    pub net_bytes: u64,
+    pub api_calls: u64,
+    /// Start of the current running span.
+    pub running_since: Option<DateTime<Utc>>,
+    /// End of the last active interval (or the span's start).
+    pub active_at: Option<DateTime<Utc>>,
+    pub lease: Option<Lease>,
+    pub flaps: u32,
+    /// The decision waiting for the sandbox to leave `running`.
+    pub pending: Option<Pending>,
+}
+
+/// A decision issued and not yet acted on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub rule: Rule,
+    pub action: Action,
+    pub at: DateTime<Utc>,
+    pub attempt: u32,
+}
+
+type Key = (CustomerId, SandboxId);
+
+/// The engine: a policy and the state of every sandbox it has seen.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    policy: Policy,
+    version: String,
+    sandboxes: HashMap<Key, SandboxState>,
+    /// Leases that arrived before their sandbox's first sample.
+    early_leases: HashMap<Key, Lease>,
+    spend: BTreeMap<CustomerId, Spend>,
+}
+
+impl Engine {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            version: policy.version_label(),
+            policy,
+            sandboxes: HashMap::new(),
+            early_leases: HashMap::new(),
+            spend: BTreeMap::new(),
+        }
+    }
+
+    /// An engine that continues from `snapshot` (see [`Engine::snapshot`]).
+    pub fn restore(policy: Policy, snapshot: Snapshot) -> Self {
+        let mut engine = Self::new(policy);
+        for state in snapshot.sandboxes {
+            engine
+                .sandboxes
+                .insert((state.customer.clone(), state.sandbox.clone()), state);
+        }
+        for spend in snapshot.spend {
+            engine.spend.insert(spend.customer.clone(), spend);
+        }
+        engine
+    }
+
+    /// Everything the engine knows, in a stable order.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut sandboxes: Vec<SandboxState> = self.sandboxes.values().cloned().collect();
+        sandboxes.sort_by(|a, b| (&a.customer, &a.sandbox).cmp(&(&b.customer, &b.sandbox)));
+        Snapshot {
+            policy_version: self.version.clone(),
+            sandboxes,
+            spend: self.spend.values().cloned().collect(),
+        }
+    }
+
+    pub fn policy_version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn sandbox(&self, customer: &CustomerId, sandbox: &SandboxId) -> Option<&SandboxState> {
+        self.sandboxes.get(&(customer.clone(), sandbox.clone()))
+    }
+
+    /// Forgets sandboxes last seen before `before` that are not running (gone
+    /// or long suspended), so state stays bounded by the live fleet.
+    pub fn forget_quiet(&mut self, before: DateTime<Utc>) -> usize {
+        let size = self.sandboxes.len();
+        self.sandboxes
+            .retain(|_, state| state.ts >= before || state.state == LifecycleState::Running);
+        size - self.sandboxes.len()
+    }
+
+    /// Feeds one input; returns the decisions it triggered.
+    pub fn observe(&mut self, input: &Input) -> Vec<Decision> {
+        match input {
+            Input::Sample(sample) => self.observe_sample(sample).into_iter().collect(),
+            Input::Lease(lease) => {
+                let key = (lease.customer.clone(), lease.sandbox.clone());
+                match self.sandboxes.get_mut(&key) {
+                    Some(state) => state.lease = Some(lease.clone()),
+                    None => {
+                        self.early_leases.insert(key, lease.clone());
+                    }
+                }
+                Vec::new()
+            }
+            Input::Spend(spend) => {
+                self.spend.insert(spend.customer.clone(), spend.clone());
+                Vec::new()
+            }
+        }
+    }
+
+    fn observe_sample(&mut self, sample: &UsageSample) -> Option<Decision> {
+        let key = (sample.customer.clone(), sample.sandbox.clone());
+        let rules = self.policy.rules_for(&sample.customer).clone();
+        let state = match self.sandboxes.get_mut(&key) {
+            Some(state) => {
+                if sample.epoch < state.epoch
+                    || (sample.epoch == state.epoch && sample.seq <= state.seq)
+                {
+                    return None; // a duplicate or a straggler: already decided on
+                }
+                state
+            }
+            None => {
+                let lease = self.early_leases.remove(&key);
+                self.sandboxes.entry(key).or_insert_with(|| SandboxState {
+                    customer: sample.customer.clone(),
+                    sandbox: sample.sandbox.clone(),
+                    node: sample.node.clone(),
+                    epoch: sample.epoch,
+                    seq: 0,
+                    ts: sample.ts,
+                    state: LifecycleState::Stopped,
+                    cpu_used_usec: 0,
+                    net_bytes: 0,
+                    api_calls: 0,
+                    running_since: None,
+                    active_at: None,
+                    lease,
+                    flaps: 0,
+                    pending: None,
+                })
+            }
+        };
+        let first_of_epoch = sample.epoch != state.epoch || state.seq == 0;
+        let measured = Measured::between(state, sample, first_of_epoch);
+        let was_running = state.state == LifecycleState::Running && !first_of_epoch;
+        if first_of_epoch {
+            state.flaps = 0;
+        }
+        state.epoch = sample.epoch;
+        state.seq = sample.seq;
+        state.ts = sample.ts;
+        state.state = sample.state;
+        state.node = sample.node.clone();
+        state.cpu_used_usec = sample.cpu_used_usec;
+        state.net_bytes = sample.net_rx_bytes.saturating_add(sample.net_tx_bytes);
+        state.api_calls = sample.api_calls;
+
+        if sample.state != LifecycleState::Running {
+            if was_running {
+                // The span ended. If our idle suspend ended it quickly, it flapped.
+                let span_s = state
+                    .running_since
+                    .map(|since| seconds_between(since, sample.ts))
+                    .unwrap_or(0);
+                let ended_by_idle = state
+                    .pending
+                    .as_ref()
+                    .is_some_and(|pending| pending.rule == Rule::IdleWindow);
+                if span_s >= rules.hysteresis.short_run_s {
+                    state.flaps = 0;
+                } else if ended_by_idle {
+                    state.flaps = state.flaps.saturating_add(1);
+                }
+            }
+            state.running_since = None;
+            state.active_at = None;
+            state.pending = None;
+            return None;
+        }
+        if !was_running {
+            state.running_since = Some(sample.ts);
+            state.active_at = Some(sample.ts);
+            state.pending = None;
+        } else if measured.active(&rules) {
+            state.active_at = Some(sample.ts);
+            if state
+                .pending
+                .as_ref()
+                .is_some_and(|pending| pending.action == Action::Notify)
+            {
+                state.pending = None; // a notified idle streak ended
+            }
+        }
+        let spend = self.spend.get(&sample.customer).map(|spend| spend.amount);
+        decide(&self.version, &rules, state, &measured, spend)
+    }
+}
+
+/// The engine's state, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub policy_version: String,
+    pub sandboxes: Vec<SandboxState>,
+    pub spend: Vec<Spend>,
+}
+
+/// What the interval closed by a sample measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Measured {
+    exec_sessions: u32,
+    open_conns: u32,
+    api_calls: u64,
+    net_bytes_per_s: u64,
+    cpu_percent: Decimal,
+}
+
+impl Measured {
+    fn between(state: &SandboxState, sample: &UsageSample, first_of_epoch: bool) -> Self {
+        let mut measured = Self {
+            exec_sessions: sample.exec_sessions,
+            open_conns: sample.open_conns,
+            api_calls: 0,
+            net_bytes_per_s: 0,
+            cpu_percent: Decimal::ZERO,
+        };
+        if first_of_epoch {
+            return measured;
+        }
+        let elapsed_ms = (sample.ts - state.ts).num_milliseconds().max(1) as u64;
+        measured.api_calls = sample.api_calls.saturating_sub(state.api_calls);
+        let net = sample
+            .net_rx_bytes
+            .saturating_add(sample.net_tx_bytes)
+            .saturating_sub(state.net_bytes);
+        measured.net_bytes_per_s = net.saturating_mul(1000) / elapsed_ms;
+        let cpu_usec = sample.cpu_used_usec.saturating_sub(state.cpu_used_usec);
+        // allocated vCPU-microseconds over the interval: vcpu_millis x ms.
+        let allocated = u64::from(sample.vcpu.0).saturating_mul(elapsed_ms);
+        if allocated > 0 {
+            measured.cpu_percent = (Decimal::from(cpu_usec) * Decimal::ONE_HUNDRED
+                / Decimal::from(allocated))
+            .round_dp(2);
+        }
+        measured
+    }
+
+    fn active(&self, rules: &Rules) -> bool {
+        let signals = &rules.activity;
+        (signals.exec_sessions && self.exec_sessions > 0)
+            || (signals.open_conns && self.open_conns > 0)
+            || (signals.api_calls && self.api_calls > 0)
+            || signals
+                .net_bytes_per_s
+                .is_some_and(|limit| self.net_bytes_per_s > limit)
+            || signals
+                .cpu_percent
+                .is_some_and(|limit| self.cpu_percent > limit)
+    }
+}
+
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+    u64::try_from((to - from).num_milliseconds().max(0) / 1000).unwrap_or(0)
+}
+
+/// The rule that fires for a running sandbox now, if any, and the decision.
+fn decide(
+    version: &str,
+    rules: &Rules,
+    state: &mut SandboxState,
+    measured: &Measured,
+    spend: Option<Decimal>,
+) -> Option<Decision> {
+    let now = state.ts;
+    let running_since = state.running_since.unwrap_or(now);
+    let lease_until = state
+        .lease
+        .as_ref()
+        .map(|lease| lease.until)
+        .filter(|until| *until > running_since);
+    let active_at = state.active_at.unwrap_or(running_since);
+    let idle_since = match lease_until {
+        Some(until) if until > active_at => until,
+        _ => active_at,
+    };
+    let window_s = rules.window_after_flaps(state.flaps);
+    let session_s = seconds_between(running_since, now);
+
+    let fired = if rules
+        .spend_limit
+        .zip(spend)
+        .is_some_and(|(limit, spent)| spent >= limit)
+    {
+        Some((
+            Rule::BudgetCap,
+            Action::Suspend,
+            format!(
+                "spend {} reached the limit of {}",
+                spend.unwrap_or_default(),
+                rules.spend_limit.unwrap_or_default()
+            ),
+        ))
+    } else if rules.max_session_s.is_some_and(|cap| session_s >= cap) {
+        Some((
+            Rule::MaxSession,
+            rules.max_session_action,
+            format!(
+                "running for {session_s} s, the cap is {} s",
+                rules.max_session_s.unwrap_or_default()
+            ),
+        ))
+    } else if now >= idle_since && seconds_between(idle_since, now) >= window_s {
+        Some((
+            Rule::IdleWindow,
+            rules.idle_action,
+            format!(
+                "idle {} s (window {window_s} s): no enabled activity signal since {}",
+                seconds_between(idle_since, now),
+                idle_since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
+        ))
+    } else {
+        None
+    };
+    let (rule, action, reason) = fired?;
+    let attempt = match &state.pending {
+        Some(pending) if pending.rule == rule => {
+            if pending.action == Action::Notify
+                || seconds_between(pending.at, now) < rules.reissue_after_s
+            {
+                return None;
+            }
+            pending.attempt + 1
+        }
+        _ => 1,
+    };
+    state.pending = Some(Pending {
+        rule,
+        action,
+        at: now,
+        attempt,
+    });
+    Some(Decision {
+        id: format!(
+            "{}:{}:{}:{}:{}",
+            state.customer,
+            state.sandbox,
+            state.epoch.0,
+            rule.as_str(),
+            now.timestamp_millis()
+        ),
+        customer: state.customer.clone(),
+        sandbox: state.sandbox.clone(),
+        node: state.node.clone(),
+        epoch: state.epoch,
+        at: now,
+        rule,
+        action,
+        attempt,
+        policy_version: version.to_owned(),
+        reason,
+        signals: Signals {
+            running_since,
+            idle_since,
+            window_s,
+            flaps: state.flaps,
+            exec_sessions: measured.exec_sessions,
+            open_conns: measured.open_conns,
+            net_bytes_per_s: measured.net_bytes_per_s,
+            cpu_percent: measured.cpu_percent,
+            lease_until,
+            spend,
+        },
+    })
+}
+
+/// Runs `inputs` through a fresh engine: the pure function the service
+/// computes incrementally.
+pub fn decide_all(policy: &Policy, inputs: &[Input]) -> Vec<Decision> {
+    let mut engine = Engine::new(policy.clone());
+    inputs
+        .iter()
+        .flat_map(|input| engine.observe(input))
+        .collect()
+}
