@@ -60,6 +60,7 @@ impl TestEnv {
             samples: format!("{unique}.usage.samples"),
             samples_dead_letter: format!("{unique}.usage.samples.dlq"),
             commands: format!("{unique}.sandbox.commands"),
+            leases: format!("{unique}.sandbox.leases"),
         };
         let store = Store::new(&clickhouse);
         store.ping().await.map_err(|error| {

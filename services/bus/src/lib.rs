@@ -108,6 +108,9 @@ pub struct Topics {
     pub samples_dead_letter: String,
     #[serde(default = "default_commands_topic")]
     pub commands: String,
+    /// Keep-alive leases for the idle policy (JSON, keyed by sandbox).
+    #[serde(default = "default_leases_topic")]
+    pub leases: String,
 }
 
 fn default_samples_topic() -> String {
@@ -119,6 +122,9 @@ fn default_dead_letter_topic() -> String {
 fn default_commands_topic() -> String {
     "sandbox.commands".to_owned()
 }
+fn default_leases_topic() -> String {
+    "sandbox.leases".to_owned()
+}
 
 impl Default for Topics {
     fn default() -> Self {
@@ -126,6 +132,7 @@ impl Default for Topics {
             samples: default_samples_topic(),
             samples_dead_letter: default_dead_letter_topic(),
             commands: default_commands_topic(),
+            leases: default_leases_topic(),
         }
     }
 }

@@ -30,6 +30,8 @@ enum Command {
     Ingest,
     /// Run the online rater: rate closed hours of stored usage into rated_usage.
     Rater,
+    /// Run the idle-suspend policy service: samples in, suspend commands and decisions out.
+    Policy,
     /// Run the node collector: sample sandbox cgroups, ship node batches, act on commands.
     Collector,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
@@ -68,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Ingest => commands::ingest(&settings).await,
             Command::Rater => commands::rater(&settings).await,
             Command::Collector => commands::collector(&settings).await,
+            Command::Policy => commands::policy(&settings).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
                 println!("{}", serde_json::to_string_pretty(&settings)?);

@@ -10,6 +10,7 @@ use figment::Figment;
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_collector::CollectorConfig;
 use idlemeter_ingest::IngestConfig;
+use idlemeter_policy::PolicyConfig;
 use idlemeter_rater::RaterConfig;
 use idlemeter_store::ClickHouseSettings;
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,7 @@ pub struct Settings {
     pub ingest: IngestConfig,
     pub rater: RaterConfig,
     pub collector: CollectorConfig,
+    pub policy: PolicyConfig,
     pub metrics: MetricsSettings,
 }
 
@@ -52,6 +54,7 @@ impl Default for Settings {
             ingest: IngestConfig::default(),
             rater: RaterConfig::default(),
             collector: CollectorConfig::default(),
+            policy: PolicyConfig::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
             },

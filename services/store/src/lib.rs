@@ -9,6 +9,7 @@
 //! checked against the migrations by the integration tests instead.
 
 mod migrate;
+mod policy;
 mod rated;
 mod samples;
 mod usage;
@@ -16,6 +17,7 @@ mod usage;
 use serde::Deserialize;
 
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};
+pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{
     from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE, SAMPLES_FOR_RATING_SQL,
 };

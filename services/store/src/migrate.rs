@@ -32,6 +32,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0001_usage_samples.sql"),
     migration!("0002_usage_hourly.sql"),
     migration!("0003_rated_usage.sql"),
+    migration!("0004_policy.sql"),
 ];
 
 impl Migration {

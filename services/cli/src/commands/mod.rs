@@ -6,6 +6,7 @@ pub mod simulate;
 use anyhow::Context;
 use idlemeter_collector::Collector;
 use idlemeter_ingest::Ingest;
+use idlemeter_policy::PolicyService;
 use idlemeter_rater::Rater;
 use idlemeter_store::Store;
 use idlemeter_telemetry::{serve_metrics, Health};
@@ -96,6 +97,38 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "metrics and health served");
     let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
     rater.run_until_stopped(shutdown_signal()).await?;
+    metrics.await??;
+    Ok(())
+}
+
+pub async fn policy(settings: &Settings) -> anyhow::Result<()> {
+    settings
+        .kafka
+        .ensure_topics(&[
+            (settings.topics.samples.as_str(), 8),
+            (settings.topics.commands.as_str(), 8),
+            (settings.topics.leases.as_str(), 8),
+        ])
+        .await?;
+    let file = &settings.policy.file;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading policy file {file}"))?;
+    let registry = prometheus::Registry::new();
+    let service = PolicyService::build(
+        &settings.kafka,
+        Store::new(&settings.clickhouse),
+        settings.topics.clone(),
+        settings.policy.clone(),
+        &text,
+        &registry,
+    )
+    .await?;
+    let health = Health::default();
+    health.set_healthy(true);
+    let listener = TcpListener::bind(&settings.metrics.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "metrics and health served");
+    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    service.run_until_stopped(shutdown_signal()).await?;
     metrics.await??;
     Ok(())
 }

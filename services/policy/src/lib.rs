@@ -1,0 +1,584 @@
+//! The idle-suspend policy service.
+//!
+//! It consumes `usage.samples` (its own consumer group) and `sandbox.leases`,
+//! feeds them to the pure [`Engine`] of `idlemeter_core::policy`, and for
+//! every decision:
+//! 1. produces a `SandboxCommand` on `sandbox.commands`, keyed by node, unless
+//!    the action is `notify` (the collector of that node freezes or stops the
+//!    sandbox);
+//! 2. inserts a row into ClickHouse `policy_decisions` with the rule, policy
+//!    version and signals;
+//! 3. POSTs it, signed, to the platform's webhook if one is configured (in the
+//!    background, with retries: a slow receiver never delays a suspend).
+//!
+//! Steps 1 and 2 are acknowledged before the next message is read. Every
+//! `snapshot_interval_ms` the engine's state goes to `policy_state` and only
+//! then are the offsets consumed so far committed. After a crash the service
+//! restores the last snapshot and replays from the last commit: the engine
+//! recognises samples it has seen by seq, and replayed decisions carry the same
+//! ids (the row collapses, the collector and the receiver act once per id).
+//! So a restart neither forgets an idle streak nor suspends early.
+
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
+use idlemeter_core::policy::{
+    Action, Decision, Engine, Input, Lease, Policy, SandboxState, Snapshot,
+};
+use idlemeter_proto::{decode_node_batch, v1, SCHEMA_VERSION};
+use idlemeter_store::{DecisionRow, PolicyStateRow, Store};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use webhook::{sign, verify, WebhookSender};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] idlemeter_bus::Error),
+    #[error(transparent)]
+    Store(#[from] idlemeter_store::Error),
+    #[error("kafka {context}: {source}")]
+    Kafka {
+        context: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error(transparent)]
+    Policy(#[from] idlemeter_core::SheetError),
+    #[error("policy state row of {customer}/{sandbox} is unreadable: {reason}")]
+    State {
+        customer: String,
+        sandbox: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Webhook(#[from] webhook::DeliveryError),
+    #[error("webhook_url is set but webhook_secret is empty: refusing to send unsigned webhooks")]
+    UnsignedWebhook,
+    #[error(transparent)]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of the policy service (`[policy]` in the configuration file).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Path of the policy file.
+    pub file: String,
+    pub group_id: String,
+    /// How often state is snapshotted and offsets committed.
+    pub snapshot_interval_ms: u64,
+    /// Sandboxes not running and not seen for this long are forgotten.
+    pub forget_after_s: u64,
+    /// `http://` URL receiving signed decisions; empty for none.
+    pub webhook_url: String,
+    pub webhook_secret: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            file: "policies/sprites.toml".to_owned(),
+            group_id: "idlemeter-policy".to_owned(),
+            snapshot_interval_ms: 5_000,
+            forget_after_s: 2 * 86_400,
+            webhook_url: String::new(),
+            webhook_secret: String::new(),
+        }
+    }
+}
+
+/// A keep-alive lease as sent on `sandbox.leases` (JSON):
+/// `{"customer": "c", "sandbox": "s", "until": "2026-11-02T12:00:00Z", "holder": "customer"}`.
+/// An `until` in the past releases the lease.
+pub fn decode_lease(payload: &[u8]) -> Result<Lease, String> {
+    serde_json::from_slice(payload).map_err(|error| format!("not a lease: {error}"))
+}
+
+/// Metrics, all named `idlemeter_policy_*`.
+#[derive(Debug, Clone)]
+pub struct PolicyMetrics {
+    pub samples_observed: IntCounter,
+    pub leases_observed: IntCounter,
+    pub messages_refused: IntCounter,
+    pub decisions: IntCounterVec,
+    pub commands_sent: IntCounter,
+    pub webhook_failures: IntCounter,
+    pub sandboxes_tracked: IntGauge,
+    pub snapshots: IntCounter,
+    /// Wall clock at emission minus the deciding sample's timestamp.
+    pub decision_delay_seconds: Histogram,
+}
+
+impl PolicyMetrics {
+    pub fn register(registry: &Registry) -> Result<Self> {
+        let counter = |name: &str, help: &str| -> Result<IntCounter> {
+            let counter = IntCounter::new(name, help)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "idlemeter_policy_decisions_total",
+                "decisions by rule and action",
+            ),
+            &["rule", "action"],
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        let sandboxes_tracked = IntGauge::new(
+            "idlemeter_policy_sandboxes_tracked",
+            "sandboxes in the engine's state",
+        )?;
+        registry.register(Box::new(sandboxes_tracked.clone()))?;
+        let decision_delay_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "idlemeter_policy_decision_delay_seconds",
+                "deciding sample's timestamp to command acknowledged by Kafka",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )?;
+        registry.register(Box::new(decision_delay_seconds.clone()))?;
+        Ok(Self {
+            samples_observed: counter(
+                "idlemeter_policy_samples_observed_total",
+                "samples fed to the engine",
+            )?,
+            leases_observed: counter(
+                "idlemeter_policy_leases_observed_total",
+                "keep-alive leases received",
+            )?,
+            messages_refused: counter(
+                "idlemeter_policy_messages_refused_total",
+                "messages that were not node batches or leases (ingest dead-letters bad batches)",
+            )?,
+            decisions,
+            commands_sent: counter(
+                "idlemeter_policy_commands_sent_total",
+                "commands acknowledged by Kafka",
+            )?,
+            webhook_failures: counter(
+                "idlemeter_policy_webhook_failures_total",
+                "webhook deliveries that failed after their retries",
+            )?,
+            sandboxes_tracked,
+            snapshots: counter(
+                "idlemeter_policy_snapshots_total",
+                "state snapshots written",
+            )?,
+            decision_delay_seconds,
+        })
+    }
+}
+
+/// The running service.
+pub struct PolicyService {
+    engine: Engine,
+    consumer: GroupConsumer,
+    producer: FutureProducer,
+    store: Store,
+    topics: Topics,
+    config: PolicyConfig,
+    webhook: Option<Arc<WebhookSender>>,
+    metrics: PolicyMetrics,
+    /// Next offset per (topic, partition) consumed since the last commit.
+    consumed: HashMap<(String, i32), i64>,
+    /// Seq per sandbox at the last snapshot: only changed rows are written.
+    snapshotted: HashMap<(String, String), (u64, u64)>,
+}
+
+impl std::fmt::Debug for PolicyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyService")
+            .field("policy", &self.engine.policy_version())
+            .field("group_id", &self.config.group_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyService {
+    /// Loads the policy text, restores the last snapshot of `config.group_id`
+    /// from ClickHouse and subscribes. `policy_label` names the file in errors.
+    pub async fn build(
+        kafka: &KafkaSettings,
+        store: Store,
+        topics: Topics,
+        config: PolicyConfig,
+        policy_text: &str,
+        registry: &Registry,
+    ) -> Result<Self> {
+        let policy = Policy::from_toml(policy_text, &config.file)?;
+        let webhook = if config.webhook_url.is_empty() {
+            None
+        } else if config.webhook_secret.is_empty() {
+            return Err(Error::UnsignedWebhook);
+        } else {
+            Some(Arc::new(WebhookSender::new(
+                &config.webhook_url,
+                &config.webhook_secret,
+            )?))
+        };
+        let since_ms = Utc::now().timestamp_millis()
+            - i64::try_from(config.forget_after_s).unwrap_or(i64::MAX / 2_000) * 1000;
+        let rows = store.policy_state(&config.group_id, since_ms).await?;
+        let mut snapshotted = HashMap::new();
+        let mut sandboxes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let state: SandboxState =
+                serde_json::from_str(&row.state).map_err(|error| Error::State {
+                    customer: row.customer.clone(),
+                    sandbox: row.sandbox.clone(),
+                    reason: error.to_string(),
+                })?;
+            snapshotted.insert((row.customer, row.sandbox), (state.epoch.0, state.seq));
+            sandboxes.push(state);
+        }
+        tracing::info!(
+            policy = %policy.version_label(),
+            restored = sandboxes.len(),
+            "policy state restored"
+        );
+        let engine = Engine::restore(
+            policy.clone(),
+            Snapshot {
+                policy_version: policy.version_label(),
+                sandboxes,
+                spend: Vec::new(),
+            },
+        );
+        let client_id = format!("idlemeter-policy-{}", std::process::id());
+        let consumer = kafka.consumer(&client_id, &config.group_id)?;
+        consumer
+            .subscribe(&[topics.samples.as_str(), topics.leases.as_str()])
+            .map_err(|source| Error::Kafka {
+                context: "subscribe",
+                source,
+            })?;
+        Ok(Self {
+            engine,
+            consumer,
+            producer: kafka.producer(&client_id)?,
+            store,
+            topics,
+            config,
+            webhook,
+            metrics: PolicyMetrics::register(registry)?,
+            consumed: HashMap::new(),
+            snapshotted,
+        })
+    }
+
+    /// Runs until `shutdown` completes, then snapshots and commits once more.
+    pub async fn run_until_stopped(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let stop = CancellationToken::new();
+        let stop_on_shutdown = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop_on_shutdown.cancel();
+        });
+        tracing::info!(
+            policy = %self.engine.policy_version(),
+            samples = %self.topics.samples,
+            leases = %self.topics.leases,
+            "policy service started"
+        );
+        let mut snapshot_every = tokio::time::interval(Duration::from_millis(
+            self.config.snapshot_interval_ms.max(100),
+        ));
+        snapshot_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = snapshot_every.tick() => self.checkpoint(&stop).await,
+                received = self.consumer.recv() => match received {
+                    Ok(message) => {
+                        let inputs = self.inputs_of(&message);
+                        let position = (message.topic().to_owned(), message.partition());
+                        let next = message.offset() + 1;
+                        drop(message);
+                        let decisions: Vec<Decision> = inputs
+                            .iter()
+                            .flat_map(|input| self.engine.observe(input))
+                            .collect();
+                        if !decisions.is_empty() && !self.emit(decisions, &stop).await {
+                            break;
+                        }
+                        self.consumed.insert(position, next);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "kafka consume error; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        // A last checkpoint so a clean restart replays nothing.
+        self.checkpoint(&CancellationToken::new()).await;
+        tracing::info!("policy service stopped");
+        Ok(())
+    }
+
+    /// The engine inputs in one message; a message that is neither a node batch
+    /// nor a lease is counted and skipped (ingest dead-letters bad batches).
+    fn inputs_of(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<Input> {
+        let payload = message.payload().unwrap_or_default();
+        if message.topic() == self.topics.leases {
+            return match decode_lease(payload) {
+                Ok(lease) => {
+                    self.metrics.leases_observed.inc();
+                    vec![Input::Lease(lease)]
+                }
+                Err(reason) => {
+                    self.metrics.messages_refused.inc();
+                    tracing::warn!(partition = message.partition(), offset = message.offset(), %reason, "lease refused");
+                    Vec::new()
+                }
+            };
+        }
+        match decode_node_batch(payload) {
+            Ok(decoded) => {
+                self.metrics
+                    .samples_observed
+                    .inc_by(decoded.samples.len() as u64);
+                decoded.samples.into_iter().map(Input::Sample).collect()
+            }
+            Err(error) => {
+                self.metrics.messages_refused.inc();
+                tracing::debug!(partition = message.partition(), offset = message.offset(), %error, "not a node batch; skipped");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Sends commands and stores decision rows, retrying until both are
+    /// acknowledged; false if stopped first.
+    async fn emit(&self, decisions: Vec<Decision>, stop: &CancellationToken) -> bool {
+        let now = Utc::now();
+        let rows: Vec<DecisionRow> = decisions.iter().map(|d| decision_row(d, now)).collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_emit(&decisions, &rows).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "emitting decisions failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let acknowledged = Utc::now();
+        for decision in &decisions {
+            self.metrics
+                .decisions
+                .with_label_values(&[decision.rule.as_str(), decision.action.as_str()])
+                .inc();
+            let delay = (acknowledged - decision.at).num_milliseconds().max(0) as f64 / 1000.0;
+            self.metrics.decision_delay_seconds.observe(delay);
+            tracing::info!(
+                customer = %decision.customer,
+                sandbox = %decision.sandbox,
+                rule = decision.rule.as_str(),
+                action = decision.action.as_str(),
+                attempt = decision.attempt,
+                reason = %decision.reason,
+                "decision"
+            );
+            if let Some(webhook) = &self.webhook {
+                spawn_delivery(Arc::clone(webhook), decision, self.metrics.clone());
+            }
+        }
+        true
+    }
+
+    async fn try_emit(&self, decisions: &[Decision], rows: &[DecisionRow]) -> Result<()> {
+        let sends = decisions
+            .iter()
+            .filter(|decision| decision.action != Action::Notify)
+            .map(|decision| {
+                let payload = prost::Message::encode_to_vec(&command_of(decision));
+                let producer = self.producer.clone();
+                let topic = self.topics.commands.clone();
+                let key = decision.node.as_str().to_owned();
+                async move {
+                    producer
+                        .send(
+                            FutureRecord::to(&topic).key(&key).payload(&payload),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .map_err(|(source, _)| Error::Kafka {
+                            context: "send command",
+                            source,
+                        })
+                }
+            });
+        let sent = futures::future::join_all(sends).await;
+        for result in sent {
+            result?;
+            self.metrics.commands_sent.inc();
+        }
+        self.store.insert_decisions(rows).await?;
+        Ok(())
+    }
+
+    /// Writes changed sandbox states, then commits what was consumed before.
+    async fn checkpoint(&mut self, stop: &CancellationToken) {
+        let to_commit = std::mem::take(&mut self.consumed);
+        let horizon = Utc::now()
+            - chrono::Duration::seconds(
+                i64::try_from(self.config.forget_after_s).unwrap_or(i64::MAX / 2_000),
+            );
+        if self.engine.forget_quiet(horizon) > 0 {
+            // Their rows stay in policy_state; restore skips rows older than the horizon.
+            let engine = &self.engine;
+            self.snapshotted.retain(|(customer, sandbox), _| {
+                match (
+                    idlemeter_core::CustomerId::parse(customer.clone()),
+                    idlemeter_core::SandboxId::parse(sandbox.clone()),
+                ) {
+                    (Ok(customer), Ok(sandbox)) => engine.sandbox(&customer, &sandbox).is_some(),
+                    _ => false,
+                }
+            });
+        }
+        let snapshot = self.engine.snapshot();
+        self.metrics
+            .sandboxes_tracked
+            .set(snapshot.sandboxes.len() as i64);
+        let snapshot_ms = Utc::now().timestamp_millis();
+        let mut rows = Vec::new();
+        let mut written = Vec::new();
+        for state in &snapshot.sandboxes {
+            let key = (
+                state.customer.as_str().to_owned(),
+                state.sandbox.as_str().to_owned(),
+            );
+            let version = (state.epoch.0, state.seq);
+            if self.snapshotted.get(&key) == Some(&version) {
+                continue;
+            }
+            let json = serde_json::to_string(state).expect("engine state serialises");
+            rows.push(PolicyStateRow {
+                group_id: self.config.group_id.clone(),
+                customer: key.0.clone(),
+                sandbox: key.1.clone(),
+                snapshot_ms,
+                state: json,
+            });
+            written.push((key, version));
+        }
+        let mut backoff = Duration::from_millis(100);
+        while let Err(error) = self.store.insert_policy_state(&rows).await {
+            tracing::warn!(%error, "snapshot failed; offsets stay uncommitted");
+            if stop.is_cancelled() {
+                self.consumed.extend(to_commit);
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        self.snapshotted.extend(written);
+        self.metrics.snapshots.inc();
+        if to_commit.is_empty() {
+            return;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), next) in &to_commit {
+            if let Err(error) =
+                offsets.add_partition_offset(topic, *partition, Offset::Offset(*next))
+            {
+                tracing::warn!(%error, "offset not committable");
+            }
+        }
+        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Sync) {
+            // Typically a rebalance: the new owner replays from the last commit.
+            tracing::warn!(%error, "offset commit failed; the tail will be replayed");
+        }
+    }
+}
+
+fn spawn_delivery(webhook: Arc<WebhookSender>, decision: &Decision, metrics: PolicyMetrics) {
+    let body = serde_json::to_vec(decision).expect("decisions serialise");
+    let id = decision.id.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1..=4 {
+            match webhook
+                .post(&id, body.clone(), Utc::now().timestamp())
+                .await
+            {
+                Ok(()) => return,
+                Err(error) if attempt == 4 => {
+                    metrics.webhook_failures.inc();
+                    tracing::warn!(decision = %id, %error, "webhook delivery failed; the decision is in policy_decisions");
+                }
+                Err(error) => {
+                    tracing::debug!(decision = %id, %error, attempt, "webhook delivery failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+    });
+}
+
+/// The command the collector acts on.
+pub fn command_of(decision: &Decision) -> v1::SandboxCommand {
+    let action = match decision.action {
+        Action::Suspend => v1::CommandAction::Suspend,
+        Action::Stop => v1::CommandAction::Stop,
+        Action::Notify => v1::CommandAction::Unspecified,
+    };
+    v1::SandboxCommand {
+        schema_version: SCHEMA_VERSION,
+        command_id: decision.id.clone(),
+        node: decision.node.as_str().to_owned(),
+        customer: decision.customer.as_str().to_owned(),
+        sandbox: decision.sandbox.as_str().to_owned(),
+        epoch: decision.epoch.0,
+        action: action as i32,
+        reason: decision.reason.clone(),
+        policy_version: decision.policy_version.clone(),
+        // The decision's own time: the collector ignores stale commands, and
+        // a replayed decision must look exactly as old as it is.
+        issued_unix_ms: decision.at.timestamp_millis(),
+    }
+}
+
+/// The `policy_decisions` row of a decision recorded at `now`.
+pub fn decision_row(decision: &Decision, now: DateTime<Utc>) -> DecisionRow {
+    DecisionRow {
+        decision_id: decision.id.clone(),
+        customer: decision.customer.as_str().to_owned(),
+        sandbox: decision.sandbox.as_str().to_owned(),
+        node: decision.node.as_str().to_owned(),
+        epoch: decision.epoch.0,
+        at_ms: decision.at.timestamp_millis(),
+        day: u16::try_from(decision.at.timestamp().div_euclid(86_400)).unwrap_or(0),
+        rule: decision.rule.as_str().to_owned(),
+        action: decision.action.as_str().to_owned(),
+        attempt: decision.attempt,
+        policy_version: decision.policy_version.clone(),
+        reason: decision.reason.clone(),
+        signals: serde_json::to_string(&decision.signals).expect("signals serialise"),
+        recorded_at: u32::try_from(now.timestamp()).unwrap_or(0),
+    }
+}

@@ -1,0 +1,96 @@
+//! The idle policy's tables (migration 0004): decisions and service state.
+
+use crate::{Context, Result, Store};
+
+/// One row of `policy_decisions`; field order is column order.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct DecisionRow {
+    pub decision_id: String,
+    pub customer: String,
+    pub sandbox: String,
+    pub node: String,
+    pub epoch: u64,
+    pub at_ms: i64,
+    /// Days since 1970-01-01 (`Date`).
+    pub day: u16,
+    pub rule: String,
+    pub action: String,
+    pub attempt: u32,
+    pub policy_version: String,
+    pub reason: String,
+    /// The deciding signals, JSON.
+    pub signals: String,
+    /// Unix seconds.
+    pub recorded_at: u32,
+}
+
+/// One row of `policy_state`.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct PolicyStateRow {
+    pub group_id: String,
+    pub customer: String,
+    pub sandbox: String,
+    pub snapshot_ms: i64,
+    /// The engine's per-sandbox state, JSON.
+    pub state: String,
+}
+
+impl Store {
+    pub async fn insert_decisions(&self, rows: &[DecisionRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self
+            .client
+            .insert::<DecisionRow>("policy_decisions")
+            .await
+            .context("insert policy_decisions")?;
+        for row in rows {
+            insert.write(row).await.context("insert policy_decisions")?;
+        }
+        insert.end().await.context("insert policy_decisions")
+    }
+
+    /// Decisions about one customer's sandboxes, oldest first.
+    pub async fn decisions_of(&self, customer: &str) -> Result<Vec<DecisionRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM policy_decisions FINAL WHERE customer = ? \
+                 ORDER BY at_ms, decision_id",
+            )
+            .bind(customer)
+            .fetch_all()
+            .await
+            .context(format!("decisions of {customer}"))
+    }
+
+    pub async fn insert_policy_state(&self, rows: &[PolicyStateRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self
+            .client
+            .insert::<PolicyStateRow>("policy_state")
+            .await
+            .context("insert policy_state")?;
+        for row in rows {
+            insert.write(row).await.context("insert policy_state")?;
+        }
+        insert.end().await.context("insert policy_state")
+    }
+
+    /// The latest state row of every sandbox of `group_id` snapshotted at or
+    /// after `since_ms`.
+    pub async fn policy_state(&self, group_id: &str, since_ms: i64) -> Result<Vec<PolicyStateRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM policy_state FINAL WHERE group_id = ? AND snapshot_ms >= ? \
+                 ORDER BY customer, sandbox",
+            )
+            .bind(group_id)
+            .bind(since_ms)
+            .fetch_all()
+            .await
+            .context(format!("policy state of {group_id}"))
+    }
+}

@@ -1,0 +1,288 @@
+//! The idle policy service against the real broker and ClickHouse: an idle
+//! sandbox gets exactly one suspend command, one decision row and one signed
+//! webhook at the exact time its window closes; a busy one gets nothing; and a
+//! service killed mid-streak and restarted decides at the same instant, neither
+//! forgetting the streak nor suspending early.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use chrono::{DateTime, TimeZone, Utc};
+use idlemeter_bus::GroupConsumer;
+use idlemeter_core::NodeId;
+use idlemeter_policy::webhook::{DELIVERY_HEADER, SIGNATURE_HEADER};
+use idlemeter_policy::{verify, PolicyConfig, PolicyService};
+use idlemeter_proto::{decode_command, encode_node_batch, v1};
+use idlemeter_tests::{sample, TestEnv};
+use rdkafka::consumer::Consumer;
+use rdkafka::Message;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const POLICY: &str = r#"
+[policy]
+name = "test"
+version = "7"
+
+[rules]
+idle_window_s = 30
+idle_action = "suspend"
+reissue_after_s = 3600
+"#;
+
+const SECRET: &str = "whsec-policy-test";
+
+fn start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 3, 9, 0, 0)
+        .single()
+        .expect("valid time")
+}
+
+/// Produces ticks `ticks` of two sandboxes on node-1: `sbx-idle` with nothing
+/// open, `sbx-busy` with an exec session.
+async fn produce_ticks(env: &TestEnv, ticks: std::ops::Range<u64>) -> anyhow::Result<()> {
+    let producer = env.producer()?;
+    let node = NodeId::parse("node-1")?;
+    for tick in ticks {
+        let ts = start() + chrono::Duration::seconds(tick as i64);
+        let mut idle = sample("sbx-idle", 1, tick + 1, ts, 1000 * tick, 0);
+        idle.exec_sessions = 0;
+        let busy = sample("sbx-busy", 1, tick + 1, ts, 1000 * tick, 0);
+        env.produce(
+            &producer,
+            node.as_str(),
+            &encode_node_batch(&node, Utc::now(), tick, &[idle, busy]),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<idlemeter_policy::Result<()>>,
+    registry: prometheus::Registry,
+}
+
+impl Running {
+    fn counter(&self, name: &str) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == name)
+            .flat_map(|family| family.get_metric().iter())
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+async fn start_policy(env: &TestEnv, webhook_url: &str) -> anyhow::Result<Running> {
+    let registry = prometheus::Registry::new();
+    let config = PolicyConfig {
+        file: "test-policy.toml".to_owned(),
+        group_id: format!("{}.policy", env.group_id),
+        snapshot_interval_ms: 200,
+        webhook_url: webhook_url.to_owned(),
+        webhook_secret: SECRET.to_owned(),
+        ..PolicyConfig::default()
+    };
+    let service = PolicyService::build(
+        &env.kafka,
+        env.store.clone(),
+        env.topics.clone(),
+        config,
+        POLICY,
+        &registry,
+    )
+    .await?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(service.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        stop,
+        task,
+        registry,
+    })
+}
+
+type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
+
+/// A webhook receiver on a free port that keeps every request.
+async fn webhook_receiver() -> anyhow::Result<(String, Received)> {
+    let received: Received = Arc::default();
+    let kept = Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let kept = Arc::clone(&kept);
+            async move {
+                kept.lock().expect("not poisoned").push((headers, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, received))
+}
+
+/// Every command on the test's commands topic, read from the beginning.
+async fn commands(env: &TestEnv, expected: usize) -> anyhow::Result<Vec<v1::SandboxCommand>> {
+    let consumer: GroupConsumer = env.kafka.consumer(
+        "policy-test-reader",
+        &format!("{}.commands-reader", env.group_id),
+    )?;
+    consumer.subscribe(&[env.topics.commands.as_str()])?;
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while found.len() < expected && tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(message)) =
+            tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+        {
+            found.push(decode_command(message.payload().unwrap_or_default())?);
+        }
+    }
+    // Anything more would be a duplicate: give it a moment to show up.
+    while let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await
+    {
+        found.push(decode_command(message.payload().unwrap_or_default())?);
+    }
+    Ok(found)
+}
+
+async fn ensure_topics(env: &TestEnv) -> anyhow::Result<()> {
+    env.kafka
+        .ensure_topics(&[
+            (env.topics.commands.as_str(), 1),
+            (env.topics.leases.as_str(), 1),
+        ])
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sandbox_is_suspended_once_at_its_window_and_a_busy_one_never() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("policy_decides").await?;
+    ensure_topics(&env).await?;
+    let (url, received) = webhook_receiver().await?;
+    let policy = start_policy(&env, &url).await?;
+    produce_ticks(&env, 0..45).await?;
+    env.eventually("all samples observed", || async {
+        Ok(policy.counter("idlemeter_policy_samples_observed_total") >= 90)
+    })
+    .await?;
+
+    // The decision row: exactly one, at start + 30 s, with the policy version.
+    let rows = env.store.decisions_of("acme").await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(row.sandbox, "sbx-idle");
+    assert_eq!(
+        row.at_ms,
+        (start() + chrono::Duration::seconds(30)).timestamp_millis()
+    );
+    assert_eq!(
+        (row.rule.as_str(), row.action.as_str()),
+        ("idle_window", "suspend")
+    );
+    assert_eq!(row.policy_version, "test/7");
+    assert!(row.signals.contains("\"window_s\":30"), "{}", row.signals);
+
+    // The command: exactly one, for the collector of node-1.
+    let sent = commands(&env, 1).await?;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].sandbox, "sbx-idle");
+    assert_eq!(sent[0].node, "node-1");
+    assert_eq!(sent[0].action, v1::CommandAction::Suspend as i32);
+    assert_eq!(sent[0].command_id, row.decision_id);
+    assert_eq!(sent[0].policy_version, "test/7");
+
+    // The webhook: signed, named by the decision id, the body is the decision.
+    env.eventually("the webhook", || async {
+        Ok(!received.lock().expect("not poisoned").is_empty())
+    })
+    .await?;
+    let (headers, body) = received.lock().expect("not poisoned")[0].clone();
+    let signature = headers[SIGNATURE_HEADER].to_str()?;
+    verify(
+        SECRET.as_bytes(),
+        signature,
+        &body,
+        Utc::now().timestamp(),
+        300,
+    )
+    .map_err(|error| anyhow::anyhow!("{error}"))?;
+    assert!(verify(b"wrong", signature, &body, Utc::now().timestamp(), 300).is_err());
+    assert_eq!(headers[DELIVERY_HEADER].to_str()?, row.decision_id);
+    let decision: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(decision["sandbox"], "sbx-idle");
+    assert_eq!(decision["rule"], "idle_window");
+
+    policy.stop.send(()).ok();
+    policy.task.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_and_restarted_service_decides_at_the_same_instant() -> anyhow::Result<()> {
+    let env = TestEnv::new("policy_restart").await?;
+    ensure_topics(&env).await?;
+    let first = start_policy(&env, "").await?;
+    produce_ticks(&env, 0..20).await?;
+    env.eventually("20 ticks observed", || async {
+        Ok(first.counter("idlemeter_policy_samples_observed_total") >= 40)
+    })
+    .await?;
+    // Let at least one snapshot (every 200 ms) cover part of the streak, then
+    // produce more and kill the service without its shutdown path: the last
+    // ticks are neither snapshotted nor committed and will be replayed.
+    env.eventually("a snapshot", || async {
+        Ok(first.counter("idlemeter_policy_snapshots_total") >= 2)
+    })
+    .await?;
+    produce_ticks(&env, 20..25).await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    first.task.abort();
+    let _ = first.task.await;
+    assert!(
+        env.store.decisions_of("acme").await?.is_empty(),
+        "nothing decided before 30 s"
+    );
+
+    let second = start_policy(&env, "").await?;
+    produce_ticks(&env, 25..45).await?;
+    env.eventually_within(Duration::from_secs(60), "the idle decision", || async {
+        Ok(!env.store.decisions_of("acme").await?.is_empty())
+    })
+    .await?;
+    // Give a wrong (early or late, or doubled) decision time to appear.
+    env.eventually("the last ticks observed", || async {
+        Ok(second.counter("idlemeter_policy_samples_observed_total") >= 40)
+    })
+    .await?;
+    let rows = env.store.decisions_of("acme").await?;
+    let times: Vec<(String, i64)> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.sandbox.clone(),
+                (row.at_ms - start().timestamp_millis()) / 1000,
+            )
+        })
+        .collect();
+    assert_eq!(
+        times,
+        vec![("sbx-idle".to_owned(), 30)],
+        "the streak that began at 0 s closes at 30 s, once"
+    );
+    let sent = commands(&env, 1).await?;
+    assert_eq!(sent.len(), 1, "one command: {sent:?}");
+    second.stop.send(()).ok();
+    second.task.await??;
+    Ok(())
+}
