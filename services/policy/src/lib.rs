@@ -72,6 +72,10 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How long the loop keeps reading already-waiting messages before it emits
+/// their decisions together.
+const GATHER: Duration = Duration::from_millis(20);
+
 /// Settings of the policy service (`[policy]` in the configuration file).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +125,8 @@ pub struct PolicyMetrics {
     pub snapshots: IntCounter,
     /// Wall clock at emission minus the deciding sample's timestamp.
     pub decision_delay_seconds: Histogram,
+    /// Wall clock at consumption minus the message's Kafka timestamp.
+    pub consume_delay_seconds: Histogram,
 }
 
 impl PolicyMetrics {
@@ -151,6 +157,14 @@ impl PolicyMetrics {
             .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
         )?;
         registry.register(Box::new(decision_delay_seconds.clone()))?;
+        let consume_delay_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "idlemeter_policy_consume_delay_seconds",
+                "message's Kafka timestamp to consumed by the policy service",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )?;
+        registry.register(Box::new(consume_delay_seconds.clone()))?;
         Ok(Self {
             samples_observed: counter(
                 "idlemeter_policy_samples_observed_total",
@@ -179,6 +193,7 @@ impl PolicyMetrics {
                 "state snapshots written",
             )?,
             decision_delay_seconds,
+            consume_delay_seconds,
         })
     }
 }
@@ -307,18 +322,23 @@ impl PolicyService {
                 _ = snapshot_every.tick() => self.checkpoint(&stop).await,
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
-                        let inputs = self.inputs_of(&message);
-                        let position = (message.topic().to_owned(), message.partition());
-                        let next = message.offset() + 1;
+                        let mut positions = Vec::new();
+                        let mut decisions = Vec::new();
+                        observe(&mut self.engine, &self.topics, &self.metrics, &message, &mut positions, &mut decisions);
                         drop(message);
-                        let decisions: Vec<Decision> = inputs
-                            .iter()
-                            .flat_map(|input| self.engine.observe(input))
-                            .collect();
+                        // Gather whatever else is already waiting (up to
+                        // GATHER), so one Kafka flush and one ClickHouse insert
+                        // carry the decisions of many messages.
+                        let deadline = tokio::time::Instant::now() + GATHER;
+                        while let Ok(Ok(message)) =
+                            tokio::time::timeout_at(deadline, self.consumer.recv()).await
+                        {
+                            observe(&mut self.engine, &self.topics, &self.metrics, &message, &mut positions, &mut decisions);
+                        }
                         if !decisions.is_empty() && !self.emit(decisions, &stop).await {
                             break;
                         }
-                        self.consumed.insert(position, next);
+                        self.consumed.extend(positions);
                     }
                     Err(error) => {
                         tracing::warn!(%error, "kafka consume error; retrying");
@@ -335,16 +355,20 @@ impl PolicyService {
 
     /// The engine inputs in one message; a message that is neither a node batch
     /// nor a lease is counted and skipped (ingest dead-letters bad batches).
-    fn inputs_of(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<Input> {
+    fn inputs_of(
+        topics: &Topics,
+        metrics: &PolicyMetrics,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Vec<Input> {
         let payload = message.payload().unwrap_or_default();
-        if message.topic() == self.topics.leases {
+        if message.topic() == topics.leases {
             return match decode_lease(payload) {
                 Ok(lease) => {
-                    self.metrics.leases_observed.inc();
+                    metrics.leases_observed.inc();
                     vec![Input::Lease(lease)]
                 }
                 Err(reason) => {
-                    self.metrics.messages_refused.inc();
+                    metrics.messages_refused.inc();
                     tracing::warn!(partition = message.partition(), offset = message.offset(), %reason, "lease refused");
                     Vec::new()
                 }
@@ -352,13 +376,13 @@ impl PolicyService {
         }
         match decode_node_batch(payload) {
             Ok(decoded) => {
-                self.metrics
+                metrics
                     .samples_observed
                     .inc_by(decoded.samples.len() as u64);
                 decoded.samples.into_iter().map(Input::Sample).collect()
             }
             Err(error) => {
-                self.metrics.messages_refused.inc();
+                metrics.messages_refused.inc();
                 tracing::debug!(partition = message.partition(), offset = message.offset(), %error, "not a node batch; skipped");
                 Vec::new()
             }
@@ -430,12 +454,17 @@ impl PolicyService {
                         })
                 }
             });
-        let sent = futures::future::join_all(sends).await;
+        // Commands and rows go out together; a retry after a partial failure
+        // sends both again, which the command ids and the row keys absorb.
+        let (sent, stored) = tokio::join!(
+            futures::future::join_all(sends),
+            self.store.insert_decisions(rows)
+        );
         for result in sent {
             result?;
             self.metrics.commands_sent.inc();
         }
-        self.store.insert_decisions(rows).await?;
+        stored?;
         Ok(())
     }
 
@@ -513,6 +542,30 @@ impl PolicyService {
             tracing::warn!(%error, "offset commit failed; the tail will be replayed");
         }
     }
+}
+
+/// Feeds one message to the engine, collecting its decisions and its next offset.
+fn observe(
+    engine: &mut Engine,
+    topics: &Topics,
+    metrics: &PolicyMetrics,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    positions: &mut Vec<((String, i32), i64)>,
+    decisions: &mut Vec<Decision>,
+) {
+    if let Some(produced_ms) = message.timestamp().to_millis() {
+        let delay_ms = (Utc::now().timestamp_millis() - produced_ms).max(0);
+        metrics
+            .consume_delay_seconds
+            .observe(delay_ms as f64 / 1000.0);
+    }
+    for input in PolicyService::inputs_of(topics, metrics, message) {
+        decisions.extend(engine.observe(&input));
+    }
+    positions.push((
+        (message.topic().to_owned(), message.partition()),
+        message.offset() + 1,
+    ));
 }
 
 fn spawn_delivery(webhook: Arc<WebhookSender>, decision: &Decision, metrics: PolicyMetrics) {
