@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: the whole stack on this machine. Starts ClickHouse and a durable
-# broker (scripts/services.sh), migrates, then runs ingest and a simulated fleet
+# broker (scripts/services.sh), migrates, then runs ingest, the rater, the idle
+# policy and a simulated fleet
 # in the foreground until Ctrl-C, and says where to look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    echo "run: ingest and simulator stopped; servers still up (make services-stop stops them)"
+    echo "run: services and simulator stopped; servers still up (make services-stop stops them)"
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM
@@ -22,6 +23,9 @@ IDLEMETER_METRICS__LISTEN=127.0.0.1:9464 $bin ingest 2>.run/ingest.log & pids+=(
 # The rater rates each closed hour; a short grace so the demo shows money soon.
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9465 IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} \
     IDLEMETER_RATER__GRACE_SECONDS=60 $bin rater 2>.run/rater.log & pids+=($!)
+# The idle policy decides suspends (no collector acts on them in this demo).
+IDLEMETER_METRICS__LISTEN=127.0.0.1:9466 IDLEMETER_POLICY__FILE=${POLICY:-policies/sprites.toml} \
+    $bin policy 2>.run/policy.log & pids+=($!)
 # The simulator stands in for node collectors (`idlemeter collector` needs one
 # cgroup per sandbox on a real node).
 $bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>.run/simulate.log & pids+=($!)
@@ -35,9 +39,11 @@ idlemeter is running.
   by hour        curl -s '$ch/?query=SELECT+hour,uniqExactMerge(samples)+FROM+idlemeter.usage_hourly+GROUP+BY+hour+ORDER+BY+hour'
   ingest metrics http://127.0.0.1:9464/metrics   (health: /health)
   rater metrics  http://127.0.0.1:9465/metrics   (rated_usage fills as each hour closes)
+  policy metrics http://127.0.0.1:9466/metrics
+  decisions      curl -s '$ch/?query=SELECT+sandbox,rule,action,reason+FROM+idlemeter.policy_decisions+ORDER+BY+at_ms+DESC+LIMIT+5'
   money so far   curl -s '$ch/?query=SELECT+customer,sum(amount)+FROM+idlemeter.rated_usage+FINAL+GROUP+BY+customer'
-  logs           .run/ingest.log .run/rater.log .run/simulate.log .run/*.log
-Ctrl-C stops ingest and the simulator.
+  logs           .run/ingest.log .run/rater.log .run/policy.log .run/simulate.log .run/*.log
+Ctrl-C stops the services and the simulator.
 
 INFO
 while sleep 5; do

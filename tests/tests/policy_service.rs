@@ -86,6 +86,8 @@ async fn start_policy(env: &TestEnv, webhook_url: &str) -> anyhow::Result<Runnin
         snapshot_interval_ms: 200,
         webhook_url: webhook_url.to_owned(),
         webhook_secret: SECRET.to_owned(),
+        // The trace is from the past: send its decisions anyway.
+        stale_after_s: 0,
         ..PolicyConfig::default()
     };
     let service = PolicyService::build(
@@ -284,5 +286,62 @@ async fn a_killed_and_restarted_service_decides_at_the_same_instant() -> anyhow:
     assert_eq!(sent.len(), 1, "one command: {sent:?}");
     second.stop.send(()).ok();
     second.task.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_on_kafka_holds_the_sandbox_until_it_expires() -> anyhow::Result<()> {
+    let env = TestEnv::new("policy_lease").await?;
+    ensure_topics(&env).await?;
+    let policy = start_policy(&env, "").await?;
+    let producer = env.producer()?;
+    let lease = serde_json::json!({
+        "customer": "acme",
+        "sandbox": "sbx-idle",
+        "until": (start() + chrono::Duration::seconds(60)).to_rfc3339(),
+        "holder": "customer",
+    });
+    for payload in [b"not a lease".to_vec(), serde_json::to_vec(&lease)?] {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&env.topics.leases)
+                    .key("acme/sbx-idle")
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(error, _)| error)?;
+    }
+    env.eventually("the lease observed and the garbage refused", || async {
+        Ok(
+            policy.counter("idlemeter_policy_leases_observed_total") == 1
+                && policy.counter("idlemeter_policy_messages_refused_total") == 1,
+        )
+    })
+    .await?;
+    produce_ticks(&env, 0..100).await?;
+    env.eventually("all samples observed", || async {
+        Ok(policy.counter("idlemeter_policy_samples_observed_total") >= 200)
+    })
+    .await?;
+    let rows = env.store.decisions_of("acme").await?;
+    let times: Vec<(String, i64)> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.sandbox.clone(),
+                (row.at_ms - start().timestamp_millis()) / 1000,
+            )
+        })
+        .collect();
+    // Held until 60 s, then the 30 s window: 90 s, not 30 s.
+    assert_eq!(times, vec![("sbx-idle".to_owned(), 90)]);
+    assert!(
+        rows[0].signals.contains("lease_until"),
+        "{}",
+        rows[0].signals
+    );
+    policy.stop.send(()).ok();
+    policy.task.await??;
     Ok(())
 }

@@ -87,6 +87,11 @@ pub struct PolicyConfig {
     pub snapshot_interval_ms: u64,
     /// Sandboxes not running and not seen for this long are forgotten.
     pub forget_after_s: u64,
+    /// A decision older than this (wall clock minus its sample's time) when it
+    /// is made, as when a new group replays the topic's history, is recorded
+    /// in `policy_decisions` but sends no command and no webhook: the sandbox
+    /// has moved on since. 0 sends everything.
+    pub stale_after_s: u64,
     /// `http://` URL receiving signed decisions; empty for none.
     pub webhook_url: String,
     pub webhook_secret: String,
@@ -99,6 +104,7 @@ impl Default for PolicyConfig {
             group_id: "idlemeter-policy".to_owned(),
             snapshot_interval_ms: 5_000,
             forget_after_s: 2 * 86_400,
+            stale_after_s: 300,
             webhook_url: String::new(),
             webhook_secret: String::new(),
         }
@@ -120,6 +126,7 @@ pub struct PolicyMetrics {
     pub messages_refused: IntCounter,
     pub decisions: IntCounterVec,
     pub commands_sent: IntCounter,
+    pub stale_decisions: IntCounter,
     pub webhook_failures: IntCounter,
     pub sandboxes_tracked: IntGauge,
     pub snapshots: IntCounter,
@@ -182,6 +189,10 @@ impl PolicyMetrics {
             commands_sent: counter(
                 "idlemeter_policy_commands_sent_total",
                 "commands acknowledged by Kafka",
+            )?,
+            stale_decisions: counter(
+                "idlemeter_policy_stale_decisions_total",
+                "decisions recorded but not sent: older than stale_after_s when made",
             )?,
             webhook_failures: counter(
                 "idlemeter_policy_webhook_failures_total",
@@ -394,6 +405,17 @@ impl PolicyService {
     async fn emit(&self, decisions: Vec<Decision>, stop: &CancellationToken) -> bool {
         let now = Utc::now();
         let rows: Vec<DecisionRow> = decisions.iter().map(|d| decision_row(d, now)).collect();
+        let stale_after = chrono::Duration::seconds(
+            i64::try_from(self.config.stale_after_s).unwrap_or(i64::MAX / 2_000),
+        );
+        let (decisions, stale): (Vec<Decision>, Vec<Decision>) =
+            decisions.into_iter().partition(|decision| {
+                self.config.stale_after_s == 0 || now - decision.at <= stale_after
+            });
+        if !stale.is_empty() {
+            self.metrics.stale_decisions.inc_by(stale.len() as u64);
+            tracing::debug!(count = stale.len(), "stale decisions recorded, not sent");
+        }
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.try_emit(&decisions, &rows).await {
