@@ -39,6 +39,7 @@ fn config() -> RaterConfig {
         period: Period::Day,
         grace_seconds: 300,
         interval_seconds: 60,
+        idle_policy: String::new(),
     }
 }
 

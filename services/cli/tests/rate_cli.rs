@@ -121,3 +121,55 @@ fn a_bad_sheet_is_refused_with_its_file_line_and_field() {
     assert!(output.stdout.is_empty());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--policy` makes the rater see activity as the idle policy does. Sprites
+/// bills compute only while active; in this trace the second hour has an API
+/// call (a stdin write) but no session. By default (sessions and connections
+/// only) both hours are idle and no vCPU is billed; under policies/sprites.toml,
+/// which counts API calls, the second hour bills 2 vCPU x 3600 s = 7200
+/// vCPU-seconds = 2 CPU-hours.
+#[test]
+fn an_idle_policy_file_decides_which_running_seconds_are_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let line = |seq: u64, hour: u32, api_calls: u64| {
+        format!(
+            "{{\"ts\": \"2026-03-02T{hour:02}:00:00Z\", \"customer\": \"acme\", \"node\": \"n\", \"sandbox\": \"s\", \"epoch\": 1, \"seq\": {seq}, \"state\": \"running\", \"vcpu\": 2, \"mem_bytes\": 0, \"gpu_model\": null, \"gpu_count\": 0, \"disk_bytes\": 0, \"cpu_used_usec\": 0, \"mem_used_bytes\": 0, \"net_rx_bytes\": 0, \"net_tx_bytes\": 0, \"exec_sessions\": 0, \"open_conns\": 0, \"api_calls\": {api_calls}}}\n"
+        )
+    };
+    let samples = dir.path().join("api.jsonl");
+    std::fs::write(
+        &samples,
+        [line(1, 10, 0), line(2, 11, 0), line(3, 12, 1)].concat(),
+    )
+    .expect("write");
+    let vcpu_quantity = |policy: Option<&str>| -> Decimal {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idlemeter"));
+        command
+            .args(["rate", "--prices"])
+            .arg(repo().join("prices/sprites.toml"))
+            .arg("--samples")
+            .arg(&samples);
+        if let Some(policy) = policy {
+            command.arg("--policy").arg(repo().join(policy));
+        }
+        let output = command.output().expect("idlemeter runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+        report["customers"][0]["lines"]
+            .as_array()
+            .expect("lines")
+            .iter()
+            .filter(|line| line["resource"] == "vcpu")
+            .map(|line| decimal(&line["quantity"]))
+            .sum()
+    };
+    assert_eq!(vcpu_quantity(None), Decimal::ZERO);
+    assert_eq!(
+        vcpu_quantity(Some("policies/sprites.toml")),
+        Decimal::from(2)
+    );
+}

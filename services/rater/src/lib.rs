@@ -24,8 +24,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::invoice::{CustomerBill, InvoiceLine, LineKind};
+use idlemeter_core::policy::{Policy, PolicyIdle};
 use idlemeter_core::{
-    rate_report, BillingOptions, CustomerId, NumberedSample, PriceSheet, SessionOrConnection,
+    rate_report, BillingOptions, CustomerId, IdlePolicy, NumberedSample, PriceSheet,
+    SessionOrConnection, UsageSample,
 };
 use idlemeter_store::{to_column, RatedLineRow, RatingChangeRow, Store};
 use rust_decimal::Decimal;
@@ -59,6 +61,10 @@ pub struct RaterConfig {
     pub grace_seconds: u64,
     /// How often to look for newly closed hours.
     pub interval_seconds: u64,
+    /// Idle policy file whose activity signals classify running seconds as
+    /// idle (for sheets that bill idle seconds differently); empty for the
+    /// built-in session-or-connection rule. Part of the snapshot checksum.
+    pub idle_policy: String,
 }
 
 impl Default for RaterConfig {
@@ -68,6 +74,30 @@ impl Default for RaterConfig {
             period: Period::Month,
             grace_seconds: 300,
             interval_seconds: 60,
+            idle_policy: String::new(),
+        }
+    }
+}
+
+/// The idle classification the rater uses.
+#[derive(Debug, Clone)]
+enum Idle {
+    SessionOrConnection,
+    Policy(Box<PolicyIdle>),
+}
+
+impl IdlePolicy for Idle {
+    fn version(&self) -> &str {
+        match self {
+            Idle::SessionOrConnection => SessionOrConnection.version(),
+            Idle::Policy(policy) => policy.version(),
+        }
+    }
+
+    fn is_idle(&self, previous: &UsageSample, closing: &UsageSample) -> bool {
+        match self {
+            Idle::SessionOrConnection => SessionOrConnection.is_idle(previous, closing),
+            Idle::Policy(policy) => policy.is_idle(previous, closing),
         }
     }
 }
@@ -89,6 +119,7 @@ pub struct Rater {
     sheet_label: String,
     sheet_checksum: String,
     config: RaterConfig,
+    idle: Idle,
     snapshots_written: prometheus::IntCounter,
 }
 
@@ -117,8 +148,29 @@ impl Rater {
             sheet_label: config.sheet.clone(),
             sheet_checksum,
             config,
+            idle: Idle::SessionOrConnection,
             snapshots_written,
         })
+    }
+
+    /// Classifies idle seconds with `policy_text` (the file named by
+    /// `config.idle_policy`) instead of the session-or-connection rule. The
+    /// policy's text joins the sheet's in the snapshot checksum, so changing
+    /// the policy re-rates like changing the sheet.
+    pub fn with_idle_policy(mut self, policy_text: &str) -> Result<Self> {
+        let policy = Policy::from_toml(policy_text, &self.config.idle_policy)
+            .map_err(|error| Error::Sheet(error.into()))?;
+        let mut digest = Sha256::new();
+        digest.update(self.sheet_checksum.as_bytes());
+        digest.update(b"\0");
+        digest.update(policy_text.as_bytes());
+        self.sheet_checksum = digest
+            .finalize()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        self.idle = Idle::Policy(Box::new(PolicyIdle::new(policy)));
+        Ok(self)
     }
 
     pub fn sheet_checksum(&self) -> &str {
@@ -204,7 +256,7 @@ impl Rater {
         let report = rate_report(
             &self.sheet,
             &samples,
-            &SessionOrConnection,
+            &self.idle,
             &BillingOptions::default(),
             Vec::new(),
         )?;
@@ -417,4 +469,40 @@ fn unix_ms(time: DateTime<Utc>) -> u64 {
 
 fn unix_secs(time: DateTime<Utc>) -> u32 {
     u32::try_from(time.timestamp()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rater() -> Rater {
+        let store = Store::new(&idlemeter_store::ClickHouseSettings {
+            url: "http://127.0.0.1:9".to_owned(),
+            database: "unused".to_owned(),
+            user: "default".to_owned(),
+            password: String::new(),
+        });
+        let sheet = include_str!("../../../prices/sprites.toml");
+        Rater::new(
+            store,
+            sheet,
+            RaterConfig::default(),
+            &prometheus::Registry::new(),
+        )
+        .expect("the shipped sheet loads")
+    }
+
+    #[test]
+    fn an_idle_policy_changes_the_classification_and_the_checksum() {
+        let plain = rater();
+        assert_eq!(plain.idle.version(), "session-or-connection/v1");
+        let policy = include_str!("../../../policies/sprites.toml");
+        let with_policy = rater().with_idle_policy(policy).expect("policy loads");
+        assert_eq!(with_policy.idle.version(), "sprites/2026-11-01");
+        assert_ne!(plain.sheet_checksum(), with_policy.sheet_checksum());
+        let error = rater()
+            .with_idle_policy("[policy]\nname = \"x\"\n")
+            .expect_err("a policy without a version is refused");
+        assert!(error.to_string().contains("version"), "{error}");
+    }
 }

@@ -84,12 +84,18 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
     let sheet = std::fs::read_to_string(sheet_path)
         .with_context(|| format!("reading price sheet {sheet_path}"))?;
     let registry = prometheus::Registry::new();
-    let rater = Rater::new(
+    let mut rater = Rater::new(
         Store::new(&settings.clickhouse),
         &sheet,
         settings.rater.clone(),
         &registry,
     )?;
+    let policy_path = &settings.rater.idle_policy;
+    if !policy_path.is_empty() {
+        let text = std::fs::read_to_string(policy_path)
+            .with_context(|| format!("reading idle policy {policy_path}"))?;
+        rater = rater.with_idle_policy(&text)?;
+    }
     tracing::info!(sheet = %sheet_path, checksum = rater.sheet_checksum(), "rater started");
     let health = Health::default();
     health.set_healthy(true);

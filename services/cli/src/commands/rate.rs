@@ -19,6 +19,11 @@ pub struct RateArgs {
     /// Samples, one JSON object per line.
     #[arg(long)]
     samples: PathBuf,
+    /// Idle policy file (e.g. policies/sprites.toml) whose activity signals
+    /// decide which running seconds are idle; default: idle means no exec
+    /// session and no open connection.
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 pub fn run(args: &RateArgs) -> anyhow::Result<ExitCode> {
@@ -26,7 +31,25 @@ pub fn run(args: &RateArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading price sheet {}", args.prices.display()))?;
     let samples = std::fs::read_to_string(&args.samples)
         .with_context(|| format!("reading samples {}", args.samples.display()))?;
-    let report = idlemeter_core::rate_jsonl(&sheet, &args.prices.display().to_string(), &samples)?;
+    let label = args.prices.display().to_string();
+    let report = match &args.policy {
+        None => idlemeter_core::rate_jsonl(&sheet, &label, &samples)?,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading idle policy {}", path.display()))?;
+            let policy =
+                idlemeter_core::policy::Policy::from_toml(&text, &path.display().to_string())?;
+            let sheet = idlemeter_core::PriceSheet::from_toml(&sheet, &label)?;
+            let parsed = idlemeter_core::jsonl::parse_samples(&samples);
+            idlemeter_core::rate_report(
+                &sheet,
+                &parsed.samples,
+                &idlemeter_core::policy::PolicyIdle::new(policy),
+                &idlemeter_core::BillingOptions::default(),
+                parsed.errors,
+            )?
+        }
+    };
     println!("{}", serde_json::to_string_pretty(&report)?);
     if report.errors.is_empty() {
         return Ok(ExitCode::SUCCESS);

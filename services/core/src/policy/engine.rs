@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{CustomerId, Epoch, NodeId, SandboxId};
 use crate::policy::file::{Action, Policy, Rules};
+use crate::rating::IdlePolicy;
 use crate::sample::{LifecycleState, UsageSample};
 
 /// Why a decision was taken.
@@ -343,24 +344,46 @@ struct Measured {
 
 impl Measured {
     fn between(state: &SandboxState, sample: &UsageSample, first_of_epoch: bool) -> Self {
-        let mut measured = Self {
+        if first_of_epoch {
+            return Self::gauges_of(sample);
+        }
+        Self::over_interval(
+            state.ts,
+            state.cpu_used_usec,
+            state.net_bytes,
+            state.api_calls,
+            sample,
+        )
+    }
+
+    /// Only what the sample itself says (no previous sample to difference).
+    fn gauges_of(sample: &UsageSample) -> Self {
+        Self {
             exec_sessions: sample.exec_sessions,
             open_conns: sample.open_conns,
             api_calls: 0,
             net_bytes_per_s: 0,
             cpu_percent: Decimal::ZERO,
-        };
-        if first_of_epoch {
-            return measured;
         }
-        let elapsed_ms = (sample.ts - state.ts).num_milliseconds().max(1) as u64;
-        measured.api_calls = sample.api_calls.saturating_sub(state.api_calls);
+    }
+
+    /// The interval from a previous sample (its time and counters) to `sample`.
+    fn over_interval(
+        previous_ts: DateTime<Utc>,
+        previous_cpu_usec: u64,
+        previous_net_bytes: u64,
+        previous_api_calls: u64,
+        sample: &UsageSample,
+    ) -> Self {
+        let mut measured = Self::gauges_of(sample);
+        let elapsed_ms = (sample.ts - previous_ts).num_milliseconds().max(1) as u64;
+        measured.api_calls = sample.api_calls.saturating_sub(previous_api_calls);
         let net = sample
             .net_rx_bytes
             .saturating_add(sample.net_tx_bytes)
-            .saturating_sub(state.net_bytes);
+            .saturating_sub(previous_net_bytes);
         measured.net_bytes_per_s = net.saturating_mul(1000) / elapsed_ms;
-        let cpu_usec = sample.cpu_used_usec.saturating_sub(state.cpu_used_usec);
+        let cpu_usec = sample.cpu_used_usec.saturating_sub(previous_cpu_usec);
         // allocated vCPU-microseconds over the interval: vcpu_millis x ms.
         let allocated = u64::from(sample.vcpu.0).saturating_mul(elapsed_ms);
         if allocated > 0 {
@@ -500,6 +523,43 @@ fn decide(
     })
 }
 
+/// The policy's definition of activity as the rater's [`IdlePolicy`]: a
+/// running interval is idle exactly when no signal the policy enables says
+/// otherwise, with the rules of the sample's customer. Rating with it bills
+/// idle seconds (for sheets that treat them differently) by the same rules,
+/// and under the same version, as the service that suspends.
+#[derive(Debug, Clone)]
+pub struct PolicyIdle {
+    policy: Policy,
+    version: String,
+}
+
+impl PolicyIdle {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            version: policy.version_label(),
+            policy,
+        }
+    }
+}
+
+impl IdlePolicy for PolicyIdle {
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn is_idle(&self, previous: &UsageSample, closing: &UsageSample) -> bool {
+        let measured = Measured::over_interval(
+            previous.ts,
+            previous.cpu_used_usec,
+            previous.net_rx_bytes.saturating_add(previous.net_tx_bytes),
+            previous.api_calls,
+            closing,
+        );
+        !measured.active(self.policy.rules_for(&closing.customer))
+    }
+}
+
 /// Runs `inputs` through a fresh engine: the pure function the service
 /// computes incrementally.
 pub fn decide_all(policy: &Policy, inputs: &[Input]) -> Vec<Decision> {
@@ -508,4 +568,75 @@ pub fn decide_all(policy: &Policy, inputs: &[Input]) -> Vec<Decision> {
         .iter()
         .flat_map(|input| engine.observe(input))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::VcpuMillis;
+
+    fn sample(seq: u64, cpu_used_usec: u64, api_calls: u64, exec_sessions: u32) -> UsageSample {
+        UsageSample {
+            customer: CustomerId::parse("c").expect("id"),
+            node: NodeId::parse("n").expect("id"),
+            sandbox: SandboxId::parse("s").expect("id"),
+            epoch: Epoch(1),
+            seq,
+            ts: DateTime::from_timestamp(1_800_000_000 + seq as i64 * 10, 0).expect("time"),
+            state: LifecycleState::Running,
+            vcpu: VcpuMillis(2000),
+            mem_bytes: 0,
+            gpu_model: None,
+            gpu_count: 0,
+            disk_bytes: 0,
+            cpu_used_usec,
+            net_rx_bytes: 0,
+            net_tx_bytes: 0,
+            vcpu_alloc_usec: 0,
+            mem_alloc_kib_ms: 0,
+            mem_used_kib_ms: 0,
+            gpu_alloc_ms: 0,
+            disk_mib_ms: 0,
+            api_calls,
+            mem_used_bytes: 0,
+            exec_sessions,
+            open_conns: 0,
+        }
+    }
+
+    fn idle_under(policy: &str, previous: &UsageSample, closing: &UsageSample) -> bool {
+        let policy = Policy::from_toml(policy, "p.toml").expect("valid");
+        PolicyIdle::new(policy).is_idle(previous, closing)
+    }
+
+    const SESSIONS: &str = "[policy]\nname = \"s\"\nversion = \"1\"\n";
+    const API_ONLY: &str = "[policy]\nname = \"a\"\nversion = \"1\"\n[rules.activity]\nexec_sessions = false\nopen_conns = false\n";
+    const CPU_20: &str =
+        "[policy]\nname = \"c\"\nversion = \"1\"\n[rules.activity]\ncpu_percent = \"20\"\n";
+
+    #[test]
+    fn the_rater_sees_activity_exactly_as_the_policy_defines_it() {
+        let before = sample(1, 0, 5, 0);
+        // An open session, no API call, 2 vCPU x 10 s = 20 s allocated, 5 s used (25 %).
+        let with_session = sample(2, 5_000_000, 5, 1);
+        assert!(!idle_under(SESSIONS, &before, &with_session));
+        assert!(
+            idle_under(API_ONLY, &before, &with_session),
+            "sessions do not count"
+        );
+        // No session, one API call.
+        let with_call = sample(2, 0, 6, 0);
+        assert!(!idle_under(API_ONLY, &before, &with_call));
+        // No session, no call, CPU at 25 % (above 20) then at 15 % (below).
+        let busy = sample(2, 5_000_000, 5, 0);
+        let quiet = sample(2, 3_000_000, 5, 0);
+        assert!(
+            idle_under(SESSIONS, &before, &busy),
+            "CPU alone is not activity by default"
+        );
+        assert!(!idle_under(CPU_20, &before, &busy));
+        assert!(idle_under(CPU_20, &before, &quiet));
+        let version = PolicyIdle::new(Policy::from_toml(CPU_20, "p.toml").expect("valid"));
+        assert_eq!(version.version(), "c/1");
+    }
 }

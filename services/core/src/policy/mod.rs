@@ -8,6 +8,7 @@ pub mod engine;
 pub mod file;
 
 pub use engine::{
-    decide_all, Decision, Engine, Input, Lease, Rule, SandboxState, Signals, Snapshot, Spend,
+    decide_all, Decision, Engine, Input, Lease, PolicyIdle, Rule, SandboxState, Signals, Snapshot,
+    Spend,
 };
 pub use file::{Action, ActivitySignals, Hysteresis, Policy, Rules};
