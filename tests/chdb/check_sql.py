@@ -115,6 +115,40 @@ def main() -> int:
             print(f"FAIL rated_usage totals: {total}")
             return 1
         print("ok  rated_usage totals")
+        # An older snapshot of the same period must not be what period_spend reads.
+        db.query(
+            "INSERT INTO rated_usage VALUES ('acme', 0, 1800, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
+            "'1', '1', 'vcpu-hour', '9', '9', 1)"
+        )
+        sql = (QUERIES / "period_spend.sql").read_text()
+        spend = db.query(bind(sql, ("acme", "acme")), "CSV").bytes().decode().strip()
+        if spend not in ("3600,0.05", "3600,0.050000000000"):
+            print(f"FAIL period_spend.sql: {spend}")
+            return 1
+        print("ok  period_spend.sql")
+        decision = (
+            "('acme:s:1:idle_window:1000', 'acme', 's', 'n', 1, 1000, 0, 'idle_window', 'suspend', 1, "
+            "'p/1', 'idle', '{}', 1)"
+        )
+        db.query(f"INSERT INTO policy_decisions VALUES {decision}")
+        db.query(f"INSERT INTO policy_decisions VALUES {decision}")  # a replayed decision
+        rows = db.query(
+            "SELECT decision_id FROM policy_decisions FINAL WHERE customer = 'acme' ORDER BY at_ms, decision_id",
+            "CSV",
+        ).bytes().decode().strip()
+        if rows != '"acme:s:1:idle_window:1000"':
+            print(f"FAIL policy_decisions replay did not collapse: {rows}")
+            return 1
+        db.query("INSERT INTO policy_state VALUES ('g', 'acme', 's', 1, '{\"seq\":1}')")
+        db.query("INSERT INTO policy_state VALUES ('g', 'acme', 's', 2, '{\"seq\":2}')")
+        state = db.query(
+            "SELECT state FROM policy_state FINAL WHERE group_id = 'g' AND snapshot_ms >= 0 ORDER BY customer, sandbox",
+            "CSV",
+        ).bytes().decode().strip()
+        if state != '"{""seq"":2}"':
+            print(f"FAIL policy_state keeps the latest snapshot: {state}")
+            return 1
+        print("ok  policy tables")
         final = db.query("SELECT count() FROM usage_samples FINAL", "CSV").bytes().decode().strip()
         if final != "8":
             print(f"FAIL duplicates did not collapse under FINAL: {final}")

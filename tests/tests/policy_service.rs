@@ -15,9 +15,11 @@ use idlemeter_core::NodeId;
 use idlemeter_policy::webhook::{DELIVERY_HEADER, SIGNATURE_HEADER};
 use idlemeter_policy::{verify, PolicyConfig, PolicyService};
 use idlemeter_proto::{decode_command, encode_node_batch, v1};
+use idlemeter_store::{to_column, RatedLineRow};
 use idlemeter_tests::{sample, TestEnv};
 use rdkafka::consumer::Consumer;
 use rdkafka::Message;
+use rust_decimal::Decimal;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -79,8 +81,17 @@ impl Running {
 }
 
 async fn start_policy(env: &TestEnv, webhook_url: &str) -> anyhow::Result<Running> {
+    start_policy_with(env, webhook_url, POLICY, |_| {}).await
+}
+
+async fn start_policy_with(
+    env: &TestEnv,
+    webhook_url: &str,
+    policy: &str,
+    configure: impl FnOnce(&mut PolicyConfig),
+) -> anyhow::Result<Running> {
     let registry = prometheus::Registry::new();
-    let config = PolicyConfig {
+    let mut config = PolicyConfig {
         file: "test-policy.toml".to_owned(),
         group_id: format!("{}.policy", env.group_id),
         snapshot_interval_ms: 200,
@@ -90,12 +101,13 @@ async fn start_policy(env: &TestEnv, webhook_url: &str) -> anyhow::Result<Runnin
         stale_after_s: 0,
         ..PolicyConfig::default()
     };
+    configure(&mut config);
     let service = PolicyService::build(
         &env.kafka,
         env.store.clone(),
         env.topics.clone(),
         config,
-        POLICY,
+        policy,
         &registry,
     )
     .await?;
@@ -341,6 +353,91 @@ async fn a_lease_on_kafka_holds_the_sandbox_until_it_expires() -> anyhow::Result
         "{}",
         rows[0].signals
     );
+    policy.stop.send(()).ok();
+    policy.task.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_at_their_spend_limit_has_every_running_sandbox_suspended() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("policy_budget").await?;
+    ensure_topics(&env).await?;
+    // The rater's latest snapshot for acme: 30.00 + 25.00 = 55.00, over the
+    // limit of 50. An older snapshot (as_of an hour earlier) of 10.00 must not
+    // be the one read.
+    let line = |as_of: u32, line_no: u16, amount: &str| -> anyhow::Result<RatedLineRow> {
+        Ok(RatedLineRow {
+            customer: "acme".to_owned(),
+            period_start: 1_793_491_200, // 2026-11-01
+            as_of,
+            sheet: "prices/sprites.toml".to_owned(),
+            sheet_checksum: "c".to_owned(),
+            idle_policy: "session-or-connection/v1".to_owned(),
+            currency: "USD".to_owned(),
+            line_no,
+            kind: "usage".to_owned(),
+            resource: "vcpu".to_owned(),
+            price_version: String::new(),
+            quantity: to_column(Decimal::ONE)?,
+            quantity_base: "1".to_owned(),
+            unit: "vcpu-hour".to_owned(),
+            unit_price: to_column(Decimal::ONE)?,
+            amount: to_column(amount.parse()?)?,
+            rated_at: 1_793_500_000,
+        })
+    };
+    env.store
+        .insert_rated_lines(&[
+            line(1_793_577_600, 0, "10.00")?,
+            line(1_793_581_200, 0, "30.00")?,
+            line(1_793_581_200, 1, "25.00")?,
+        ])
+        .await?;
+    let capped = format!("{POLICY}\n[customers.acme]\nspend_limit = \"50\"\n");
+    let policy = start_policy_with(&env, "", &capped, |config| {
+        config.spend_poll_interval_s = 1;
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    produce_ticks(&env, 0..5).await?;
+    env.eventually("both sandboxes capped", || async {
+        Ok(env.store.decisions_of("acme").await?.len() >= 2)
+    })
+    .await?;
+    let rows = env.store.decisions_of("acme").await?;
+    let mut capped: Vec<(String, String, String, i64)> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.sandbox.clone(),
+                row.rule.clone(),
+                row.action.clone(),
+                (row.at_ms - start().timestamp_millis()) / 1000,
+            )
+        })
+        .collect();
+    capped.sort();
+    // The busy sandbox too: a budget cap is not about idleness.
+    assert_eq!(
+        capped,
+        vec![
+            (
+                "sbx-busy".to_owned(),
+                "budget_cap".to_owned(),
+                "suspend".to_owned(),
+                0
+            ),
+            (
+                "sbx-idle".to_owned(),
+                "budget_cap".to_owned(),
+                "suspend".to_owned(),
+                0
+            ),
+        ]
+    );
+    let signals: serde_json::Value = serde_json::from_str(&rows[0].signals)?;
+    assert_eq!(signals["spend"], "55.000000000000", "{signals}");
     policy.stop.send(()).ok();
     policy.task.await??;
     Ok(())

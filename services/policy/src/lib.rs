@@ -29,14 +29,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
 use idlemeter_core::policy::{
-    Action, Decision, Engine, Input, Lease, Policy, SandboxState, Snapshot,
+    Action, Decision, Engine, Input, Lease, Policy, SandboxState, Snapshot, Spend,
 };
+use idlemeter_core::CustomerId;
 use idlemeter_proto::{decode_node_batch, v1, SCHEMA_VERSION};
 use idlemeter_store::{DecisionRow, PolicyStateRow, Store};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -92,6 +94,9 @@ pub struct PolicyConfig {
     /// in `policy_decisions` but sends no command and no webhook: the sandbox
     /// has moved on since. 0 sends everything.
     pub stale_after_s: u64,
+    /// How often the spend of customers with a `spend_limit` is read from the
+    /// rater's `rated_usage` (budget caps); 0 turns budget caps off.
+    pub spend_poll_interval_s: u64,
     /// `http://` URL receiving signed decisions; empty for none.
     pub webhook_url: String,
     pub webhook_secret: String,
@@ -105,6 +110,7 @@ impl Default for PolicyConfig {
             snapshot_interval_ms: 5_000,
             forget_after_s: 2 * 86_400,
             stale_after_s: 300,
+            spend_poll_interval_s: 60,
             webhook_url: String::new(),
             webhook_secret: String::new(),
         }
@@ -212,6 +218,7 @@ impl PolicyMetrics {
 /// The running service.
 pub struct PolicyService {
     engine: Engine,
+    policy: Policy,
     consumer: GroupConsumer,
     producer: FutureProducer,
     store: Store,
@@ -294,6 +301,7 @@ impl PolicyService {
             })?;
         Ok(Self {
             engine,
+            policy,
             consumer,
             producer: kafka.producer(&client_id)?,
             store,
@@ -323,6 +331,11 @@ impl PolicyService {
             leases = %self.topics.leases,
             "policy service started"
         );
+        let spend_limits = self.policy.spend_limits();
+        let spend_period = Duration::from_secs(self.config.spend_poll_interval_s.max(1));
+        let mut spend_every = tokio::time::interval(spend_period);
+        spend_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let budget_caps = self.config.spend_poll_interval_s > 0 && !spend_limits.is_empty();
         let mut snapshot_every = tokio::time::interval(Duration::from_millis(
             self.config.snapshot_interval_ms.max(100),
         ));
@@ -331,6 +344,7 @@ impl PolicyService {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = snapshot_every.tick() => self.checkpoint(&stop).await,
+                _ = spend_every.tick(), if budget_caps => self.read_spend(&spend_limits).await,
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
                         let mut positions = Vec::new();
@@ -362,6 +376,29 @@ impl PolicyService {
         self.checkpoint(&CancellationToken::new()).await;
         tracing::info!("policy service stopped");
         Ok(())
+    }
+
+    /// Feeds each capped customer's spend so far to the engine; their running
+    /// sandboxes are suspended at their next sample once it reaches the limit.
+    async fn read_spend(&mut self, limits: &[(CustomerId, Decimal)]) {
+        for (customer, limit) in limits {
+            match self.store.period_spend(customer.as_str()).await {
+                Ok(Some((as_of, amount))) => {
+                    if amount >= *limit {
+                        tracing::info!(%customer, %amount, %limit, "spend limit reached");
+                    }
+                    self.engine.observe(&Input::Spend(Spend {
+                        customer: customer.clone(),
+                        at: DateTime::from_timestamp(i64::from(as_of), 0).unwrap_or_default(),
+                        amount,
+                    }));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%customer, %error, "could not read spend; budget cap not updated")
+                }
+            }
+        }
     }
 
     /// The engine inputs in one message; a message that is neither a node batch

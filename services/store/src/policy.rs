@@ -1,6 +1,18 @@
 //! The idle policy's tables (migration 0004): decisions and service state.
 
+use rust_decimal::Decimal;
+
+use crate::rated::from_column;
 use crate::{Context, Result, Store};
+
+/// See `queries/period_spend.sql`.
+pub const PERIOD_SPEND_SQL: &str = include_str!("queries/period_spend.sql");
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct SpendRow {
+    as_of_unix: u32,
+    total: i128,
+}
 
 /// One row of `policy_decisions`; field order is column order.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
@@ -62,6 +74,21 @@ impl Store {
             .fetch_all()
             .await
             .context(format!("decisions of {customer}"))
+    }
+
+    /// The customer's spend so far in their latest period and the end of the
+    /// hour it is rated to (Unix seconds); `None` before their first rating.
+    pub async fn period_spend(&self, customer: &str) -> Result<Option<(u32, Decimal)>> {
+        let row: Option<SpendRow> = self
+            .client
+            .query(PERIOD_SPEND_SQL)
+            .bind(customer)
+            .bind(customer)
+            .fetch_optional()
+            .await
+            .context(format!("period spend of {customer}"))?;
+        row.map(|row| Ok((row.as_of_unix, from_column(row.total)?)))
+            .transpose()
     }
 
     pub async fn insert_policy_state(&self, rows: &[PolicyStateRow]) -> Result<()> {

@@ -149,6 +149,16 @@ impl Policy {
             .unwrap_or(&self.base)
     }
 
+    /// Customers with a spend limit, and the limit.
+    pub fn spend_limits(&self) -> Vec<(CustomerId, Decimal)> {
+        self.customers
+            .iter()
+            .filter_map(|(customer, rules)| {
+                rules.spend_limit.map(|limit| (customer.clone(), limit))
+            })
+            .collect()
+    }
+
     /// Parses and validates a policy from its TOML text; `path` labels errors.
     pub fn from_toml(text: &str, path: &str) -> Result<Self, SheetError> {
         let located = SheetText { text, path };

@@ -1,0 +1,11 @@
+-- What a customer has spent so far: the total of their latest rated snapshot
+-- (rated_usage, migration 0003) in their latest billing period. When a period
+-- was rated under several sheet checksums (a re-rating), the most recently
+-- rated snapshot wins. Parameters: customer, customer.
+SELECT toUInt32(as_of) AS as_of_unix, sum(amount) AS total
+FROM rated_usage FINAL
+WHERE customer = ?
+  AND period_start = (SELECT max(period_start) FROM rated_usage WHERE customer = ?)
+GROUP BY as_of, sheet_checksum
+ORDER BY as_of DESC, max(rated_at) DESC
+LIMIT 1
