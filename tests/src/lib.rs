@@ -261,25 +261,34 @@ impl RunningIngest {
 
     /// Current value of a counter metric, 0 if absent.
     pub fn counter(&self, name: &str) -> u64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|family| family.name() == name)
-            .flat_map(|family| family.get_metric().iter())
-            .map(|metric| metric.get_counter().get_value() as u64)
-            .sum()
+        counter_in(&self.registry, name)
     }
 
     /// Current value of a gauge of this worker's registry (0 if absent).
     pub fn gauge(&self, name: &str) -> i64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|family| family.name() == name)
-            .flat_map(|family| family.get_metric().iter())
-            .map(|metric| metric.get_gauge().get_value() as i64)
-            .sum()
+        metric_sum(&self.registry, name, |metric| {
+            metric.get_gauge().get_value()
+        }) as i64
     }
+}
+
+/// Sum of a counter family's values in `registry`, 0 if absent.
+pub fn counter_in(registry: &prometheus::Registry, name: &str) -> u64 {
+    metric_sum(registry, name, |metric| metric.get_counter().get_value()) as u64
+}
+
+fn metric_sum(
+    registry: &prometheus::Registry,
+    name: &str,
+    value: impl Fn(&prometheus::proto::Metric) -> f64,
+) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter())
+        .map(value)
+        .sum()
 }
 
 /// A running sandbox's sample with the given counters; everything else fixed.

@@ -16,7 +16,7 @@ use idlemeter_policy::webhook::{DELIVERY_HEADER, SIGNATURE_HEADER};
 use idlemeter_policy::{verify, PolicyConfig, PolicyService};
 use idlemeter_proto::{decode_command, encode_node_batch, v1};
 use idlemeter_store::{to_column, RatedLineRow};
-use idlemeter_tests::{sample, TestEnv};
+use idlemeter_tests::{counter_in, sample, TestEnv};
 use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 use rust_decimal::Decimal;
@@ -70,13 +70,7 @@ struct Running {
 
 impl Running {
     fn counter(&self, name: &str) -> u64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|family| family.name() == name)
-            .flat_map(|family| family.get_metric().iter())
-            .map(|metric| metric.get_counter().get_value() as u64)
-            .sum()
+        counter_in(&self.registry, name)
     }
 }
 
@@ -166,6 +160,22 @@ async fn commands(env: &TestEnv, expected: usize) -> anyhow::Result<Vec<v1::Sand
         found.push(decode_command(message.payload().unwrap_or_default())?);
     }
     Ok(found)
+}
+
+/// (sandbox, seconds after start()) of every stored decision, in time order.
+async fn decision_times(env: &TestEnv) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(env
+        .store
+        .decisions_of("acme")
+        .await?
+        .iter()
+        .map(|row| {
+            (
+                row.sandbox.clone(),
+                (row.at_ms - start().timestamp_millis()) / 1000,
+            )
+        })
+        .collect())
 }
 
 async fn ensure_topics(env: &TestEnv) -> anyhow::Result<()> {
@@ -279,16 +289,7 @@ async fn a_killed_and_restarted_service_decides_at_the_same_instant() -> anyhow:
         Ok(second.counter("idlemeter_policy_samples_observed_total") >= 40)
     })
     .await?;
-    let rows = env.store.decisions_of("acme").await?;
-    let times: Vec<(String, i64)> = rows
-        .iter()
-        .map(|row| {
-            (
-                row.sandbox.clone(),
-                (row.at_ms - start().timestamp_millis()) / 1000,
-            )
-        })
-        .collect();
+    let times = decision_times(&env).await?;
     assert_eq!(
         times,
         vec![("sbx-idle".to_owned(), 30)],
@@ -337,15 +338,7 @@ async fn a_lease_on_kafka_holds_the_sandbox_until_it_expires() -> anyhow::Result
     })
     .await?;
     let rows = env.store.decisions_of("acme").await?;
-    let times: Vec<(String, i64)> = rows
-        .iter()
-        .map(|row| {
-            (
-                row.sandbox.clone(),
-                (row.at_ms - start().timestamp_millis()) / 1000,
-            )
-        })
-        .collect();
+    let times = decision_times(&env).await?;
     // Held until 60 s, then the 30 s window: 90 s, not 30 s.
     assert_eq!(times, vec![("sbx-idle".to_owned(), 90)]);
     assert!(

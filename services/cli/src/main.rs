@@ -32,6 +32,10 @@ enum Command {
     Rater,
     /// Run the idle-suspend policy service: samples in, suspend commands and decisions out.
     Policy,
+    /// Run the invoicing scheduler: close each ended billing period into invoices.
+    Invoicer,
+    /// Close a period, show or preview invoices (finance's tools).
+    Invoices(commands::invoices::InvoicesArgs),
     /// Run the node collector: sample sandbox cgroups, ship node batches, act on commands.
     Collector,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
@@ -71,6 +75,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Rater => commands::rater(&settings).await,
             Command::Collector => commands::collector(&settings).await,
             Command::Policy => commands::policy(&settings).await,
+            Command::Invoicer => commands::invoices::service(&settings).await,
+            Command::Invoices(args) => commands::invoices::run(&settings, args).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
                 println!("{}", serde_json::to_string_pretty(&settings)?);

@@ -10,6 +10,7 @@ use figment::Figment;
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_collector::CollectorConfig;
 use idlemeter_ingest::IngestConfig;
+use idlemeter_invoicer::InvoicerConfig;
 use idlemeter_policy::PolicyConfig;
 use idlemeter_rater::RaterConfig;
 use idlemeter_store::ClickHouseSettings;
@@ -26,6 +27,7 @@ pub struct Settings {
     pub rater: RaterConfig,
     pub collector: CollectorConfig,
     pub policy: PolicyConfig,
+    pub invoicer: InvoicerConfig,
     pub metrics: MetricsSettings,
 }
 
@@ -55,6 +57,7 @@ impl Default for Settings {
             rater: RaterConfig::default(),
             collector: CollectorConfig::default(),
             policy: PolicyConfig::default(),
+            invoicer: InvoicerConfig::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
             },

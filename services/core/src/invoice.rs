@@ -41,6 +41,22 @@ pub enum LineKind {
     Fee,
     /// A credit applied against the period's charges (a negative amount).
     Credit,
+    /// Usage of an earlier, already invoiced period that arrived after it
+    /// closed (or a correction of it), billed on this invoice.
+    Adjustment,
+}
+
+impl LineKind {
+    /// The name used in JSON and in ClickHouse columns.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineKind::Usage => "usage",
+            LineKind::Included => "included",
+            LineKind::Fee => "fee",
+            LineKind::Credit => "credit",
+            LineKind::Adjustment => "adjustment",
+        }
+    }
 }
 
 /// One line of a customer's bill. Every number serializes as a decimal string.
@@ -83,10 +99,24 @@ pub struct CustomerBill {
     pub subtotal: Decimal,
     /// Sum of the fee lines.
     pub fees: Decimal,
+    /// Sum of the adjustment lines (late usage of earlier periods).
+    pub adjustments: Decimal,
     /// Sum of the credit lines (zero or negative).
     pub credits: Decimal,
-    /// `subtotal + fees + credits`, the sum of every line, never negative.
+    /// `subtotal + fees + adjustments + credits`, the sum of every line;
+    /// never negative unless a negative adjustment exceeds every charge.
     pub total: Decimal,
+}
+
+/// Late usage of an earlier period, to bill on this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    /// The earlier period's start; the line is named after it.
+    pub period_start: DateTime<Utc>,
+    /// Already rounded to the currency's minor unit.
+    pub amount: Decimal,
+    /// Why, for people: `usage of 2026-10 re-rated: 67.74 -> 70.11`.
+    pub note: String,
 }
 
 /// What the invoicer knows that a sheet cannot: how much of each customer's
@@ -95,6 +125,9 @@ pub struct CustomerBill {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BillingOptions {
     pub one_time_credit_left: BTreeMap<CustomerId, Decimal>,
+    /// Adjustments to bill on this period, per customer. They are payable
+    /// like usage: credits apply to them too.
+    pub adjustments: BTreeMap<CustomerId, Vec<Adjustment>>,
 }
 
 /// Prices one customer's rated usage into a bill.
@@ -116,15 +149,27 @@ pub fn bill_customer(
         .into_iter()
         .collect();
     let fees = pricer.sum(&fee_lines)?;
-    let payable = pricer.add(subtotal, fees)?;
-    let credit_lines = pricer.credit_lines(payable, options)?;
+    let adjustment_lines: Vec<InvoiceLine> = options
+        .adjustments
+        .get(&usage.customer)
+        .map(|adjustments| {
+            adjustments
+                .iter()
+                .map(|adjustment| pricer.adjustment_line(adjustment))
+                .collect()
+        })
+        .unwrap_or_default();
+    let adjustments = pricer.sum(&adjustment_lines)?;
+    let payable = pricer.add(pricer.add(subtotal, fees)?, adjustments)?;
+    let credit_lines = pricer.credit_lines(payable.max(Decimal::ZERO), options)?;
     let credits = pricer.sum(&credit_lines)?;
     lines.extend(fee_lines);
+    lines.extend(adjustment_lines);
     lines.extend(credit_lines);
     let total = pricer.add(payable, credits)?;
     pricer.check_sum("total", pricer.sum(&lines)?, total)?;
     debug_assert!(
-        !total.is_sign_negative() || total.is_zero(),
+        !total.is_sign_negative() || total.is_zero() || adjustments.is_sign_negative(),
         "credits never exceed the payable amount"
     );
     Ok(CustomerBill {
@@ -133,6 +178,7 @@ pub fn bill_customer(
         lines,
         subtotal,
         fees,
+        adjustments,
         credits,
         total,
     })
@@ -295,6 +341,23 @@ impl LinePricer<'_> {
             lines.push(self.credit_line(kind, applied, available));
         }
         Ok(lines)
+    }
+
+    fn adjustment_line(&self, adjustment: &Adjustment) -> InvoiceLine {
+        let amount = self.rule().round(adjustment.amount, self.digits());
+        InvoiceLine {
+            kind: LineKind::Adjustment,
+            resource: format!("adjustment.{}", adjustment.period_start.format("%Y-%m-%d")),
+            quantity: Decimal::ONE,
+            unit: "adjustment".to_owned(),
+            unit_price: amount,
+            amount,
+            price_version: Some(adjustment.period_start),
+            tier: None,
+            quantity_base: None,
+            base_unit: None,
+            credit_available: None,
+        }
     }
 
     fn credit_line(&self, kind: CreditKind, applied: Decimal, available: Decimal) -> InvoiceLine {

@@ -29,7 +29,7 @@ pub mod sample;
 
 pub use error::{Error, LineError, Result};
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};
-pub use invoice::{BillingOptions, CustomerBill, InvoiceLine, LineKind};
+pub use invoice::{Adjustment, BillingOptions, CustomerBill, InvoiceLine, LineKind};
 pub use money::{Currency, Money, RoundingRule};
 pub use pricing::{PriceSheet, SheetError};
 pub use rating::{rate_samples, IdlePolicy, NumberedSample, RatedUsage, SessionOrConnection};

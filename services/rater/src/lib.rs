@@ -23,7 +23,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use idlemeter_core::invoice::{CustomerBill, InvoiceLine, LineKind};
+use idlemeter_core::invoice::{CustomerBill, InvoiceLine};
 use idlemeter_core::policy::{Policy, PolicyIdle};
 use idlemeter_core::{
     rate_report, BillingOptions, CustomerId, IdlePolicy, NumberedSample, PriceSheet,
@@ -331,7 +331,7 @@ impl Rater {
             idle_policy: idle_policy.to_owned(),
             currency: currency.to_owned(),
             line_no: u16::try_from(line_no).unwrap_or(u16::MAX),
-            kind: line_kind(line.kind).to_owned(),
+            kind: line.kind.as_str().to_owned(),
             resource: line.resource.clone(),
             price_version: line
                 .price_version
@@ -367,7 +367,7 @@ impl Rater {
         for line in &bill.lines {
             let old = old_lines
                 .iter()
-                .find(|old| old.resource == line.resource && old.kind == line_kind(line.kind));
+                .find(|old| old.resource == line.resource && old.kind == line.kind.as_str());
             let mut old_amount = match old {
                 Some(old) => idlemeter_store::from_column(old.amount)?,
                 None => Decimal::ZERO,
@@ -378,7 +378,7 @@ impl Rater {
             if old_amount != line.amount {
                 differences.push(format!(
                     "{} {}: {} -> {} (unit price {})",
-                    line_kind(line.kind),
+                    line.kind.as_str(),
                     line.resource,
                     old_amount,
                     line.amount,
@@ -390,7 +390,7 @@ impl Rater {
             if !bill
                 .lines
                 .iter()
-                .any(|line| line.resource == old.resource && line_kind(line.kind) == old.kind)
+                .any(|line| line.resource == old.resource && line.kind.as_str() == old.kind)
             {
                 let old_amount = idlemeter_store::from_column(old.amount)?.normalize();
                 differences.push(format!(
@@ -447,15 +447,6 @@ impl Rater {
                 Err(error) => tracing::warn!(%error, "rating pass failed; retrying next tick"),
             }
         }
-    }
-}
-
-fn line_kind(kind: LineKind) -> &'static str {
-    match kind {
-        LineKind::Usage => "usage",
-        LineKind::Included => "included",
-        LineKind::Fee => "fee",
-        LineKind::Credit => "credit",
     }
 }
 

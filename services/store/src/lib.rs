@@ -8,6 +8,7 @@
 //! `RowBinaryWithNamesAndTypes` format that 18.16 lacks; the row structs here are
 //! checked against the migrations by the integration tests instead.
 
+mod invoices;
 mod migrate;
 mod policy;
 mod rated;
@@ -16,6 +17,7 @@ mod usage;
 
 use serde::Deserialize;
 
+pub use invoices::{InvoiceLineRow, InvoiceRow};
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};
 pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{

@@ -33,6 +33,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0002_usage_hourly.sql"),
     migration!("0003_rated_usage.sql"),
     migration!("0004_policy.sql"),
+    migration!("0005_invoices.sql"),
 ];
 
 impl Migration {

@@ -39,6 +39,15 @@ pub struct CustomerUsage {
 }
 
 impl CustomerUsage {
+    /// A customer who used nothing under `sheet` (a period with only a fee).
+    pub fn nothing(customer: CustomerId, sheet: &PriceSheet) -> Self {
+        Self {
+            customer,
+            slot_count: sheet.slot_count(),
+            quantities: vec![0; sheet.versions().len() * sheet.slot_count()],
+        }
+    }
+
     /// Base-unit quantity rated for a resource under a price version.
     pub fn quantity(&self, version: usize, slot: ResourceSlot) -> u128 {
         self.quantities

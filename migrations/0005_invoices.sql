@@ -1,0 +1,53 @@
+-- Invoices: a closed billing period made final, numbered without gaps per
+-- issuer, never changed once issued.
+--
+-- invoice_lines are written first, then the invoices header row: a header is
+-- the invoice's commit marker. A run that crashes between the two leaves lines
+-- without a header; the rerun computes the same invoice with the same number
+-- and its identical lines collapse (ReplacingMergeTree on the line's key). A
+-- header is written once: the invoicer never issues a (issuer, customer,
+-- period, currency) that has one. Money is Decimal(38, 12), already rounded to
+-- the currency's minor unit.
+CREATE TABLE IF NOT EXISTS invoice_lines
+(
+    issuer String,
+    number UInt64,
+    line_no UInt16,
+    customer String,
+    kind String,
+    resource String,
+    quantity Decimal(38, 12),
+    unit String,
+    unit_price Decimal(38, 12),
+    amount Decimal(38, 12),
+    -- The period an adjustment line bills usage of (else the invoice's own).
+    for_period DateTime,
+    note String
+)
+ENGINE = ReplacingMergeTree()
+ORDER BY (issuer, number, line_no);
+
+CREATE TABLE IF NOT EXISTS invoices
+(
+    issuer String,
+    number UInt64,
+    customer String,
+    period_start DateTime,
+    period_end DateTime,
+    currency String,
+    plan String,
+    sheet String,
+    sheet_checksum String,
+    subtotal Decimal(38, 12),
+    fees Decimal(38, 12),
+    adjustments Decimal(38, 12),
+    credits Decimal(38, 12),
+    tax_rate Decimal(38, 12),
+    tax Decimal(38, 12),
+    total Decimal(38, 12),
+    -- One-time credit left after this invoice; -1 when the plan has none.
+    one_time_credit_left Decimal(38, 12),
+    issued_at DateTime
+)
+ENGINE = ReplacingMergeTree()
+ORDER BY (issuer, customer, period_start, currency);

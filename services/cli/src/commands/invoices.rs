@@ -1,0 +1,162 @@
+//! `idlemeter invoices`: finance's tools over the invoicer. `close` issues a
+//! period's invoices (or, with `--dry-run`, shows what it would issue and how
+//! already issued ones would differ now); `show` prints one invoice as JSON,
+//! CSV or HTML; `preview` prints a draft of a customer's open period.
+
+use std::io::Write;
+
+use anyhow::Context;
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use idlemeter_invoicer::{to_csv, to_html, to_json, Invoice, Invoicer};
+use idlemeter_store::Store;
+
+use crate::settings::Settings;
+
+#[derive(Debug, clap::Args)]
+pub struct InvoicesArgs {
+    #[command(subcommand)]
+    command: InvoicesCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum InvoicesCommand {
+    /// Issue the invoices of a closed period: `--period 2026-10` (monthly) or `2026-10-05` (daily).
+    Close {
+        #[arg(long)]
+        period: String,
+        /// Compute and print, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print one issued invoice.
+    Show {
+        #[arg(long)]
+        number: u64,
+        #[arg(long, default_value = "json")]
+        format: Format,
+    },
+    /// Print a draft of a customer's open period (never stored).
+    Preview {
+        #[arg(long)]
+        customer: String,
+        #[arg(long, default_value = "json")]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Json,
+    Csv,
+    Html,
+}
+
+fn render(invoice: &Invoice, format: Format) -> String {
+    match format {
+        Format::Json => to_json(invoice),
+        Format::Csv => to_csv(invoice),
+        Format::Html => to_html(invoice),
+    }
+}
+
+fn parse_period(text: &str) -> anyhow::Result<DateTime<Utc>> {
+    let date = NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .or_else(|_| NaiveDate::parse_from_str(&format!("{text}-01"), "%Y-%m-%d"))
+        .with_context(|| format!("--period {text:?}: expected YYYY-MM or YYYY-MM-DD"))?;
+    Ok(Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight exists")))
+}
+
+fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
+    let config = settings.invoicer.clone();
+    let sheet = std::fs::read_to_string(&config.sheet)
+        .with_context(|| format!("reading price sheet {}", config.sheet))?;
+    let policy = if config.idle_policy.is_empty() {
+        None
+    } else {
+        Some(
+            std::fs::read_to_string(&config.idle_policy)
+                .with_context(|| format!("reading idle policy {}", config.idle_policy))?,
+        )
+    };
+    Ok(Invoicer::new(
+        Store::new(&settings.clickhouse),
+        &sheet,
+        policy.as_deref(),
+        config,
+    )?)
+}
+
+pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> {
+    let invoicer = invoicer(settings)?;
+    match args.command {
+        InvoicesCommand::Close { period, dry_run } => {
+            let start = parse_period(&period)?;
+            let step = std::sync::atomic::AtomicUsize::new(0);
+            let progress = |done: usize, total: usize| {
+                // About a hundred updates whatever the size.
+                let every = (total / 100).max(1);
+                if done.is_multiple_of(every) || done == total {
+                    step.store(done, std::sync::atomic::Ordering::Relaxed);
+                    eprint!("\rinvoices: {done}/{total} customers computed");
+                    let _ = std::io::stderr().flush();
+                }
+            };
+            let outcome = invoicer
+                .close_period(start, Utc::now(), dry_run, &progress)
+                .await?;
+            if step.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                eprintln!();
+            }
+            let verb = if dry_run { "would issue" } else { "issued" };
+            eprintln!(
+                "invoices: {verb} {}, {} already issued, {} customers with nothing to bill",
+                outcome.issued.len(),
+                outcome.already_issued.len(),
+                outcome.nothing_to_bill
+            );
+            for (number, customer, issued, now) in &outcome.differences {
+                eprintln!(
+                    "invoices: #{number} ({customer}) was issued at {issued}; re-rated now it would be {now}: the next invoice carries the difference as an adjustment"
+                );
+            }
+            let summary: Vec<serde_json::Value> = outcome
+                .issued
+                .iter()
+                .map(|invoice| {
+                    serde_json::json!({
+                        "number": invoice.number,
+                        "customer": invoice.customer,
+                        "total": invoice.total.to_string(),
+                        "currency": invoice.currency,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        InvoicesCommand::Show { number, format } => {
+            let store = Store::new(&settings.clickhouse);
+            let issuer = &settings.invoicer.issuer;
+            let header = store
+                .invoices(issuer)
+                .await?
+                .into_iter()
+                .find(|row| row.number == number)
+                .with_context(|| format!("no invoice {number} from {issuer}"))?;
+            let lines = store.invoice_lines(issuer, number).await?;
+            print!("{}", render(&Invoice::from_rows(&header, &lines)?, format));
+        }
+        InvoicesCommand::Preview { customer, format } => {
+            match invoicer.preview(&customer, Utc::now()).await? {
+                Some(invoice) => print!("{}", render(&invoice, format)),
+                None => eprintln!("invoices: nothing to bill for {customer} in the open period"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn service(settings: &Settings) -> anyhow::Result<()> {
+    let invoicer = invoicer(settings)?;
+    invoicer.run_until_stopped(super::shutdown_signal()).await?;
+    Ok(())
+}

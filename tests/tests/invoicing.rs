@@ -1,0 +1,364 @@
+//! Invoicing against a real ClickHouse: credits across months, monthly credits
+//! that reset, late usage as an adjustment on the next invoice (the issued one
+//! unchanged), idempotent reruns and concurrent runs without double issue.
+
+use chrono::{DateTime, TimeZone, Utc};
+use idlemeter_core::{
+    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+};
+use idlemeter_invoicer::{Invoice, Invoicer, InvoicerConfig};
+use idlemeter_rater::Period;
+use idlemeter_tests::TestEnv;
+use rust_decimal::Decimal;
+
+fn at(year: i32, month: u32, day: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(year, month, day, 0, 0, 0)
+        .single()
+        .expect("valid date")
+}
+
+/// A running sample of `sandbox` with `vcpu_milli` allocated; the counters
+/// only need to rise (allocation-based sheets bill allocation x time).
+fn sample(
+    customer: &str,
+    sandbox: &str,
+    epoch: u64,
+    seq: u64,
+    ts: DateTime<Utc>,
+    vcpu_milli: u32,
+) -> UsageSample {
+    UsageSample {
+        customer: CustomerId::parse(customer).expect("id"),
+        node: NodeId::parse("node-1").expect("id"),
+        sandbox: SandboxId::parse(sandbox).expect("id"),
+        epoch: Epoch(epoch),
+        seq,
+        ts,
+        state: LifecycleState::Running,
+        vcpu: VcpuMillis(vcpu_milli),
+        mem_bytes: 0,
+        gpu_model: None,
+        gpu_count: 0,
+        disk_bytes: 0,
+        cpu_used_usec: seq * 1_000,
+        net_rx_bytes: 0,
+        net_tx_bytes: 0,
+        vcpu_alloc_usec: seq * 1_000_000,
+        mem_alloc_kib_ms: 0,
+        mem_used_kib_ms: 0,
+        gpu_alloc_ms: 0,
+        disk_mib_ms: 0,
+        api_calls: 0,
+        mem_used_bytes: 0,
+        exec_sessions: 1,
+        open_conns: 0,
+    }
+}
+
+/// $1 per vCPU-hour, no plan: amounts are easy to check by hand.
+const SIMPLE_SHEET: &str = r#"
+[sheet]
+platform = "test"
+currency = "USD"
+line_rounding = "half_up"
+
+[[versions]]
+effective_from = 2020-01-01T00:00:00Z
+
+[versions.resources.vcpu]
+unit = "vcpu-hour"
+unit_price = "1"
+basis = "allocated"
+increment_seconds = 1
+idle = "billed"
+"#;
+
+fn invoicer(
+    env: &TestEnv,
+    sheet_path: &str,
+    sheet: &str,
+    lock: &std::path::Path,
+) -> anyhow::Result<Invoicer> {
+    Ok(Invoicer::new(
+        env.store.clone(),
+        sheet,
+        None,
+        InvoicerConfig {
+            issuer: "acme-cloud".to_owned(),
+            sheet: sheet_path.to_owned(),
+            period: Period::Month,
+            lock_file: lock.display().to_string(),
+            ..InvoicerConfig::default()
+        },
+    )?)
+}
+
+fn amount(invoice: &Invoice, resource: &str) -> Decimal {
+    invoice
+        .lines
+        .iter()
+        .filter(|line| line.resource == resource)
+        .map(|line| line.amount)
+        .sum()
+}
+
+fn never_billed(_: usize, _: usize) {}
+
+const NOW: fn() -> DateTime<Utc> = || at(2027, 1, 5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_hobby_credit_is_consumed_across_months_and_never_goes_negative() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("invoice_e2b_credit").await?;
+    let lock = tempfile::tempdir()?;
+    // October: 2 vCPU for 28 days = 4,838,400 vCPU-s x $0.000014 = $67.7376 -> $67.74.
+    // November: 2 vCPU for 21 days = 3,628,800 vCPU-s -> $50.8032 -> $50.80.
+    // December: 2 vCPU for 1 day = 172,800 vCPU-s -> $2.4192 -> $2.42.
+    let samples = [
+        sample("hobby-1", "sbx", 1, 1, at(2026, 10, 1), 2000),
+        sample("hobby-1", "sbx", 1, 2, at(2026, 10, 29), 2000),
+        sample("hobby-1", "sbx", 2, 1, at(2026, 11, 1), 2000),
+        sample("hobby-1", "sbx", 2, 2, at(2026, 11, 22), 2000),
+        sample("hobby-1", "sbx", 3, 1, at(2026, 12, 1), 2000),
+        sample("hobby-1", "sbx", 3, 2, at(2026, 12, 2), 2000),
+    ];
+    env.store.insert_samples(&samples).await?;
+    let sheet =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../prices/e2b.toml"))?;
+    let invoicer = invoicer(&env, "prices/e2b.toml", &sheet, &lock.path().join("lock"))?;
+
+    let mut invoices = Vec::new();
+    for month in [10, 11, 12] {
+        let outcome = invoicer
+            .close_period(at(2026, month, 1), NOW(), false, &never_billed)
+            .await?;
+        assert_eq!(outcome.issued.len(), 1, "month {month}");
+        invoices.push(outcome.issued[0].clone());
+    }
+    let [october, november, december] = [&invoices[0], &invoices[1], &invoices[2]];
+    let cents = |value: &str| -> Decimal { value.parse().expect("decimal") };
+
+    assert_eq!(amount(october, "vcpu"), cents("67.74"));
+    assert_eq!(amount(october, "credit.one_time"), cents("-67.74"));
+    assert_eq!(october.total, Decimal::ZERO);
+    assert_eq!(october.one_time_credit_left, cents("32.26"));
+
+    assert_eq!(amount(november, "vcpu"), cents("50.80"));
+    assert_eq!(
+        amount(november, "credit.one_time"),
+        cents("-32.26"),
+        "only what was left"
+    );
+    assert_eq!(november.total, cents("18.54"));
+    assert_eq!(november.one_time_credit_left, Decimal::ZERO);
+
+    assert_eq!(amount(december, "vcpu"), cents("2.42"));
+    assert_eq!(amount(december, "credit.one_time"), Decimal::ZERO);
+    assert_eq!(december.total, cents("2.42"));
+    for invoice in &invoices {
+        assert!(invoice.one_time_credit_left >= Decimal::ZERO);
+        assert!(invoice.total >= Decimal::ZERO);
+        let lines: Decimal = invoice.lines.iter().map(|line| line.amount).sum();
+        assert_eq!(lines, invoice.total, "lines add up to the total");
+    }
+    // Numbers without gaps, and what is stored reads back identically.
+    let numbers: Vec<u64> = invoices.iter().map(|invoice| invoice.number).collect();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    for invoice in &invoices {
+        let stored = read_back(&env, invoice.number).await?;
+        assert_eq!(stored.normalized(), invoice.normalized());
+    }
+    Ok(())
+}
+
+async fn read_back(env: &TestEnv, number: u64) -> anyhow::Result<Invoice> {
+    let header = env
+        .store
+        .invoices("acme-cloud")
+        .await?
+        .into_iter()
+        .find(|row| row.number == number)
+        .ok_or_else(|| anyhow::anyhow!("invoice {number} not stored"))?;
+    let lines = env.store.invoice_lines("acme-cloud", number).await?;
+    Ok(Invoice::from_rows(&header, &lines)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modal_monthly_credit_resets_every_month() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_modal_credit").await?;
+    let lock = tempfile::tempdir()?;
+    // 8 vCPU for 10 days each month: far more than the $30 monthly credit.
+    let samples = [
+        sample("starter-1", "sbx", 1, 1, at(2026, 10, 1), 8000),
+        sample("starter-1", "sbx", 1, 2, at(2026, 10, 11), 8000),
+        sample("starter-1", "sbx", 2, 1, at(2026, 11, 1), 8000),
+        sample("starter-1", "sbx", 2, 2, at(2026, 11, 11), 8000),
+    ];
+    env.store.insert_samples(&samples).await?;
+    let sheet =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../prices/modal.toml"))?;
+    let invoicer = invoicer(&env, "prices/modal.toml", &sheet, &lock.path().join("lock"))?;
+    for month in [10, 11] {
+        let outcome = invoicer
+            .close_period(at(2026, month, 1), NOW(), false, &never_billed)
+            .await?;
+        let invoice = &outcome.issued[0];
+        assert!(invoice.subtotal > Decimal::from(30), "{}", invoice.subtotal);
+        assert_eq!(
+            amount(invoice, "credit.monthly"),
+            Decimal::from(-30),
+            "month {month}"
+        );
+        assert_eq!(
+            invoice.total,
+            invoice.subtotal + invoice.fees - Decimal::from(30)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_usage_is_an_adjustment_on_the_next_invoice_and_the_issued_one_never_changes(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_late").await?;
+    let lock = tempfile::tempdir()?;
+    // October: 1 vCPU from the 1st to the 11th = 240 vCPU-hours = $240.
+    env.store
+        .insert_samples(&[
+            sample("late-1", "sbx", 1, 1, at(2026, 10, 1), 1000),
+            sample("late-1", "sbx", 1, 2, at(2026, 10, 11), 1000),
+        ])
+        .await?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let october = invoicer
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert_eq!(october.total, Decimal::from(240));
+    let october_stored = read_back(&env, october.number).await?;
+
+    // A sample of October arrives after the close (10 more days: $240 more),
+    // and November has 1 day of its own ($24).
+    env.store
+        .insert_samples(&[
+            sample("late-1", "sbx", 1, 3, at(2026, 10, 21), 1000),
+            sample("late-1", "sbx", 2, 1, at(2026, 11, 1), 1000),
+            sample("late-1", "sbx", 2, 2, at(2026, 11, 2), 1000),
+        ])
+        .await?;
+    // Rerunning October's close changes nothing: it is issued.
+    let rerun = invoicer
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?;
+    assert!(rerun.issued.is_empty());
+    assert_eq!(rerun.already_issued.len(), 1);
+    // A dry run says what a re-issue would total now.
+    let dry = invoicer
+        .close_period(at(2026, 10, 1), NOW(), true, &never_billed)
+        .await?;
+    assert_eq!(
+        dry.differences,
+        vec![(
+            october.number,
+            "late-1".to_owned(),
+            Decimal::from(240),
+            Decimal::from(480)
+        )]
+    );
+
+    let november = invoicer
+        .close_period(at(2026, 11, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert_eq!(amount(&november, "vcpu"), Decimal::from(24));
+    let adjustment = november
+        .lines
+        .iter()
+        .find(|line| line.kind == "adjustment")
+        .expect("an adjustment line");
+    assert_eq!(adjustment.amount, Decimal::from(240));
+    assert_eq!(adjustment.resource, "adjustment.2026-10-01");
+    assert_eq!(adjustment.for_period, at(2026, 10, 1));
+    assert_eq!(november.total, Decimal::from(264));
+    assert_eq!(november.number, october.number + 1);
+    assert_eq!(
+        read_back(&env, october.number).await?,
+        october_stored,
+        "issued invoices never change"
+    );
+
+    // December, with no new late usage: no second adjustment for October.
+    env.store
+        .insert_samples(&[
+            sample("late-1", "sbx", 3, 1, at(2026, 12, 1), 1000),
+            sample("late-1", "sbx", 3, 2, at(2026, 12, 2), 1000),
+        ])
+        .await?;
+    let december = invoicer
+        .close_period(at(2026, 12, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert!(
+        december.lines.iter().all(|line| line.kind != "adjustment"),
+        "{:?}",
+        december.lines
+    );
+    assert_eq!(december.total, Decimal::from(24));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_and_repeated_runs_issue_each_invoice_once_without_gaps() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_concurrent").await?;
+    let lock = tempfile::tempdir()?;
+    let customers = 40;
+    let samples: Vec<UsageSample> = (0..customers)
+        .flat_map(|index| {
+            let customer = format!("cust-{index:03}");
+            [
+                sample(&customer, "sbx", 1, 1, at(2026, 10, 1), 1000),
+                sample(
+                    &customer,
+                    "sbx",
+                    1,
+                    2,
+                    at(2026, 10, 2) + chrono::Duration::hours(index),
+                    1000,
+                ),
+            ]
+        })
+        .collect();
+    env.store.insert_samples(&samples).await?;
+    let one = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let two = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let (first, second) = tokio::join!(
+        one.close_period(at(2026, 10, 1), NOW(), false, &never_billed),
+        two.close_period(at(2026, 10, 1), NOW(), false, &never_billed),
+    );
+    let (first, second) = (first?, second?);
+    assert_eq!(first.issued.len() + second.issued.len(), customers as usize);
+    let third = one
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?;
+    assert!(third.issued.is_empty());
+    let stored = env.store.invoices("acme-cloud").await?;
+    let mut numbers: Vec<u64> = stored.iter().map(|row| row.number).collect();
+    numbers.sort_unstable();
+    assert_eq!(
+        numbers,
+        (1..=customers as u64).collect::<Vec<_>>(),
+        "one invoice each, no gaps"
+    );
+    // Numbered in customer order: cust-000 is 1, cust-039 is 40; each bills
+    // 24 + index vCPU-hours.
+    for row in &stored {
+        let index: i64 = row.customer["cust-".len()..].parse()?;
+        assert_eq!(row.number, index as u64 + 1);
+        let invoice = read_back(&env, row.number).await?;
+        assert_eq!(invoice.total, Decimal::from(24 + index));
+    }
+    Ok(())
+}
