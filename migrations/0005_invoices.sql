@@ -3,11 +3,13 @@
 --
 -- invoice_lines are written first, then the invoices header row: a header is
 -- the invoice's commit marker. A run that crashes between the two leaves lines
--- without a header; the rerun computes the same invoice with the same number
--- and its identical lines collapse (ReplacingMergeTree on the line's key). A
--- header is written once: the invoicer never issues a (issuer, customer,
--- period, currency) that has one. Money is Decimal(38, 12), already rounded to
--- the currency's minor unit.
+-- without a header. The rerun writes its lines for the same (number, customer)
+-- with a later written_ms, which replaces them line by line; readers take only
+-- the header's customer and its first line_count lines, so a leftover line of
+-- the crashed run (a longer invoice, another customer) is never read. A header
+-- is written once: the invoicer never issues a (issuer, customer, period,
+-- currency) that has one. Money is Decimal(38, 12), already rounded to the
+-- currency's minor unit.
 CREATE TABLE IF NOT EXISTS invoice_lines
 (
     issuer String,
@@ -22,10 +24,11 @@ CREATE TABLE IF NOT EXISTS invoice_lines
     amount Decimal(38, 12),
     -- The period an adjustment line bills usage of (else the invoice's own).
     for_period DateTime,
-    note String
+    note String,
+    written_ms UInt64
 )
-ENGINE = ReplacingMergeTree()
-ORDER BY (issuer, number, line_no);
+ENGINE = ReplacingMergeTree(written_ms)
+ORDER BY (issuer, number, customer, line_no);
 
 CREATE TABLE IF NOT EXISTS invoices
 (
@@ -47,6 +50,7 @@ CREATE TABLE IF NOT EXISTS invoices
     total Decimal(38, 12),
     -- One-time credit left after this invoice; -1 when the plan has none.
     one_time_credit_left Decimal(38, 12),
+    line_count UInt16,
     issued_at DateTime
 )
 ENGINE = ReplacingMergeTree()

@@ -8,6 +8,7 @@ use idlemeter_core::{
 };
 use idlemeter_invoicer::{Invoice, Invoicer, InvoicerConfig};
 use idlemeter_rater::Period;
+use idlemeter_store::{to_column, InvoiceLineRow};
 use idlemeter_tests::TestEnv;
 use rust_decimal::Decimal;
 
@@ -179,7 +180,7 @@ async fn read_back(env: &TestEnv, number: u64) -> anyhow::Result<Invoice> {
         .into_iter()
         .find(|row| row.number == number)
         .ok_or_else(|| anyhow::anyhow!("invoice {number} not stored"))?;
-    let lines = env.store.invoice_lines("acme-cloud", number).await?;
+    let lines = env.store.invoice_lines(&header).await?;
     Ok(Invoice::from_rows(&header, &lines)?)
 }
 
@@ -360,5 +361,63 @@ async fn concurrent_and_repeated_runs_issue_each_invoice_once_without_gaps() -> 
         let invoice = read_back(&env, row.number).await?;
         assert_eq!(invoice.total, Decimal::from(24 + index));
     }
+    Ok(())
+}
+
+/// A run killed between writing lines and writing headers leaves lines without
+/// a header. Here that crashed run is written by hand, and made as awkward as
+/// possible: invoice 1 with more lines than the rerun will give it, and
+/// invoice 2 for a customer the rerun numbers differently. The rerun's
+/// invoices read back exactly as computed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_left_by_a_crashed_run_never_leak_into_issued_invoices() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_orphans").await?;
+    let lock = tempfile::tempdir()?;
+    env.store
+        .insert_samples(&[
+            sample("a-cust", "sbx", 1, 1, at(2026, 10, 1), 1000),
+            sample("a-cust", "sbx", 1, 2, at(2026, 10, 2), 1000),
+            sample("b-cust", "sbx", 1, 1, at(2026, 10, 1), 1000),
+            sample("b-cust", "sbx", 1, 2, at(2026, 10, 3), 1000),
+        ])
+        .await?;
+    let orphan = |number: u64, customer: &str, line_no: u16| -> anyhow::Result<InvoiceLineRow> {
+        Ok(InvoiceLineRow {
+            issuer: "acme-cloud".to_owned(),
+            number,
+            line_no,
+            customer: customer.to_owned(),
+            kind: "usage".to_owned(),
+            resource: "vcpu".to_owned(),
+            quantity: to_column(Decimal::from(999))?,
+            unit: "vcpu-hour".to_owned(),
+            unit_price: to_column(Decimal::ONE)?,
+            amount: to_column(Decimal::from(999))?,
+            for_period: at(2026, 10, 1).timestamp() as u32,
+            note: "crashed run".to_owned(),
+            written_ms: 1,
+        })
+    };
+    env.store
+        .insert_invoice_lines(&[
+            orphan(1, "a-cust", 1)?,
+            orphan(1, "a-cust", 2)?,
+            orphan(1, "a-cust", 3)?,
+            orphan(2, "z-cust", 1)?,
+        ])
+        .await?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let outcome = invoicer
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?;
+    assert_eq!(outcome.issued.len(), 2);
+    for invoice in &outcome.issued {
+        assert_eq!(
+            read_back(&env, invoice.number).await?.normalized(),
+            invoice.normalized()
+        );
+    }
+    assert_eq!(outcome.issued[0].total, Decimal::from(24));
+    assert_eq!(outcome.issued[1].total, Decimal::from(48));
     Ok(())
 }

@@ -244,7 +244,7 @@ impl Invoicer {
         let mut done: BTreeSet<String> = BTreeSet::new();
         for row in issued.iter().filter(|row| row.period_start == start_s) {
             done.insert(row.customer.clone());
-            let lines = self.store.invoice_lines(issuer, row.number).await?;
+            let lines = self.store.invoice_lines(row).await?;
             outcome
                 .already_issued
                 .push(Invoice::from_rows(row, &lines)?);
@@ -299,10 +299,11 @@ impl Invoicer {
             return Ok(outcome);
         }
         let issued_at = unix_secs(now);
+        let written_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
         let mut lines = Vec::new();
         let mut headers = Vec::new();
         for invoice in &outcome.issued {
-            let (header, rows) = invoice.to_rows(issued_at)?;
+            let (header, rows) = invoice.to_rows(issued_at, written_ms)?;
             headers.push(header);
             lines.extend(rows);
         }
@@ -479,10 +480,18 @@ impl Invoicer {
         if earlier.is_empty() {
             return Ok(Vec::new());
         }
-        let issued_adjustments = self
-            .store
-            .issued_adjustments(&self.config.issuer, customer.as_str())
-            .await?;
+        // (period, amount) of every adjustment already issued to the customer.
+        let mut issued_adjustments: Vec<(u32, Decimal)> = Vec::new();
+        for row in earlier {
+            if from_column(row.adjustments)?.is_zero() {
+                continue;
+            }
+            for line in self.store.invoice_lines(row).await? {
+                if line.kind == LineKind::Adjustment.as_str() {
+                    issued_adjustments.push((line.for_period, from_column(line.amount)?));
+                }
+            }
+        }
         let mut recent: Vec<&&InvoiceRow> = earlier.iter().collect();
         recent.sort_by_key(|row| std::cmp::Reverse(row.period_start));
         recent.truncate(self.config.adjust_lookback_periods);
@@ -497,7 +506,7 @@ impl Invoicer {
             let mut billed = from_column(row.subtotal)?;
             for (period, amount) in &issued_adjustments {
                 if *period == row.period_start {
-                    billed += from_column(*amount)?;
+                    billed += *amount;
                 }
             }
             let difference = now - billed;

@@ -124,7 +124,11 @@ impl Invoice {
         }
     }
 
-    pub(crate) fn to_rows(&self, issued_at: u32) -> Result<(InvoiceRow, Vec<InvoiceLineRow>)> {
+    pub(crate) fn to_rows(
+        &self,
+        issued_at: u32,
+        written_ms: u64,
+    ) -> Result<(InvoiceRow, Vec<InvoiceLineRow>)> {
         let header = InvoiceRow {
             issuer: self.issuer.clone(),
             number: self.number,
@@ -143,6 +147,7 @@ impl Invoice {
             tax: column(self.tax)?,
             total: column(self.total)?,
             one_time_credit_left: column(self.one_time_credit_left)?,
+            line_count: u16::try_from(self.lines.len()).unwrap_or(u16::MAX),
             issued_at,
         };
         let lines = self
@@ -162,6 +167,7 @@ impl Invoice {
                     amount: column(line.amount)?,
                     for_period: line.for_period.timestamp() as u32,
                     note: line.note.clone(),
+                    written_ms,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -25,6 +25,8 @@ pub struct InvoiceRow {
     pub total: i128,
     /// -1 (as a mantissa) when the plan has no one-time credit.
     pub one_time_credit_left: i128,
+    /// How many lines the invoice has (lines 1..=line_count are its own).
+    pub line_count: u16,
     pub issued_at: u32,
 }
 
@@ -44,6 +46,8 @@ pub struct InvoiceLineRow {
     /// Unix seconds: the period an adjustment bills (else the invoice's own).
     pub for_period: u32,
     pub note: String,
+    /// Unix ms of the write: a rerun's line replaces a crashed run's.
+    pub written_ms: u64,
 }
 
 impl Store {
@@ -102,41 +106,23 @@ impl Store {
             .context(format!("invoices of {issuer}"))
     }
 
-    /// One invoice's lines, in line order.
-    pub async fn invoice_lines(&self, issuer: &str, number: u64) -> Result<Vec<InvoiceLineRow>> {
+    /// The lines of the issued invoice `header`, in line order: its customer's,
+    /// its first `line_count` (see migration 0005 for why both).
+    pub async fn invoice_lines(&self, header: &InvoiceRow) -> Result<Vec<InvoiceLineRow>> {
         self.client
             .query(
                 "SELECT ?fields FROM invoice_lines FINAL WHERE issuer = ? AND number = ? \
-                 ORDER BY line_no",
+                 AND customer = ? AND line_no <= ? ORDER BY line_no",
             )
-            .bind(issuer)
-            .bind(number)
+            .bind(&header.issuer)
+            .bind(header.number)
+            .bind(&header.customer)
+            .bind(header.line_count)
             .fetch_all()
             .await
-            .context(format!("lines of invoice {issuer}-{number}"))
-    }
-
-    /// The adjustment lines of issued invoices of one customer, as
-    /// (for_period, amount mantissa); lines of a crashed run without a header
-    /// are not issued and do not count.
-    pub async fn issued_adjustments(
-        &self,
-        issuer: &str,
-        customer: &str,
-    ) -> Result<Vec<(u32, i128)>> {
-        self.client
-            .query(
-                "SELECT toUInt32(for_period), amount FROM invoice_lines FINAL \
-                 WHERE issuer = ? AND customer = ? AND kind = 'adjustment' \
-                 AND number IN (SELECT number FROM invoices WHERE issuer = ? AND customer = ?) \
-                 ORDER BY number, line_no",
-            )
-            .bind(issuer)
-            .bind(customer)
-            .bind(issuer)
-            .bind(customer)
-            .fetch_all()
-            .await
-            .context(format!("adjustments of {customer}"))
+            .context(format!(
+                "lines of invoice {}-{}",
+                header.issuer, header.number
+            ))
     }
 }

@@ -142,7 +142,7 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
                 .into_iter()
                 .find(|row| row.number == number)
                 .with_context(|| format!("no invoice {number} from {issuer}"))?;
-            let lines = store.invoice_lines(issuer, number).await?;
+            let lines = store.invoice_lines(&header).await?;
             print!("{}", render(&Invoice::from_rows(&header, &lines)?, format));
         }
         InvoicesCommand::Preview { customer, format } => {
