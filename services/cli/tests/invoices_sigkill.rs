@@ -1,0 +1,140 @@
+//! `idlemeter invoices close` SIGKILLed at several points of a run, then run
+//! to completion, issues exactly the invoices (numbers, customers, lines,
+//! totals) that an uninterrupted run issues on the same data. Real process
+//! deaths, real ClickHouse.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use idlemeter_core::{
+    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+};
+use idlemeter_invoicer::Invoice;
+use idlemeter_tests::TestEnv;
+
+const CUSTOMERS: u64 = 150;
+
+const SHEET: &str = r#"
+[sheet]
+platform = "test"
+currency = "USD"
+line_rounding = "half_up"
+
+[[versions]]
+effective_from = 2020-01-01T00:00:00Z
+
+[versions.resources.vcpu]
+unit = "vcpu-hour"
+unit_price = "0.37"
+basis = "allocated"
+increment_seconds = 1
+idle = "billed"
+"#;
+
+fn samples() -> Vec<UsageSample> {
+    let start = Utc
+        .with_ymd_and_hms(2026, 10, 1, 0, 0, 0)
+        .single()
+        .expect("time");
+    (0..CUSTOMERS)
+        .flat_map(|index| {
+            (1..=2u64).map(move |seq| UsageSample {
+                customer: CustomerId::parse(format!("cust-{index:04}")).expect("id"),
+                node: NodeId::parse("node-1").expect("id"),
+                sandbox: SandboxId::parse("sbx").expect("id"),
+                epoch: Epoch(1),
+                seq,
+                ts: start + chrono::Duration::minutes((seq as i64 - 1) * (60 + index as i64 * 7)),
+                state: LifecycleState::Running,
+                vcpu: VcpuMillis(1500),
+                mem_bytes: 0,
+                gpu_model: None,
+                gpu_count: 0,
+                disk_bytes: 0,
+                cpu_used_usec: seq,
+                net_rx_bytes: 0,
+                net_tx_bytes: 0,
+                vcpu_alloc_usec: seq,
+                mem_alloc_kib_ms: 0,
+                mem_used_kib_ms: 0,
+                gpu_alloc_ms: 0,
+                disk_mib_ms: 0,
+                api_calls: 0,
+                mem_used_bytes: 0,
+                exec_sessions: 1,
+                open_conns: 0,
+            })
+        })
+        .collect()
+}
+
+fn close_command(env: &TestEnv, dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idlemeter"));
+    command
+        .args(["invoices", "close", "--period", "2026-10"])
+        .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
+        .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+        .env("IDLEMETER_INVOICER__SHEET", dir.join("sheet.toml"))
+        .env("IDLEMETER_INVOICER__ISSUER", "acme-cloud")
+        .env(
+            "IDLEMETER_INVOICER__LOCK_FILE",
+            dir.join(format!("{}.lock", env.group_id)),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+async fn stored(env: &TestEnv) -> anyhow::Result<Vec<Invoice>> {
+    let mut invoices = Vec::new();
+    for header in env.store.invoices("acme-cloud").await? {
+        let lines = env.store.invoice_lines(&header).await?;
+        invoices.push(Invoice::from_rows(&header, &lines)?.normalized());
+    }
+    invoices.sort_by_key(|invoice| invoice.number);
+    Ok(invoices)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_one(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("sheet.toml"), SHEET)?;
+    let reference = TestEnv::new("invoices_reference").await?;
+    let crashed = TestEnv::new("invoices_crashed").await?;
+    let data = samples();
+    reference.store.insert_samples(&data).await?;
+    crashed.store.insert_samples(&data).await?;
+
+    let status = close_command(&reference, dir.path()).status()?;
+    assert!(status.success(), "reference close failed: {status}");
+    let expected = stored(&reference).await?;
+    assert_eq!(expected.len() as u64, CUSTOMERS);
+
+    let mut kills = 0;
+    for delay_ms in [150, 400, 700, 1000, 1300, 1600] {
+        let mut child = close_command(&crashed, dir.path()).spawn()?;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if child.try_wait()?.is_none() {
+            child.kill()?; // SIGKILL: no shutdown path runs
+            kills += 1;
+        }
+        child.wait()?;
+    }
+    assert!(
+        kills > 0,
+        "no run was killed: the close is faster than every delay"
+    );
+    let status = close_command(&crashed, dir.path()).status()?;
+    assert!(status.success(), "final close failed: {status}");
+    let got = stored(&crashed).await?;
+    assert_eq!(got.len(), expected.len());
+    for (got, expected) in got.iter().zip(&expected) {
+        assert_eq!(got.number, expected.number);
+        assert_eq!(got.customer, expected.customer);
+        assert_eq!(got.lines, expected.lines, "invoice {}", got.number);
+        assert_eq!(got.total, expected.total, "invoice {}", got.number);
+    }
+    Ok(())
+}
