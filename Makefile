@@ -11,7 +11,7 @@ CHDB_VERSION ?= 4.4.0
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
 
-.PHONY: bench bench-policy run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+.PHONY: bench bench-policy bench-invoices run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
 ## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
 run: build
@@ -61,3 +61,7 @@ bench: build
 ## The idle policy: engine throughput and sample -> command latency (not a test).
 bench-policy:
 	scripts/bench-policy.sh
+
+## Invoicing: close a month for 100,000 customers (not a test).
+bench-invoices:
+	scripts/bench-invoices.sh

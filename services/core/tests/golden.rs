@@ -255,3 +255,28 @@ fn output_document_has_the_stable_shape_with_decimal_strings() {
     assert_eq!(first["total"], "0.00");
     assert!(json["errors"].as_array().is_some_and(Vec::is_empty));
 }
+
+/// Two customers whose sandboxes share an id are two series, not one: each
+/// pays for its own hour. (Merged, the samples would interleave into one
+/// series and the bill would mix both customers' usage.)
+/// E2B, 1 vCPU for 3600 s = 3600 x $0.000014 = $0.0504 -> $0.05 each; the
+/// second customer's sandbox runs 2 vCPU: $0.1008 -> $0.10.
+#[test]
+fn customers_sharing_a_sandbox_id_are_billed_separately() {
+    let line = |customer: &str, seq: u32, hour: u32, vcpu: u32| {
+        format!(
+            "{{\"ts\": \"2026-03-02T{hour:02}:00:00Z\", \"customer\": \"{customer}\", \"node\": \"n\", \"sandbox\": \"shared\", \"epoch\": 1, \"seq\": {seq}, \"state\": \"running\", \"vcpu\": {vcpu}, \"mem_bytes\": 0, \"gpu_model\": null, \"gpu_count\": 0, \"disk_bytes\": 0, \"cpu_used_usec\": 0, \"mem_used_bytes\": 0, \"net_rx_bytes\": 0, \"net_tx_bytes\": 0, \"exec_sessions\": 0, \"open_conns\": 0}}\n"
+        )
+    };
+    let samples = [
+        line("a", 1, 10, 1),
+        line("b", 1, 12, 2),
+        line("a", 2, 11, 1),
+        line("b", 2, 13, 2),
+    ]
+    .concat();
+    let report = rate(E2B, &samples);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(only_line(bill(&report, "a"), "vcpu").2, "0.05");
+    assert_eq!(only_line(bill(&report, "b"), "vcpu").2, "0.10");
+}

@@ -269,8 +269,18 @@ impl Invoicer {
             .collect();
         if dry_run {
             for invoice in &outcome.already_issued {
+                let usage = self
+                    .prefetch(std::slice::from_ref(&invoice.customer), start, end, &issued)
+                    .await?;
                 let recomputed = self
-                    .compute(&invoice.customer, start, end, &issued, invoice.number)
+                    .compute(
+                        &invoice.customer,
+                        start,
+                        end,
+                        &issued,
+                        invoice.number,
+                        &usage,
+                    )
                     .await?;
                 if let Some(recomputed) = recomputed {
                     if recomputed.total != invoice.total {
@@ -285,15 +295,24 @@ impl Invoicer {
             }
         }
         let mut next = self.store.last_invoice_number(issuer).await? + 1;
-        for (index, customer) in todo.iter().enumerate() {
-            match self.compute(customer, start, end, &issued, next).await? {
-                Some(invoice) => {
-                    outcome.issued.push(invoice);
-                    next += 1;
+        let mut computed = 0;
+        for chunk in todo.chunks(CHUNK) {
+            // One query per period for the whole chunk, not one per customer.
+            let usage = self.prefetch(chunk, start, end, &issued).await?;
+            for customer in chunk {
+                match self
+                    .compute(customer, start, end, &issued, next, &usage)
+                    .await?
+                {
+                    Some(invoice) => {
+                        outcome.issued.push(invoice);
+                        next += 1;
+                    }
+                    None => outcome.nothing_to_bill += 1,
                 }
-                None => outcome.nothing_to_bill += 1,
+                computed += 1;
+                progress(computed, todo.len());
             }
-            progress(index + 1, todo.len());
         }
         if dry_run || outcome.issued.is_empty() {
             return Ok(outcome);
@@ -367,7 +386,12 @@ impl Invoicer {
     pub async fn preview(&self, customer: &str, now: DateTime<Utc>) -> Result<Option<Invoice>> {
         let (start, end) = self.period_of(now);
         let issued = self.store.invoices(&self.config.issuer).await?;
-        let mut draft = self.compute(customer, start, end, &issued, 0).await?;
+        let usage = self
+            .prefetch(&[customer.to_owned()], start, end, &issued)
+            .await?;
+        let mut draft = self
+            .compute(customer, start, end, &issued, 0, &usage)
+            .await?;
         if let Some(invoice) = &mut draft {
             invoice.status = "draft".to_owned();
         }
@@ -383,10 +407,11 @@ impl Invoicer {
         end: DateTime<Utc>,
         issued: &[InvoiceRow],
         number: u64,
+        prefetched: &Prefetched,
     ) -> Result<Option<Invoice>> {
         let id = CustomerId::parse(customer.to_owned())
             .map_err(|error| idlemeter_store::Error::BadRow(error.to_string()))?;
-        let usage = self.usage(&id, start, end).await?;
+        let usage = prefetched.usage(unix_secs(start), &id, &self.sheet);
         let earlier: Vec<&InvoiceRow> = issued
             .iter()
             .filter(|row| row.customer == customer && row.period_start < unix_secs(start))
@@ -398,7 +423,7 @@ impl Invoicer {
                 options.one_time_credit_left.insert(id.clone(), left);
             }
         }
-        let adjustments = self.adjustments(&id, &earlier).await?;
+        let adjustments = self.adjustments(&id, &earlier, prefetched).await?;
         if !adjustments.is_empty() {
             options.adjustments.insert(id.clone(), adjustments);
         }
@@ -444,29 +469,63 @@ impl Invoicer {
         Ok(Some(invoice))
     }
 
-    async fn usage(
+    /// Rates the customers `first..=last` of `chunk` over [start, end) and
+    /// over each earlier period some of them will need for adjustments.
+    async fn prefetch(
         &self,
-        customer: &CustomerId,
+        chunk: &[String],
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> Result<CustomerUsage> {
-        let samples: Vec<NumberedSample> = self
-            .store
-            .samples_for_rating(customer, unix_ms(start), unix_ms(end))
-            .await?
-            .into_iter()
-            .enumerate()
-            .map(|(position, sample)| NumberedSample {
-                line: position as u64 + 1,
-                sample,
-            })
-            .collect();
-        Ok(self
-            .idle
-            .rate(&self.sheet, &samples)
-            .into_iter()
-            .find(|usage| &usage.customer == customer)
-            .unwrap_or_else(|| CustomerUsage::nothing(customer.clone(), &self.sheet)))
+        issued: &[InvoiceRow],
+    ) -> Result<Prefetched> {
+        let mut prefetched = Prefetched::default();
+        let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+            return Ok(prefetched);
+        };
+        let members: BTreeSet<&str> = chunk.iter().map(String::as_str).collect();
+        let mut periods: BTreeMap<u32, u32> = BTreeMap::new();
+        periods.insert(unix_secs(start), unix_secs(end));
+        for customer in &members {
+            let mut earlier: Vec<&InvoiceRow> = issued
+                .iter()
+                .filter(|row| row.customer == *customer && row.period_start < unix_secs(start))
+                .collect();
+            earlier.sort_by_key(|row| std::cmp::Reverse(row.period_start));
+            for row in earlier
+                .into_iter()
+                .take(self.config.adjust_lookback_periods)
+            {
+                periods.insert(row.period_start, row.period_end);
+            }
+        }
+        for (period_start, period_end) in periods {
+            let samples: Vec<NumberedSample> = self
+                .store
+                .samples_for_rating_range(
+                    first,
+                    last,
+                    u64::from(period_start) * 1000,
+                    u64::from(period_end) * 1000,
+                )
+                .await?
+                .into_iter()
+                .filter(|sample| members.contains(sample.customer.as_str()))
+                .enumerate()
+                .map(|(position, sample)| NumberedSample {
+                    line: position as u64 + 1,
+                    sample,
+                })
+                .collect();
+            let rated = self.idle.rate(&self.sheet, &samples);
+            prefetched.by_period.insert(
+                period_start,
+                rated
+                    .into_iter()
+                    .map(|usage| (usage.customer.as_str().to_owned(), usage))
+                    .collect(),
+            );
+        }
+        Ok(prefetched)
     }
 
     /// For each of the customer's latest invoiced periods: usage re-rated now
@@ -476,6 +535,7 @@ impl Invoicer {
         &self,
         customer: &CustomerId,
         earlier: &[&InvoiceRow],
+        prefetched: &Prefetched,
     ) -> Result<Vec<Adjustment>> {
         if earlier.is_empty() {
             return Ok(Vec::new());
@@ -500,8 +560,7 @@ impl Invoicer {
         for row in recent {
             let start =
                 DateTime::from_timestamp(i64::from(row.period_start), 0).unwrap_or_default();
-            let end = DateTime::from_timestamp(i64::from(row.period_end), 0).unwrap_or_default();
-            let usage = self.usage(customer, start, end).await?;
+            let usage = prefetched.usage(row.period_start, customer, &self.sheet);
             let now = bill_customer(&self.sheet, &usage, &BillingOptions::default())?.subtotal;
             let mut billed = from_column(row.subtotal)?;
             for (period, amount) in &issued_adjustments {
@@ -522,6 +581,27 @@ impl Invoicer {
             }
         }
         Ok(adjustments)
+    }
+}
+
+/// How many customers are rated per query.
+const CHUNK: usize = 2_000;
+
+/// Rated usage of a chunk of customers, per period start (Unix seconds).
+#[derive(Debug, Default)]
+struct Prefetched {
+    by_period: BTreeMap<u32, std::collections::HashMap<String, CustomerUsage>>,
+}
+
+impl Prefetched {
+    /// The customer's usage in the period; nothing if they had none (or the
+    /// period was not prefetched, which `prefetch` rules out).
+    fn usage(&self, period_start: u32, customer: &CustomerId, sheet: &PriceSheet) -> CustomerUsage {
+        self.by_period
+            .get(&period_start)
+            .and_then(|customers| customers.get(customer.as_str()))
+            .cloned()
+            .unwrap_or_else(|| CustomerUsage::nothing(customer.clone(), sheet))
     }
 }
 

@@ -21,7 +21,8 @@ pub use invoices::{InvoiceLineRow, InvoiceRow};
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};
 pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{
-    from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE, SAMPLES_FOR_RATING_SQL,
+    from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE,
+    SAMPLES_FOR_RATING_RANGE_SQL, SAMPLES_FOR_RATING_SQL,
 };
 pub use samples::SampleRow;
 

@@ -13,6 +13,8 @@ use crate::{Context, Error, Result, Store};
 /// each epoch with samples there, its last sample before `from_ms` as the
 /// baseline. Binds: customer, from, to, customer, from, customer, from, to.
 pub const SAMPLES_FOR_RATING_SQL: &str = include_str!("queries/samples_for_rating.sql");
+/// See `queries/samples_for_rating_range.sql`.
+pub const SAMPLES_FOR_RATING_RANGE_SQL: &str = include_str!("queries/samples_for_rating_range.sql");
 
 /// Scale of every `Decimal(38, 12)` column.
 pub const MONEY_SCALE: u32 = 12;
@@ -208,6 +210,35 @@ impl Store {
             .fetch_all()
             .await
             .context(format!("samples for rating {customer}"))?;
+        rows.into_iter().map(UsageSample::try_from).collect()
+    }
+
+    /// [`Self::samples_for_rating`] for every customer from `first` to `last`
+    /// (inclusive) in one query; see `queries/samples_for_rating_range.sql`.
+    pub async fn samples_for_rating_range(
+        &self,
+        first: &str,
+        last: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<UsageSample>> {
+        let rows: Vec<StoredSample> = self
+            .client
+            .query(SAMPLES_FOR_RATING_RANGE_SQL)
+            .bind(first)
+            .bind(last)
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(first)
+            .bind(last)
+            .bind(from_ms)
+            .bind(first)
+            .bind(last)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all()
+            .await
+            .context(format!("samples for rating {first} .. {last}"))?;
         rows.into_iter().map(UsageSample::try_from).collect()
     }
 

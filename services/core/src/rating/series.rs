@@ -1,5 +1,7 @@
-//! Putting samples back into series: one per (sandbox, epoch), ordered by
-//! `seq`, with duplicates removed.
+//! Putting samples back into series: one per (customer, sandbox, epoch),
+//! ordered by `seq`, with duplicates removed. The customer is part of the
+//! identity, as in `usage_samples`: two customers' sandboxes that happen to
+//! share an id are never one series.
 //!
 //! Samples may arrive in any order and more than once. An exact duplicate of a
 //! (sandbox, epoch, seq) costs nothing; a different sample under the same
@@ -10,10 +12,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::LineError;
-use crate::ids::{Epoch, SandboxId};
+use crate::ids::{CustomerId, Epoch, SandboxId};
 use crate::rating::NumberedSample;
 
-/// Indices into the input, one vector per (sandbox, epoch), in `seq` order,
+/// Indices into the input, one vector per (customer, sandbox, epoch), in `seq` order,
 /// without duplicates. Series come in order of first appearance, so the
 /// result is deterministic.
 pub(super) fn build_series(
@@ -34,12 +36,16 @@ pub(super) fn build_series(
 
 /// The series number of every sample, numbered by first appearance.
 fn number_series(samples: &[NumberedSample]) -> (Vec<u32>, usize) {
-    let mut number_of: HashMap<(&SandboxId, Epoch), u32, BuildHasherDefault<IdHasher>> =
-        HashMap::default();
+    type Key<'a> = (&'a CustomerId, &'a SandboxId, Epoch);
+    let mut number_of: HashMap<Key<'_>, u32, BuildHasherDefault<IdHasher>> = HashMap::default();
     let mut series_of = Vec::with_capacity(samples.len());
-    let mut previous: Option<((&SandboxId, Epoch), u32)> = None;
+    let mut previous: Option<(Key<'_>, u32)> = None;
     for numbered in samples {
-        let key = (&numbered.sample.sandbox, numbered.sample.epoch);
+        let key = (
+            &numbered.sample.customer,
+            &numbered.sample.sandbox,
+            numbered.sample.epoch,
+        );
         // Traces are often grouped already: skip the hash for a run.
         let number = match previous {
             Some((previous_key, number)) if previous_key == key => number,

@@ -1,0 +1,26 @@
+-- samples_for_rating.sql for a range of customers at once (customer between
+-- the first and last, inclusive): every sample closing an interval in
+-- [from, to) plus, per (customer, sandbox, epoch) that has one, the last
+-- sample before `from` as the baseline. Parameters: first, last, from, to,
+-- first, last, from, first, last, from, to.
+SELECT
+    customer, sandbox, node, epoch, seq, ts_ms, state,
+    vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes,
+    cpu_used_usec, net_rx_bytes, net_tx_bytes, vcpu_alloc_usec,
+    mem_alloc_kib_ms, mem_used_kib_ms, gpu_alloc_ms, disk_mib_ms, api_calls,
+    mem_used_bytes, exec_sessions, open_conns
+FROM usage_samples FINAL
+WHERE customer >= ? AND customer <= ?
+  AND (
+      (ts_ms >= ? AND ts_ms < ?)
+      OR (customer, sandbox, epoch, seq) IN (
+          SELECT customer, sandbox, epoch, max(seq) FROM usage_samples
+          WHERE customer >= ? AND customer <= ? AND ts_ms < ?
+            AND (customer, sandbox, epoch) IN (
+                SELECT customer, sandbox, epoch FROM usage_samples
+                WHERE customer >= ? AND customer <= ? AND ts_ms >= ? AND ts_ms < ?
+            )
+          GROUP BY customer, sandbox, epoch
+      )
+  )
+ORDER BY customer, sandbox, epoch, seq
