@@ -421,3 +421,74 @@ async fn lines_left_by_a_crashed_run_never_leak_into_issued_invoices() -> anyhow
     assert_eq!(outcome.issued[1].total, Decimal::from(48));
     Ok(())
 }
+
+/// The scheduler: with a daily period, no grace and a cron firing every
+/// second, yesterday is closed within a few seconds of starting, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cron_schedule_closes_the_last_ended_period() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_schedule").await?;
+    let lock = tempfile::tempdir()?;
+    let today = Period::Day.start_of(Utc::now());
+    let yesterday = today - chrono::Duration::days(1);
+    env.store
+        .insert_samples(&[
+            sample("daily-1", "sbx", 1, 1, yesterday, 1000),
+            sample(
+                "daily-1",
+                "sbx",
+                1,
+                2,
+                yesterday + chrono::Duration::hours(3),
+                1000,
+            ),
+        ])
+        .await?;
+    let invoicer = Invoicer::new(
+        env.store.clone(),
+        SIMPLE_SHEET,
+        None,
+        InvoicerConfig {
+            issuer: "acme-cloud".to_owned(),
+            sheet: "test.toml".to_owned(),
+            period: Period::Day,
+            grace_seconds: 0,
+            schedule: "* * * * * *".to_owned(),
+            lock_file: lock.path().join("lock").display().to_string(),
+            ..InvoicerConfig::default()
+        },
+    )?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(invoicer.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    env.eventually("yesterday's invoice", || async {
+        Ok(!env.store.invoices("acme-cloud").await?.is_empty())
+    })
+    .await?;
+    // Let it fire a few more times: still one invoice.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let _ = stop.send(());
+    task.await??;
+    let stored = env.store.invoices("acme-cloud").await?;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(i64::from(stored[0].period_start), yesterday.timestamp());
+    assert_eq!(
+        read_back(&env, stored[0].number).await?.total,
+        Decimal::from(3)
+    );
+    // A schedule that is not cron is refused at start, with the reason.
+    let refused = Invoicer::new(
+        env.store.clone(),
+        SIMPLE_SHEET,
+        None,
+        InvoicerConfig {
+            schedule: "every hour".to_owned(),
+            ..InvoicerConfig::default()
+        },
+    );
+    assert!(
+        refused.is_err_and(|error| error.to_string().contains("not a cron expression")),
+        "a bad schedule must be refused"
+    );
+    Ok(())
+}
