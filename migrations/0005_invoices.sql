@@ -51,7 +51,23 @@ CREATE TABLE IF NOT EXISTS invoices
     -- One-time credit left after this invoice; -1 when the plan has none.
     one_time_credit_left Decimal(38, 12),
     line_count UInt16,
+    -- Paid from the customer's prepaid wallet (a positive amount).
+    wallet_applied Decimal(38, 12),
     issued_at DateTime
 )
 ENGINE = ReplacingMergeTree()
 ORDER BY (issuer, customer, period_start, currency);
+
+-- Prepaid wallets: money a customer paid in advance, drawn by invoices after
+-- their credits and tax. A deposit id is unique per customer: recording the
+-- same deposit twice keeps one row.
+CREATE TABLE IF NOT EXISTS wallet_deposits
+(
+    issuer String,
+    customer String,
+    deposit_id String,
+    amount Decimal(38, 12),
+    deposited_at DateTime
+)
+ENGINE = ReplacingMergeTree()
+ORDER BY (issuer, customer, deposit_id);

@@ -166,7 +166,7 @@ def main() -> int:
         db.query("INSERT INTO invoice_lines VALUES ('i', 1, 1, 'acme', 'usage', 'vcpu', '1', 'h', '1', '5', 0, '', 2)")
         db.query(
             "INSERT INTO invoices VALUES ('i', 1, 'acme', 0, 2678400, 'USD', '', 's', 'c', "
-            "'5', '0', '0', '0', '0', '0', '5', '-1', 1, 1)"
+            "'5', '0', '0', '0', '0', '0', '5', '-1', 1, '0', 1)"
         )
         last = db.query("SELECT max(number) FROM invoices WHERE issuer = 'i'", "CSV").bytes().decode().strip()
         lines = db.query(
@@ -176,6 +176,16 @@ def main() -> int:
         ).bytes().decode().strip()
         if last != "1" or lines not in ("1,5", "1,5.000000000000"):
             print(f"FAIL invoices: last number {last}, lines {lines}")
+            return 1
+        db.query("INSERT INTO wallet_deposits VALUES ('i', 'acme', 'd1', '100', 10), ('i', 'acme', 'd2', '5', 99999)")
+        db.query("INSERT INTO wallet_deposits VALUES ('i', 'acme', 'd1', '100', 10)")  # recorded twice
+        wallet = db.query(
+            "SELECT customer, sum(amount) FROM wallet_deposits FINAL WHERE issuer = 'i' AND customer >= 'a' "
+            "AND customer <= 'z' AND deposited_at < toDateTime(1000) GROUP BY customer ORDER BY customer",
+            "CSV",
+        ).bytes().decode().strip()
+        if wallet not in ('"acme",100', '"acme",100.000000000000'):
+            print(f"FAIL wallet deposits: {wallet}")
             return 1
         print("ok  invoice tables")
         final = db.query("SELECT count() FROM usage_samples FINAL", "CSV").bytes().decode().strip()

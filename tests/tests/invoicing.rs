@@ -8,7 +8,7 @@ use idlemeter_core::{
 };
 use idlemeter_invoicer::{Invoice, Invoicer, InvoicerConfig};
 use idlemeter_rater::Period;
-use idlemeter_store::{to_column, InvoiceLineRow};
+use idlemeter_store::{to_column, InvoiceLineRow, WalletDepositRow};
 use idlemeter_tests::TestEnv;
 use rust_decimal::Decimal;
 
@@ -490,5 +490,84 @@ async fn the_cron_schedule_closes_the_last_ended_period() -> anyhow::Result<()> 
         refused.is_err_and(|error| error.to_string().contains("not a cron expression")),
         "a bad schedule must be refused"
     );
+    Ok(())
+}
+
+/// A prepaid wallet pays what is due after credits and tax, across invoices,
+/// and never more than was deposited before the period ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepaid_wallet_pays_invoices_until_it_is_empty() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_wallet").await?;
+    let lock = tempfile::tempdir()?;
+    // October: 60 vCPU-hours = $60; November: 70 = $70.
+    env.store
+        .insert_samples(&[
+            sample("wallet-1", "sbx", 1, 1, at(2026, 10, 1), 1000),
+            sample(
+                "wallet-1",
+                "sbx",
+                1,
+                2,
+                at(2026, 10, 1) + chrono::Duration::hours(60),
+                1000,
+            ),
+            sample("wallet-1", "sbx", 2, 1, at(2026, 11, 1), 1000),
+            sample(
+                "wallet-1",
+                "sbx",
+                2,
+                2,
+                at(2026, 11, 1) + chrono::Duration::hours(70),
+                1000,
+            ),
+        ])
+        .await?;
+    let deposit =
+        |id: &str, amount: i64, when: DateTime<Utc>| -> anyhow::Result<WalletDepositRow> {
+            Ok(WalletDepositRow {
+                issuer: "acme-cloud".to_owned(),
+                customer: "wallet-1".to_owned(),
+                deposit_id: id.to_owned(),
+                amount: to_column(Decimal::from(amount))?,
+                deposited_at: when.timestamp() as u32,
+            })
+        };
+    // $100 before October, recorded twice (one deposit); $500 after November.
+    env.store
+        .insert_wallet_deposit(&deposit("d-1", 100, at(2026, 9, 30))?)
+        .await?;
+    env.store
+        .insert_wallet_deposit(&deposit("d-1", 100, at(2026, 9, 30))?)
+        .await?;
+    env.store
+        .insert_wallet_deposit(&deposit("d-2", 500, at(2026, 12, 5))?)
+        .await?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let mut issued = Vec::new();
+    for month in [10, 11] {
+        issued.extend(
+            invoicer
+                .close_period(at(2026, month, 1), NOW(), false, &never_billed)
+                .await?
+                .issued,
+        );
+    }
+    let (october, november) = (&issued[0], &issued[1]);
+    assert_eq!(amount(october, "wallet"), Decimal::from(-60));
+    assert_eq!(october.total, Decimal::ZERO);
+    assert_eq!(
+        amount(november, "wallet"),
+        Decimal::from(-40),
+        "what was left of the $100"
+    );
+    assert_eq!(november.total, Decimal::from(30));
+    for invoice in &issued {
+        let lines: Decimal = invoice.lines.iter().map(|line| line.amount).sum();
+        assert_eq!(lines, invoice.total);
+        assert_eq!(
+            read_back(&env, invoice.number).await?.normalized(),
+            invoice.normalized()
+        );
+    }
     Ok(())
 }

@@ -112,6 +112,29 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
     let data = samples();
     reference.store.insert_samples(&data).await?;
     crashed.store.insert_samples(&data).await?;
+    // cust-0001 prepaid 0.25 before October, recorded through the CLI (twice:
+    // the same id is one deposit).
+    for env in [&reference, &crashed, &crashed] {
+        let output = Command::new(env!("CARGO_BIN_EXE_idlemeter"))
+            .args([
+                "invoices",
+                "deposit",
+                "--customer",
+                "cust-0001",
+                "--amount",
+                "0.25",
+            ])
+            .args(["--id", "dep-1", "--at", "2026-09-30T00:00:00Z"])
+            .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
+            .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+            .env("IDLEMETER_INVOICER__ISSUER", "acme-cloud")
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 
     let status = close_command(&reference, dir.path()).status()?;
     assert!(status.success(), "reference close failed: {status}");
@@ -171,6 +194,10 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
     assert_eq!(rows.len(), 1 + second.lines.len(), "{csv}");
     assert!(
         rows[1].contains(&format!(",{},", second.lines[0].amount)),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(",wallet,wallet,1,payment,-0.25,-0.25,"),
         "{csv}"
     );
     let html = show("html")?;

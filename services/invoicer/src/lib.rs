@@ -442,6 +442,19 @@ impl Invoicer {
             .line_rounding
             .round(bill.total.max(Decimal::ZERO) * tax_rate, digits);
         let one_time_credit_left = one_time_left_after(&bill, &options, &id);
+        // The prepaid wallet pays what is due after credits and tax.
+        let mut wallet_balance = prefetched
+            .wallet_deposits
+            .get(customer)
+            .copied()
+            .unwrap_or_default();
+        for row in &earlier {
+            wallet_balance -= from_column(row.wallet_applied)?;
+        }
+        let due = bill.total + tax;
+        let wallet_applied = wallet_balance
+            .max(Decimal::ZERO)
+            .min(due.max(Decimal::ZERO));
         let invoice = Invoice::from_bill(
             &self.config.issuer,
             number,
@@ -455,6 +468,8 @@ impl Invoicer {
                 tax_rate,
                 tax,
                 one_time_credit_left,
+                wallet_balance,
+                wallet_applied,
             },
         );
         let lines_sum: Decimal = invoice.lines.iter().map(|line| line.amount).sum();
@@ -483,6 +498,17 @@ impl Invoicer {
             return Ok(prefetched);
         };
         let members: BTreeSet<&str> = chunk.iter().map(String::as_str).collect();
+        for (customer, amount) in self
+            .store
+            .wallet_deposits(&self.config.issuer, first, last, unix_secs(end))
+            .await?
+        {
+            if members.contains(customer.as_str()) {
+                prefetched
+                    .wallet_deposits
+                    .insert(customer, from_column(amount)?);
+            }
+        }
         let mut periods: BTreeMap<u32, u32> = BTreeMap::new();
         periods.insert(unix_secs(start), unix_secs(end));
         for customer in &members {
@@ -591,6 +617,8 @@ const CHUNK: usize = 2_000;
 #[derive(Debug, Default)]
 struct Prefetched {
     by_period: BTreeMap<u32, std::collections::HashMap<String, CustomerUsage>>,
+    /// Wallet deposits made before the period's end, per customer.
+    wallet_deposits: std::collections::HashMap<String, Decimal>,
 }
 
 impl Prefetched {
@@ -634,6 +662,8 @@ pub(crate) struct BillContext {
     pub tax_rate: Decimal,
     pub tax: Decimal,
     pub one_time_credit_left: Decimal,
+    pub wallet_balance: Decimal,
+    pub wallet_applied: Decimal,
 }
 
 fn parse_schedule(schedule: &str) -> Result<cron::Schedule> {

@@ -47,7 +47,11 @@ pub struct Invoice {
     pub credits: Decimal,
     pub tax_rate: Decimal,
     pub tax: Decimal,
-    /// The sum of every line, tax included.
+    /// Paid from the customer's prepaid wallet (a positive amount; the wallet
+    /// line carries it negated).
+    pub wallet_applied: Decimal,
+    /// The sum of every line, tax included and wallet payment deducted: what
+    /// is due.
     pub total: Decimal,
     /// One-time credit left after this invoice; -1 when the plan has none.
     pub one_time_credit_left: Decimal,
@@ -101,6 +105,19 @@ impl Invoice {
                 note: String::new(),
             });
         }
+        if !context.wallet_applied.is_zero() {
+            lines.push(Line {
+                line_no: lines.len() as u16 + 1,
+                kind: "wallet".to_owned(),
+                resource: "wallet".to_owned(),
+                quantity: Decimal::ONE,
+                unit: "payment".to_owned(),
+                unit_price: -context.wallet_applied,
+                amount: -context.wallet_applied,
+                for_period: context.start,
+                note: format!("prepaid balance before: {}", context.wallet_balance),
+            });
+        }
         Self {
             issuer: issuer.to_owned(),
             number,
@@ -119,7 +136,8 @@ impl Invoice {
             credits: bill.credits,
             tax_rate: context.tax_rate,
             tax: context.tax,
-            total: bill.total + context.tax,
+            wallet_applied: context.wallet_applied,
+            total: bill.total + context.tax - context.wallet_applied,
             one_time_credit_left: context.one_time_credit_left,
         }
     }
@@ -148,6 +166,7 @@ impl Invoice {
             total: column(self.total)?,
             one_time_credit_left: column(self.one_time_credit_left)?,
             line_count: u16::try_from(self.lines.len()).unwrap_or(u16::MAX),
+            wallet_applied: column(self.wallet_applied)?,
             issued_at,
         };
         let lines = self
@@ -211,6 +230,7 @@ impl Invoice {
             credits: money(header.credits)?,
             tax_rate: money(header.tax_rate)?,
             tax: money(header.tax)?,
+            wallet_applied: money(header.wallet_applied)?,
             total: money(header.total)?,
             one_time_credit_left: money(header.one_time_credit_left)?,
         })
@@ -231,6 +251,7 @@ impl Invoice {
             &mut copy.credits,
             &mut copy.tax_rate,
             &mut copy.tax,
+            &mut copy.wallet_applied,
             &mut copy.total,
             &mut copy.one_time_credit_left,
         ] {

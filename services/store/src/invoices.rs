@@ -27,6 +27,8 @@ pub struct InvoiceRow {
     pub one_time_credit_left: i128,
     /// How many lines the invoice has (lines 1..=line_count are its own).
     pub line_count: u16,
+    /// Paid from the prepaid wallet (positive mantissa).
+    pub wallet_applied: i128,
     pub issued_at: u32,
 }
 
@@ -50,7 +52,52 @@ pub struct InvoiceLineRow {
     pub written_ms: u64,
 }
 
+/// One row of `wallet_deposits`.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct WalletDepositRow {
+    pub issuer: String,
+    pub customer: String,
+    pub deposit_id: String,
+    pub amount: i128,
+    /// Unix seconds.
+    pub deposited_at: u32,
+}
+
 impl Store {
+    pub async fn insert_wallet_deposit(&self, row: &WalletDepositRow) -> Result<()> {
+        let mut insert = self
+            .client
+            .insert::<WalletDepositRow>("wallet_deposits")
+            .await
+            .context("insert wallet_deposits")?;
+        insert.write(row).await.context("insert wallet_deposits")?;
+        insert.end().await.context("insert wallet_deposits")
+    }
+
+    /// Each customer's deposits made before `before` (Unix seconds), summed
+    /// (mantissas), for customers from `first` to `last`.
+    pub async fn wallet_deposits(
+        &self,
+        issuer: &str,
+        first: &str,
+        last: &str,
+        before: u32,
+    ) -> Result<Vec<(String, i128)>> {
+        self.client
+            .query(
+                "SELECT customer, sum(amount) FROM wallet_deposits FINAL \
+                 WHERE issuer = ? AND customer >= ? AND customer <= ? AND deposited_at < toDateTime(?) \
+                 GROUP BY customer ORDER BY customer",
+            )
+            .bind(issuer)
+            .bind(first)
+            .bind(last)
+            .bind(before)
+            .fetch_all()
+            .await
+            .context("wallet deposits")
+    }
+
     /// Lines first, in one insert; the headers are the commit marker.
     pub async fn insert_invoice_lines(&self, rows: &[InvoiceLineRow]) -> Result<()> {
         if rows.is_empty() {

@@ -17,7 +17,7 @@ mod usage;
 
 use serde::Deserialize;
 
-pub use invoices::{InvoiceLineRow, InvoiceRow};
+pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};
 pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{

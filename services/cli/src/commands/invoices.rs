@@ -35,6 +35,19 @@ enum InvoicesCommand {
         #[arg(long, default_value = "json")]
         format: Format,
     },
+    /// Record a prepaid wallet deposit (same --id twice records it once).
+    Deposit {
+        #[arg(long)]
+        customer: String,
+        /// Decimal amount in the sheet's currency, e.g. 100 or 49.99.
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        id: String,
+        /// When it was paid (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<DateTime<Utc>>,
+    },
     /// Print a draft of a customer's open period (never stored).
     Preview {
         #[arg(long)]
@@ -87,9 +100,10 @@ fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
 }
 
 pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> {
-    let invoicer = invoicer(settings)?;
+    // `show` and `deposit` need no price sheet.
     match args.command {
         InvoicesCommand::Close { period, dry_run } => {
+            let invoicer = invoicer(settings)?;
             let start = parse_period(&period)?;
             let step = std::sync::atomic::AtomicUsize::new(0);
             let progress = |done: usize, total: usize| {
@@ -145,8 +159,35 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             let lines = store.invoice_lines(&header).await?;
             print!("{}", render(&Invoice::from_rows(&header, &lines)?, format));
         }
+        InvoicesCommand::Deposit {
+            customer,
+            amount,
+            id,
+            at,
+        } => {
+            let value: rust_decimal::Decimal = amount
+                .parse()
+                .with_context(|| format!("--amount {amount:?} is not a decimal"))?;
+            anyhow::ensure!(
+                value > rust_decimal::Decimal::ZERO,
+                "--amount must be positive"
+            );
+            idlemeter_core::CustomerId::parse(customer.clone())
+                .with_context(|| format!("--customer {customer:?}"))?;
+            let at = at.unwrap_or_else(Utc::now);
+            Store::new(&settings.clickhouse)
+                .insert_wallet_deposit(&idlemeter_store::WalletDepositRow {
+                    issuer: settings.invoicer.issuer.clone(),
+                    customer: customer.clone(),
+                    deposit_id: id.clone(),
+                    amount: idlemeter_store::to_column(value)?,
+                    deposited_at: u32::try_from(at.timestamp()).context("--at before 1970")?,
+                })
+                .await?;
+            eprintln!("invoices: deposit {id} of {value} recorded for {customer}");
+        }
         InvoicesCommand::Preview { customer, format } => {
-            match invoicer.preview(&customer, Utc::now()).await? {
+            match invoicer(settings)?.preview(&customer, Utc::now()).await? {
                 Some(invoice) => print!("{}", render(&invoice, format)),
                 None => eprintln!("invoices: nothing to bill for {customer} in the open period"),
             }
