@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS invoices
     fees Decimal(38, 12),
     adjustments Decimal(38, 12),
     credits Decimal(38, 12),
+    -- The monthly part of credits (what later adjustments for this period
+    -- net against).
+    monthly_credits Decimal(38, 12),
     tax_rate Decimal(38, 12),
     tax Decimal(38, 12),
     total Decimal(38, 12),

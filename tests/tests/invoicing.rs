@@ -571,3 +571,79 @@ async fn a_prepaid_wallet_pays_invoices_until_it_is_empty() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// Late usage of a period whose monthly credit was not used up is covered by
+/// that period's credit (it expired with the period, but the usage belongs to
+/// it); only what exceeds it is adjusted, and the next period's monthly credit
+/// is not spent on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_usage_is_netted_of_its_own_periods_monthly_credit() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_late_monthly").await?;
+    let lock = tempfile::tempdir()?;
+    let sheet = format!(
+        "{SIMPLE_SHEET}\n[sheet.plans]\n\n[plans.starter]\n[[plans.starter.credits]]\nkind = \"monthly\"\namount = \"30\"\n"
+    );
+    let sheet = sheet.replace(
+        "line_rounding = \"half_up\"",
+        "line_rounding = \"half_up\"\ndefault_plan = \"starter\"",
+    );
+    let sheet = sheet.replace("\n[sheet.plans]\n", "\n");
+    // October: 20 vCPU-hours ($20, all covered by the $30 credit).
+    env.store
+        .insert_samples(&[
+            sample("m-1", "sbx", 1, 1, at(2026, 10, 1), 1000),
+            sample(
+                "m-1",
+                "sbx",
+                1,
+                2,
+                at(2026, 10, 1) + chrono::Duration::hours(20),
+                1000,
+            ),
+        ])
+        .await?;
+    let invoicer = invoicer(&env, "test.toml", &sheet, &lock.path().join("lock"))?;
+    let october = invoicer
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert_eq!(october.total, Decimal::ZERO);
+    assert_eq!(amount(&october, "credit.monthly"), Decimal::from(-20));
+    // 15 more October hours arrive late (October now owes 35 - 30 = 5);
+    // November has 40 hours of its own.
+    env.store
+        .insert_samples(&[
+            sample(
+                "m-1",
+                "sbx",
+                1,
+                3,
+                at(2026, 10, 1) + chrono::Duration::hours(35),
+                1000,
+            ),
+            sample("m-1", "sbx", 2, 1, at(2026, 11, 1), 1000),
+            sample(
+                "m-1",
+                "sbx",
+                2,
+                2,
+                at(2026, 11, 1) + chrono::Duration::hours(40),
+                1000,
+            ),
+        ])
+        .await?;
+    let november = invoicer
+        .close_period(at(2026, 11, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert_eq!(amount(&november, "adjustment.2026-10-01"), Decimal::from(5));
+    assert_eq!(
+        amount(&november, "credit.monthly"),
+        Decimal::from(-30),
+        "November's own credit, on November"
+    );
+    assert_eq!(november.total, Decimal::from(15), "40 - 30 + 5");
+    Ok(())
+}

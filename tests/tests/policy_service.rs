@@ -196,8 +196,13 @@ async fn an_idle_sandbox_is_suspended_once_at_its_window_and_a_busy_one_never() 
     let (url, received) = webhook_receiver().await?;
     let policy = start_policy(&env, &url).await?;
     produce_ticks(&env, 0..45).await?;
-    env.eventually("all samples observed", || async {
-        Ok(policy.counter("idlemeter_policy_samples_observed_total") >= 90)
+    // Observed counts samples as they are read; decisions_total counts
+    // decisions once their row and command are acknowledged.
+    env.eventually("all samples observed and the decision stored", || async {
+        Ok(
+            policy.counter("idlemeter_policy_samples_observed_total") >= 90
+                && policy.counter("idlemeter_policy_decisions_total") >= 1,
+        )
     })
     .await?;
 
@@ -333,8 +338,13 @@ async fn a_lease_on_kafka_holds_the_sandbox_until_it_expires() -> anyhow::Result
     })
     .await?;
     produce_ticks(&env, 0..100).await?;
-    env.eventually("all samples observed", || async {
-        Ok(policy.counter("idlemeter_policy_samples_observed_total") >= 200)
+    // Observed counts samples as they are read; decisions_total counts
+    // decisions once their row and command are acknowledged.
+    env.eventually("all samples observed and the decision stored", || async {
+        Ok(
+            policy.counter("idlemeter_policy_samples_observed_total") >= 200
+                && policy.counter("idlemeter_policy_decisions_total") >= 1,
+        )
     })
     .await?;
     let rows = env.store.decisions_of("acme").await?;

@@ -160,8 +160,9 @@ pub fn bill_customer(
         })
         .unwrap_or_default();
     let adjustments = pricer.sum(&adjustment_lines)?;
-    let payable = pricer.add(pricer.add(subtotal, fees)?, adjustments)?;
-    let credit_lines = pricer.credit_lines(payable.max(Decimal::ZERO), options)?;
+    let this_period = pricer.add(subtotal, fees)?;
+    let payable = pricer.add(this_period, adjustments)?;
+    let credit_lines = pricer.credit_lines(this_period, adjustments, options)?;
     let credits = pricer.sum(&credit_lines)?;
     lines.extend(fee_lines);
     lines.extend(adjustment_lines);
@@ -310,9 +311,16 @@ impl LinePricer<'_> {
         }
     }
 
-    /// Monthly credits first (they expire with the period), then one-time
-    /// credits, each applied up to what is still payable.
-    fn credit_lines(&self, payable: Decimal, options: &BillingOptions) -> Result<Vec<InvoiceLine>> {
+    /// Monthly credits first, on this period's charges only (they expire with
+    /// the period; an adjustment for an earlier period was already netted of
+    /// that period's monthly credit), then one-time credits, a balance, on what
+    /// is still payable including adjustments. Never more than is payable.
+    fn credit_lines(
+        &self,
+        this_period: Decimal,
+        adjustments: Decimal,
+        options: &BillingOptions,
+    ) -> Result<Vec<InvoiceLine>> {
         let Some(plan) = self.sheet.plan_for(self.customer) else {
             return Ok(Vec::new());
         };
@@ -325,7 +333,7 @@ impl LinePricer<'_> {
         };
         let has_kind = |kind: CreditKind| plan.credits.iter().any(|credit| credit.kind == kind);
         let one_time_left = options.one_time_credit_left.get(self.customer).copied();
-        let mut still_payable = payable;
+        let mut still_payable = this_period.max(Decimal::ZERO);
         let mut lines = Vec::new();
         for kind in [CreditKind::Monthly, CreditKind::OneTime] {
             if !has_kind(kind) {
@@ -336,6 +344,9 @@ impl LinePricer<'_> {
                 CreditKind::Monthly => granted(kind),
             };
             let available = self.rule().round(available, self.digits());
+            if kind == CreditKind::OneTime {
+                still_payable = self.add(still_payable, adjustments)?.max(Decimal::ZERO);
+            }
             let applied = available.min(still_payable);
             still_payable = self.add(still_payable, -applied)?;
             lines.push(self.credit_line(kind, applied, available));

@@ -107,7 +107,12 @@ impl Default for InvoicerConfig {
             schedule: "0 30 * * * *".to_owned(),
             adjust_lookback_periods: 3,
             tax_rates: BTreeMap::new(),
-            lock_file: ".run/invoicer.lock".to_owned(),
+            // Absolute, so the scheduler and a CLI run started elsewhere on
+            // the same host share it.
+            lock_file: std::env::temp_dir()
+                .join("idlemeter-invoicer.lock")
+                .display()
+                .to_string(),
         }
     }
 }
@@ -124,6 +129,8 @@ pub struct CloseOutcome {
     pub differences: Vec<(u64, String, Decimal, Decimal)>,
     /// Customers with nothing to bill.
     pub nothing_to_bill: usize,
+    /// Customers skipped because they have an invoice for a later period.
+    pub behind_a_later_invoice: Vec<String>,
 }
 
 /// The invoicer with its sheet and policy loaded.
@@ -263,10 +270,31 @@ impl Invoicer {
                 .filter(|row| row.period_start < start_s)
                 .map(|row| row.customer.clone()),
         );
+        // A customer already invoiced for a later period is not invoiced
+        // behind it: their credit and wallet balances have moved on.
+        let later: BTreeSet<&str> = issued
+            .iter()
+            .filter(|row| row.period_start > start_s)
+            .map(|row| row.customer.as_str())
+            .collect();
         let todo: Vec<String> = customers
             .into_iter()
             .filter(|customer| !done.contains(customer))
+            .filter(|customer| {
+                let behind = later.contains(customer.as_str());
+                if behind {
+                    outcome.behind_a_later_invoice.push(customer.clone());
+                }
+                !behind
+            })
             .collect();
+        if !outcome.behind_a_later_invoice.is_empty() {
+            tracing::warn!(
+                count = outcome.behind_a_later_invoice.len(),
+                period = %start,
+                "customers already invoiced for a later period are skipped; their late usage will be an adjustment instead"
+            );
+        }
         if dry_run {
             for invoice in &outcome.already_issued {
                 let usage = self
@@ -318,7 +346,11 @@ impl Invoicer {
             return Ok(outcome);
         }
         let issued_at = unix_secs(now);
-        let written_ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
+        // Above every line written before, whatever this host's clock says,
+        // so this run's lines replace a crashed run's.
+        let written_ms = u64::try_from(Utc::now().timestamp_millis())
+            .unwrap_or(0)
+            .max(self.store.last_line_version(issuer).await? + 1);
         let mut lines = Vec::new();
         let mut headers = Vec::new();
         for invoice in &outcome.issued {
@@ -451,6 +483,9 @@ impl Invoicer {
         for row in &earlier {
             wallet_balance -= from_column(row.wallet_applied)?;
         }
+        // Deposits are not rounded at entry: the wallet pays whole minor units.
+        let wallet_balance =
+            wallet_balance.round_dp_with_strategy(digits, rust_decimal::RoundingStrategy::ToZero);
         let due = bill.total + tax;
         let wallet_applied = wallet_balance
             .max(Decimal::ZERO)
@@ -509,6 +544,27 @@ impl Invoicer {
                     .insert(customer, from_column(amount)?);
             }
         }
+        let line_counts: std::collections::HashMap<(&str, u64), u16> = issued
+            .iter()
+            .map(|row| ((row.customer.as_str(), row.number), row.line_count))
+            .collect();
+        for (customer, number, line_no, for_period, amount) in self
+            .store
+            .adjustment_lines(&self.config.issuer, first, last)
+            .await?
+        {
+            // A line beyond its header's count is a crashed run's leftover.
+            let counted = line_counts
+                .get(&(customer.as_str(), number))
+                .is_some_and(|count| line_no <= *count);
+            if counted && members.contains(customer.as_str()) {
+                prefetched
+                    .issued_adjustments
+                    .entry(customer)
+                    .or_default()
+                    .push((for_period, from_column(amount)?));
+            }
+        }
         let mut periods: BTreeMap<u32, u32> = BTreeMap::new();
         periods.insert(unix_secs(start), unix_secs(end));
         for customer in &members {
@@ -554,53 +610,64 @@ impl Invoicer {
         Ok(prefetched)
     }
 
-    /// For each of the customer's latest invoiced periods: usage re-rated now
-    /// minus what was billed for it (its invoice's usage subtotal plus the
-    /// adjustments already issued for it).
+    /// For each of the customer's latest invoiced periods rated under this
+    /// very sheet (and policy): what that period owes now beyond what was
+    /// billed for it. Both sides are taken after that period's own monthly
+    /// credit, which expired with it: usage re-rated now, less the monthly
+    /// credit it would have had, minus (the invoice's usage and fees less the
+    /// monthly credit it applied, plus adjustments already issued for it).
+    /// One-time credits are a balance and cover the adjustment on this
+    /// invoice instead. Periods rated under another sheet are not re-rated:
+    /// a price change is not late usage.
     async fn adjustments(
         &self,
         customer: &CustomerId,
         earlier: &[&InvoiceRow],
         prefetched: &Prefetched,
     ) -> Result<Vec<Adjustment>> {
-        if earlier.is_empty() {
-            return Ok(Vec::new());
-        }
-        // (period, amount) of every adjustment already issued to the customer.
-        let mut issued_adjustments: Vec<(u32, Decimal)> = Vec::new();
-        for row in earlier {
-            if from_column(row.adjustments)?.is_zero() {
-                continue;
-            }
-            for line in self.store.invoice_lines(row).await? {
-                if line.kind == LineKind::Adjustment.as_str() {
-                    issued_adjustments.push((line.for_period, from_column(line.amount)?));
-                }
-            }
-        }
-        let mut recent: Vec<&&InvoiceRow> = earlier.iter().collect();
+        let mut recent: Vec<&&InvoiceRow> = earlier
+            .iter()
+            .filter(|row| row.sheet_checksum == self.sheet_checksum)
+            .collect();
         recent.sort_by_key(|row| std::cmp::Reverse(row.period_start));
         recent.truncate(self.config.adjust_lookback_periods);
         recent.reverse();
+        let issued_adjustments = prefetched
+            .issued_adjustments
+            .get(customer.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let no_one_time = BillingOptions {
+            one_time_credit_left: [(customer.clone(), Decimal::ZERO)].into_iter().collect(),
+            ..BillingOptions::default()
+        };
         let mut adjustments = Vec::new();
         for row in recent {
             let start =
                 DateTime::from_timestamp(i64::from(row.period_start), 0).unwrap_or_default();
             let usage = prefetched.usage(row.period_start, customer, &self.sheet);
-            let now = bill_customer(&self.sheet, &usage, &BillingOptions::default())?.subtotal;
-            let mut billed = from_column(row.subtotal)?;
-            for (period, amount) in &issued_adjustments {
+            let rebilled = bill_customer(&self.sheet, &usage, &no_one_time)?;
+            let monthly_granted: Decimal = rebilled
+                .lines
+                .iter()
+                .filter(|line| line.resource == "credit.monthly")
+                .filter_map(|line| line.credit_available)
+                .sum();
+            let fees = from_column(row.fees)?;
+            let owed_now = (rebilled.subtotal + fees - monthly_granted).max(Decimal::ZERO);
+            let mut billed = from_column(row.subtotal)? + fees + from_column(row.monthly_credits)?;
+            for (period, amount) in issued_adjustments {
                 if *period == row.period_start {
                     billed += *amount;
                 }
             }
-            let difference = now - billed;
+            let difference = owed_now - billed;
             if !difference.is_zero() {
                 adjustments.push(Adjustment {
                     period_start: start,
                     amount: difference,
                     note: format!(
-                        "usage of the period from {} re-rated after late samples: {billed} billed, {now} now",
+                        "period from {} re-rated after late samples: {billed} billed, {owed_now} owed",
                         start.format("%Y-%m-%d")
                     ),
                 });
@@ -619,6 +686,8 @@ struct Prefetched {
     by_period: BTreeMap<u32, std::collections::HashMap<String, CustomerUsage>>,
     /// Wallet deposits made before the period's end, per customer.
     wallet_deposits: std::collections::HashMap<String, Decimal>,
+    /// Adjustments already issued, per customer: (for_period, amount).
+    issued_adjustments: std::collections::HashMap<String, Vec<(u32, Decimal)>>,
 }
 
 impl Prefetched {

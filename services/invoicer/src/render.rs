@@ -161,6 +161,13 @@ impl Invoice {
             fees: column(self.fees)?,
             adjustments: column(self.adjustments)?,
             credits: column(self.credits)?,
+            monthly_credits: column(
+                self.lines
+                    .iter()
+                    .filter(|line| line.resource == "credit.monthly")
+                    .map(|line| line.amount)
+                    .sum(),
+            )?,
             tax_rate: column(self.tax_rate)?,
             tax: column(self.tax)?,
             total: column(self.total)?,

@@ -20,6 +20,7 @@ pub struct InvoiceRow {
     pub fees: i128,
     pub adjustments: i128,
     pub credits: i128,
+    pub monthly_credits: i128,
     pub tax_rate: i128,
     pub tax: i128,
     pub total: i128,
@@ -96,6 +97,42 @@ impl Store {
             .fetch_all()
             .await
             .context("wallet deposits")
+    }
+
+    /// Adjustment lines of customers `first..=last` whose number is an issued
+    /// invoice of theirs, as (customer, number, line_no, for_period, amount).
+    /// The caller drops lines beyond their header's `line_count`.
+    pub async fn adjustment_lines(
+        &self,
+        issuer: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<Vec<(String, u64, u16, u32, i128)>> {
+        self.client
+            .query(
+                "SELECT customer, number, line_no, toUInt32(for_period), amount \
+                 FROM invoice_lines FINAL \
+                 WHERE issuer = ? AND customer >= ? AND customer <= ? AND kind = 'adjustment' \
+                 AND (number, customer) IN (SELECT number, customer FROM invoices WHERE issuer = ?) \
+                 ORDER BY customer, number, line_no",
+            )
+            .bind(issuer)
+            .bind(first)
+            .bind(last)
+            .bind(issuer)
+            .fetch_all()
+            .await
+            .context("adjustment lines")
+    }
+
+    /// The highest `written_ms` of `issuer`'s lines, 0 before the first.
+    pub async fn last_line_version(&self, issuer: &str) -> Result<u64> {
+        self.client
+            .query("SELECT max(written_ms) FROM invoice_lines WHERE issuer = ?")
+            .bind(issuer)
+            .fetch_one::<u64>()
+            .await
+            .context(format!("last line version of {issuer}"))
     }
 
     /// Lines first, in one insert; the headers are the commit marker.
