@@ -91,8 +91,10 @@ async fn start_policy_with(
         snapshot_interval_ms: 200,
         webhook_url: webhook_url.to_owned(),
         webhook_secret: SECRET.to_owned(),
-        // The trace is from the past: send its decisions anyway.
+        // The trace is from the past: send its decisions anyway, and do not
+        // forget its sandboxes for being quiet since then.
         stale_after_s: 0,
+        forget_after_s: 10 * 365 * 86_400,
         ..PolicyConfig::default()
     };
     configure(&mut config);
@@ -366,13 +368,22 @@ async fn a_customer_at_their_spend_limit_has_every_running_sandbox_suspended() -
 {
     let env = TestEnv::new("policy_budget").await?;
     ensure_topics(&env).await?;
+    // This month (spend of an earlier month does not count against the limit).
+    let month_start = {
+        use chrono::Datelike;
+        let now = Utc::now();
+        Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+            .single()
+            .expect("valid")
+            .timestamp() as u32
+    };
     // The rater's latest snapshot for acme: 30.00 + 25.00 = 55.00, over the
     // limit of 50. An older snapshot (as_of an hour earlier) of 10.00 must not
     // be the one read.
     let line = |as_of: u32, line_no: u16, amount: &str| -> anyhow::Result<RatedLineRow> {
         Ok(RatedLineRow {
             customer: "acme".to_owned(),
-            period_start: 1_793_491_200, // 2026-11-01
+            period_start: month_start,
             as_of,
             sheet: "prices/sprites.toml".to_owned(),
             sheet_checksum: "c".to_owned(),
@@ -387,14 +398,14 @@ async fn a_customer_at_their_spend_limit_has_every_running_sandbox_suspended() -
             unit: "vcpu-hour".to_owned(),
             unit_price: to_column(Decimal::ONE)?,
             amount: to_column(amount.parse()?)?,
-            rated_at: 1_793_500_000,
+            rated_at: month_start + 7_200,
         })
     };
     env.store
         .insert_rated_lines(&[
-            line(1_793_577_600, 0, "10.00")?,
-            line(1_793_581_200, 0, "30.00")?,
-            line(1_793_581_200, 1, "25.00")?,
+            line(month_start + 3_600, 0, "10.00")?,
+            line(month_start + 7_200, 0, "30.00")?,
+            line(month_start + 7_200, 1, "25.00")?,
         ])
         .await?;
     let capped = format!("{POLICY}\n[customers.acme]\nspend_limit = \"50\"\n");

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
 use idlemeter_core::policy::{
     Action, Decision, Engine, Input, Lease, Policy, SandboxState, Snapshot, Spend,
@@ -229,7 +229,7 @@ pub struct PolicyService {
     /// Next offset per (topic, partition) consumed since the last commit.
     consumed: HashMap<(String, i32), i64>,
     /// Seq per sandbox at the last snapshot: only changed rows are written.
-    snapshotted: HashMap<(String, String), (u64, u64)>,
+    snapshotted: HashMap<(String, String), (u64, u64, i64)>,
 }
 
 impl std::fmt::Debug for PolicyService {
@@ -275,7 +275,7 @@ impl PolicyService {
                     sandbox: row.sandbox.clone(),
                     reason: error.to_string(),
                 })?;
-            snapshotted.insert((row.customer, row.sandbox), (state.epoch.0, state.seq));
+            snapshotted.insert((row.customer, row.sandbox), state.version());
             sandboxes.push(state);
         }
         tracing::info!(
@@ -336,6 +336,7 @@ impl PolicyService {
         let mut spend_every = tokio::time::interval(spend_period);
         spend_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let budget_caps = self.config.spend_poll_interval_s > 0 && !spend_limits.is_empty();
+        let mut emit_failed = false;
         let mut snapshot_every = tokio::time::interval(Duration::from_millis(
             self.config.snapshot_interval_ms.max(100),
         ));
@@ -361,6 +362,11 @@ impl PolicyService {
                             observe(&mut self.engine, &self.topics, &self.metrics, &message, &mut positions, &mut decisions);
                         }
                         if !decisions.is_empty() && !self.emit(decisions, &stop).await {
+                            // Stopped with decisions unsent: the engine state
+                            // already counts them, so it must not be
+                            // snapshotted; the restart replays from the last
+                            // commit and decides them again.
+                            emit_failed = true;
                             break;
                         }
                         self.consumed.extend(positions);
@@ -372,8 +378,17 @@ impl PolicyService {
                 }
             }
         }
-        // A last checkpoint so a clean restart replays nothing.
-        self.checkpoint(&CancellationToken::new()).await;
+        // A last checkpoint so a clean restart replays nothing; it gives up
+        // after 10 s (ClickHouse down), leaving the replay to the restart.
+        if !emit_failed {
+            let give_up = CancellationToken::new();
+            let cancel = give_up.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                cancel.cancel();
+            });
+            self.checkpoint(&give_up).await;
+        }
         tracing::info!("policy service stopped");
         Ok(())
     }
@@ -384,6 +399,20 @@ impl PolicyService {
         for (customer, limit) in limits {
             match self.store.period_spend(customer.as_str()).await {
                 Ok(Some((as_of, amount))) => {
+                    // The rater's latest period may still be last month's
+                    // for a while after the month turns: that spend does not
+                    // count against this month's limit.
+                    let month_start = Utc::now()
+                        .date_naive()
+                        .with_day(1)
+                        .and_then(|day| day.and_hms_opt(0, 0, 0))
+                        .map(|time| time.and_utc().timestamp())
+                        .unwrap_or(0);
+                    let amount = if i64::from(as_of) > month_start {
+                        amount
+                    } else {
+                        Decimal::ZERO
+                    };
                     if amount >= *limit {
                         tracing::info!(%customer, %amount, %limit, "spend limit reached");
                     }
@@ -559,7 +588,7 @@ impl PolicyService {
                 state.customer.as_str().to_owned(),
                 state.sandbox.as_str().to_owned(),
             );
-            let version = (state.epoch.0, state.seq);
+            let version = state.version();
             if self.snapshotted.get(&key) == Some(&version) {
                 continue;
             }

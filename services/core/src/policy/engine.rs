@@ -139,6 +139,42 @@ pub struct SandboxState {
     pub pending: Option<Pending>,
 }
 
+impl SandboxState {
+    /// A sandbox known only from a lease that arrived before its first
+    /// sample: seq 0, so its first sample is an epoch start. It lives in the
+    /// state (and snapshots) like any other, so a restart keeps the lease.
+    fn placeholder(lease: &Lease) -> Self {
+        Self {
+            customer: lease.customer.clone(),
+            sandbox: lease.sandbox.clone(),
+            node: NodeId::parse("unknown").expect("a valid id"),
+            epoch: Epoch(0),
+            seq: 0,
+            ts: lease.until,
+            state: LifecycleState::Stopped,
+            cpu_used_usec: 0,
+            net_bytes: 0,
+            api_calls: 0,
+            running_since: None,
+            active_at: None,
+            lease: Some(lease.clone()),
+            flaps: 0,
+            pending: None,
+        }
+    }
+
+    /// Changes whenever anything a snapshot must keep changes.
+    pub fn version(&self) -> (u64, u64, i64) {
+        (
+            self.epoch.0,
+            self.seq,
+            self.lease
+                .as_ref()
+                .map_or(i64::MIN, |lease| lease.until.timestamp_millis()),
+        )
+    }
+}
+
 /// A decision issued and not yet acted on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
@@ -156,8 +192,6 @@ pub struct Engine {
     policy: Policy,
     version: String,
     sandboxes: HashMap<Key, SandboxState>,
-    /// Leases that arrived before their sandbox's first sample.
-    early_leases: HashMap<Key, Lease>,
     spend: BTreeMap<CustomerId, Spend>,
 }
 
@@ -167,7 +201,6 @@ impl Engine {
             version: policy.version_label(),
             policy,
             sandboxes: HashMap::new(),
-            early_leases: HashMap::new(),
             spend: BTreeMap::new(),
         }
     }
@@ -220,12 +253,10 @@ impl Engine {
             Input::Sample(sample) => self.observe_sample(sample).into_iter().collect(),
             Input::Lease(lease) => {
                 let key = (lease.customer.clone(), lease.sandbox.clone());
-                match self.sandboxes.get_mut(&key) {
-                    Some(state) => state.lease = Some(lease.clone()),
-                    None => {
-                        self.early_leases.insert(key, lease.clone());
-                    }
-                }
+                self.sandboxes
+                    .entry(key)
+                    .or_insert_with(|| SandboxState::placeholder(lease))
+                    .lease = Some(lease.clone());
                 Vec::new()
             }
             Input::Spend(spend) => {
@@ -247,26 +278,23 @@ impl Engine {
                 }
                 state
             }
-            None => {
-                let lease = self.early_leases.remove(&key);
-                self.sandboxes.entry(key).or_insert_with(|| SandboxState {
-                    customer: sample.customer.clone(),
-                    sandbox: sample.sandbox.clone(),
-                    node: sample.node.clone(),
-                    epoch: sample.epoch,
-                    seq: 0,
-                    ts: sample.ts,
-                    state: LifecycleState::Stopped,
-                    cpu_used_usec: 0,
-                    net_bytes: 0,
-                    api_calls: 0,
-                    running_since: None,
-                    active_at: None,
-                    lease,
-                    flaps: 0,
-                    pending: None,
-                })
-            }
+            None => self.sandboxes.entry(key).or_insert_with(|| SandboxState {
+                customer: sample.customer.clone(),
+                sandbox: sample.sandbox.clone(),
+                node: sample.node.clone(),
+                epoch: sample.epoch,
+                seq: 0,
+                ts: sample.ts,
+                state: LifecycleState::Stopped,
+                cpu_used_usec: 0,
+                net_bytes: 0,
+                api_calls: 0,
+                running_since: None,
+                active_at: None,
+                lease: None,
+                flaps: 0,
+                pending: None,
+            }),
         };
         let first_of_epoch = sample.epoch != state.epoch || state.seq == 0;
         let measured = Measured::between(state, sample, first_of_epoch);
@@ -314,9 +342,11 @@ impl Engine {
             if state
                 .pending
                 .as_ref()
-                .is_some_and(|pending| pending.action == Action::Notify)
+                .is_some_and(|pending| pending.rule == Rule::IdleWindow)
             {
-                state.pending = None; // a notified idle streak ended
+                // The idle streak that decided ended: a new one starts from
+                // here, with a decision of its own.
+                state.pending = None;
             }
         }
         let spend = self.spend.get(&sample.customer).map(|spend| spend.amount);
