@@ -137,6 +137,10 @@ pub struct SandboxState {
     pub flaps: u32,
     /// The decision waiting for the sandbox to leave `running`.
     pub pending: Option<Pending>,
+    /// Rules whose `notify` was sent for this running span (idle: for this
+    /// idle streak), so they are not sent again and do not hide later rules.
+    #[serde(default)]
+    pub notified: Vec<Rule>,
 }
 
 impl SandboxState {
@@ -160,6 +164,7 @@ impl SandboxState {
             lease: Some(lease.clone()),
             flaps: 0,
             pending: None,
+            notified: Vec::new(),
         }
     }
 
@@ -294,6 +299,7 @@ impl Engine {
                 lease: None,
                 flaps: 0,
                 pending: None,
+                notified: Vec::new(),
             }),
         };
         let first_of_epoch = sample.epoch != state.epoch || state.seq == 0;
@@ -331,12 +337,14 @@ impl Engine {
             state.running_since = None;
             state.active_at = None;
             state.pending = None;
+            state.notified.clear();
             return None;
         }
         if !was_running {
             state.running_since = Some(sample.ts);
             state.active_at = Some(sample.ts);
             state.pending = None;
+            state.notified.clear();
         } else if measured.active(&rules) {
             state.active_at = Some(sample.ts);
             if state
@@ -348,6 +356,7 @@ impl Engine {
                 // here, with a decision of its own.
                 state.pending = None;
             }
+            state.notified.retain(|rule| *rule != Rule::IdleWindow);
         }
         let spend = self.spend.get(&sample.customer).map(|spend| spend.amount);
         decide(&self.version, &rules, state, &measured, spend)
@@ -465,12 +474,14 @@ fn decide(
     let window_s = rules.window_after_flaps(state.flaps);
     let session_s = seconds_between(running_since, now);
 
-    let fired = if rules
+    // Every rule that holds now, most important first.
+    let mut holding = Vec::new();
+    if rules
         .spend_limit
         .zip(spend)
         .is_some_and(|(limit, spent)| spent >= limit)
     {
-        Some((
+        holding.push((
             Rule::BudgetCap,
             Action::Suspend,
             format!(
@@ -478,18 +489,20 @@ fn decide(
                 spend.unwrap_or_default(),
                 rules.spend_limit.unwrap_or_default()
             ),
-        ))
-    } else if rules.max_session_s.is_some_and(|cap| session_s >= cap) {
-        Some((
+        ));
+    }
+    if rules.max_session_s.is_some_and(|cap| session_s >= cap) {
+        holding.push((
             Rule::MaxSession,
             rules.max_session_action,
             format!(
                 "running for {session_s} s, the cap is {} s",
                 rules.max_session_s.unwrap_or_default()
             ),
-        ))
-    } else if now >= idle_since && seconds_between(idle_since, now) >= window_s {
-        Some((
+        ));
+    }
+    if now >= idle_since && seconds_between(idle_since, now) >= window_s {
+        holding.push((
             Rule::IdleWindow,
             rules.idle_action,
             format!(
@@ -497,22 +510,33 @@ fn decide(
                 seconds_between(idle_since, now),
                 idle_since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
             ),
-        ))
-    } else {
-        None
-    };
-    let (rule, action, reason) = fired?;
-    let attempt = match &state.pending {
-        Some(pending) if pending.rule == rule => {
-            if pending.action == Action::Notify
-                || seconds_between(pending.at, now) < rules.reissue_after_s
-            {
-                return None;
+        ));
+    }
+    // The first that is not already notified decides; a pending command of
+    // the same rule is re-issued only after reissue_after_s.
+    let mut chosen = None;
+    for (rule, action, reason) in holding {
+        if action == Action::Notify {
+            if state.notified.contains(&rule) {
+                continue;
             }
-            pending.attempt + 1
+            state.notified.push(rule);
+            chosen = Some((rule, action, reason, 1));
+            break;
         }
-        _ => 1,
-    };
+        let attempt = match &state.pending {
+            Some(pending) if pending.rule == rule => {
+                if seconds_between(pending.at, now) < rules.reissue_after_s {
+                    return None;
+                }
+                pending.attempt + 1
+            }
+            _ => 1,
+        };
+        chosen = Some((rule, action, reason, attempt));
+        break;
+    }
+    let (rule, action, reason, attempt) = chosen?;
     state.pending = Some(Pending {
         rule,
         action,
