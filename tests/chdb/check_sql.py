@@ -6,14 +6,18 @@ embedded ClickHouse 26.x (PyPI `chdb`), loads a small known trace, runs each
 query of services/store/src/queries/ with its `?` placeholders bound, and
 checks the answers. Exit status 0 means both engines accept the same SQL.
 
+The checks only need a function that runs one statement and returns its CSV
+answer (`run_checks(query)`), so the same checks can be pointed at a server.
+
 Usage: python check_sql.py   (needs `pip install chdb`; `make chdb-venv` does it)
 """
 
+import csv
+import decimal
+import io
 import pathlib
 import sys
 import tempfile
-
-from chdb import session
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MIGRATIONS = sorted((ROOT / "migrations").glob("*.sql"))
@@ -21,6 +25,10 @@ QUERIES = ROOT / "services" / "store" / "src" / "queries"
 
 # 2026-11-01 10:00:00 UTC (1793527200) and the trace of tests/tests/end_to_end.rs.
 HOUR_10 = 1793527200
+HOUR_11 = HOUR_10 + 3600
+HOUR_12 = HOUR_10 + 7200
+DAY = HOUR_10 - 10 * 3600  # 2026-11-01 00:00:00 UTC, the trace's day
+OCTOBER = DAY - 31 * 86400  # 2026-10-01 00:00:00 UTC
 TRACE = [
     # sandbox, epoch, seq, ts, cpu_used_usec
     ("sbx-a", 1, 1, HOUR_10 + 3598, 1000),
@@ -44,156 +52,378 @@ def statements(sql: str):
 
 
 def bind(sql: str, params):
-    """Client-side `?` binding, as the clickhouse crate does it."""
+    """Client-side `?` binding, as the clickhouse crate does it: every `?` of
+    the text is a placeholder, comments included."""
     parts = sql.split("?")
-    assert len(parts) == len(params) + 1, f"{len(parts) - 1} placeholders, {len(params)} params"
+    if len(parts) != len(params) + 1:
+        raise ValueError(f"{len(parts) - 1} placeholders (comments included), {len(params)} params")
     out = parts[0]
     for value, rest in zip(params, parts[1:]):
         out += (f"'{value}'" if isinstance(value, str) else str(value)) + rest
     return out
 
 
+def canon(cell: str) -> str:
+    """A CSV cell with Decimal trailing zeros dropped ("0.050000000000" and
+    "0.05" are the same amount; 18.16 prints the first, current releases the
+    second)."""
+    if "." in cell:
+        try:
+            return format(decimal.Decimal(cell).normalize(), "f")
+        except decimal.InvalidOperation:
+            pass
+    return cell
+
+
+def parse(text: str):
+    return [[canon(cell) for cell in row] for row in csv.reader(io.StringIO(text)) if row]
+
+
+def sample(customer, sbx, node, epoch, seq, ts, cpu, state="running", vcpu_milli=2000, mem_bytes=0,
+           gpu_model="", gpu_count=0, disk_bytes=0, exec_sessions=1, open_conns=0):
+    """One usage_samples row; vcpu_alloc_usec is seq * 2,000,000, the other counters 0."""
+    return (
+        f"('{customer}','{sbx}','{node}',{epoch},{seq},{ts},{ts * 1000},'{state}',{vcpu_milli},{mem_bytes},"
+        f"'{gpu_model}',{gpu_count},{disk_bytes},{cpu},0,0,{seq * 2000000},0,0,0,0,0,0,{exec_sessions},{open_conns})"
+    )
+
+
+def window(sbx, epoch, bucket, samples, cpu, vcpu):
+    """An expected usage window row: cpu and vcpu are (lo, hi); every other counter is 0."""
+    zeros = ["0"] * 4
+    return [sbx, str(epoch), str(bucket), str(samples),
+            str(cpu[0]), "0", "0", str(vcpu[0]), *zeros,
+            str(cpu[1]), "0", "0", str(vcpu[1]), *zeros]
+
+
+def rated(customer, period_start, as_of, checksum, line_no, kind, resource, amount, rated_at):
+    return (
+        f"('{customer}', {period_start}, {as_of}, 's', '{checksum}', 'p', 'USD', {line_no}, '{kind}', "
+        f"'{resource}', '', '1', '1', 'h', '1', '{amount}', {rated_at})"
+    )
+
+
+def run_checks(query) -> int:
+    """query(sql) runs one statement in an empty database and returns its CSV answer."""
+
+    def check_query(name, label, params, expected) -> bool:
+        try:
+            sql = bind((QUERIES / name).read_text(), params)
+            got = parse(query(sql))
+        except Exception as error:  # noqa: BLE001 - reported as the check's failure
+            print(f"FAIL {name} ({label}): {error}")
+            return False
+        if got != expected:
+            print(f"FAIL {name} ({label})\n got      {got}\n expected {expected}")
+            return False
+        return True
+
+    for migration in MIGRATIONS:
+        for statement in statements(migration.read_text()):
+            query(statement)
+        # Applying twice must be harmless (IF NOT EXISTS everywhere).
+        for statement in statements(migration.read_text()):
+            query(statement)
+        print(f"ok  {migration.name}")
+
+    rows = ",".join(sample("acme", sbx, "node-1", epoch, seq, ts, cpu) for sbx, epoch, seq, ts, cpu in TRACE)
+    query(f"INSERT INTO usage_samples VALUES {rows}")
+    query(f"INSERT INTO usage_samples VALUES {rows}")  # a replay
+
+    # Hour windows. Hour 10 holds sbx-a seqs 1-2, sbx-b's four samples; hour
+    # 11 sbx-a seqs 3-4. vcpu_alloc_usec is seq * 2 s.
+    name = "usage_window_rollup.sql"
+    a_h10 = window("sbx-a", 1, HOUR_10, 2, (1000, 3000), (2000000, 4000000))
+    a_h11 = window("sbx-a", 1, HOUR_11, 2, (6000, 10000), (6000000, 8000000))
+    b1_h10 = window("sbx-b", 1, HOUR_10, 2, (500, 900), (2000000, 4000000))
+    b2_h10 = window("sbx-b", 2, HOUR_10, 2, (100, 400), (2000000, 4000000))
+    hour = (HOUR_10, 3600, 3600, "acme", HOUR_12, "a", "z", "acme", HOUR_10, HOUR_12, "a", "z")
+    if not check_query(name, "hours 10-11", hour, [a_h10, a_h11, b1_h10, b2_h10]):
+        return 1
+    # From hour 11: hour 10 of sbx-a folds into bucket 0 (its baseline, with
+    # hour 10's 2 samples); sbx-b has no sample in the range, so none of it.
+    hour_11 = (HOUR_11, 3600, 3600, "acme", HOUR_12, "a", "z", "acme", HOUR_11, HOUR_12, "a", "z")
+    baseline = window("sbx-a", 1, 0, 2, (1000, 3000), (2000000, 4000000))
+    if not check_query(name, "hour 11, hour 10 as baseline", hour_11, [baseline, a_h11]):
+        return 1
+    only_b = (HOUR_10, 3600, 3600, "acme", HOUR_12, "sbx-b", "sbx-b", "acme", HOUR_10, HOUR_12, "sbx-b", "sbx-b")
+    if not check_query(name, "sandbox range sbx-b..=sbx-b", only_b, [b1_h10, b2_h10]):
+        return 1
+    # One day window: each (sandbox, epoch) becomes a single bucket at 00:00.
+    day = (DAY, 86400, 86400, "acme", DAY + 86400, "a", "z", "acme", DAY, DAY + 86400, "a", "z")
+    expected = [
+        window("sbx-a", 1, DAY, 4, (1000, 10000), (2000000, 8000000)),
+        window("sbx-b", 1, DAY, 2, (500, 900), (2000000, 4000000)),
+        window("sbx-b", 2, DAY, 2, (100, 400), (2000000, 4000000)),
+    ]
+    if not check_query(name, "one day", day, expected):
+        return 1
+    print(f"ok  {name}")
+
+    # Minute windows. Binds: customer, from_hour, first, last, customer, from,
+    # to, first, last, from, customer, from_hour, to, first, last, customer,
+    # from, to, first, last.
+    name = "usage_window_minute.sql"
+    # [10:31, 11:01): sbx-b epoch 1's first sample (10:30:00) precedes the
+    # range and is its bucket 0; every other sample is in its own minute.
+    start, end = HOUR_10 + 1860, HOUR_11 + 60
+    minutes = ("acme", HOUR_10, "a", "z", "acme", start, end, "a", "z", start, "acme", HOUR_10, end, "a", "z",
+               "acme", start, end, "a", "z")
+    b_minutes = [
+        window("sbx-b", 1, 0, 1, (500, 500), (2000000, 2000000)),
+        window("sbx-b", 1, HOUR_10 + 1860, 1, (900, 900), (4000000, 4000000)),
+        window("sbx-b", 2, HOUR_10 + 1920, 1, (100, 100), (2000000, 2000000)),
+        window("sbx-b", 2, HOUR_10 + 1980, 1, (400, 400), (4000000, 4000000)),
+    ]
+    expected = [
+        window("sbx-a", 1, HOUR_10 + 3540, 2, (1000, 3000), (2000000, 4000000)),
+        window("sbx-a", 1, HOUR_11, 2, (6000, 10000), (6000000, 8000000)),
+        *b_minutes,
+    ]
+    if not check_query(name, "10:31 to 11:01", minutes, expected):
+        return 1
+    only_b = ("acme", HOUR_10, "sbx-b", "sbx-b", "acme", start, end, "sbx-b", "sbx-b", start,
+              "acme", HOUR_10, end, "sbx-b", "sbx-b", "acme", start, end, "sbx-b", "sbx-b")
+    if not check_query(name, "sandbox range sbx-b..=sbx-b", only_b, b_minutes):
+        return 1
+    # [11:00, 11:01): hour 10 comes from the rollup as sbx-a's bucket 0 (no
+    # sample counted there); sbx-b has no sample in the range.
+    minutes = ("acme", HOUR_11, "a", "z", "acme", HOUR_11, HOUR_11 + 60, "a", "z", HOUR_11,
+               "acme", HOUR_11, HOUR_11 + 60, "a", "z", "acme", HOUR_11, HOUR_11 + 60, "a", "z")
+    expected = [
+        window("sbx-a", 1, 0, 0, (1000, 3000), (2000000, 4000000)),
+        window("sbx-a", 1, HOUR_11, 2, (6000, 10000), (6000000, 8000000)),
+    ]
+    if not check_query(name, "11:00 to 11:01, hour 10 from the rollup", minutes, expected):
+        return 1
+    # [11:01, 11:02): no sample in the range, so no epoch is read at all (not
+    # even a baseline of the samples between 11:00 and 11:01).
+    start, end = HOUR_11 + 60, HOUR_11 + 120
+    minutes = ("acme", HOUR_11, "a", "z", "acme", start, end, "a", "z", start,
+               "acme", HOUR_11, end, "a", "z", "acme", start, end, "a", "z")
+    if not check_query(name, "11:01 to 11:02, nothing in the range", minutes, []):
+        return 1
+    print(f"ok  {name}")
+
+    sql = (QUERIES / "samples_for_rating.sql").read_text()
+    # sbx-a's samples closing in hour 11, plus its last sample of hour 10 as
+    # baseline; sbx-b has nothing in hour 11, so none of its samples.
+    h11, h12 = HOUR_11 * 1000, HOUR_12 * 1000
+    params = ("acme", h11, h12, "acme", h11, "acme", h11, h12)
+    result = query(bind(sql, params))
+    got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
+    expected = [('"sbx-a"', "2"), ('"sbx-a"', "3"), ('"sbx-a"', "4")]
+    if got != expected:
+        print(f"FAIL samples_for_rating.sql\n got      {got}\n expected {expected}")
+        return 1
+    print("ok  samples_for_rating.sql")
+    sql = (QUERIES / "samples_for_rating_range.sql").read_text()
+    params = ("a", "z", h11, h12, "a", "z", h11, "a", "z", h11, h12)
+    result = query(bind(sql, params))
+    got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
+    if got != expected:
+        print(f"FAIL samples_for_rating_range.sql\n got      {got}\n expected {expected}")
+        return 1
+    print("ok  samples_for_rating_range.sql")
+
+    # Rated usage: Decimal(38, 12) money summed per checksum (no decimal GROUP BY key).
+    query(
+        "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
+        "'1.5', '1500', 'vcpu-hour', '0.01667', '0.03', 1), ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 1, "
+        "'usage', 'memory', '', '2', '2', 'GB-hour', '0.00833', '0.02', 1)"
+    )
+    total = query(
+        "SELECT sheet_checksum, sum(amount) AS total FROM rated_usage FINAL WHERE customer = 'acme' "
+        "AND period_start = toDateTime(0) AND as_of = toDateTime(3600) GROUP BY sheet_checksum"
+    ).strip()
+    if total not in ('"c1",0.05', '"c1",0.050000000000'):
+        print(f"FAIL rated_usage totals: {total}")
+        return 1
+    print("ok  rated_usage totals")
+    # An older snapshot of the same period must not be what period_spend reads.
+    query(
+        "INSERT INTO rated_usage VALUES ('acme', 0, 1800, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
+        "'1', '1', 'vcpu-hour', '9', '9', 1)"
+    )
+    # period_start_unix, sheet_checksum, as_of_unix, total.
+    if not check_query("period_spend.sql", "latest snapshot", ("acme", "acme"), [["0", "c1", "3600", "0.05"]]):
+        return 1
+    # A re-run rewrites the vcpu line (0.03 -> 0.04): 0.04 + 0.02, read FINAL.
+    query(
+        "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
+        "'1', '1', 'vcpu-hour', '0.04', '0.04', 2)"
+    )
+    if not check_query("period_spend.sql", "a rewritten line", ("acme", "acme"), [["0", "c1", "3600", "0.06"]]):
+        return 1
+    # A re-rating under checksum c2 of the same hour, rated later, supersedes c1.
+    query(
+        "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c2', 'p', 'USD', 0, 'usage', 'vcpu', '', "
+        "'1', '1', 'vcpu-hour', '0.07', '0.07', 3)"
+    )
+    if not check_query("period_spend.sql", "a re-rating", ("acme", "acme"), [["0", "c2", "3600", "0.07"]]):
+        return 1
+    print("ok  period_spend.sql")
+
+    # Rated snapshots of customer beta: October (final snapshot at 11-01
+    # 00:00, one earlier) and November (hours 10-12 under checksum c1, a
+    # re-rating c2 of hours 9-10). Another customer's snapshot is never read.
+    november = DAY
+    snapshots = [
+        rated("beta", OCTOBER, november - 3600, "c1", 0, "usage", "vcpu", "5", november + 60),
+        rated("beta", OCTOBER, november - 3600, "c1", 1, "usage", "memory", "2", november + 60),
+        rated("beta", OCTOBER, november, "c1", 0, "usage", "vcpu", "6", november + 300),
+        rated("beta", OCTOBER, november, "c1", 1, "usage", "memory", "2.5", november + 300),
+        rated("beta", OCTOBER, november, "c1", 2, "usage", "vcpu", "4", november + 302),
+        rated("beta", OCTOBER, november, "c1", 3, "fee", "platform", "20", november + 301),
+        rated("beta", november, HOUR_10, "c1", 0, "usage", "vcpu", "1", HOUR_10 + 120),
+        rated("beta", november, HOUR_10, "c1", 1, "usage", "memory", "0.25", HOUR_10 + 120),
+        rated("beta", november, HOUR_11, "c1", 0, "usage", "vcpu", "1.5", HOUR_11 + 120),
+        rated("beta", november, HOUR_11, "c1", 1, "usage", "memory", "0.4", HOUR_11 + 120),
+        rated("beta", november, HOUR_12, "c1", 0, "usage", "vcpu", "2", HOUR_12 + 120),
+        rated("beta", november, HOUR_12, "c1", 1, "usage", "memory", "0.5", HOUR_12 + 120),
+        rated("beta", november, HOUR_10 - 3600, "c2", 0, "usage", "vcpu", "0.9", HOUR_11 + 900),
+        rated("beta", november, HOUR_10 - 3600, "c2", 1, "usage", "memory", "0.2", HOUR_11 + 900),
+        rated("beta", november, HOUR_10, "c2", 0, "usage", "vcpu", "1.1", HOUR_11 + 900),
+        rated("beta", november, HOUR_10, "c2", 1, "usage", "memory", "0.3", HOUR_11 + 900),
+        rated("gamma", november, HOUR_11, "c1", 0, "usage", "vcpu", "7", HOUR_11 + 120),
+    ]
+    query(f"INSERT INTO rated_usage VALUES {', '.join(snapshots)}")
+    # A re-run rewrites hour 11's vcpu line of c1 (the later rated_at wins).
+    query(f"INSERT INTO rated_usage VALUES {rated('beta', november, HOUR_11, 'c1', 0, 'usage', 'vcpu', '1.6', HOUR_11 + 600)}")
+    name = "snapshot_lines.sql"
+    # Windows of (10:00, 11:00]: c1's 11:00 snapshot; as starting points the
+    # latest snapshot at or before 10:00 of (October, c1) = 11-01 00:00 (two
+    # vcpu lines, 6 + 4, the later rated at +302),
+    # (November, c1) = 10:00 and (November, c2) = 10:00 (not 09:00).
+    # Columns: period_start, checksum, as_of, currency, kind, resource, amount, rated_at.
+    expected = [
+        [str(OCTOBER), "c1", str(november), "USD", "fee", "platform", "20", str(november + 301)],
+        [str(OCTOBER), "c1", str(november), "USD", "usage", "memory", "2.5", str(november + 300)],
+        [str(OCTOBER), "c1", str(november), "USD", "usage", "vcpu", "10", str(november + 302)],
+        [str(november), "c1", str(HOUR_10), "USD", "usage", "memory", "0.25", str(HOUR_10 + 120)],
+        [str(november), "c1", str(HOUR_10), "USD", "usage", "vcpu", "1", str(HOUR_10 + 120)],
+        [str(november), "c1", str(HOUR_11), "USD", "usage", "memory", "0.4", str(HOUR_11 + 120)],
+        [str(november), "c1", str(HOUR_11), "USD", "usage", "vcpu", "1.6", str(HOUR_11 + 600)],
+        [str(november), "c2", str(HOUR_10), "USD", "usage", "memory", "0.3", str(HOUR_11 + 900)],
+        [str(november), "c2", str(HOUR_10), "USD", "usage", "vcpu", "1.1", str(HOUR_11 + 900)],
+    ]
+    params = ("beta", HOUR_11, HOUR_10, HOUR_11, "beta", HOUR_11, HOUR_10)
+    if not check_query(name, "(10:00, 11:00]", params, expected):
+        return 1
+    # Windows of (10-31 22:00, 10-31 23:00]: October's 23:00 snapshot only; no
+    # snapshot at or before 22:00, and November had not started.
+    start, end = november - 7200, november - 3600
+    expected = [
+        [str(OCTOBER), "c1", str(end), "USD", "usage", "memory", "2", str(november + 60)],
+        [str(OCTOBER), "c1", str(end), "USD", "usage", "vcpu", "5", str(november + 60)],
+    ]
+    if not check_query(name, "(10-31 22:00, 23:00]", ("beta", end, start, end, "beta", end, start), expected):
+        return 1
+    print(f"ok  {name}")
+
+    decision = (
+        "('acme:s:1:idle_window:1000', 'acme', 's', 'n', 1, 1000, 0, 'idle_window', 'suspend', 1, "
+        "'p/1', 'idle', '{}', 1)"
+    )
+    query(f"INSERT INTO policy_decisions VALUES {decision}")
+    query(f"INSERT INTO policy_decisions VALUES {decision}")  # a replayed decision
+    rows = query(
+        "SELECT decision_id FROM policy_decisions FINAL WHERE customer = 'acme' ORDER BY at_ms, decision_id"
+    ).strip()
+    if rows != '"acme:s:1:idle_window:1000"':
+        print(f"FAIL policy_decisions replay did not collapse: {rows}")
+        return 1
+    query("INSERT INTO policy_state VALUES ('g', 'acme', 's', 1, '{\"seq\":1}')")
+    query("INSERT INTO policy_state VALUES ('g', 'acme', 's', 2, '{\"seq\":2}')")
+    state = query(
+        "SELECT state FROM policy_state FINAL WHERE group_id = 'g' AND snapshot_ms >= 0 ORDER BY customer, sandbox"
+    ).strip()
+    if state != '"{""seq"":2}"':
+        print(f"FAIL policy_state keeps the latest snapshot: {state}")
+        return 1
+    print("ok  policy tables")
+    # Invoices: a crashed run's longer line set is replaced line by line
+    # and cut at the header's line_count.
+    query(
+        "INSERT INTO invoice_lines VALUES ('i', 1, 1, 'acme', 'usage', 'vcpu', '1', 'h', '1', '9', 0, '', 1), "
+        "('i', 1, 2, 'acme', 'usage', 'mem', '1', 'h', '1', '9', 0, '', 1)"
+    )
+    query("INSERT INTO invoice_lines VALUES ('i', 1, 1, 'acme', 'usage', 'vcpu', '1', 'h', '1', '5', 0, '', 2)")
+    query(
+        "INSERT INTO invoices VALUES ('i', 1, 'acme', 0, 2678400, 'USD', '', 's', 'c', "
+        "'5', '0', '0', '0', '0', '0', '0', '5', '-1', 1, '0', 1)"
+    )
+    last = query("SELECT max(number) FROM invoices WHERE issuer = 'i'").strip()
+    lines = query(
+        "SELECT line_no, amount FROM invoice_lines FINAL WHERE issuer = 'i' AND number = 1 "
+        "AND customer = 'acme' AND line_no <= 1 ORDER BY line_no"
+    ).strip()
+    if last != "1" or lines not in ("1,5", "1,5.000000000000"):
+        print(f"FAIL invoices: last number {last}, lines {lines}")
+        return 1
+    query("INSERT INTO wallet_deposits VALUES ('i', 'acme', 'd1', '100', 10), ('i', 'acme', 'd2', '5', 99999)")
+    query("INSERT INTO wallet_deposits VALUES ('i', 'acme', 'd1', '100', 10)")  # recorded twice
+    wallet = query(
+        "SELECT customer, sum(amount) FROM wallet_deposits FINAL WHERE issuer = 'i' AND customer >= 'a' "
+        "AND customer <= 'z' AND deposited_at < toDateTime(1000) GROUP BY customer ORDER BY customer"
+    ).strip()
+    if wallet not in ('"acme",100', '"acme",100.000000000000'):
+        print(f"FAIL wallet deposits: {wallet}")
+        return 1
+    print("ok  invoice tables")
+    final = query("SELECT count() FROM usage_samples FINAL").strip()
+    if final != "8":
+        print(f"FAIL duplicates did not collapse under FINAL: {final}")
+        return 1
+    print("ok  ReplacingMergeTree collapses the replay")
+
+    # Sandbox state: the latest sample per sandbox. globex's sbx-c changes
+    # node, epoch, state and shape; its latest sample is inserted first, and
+    # everything is inserted twice (the query reads without FINAL).
+    latest = sample("globex", "sbx-c", "node-2", 2, 2, HOUR_10 + 180, 40, state="suspended", vcpu_milli=4000,
+                    mem_bytes=1073741824, gpu_model="h100", gpu_count=1, disk_bytes=5368709120,
+                    exec_sessions=2, open_conns=3)
+    earlier = ",".join([
+        sample("globex", "sbx-c", "node-1", 1, 1, HOUR_10, 10),
+        sample("globex", "sbx-c", "node-1", 1, 2, HOUR_10 + 60, 20, state="stopped"),
+        sample("globex", "sbx-c", "node-2", 2, 1, HOUR_10 + 120, 30, vcpu_milli=4000),
+    ])
+    for _ in range(2):
+        query(f"INSERT INTO usage_samples VALUES {latest}")
+        query(f"INSERT INTO usage_samples VALUES {earlier}")
+    name = "sandbox_state.sql"
+    # Columns: sandbox, node, epoch, state, first_seen_ms, last_seen_ms,
+    # vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes, exec_sessions, open_conns.
+    a = ["sbx-a", "node-1", "1", "running", str((HOUR_10 + 3598) * 1000), str((HOUR_10 + 3601) * 1000),
+         "2000", "0", "", "0", "0", "1", "0"]
+    b = ["sbx-b", "node-1", "2", "running", str((HOUR_10 + 1800) * 1000), str((HOUR_10 + 1980) * 1000),
+         "2000", "0", "", "0", "0", "1", "0"]
+    c = ["sbx-c", "node-2", "2", "suspended", str(HOUR_10 * 1000), str((HOUR_10 + 180) * 1000),
+         "4000", "1073741824", "h100", "1", "5368709120", "2", "3"]
+    cases = [
+        ("every sandbox", ("acme", "", 0, "", 100), [a, b]),
+        ("after the cursor sbx-a", ("acme", "sbx-a", 0, "", 100), [b]),
+        ("limit 1", ("acme", "", 0, "", 1), [a]),
+        ("only sbx-b", ("acme", "", 1, "sbx-b", 100), [b]),
+        ("only sbx-b, cursor at sbx-b", ("acme", "sbx-b", 1, "sbx-b", 100), []),
+        ("only another customer's sandbox", ("acme", "", 1, "sbx-c", 100), []),
+        ("latest sample wins", ("globex", "", 0, "", 100), [c]),
+    ]
+    for label, params, expected in cases:
+        if not check_query(name, label, params, expected):
+            return 1
+    print(f"ok  {name}")
+    return 0
+
+
 def main() -> int:
+    from chdb import session
+
     with tempfile.TemporaryDirectory() as path:
         db = session.Session(path)
         db.query("CREATE DATABASE IF NOT EXISTS idlemeter")
         db.query("USE idlemeter")
-        for migration in MIGRATIONS:
-            for statement in statements(migration.read_text()):
-                db.query(statement)
-            # Applying twice must be harmless (IF NOT EXISTS everywhere).
-            for statement in statements(migration.read_text()):
-                db.query(statement)
-            print(f"ok  {migration.name}")
-
-        rows = ",".join(
-            f"('acme','{sbx}','node-1',{epoch},{seq},{ts},{ts * 1000},'running',2000,0,'',0,0,"
-            f"{cpu},0,0,{seq * 2000000},0,0,0,0,0,0,1,0)"
-            for sbx, epoch, seq, ts, cpu in TRACE
-        )
-        db.query(f"INSERT INTO usage_samples VALUES {rows}")
-        db.query(f"INSERT INTO usage_samples VALUES {rows}")  # a replay
-
-        sql = (QUERIES / "usage_hourly_window.sql").read_text()
-        window = (HOUR_10, "acme", HOUR_10 + 7200, "acme", HOUR_10, HOUR_10 + 7200)
-        result = db.query(bind(sql, window), "CSV").bytes().decode()
-        got = [line.split(",")[:5] + [line.split(",")[12]] for line in result.strip().splitlines()]
-        expected = [
-            ['"sbx-a"', "1", str(HOUR_10), "2", "1000", "3000"],
-            ['"sbx-a"', "1", str(HOUR_10 + 3600), "2", "6000", "10000"],
-            ['"sbx-b"', "1", str(HOUR_10), "2", "500", "900"],
-            ['"sbx-b"', "2", str(HOUR_10), "2", "100", "400"],
-        ]
-        if got != expected:
-            print(f"FAIL usage_hourly_window.sql\n got      {got}\n expected {expected}")
-            return 1
-        print("ok  usage_hourly_window.sql")
-        sql = (QUERIES / "samples_for_rating.sql").read_text()
-        # sbx-a's samples closing in hour 11, plus its last sample of hour 10 as
-        # baseline; sbx-b has nothing in hour 11, so none of its samples.
-        h11, h12 = (HOUR_10 + 3600) * 1000, (HOUR_10 + 7200) * 1000
-        params = ("acme", h11, h12, "acme", h11, "acme", h11, h12)
-        result = db.query(bind(sql, params), "CSV").bytes().decode()
-        got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
-        expected = [('"sbx-a"', "2"), ('"sbx-a"', "3"), ('"sbx-a"', "4")]
-        if got != expected:
-            print(f"FAIL samples_for_rating.sql\n got      {got}\n expected {expected}")
-            return 1
-        print("ok  samples_for_rating.sql")
-        sql = (QUERIES / "samples_for_rating_range.sql").read_text()
-        params = ("a", "z", h11, h12, "a", "z", h11, "a", "z", h11, h12)
-        result = db.query(bind(sql, params), "CSV").bytes().decode()
-        got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
-        if got != expected:
-            print(f"FAIL samples_for_rating_range.sql\n got      {got}\n expected {expected}")
-            return 1
-        print("ok  samples_for_rating_range.sql")
-
-        # Rated usage: Decimal(38, 12) money summed per checksum (no decimal GROUP BY key).
-        db.query(
-            "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
-            "'1.5', '1500', 'vcpu-hour', '0.01667', '0.03', 1), ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 1, "
-            "'usage', 'memory', '', '2', '2', 'GB-hour', '0.00833', '0.02', 1)"
-        )
-        total = db.query(
-            "SELECT sheet_checksum, sum(amount) AS total FROM rated_usage FINAL WHERE customer = 'acme' "
-            "AND period_start = toDateTime(0) AND as_of = toDateTime(3600) GROUP BY sheet_checksum", "CSV"
-        ).bytes().decode().strip()
-        if total not in ('"c1",0.05', '"c1",0.050000000000'):
-            print(f"FAIL rated_usage totals: {total}")
-            return 1
-        print("ok  rated_usage totals")
-        # An older snapshot of the same period must not be what period_spend reads.
-        db.query(
-            "INSERT INTO rated_usage VALUES ('acme', 0, 1800, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
-            "'1', '1', 'vcpu-hour', '9', '9', 1)"
-        )
-        sql = (QUERIES / "period_spend.sql").read_text()
-        spend = db.query(bind(sql, ("acme", "acme")), "CSV").bytes().decode().strip()
-        if spend not in ("3600,0.05", "3600,0.050000000000"):
-            print(f"FAIL period_spend.sql: {spend}")
-            return 1
-        print("ok  period_spend.sql")
-        decision = (
-            "('acme:s:1:idle_window:1000', 'acme', 's', 'n', 1, 1000, 0, 'idle_window', 'suspend', 1, "
-            "'p/1', 'idle', '{}', 1)"
-        )
-        db.query(f"INSERT INTO policy_decisions VALUES {decision}")
-        db.query(f"INSERT INTO policy_decisions VALUES {decision}")  # a replayed decision
-        rows = db.query(
-            "SELECT decision_id FROM policy_decisions FINAL WHERE customer = 'acme' ORDER BY at_ms, decision_id",
-            "CSV",
-        ).bytes().decode().strip()
-        if rows != '"acme:s:1:idle_window:1000"':
-            print(f"FAIL policy_decisions replay did not collapse: {rows}")
-            return 1
-        db.query("INSERT INTO policy_state VALUES ('g', 'acme', 's', 1, '{\"seq\":1}')")
-        db.query("INSERT INTO policy_state VALUES ('g', 'acme', 's', 2, '{\"seq\":2}')")
-        state = db.query(
-            "SELECT state FROM policy_state FINAL WHERE group_id = 'g' AND snapshot_ms >= 0 ORDER BY customer, sandbox",
-            "CSV",
-        ).bytes().decode().strip()
-        if state != '"{""seq"":2}"':
-            print(f"FAIL policy_state keeps the latest snapshot: {state}")
-            return 1
-        print("ok  policy tables")
-        # Invoices: a crashed run's longer line set is replaced line by line
-        # and cut at the header's line_count.
-        db.query(
-            "INSERT INTO invoice_lines VALUES ('i', 1, 1, 'acme', 'usage', 'vcpu', '1', 'h', '1', '9', 0, '', 1), "
-            "('i', 1, 2, 'acme', 'usage', 'mem', '1', 'h', '1', '9', 0, '', 1)"
-        )
-        db.query("INSERT INTO invoice_lines VALUES ('i', 1, 1, 'acme', 'usage', 'vcpu', '1', 'h', '1', '5', 0, '', 2)")
-        db.query(
-            "INSERT INTO invoices VALUES ('i', 1, 'acme', 0, 2678400, 'USD', '', 's', 'c', "
-            "'5', '0', '0', '0', '0', '0', '0', '5', '-1', 1, '0', 1)"
-        )
-        last = db.query("SELECT max(number) FROM invoices WHERE issuer = 'i'", "CSV").bytes().decode().strip()
-        lines = db.query(
-            "SELECT line_no, amount FROM invoice_lines FINAL WHERE issuer = 'i' AND number = 1 "
-            "AND customer = 'acme' AND line_no <= 1 ORDER BY line_no",
-            "CSV",
-        ).bytes().decode().strip()
-        if last != "1" or lines not in ("1,5", "1,5.000000000000"):
-            print(f"FAIL invoices: last number {last}, lines {lines}")
-            return 1
-        db.query("INSERT INTO wallet_deposits VALUES ('i', 'acme', 'd1', '100', 10), ('i', 'acme', 'd2', '5', 99999)")
-        db.query("INSERT INTO wallet_deposits VALUES ('i', 'acme', 'd1', '100', 10)")  # recorded twice
-        wallet = db.query(
-            "SELECT customer, sum(amount) FROM wallet_deposits FINAL WHERE issuer = 'i' AND customer >= 'a' "
-            "AND customer <= 'z' AND deposited_at < toDateTime(1000) GROUP BY customer ORDER BY customer",
-            "CSV",
-        ).bytes().decode().strip()
-        if wallet not in ('"acme",100', '"acme",100.000000000000'):
-            print(f"FAIL wallet deposits: {wallet}")
-            return 1
-        print("ok  invoice tables")
-        final = db.query("SELECT count() FROM usage_samples FINAL", "CSV").bytes().decode().strip()
-        if final != "8":
-            print(f"FAIL duplicates did not collapse under FINAL: {final}")
-            return 1
-        print("ok  ReplacingMergeTree collapses the replay")
-    return 0
+        return run_checks(lambda sql: db.query(sql, "CSV").bytes().decode())
 
 
 if __name__ == "__main__":

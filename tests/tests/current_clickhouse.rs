@@ -32,5 +32,19 @@ fn migrations_and_store_queries_run_on_current_clickhouse() {
         "chDB check failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("ok  usage_hourly_window.sql"), "{stdout}");
+    for line in [
+        "ok  0006_api.sql",
+        "ok  usage_window_rollup.sql",
+        "ok  usage_window_minute.sql",
+        "ok  samples_for_rating.sql",
+        "ok  samples_for_rating_range.sql",
+        "ok  period_spend.sql",
+        "ok  snapshot_lines.sql",
+        "ok  sandbox_state.sql",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing `{line}` in:\n{stdout}"
+        );
+    }
 }

@@ -34,6 +34,10 @@ enum Command {
     Policy,
     /// Run the invoicing scheduler: close each ended billing period into invoices.
     Invoicer,
+    /// Run the customer usage API (HTTP; docs at /docs, schema at /openapi.json).
+    Api,
+    /// Create, list and revoke the usage API's keys.
+    Keys(commands::api::KeysArgs),
     /// Close a period, show or preview invoices (finance's tools).
     Invoices(commands::invoices::InvoicesArgs),
     /// Run the node collector: sample sandbox cgroups, ship node batches, act on commands.
@@ -76,6 +80,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Collector => commands::collector(&settings).await,
             Command::Policy => commands::policy(&settings).await,
             Command::Invoicer => commands::invoices::service(&settings).await,
+            Command::Api => commands::api::serve(&settings).await,
+            Command::Keys(args) => commands::api::keys(&settings, args).await,
             Command::Invoices(args) => commands::invoices::run(&settings, args).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {

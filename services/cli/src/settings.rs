@@ -7,6 +7,7 @@ use std::path::Path;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use idlemeter_api::ApiConfig;
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_collector::CollectorConfig;
 use idlemeter_ingest::IngestConfig;
@@ -28,6 +29,7 @@ pub struct Settings {
     pub collector: CollectorConfig,
     pub policy: PolicyConfig,
     pub invoicer: InvoicerConfig,
+    pub api: ApiConfig,
     pub metrics: MetricsSettings,
 }
 
@@ -58,6 +60,7 @@ impl Default for Settings {
             collector: CollectorConfig::default(),
             policy: PolicyConfig::default(),
             invoicer: InvoicerConfig::default(),
+            api: ApiConfig::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
             },

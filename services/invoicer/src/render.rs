@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{column, BillContext, Result};
 
 /// One invoice line. Money and quantities serialize as decimal strings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Line {
     pub line_no: u16,
     /// `usage`, `included`, `fee`, `adjustment`, `credit` or `tax`.
@@ -27,7 +27,7 @@ pub struct Line {
 }
 
 /// An invoice.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Invoice {
     pub issuer: String,
     pub number: u64,

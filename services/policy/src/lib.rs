@@ -19,7 +19,7 @@
 //! ids (the row collapses, the collector and the receiver act once per id).
 //! So a restart neither forgets an idle streak nor suspends early.
 
-pub mod webhook;
+pub use idlemeter_webhook as webhook;
 
 use std::collections::HashMap;
 use std::future::Future;

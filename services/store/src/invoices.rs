@@ -66,13 +66,7 @@ pub struct WalletDepositRow {
 
 impl Store {
     pub async fn insert_wallet_deposit(&self, row: &WalletDepositRow) -> Result<()> {
-        let mut insert = self
-            .client
-            .insert::<WalletDepositRow>("wallet_deposits")
-            .await
-            .context("insert wallet_deposits")?;
-        insert.write(row).await.context("insert wallet_deposits")?;
-        insert.end().await.context("insert wallet_deposits")
+        self.insert_rows("wallet_deposits", std::slice::from_ref(row)).await
     }
 
     /// Each customer's deposits made before `before` (Unix seconds), summed
@@ -137,34 +131,12 @@ impl Store {
 
     /// Lines first, in one insert; the headers are the commit marker.
     pub async fn insert_invoice_lines(&self, rows: &[InvoiceLineRow]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self
-            .client
-            .insert::<InvoiceLineRow>("invoice_lines")
-            .await
-            .context("insert invoice_lines")?;
-        for row in rows {
-            insert.write(row).await.context("insert invoice_lines")?;
-        }
-        insert.end().await.context("insert invoice_lines")
+        self.insert_rows("invoice_lines", rows).await
     }
 
     /// Headers in one insert (one block: all or none of them become visible).
     pub async fn insert_invoices(&self, rows: &[InvoiceRow]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self
-            .client
-            .insert::<InvoiceRow>("invoices")
-            .await
-            .context("insert invoices")?;
-        for row in rows {
-            insert.write(row).await.context("insert invoices")?;
-        }
-        insert.end().await.context("insert invoices")
+        self.insert_rows("invoices", rows).await
     }
 
     /// The highest number `issuer` has issued, 0 before the first.

@@ -8,6 +8,7 @@
 //! `RowBinaryWithNamesAndTypes` format that 18.16 lacks; the row structs here are
 //! checked against the migrations by the integration tests instead.
 
+mod api;
 mod invoices;
 mod migrate;
 mod policy;
@@ -17,6 +18,11 @@ mod usage;
 
 use serde::Deserialize;
 
+pub use api::{
+    unix_seconds, AlertFiringRow, ApiKeyRow, LatestSpend, SandboxRange, SandboxStateRow, SnapshotLine,
+    SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL, USAGE_WINDOW_MINUTE_SQL,
+    USAGE_WINDOW_ROLLUP_SQL,
+};
 pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};
 pub use policy::{DecisionRow, PolicyStateRow};
@@ -117,6 +123,23 @@ impl Store {
     /// admin commands).
     pub fn client(&self) -> &clickhouse::Client {
         &self.client
+    }
+
+    /// Inserts `rows` into `table` in one INSERT (one block: ClickHouse makes
+    /// all of them visible at once, or none). Nothing is sent for no rows.
+    pub(crate) async fn insert_rows<T>(&self, table: &str, rows: &[T]) -> Result<()>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let context = || format!("insert {table}");
+        let mut insert = self.client.insert::<T>(table).await.context(context())?;
+        for row in rows {
+            insert.write(row).await.context(context())?;
+        }
+        insert.end().await.context(context())
     }
 
     /// Checks that the server answers.

@@ -34,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0003_rated_usage.sql"),
     migration!("0004_policy.sql"),
     migration!("0005_invoices.sql"),
+    migration!("0006_api.sql"),
 ];
 
 impl Migration {

@@ -2,17 +2,10 @@
 
 use rust_decimal::Decimal;
 
-use crate::rated::from_column;
 use crate::{Context, Result, Store};
 
 /// See `queries/period_spend.sql`.
 pub const PERIOD_SPEND_SQL: &str = include_str!("queries/period_spend.sql");
-
-#[derive(Debug, clickhouse::Row, serde::Deserialize)]
-struct SpendRow {
-    as_of_unix: u32,
-    total: i128,
-}
 
 /// One row of `policy_decisions`; field order is column order.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
@@ -49,18 +42,7 @@ pub struct PolicyStateRow {
 
 impl Store {
     pub async fn insert_decisions(&self, rows: &[DecisionRow]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self
-            .client
-            .insert::<DecisionRow>("policy_decisions")
-            .await
-            .context("insert policy_decisions")?;
-        for row in rows {
-            insert.write(row).await.context("insert policy_decisions")?;
-        }
-        insert.end().await.context("insert policy_decisions")
+        self.insert_rows("policy_decisions", rows).await
     }
 
     /// Decisions about one customer's sandboxes, oldest first.
@@ -79,31 +61,14 @@ impl Store {
     /// The customer's spend so far in their latest period and the end of the
     /// hour it is rated to (Unix seconds); `None` before their first rating.
     pub async fn period_spend(&self, customer: &str) -> Result<Option<(u32, Decimal)>> {
-        let row: Option<SpendRow> = self
-            .client
-            .query(PERIOD_SPEND_SQL)
-            .bind(customer)
-            .bind(customer)
-            .fetch_optional()
-            .await
-            .context(format!("period spend of {customer}"))?;
-        row.map(|row| Ok((row.as_of_unix, from_column(row.total)?)))
-            .transpose()
+        Ok(self
+            .latest_spend(customer)
+            .await?
+            .map(|spend| (spend.as_of, spend.total)))
     }
 
     pub async fn insert_policy_state(&self, rows: &[PolicyStateRow]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self
-            .client
-            .insert::<PolicyStateRow>("policy_state")
-            .await
-            .context("insert policy_state")?;
-        for row in rows {
-            insert.write(row).await.context("insert policy_state")?;
-        }
-        insert.end().await.context("insert policy_state")
+        self.insert_rows("policy_state", rows).await
     }
 
     /// The latest state row of every sandbox of `group_id` snapshotted at or

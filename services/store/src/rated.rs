@@ -244,25 +244,11 @@ impl Store {
 
     /// Stores one snapshot's lines in one insert.
     pub async fn insert_rated_lines(&self, rows: &[RatedLineRow]) -> Result<()> {
-        let mut insert = self
-            .client
-            .insert::<RatedLineRow>("rated_usage")
-            .await
-            .context("insert rated_usage")?;
-        for row in rows {
-            insert.write(row).await.context("insert rated_usage")?;
-        }
-        insert.end().await.context("insert rated_usage")
+        self.insert_rows("rated_usage", rows).await
     }
 
     pub async fn insert_rating_change(&self, row: &RatingChangeRow) -> Result<()> {
-        let mut insert = self
-            .client
-            .insert::<RatingChangeRow>("rating_changes")
-            .await
-            .context("insert rating_changes")?;
-        insert.write(row).await.context("insert rating_changes")?;
-        insert.end().await.context("insert rating_changes")
+        self.insert_rows("rating_changes", std::slice::from_ref(row)).await
     }
 
     /// Totals of the snapshots of one (customer, period, as_of), per sheet checksum.

@@ -79,7 +79,7 @@ fn parse_period(text: &str) -> anyhow::Result<DateTime<Utc>> {
     Ok(Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight exists")))
 }
 
-fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
+pub(crate) fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
     let config = settings.invoicer.clone();
     let sheet = std::fs::read_to_string(&config.sheet)
         .with_context(|| format!("reading price sheet {}", config.sheet))?;

@@ -1,5 +1,6 @@
 //! Subcommand bodies. Each builds what it needs from [`Settings`] and runs it.
 
+pub mod api;
 pub mod invoices;
 pub mod rate;
 pub mod simulate;

@@ -2,10 +2,14 @@
 -- (rated_usage, migration 0003) in their latest billing period. When a period
 -- was rated under several sheet checksums (a re-rating), the most recently
 -- rated snapshot wins. Parameters: customer, customer.
-SELECT toUInt32(as_of) AS as_of_unix, sum(amount) AS total
+SELECT
+    toUInt32(period_start) AS period_start_unix,
+    sheet_checksum,
+    toUInt32(as_of) AS as_of_unix,
+    sum(amount) AS total
 FROM rated_usage FINAL
 WHERE customer = ?
   AND period_start = (SELECT max(period_start) FROM rated_usage WHERE customer = ?)
-GROUP BY as_of, sheet_checksum
+GROUP BY period_start, as_of, sheet_checksum
 ORDER BY as_of DESC, max(rated_at) DESC
 LIMIT 1

@@ -1,7 +1,14 @@
+-- Usage per (sandbox, epoch, window) from the hourly rollup, for hour and day
+-- windows (width in seconds: 3600 or 86400, windows aligned to UTC). Every
+-- hour before the range is folded into bucket 0, the epoch's baseline, so a
+-- window's usage is its largest counters minus the previous window's (see
+-- idlemeter_core::rollup). Only epochs with samples in the range are read.
+-- Binds: from, width, width, customer, to, first sandbox, last sandbox,
+-- customer, from, to, first sandbox, last sandbox.
 SELECT
     sandbox,
     epoch,
-    toUInt32(if(hour < toDateTime(?), toDateTime(0), hour)) AS bucket,
+    toUInt32(if(hour < toDateTime(?), 0, intDiv(toUInt32(hour), ?) * ?)) AS bucket,
     uniqExactMerge(samples) AS sample_count,
     minMerge(cpu_used_usec_min) AS cpu_lo,
     minMerge(net_rx_bytes_min) AS rx_lo,
@@ -22,9 +29,11 @@ SELECT
 FROM usage_hourly
 WHERE customer = ?
   AND hour < toDateTime(?)
+  AND sandbox >= ? AND sandbox <= ?
   AND (sandbox, epoch) IN (
       SELECT sandbox, epoch FROM usage_hourly
       WHERE customer = ? AND hour >= toDateTime(?) AND hour < toDateTime(?)
+        AND sandbox >= ? AND sandbox <= ?
   )
 GROUP BY sandbox, epoch, bucket
 ORDER BY sandbox, epoch, bucket

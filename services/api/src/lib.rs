@@ -1,0 +1,379 @@
+//! The customer usage API: usage, cost so far, invoices, spend alerts and
+//! sandbox state, per tenant, over HTTP (axum).
+//!
+//! - Every `/v1` route needs an API key (`Authorization: Bearer imk_...`, see
+//!   [`auth`]); a customer key sees its own tenant only, and another tenant's
+//!   data answers 404 exactly as absent data does. Admin keys see all.
+//! - Errors are `application/problem+json` ([`problem`]).
+//! - `/openapi.json` is generated from the handlers ([`ApiDoc`]); `/docs`
+//!   renders it for people, server-side (no CDN, no JavaScript).
+//! - Rate limits per key, a timeout per request, Prometheus metrics and a log
+//!   line per request; graceful shutdown finishes requests in flight.
+//! - Spend alerts are checked every `alert_interval_s` against the rated
+//!   spend of the open period, and notified once per period by a signed
+//!   webhook ([`alerts`]).
+
+pub mod alerts;
+pub mod auth;
+mod docs;
+pub mod problem;
+pub mod routes;
+pub mod views;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::Router;
+use idlemeter_invoicer::Invoicer;
+use idlemeter_store::Store;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::auth::{KeyCache, RateLimiter};
+use crate::problem::Problem;
+
+/// The `[api]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// `host:port` the API listens on; port 0 picks a free one.
+    pub listen: String,
+    /// How often every key is reloaded (a revocation takes effect within it).
+    pub key_refresh_ms: u64,
+    /// Requests a second per key (0: unlimited), and the burst allowed.
+    pub rate_limit_per_s: u32,
+    pub rate_limit_burst: u32,
+    /// Per key id: its own requests a second (0: unlimited).
+    pub rate_limits: BTreeMap<String, u32>,
+    /// Most windows one usage or cost request may cover.
+    pub max_windows: u32,
+    pub default_page: u32,
+    pub max_page: u32,
+    /// A request running longer than this answers 503.
+    pub request_timeout_ms: u64,
+    /// How often spend alerts are checked; 0 disables delivery (alerts can
+    /// still be managed). Run delivery on one replica only.
+    pub alert_interval_s: u64,
+    /// HMAC secret for alert webhooks (required when delivery is on).
+    pub webhook_secret: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            key_refresh_ms: 5_000,
+            rate_limit_per_s: 50,
+            rate_limit_burst: 100,
+            rate_limits: BTreeMap::new(),
+            max_windows: 2_000,
+            default_page: 100,
+            max_page: 1_000,
+            request_timeout_ms: 10_000,
+            alert_interval_s: 60,
+            webhook_secret: String::new(),
+        }
+    }
+}
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("api config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] idlemeter_store::Error),
+    #[error("api listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+struct ApiMetrics {
+    requests: IntCounterVec,
+    latency: HistogramVec,
+}
+
+impl ApiMetrics {
+    fn new(registry: &Registry) -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new("idlemeter_api_requests_total", "Requests answered, by route and status."),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("idlemeter_api_request_seconds", "Time to answer, by route.")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            &["route"],
+        )
+        .expect("valid metric");
+        for metric in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+        ] {
+            // A second API in one registry (tests) keeps the first's metrics.
+            let _ = registry.register(metric);
+        }
+        Self { requests, latency }
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub(crate) store: Store,
+    pub(crate) keys: KeyCache,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) invoicer: Invoicer,
+    pub(crate) issuer: String,
+    pub(crate) config: ApiConfig,
+    metrics: ApiMetrics,
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "idlemeter usage API", version = "1",
+        description = "Usage, cost so far, invoices, spend alerts and sandbox state, per tenant. \
+Every route needs `Authorization: Bearer <API key>`. Times are RFC 3339 (UTC); money and \
+quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
+`application/problem+json`. Another tenant's data answers 404, exactly like absent data."),
+    paths(
+        routes::me,
+        routes::usage,
+        routes::cost_now,
+        routes::cost_history,
+        routes::invoice_preview,
+        routes::invoices,
+        routes::invoice,
+        routes::create_alert,
+        routes::list_alerts,
+        routes::delete_alert,
+        routes::sandboxes,
+        routes::sandbox,
+        routes::create_key,
+        routes::revoke_key,
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("imk_<key id>_<secret>")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The API, ready to serve.
+#[derive(Debug, Clone)]
+pub struct Api {
+    state: Arc<AppState>,
+}
+
+impl Api {
+    /// Loads the keys once (a store that cannot be read fails here, not on
+    /// the first request) and checks the config.
+    pub async fn new(
+        store: Store,
+        invoicer: Invoicer,
+        config: ApiConfig,
+        registry: &Registry,
+    ) -> Result<Self, Error> {
+        if config.alert_interval_s > 0 && config.webhook_secret.is_empty() {
+            return Err(Error::Config(
+                "api.webhook_secret is empty: spend alert webhooks are always signed; set it, or set \
+                 api.alert_interval_s = 0 to run without alert delivery"
+                    .to_owned(),
+            ));
+        }
+        if config.max_page == 0 || config.max_windows == 0 {
+            return Err(Error::Config("api.max_page and api.max_windows must be above 0".to_owned()));
+        }
+        let keys = KeyCache::new(store.clone());
+        let count = keys.reload().await?;
+        tracing::info!(keys = count, "api keys loaded");
+        let limiter = RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst, &config.rate_limits);
+        Ok(Self {
+            state: Arc::new(AppState {
+                issuer: invoicer.config().issuer.clone(),
+                store,
+                keys,
+                limiter,
+                invoicer,
+                config,
+                metrics: ApiMetrics::new(registry),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ApiConfig {
+        &self.state.config
+    }
+
+    /// The routes, with authentication, rate limits, timeouts and metrics.
+    pub fn router(&self) -> Router {
+        let v1 = Router::new()
+            .route("/v1/me", get(routes::me))
+            .route("/v1/customers/{customer}/usage", get(routes::usage))
+            .route("/v1/customers/{customer}/cost", get(routes::cost_now))
+            .route("/v1/customers/{customer}/cost/history", get(routes::cost_history))
+            .route("/v1/customers/{customer}/invoice-preview", get(routes::invoice_preview))
+            .route("/v1/customers/{customer}/invoices", get(routes::invoices))
+            .route("/v1/customers/{customer}/invoices/{number}", get(routes::invoice))
+            .route(
+                "/v1/customers/{customer}/alerts",
+                get(routes::list_alerts).post(routes::create_alert),
+            )
+            .route("/v1/customers/{customer}/alerts/{alert_id}", delete(routes::delete_alert))
+            .route("/v1/customers/{customer}/sandboxes", get(routes::sandboxes))
+            .route("/v1/customers/{customer}/sandboxes/{sandbox}", get(routes::sandbox))
+            .route("/v1/keys", axum::routing::post(routes::create_key))
+            .route("/v1/keys/{key_id}", delete(routes::revoke_key))
+            .route_layer(middleware::from_fn_with_state(self.state.clone(), authenticate));
+        Router::new()
+            .merge(v1)
+            .route("/openapi.json", get(openapi_json))
+            .route("/docs", get(docs_page))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(middleware::from_fn_with_state(self.state.clone(), observe))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown`, then lets requests in flight finish.
+    /// Keys are reloaded every `key_refresh_ms` meanwhile.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let refresh = tokio::spawn(async move {
+            let period = Duration::from_millis(state.config.key_refresh_ms.max(100));
+            loop {
+                tokio::time::sleep(period).await;
+                if let Err(error) = state.keys.reload().await {
+                    tracing::warn!(%error, "reloading api keys failed; keeping the last ones");
+                }
+            }
+        });
+        let result = axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        refresh.abort();
+        result
+    }
+
+    /// Delivers spend alerts until `shutdown` (see [`alerts`]); returns at once
+    /// when `alert_interval_s` is 0.
+    pub async fn deliver_alerts_until_stopped(
+        &self,
+        registry: &Registry,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let config = &self.state.config;
+        if config.alert_interval_s == 0 {
+            return;
+        }
+        let delivery = alerts::AlertDelivery::new(
+            self.state.store.clone(),
+            config.webhook_secret.clone(),
+            registry,
+        );
+        delivery
+            .run_until_stopped(Duration::from_secs(config.alert_interval_s), shutdown)
+            .await;
+    }
+}
+
+/// Authenticates `/v1` requests, applies the key's rate limit and hands the
+/// [`auth::Principal`] to the handler.
+async fn authenticate(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or(""));
+    let principal = match state.keys.authenticate(authorization).await {
+        Ok(principal) => principal,
+        Err(problem) => return problem.into_response(),
+    };
+    if let Err(retry_after_s) = state.limiter.check(&principal.key_id, Instant::now()) {
+        return Problem::too_many_requests(retry_after_s).into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+/// Times, counts, logs and bounds every request.
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().clone();
+    let started = Instant::now();
+    let timeout = Duration::from_millis(state.config.request_timeout_ms);
+    let response = match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::unavailable(format!(
+            "the request took longer than {} ms; narrow it or retry",
+            timeout.as_millis()
+        ))
+        .into_response(),
+    };
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), &status.to_string()])
+        .inc();
+    state
+        .metrics
+        .latency
+        .with_label_values(&[route.as_str()])
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(%method, %route, status, elapsed_ms = elapsed.as_secs_f64() * 1e3, "request");
+    response
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    axum::Json(ApiDoc::openapi())
+}
+
+async fn docs_page() -> Html<String> {
+    Html(docs::render(&ApiDoc::openapi()))
+}
+
+async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "not-found", "no such resource")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this resource does not support that method",
+    )
+}

@@ -1,0 +1,129 @@
+//! `idlemeter api` (the customer usage API) and `idlemeter keys` (its API keys).
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use idlemeter_api::{auth, Api};
+use idlemeter_core::CustomerId;
+use idlemeter_store::Store;
+use idlemeter_telemetry::{serve_metrics, Health};
+use tokio::net::TcpListener;
+
+use crate::settings::Settings;
+
+pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let store = Store::new(&settings.clickhouse);
+    let invoicer = super::invoices::invoicer(settings)?;
+    let api = Api::new(store, invoicer, settings.api.clone(), &registry).await?;
+    let listener = TcpListener::bind(&settings.api.listen)
+        .await
+        .with_context(|| format!("binding api.listen {}", settings.api.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "usage api served (docs at /docs)");
+    let health = Health::default();
+    health.set_healthy(true);
+    let metrics_listener = TcpListener::bind(&settings.metrics.listen).await?;
+    tracing::info!(address = %metrics_listener.local_addr()?, "metrics and health served");
+    let metrics = tokio::spawn(serve_metrics(
+        metrics_listener,
+        registry.clone(),
+        health,
+        super::shutdown_signal(),
+    ));
+    let alerts = {
+        let api = api.clone();
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            api.deliver_alerts_until_stopped(&registry, super::shutdown_signal())
+                .await
+        })
+    };
+    api.serve(listener, super::shutdown_signal()).await?;
+    alerts.abort();
+    metrics.await??;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key; prints it once (only its hash is stored).
+    Create {
+        /// The tenant the key sees.
+        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        customer: Option<String>,
+        /// An admin key (finance): sees every tenant.
+        #[arg(long)]
+        admin: bool,
+        /// A label: who holds the key, what for.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (ids, tenants, state; never secrets).
+    List,
+    /// Revoke a key by id (every API replica refuses it within api.key_refresh_ms).
+    Revoke { key_id: String },
+}
+
+fn now_unix() -> u32 {
+    idlemeter_store::unix_seconds(chrono::Utc::now())
+}
+
+pub async fn keys(settings: &Settings, args: KeysArgs) -> anyhow::Result<()> {
+    let store = Store::new(&settings.clickhouse);
+    match args.command {
+        KeysCommand::Create {
+            customer,
+            admin: _,
+            name,
+        } => {
+            let customer = customer
+                .map(|c| CustomerId::parse(c).context("--customer"))
+                .transpose()?;
+            let created = auth::generate(customer.as_ref(), &name, now_unix());
+            store.insert_api_key(&created.row).await?;
+            eprintln!(
+                "created {} key {} (shown once; store it now)",
+                created.row.role, created.row.key_id
+            );
+            println!("{}", created.key);
+        }
+        KeysCommand::List => {
+            println!("key_id\trole\tcustomer\tname\tcreated_at\trevoked_at");
+            for row in store.api_keys().await? {
+                let when = |unix: u32| {
+                    if unix == 0 {
+                        "-".to_owned()
+                    } else {
+                        idlemeter_api::views::time(unix).to_rfc3339()
+                    }
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    row.key_id,
+                    row.role,
+                    row.customer,
+                    row.name,
+                    when(row.created_at),
+                    when(row.revoked_at)
+                );
+            }
+        }
+        KeysCommand::Revoke { key_id } => {
+            let row = store
+                .api_keys()
+                .await?
+                .into_iter()
+                .find(|row| row.key_id == key_id)
+                .with_context(|| format!("no key {key_id:?}"))?;
+            anyhow::ensure!(row.revoked_at == 0, "key {key_id} is already revoked");
+            store.insert_api_key(&auth::revoked(&row, now_unix())).await?;
+            println!("revoked {key_id}");
+        }
+    }
+    Ok(())
+}

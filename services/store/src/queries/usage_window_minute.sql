@@ -1,0 +1,83 @@
+-- Usage per (sandbox, epoch, minute) for a range of minutes. Raw samples
+-- give the minutes from the start of the range's first hour; the hourly
+-- rollup gives every earlier hour. Both fold what precedes the range into
+-- bucket 0, the epoch's baseline (see usage_window_rollup.sql). min, max and
+-- uniqExact make duplicate samples harmless, as in the rollup.
+-- Only epochs with samples in the range are read, from both sources.
+-- Binds: customer, from_hour, first, last, customer, from, to, first, last,
+-- from, customer, from_hour, to, first, last, customer, from, to, first, last.
+SELECT
+    sandbox,
+    epoch,
+    bucket,
+    sum(n) AS sample_count,
+    min(cpu_lo), min(rx_lo), min(tx_lo), min(vcpu_lo),
+    min(mem_alloc_lo), min(mem_used_lo), min(gpu_lo), min(disk_lo),
+    max(cpu_hi), max(rx_hi), max(tx_hi), max(vcpu_hi),
+    max(mem_alloc_hi), max(mem_used_hi), max(gpu_hi), max(disk_hi)
+FROM
+(
+    SELECT
+        sandbox,
+        epoch,
+        toUInt32(0) AS bucket,
+        toUInt64(0) AS n,
+        minMerge(cpu_used_usec_min) AS cpu_lo,
+        minMerge(net_rx_bytes_min) AS rx_lo,
+        minMerge(net_tx_bytes_min) AS tx_lo,
+        minMerge(vcpu_alloc_usec_min) AS vcpu_lo,
+        minMerge(mem_alloc_kib_ms_min) AS mem_alloc_lo,
+        minMerge(mem_used_kib_ms_min) AS mem_used_lo,
+        minMerge(gpu_alloc_ms_min) AS gpu_lo,
+        minMerge(disk_mib_ms_min) AS disk_lo,
+        maxMerge(cpu_used_usec_max) AS cpu_hi,
+        maxMerge(net_rx_bytes_max) AS rx_hi,
+        maxMerge(net_tx_bytes_max) AS tx_hi,
+        maxMerge(vcpu_alloc_usec_max) AS vcpu_hi,
+        maxMerge(mem_alloc_kib_ms_max) AS mem_alloc_hi,
+        maxMerge(mem_used_kib_ms_max) AS mem_used_hi,
+        maxMerge(gpu_alloc_ms_max) AS gpu_hi,
+        maxMerge(disk_mib_ms_max) AS disk_hi
+    FROM usage_hourly
+    WHERE customer = ? AND hour < toDateTime(?)
+      AND sandbox >= ? AND sandbox <= ?
+      AND (sandbox, epoch) IN (
+          SELECT sandbox, epoch FROM usage_samples
+          WHERE customer = ? AND ts >= toDateTime(?) AND ts < toDateTime(?)
+            AND sandbox >= ? AND sandbox <= ?
+      )
+    GROUP BY sandbox, epoch
+    UNION ALL
+    SELECT
+        sandbox,
+        epoch,
+        toUInt32(if(ts < toDateTime(?), 0, intDiv(toUInt32(ts), 60) * 60)) AS bucket,
+        uniqExact(seq) AS n,
+        min(cpu_used_usec) AS cpu_lo,
+        min(net_rx_bytes) AS rx_lo,
+        min(net_tx_bytes) AS tx_lo,
+        min(vcpu_alloc_usec) AS vcpu_lo,
+        min(mem_alloc_kib_ms) AS mem_alloc_lo,
+        min(mem_used_kib_ms) AS mem_used_lo,
+        min(gpu_alloc_ms) AS gpu_lo,
+        min(disk_mib_ms) AS disk_lo,
+        max(cpu_used_usec) AS cpu_hi,
+        max(net_rx_bytes) AS rx_hi,
+        max(net_tx_bytes) AS tx_hi,
+        max(vcpu_alloc_usec) AS vcpu_hi,
+        max(mem_alloc_kib_ms) AS mem_alloc_hi,
+        max(mem_used_kib_ms) AS mem_used_hi,
+        max(gpu_alloc_ms) AS gpu_hi,
+        max(disk_mib_ms) AS disk_hi
+    FROM usage_samples
+    WHERE customer = ? AND ts >= toDateTime(?) AND ts < toDateTime(?)
+      AND sandbox >= ? AND sandbox <= ?
+      AND (sandbox, epoch) IN (
+          SELECT sandbox, epoch FROM usage_samples
+          WHERE customer = ? AND ts >= toDateTime(?) AND ts < toDateTime(?)
+            AND sandbox >= ? AND sandbox <= ?
+      )
+    GROUP BY sandbox, epoch, bucket
+)
+GROUP BY sandbox, epoch, bucket
+ORDER BY sandbox, epoch, bucket
