@@ -38,8 +38,11 @@ pub struct AlertDelivery {
 
 impl AlertDelivery {
     pub fn new(store: Store, secret: String, registry: &Registry) -> Self {
-        let fired = IntCounter::new("idlemeter_api_alerts_fired_total", "Spend alerts delivered.")
-            .expect("valid metric");
+        let fired = IntCounter::new(
+            "idlemeter_api_alerts_fired_total",
+            "Spend alerts delivered.",
+        )
+        .expect("valid metric");
         let failed = IntCounter::new(
             "idlemeter_api_alert_delivery_failures_total",
             "Spend alert deliveries that failed (retried at the next check).",
@@ -76,7 +79,11 @@ impl AlertDelivery {
                 continue;
             };
             let threshold = from_column(alert.threshold)?;
-            let key = (alert.customer.clone(), alert.alert_id.clone(), spend.period_start);
+            let key = (
+                alert.customer.clone(),
+                alert.alert_id.clone(),
+                spend.period_start,
+            );
             if spend.total < threshold || fired.contains(&key) {
                 continue;
             }

@@ -40,7 +40,8 @@ impl Principal {
     /// `customer` as a tenant this caller may see, or the not-found problem
     /// (the same for another tenant as for one that does not exist).
     pub fn tenant(&self, customer: &str) -> Result<CustomerId, Problem> {
-        let id = CustomerId::parse(customer).map_err(|_| Problem::not_found("customer", customer))?;
+        let id =
+            CustomerId::parse(customer).map_err(|_| Problem::not_found("customer", customer))?;
         match &self.scope {
             Scope::Admin => Ok(id),
             Scope::Customer(own) if *own == id => Ok(id),
@@ -81,7 +82,12 @@ pub fn generate(customer: Option<&CustomerId>, name: &str, now_unix: u32) -> New
         row: ApiKeyRow {
             key_id,
             customer: customer.map(|c| c.as_str().to_owned()).unwrap_or_default(),
-            role: if customer.is_some() { "customer" } else { "admin" }.to_owned(),
+            role: if customer.is_some() {
+                "customer"
+            } else {
+                "admin"
+            }
+            .to_owned(),
             secret_sha256: sha256_hex(secret.as_bytes()),
             name: name.to_owned(),
             created_at: now_unix,
@@ -110,8 +116,7 @@ fn parse(key: &str) -> Option<(&str, &str)> {
 /// Constant-time equality of two hex digests of equal length.
 fn same_digest(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -189,7 +194,8 @@ impl KeyCache {
                 "the Authorization header must be `Bearer <API key>`",
             ));
         };
-        let invalid = || Problem::unauthorized("the API key is not valid (unknown, malformed or revoked)");
+        let invalid =
+            || Problem::unauthorized("the API key is not valid (unknown, malformed or revoked)");
         let (key_id, secret) = parse(key.trim()).ok_or_else(invalid)?;
         let mut known = self.keys.read().await.get(key_id).cloned();
         if known.is_none() && self.may_reload_now() {
@@ -220,7 +226,11 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// A rate of 0 disables limiting (for that key, or by default).
-    pub fn new(default_rate: u32, burst: u32, per_key: &std::collections::BTreeMap<String, u32>) -> Self {
+    pub fn new(
+        default_rate: u32,
+        burst: u32,
+        per_key: &std::collections::BTreeMap<String, u32>,
+    ) -> Self {
         Self {
             default_rate: f64::from(default_rate),
             burst: f64::from(burst.max(1)),
@@ -234,7 +244,11 @@ impl RateLimiter {
 
     /// Takes one token for `key_id`, or says how many seconds until one is there.
     pub fn check(&self, key_id: &str, now: Instant) -> Result<(), u64> {
-        let rate = self.per_key.get(key_id).copied().unwrap_or(self.default_rate);
+        let rate = self
+            .per_key
+            .get(key_id)
+            .copied()
+            .unwrap_or(self.default_rate);
         if rate <= 0.0 {
             return Ok(());
         }
@@ -265,9 +279,15 @@ mod tests {
         let new = generate(Some(&customer), "ci", 1);
         let (id, secret) = parse(&new.key).expect("parses");
         assert_eq!(id, new.row.key_id);
-        assert!(same_digest(&new.row.secret_sha256, &sha256_hex(secret.as_bytes())));
+        assert!(same_digest(
+            &new.row.secret_sha256,
+            &sha256_hex(secret.as_bytes())
+        ));
         assert!(!same_digest(&new.row.secret_sha256, &sha256_hex(b"other")));
-        assert!(!new.row.secret_sha256.contains(secret), "the secret is not stored");
+        assert!(
+            !new.row.secret_sha256.contains(secret),
+            "the secret is not stored"
+        );
         assert_eq!(parse("imk_"), None);
         assert_eq!(parse("bearer"), None);
         let other = generate(None, "finance", 1);
@@ -284,8 +304,14 @@ mod tests {
         }
         assert_eq!(limiter.check("k", start), Err(1));
         // Half a second at 2/s refills one token.
-        assert_eq!(limiter.check("k", start + Duration::from_millis(500)), Ok(()));
-        assert_eq!(limiter.check("k", start + Duration::from_millis(500)), Err(1));
+        assert_eq!(
+            limiter.check("k", start + Duration::from_millis(500)),
+            Ok(())
+        );
+        assert_eq!(
+            limiter.check("k", start + Duration::from_millis(500)),
+            Err(1)
+        );
         // Another key has its own bucket; a rate of 0 is unlimited.
         assert_eq!(limiter.check("other", start), Ok(()));
         for _ in 0..100 {

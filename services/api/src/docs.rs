@@ -11,7 +11,11 @@ fn escape(text: &str) -> String {
 }
 
 fn text(value: &Value, key: &str) -> String {
-    value.get(key).and_then(Value::as_str).map(escape).unwrap_or_default()
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .map(escape)
+        .unwrap_or_default()
 }
 
 /// The page for `openapi`.
@@ -33,7 +37,9 @@ pub fn render(openapi: &utoipa::openapi::OpenApi) -> String {
     );
     if let Some(paths) = doc["paths"].as_object() {
         for (path, item) in paths {
-            let Some(operations) = item.as_object() else { continue };
+            let Some(operations) = item.as_object() else {
+                continue;
+            };
             for (method, operation) in operations {
                 if !["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
                     continue;
@@ -51,14 +57,24 @@ pub fn render(openapi: &utoipa::openapi::OpenApi) -> String {
                             "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
                             text(parameter, "name"),
                             text(parameter, "in"),
-                            if parameter["required"].as_bool() == Some(true) { "yes" } else { "no" },
+                            if parameter["required"].as_bool() == Some(true) {
+                                "yes"
+                            } else {
+                                "no"
+                            },
                             text(parameter, "description")
                         );
                     }
                     html += "</table>";
                 }
-                if let Some(body) = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].as_str() {
-                    html += &format!("<p>Body: <code>{}</code></p>", escape(body.rsplit('/').next().unwrap_or(body)));
+                if let Some(body) = operation["requestBody"]["content"]["application/json"]
+                    ["schema"]["$ref"]
+                    .as_str()
+                {
+                    html += &format!(
+                        "<p>Body: <code>{}</code></p>",
+                        escape(body.rsplit('/').next().unwrap_or(body))
+                    );
                 }
                 if let Some(responses) = operation["responses"].as_object() {
                     let codes: Vec<String> = responses.keys().map(|code| escape(code)).collect();

@@ -106,13 +106,18 @@ struct ApiMetrics {
 impl ApiMetrics {
     fn new(registry: &Registry) -> Self {
         let requests = IntCounterVec::new(
-            Opts::new("idlemeter_api_requests_total", "Requests answered, by route and status."),
+            Opts::new(
+                "idlemeter_api_requests_total",
+                "Requests answered, by route and status.",
+            ),
             &["route", "status"],
         )
         .expect("valid metric");
         let latency = HistogramVec::new(
             HistogramOpts::new("idlemeter_api_request_seconds", "Time to answer, by route.")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ]),
             &["route"],
         )
         .expect("valid metric");
@@ -207,12 +212,18 @@ impl Api {
             ));
         }
         if config.max_page == 0 || config.max_windows == 0 {
-            return Err(Error::Config("api.max_page and api.max_windows must be above 0".to_owned()));
+            return Err(Error::Config(
+                "api.max_page and api.max_windows must be above 0".to_owned(),
+            ));
         }
         let keys = KeyCache::new(store.clone());
         let count = keys.reload().await?;
         tracing::info!(keys = count, "api keys loaded");
-        let limiter = RateLimiter::new(config.rate_limit_per_s, config.rate_limit_burst, &config.rate_limits);
+        let limiter = RateLimiter::new(
+            config.rate_limit_per_s,
+            config.rate_limit_burst,
+            &config.rate_limits,
+        );
         Ok(Self {
             state: Arc::new(AppState {
                 issuer: invoicer.config().issuer.clone(),
@@ -236,20 +247,44 @@ impl Api {
             .route("/v1/me", get(routes::me))
             .route("/v1/customers/{customer}/usage", get(routes::usage))
             .route("/v1/customers/{customer}/cost", get(routes::cost_now))
-            .route("/v1/customers/{customer}/cost/history", get(routes::cost_history))
-            .route("/v1/customers/{customer}/invoice-preview", get(routes::invoice_preview))
+            .route(
+                "/v1/customers/{customer}/cost/history",
+                get(routes::cost_history),
+            )
+            .route(
+                "/v1/customers/{customer}/invoice-preview",
+                get(routes::invoice_preview),
+            )
             .route("/v1/customers/{customer}/invoices", get(routes::invoices))
-            .route("/v1/customers/{customer}/invoices/{number}", get(routes::invoice))
+            .route(
+                "/v1/customers/{customer}/invoices/{number}",
+                get(routes::invoice),
+            )
             .route(
                 "/v1/customers/{customer}/alerts",
                 get(routes::list_alerts).post(routes::create_alert),
             )
-            .route("/v1/customers/{customer}/alerts/{alert_id}", delete(routes::delete_alert))
+            .route(
+                "/v1/customers/{customer}/alerts/{alert_id}",
+                delete(routes::delete_alert),
+            )
             .route("/v1/customers/{customer}/sandboxes", get(routes::sandboxes))
-            .route("/v1/customers/{customer}/sandboxes/{sandbox}", get(routes::sandbox))
-            .route("/v1/keys", axum::routing::post(routes::create_key))
-            .route("/v1/keys/{key_id}", delete(routes::revoke_key))
-            .route_layer(middleware::from_fn_with_state(self.state.clone(), authenticate));
+            .route(
+                "/v1/customers/{customer}/sandboxes/{sandbox}",
+                get(routes::sandbox),
+            )
+            .merge(
+                // Admin-only: checked before the body is read, so a customer
+                // key gets the same 404 as for a route that does not exist.
+                Router::new()
+                    .route("/v1/keys", axum::routing::post(routes::create_key))
+                    .route("/v1/keys/{key_id}", delete(routes::revoke_key))
+                    .route_layer(middleware::from_fn(require_admin)),
+            )
+            .route_layer(middleware::from_fn_with_state(
+                self.state.clone(),
+                authenticate,
+            ));
         Router::new()
             .merge(v1)
             .route("/openapi.json", get(openapi_json))
@@ -308,7 +343,11 @@ impl Api {
 
 /// Authenticates `/v1` requests, applies the key's rate limit and hands the
 /// [`auth::Principal`] to the handler.
-async fn authenticate(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -322,6 +361,19 @@ async fn authenticate(State(state): State<Arc<AppState>>, mut request: Request, 
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// Lets only admin keys through (after [`authenticate`]).
+async fn require_admin(request: Request, next: Next) -> Response {
+    let admin = request
+        .extensions()
+        .get::<auth::Principal>()
+        .is_some_and(auth::Principal::is_admin);
+    if admin {
+        next.run(request).await
+    } else {
+        not_found().await.into_response()
+    }
 }
 
 /// Times, counts, logs and bounds every request.

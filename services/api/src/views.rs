@@ -55,17 +55,47 @@ pub enum Resource {
 }
 
 /// (resource, unit, raw counter unit, raw units per unit, raw value).
-type ResourceSpec = (Resource, &'static str, &'static str, u64, fn(&Counters) -> u64);
+type ResourceSpec = (
+    Resource,
+    &'static str,
+    &'static str,
+    u64,
+    fn(&Counters) -> u64,
+);
 
 const RESOURCES: [ResourceSpec; 8] = [
-    (Resource::Vcpu, "vcpu_seconds", "vcpu_usec", 1_000_000, |c| c.vcpu_alloc_usec),
-    (Resource::Cpu, "cpu_seconds", "usec", 1_000_000, |c| c.cpu_used_usec),
+    (
+        Resource::Vcpu,
+        "vcpu_seconds",
+        "vcpu_usec",
+        1_000_000,
+        |c| c.vcpu_alloc_usec,
+    ),
+    (Resource::Cpu, "cpu_seconds", "usec", 1_000_000, |c| {
+        c.cpu_used_usec
+    }),
     // KiB-ms: 1,048,576 KiB a GiB, 1,000 ms a second.
-    (Resource::Memory, "gib_seconds", "kib_ms", 1_048_576_000, |c| c.mem_alloc_kib_ms),
-    (Resource::MemoryUsed, "gib_seconds", "kib_ms", 1_048_576_000, |c| c.mem_used_kib_ms),
-    (Resource::Gpu, "gpu_seconds", "gpu_ms", 1_000, |c| c.gpu_alloc_ms),
+    (
+        Resource::Memory,
+        "gib_seconds",
+        "kib_ms",
+        1_048_576_000,
+        |c| c.mem_alloc_kib_ms,
+    ),
+    (
+        Resource::MemoryUsed,
+        "gib_seconds",
+        "kib_ms",
+        1_048_576_000,
+        |c| c.mem_used_kib_ms,
+    ),
+    (Resource::Gpu, "gpu_seconds", "gpu_ms", 1_000, |c| {
+        c.gpu_alloc_ms
+    }),
     // MiB-ms: 1,024 MiB a GiB.
-    (Resource::Disk, "gib_seconds", "mib_ms", 1_024_000, |c| c.disk_mib_ms),
+    (Resource::Disk, "gib_seconds", "mib_ms", 1_024_000, |c| {
+        c.disk_mib_ms
+    }),
     (Resource::NetRx, "bytes", "bytes", 1, |c| c.net_rx_bytes),
     (Resource::NetTx, "bytes", "bytes", 1, |c| c.net_tx_bytes),
 ];
@@ -205,7 +235,10 @@ struct PeriodSnapshots {
 impl PeriodSnapshots {
     /// The period-to-date lines at `time`: the latest snapshot at or before it.
     fn at(&self, time: u32) -> Option<&BTreeMap<LineKey, Decimal>> {
-        self.snapshots.range(..=time).next_back().map(|(_, lines)| lines)
+        self.snapshots
+            .range(..=time)
+            .next_back()
+            .map(|(_, lines)| lines)
     }
 }
 
@@ -295,7 +328,9 @@ pub fn cost_windows(
     let mut expected: BTreeMap<String, Decimal> = BTreeMap::new();
     for period in periods.values() {
         let sum = |lines: Option<&BTreeMap<LineKey, Decimal>>| {
-            lines.map(|l| l.values().sum::<Decimal>()).unwrap_or_default()
+            lines
+                .map(|l| l.values().sum::<Decimal>())
+                .unwrap_or_default()
         };
         *expected.entry(period.currency.clone()).or_default() +=
             sum(period.at(to)) - sum(period.at(from));
@@ -327,7 +362,14 @@ pub fn time(unix: u32) -> DateTime<Utc> {
 mod tests {
     use super::*;
 
-    fn line(period: u32, checksum: &str, as_of: u32, resource: &str, amount: &str, rated_at: u32) -> SnapshotLine {
+    fn line(
+        period: u32,
+        checksum: &str,
+        as_of: u32,
+        resource: &str,
+        amount: &str,
+        rated_at: u32,
+    ) -> SnapshotLine {
         SnapshotLine {
             period_start: period,
             sheet_checksum: checksum.to_owned(),

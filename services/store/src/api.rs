@@ -334,7 +334,12 @@ impl Store {
     /// `(from, to]` in periods that started before `to`, and of the latest
     /// snapshot at or before `from` of each (period, checksum) (the window's
     /// starting point).
-    pub async fn snapshot_lines(&self, customer: &str, from: u32, to: u32) -> Result<Vec<SnapshotLine>> {
+    pub async fn snapshot_lines(
+        &self,
+        customer: &str,
+        from: u32,
+        to: u32,
+    ) -> Result<Vec<SnapshotLine>> {
         let rows: Vec<SnapshotLineRow> = self
             .client
             .query(SNAPSHOT_LINES_SQL)
@@ -410,7 +415,12 @@ impl Store {
     }
 
     /// One invoice of `customer`, if it is theirs.
-    pub async fn invoice_of(&self, issuer: &str, customer: &str, number: u64) -> Result<Option<InvoiceRow>> {
+    pub async fn invoice_of(
+        &self,
+        issuer: &str,
+        customer: &str,
+        number: u64,
+    ) -> Result<Option<InvoiceRow>> {
         self.client
             .query(
                 "SELECT ?fields FROM invoices FINAL WHERE issuer = ? AND customer = ? AND number = ?",
@@ -424,7 +434,8 @@ impl Store {
     }
 
     pub async fn insert_api_key(&self, row: &ApiKeyRow) -> Result<()> {
-        self.insert_rows("api_keys", std::slice::from_ref(row)).await
+        self.insert_rows("api_keys", std::slice::from_ref(row))
+            .await
     }
 
     /// Every key's latest version, revoked ones included.
@@ -437,7 +448,8 @@ impl Store {
     }
 
     pub async fn insert_spend_alert(&self, row: &SpendAlertRow) -> Result<()> {
-        self.insert_rows("spend_alerts", std::slice::from_ref(row)).await
+        self.insert_rows("spend_alerts", std::slice::from_ref(row))
+            .await
     }
 
     /// The latest version of every alert of `customer` (of every customer when
@@ -458,7 +470,8 @@ impl Store {
     }
 
     pub async fn insert_alert_firing(&self, row: &AlertFiringRow) -> Result<()> {
-        self.insert_rows("spend_alert_firings", std::slice::from_ref(row)).await
+        self.insert_rows("spend_alert_firings", std::slice::from_ref(row))
+            .await
     }
 
     pub async fn alert_firings(&self) -> Result<Vec<AlertFiringRow>> {

@@ -66,7 +66,8 @@ pub struct WalletDepositRow {
 
 impl Store {
     pub async fn insert_wallet_deposit(&self, row: &WalletDepositRow) -> Result<()> {
-        self.insert_rows("wallet_deposits", std::slice::from_ref(row)).await
+        self.insert_rows("wallet_deposits", std::slice::from_ref(row))
+            .await
     }
 
     /// Each customer's deposits made before `before` (Unix seconds), summed

@@ -19,9 +19,9 @@ mod usage;
 use serde::Deserialize;
 
 pub use api::{
-    unix_seconds, AlertFiringRow, ApiKeyRow, LatestSpend, SandboxRange, SandboxStateRow, SnapshotLine,
-    SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL, USAGE_WINDOW_MINUTE_SQL,
-    USAGE_WINDOW_ROLLUP_SQL,
+    unix_seconds, AlertFiringRow, ApiKeyRow, LatestSpend, SandboxRange, SandboxStateRow,
+    SnapshotLine, SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL,
+    USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
 pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};

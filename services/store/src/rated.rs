@@ -248,7 +248,8 @@ impl Store {
     }
 
     pub async fn insert_rating_change(&self, row: &RatingChangeRow) -> Result<()> {
-        self.insert_rows("rating_changes", std::slice::from_ref(row)).await
+        self.insert_rows("rating_changes", std::slice::from_ref(row))
+            .await
     }
 
     /// Totals of the snapshots of one (customer, period, as_of), per sheet checksum.

@@ -121,7 +121,9 @@ pub async fn keys(settings: &Settings, args: KeysArgs) -> anyhow::Result<()> {
                 .find(|row| row.key_id == key_id)
                 .with_context(|| format!("no key {key_id:?}"))?;
             anyhow::ensure!(row.revoked_at == 0, "key {key_id} is already revoked");
-            store.insert_api_key(&auth::revoked(&row, now_unix())).await?;
+            store
+                .insert_api_key(&auth::revoked(&row, now_unix()))
+                .await?;
             println!("revoked {key_id}");
         }
     }

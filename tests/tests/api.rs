@@ -1,0 +1,919 @@
+//! The customer usage API, black box: a running API on a random port over the
+//! real ClickHouse, with two tenants' usage rated by the real rater and
+//! invoiced by the real invoicer. Happy paths, bad input, and every route
+//! tried with another tenant's ids.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use idlemeter_api::auth::generate;
+use idlemeter_api::{Api, ApiConfig};
+use idlemeter_core::{CustomerId, UsageSample};
+use idlemeter_invoicer::{Invoicer, InvoicerConfig};
+use idlemeter_rater::{Period, Rater, RaterConfig};
+use idlemeter_store::DecisionRow;
+use idlemeter_tests::{counter_in, sample, TestEnv};
+use reqwest::StatusCode;
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+/// $1 per vCPU-hour, no plan: amounts are easy to follow.
+const SHEET: &str = r#"
+[sheet]
+platform = "test"
+currency = "USD"
+line_rounding = "half_up"
+
+[[versions]]
+effective_from = 2020-01-01T00:00:00Z
+
+[versions.resources.vcpu]
+unit = "vcpu-hour"
+unit_price = "1"
+basis = "allocated"
+increment_seconds = 1
+idle = "billed"
+"#;
+
+const ISSUER: &str = "api-test";
+
+/// Samples every 10 s for two hours from `start`: 2 vCPU allocated, so 20
+/// vCPU-seconds a sample; 1 CPU-second used a sample.
+fn two_hours(customer: &str, sandbox: &str, start: DateTime<Utc>) -> Vec<UsageSample> {
+    (0..720u64)
+        .map(|k| {
+            let seq = k + 1;
+            UsageSample {
+                customer: CustomerId::parse(customer).expect("id"),
+                vcpu_alloc_usec: seq * 20_000_000,
+                ..sample(
+                    sandbox,
+                    1,
+                    seq,
+                    start + Duration::seconds(10 * k as i64),
+                    seq * 1_000_000,
+                    0,
+                )
+            }
+        })
+        .collect()
+}
+
+fn month_start(time: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(time.year(), time.month(), 1, 0, 0, 0)
+        .single()
+        .expect("valid")
+}
+
+struct Fixture {
+    env: TestEnv,
+    base: String,
+    http: reqwest::Client,
+    registry: prometheus::Registry,
+    /// Customer keys of acme and globex, and an admin key.
+    acme: String,
+    globex: String,
+    admin: String,
+    /// 10:00 on the 5th of last month: where the usage is.
+    day: DateTime<Utc>,
+    globex_invoice: u64,
+    acme_invoice: u64,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn rfc(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl Fixture {
+    async fn start(name: &str, config: ApiConfig) -> anyhow::Result<Self> {
+        let env = TestEnv::new(name).await?;
+        let now = Utc::now();
+        let this_month = month_start(now);
+        let last_month = month_start(this_month - Duration::days(1));
+        let day = last_month + Duration::days(4) + Duration::hours(10);
+        let mut samples = two_hours("acme", "sb-a1", day);
+        samples.extend(two_hours("acme", "sb-a2", day));
+        samples.extend(two_hours("globex", "sb-g1", day));
+        // The open period: acme's sb-a1 again (a new epoch), for cost so far
+        // and the invoice preview.
+        let open = (now - Duration::hours(2)).max(this_month);
+        samples.extend(
+            two_hours("acme", "sb-a1", open)
+                .into_iter()
+                .map(|s| UsageSample {
+                    epoch: idlemeter_core::Epoch(2),
+                    ..s
+                }),
+        );
+        env.store.insert_samples(&samples).await?;
+
+        // The rater rates every hour from a customer's first sample of its
+        // current and previous period; daily periods keep that to a few hours
+        // here (monthly ones would rate the rest of last month, ~80 s).
+        let registry = prometheus::Registry::new();
+        let rater = Rater::new(
+            env.store.clone(),
+            SHEET,
+            RaterConfig {
+                sheet: "test.toml".to_owned(),
+                period: Period::Day,
+                grace_seconds: 0,
+                ..RaterConfig::default()
+            },
+            &registry,
+        )?;
+        rater.rate_closed_hours(day + Duration::hours(3)).await?;
+        rater.rate_closed_hours(now).await?;
+        let invoicer = || {
+            Invoicer::new(
+                env.store.clone(),
+                SHEET,
+                None,
+                InvoicerConfig {
+                    issuer: ISSUER.to_owned(),
+                    sheet: "test.toml".to_owned(),
+                    period: Period::Month,
+                    lock_file: std::env::temp_dir()
+                        .join(format!("{}.lock", env.clickhouse.database))
+                        .display()
+                        .to_string(),
+                    ..InvoicerConfig::default()
+                },
+            )
+        };
+        let outcome = invoicer()?
+            .close_period(last_month, now, false, &|_, _| {})
+            .await?;
+        let number_of = |customer: &str| {
+            outcome
+                .issued
+                .iter()
+                .find(|invoice| invoice.customer == customer)
+                .map(|invoice| invoice.number)
+                .expect("invoiced")
+        };
+        let (acme_invoice, globex_invoice) = (number_of("acme"), number_of("globex"));
+        env.store
+            .insert_decisions(&[DecisionRow {
+                decision_id: "acme:sb-a1:1:idle_window:1".to_owned(),
+                customer: "acme".to_owned(),
+                sandbox: "sb-a1".to_owned(),
+                node: "node-1".to_owned(),
+                epoch: 1,
+                at_ms: (day + Duration::hours(1)).timestamp_millis(),
+                day: 0,
+                rule: "idle_window".to_owned(),
+                action: "suspend".to_owned(),
+                attempt: 1,
+                policy_version: "test/1".to_owned(),
+                reason: "idle for 10 minutes".to_owned(),
+                signals: r#"{"exec_sessions":0}"#.to_owned(),
+                recorded_at: 1,
+            }])
+            .await?;
+
+        let stamp = idlemeter_store::unix_seconds(now);
+        let keys = [
+            generate(Some(&CustomerId::parse("acme")?), "acme ci", stamp),
+            generate(Some(&CustomerId::parse("globex")?), "globex ci", stamp),
+            generate(None, "finance", stamp),
+        ];
+        for key in &keys {
+            env.store.insert_api_key(&key.row).await?;
+        }
+        let api = Api::new(env.store.clone(), invoicer()?, config, &registry).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(api.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        let [acme, globex, admin] = keys.map(|key| key.key);
+        Ok(Self {
+            env,
+            base,
+            http: reqwest::Client::new(),
+            registry,
+            acme,
+            globex,
+            admin,
+            day,
+            globex_invoice,
+            acme_invoice,
+            shutdown: Some(stop),
+        })
+    }
+
+    async fn get(&self, key: &str, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await?;
+        let status = response.status();
+        let body = response.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        ))
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let body = response.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        ))
+    }
+}
+
+fn test_config() -> ApiConfig {
+    ApiConfig {
+        listen: "127.0.0.1:0".to_owned(),
+        alert_interval_s: 0,
+        rate_limit_per_s: 0,
+        ..ApiConfig::default()
+    }
+}
+
+/// The `raw` and `quantity` of `resource` in every window of `sandbox`.
+fn usage_of(page: &Value, sandbox: &str, resource: &str) -> Vec<(u64, String)> {
+    page["sandboxes"]
+        .as_array()
+        .expect("sandboxes")
+        .iter()
+        .filter(|s| s["sandbox"] == sandbox)
+        .flat_map(|s| s["windows"].as_array().expect("windows").clone())
+        .map(|w| {
+            let usage = w["usage"]
+                .as_array()
+                .expect("usage")
+                .iter()
+                .find(|u| u["resource"] == resource)
+                .expect("resource present")
+                .clone();
+            (
+                usage["raw"].as_u64().expect("raw"),
+                usage["quantity"].as_str().expect("quantity").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn decimal(value: &Value) -> Decimal {
+    value
+        .as_str()
+        .expect("decimal string")
+        .parse()
+        .expect("decimal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_endpoint_answers_its_tenant_with_the_numbers_stored() -> anyhow::Result<()> {
+    let f = Fixture::start("api_happy", test_config()).await?;
+    let (from, to) = (rfc(f.day), rfc(f.day + Duration::hours(2)));
+
+    let (status, me) = f.get(&f.acme, "/v1/me").await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (me["role"].as_str(), me["customer"].as_str()),
+        (Some("customer"), Some("acme"))
+    );
+
+    // Hours: the epoch's first sample bills nothing, so hour 10 is 359
+    // intervals of 20 vCPU-s and hour 11 is 360.
+    let (status, page) = f
+        .get(
+            &f.acme,
+            &format!("/v1/customers/acme/usage?from={from}&to={to}&window=hour"),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        usage_of(&page, "sb-a1", "vcpu"),
+        [
+            (7_180_000_000, "7180".to_owned()),
+            (7_200_000_000, "7200".to_owned())
+        ]
+    );
+    assert_eq!(usage_of(&page, "sb-a2", "cpu").len(), 2);
+    assert!(page["next_cursor"].is_null());
+    // A day is the sum of its hours; minutes are 6 samples each.
+    let (_, page) = f
+        .get(&f.acme, &format!("/v1/customers/acme/usage?from={from}&to={to}&window=day&sandbox=sb-a1&resource=vcpu"))
+        .await?;
+    assert_eq!(
+        usage_of(&page, "sb-a1", "vcpu"),
+        [(14_380_000_000, "14380".to_owned())]
+    );
+    assert_eq!(page["sandboxes"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        page["sandboxes"][0]["windows"][0]["usage"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let minutes = (
+        rfc(f.day + Duration::minutes(30)),
+        rfc(f.day + Duration::minutes(33)),
+    );
+    let (_, page) = f
+        .get(
+            &f.acme,
+            &format!(
+                "/v1/customers/acme/usage?from={}&to={}&window=minute&sandbox=sb-a1",
+                minutes.0, minutes.1
+            ),
+        )
+        .await?;
+    assert_eq!(
+        usage_of(&page, "sb-a1", "vcpu")
+            .iter()
+            .map(|(raw, _)| *raw)
+            .collect::<Vec<_>>(),
+        [120_000_000; 3]
+    );
+    // Pages of one sandbox: sb-a1, then sb-a2, then the end.
+    let (_, first) = f
+        .get(
+            &f.acme,
+            &format!("/v1/customers/acme/usage?from={from}&to={to}&window=hour&limit=1"),
+        )
+        .await?;
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    assert_eq!(first["sandboxes"][0]["sandbox"], "sb-a1");
+    let (_, second) = f
+        .get(
+            &f.acme,
+            &format!(
+                "/v1/customers/acme/usage?from={from}&to={to}&window=hour&limit=1&cursor={cursor}"
+            ),
+        )
+        .await?;
+    assert_eq!(second["sandboxes"][0]["sandbox"], "sb-a2");
+    assert!(second["next_cursor"].is_null());
+
+    // Cost by hour over last month adds up to the issued invoice (same
+    // samples, same sheet, rated by the rater and by the invoicer).
+    let month = month_start(f.day);
+    let next_month = month_start(month + Duration::days(32));
+    let (status, history) = f
+        .get(
+            &f.acme,
+            &format!(
+                "/v1/customers/acme/cost/history?from={}&to={}&window=day",
+                rfc(month),
+                rfc(next_month)
+            ),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let windows = history["windows"].as_array().expect("windows");
+    assert_eq!(windows.len(), 1, "only the 5th cost anything: {history}");
+    let (_, invoice) = f
+        .get(
+            &f.acme,
+            &format!("/v1/customers/acme/invoices/{}", f.acme_invoice),
+        )
+        .await?;
+    assert_eq!(
+        decimal(&history["totals"]["USD"]),
+        decimal(&invoice["total"])
+    );
+    assert_eq!(decimal(&windows[0]["amount"]), decimal(&invoice["total"]));
+    // 2 x 14380 vCPU-s at $1/vCPU-hour = $7.99 (7.98888..., one rounding).
+    assert_eq!(decimal(&invoice["total"]), "7.99".parse::<Decimal>()?);
+    let (_, hourly) = f
+        .get(
+            &f.acme,
+            &format!("/v1/customers/acme/cost/history?from={from}&to={to}&window=hour"),
+        )
+        .await?;
+    let hours: Vec<Decimal> = hourly["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .map(|w| decimal(&w["amount"]))
+        .collect();
+    assert_eq!(hours.len(), 2);
+    assert_eq!(hours.iter().sum::<Decimal>(), "7.99".parse::<Decimal>()?);
+
+    // Cost so far: the latest snapshot, equal to what the store says.
+    let (status, now) = f.get(&f.acme, "/v1/customers/acme/cost").await?;
+    assert_eq!(status, StatusCode::OK, "{now}");
+    let (_, spend) = f.env.store.period_spend("acme").await?.expect("rated");
+    assert_eq!(decimal(&now["total"]), spend);
+    assert!(!now["lines"].as_array().expect("lines").is_empty());
+
+    // Invoices: list, one as JSON and as CSV, and the open period's draft.
+    let (_, list) = f.get(&f.acme, "/v1/customers/acme/invoices").await?;
+    let numbers: Vec<u64> = list["invoices"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|i| i["number"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(numbers, [f.acme_invoice]);
+    let csv = f
+        .http
+        .get(format!(
+            "{}/v1/customers/acme/invoices/{}?format=csv",
+            f.base, f.acme_invoice
+        ))
+        .bearer_auth(&f.acme)
+        .send()
+        .await?;
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = csv.text().await?;
+    assert!(csv.starts_with("issuer,number,customer"), "{csv}");
+    assert!(csv.contains(",acme,"), "{csv}");
+    let (status, draft) = f.get(&f.acme, "/v1/customers/acme/invoice-preview").await?;
+    assert_eq!(status, StatusCode::OK, "{draft}");
+    assert_eq!(
+        (draft["status"].as_str(), draft["customer"].as_str()),
+        (Some("draft"), Some("acme"))
+    );
+    assert!(decimal(&draft["total"]) > Decimal::ZERO);
+
+    // Alerts: create, list, delete, gone.
+    let body = serde_json::json!({"threshold": "5.50", "webhook_url": "http://127.0.0.1:9/hook"});
+    let (status, alert) = f
+        .send(
+            reqwest::Method::POST,
+            &f.acme,
+            "/v1/customers/acme/alerts",
+            Some(body),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{alert}");
+    assert_eq!(alert["threshold"], "5.5");
+    let id = alert["id"].as_str().expect("id").to_owned();
+    let (_, alerts) = f.get(&f.acme, "/v1/customers/acme/alerts").await?;
+    assert_eq!(alerts["alerts"][0]["id"], id.as_str());
+    let path = format!("/v1/customers/acme/alerts/{id}");
+    let (status, _) = f
+        .send(reqwest::Method::DELETE, &f.acme, &path, None)
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = f
+        .send(reqwest::Method::DELETE, &f.acme, &path, None)
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, alerts) = f.get(&f.acme, "/v1/customers/acme/alerts").await?;
+    assert_eq!(alerts["alerts"].as_array().map(Vec::len), Some(0));
+
+    // Sandboxes and their latest state; one with its policy decisions.
+    let (_, list) = f.get(&f.acme, "/v1/customers/acme/sandboxes").await?;
+    let names: Vec<&str> = list["sandboxes"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["sandbox"].as_str().expect("id"))
+        .collect();
+    assert_eq!(names, ["sb-a1", "sb-a2"]);
+    assert_eq!(
+        list["sandboxes"][0]["epoch"], 2,
+        "sb-a1's latest sample is of its new epoch"
+    );
+    let (status, one) = f.get(&f.acme, "/v1/customers/acme/sandboxes/sb-a1").await?;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["state"], "running");
+    assert_eq!(one["recent_decisions"][0]["action"], "suspend");
+    assert_eq!(one["recent_decisions"][0]["signals"]["exec_sessions"], 0);
+
+    // The admin key sees both tenants.
+    let (status, list) = f.get(&f.admin, "/v1/customers/globex/sandboxes").await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["sandboxes"][0]["sandbox"], "sb-g1");
+
+    // Every request was counted by route and status.
+    assert!(counter_in(&f.registry, "idlemeter_api_requests_total") >= 20);
+    Ok(())
+}
+
+async fn problem(f: &Fixture, key: &str, path: &str) -> anyhow::Result<(StatusCode, String)> {
+    let response = f
+        .http
+        .get(format!("{}{path}", f.base))
+        .bearer_auth(key)
+        .send()
+        .await?;
+    let status = response.status();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "{path}"
+    );
+    let body: Value = response.json().await?;
+    assert_eq!(
+        body["status"].as_u64(),
+        Some(u64::from(status.as_u16())),
+        "{body}"
+    );
+    Ok((
+        status,
+        body["detail"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_and_bad_keys_get_problems_that_say_what_was_wrong() -> anyhow::Result<()> {
+    let f = Fixture::start("api_bad", test_config()).await?;
+    let usage = "/v1/customers/acme/usage";
+    let (from, to) = (rfc(f.day), rfc(f.day + Duration::hours(2)));
+    let cases = [
+        (
+            format!("{usage}?from={to}&to={from}&window=hour"),
+            "must be before",
+        ),
+        (
+            format!("{usage}?from=2020-01-01T00:00:00Z&to=2026-01-01T00:00:00Z&window=minute"),
+            "more than the limit",
+        ),
+        (
+            format!("{usage}?from={from}&to={to}&window=hour&limit=0"),
+            "limit 0 is out of range",
+        ),
+        (
+            format!("{usage}?from={from}&to={to}&window=hour&cursor=zz"),
+            "cursor",
+        ),
+        (
+            format!("{usage}?from=yesterday&to={to}&window=hour"),
+            "from",
+        ),
+        (
+            format!("{usage}?from={from}&to={to}&window=fortnight"),
+            "window",
+        ),
+        (format!("{usage}?from={from}&to={to}"), "window"),
+        (
+            format!("/v1/customers/acme/cost/history?from={from}&to={to}&window=minute"),
+            "rated per hour",
+        ),
+        ("/v1/customers/acme/invoices/abc".to_owned(), "path"),
+        (
+            "/v1/customers/acme/sandboxes/sb-a1?decisions=101".to_owned(),
+            "decisions 101",
+        ),
+    ];
+    for (path, expected) in &cases {
+        let (status, detail) = problem(&f, &f.acme, path).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {detail}");
+        assert!(
+            detail.contains(expected),
+            "{path}: {detail:?} should say {expected:?}"
+        );
+    }
+
+    // Keys: none, malformed, unknown, and revoked.
+    let response = f.http.get(format!("{}/v1/me", f.base)).send().await?;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers().contains_key("www-authenticate"));
+    for key in [
+        "nonsense",
+        "imk_0000_1111",
+        &f.acme.replace("imk_", "imk_0"),
+    ] {
+        let (status, _) = problem(&f, key, "/v1/me").await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{key}");
+    }
+    let (status, created) = f
+        .send(
+            reqwest::Method::POST,
+            &f.admin,
+            "/v1/keys",
+            Some(serde_json::json!({"customer": "acme", "name": "temp"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let temp = created["key"].as_str().expect("key").to_owned();
+    assert_eq!(f.get(&temp, "/v1/me").await?.0, StatusCode::OK);
+    let path = format!("/v1/keys/{}", created["key_id"].as_str().expect("id"));
+    assert_eq!(
+        f.send(reqwest::Method::DELETE, &f.admin, &path, None)
+            .await?
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(f.get(&temp, "/v1/me").await?.0, StatusCode::UNAUTHORIZED);
+    // A customer key cannot create keys, and cannot tell the route exists.
+    let (status, _) = f
+        .send(
+            reqwest::Method::POST,
+            &f.acme,
+            "/v1/keys",
+            Some(serde_json::json!({"customer": "globex"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Alerts: bad threshold, bad URL, unknown field, not JSON.
+    let alerts = format!("{}/v1/customers/acme/alerts", f.base);
+    for (body, expected) in [
+        (
+            r#"{"threshold": "lots", "webhook_url": "http://a/b"}"#,
+            "not a decimal",
+        ),
+        (
+            r#"{"threshold": "-1", "webhook_url": "http://a/b"}"#,
+            "above 0",
+        ),
+        (
+            r#"{"threshold": "1", "webhook_url": "ftp://a/b"}"#,
+            "http://",
+        ),
+        (
+            r#"{"threshold": "1", "webhook_url": "http://a/b", "extra": 1}"#,
+            "unknown field",
+        ),
+        (r#"{"threshold": 1"#, "body"),
+    ] {
+        let response = f
+            .http
+            .post(&alerts)
+            .bearer_auth(&f.acme)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let problem: Value = response.json().await?;
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(expected),
+            "{body}: {detail:?} should say {expected:?}"
+        );
+    }
+    let response = f
+        .http
+        .post(&alerts)
+        .bearer_auth(&f.acme)
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_limit_is_told_when_to_retry() -> anyhow::Result<()> {
+    let f = Fixture::start(
+        "api_rate",
+        ApiConfig {
+            rate_limit_per_s: 1,
+            rate_limit_burst: 2,
+            ..test_config()
+        },
+    )
+    .await?;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let response = f
+            .http
+            .get(format!("{}/v1/me", f.base))
+            .bearer_auth(&f.acme)
+            .send()
+            .await?;
+        statuses.push(response.status());
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            retry_after = response.headers().get("retry-after").cloned();
+        }
+    }
+    assert_eq!(&statuses[..2], [StatusCode::OK, StatusCode::OK]);
+    assert!(
+        statuses[2..].contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    assert_eq!(retry_after.expect("Retry-After"), "1");
+    // Another key has its own bucket.
+    assert_eq!(f.get(&f.globex, "/v1/me").await?.0, StatusCode::OK);
+    Ok(())
+}
+
+/// Every templated route of the OpenAPI document, with `{param}` filled from `ids`.
+fn routes(doc: &Value, ids: &[(&str, String)]) -> Vec<(reqwest::Method, String)> {
+    let mut out = Vec::new();
+    for (template, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("item").keys() {
+            let mut path = template.clone();
+            for (name, value) in ids {
+                path = path.replace(&format!("{{{name}}}"), value);
+            }
+            let method = method.to_uppercase().parse().expect("method");
+            out.push((method, path));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_shows_one_tenant_anything_of_another() -> anyhow::Result<()> {
+    let f = Fixture::start("api_tenancy", test_config()).await?;
+    let body = serde_json::json!({"threshold": "1234.5678", "webhook_url": "http://127.0.0.1:9/globex-private-hook"});
+    let (_, globex_alert) = f
+        .send(
+            reqwest::Method::POST,
+            &f.globex,
+            "/v1/customers/globex/alerts",
+            Some(body.clone()),
+        )
+        .await?;
+    let body = serde_json::json!({"threshold": "1", "webhook_url": "http://127.0.0.1:9/hook"});
+    let globex_alert = globex_alert["id"].as_str().expect("id").to_owned();
+    let doc: Value = f
+        .http
+        .get(format!("{}/openapi.json", f.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let query = format!(
+        "?from={}&to={}&window=hour",
+        rfc(f.day),
+        rfc(f.day + Duration::hours(2))
+    );
+    let globex_ids = |customer: &str| {
+        vec![
+            ("customer", customer.to_owned()),
+            ("sandbox", "sb-g1".to_owned()),
+            ("number", f.globex_invoice.to_string()),
+            ("alert_id", globex_alert.clone()),
+            ("key_id", "0000000000000000".to_owned()),
+        ]
+    };
+    let mut tried = 0;
+    let mut leaks = Vec::new();
+    // acme's key on globex's ids, under globex and under acme's own name; an
+    // absent tenant ("nobody") must answer the same as globex.
+    for customer in ["globex", "acme", "nobody"] {
+        for (method, path) in routes(&doc, &globex_ids(customer)) {
+            if path == "/v1/me"
+                || (customer == "acme"
+                    && !path.contains("sb-g1")
+                    && !path.contains(&globex_alert)
+                    && !path.contains(&format!("/invoices/{}", f.globex_invoice)))
+            {
+                continue; // acme's own data, or no tenant in the route
+            }
+            let url = format!("{}{path}{query}", f.base);
+            let mut request = f.http.request(method.clone(), &url).bearer_auth(&f.acme);
+            if method == reqwest::Method::POST {
+                request = request.json(&body);
+            }
+            let response = request.send().await?;
+            tried += 1;
+            let status = response.status();
+            let text = response.text().await?;
+            // A 404 problem may echo the ids asked for, nothing else of globex's.
+            let problem: Value = serde_json::from_str(&text).unwrap_or_default();
+            let shows_globex = [
+                "globex-private-hook",
+                "1234.5678",
+                "globex ci",
+                "first_seen",
+            ]
+            .iter()
+            .any(|marker| text.contains(marker));
+            if status != StatusCode::NOT_FOUND
+                || problem["type"] != "urn:idlemeter:problem:not-found"
+                || shows_globex
+            {
+                leaks.push(format!("{method} {path} -> {status} {text}"));
+            }
+        }
+    }
+    assert!(tried >= 20, "only {tried} requests tried");
+    assert!(
+        leaks.is_empty(),
+        "{} of {tried} requests leaked:\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+    // An absent tenant and a foreign one are answered identically.
+    let foreign = f.get(&f.acme, "/v1/customers/globex/sandboxes").await?;
+    let absent = f.get(&f.acme, "/v1/customers/nobody/sandboxes").await?;
+    assert_eq!(foreign.0, absent.0);
+    assert_eq!(
+        foreign.1.to_string().replace("globex", "X"),
+        absent.1.to_string().replace("nobody", "X")
+    );
+    // globex's alert survived acme's DELETE attempts.
+    let (_, alerts) = f.get(&f.globex, "/v1/customers/globex/alerts").await?;
+    assert_eq!(alerts["alerts"][0]["id"], globex_alert.as_str());
+    println!("{tried} cross-tenant requests, 0 leaks");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::Result<()> {
+    let f = Fixture::start("api_alerts", test_config()).await?;
+    // A receiver that records what it was sent.
+    let received: Arc<tokio::sync::Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    let sink = received.clone();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    sink.lock().await.push((
+                        header("idlemeter-signature"),
+                        header("idlemeter-delivery"),
+                        body.to_vec(),
+                    ));
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+    let (_, spend) = f.env.store.period_spend("acme").await?.expect("rated");
+    assert!(spend > Decimal::ZERO);
+    let create =
+        |threshold: String| serde_json::json!({"threshold": threshold, "webhook_url": hook});
+    let (status, low) = f
+        .send(
+            reqwest::Method::POST,
+            &f.acme,
+            "/v1/customers/acme/alerts",
+            Some(create(spend.to_string())),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{low}");
+    let (_, _high) = f
+        .send(
+            reqwest::Method::POST,
+            &f.acme,
+            "/v1/customers/acme/alerts",
+            Some(create((spend + Decimal::ONE).to_string())),
+        )
+        .await?;
+
+    let secret = "whsec-api-test";
+    let delivery = idlemeter_api::alerts::AlertDelivery::new(
+        f.env.store.clone(),
+        secret.to_owned(),
+        &f.registry,
+    );
+    assert_eq!(
+        delivery.check_once().await?,
+        1,
+        "the alert at the spend fires, the one above does not"
+    );
+    assert_eq!(delivery.check_once().await?, 0, "once per period");
+    let got = received.lock().await.clone();
+    assert_eq!(got.len(), 1);
+    let (signature, delivery_id, body) = &got[0];
+    idlemeter_webhook::verify(
+        secret.as_bytes(),
+        signature,
+        body,
+        Utc::now().timestamp(),
+        300,
+    )?;
+    let notice: Value = serde_json::from_slice(body)?;
+    assert_eq!(notice["alert_id"], low["id"]);
+    assert_eq!(decimal(&notice["spend"]), spend);
+    assert!(delivery_id.starts_with(low["id"].as_str().expect("id")));
+    Ok(())
+}
