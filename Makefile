@@ -5,29 +5,33 @@ SHELL := /bin/bash
 CACHE_DIR ?= $(HOME)/.cache/idlemeter
 CHDB_VENV ?= $(CACHE_DIR)/venv
 CHDB_VERSION ?= 4.4.0
+SCHEMATHESIS_VENV ?= $(CACHE_DIR)/schemathesis-venv
+SCHEMATHESIS_VERSION ?= 4.32.5
 
 # Tests get their own servers (ports, state directory) so they never touch the
 # stack `make run` started. Memory storage: every run starts clean.
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
 
-.PHONY: bench bench-policy bench-invoices run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+.PHONY: bench bench-api bench-policy bench-invoices schemathesis-venv run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
 ## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
 run: build
 	scripts/run.sh
 
 ## Everything, against real servers: unit, property, integration and chDB tests.
-test: test-services-start chdb-venv
+test: test-services-start chdb-venv schemathesis-venv
 	@# The collector's fault tests run (and SIGKILL) the real binary; cargo does
 	@# not build another package's binary for a test, so build it first.
 	cargo build -p idlemeter-cli --bin idlemeter
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
-		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python cargo nextest run --workspace --no-fail-fast; \
+		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python \
+		IDLEMETER_SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis cargo nextest run --workspace --no-fail-fast; \
 	else \
 		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
-		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python cargo test --workspace --no-fail-fast; \
+		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python \
+		IDLEMETER_SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis cargo test --workspace --no-fail-fast; \
 	fi
 
 ## Formatting and lints, as CI checks them.
@@ -53,6 +57,17 @@ $(CHDB_VENV)/.chdb-$(CHDB_VERSION):
 	python3 -m venv $(CHDB_VENV)
 	$(CHDB_VENV)/bin/pip install --quiet chdb==$(CHDB_VERSION)
 	touch $@
+
+## A virtualenv with schemathesis (OpenAPI fuzzer) for the usage API's fuzz test.
+schemathesis-venv: $(SCHEMATHESIS_VENV)/.schemathesis-$(SCHEMATHESIS_VERSION)
+$(SCHEMATHESIS_VENV)/.schemathesis-$(SCHEMATHESIS_VERSION):
+	python3 -m venv $(SCHEMATHESIS_VENV)
+	$(SCHEMATHESIS_VENV)/bin/pip install --quiet schemathesis==$(SCHEMATHESIS_VERSION)
+	touch $@
+
+## Usage API latency with >= 100M samples stored (loads them once; not a test).
+bench-api: build
+	scripts/bench-api.sh
 
 ## Throughput and latency of simulator -> Kafka -> ingest -> ClickHouse (not a test).
 bench: build

@@ -917,3 +917,87 @@ async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::
     assert!(delivery_id.starts_with(low["id"].as_str().expect("id")));
     Ok(())
 }
+
+fn schemathesis() -> std::path::PathBuf {
+    std::env::var_os("IDLEMETER_SCHEMATHESIS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            std::path::PathBuf::from(home).join(".cache/idlemeter/schemathesis-venv/bin/schemathesis")
+        })
+}
+
+/// schemathesis (PyPI, pinned in the Makefile) generates requests from
+/// /openapi.json, valid and invalid, against the running API with an admin
+/// key (so generated tenant ids reach the queries): no 5xx, and every
+/// response matches its documented schema and content type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_survives_fuzzing() -> anyhow::Result<()> {
+    let binary = schemathesis();
+    assert!(
+        binary.exists(),
+        "{} is missing: run `make schemathesis-venv` or set IDLEMETER_SCHEMATHESIS",
+        binary.display()
+    );
+    let f = Fixture::start("api_fuzz", test_config()).await?;
+    let work = tempfile::tempdir()?;
+    // No cache: a run must not replay an earlier run's failures. Dictionaries
+    // steer most generated ids and ranges to data that exists, so the
+    // queries behind the 200s are fuzzed too, not only the 404s.
+    let config = format!(
+        r#"[cache]
+enabled = false
+
+[dictionaries.tenants]
+values = ["acme", "globex"]
+[dictionaries.sandboxes]
+values = ["sb-a1", "sb-a2", "sb-g1"]
+[dictionaries.invoices]
+values = [{acme}, {globex}]
+[dictionaries.froms]
+values = ["{from}"]
+[dictionaries.tos]
+values = ["{to}"]
+
+[parameters]
+"path.customer" = {{ dictionary = "tenants", probability = 0.7 }}
+"path.sandbox" = {{ dictionary = "sandboxes", probability = 0.7 }}
+"path.number" = {{ dictionary = "invoices", probability = 0.7 }}
+"query.from" = {{ dictionary = "froms", probability = 0.5 }}
+"query.to" = {{ dictionary = "tos", probability = 0.5 }}
+"#,
+        acme = f.acme_invoice,
+        globex = f.globex_invoice,
+        from = rfc(f.day),
+        to = rfc(f.day + Duration::hours(2)),
+    );
+    std::fs::write(work.path().join("st.toml"), config)?;
+    let junit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/schemathesis-junit.xml");
+    let mut command = std::process::Command::new(&binary);
+    command
+        .current_dir(work.path())
+        .env("HYPOTHESIS_STORAGE_DIRECTORY", work.path().join("hypothesis"))
+        .arg("--config-file")
+        .arg("st.toml")
+        .arg("run")
+        .arg(format!("{}/openapi.json", f.base))
+        .args(["--url", &f.base])
+        .args(["-H", &format!("Authorization: Bearer {}", f.admin)])
+        .args(["--checks", "not_a_server_error,response_schema_conformance,content_type_conformance"])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--max-examples", "25", "--seed", "42", "--generation-database", "none"])
+        .args(["--workers", "1", "--no-color"])
+        .args(["--report", "junit", "--report-junit-path"])
+        .arg(&junit);
+    // The API keeps serving on the runtime's workers meanwhile.
+    let output = tokio::task::spawn_blocking(move || command.output()).await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "schemathesis found problems (report: {}):\n{stdout}\n{}",
+        junit.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}

@@ -168,6 +168,8 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
         routes::create_key,
         routes::revoke_key,
     ),
+    // Referenced only by query parameters, which do not collect their schemas.
+    components(schemas(routes::InvoiceFormat, views::WindowWidth, views::Resource)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -514,7 +514,7 @@ pub struct InvoiceQuery {
     summary = "One issued invoice, as JSON or CSV",
     params(("customer" = String, Path, description = "Customer id"),
         ("number" = u64, Path, description = "Invoice number"), InvoiceQuery),
-    responses((status = 200, body = Invoice, content_type = "application/json"),
+    responses((status = 200, description = "The invoice", content((Invoice = "application/json"), (String = "text/csv"))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
