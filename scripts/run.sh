@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: the whole stack on this machine. Starts ClickHouse and a durable
 # broker (scripts/services.sh), migrates, then runs ingest, the rater, the idle
-# policy and a simulated fleet
+# policy, the usage API and a simulated fleet
 # in the foreground until Ctrl-C, and says where to look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,11 @@ IDLEMETER_METRICS__LISTEN=127.0.0.1:9465 IDLEMETER_RATER__SHEET=${SHEET:-prices/
 # The idle policy decides suspends (no collector acts on them in this demo).
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9466 IDLEMETER_POLICY__FILE=${POLICY:-policies/sprites.toml} \
     $bin policy 2>.run/policy.log & pids+=($!)
+# The usage API, with a fresh admin key for this run (shown once, below).
+admin_key=$($bin keys create --admin --name "make run" 2>/dev/null)
+IDLEMETER_METRICS__LISTEN=127.0.0.1:9467 IDLEMETER_API__LISTEN=127.0.0.1:8080 \
+    IDLEMETER_API__WEBHOOK_SECRET=${WEBHOOK_SECRET:-make-run-demo-secret} \
+    IDLEMETER_INVOICER__SHEET=${SHEET:-prices/northflank.toml} $bin api 2>.run/api.log & pids+=($!)
 # The simulator stands in for node collectors (`idlemeter collector` needs one
 # cgroup per sandbox on a real node).
 $bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>.run/simulate.log & pids+=($!)
@@ -42,7 +47,9 @@ idlemeter is running.
   policy metrics http://127.0.0.1:9466/metrics
   decisions      curl -s '$ch/?query=SELECT+sandbox,rule,action,reason+FROM+idlemeter.policy_decisions+ORDER+BY+at_ms+DESC+LIMIT+5'
   money so far   curl -s '$ch/?query=SELECT+customer,sum(amount)+FROM+idlemeter.rated_usage+FINAL+GROUP+BY+customer'
-  logs           .run/ingest.log .run/rater.log .run/policy.log .run/simulate.log .run/*.log
+  usage API      http://127.0.0.1:8080/docs   (admin key: $admin_key)
+                 curl -s -H 'Authorization: Bearer $admin_key' 'http://127.0.0.1:8080/v1/customers/cust-00000/sandboxes'
+  logs           .run/ingest.log .run/rater.log .run/policy.log .run/api.log .run/simulate.log .run/*.log
 Ctrl-C stops the services and the simulator.
 
 INFO

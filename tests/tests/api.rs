@@ -923,7 +923,8 @@ fn schemathesis() -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
             let home = std::env::var_os("HOME").expect("HOME is set");
-            std::path::PathBuf::from(home).join(".cache/idlemeter/schemathesis-venv/bin/schemathesis")
+            std::path::PathBuf::from(home)
+                .join(".cache/idlemeter/schemathesis-venv/bin/schemathesis")
         })
 }
 
@@ -972,20 +973,34 @@ values = ["{to}"]
         to = rfc(f.day + Duration::hours(2)),
     );
     std::fs::write(work.path().join("st.toml"), config)?;
-    let junit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/schemathesis-junit.xml");
+    let junit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/schemathesis-junit.xml");
     let mut command = std::process::Command::new(&binary);
     command
         .current_dir(work.path())
-        .env("HYPOTHESIS_STORAGE_DIRECTORY", work.path().join("hypothesis"))
+        .env(
+            "HYPOTHESIS_STORAGE_DIRECTORY",
+            work.path().join("hypothesis"),
+        )
         .arg("--config-file")
         .arg("st.toml")
         .arg("run")
         .arg(format!("{}/openapi.json", f.base))
         .args(["--url", &f.base])
         .args(["-H", &format!("Authorization: Bearer {}", f.admin)])
-        .args(["--checks", "not_a_server_error,response_schema_conformance,content_type_conformance"])
+        .args([
+            "--checks",
+            "not_a_server_error,response_schema_conformance,content_type_conformance",
+        ])
         .args(["--phases", "examples,coverage,fuzzing"])
-        .args(["--max-examples", "25", "--seed", "42", "--generation-database", "none"])
+        .args([
+            "--max-examples",
+            "25",
+            "--seed",
+            "42",
+            "--generation-database",
+            "none",
+        ])
         .args(["--workers", "1", "--no-color"])
         .args(["--report", "junit", "--report-junit-path"])
         .arg(&junit);

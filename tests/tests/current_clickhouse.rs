@@ -48,3 +48,26 @@ fn migrations_and_store_queries_run_on_current_clickhouse() {
         );
     }
 }
+
+#[test]
+fn finance_panels_give_the_fixtures_answers_on_current_clickhouse() {
+    let python = chdb_python();
+    assert!(
+        python.exists(),
+        "{} is missing: run `make chdb-venv` (pip install chdb) or set IDLEMETER_CHDB_PYTHON",
+        python.display()
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/chdb/check_dashboards.py");
+    let output = Command::new(&python)
+        .arg(script)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "chDB dashboards check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("ok  panel revenue_by_day"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}

@@ -16,6 +16,7 @@
 pub mod alerts;
 pub mod auth;
 mod docs;
+pub mod finance;
 pub mod problem;
 pub mod routes;
 pub mod views;
@@ -66,6 +67,8 @@ pub struct ApiConfig {
     pub alert_interval_s: u64,
     /// HMAC secret for alert webhooks (required when delivery is on).
     pub webhook_secret: String,
+    /// The collectors' sampling interval, for the finance page's hours.
+    pub sample_interval_s: u32,
 }
 
 impl Default for ApiConfig {
@@ -82,6 +85,7 @@ impl Default for ApiConfig {
             request_timeout_ms: 10_000,
             alert_interval_s: 60,
             webhook_secret: String::new(),
+            sample_interval_s: 1,
         }
     }
 }
@@ -141,6 +145,7 @@ pub struct AppState {
     pub(crate) invoicer: Invoicer,
     pub(crate) issuer: String,
     pub(crate) config: ApiConfig,
+    pub(crate) links: finance::PageLinks,
     metrics: ApiMetrics,
 }
 
@@ -167,6 +172,8 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
         routes::sandbox,
         routes::create_key,
         routes::revoke_key,
+        routes::finance_panels,
+        routes::finance_link,
     ),
     // Referenced only by query parameters, which do not collect their schemas.
     components(schemas(routes::InvoiceFormat, views::WindowWidth, views::Resource)),
@@ -234,6 +241,7 @@ impl Api {
                 limiter,
                 invoicer,
                 config,
+                links: finance::PageLinks::default(),
                 metrics: ApiMetrics::new(registry),
             }),
         })
@@ -281,6 +289,11 @@ impl Api {
                 Router::new()
                     .route("/v1/keys", axum::routing::post(routes::create_key))
                     .route("/v1/keys/{key_id}", delete(routes::revoke_key))
+                    .route("/v1/finance/panels", get(routes::finance_panels))
+                    .route(
+                        "/v1/finance/link",
+                        axum::routing::post(routes::finance_link),
+                    )
                     .route_layer(middleware::from_fn(require_admin)),
             )
             .route_layer(middleware::from_fn_with_state(
@@ -291,6 +304,7 @@ impl Api {
             .merge(v1)
             .route("/openapi.json", get(openapi_json))
             .route("/docs", get(docs_page))
+            .route("/finance", get(routes::finance_page))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(middleware::from_fn_with_state(self.state.clone(), observe))

@@ -978,3 +978,136 @@ pub async fn revoke_key(
     state.keys.reload().await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FinanceQuery {
+    /// Start of the range (RFC 3339; default 30 days before `to`), rounded down to a day.
+    pub from: Option<DateTime<Utc>>,
+    /// End of the range (RFC 3339, exclusive; default now), rounded up to a day.
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Most days the finance panels cover at once.
+const MAX_FINANCE_DAYS: u32 = 400;
+
+fn finance_range(query: &FinanceQuery) -> ApiResult<(u32, u32)> {
+    let to = query.to.unwrap_or_else(now);
+    let from = query.from.unwrap_or(to - chrono::Duration::days(30));
+    if from >= to {
+        return Err(Problem::bad_request("from must be before to"));
+    }
+    let in_range = |t: DateTime<Utc>| t.timestamp() >= 0 && t.timestamp() <= i64::from(LAST_TIME);
+    if !in_range(from) || !in_range(to) {
+        return Err(Problem::bad_request(
+            "from and to must lie between 1970-01-01T00:00:00Z and 2106-02-06T00:00:00Z",
+        ));
+    }
+    let (from, to) = (unix_seconds(from), unix_seconds(to));
+    let (from, to) = (from - from % 86_400, to.div_ceil(86_400) * 86_400);
+    if (to - from) / 86_400 > MAX_FINANCE_DAYS {
+        return Err(Problem::bad_request(format!(
+            "the range covers more than {MAX_FINANCE_DAYS} days"
+        )));
+    }
+    Ok((from, to))
+}
+
+async fn run_panels(
+    state: &AppState,
+    from: u32,
+    to: u32,
+) -> ApiResult<Vec<crate::finance::PanelData>> {
+    let mut out = Vec::new();
+    for panel in crate::finance::panels() {
+        out.push(
+            crate::finance::run(
+                &state.store,
+                &panel,
+                from,
+                to,
+                state.config.sample_interval_s,
+            )
+            .await?,
+        );
+    }
+    Ok(out)
+}
+
+#[utoipa::path(get, path = "/v1/finance/panels", tag = "finance",
+    summary = "Every finance dashboard panel's data for a range (admin keys only)",
+    params(FinanceQuery),
+    responses((status = 200, body = Vec<crate::finance::PanelData>),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = [])))]
+pub async fn finance_panels(
+    State(state): AppStateRef,
+    Query(query): Query<FinanceQuery>,
+) -> ApiResult<axum::Json<Vec<crate::finance::PanelData>>> {
+    let (from, to) = finance_range(&query)?;
+    Ok(axum::Json(run_panels(&state, from, to).await?))
+}
+
+/// A link to the built-in finance page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FinanceLink {
+    /// Path and query to open in a browser on this API (this replica).
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[utoipa::path(post, path = "/v1/finance/link", tag = "finance",
+    summary = "A short-lived link to the built-in finance page, for a browser (admin keys only)",
+    responses((status = 201, body = FinanceLink),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json")),
+    security(("api_key" = [])))]
+pub async fn finance_link(State(state): AppStateRef) -> (StatusCode, axum::Json<FinanceLink>) {
+    let token = state.links.issue();
+    let expires_at =
+        now() + chrono::Duration::from_std(crate::finance::LINK_TTL).unwrap_or_default();
+    (
+        StatusCode::CREATED,
+        axum::Json(FinanceLink {
+            url: format!("/finance?token={token}"),
+            expires_at,
+        }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FinancePageQuery {
+    pub token: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// The built-in finance page (HTML), for a link from `POST /v1/finance/link`.
+pub async fn finance_page(
+    State(state): AppStateRef,
+    Query(query): Query<FinancePageQuery>,
+) -> ApiResult<axum::response::Html<String>> {
+    if !query
+        .token
+        .as_deref()
+        .is_some_and(|token| state.links.valid(token))
+    {
+        return Err(Problem::unauthorized(
+            "this finance page link is missing, wrong or expired: ask for one with POST /v1/finance/link",
+        ));
+    }
+    let (from, to) = finance_range(&FinanceQuery {
+        from: query.from,
+        to: query.to,
+    })?;
+    let panels = run_panels(&state, from, to).await?;
+    Ok(axum::response::Html(crate::finance::page(
+        &panels,
+        time(from),
+        time(to),
+    )))
+}

@@ -142,6 +142,35 @@ impl Store {
         insert.end().await.context(context())
     }
 
+    /// Runs a read-only query built by the caller from trusted parts (the
+    /// dashboards' panel SQL with integer placeholders filled in) and returns
+    /// its rows as text: a header row of column names, then one row per
+    /// result row (TabSeparatedWithNames, unescaped).
+    pub async fn query_rows(&self, sql: &str) -> Result<Vec<Vec<String>>> {
+        let bytes = self
+            .client
+            .query(sql)
+            .fetch_bytes("TabSeparatedWithNames")
+            .context("panel query")?
+            .collect()
+            .await
+            .context("panel query")?;
+        let text = String::from_utf8_lossy(&bytes);
+        Ok(text
+            .lines()
+            .map(|line| {
+                line.split('\t')
+                    .map(|field| {
+                        field
+                            .replace("\\t", "\t")
+                            .replace("\\n", "\n")
+                            .replace("\\\\", "\\")
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
     /// Checks that the server answers.
     pub async fn ping(&self) -> Result<()> {
         self.server
