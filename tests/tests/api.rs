@@ -834,11 +834,14 @@ async fn no_route_shows_one_tenant_anything_of_another() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// (signature header, delivery id header, body) of one webhook received.
+type Delivery = (String, String, Vec<u8>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::Result<()> {
     let f = Fixture::start("api_alerts", test_config()).await?;
     // A receiver that records what it was sent.
-    let received: Arc<tokio::sync::Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    let received: Arc<tokio::sync::Mutex<Vec<Delivery>>> = Arc::default();
     let sink = received.clone();
     let receiver = axum::Router::new().route(
         "/hook",
