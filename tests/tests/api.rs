@@ -514,6 +514,17 @@ async fn each_endpoint_answers_its_tenant_with_the_numbers_stored() -> anyhow::R
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["sandboxes"][0]["sandbox"], "sb-g1");
 
+    // The OpenAPI document and its page for people, without a key.
+    let docs = f
+        .http
+        .get(format!("{}/docs", f.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(docs.contains("/v1/customers/{customer}/usage"), "{docs}");
+    assert!(docs.contains("<table>"), "parameters are listed");
+
     // Every request was counted by route and status.
     assert!(counter_in(&f.registry, "idlemeter_api_requests_total") >= 20);
     Ok(())

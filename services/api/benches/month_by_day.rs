@@ -3,7 +3,8 @@
 //! `scripts/bench-api.sh` loads (>= 100M samples). Not a test: run
 //! `make bench-api` (or the script), which loads the data and calls this.
 //!
-//! Prints p50/p90/p99/max of each call and of the pair, over ROUNDS rounds
+//! Prints p50/p90/p99/max of each call and of the pair (one after the other,
+//! and at once), over ROUNDS rounds
 //! (default 200) after 10 warm-up rounds, rotating over the 10 customers.
 
 use std::time::{Duration, Instant};
@@ -109,7 +110,8 @@ async fn main() -> anyhow::Result<()> {
         time(from),
         time(from + days * 86_400)
     );
-    let (mut usage, mut cost, mut pair) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut usage, mut cost, mut pair, mut parallel) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds + 10 {
         let customer = CustomerId::parse(format!("bench-{}", round % 10))?;
         let started = Instant::now();
@@ -157,14 +159,28 @@ async fn main() -> anyhow::Result<()> {
                 history.to_string().len()
             );
         }
+        // The same two calls at once, as a dashboard issues them.
+        let both = Instant::now();
+        let get = |path: String| {
+            let request = http.get(format!("{base}{path}")).bearer_auth(&key.key);
+            async move { request.send().await?.error_for_status()?.bytes().await }
+        };
+        let (a, b) = tokio::join!(
+            get(format!("/v1/customers/{customer}/usage?{range}")),
+            get(format!("/v1/customers/{customer}/cost/history?{range}"))
+        );
+        a?;
+        b?;
         if round >= 10 {
             usage.push(usage_done - started);
             cost.push(done - usage_done);
             pair.push(done - started);
+            parallel.push(both.elapsed());
         }
     }
     report("usage, month by day", usage);
     report("cost history, month by day", cost);
-    report("both (one dashboard load)", pair);
+    report("both, one after the other", pair);
+    report("both at once", parallel);
     Ok(())
 }

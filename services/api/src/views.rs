@@ -118,7 +118,10 @@ pub struct ResourceUsage {
 pub struct UsageWindow {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
-    /// Samples taken in the window.
+    /// Samples the window spans: last minus first sequence number, plus one,
+    /// per epoch. Replays cannot change it; it is the number of samples
+    /// taken unless some were lost before ingest (the metering coverage
+    /// panel counts the stored ones exactly).
     pub samples: u64,
     pub usage: Vec<ResourceUsage>,
 }

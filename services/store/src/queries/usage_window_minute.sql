@@ -52,7 +52,7 @@ FROM
         sandbox,
         epoch,
         toUInt32(if(ts < toDateTime(?), 0, intDiv(toUInt32(ts), 60) * 60)) AS bucket,
-        uniqExact(seq) AS n,
+        toUInt64(max(seq) - min(seq) + 1) AS n,
         min(cpu_used_usec) AS cpu_lo,
         min(net_rx_bytes) AS rx_lo,
         min(net_tx_bytes) AS tx_lo,
