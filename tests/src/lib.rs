@@ -291,6 +291,25 @@ fn metric_sum(
         .sum()
 }
 
+/// A price sheet for tests: $1 per vCPU-hour allocated, no plan, so amounts
+/// are easy to check by hand.
+pub const SIMPLE_SHEET: &str = r#"
+[sheet]
+platform = "test"
+currency = "USD"
+line_rounding = "half_up"
+
+[[versions]]
+effective_from = 2020-01-01T00:00:00Z
+
+[versions.resources.vcpu]
+unit = "vcpu-hour"
+unit_price = "1"
+basis = "allocated"
+increment_seconds = 1
+idle = "billed"
+"#;
+
 /// A running sandbox's sample with the given counters; everything else fixed.
 pub fn sample(
     sandbox: &str,

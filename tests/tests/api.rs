@@ -12,28 +12,10 @@ use idlemeter_core::{CustomerId, UsageSample};
 use idlemeter_invoicer::{Invoicer, InvoicerConfig};
 use idlemeter_rater::{Period, Rater, RaterConfig};
 use idlemeter_store::DecisionRow;
-use idlemeter_tests::{counter_in, sample, TestEnv};
+use idlemeter_tests::{counter_in, sample, TestEnv, SIMPLE_SHEET as SHEET};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::Value;
-
-/// $1 per vCPU-hour, no plan: amounts are easy to follow.
-const SHEET: &str = r#"
-[sheet]
-platform = "test"
-currency = "USD"
-line_rounding = "half_up"
-
-[[versions]]
-effective_from = 2020-01-01T00:00:00Z
-
-[versions.resources.vcpu]
-unit = "vcpu-hour"
-unit_price = "1"
-basis = "allocated"
-increment_seconds = 1
-idle = "billed"
-"#;
 
 const ISSUER: &str = "api-test";
 

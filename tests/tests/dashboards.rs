@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use idlemeter_api::auth::generate;
 use idlemeter_api::{finance, Api, ApiConfig};
 use idlemeter_invoicer::{Invoicer, InvoicerConfig};
-use idlemeter_tests::TestEnv;
+use idlemeter_tests::{TestEnv, SIMPLE_SHEET};
 use serde_json::Value;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -144,7 +144,7 @@ async fn the_finance_page_renders_every_chart_with_data_in_chromium() -> anyhow:
     env.store.insert_api_key(&admin.row).await?;
     let invoicer = Invoicer::new(
         env.store.clone(),
-        "[sheet]\nplatform = \"t\"\ncurrency = \"USD\"\nline_rounding = \"half_up\"\n[[versions]]\neffective_from = 2020-01-01T00:00:00Z\n[versions.resources.vcpu]\nunit = \"vcpu-hour\"\nunit_price = \"1\"\nbasis = \"allocated\"\n",
+        SIMPLE_SHEET,
         None,
         InvoicerConfig {
             sheet: "t.toml".to_owned(),

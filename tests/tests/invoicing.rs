@@ -9,7 +9,7 @@ use idlemeter_core::{
 use idlemeter_invoicer::{Invoice, Invoicer, InvoicerConfig};
 use idlemeter_rater::Period;
 use idlemeter_store::{to_column, InvoiceLineRow, WalletDepositRow};
-use idlemeter_tests::TestEnv;
+use idlemeter_tests::{TestEnv, SIMPLE_SHEET};
 use rust_decimal::Decimal;
 
 fn at(year: i32, month: u32, day: u32) -> DateTime<Utc> {
@@ -55,24 +55,6 @@ fn sample(
         open_conns: 0,
     }
 }
-
-/// $1 per vCPU-hour, no plan: amounts are easy to check by hand.
-const SIMPLE_SHEET: &str = r#"
-[sheet]
-platform = "test"
-currency = "USD"
-line_rounding = "half_up"
-
-[[versions]]
-effective_from = 2020-01-01T00:00:00Z
-
-[versions.resources.vcpu]
-unit = "vcpu-hour"
-unit_price = "1"
-basis = "allocated"
-increment_seconds = 1
-idle = "billed"
-"#;
 
 fn invoicer(
     env: &TestEnv,

@@ -398,7 +398,7 @@ mod tests {
         ];
         let (windows, totals) = cost_windows("acme", &lines, 0, 4 * H, H).expect("adds up");
         let amounts: Vec<String> = windows.iter().map(|w| w.amount.to_string()).collect();
-        assert_eq!(amounts, ["0.10", "0.15", "0.22"]);
+        assert_eq!(amounts, ["0.1", "0.15", "0.22"]);
         assert_eq!(windows[2].lines.len(), 2);
         assert_eq!(totals["USD"].to_string(), "0.47");
         // A window that starts mid-period subtracts the snapshot at its start.
