@@ -176,7 +176,7 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
         routes::finance_link,
     ),
     // Referenced only by query parameters, which do not collect their schemas.
-    components(schemas(routes::InvoiceFormat, views::WindowWidth, views::Resource)),
+    components(schemas(problem::Problem, routes::InvoiceFormat, views::WindowWidth, views::Resource)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

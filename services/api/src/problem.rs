@@ -8,7 +8,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{IntoResponses, ToSchema};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -168,5 +169,78 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                 ),
                 other => Problem::bad_request(format!("body: {}", other.body_text())),
             })
+    }
+}
+
+/// The problem answers an operation documents, by status.
+fn problem_responses(
+    statuses: &[(u16, &str)],
+) -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+    statuses
+        .iter()
+        .map(|(status, description)| {
+            let response = ResponseBuilder::new()
+                .description(*description)
+                .content(
+                    PROBLEM_JSON,
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
+}
+
+const BAD_REQUEST: (u16, &str) = (400, "The request is invalid; `detail` says what and where");
+const UNAUTHORIZED: (u16, &str) = (401, "No API key, or not a valid one");
+const NOT_FOUND: (u16, &str) = (404, "Not found, or not this key's tenant (the same answer)");
+const UNSUPPORTED: (u16, &str) = (415, "The body is not sent as application/json");
+const RATE_LIMITED: (u16, &str) = (429, "The key's rate limit is exhausted; see Retry-After");
+
+/// 401 and 429: what any authenticated operation may answer.
+#[derive(Debug)]
+pub struct AuthProblems;
+
+impl IntoResponses for AuthProblems {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses(&[UNAUTHORIZED, RATE_LIMITED])
+    }
+}
+
+/// 401, 404 and 429: an operation on a tenant's resource.
+#[derive(Debug)]
+pub struct Problems;
+
+impl IntoResponses for Problems {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses(&[UNAUTHORIZED, NOT_FOUND, RATE_LIMITED])
+    }
+}
+
+/// [`Problems`] and 400: an operation with query or path parameters to check.
+#[derive(Debug)]
+pub struct QueryProblems;
+
+impl IntoResponses for QueryProblems {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses(&[BAD_REQUEST, UNAUTHORIZED, NOT_FOUND, RATE_LIMITED])
+    }
+}
+
+/// [`QueryProblems`] and 415: an operation with a JSON body.
+#[derive(Debug)]
+pub struct BodyProblems;
+
+impl IntoResponses for BodyProblems {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses(&[
+            BAD_REQUEST,
+            UNAUTHORIZED,
+            NOT_FOUND,
+            UNSUPPORTED,
+            RATE_LIMITED,
+        ])
     }
 }

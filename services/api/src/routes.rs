@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{self, Principal, Scope};
-use crate::problem::{Json, Path, Problem, Query};
+use crate::problem::{
+    AuthProblems, BodyProblems, Json, Path, Problem, Problems, Query, QueryProblems,
+};
 use crate::views::{
     cost_windows, time, usage_windows, CostHistory, Resource, SandboxUsage, UsagePage, WindowWidth,
 };
@@ -113,7 +115,7 @@ pub struct Me {
 
 #[utoipa::path(get, path = "/v1/me", tag = "keys",
     summary = "The calling key: its id, role and tenant",
-    responses((status = 200, body = Me), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 429, body = Problem, content_type = "application/problem+json")),
+    responses((status = 200, body = Me), AuthProblems),
     security(("api_key" = [])))]
 pub async fn me(Extension(principal): Extension<Principal>) -> axum::Json<Me> {
     let (role, customer) = match &principal.scope {
@@ -151,10 +153,7 @@ pub struct UsageQuery {
     summary = "Usage by sandbox, resource and window (minute, hour or day) over a time range",
     params(("customer" = String, Path, description = "Customer id"), UsageQuery),
     responses((status = 200, body = UsagePage),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        QueryProblems),
     security(("api_key" = [])))]
 pub async fn usage(
     State(state): AppStateRef,
@@ -273,9 +272,7 @@ pub struct CostNow {
     summary = "Cost so far in the current billing period (the latest rated snapshot)",
     params(("customer" = String, Path, description = "Customer id")),
     responses((status = 200, body = CostNow),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        Problems),
     security(("api_key" = [])))]
 pub async fn cost_now(
     State(state): AppStateRef,
@@ -343,10 +340,7 @@ pub struct CostHistoryQuery {
     summary = "Cost per hour or day over a time range, from the rated snapshots",
     params(("customer" = String, Path, description = "Customer id"), CostHistoryQuery),
     responses((status = 200, body = CostHistory),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        QueryProblems),
     security(("api_key" = [])))]
 pub async fn cost_history(
     State(state): AppStateRef,
@@ -384,9 +378,7 @@ pub async fn cost_history(
     summary = "A draft invoice of the open period: what it would be if it closed now",
     params(("customer" = String, Path, description = "Customer id")),
     responses((status = 200, body = Invoice),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json", description = "Unknown customer, or nothing to bill yet"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        Problems),
     security(("api_key" = [])))]
 pub async fn invoice_preview(
     State(state): AppStateRef,
@@ -446,10 +438,7 @@ pub struct InvoiceList {
     summary = "Issued invoices, newest first",
     params(("customer" = String, Path, description = "Customer id"), PageQuery),
     responses((status = 200, body = InvoiceList),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        QueryProblems),
     security(("api_key" = [])))]
 pub async fn invoices(
     State(state): AppStateRef,
@@ -515,10 +504,7 @@ pub struct InvoiceQuery {
     params(("customer" = String, Path, description = "Customer id"),
         ("number" = u64, Path, description = "Invoice number"), InvoiceQuery),
     responses((status = 200, description = "The invoice", content((Invoice = "application/json"), (String = "text/csv"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        QueryProblems),
     security(("api_key" = [])))]
 pub async fn invoice(
     State(state): AppStateRef,
@@ -602,11 +588,7 @@ const MAX_ALERTS: usize = 100;
     params(("customer" = String, Path, description = "Customer id")),
     request_body = NewAlert,
     responses((status = 201, body = Alert),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        BodyProblems),
     security(("api_key" = [])))]
 pub async fn create_alert(
     State(state): AppStateRef,
@@ -669,9 +651,7 @@ pub async fn create_alert(
     summary = "The customer's spend alerts",
     params(("customer" = String, Path, description = "Customer id")),
     responses((status = 200, body = AlertList),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        Problems),
     security(("api_key" = [])))]
 pub async fn list_alerts(
     State(state): AppStateRef,
@@ -692,9 +672,7 @@ pub async fn list_alerts(
     summary = "Delete a spend alert",
     params(("customer" = String, Path, description = "Customer id"), ("alert_id" = String, Path, description = "Alert id")),
     responses((status = 204, description = "Deleted"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        Problems),
     security(("api_key" = [])))]
 pub async fn delete_alert(
     State(state): AppStateRef,
@@ -769,10 +747,7 @@ pub struct SandboxList {
     summary = "Sandboxes and their current state",
     params(("customer" = String, Path, description = "Customer id"), PageQuery),
     responses((status = 200, body = SandboxList),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        QueryProblems),
     security(("api_key" = [])))]
 pub async fn sandboxes(
     State(state): AppStateRef,
@@ -846,10 +821,7 @@ pub struct SandboxQuery {
     summary = "One sandbox: its current state and recent idle-policy decisions",
     params(("customer" = String, Path, description = "Customer id"), ("sandbox" = String, Path, description = "Sandbox id"), SandboxQuery),
     responses((status = 200, body = SandboxDetail),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        QueryProblems),
     security(("api_key" = [])))]
 pub async fn sandbox(
     State(state): AppStateRef,
@@ -912,11 +884,7 @@ pub struct CreatedKey {
     summary = "Create an API key (admin keys only)",
     request_body = NewKey,
     responses((status = 201, body = CreatedKey),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        BodyProblems),
     security(("api_key" = [])))]
 pub async fn create_key(
     State(state): AppStateRef,
@@ -954,9 +922,7 @@ pub async fn create_key(
     summary = "Revoke an API key (admin keys only)",
     params(("key_id" = String, Path, description = "Key id (the part after imk_)")),
     responses((status = 204, description = "Revoked"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        Problems),
     security(("api_key" = [])))]
 pub async fn revoke_key(
     State(state): AppStateRef,
@@ -1038,10 +1004,7 @@ async fn run_panels(
     summary = "Every finance dashboard panel's data for a range (admin keys only)",
     params(FinanceQuery),
     responses((status = 200, body = Vec<crate::finance::PanelData>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        QueryProblems),
     security(("api_key" = [])))]
 pub async fn finance_panels(
     State(state): AppStateRef,
@@ -1062,9 +1025,7 @@ pub struct FinanceLink {
 #[utoipa::path(post, path = "/v1/finance/link", tag = "finance",
     summary = "A short-lived link to the built-in finance page, for a browser (admin keys only)",
     responses((status = 201, body = FinanceLink),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 429, body = Problem, content_type = "application/problem+json")),
+        Problems),
     security(("api_key" = [])))]
 pub async fn finance_link(State(state): AppStateRef) -> (StatusCode, axum::Json<FinanceLink>) {
     let token = state.links.issue();
