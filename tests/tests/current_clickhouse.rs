@@ -1,5 +1,6 @@
-//! The same migrations and queries on a current ClickHouse (26.x, embedded by
-//! chDB), so SQL that only 18.16 accepts cannot slip in. See tests/chdb/check_sql.py.
+//! The same migrations, queries and dashboard panels on a current ClickHouse
+//! (26.x, embedded by chDB), so SQL that only 18.16 accepts cannot slip in.
+//! See tests/chdb/check_sql.py and tests/chdb/check_dashboards.py.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,25 +14,32 @@ fn chdb_python() -> PathBuf {
         })
 }
 
-#[test]
-fn migrations_and_store_queries_run_on_current_clickhouse() {
+/// Runs tests/chdb/`script`; its stdout when it succeeded.
+fn run_check(script: &str) -> String {
     let python = chdb_python();
     assert!(
         python.exists(),
         "{} is missing: run `make chdb-venv` (pip install chdb) or set IDLEMETER_CHDB_PYTHON",
         python.display()
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/chdb/check_sql.py");
+    let path = format!("{}/chdb/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = Command::new(&python)
-        .arg(script)
+        .arg(path)
         .output()
         .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
         output.status.success(),
-        "chDB check failed:\n{stdout}\n{}",
+        "chDB check {script} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    stdout
+}
+
+#[test]
+fn migrations_and_store_queries_run_on_current_clickhouse() {
+    let stdout = run_check("check_sql.py");
     for line in [
         "ok  0006_api.sql",
         "ok  usage_window_rollup.sql",
@@ -51,23 +59,7 @@ fn migrations_and_store_queries_run_on_current_clickhouse() {
 
 #[test]
 fn finance_panels_give_the_fixtures_answers_on_current_clickhouse() {
-    let python = chdb_python();
-    assert!(
-        python.exists(),
-        "{} is missing: run `make chdb-venv` (pip install chdb) or set IDLEMETER_CHDB_PYTHON",
-        python.display()
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/chdb/check_dashboards.py");
-    let output = Command::new(&python)
-        .arg(script)
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "chDB dashboards check failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_check("check_dashboards.py");
     assert!(stdout.contains("ok  panel revenue_by_day"), "{stdout}");
-    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(stdout.contains("ok  panel metering_coverage"), "{stdout}");
 }
