@@ -3,8 +3,8 @@
 -- api_keys: one row per key version. The secret is never stored, only the
 -- hex SHA-256 of it (secrets are 256 random bits, so a fast hash is enough: no
 -- dictionary to guess from). Revoking writes a new version with revoked_at
--- set; readers take the latest version (FINAL, then argMax-free: the
--- ReplacingMergeTree keeps the highest `version`). customer is empty for an
+-- set; readers take the latest version (FINAL: the ReplacingMergeTree keeps
+-- the highest `version`). customer is empty for an
 -- admin key, which sees every tenant.
 CREATE TABLE IF NOT EXISTS api_keys
 (
@@ -22,7 +22,9 @@ ENGINE = ReplacingMergeTree(version)
 ORDER BY key_id;
 
 -- Spend alerts: notify a webhook when a customer's spend in the current
--- billing period reaches a threshold. Deleting writes a new version with
+-- billing period reaches a threshold. Each alert signs its webhooks with its
+-- own secret (shown once, when it is created), so one tenant can never sign
+-- as idlemeter to another's endpoint. Deleting writes a new version with
 -- deleted = 1.
 CREATE TABLE IF NOT EXISTS spend_alerts
 (
@@ -31,6 +33,7 @@ CREATE TABLE IF NOT EXISTS spend_alerts
     threshold Decimal(38, 12),
     currency String,
     webhook_url String,
+    webhook_secret String,
     created_at DateTime,
     deleted UInt8,
     version UInt64

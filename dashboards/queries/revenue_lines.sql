@@ -32,7 +32,8 @@ FROM
     )
     WHERE (customer, period_start, sheet_checksum) IN (
         SELECT customer, period_start, argMax(sheet_checksum, rated_at)
-        FROM rated_usage GROUP BY customer, period_start
+        FROM rated_usage WHERE period_start < toDateTime({to})
+        GROUP BY customer, period_start
     )
     GROUP BY customer, period_start, kind, resource, day
 ) AS today
@@ -53,7 +54,8 @@ ANY LEFT JOIN
     )
     WHERE (customer, period_start, sheet_checksum) IN (
         SELECT customer, period_start, argMax(sheet_checksum, rated_at)
-        FROM rated_usage GROUP BY customer, period_start
+        FROM rated_usage WHERE period_start < toDateTime({to})
+        GROUP BY customer, period_start
     )
     GROUP BY customer, period_start, kind, resource, day
 ) AS yesterday

@@ -246,21 +246,21 @@ def run_checks(query) -> int:
         "'1', '1', 'vcpu-hour', '9', '9', 1)"
     )
     # period_start_unix, sheet_checksum, as_of_unix, total.
-    if not check_query("period_spend.sql", "latest snapshot", ("acme", "acme"), [["0", "c1", "3600", "0.05"]]):
+    if not check_query("period_spend.sql", "latest snapshot", ("acme", "acme", "acme"), [["0", "c1", "3600", "0.05"]]):
         return 1
     # A re-run rewrites the vcpu line (0.03 -> 0.04): 0.04 + 0.02, read FINAL.
     query(
         "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
         "'1', '1', 'vcpu-hour', '0.04', '0.04', 2)"
     )
-    if not check_query("period_spend.sql", "a rewritten line", ("acme", "acme"), [["0", "c1", "3600", "0.06"]]):
+    if not check_query("period_spend.sql", "a rewritten line", ("acme", "acme", "acme"), [["0", "c1", "3600", "0.06"]]):
         return 1
     # A re-rating under checksum c2 of the same hour, rated later, supersedes c1.
     query(
         "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c2', 'p', 'USD', 0, 'usage', 'vcpu', '', "
         "'1', '1', 'vcpu-hour', '0.07', '0.07', 3)"
     )
-    if not check_query("period_spend.sql", "a re-rating", ("acme", "acme"), [["0", "c2", "3600", "0.07"]]):
+    if not check_query("period_spend.sql", "a re-rating", ("acme", "acme", "acme"), [["0", "c2", "3600", "0.07"]]):
         return 1
     print("ok  period_spend.sql")
 
@@ -293,8 +293,8 @@ def run_checks(query) -> int:
     name = "snapshot_lines.sql"
     # Windows of (10:00, 11:00]: c1's 11:00 snapshot; as starting points the
     # latest snapshot at or before 10:00 of (October, c1) = 11-01 00:00 (two
-    # vcpu lines, 6 + 4, the later rated at +302),
-    # (November, c1) = 10:00 and (November, c2) = 10:00 (not 09:00).
+    # vcpu lines, 6 + 4, the later rated at +302) and (November, c1) = 10:00.
+    # c2 is left out: c1 was rated later in November (12:02 > 11:15).
     # Columns: period_start, checksum, as_of, currency, kind, resource, amount, rated_at.
     expected = [
         [str(OCTOBER), "c1", str(november), "USD", "fee", "platform", "20", str(november + 301)],
@@ -304,12 +304,11 @@ def run_checks(query) -> int:
         [str(november), "c1", str(HOUR_10), "USD", "usage", "vcpu", "1", str(HOUR_10 + 120)],
         [str(november), "c1", str(HOUR_11), "USD", "usage", "memory", "0.4", str(HOUR_11 + 120)],
         [str(november), "c1", str(HOUR_11), "USD", "usage", "vcpu", "1.6", str(HOUR_11 + 600)],
-        [str(november), "c2", str(HOUR_10), "USD", "usage", "memory", "0.3", str(HOUR_11 + 900)],
-        [str(november), "c2", str(HOUR_10), "USD", "usage", "vcpu", "1.1", str(HOUR_11 + 900)],
     ]
-    params = ("beta", HOUR_11, HOUR_10, HOUR_11, "beta", HOUR_11, HOUR_10)
+    params = ("beta", HOUR_11, "beta", HOUR_11, HOUR_10, HOUR_11, "beta", HOUR_11, HOUR_10)
     if not check_query(name, "(10:00, 11:00]", params, expected):
         return 1
+    october_rows = expected[:3]
     # Windows of (10-31 22:00, 10-31 23:00]: October's 23:00 snapshot only; no
     # snapshot at or before 22:00, and November had not started.
     start, end = november - 7200, november - 3600
@@ -317,7 +316,13 @@ def run_checks(query) -> int:
         [str(OCTOBER), "c1", str(end), "USD", "usage", "memory", "2", str(november + 60)],
         [str(OCTOBER), "c1", str(end), "USD", "usage", "vcpu", "5", str(november + 60)],
     ]
-    if not check_query(name, "(10-31 22:00, 23:00]", ("beta", end, start, end, "beta", end, start), expected):
+    if not check_query(name, "(10-31 22:00, 23:00]", ("beta", end, "beta", end, start, end, "beta", end, start), expected):
+        return 1
+    # A re-rating c3 of November, rated after every c1 row, supersedes c1 for
+    # the whole period: only its 10:00 snapshot is a starting point now.
+    query(f"INSERT INTO rated_usage VALUES {rated('beta', november, HOUR_10, 'c3', 0, 'usage', 'vcpu', '3', HOUR_12 + 999)}")
+    expected = october_rows + [[str(november), "c3", str(HOUR_10), "USD", "usage", "vcpu", "3", str(HOUR_12 + 999)]]
+    if not check_query(name, "(10:00, 11:00] after a re-rating", params, expected):
         return 1
     print(f"ok  {name}")
 

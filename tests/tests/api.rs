@@ -123,7 +123,9 @@ impl Fixture {
                 InvoicerConfig {
                     issuer: ISSUER.to_owned(),
                     sheet: "test.toml".to_owned(),
-                    period: Period::Month,
+                    // Daily, like the rater above: the API reads the open
+                    // period from the invoicer's setting.
+                    period: Period::Day,
                     lock_file: std::env::temp_dir()
                         .join(format!("{}.lock", env.clickhouse.database))
                         .display()
@@ -133,7 +135,7 @@ impl Fixture {
             )
         };
         let outcome = invoicer()?
-            .close_period(last_month, now, false, &|_, _| {})
+            .close_period(day - Duration::hours(10), now, false, &|_, _| {})
             .await?;
         let number_of = |customer: &str| {
             outcome
@@ -238,6 +240,7 @@ fn test_config() -> ApiConfig {
     ApiConfig {
         listen: "127.0.0.1:0".to_owned(),
         alert_interval_s: 0,
+        alert_private_targets: true,
         rate_limit_per_s: 0,
         ..ApiConfig::default()
     }
@@ -408,12 +411,27 @@ async fn each_endpoint_answers_its_tenant_with_the_numbers_stored() -> anyhow::R
     assert_eq!(hours.len(), 2);
     assert_eq!(hours.iter().sum::<Decimal>(), "7.99".parse::<Decimal>()?);
 
-    // Cost so far: the latest snapshot, equal to what the store says.
+    // Cost so far: the open period's latest snapshot, line by line. In the
+    // first hour of a day (daily periods here) nothing of today is rated yet,
+    // and the answer is zero, not yesterday's total.
     let (status, now) = f.get(&f.acme, "/v1/customers/acme/cost").await?;
     assert_eq!(status, StatusCode::OK, "{now}");
-    let (_, spend) = f.env.store.period_spend("acme").await?.expect("rated");
-    assert_eq!(decimal(&now["total"]), spend);
-    assert!(!now["lines"].as_array().expect("lines").is_empty());
+    let latest = f.env.store.latest_spend("acme").await?.expect("rated");
+    let today = idlemeter_store::unix_seconds(Utc::now()) / 86_400 * 86_400;
+    if latest.period_start == today {
+        assert_eq!(decimal(&now["total"]), latest.total);
+        let lines: Decimal = now["lines"]
+            .as_array()
+            .expect("lines")
+            .iter()
+            .map(|l| decimal(&l["amount"]))
+            .sum();
+        assert_eq!(lines, latest.total);
+        assert!(latest.total > Decimal::ZERO);
+    } else {
+        assert_eq!(decimal(&now["total"]), Decimal::ZERO, "{now}");
+        assert!(now["as_of"].is_null());
+    }
 
     // Invoices: list, one as JSON and as CSV, and the open period's draft.
     let (_, list) = f.get(&f.acme, "/v1/customers/acme/invoices").await?;
@@ -885,21 +903,30 @@ async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::
         )
         .await?;
 
-    let secret = "whsec-api-test";
+    // Evaluated as of the latest rated period (the fixture rates daily
+    // periods; in the first hour of a day today has no rated hour yet).
+    let latest = f.env.store.latest_spend("acme").await?.expect("rated");
+    let as_of = idlemeter_api::views::time(latest.period_start) + Duration::minutes(30);
     let delivery = idlemeter_api::alerts::AlertDelivery::new(
         f.env.store.clone(),
-        secret.to_owned(),
+        Period::Day,
+        true, // the receiver is on loopback
+        std::time::Duration::from_secs(1),
         &f.registry,
     );
     assert_eq!(
-        delivery.check_once().await?,
+        delivery.check_once(as_of).await?,
         1,
         "the alert at the spend fires, the one above does not"
     );
-    assert_eq!(delivery.check_once().await?, 0, "once per period");
+    assert_eq!(delivery.check_once(as_of).await?, 0, "once per period");
+    // The next period starts from nothing: last period's spend does not fire.
+    assert_eq!(delivery.check_once(as_of + Duration::days(1)).await?, 0);
     let got = received.lock().await.clone();
     assert_eq!(got.len(), 1);
     let (signature, delivery_id, body) = &got[0];
+    // Signed with the alert's own secret, shown once when it was created.
+    let secret = low["webhook_secret"].as_str().expect("secret shown once");
     idlemeter_webhook::verify(
         secret.as_bytes(),
         signature,
@@ -907,6 +934,11 @@ async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::
         Utc::now().timestamp(),
         300,
     )?;
+    let (_, list) = f.get(&f.acme, "/v1/customers/acme/alerts").await?;
+    assert!(
+        !list.to_string().contains(secret),
+        "the secret is not listed"
+    );
     let notice: Value = serde_json::from_slice(body)?;
     assert_eq!(notice["alert_id"], low["id"]);
     assert_eq!(decimal(&notice["spend"]), spend);

@@ -190,6 +190,7 @@ async fn an_interval_belongs_to_the_period_its_closing_sample_is_in() -> anyhow:
         .store
         .rated_lines(
             &CustomerId::parse("acme")?,
+            at("2026-11-03T00:00:00Z").timestamp() as u32,
             checksum,
             at("2026-11-04T00:00:00Z").timestamp() as u32,
         )
@@ -198,6 +199,7 @@ async fn an_interval_belongs_to_the_period_its_closing_sample_is_in() -> anyhow:
         .store
         .rated_lines(
             &CustomerId::parse("acme")?,
+            at("2026-11-04T00:00:00Z").timestamp() as u32,
             checksum,
             at("2026-11-04T01:00:00Z").timestamp() as u32,
         )

@@ -134,7 +134,11 @@ struct KnownKey {
 pub struct KeyCache {
     store: Store,
     keys: RwLock<HashMap<String, KnownKey>>,
-    last_load: Mutex<Option<Instant>>,
+    /// One reload at a time, fetch and install together: a reload that
+    /// started before a revocation cannot install the map from before it.
+    reloading: tokio::sync::Mutex<()>,
+    /// When the last reload started (successful or not).
+    last_attempt: Mutex<Option<Instant>>,
 }
 
 impl KeyCache {
@@ -142,12 +146,15 @@ impl KeyCache {
         Self {
             store,
             keys: RwLock::new(HashMap::new()),
-            last_load: Mutex::new(None),
+            reloading: tokio::sync::Mutex::new(()),
+            last_attempt: Mutex::new(None),
         }
     }
 
     /// Loads every key's latest version.
     pub async fn reload(&self) -> Result<usize, idlemeter_store::Error> {
+        let _one_at_a_time = self.reloading.lock().await;
+        *self.last_attempt.lock().expect("not poisoned") = Some(Instant::now());
         let rows = self.store.api_keys().await?;
         let mut keys = HashMap::with_capacity(rows.len());
         for row in rows {
@@ -173,13 +180,20 @@ impl KeyCache {
         }
         let count = keys.len();
         *self.keys.write().await = keys;
-        *self.last_load.lock().expect("not poisoned") = Some(Instant::now());
         Ok(count)
     }
 
-    fn may_reload_now(&self) -> bool {
-        let last = *self.last_load.lock().expect("not poisoned");
-        last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+    /// Claims the once-a-second reload for an unknown key id: unauthenticated
+    /// callers with made-up ids cannot make the API query its store faster.
+    fn claim_reload(&self) -> bool {
+        let mut last = self.last_attempt.lock().expect("not poisoned");
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            || self.reloading.try_lock().is_err()
+        {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// The caller presenting `authorization` (the header's value).
@@ -198,9 +212,11 @@ impl KeyCache {
             || Problem::unauthorized("the API key is not valid (unknown, malformed or revoked)");
         let (key_id, secret) = parse(key.trim()).ok_or_else(invalid)?;
         let mut known = self.keys.read().await.get(key_id).cloned();
-        if known.is_none() && self.may_reload_now() {
+        if known.is_none() && self.claim_reload() {
+            // A store that cannot be read now is logged; the caller only
+            // learns that the key is not (yet) valid.
             if let Err(error) = self.reload().await {
-                return Err(Problem::internal(error));
+                tracing::warn!(%error, "reloading api keys for an unknown key id failed");
             }
             known = self.keys.read().await.get(key_id).cloned();
         }

@@ -65,8 +65,9 @@ pub struct ApiConfig {
     /// How often spend alerts are checked; 0 disables delivery (alerts can
     /// still be managed). Run delivery on one replica only.
     pub alert_interval_s: u64,
-    /// HMAC secret for alert webhooks (required when delivery is on).
-    pub webhook_secret: String,
+    /// Let alert webhooks call loopback and private addresses (tests, or a
+    /// platform whose receivers live inside its network). Off by default.
+    pub alert_private_targets: bool,
     /// The collectors' sampling interval, for the finance page's hours.
     pub sample_interval_s: u32,
 }
@@ -84,7 +85,7 @@ impl Default for ApiConfig {
             max_page: 1_000,
             request_timeout_ms: 10_000,
             alert_interval_s: 60,
-            webhook_secret: String::new(),
+            alert_private_targets: false,
             sample_interval_s: 1,
         }
     }
@@ -213,16 +214,9 @@ impl Api {
         config: ApiConfig,
         registry: &Registry,
     ) -> Result<Self, Error> {
-        if config.alert_interval_s > 0 && config.webhook_secret.is_empty() {
+        if config.max_page == 0 || config.max_windows == 0 || config.default_page == 0 {
             return Err(Error::Config(
-                "api.webhook_secret is empty: spend alert webhooks are always signed; set it, or set \
-                 api.alert_interval_s = 0 to run without alert delivery"
-                    .to_owned(),
-            ));
-        }
-        if config.max_page == 0 || config.max_windows == 0 {
-            return Err(Error::Config(
-                "api.max_page and api.max_windows must be above 0".to_owned(),
+                "api.max_page, api.default_page and api.max_windows must be above 0".to_owned(),
             ));
         }
         let keys = KeyCache::new(store.clone());
@@ -348,12 +342,12 @@ impl Api {
         }
         let delivery = alerts::AlertDelivery::new(
             self.state.store.clone(),
-            config.webhook_secret.clone(),
+            self.state.invoicer.config().period,
+            config.alert_private_targets,
+            Duration::from_secs(config.alert_interval_s),
             registry,
         );
-        delivery
-            .run_until_stopped(Duration::from_secs(config.alert_interval_s), shutdown)
-            .await;
+        delivery.run_until_stopped(shutdown).await;
     }
 }
 

@@ -32,6 +32,9 @@ use crate::AppState;
 type ApiResult<T> = Result<T, Problem>;
 type AppStateRef = State<Arc<AppState>>;
 
+/// Most windows (all sandboxes together) one usage page holds.
+const MAX_PAGE_WINDOWS: u32 = 100_000;
+
 /// Latest time a ClickHouse `DateTime` holds, rounded down to a day.
 const LAST_TIME: u32 = 4_294_886_400;
 
@@ -144,7 +147,8 @@ pub struct UsageQuery {
     pub resource: Option<Resource>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
-    /// Sandboxes per page (1 to `max_page`, default 100).
+    /// Sandboxes per page (1 to `max_page`, default 100); fewer when the
+    /// page would hold more than 100,000 windows.
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
@@ -164,7 +168,11 @@ pub async fn usage(
     let customer = principal.tenant(&customer)?;
     let window: idlemeter_store::Window = query.window.into();
     let (from, to) = aligned_range(&state, query.from, query.to, window.seconds())?;
-    let limit = page_limit(&state, query.limit)?;
+    // A page holds at most `max_windows` windows per sandbox and
+    // MAX_PAGE_WINDOWS in all: long ranges get fewer sandboxes a page.
+    let windows_each = (to - from) / window.seconds();
+    let limit =
+        page_limit(&state, query.limit)?.min((MAX_PAGE_WINDOWS / windows_each.max(1)).max(1));
     let after = decode_cursor('s', query.cursor.as_deref())?.unwrap_or_default();
     let only = match &query.sandbox {
         Some(sandbox) => match SandboxId::parse(sandbox.clone()) {
@@ -203,18 +211,18 @@ pub async fn usage(
         .usage_by_window(customer.as_str(), &range, from, to, window)
         .await?;
     let only_resources: Vec<Resource> = query.resource.into_iter().collect();
+    // `usage` is sorted by (sandbox, window): one pass groups it.
+    let (start, end) = (time(from), time(to));
     let mut sandboxes: Vec<SandboxUsage> = Vec::with_capacity(page.len());
-    for sandbox in &page {
-        let windows: Vec<_> = usage
-            .iter()
-            .filter(|u| u.sandbox.as_str() == sandbox && u.hour >= time(from) && u.hour < time(to))
-            .collect();
-        if windows.is_empty() {
-            continue;
-        }
+    for group in usage
+        .iter()
+        .filter(|u| u.hour >= start && u.hour < end)
+        .collect::<Vec<_>>()
+        .chunk_by(|a, b| a.sandbox == b.sandbox)
+    {
         sandboxes.push(SandboxUsage {
-            sandbox: sandbox.clone(),
-            windows: usage_windows(&windows, window.seconds(), &only_resources),
+            sandbox: group[0].sandbox.as_str().to_owned(),
+            windows: usage_windows(group, window.seconds(), &only_resources),
         });
     }
     Ok(axum::Json(UsagePage {
@@ -256,9 +264,9 @@ pub struct CostNowLine {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CostNow {
     pub customer: String,
-    /// Absent before the customer's first rated hour.
+    /// The open billing period (the invoicer's period setting).
     pub period_start: Option<DateTime<Utc>>,
-    /// The end of the last hour rated.
+    /// The end of the last hour rated; absent before the period's first.
     pub as_of: Option<DateTime<Utc>>,
     pub currency: Option<String>,
     pub sheet: Option<String>,
@@ -289,12 +297,24 @@ pub async fn cost_now(
         lines: Vec::new(),
         total: Decimal::ZERO,
     };
+    let (current, _) = state.invoicer.period_of(now());
+    answer.period_start = Some(current);
     let Some(spend) = state.store.latest_spend(customer.as_str()).await? else {
         return Ok(axum::Json(answer));
     };
+    // Before the open period's first rated hour the latest snapshot is last
+    // period's: this period has cost nothing rated yet.
+    if spend.period_start != unix_seconds(current) {
+        return Ok(axum::Json(answer));
+    }
     let rows = state
         .store
-        .rated_lines(&customer, &spend.sheet_checksum, spend.as_of)
+        .rated_lines(
+            &customer,
+            spend.period_start,
+            &spend.sheet_checksum,
+            spend.as_of,
+        )
         .await?;
     for row in &rows {
         answer.currency.get_or_insert_with(|| row.currency.clone());
@@ -320,7 +340,6 @@ pub async fn cost_now(
             answer.total, spend.total
         )));
     }
-    answer.period_start = Some(time(spend.period_start));
     answer.as_of = Some(time(spend.as_of));
     Ok(axum::Json(answer))
 }
@@ -565,6 +584,17 @@ pub struct Alert {
     pub created_at: DateTime<Utc>,
 }
 
+/// A created alert, with the secret its webhooks are signed with: shown
+/// here once, never again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedAlert {
+    #[serde(flatten)]
+    pub alert: Alert,
+    /// HMAC-SHA256 key of the `Idlemeter-Signature` header of this alert's
+    /// webhooks.
+    pub webhook_secret: String,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AlertList {
     pub alerts: Vec<Alert>,
@@ -587,7 +617,7 @@ const MAX_ALERTS: usize = 100;
     summary = "Create a spend alert",
     params(("customer" = String, Path, description = "Customer id")),
     request_body = NewAlert,
-    responses((status = 201, body = Alert),
+    responses((status = 201, body = CreatedAlert),
         BodyProblems),
     security(("api_key" = [])))]
 pub async fn create_alert(
@@ -595,7 +625,7 @@ pub async fn create_alert(
     Extension(principal): Extension<Principal>,
     Path(customer): Path<String>,
     Json(new): Json<NewAlert>,
-) -> ApiResult<(StatusCode, axum::Json<Alert>)> {
+) -> ApiResult<(StatusCode, axum::Json<CreatedAlert>)> {
     let customer = principal.tenant(&customer)?;
     let threshold: Decimal = new.threshold.trim().parse().map_err(|_| {
         Problem::bad_request(format!(
@@ -618,12 +648,8 @@ pub async fn create_alert(
             "webhook_url is longer than 2048 bytes",
         ));
     }
-    idlemeter_webhook::WebhookSender::new(&new.webhook_url, "check").map_err(|_| {
-        Problem::bad_request(format!(
-            "webhook_url {:?} is not an http:// URL with a host",
-            new.webhook_url
-        ))
-    })?;
+    crate::alerts::check_url(&new.webhook_url, state.config.alert_private_targets)
+        .map_err(Problem::bad_request)?;
     let existing = state.store.spend_alerts(Some(customer.as_str())).await?;
     if existing.iter().filter(|row| row.deleted == 0).count() >= MAX_ALERTS {
         return Err(Problem::bad_request(format!(
@@ -632,19 +658,28 @@ pub async fn create_alert(
     }
     let now_unix = unix_seconds(now());
     let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
     let row = SpendAlertRow {
         customer: customer.as_str().to_owned(),
         alert_id: format!("al_{}", hex::encode(id)),
         threshold,
         currency: String::new(),
         webhook_url: new.webhook_url,
+        webhook_secret: format!("whsec_{}", hex::encode(secret)),
         created_at: now_unix,
         deleted: 0,
         version: 1,
     };
     state.store.insert_spend_alert(&row).await?;
-    Ok((StatusCode::CREATED, axum::Json(alert_view(&row)?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CreatedAlert {
+            webhook_secret: row.webhook_secret.clone(),
+            alert: alert_view(&row)?,
+        }),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/alerts", tag = "alerts",
@@ -959,7 +994,12 @@ const MAX_FINANCE_DAYS: u32 = 400;
 
 fn finance_range(query: &FinanceQuery) -> ApiResult<(u32, u32)> {
     let to = query.to.unwrap_or_else(now);
-    let from = query.from.unwrap_or(to - chrono::Duration::days(30));
+    let from = match query.from {
+        Some(from) => from,
+        None => to
+            .checked_sub_signed(chrono::Duration::days(30))
+            .ok_or_else(|| Problem::bad_request("to is out of range"))?,
+    };
     if from >= to {
         return Err(Problem::bad_request("from must be before to"));
     }

@@ -361,7 +361,7 @@ impl Rater {
     ) -> Result<RatingChangeRow> {
         let old_lines = self
             .store
-            .rated_lines(customer, old_checksum, as_of)
+            .rated_lines(customer, period_start, old_checksum, as_of)
             .await?;
         let mut differences = Vec::new();
         for line in &bill.lines {

@@ -46,6 +46,8 @@ pub struct SpendAlertRow {
     /// Empty: the customer's billing currency.
     pub currency: String,
     pub webhook_url: String,
+    /// HMAC key of this alert's webhooks.
+    pub webhook_secret: String,
     pub created_at: u32,
     pub deleted: u8,
     pub version: u64,
@@ -345,6 +347,8 @@ impl Store {
             .query(SNAPSHOT_LINES_SQL)
             .bind(customer)
             .bind(to)
+            .bind(customer)
+            .bind(to)
             .bind(from)
             .bind(to)
             .bind(customer)
@@ -375,6 +379,7 @@ impl Store {
         let row: Option<LatestSpendRow> = self
             .client
             .query(crate::policy::PERIOD_SPEND_SQL)
+            .bind(customer)
             .bind(customer)
             .bind(customer)
             .fetch_optional()

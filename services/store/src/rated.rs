@@ -304,15 +304,18 @@ impl Store {
     pub async fn rated_lines(
         &self,
         customer: &CustomerId,
+        period_start: u32,
         sheet_checksum: &str,
         as_of: u32,
     ) -> Result<Vec<RatedLineRow>> {
         self.client
             .query(
                 "SELECT ?fields FROM rated_usage FINAL \
-                 WHERE customer = ? AND sheet_checksum = ? AND as_of = toDateTime(?) ORDER BY line_no",
+                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ? \
+                 AND as_of = toDateTime(?) ORDER BY line_no",
             )
             .bind(customer.as_str())
+            .bind(period_start)
             .bind(sheet_checksum)
             .bind(as_of)
             .fetch_all()

@@ -1,7 +1,8 @@
 -- What a customer has spent so far: the total of their latest rated snapshot
 -- (rated_usage, migration 0003) in their latest billing period. When a period
--- was rated under several sheet checksums (a re-rating), the most recently
--- rated snapshot wins. Parameters: customer, customer.
+-- was rated under several sheet checksums (a re-rating), the checksum rated
+-- most recently in the period wins, the same rule as snapshot_lines.sql and
+-- the dashboards' revenue_lines.sql. Parameters: customer, customer, customer.
 SELECT
     toUInt32(period_start) AS period_start_unix,
     sheet_checksum,
@@ -9,7 +10,12 @@ SELECT
     sum(amount) AS total
 FROM rated_usage FINAL
 WHERE customer = ?
-  AND period_start = (SELECT max(period_start) FROM rated_usage WHERE customer = ?)
+  AND (period_start, sheet_checksum) IN (
+      SELECT period_start, argMax(sheet_checksum, rated_at) FROM rated_usage
+      WHERE customer = ?
+        AND period_start = (SELECT max(period_start) FROM rated_usage WHERE customer = ?)
+      GROUP BY period_start
+  )
 GROUP BY period_start, as_of, sheet_checksum
-ORDER BY as_of DESC, max(rated_at) DESC
+ORDER BY as_of DESC
 LIMIT 1

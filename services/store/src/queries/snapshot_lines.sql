@@ -2,9 +2,10 @@
 -- migration 0003) needed to cost the windows of (from, to]: every snapshot
 -- with as_of in (from, to], and for each (period, checksum) the latest one at
 -- or before from, where the first window starts. Periods that started at or
--- after `to` are left out. The caller picks, per period, the checksum rated
--- most recently (a re-rating supersedes).
--- Binds: customer, to, from, to, customer, to, from.
+-- after `to` are left out. Per period only the checksum rated most recently
+-- in the whole period counts (a re-rating supersedes), the rule of
+-- period_spend.sql and of the dashboards.
+-- Binds: customer, to, customer, to, from, to, customer, to, from.
 SELECT
     toUInt32(period_start_dt) AS period_start,
     sheet_checksum,
@@ -28,6 +29,11 @@ FROM
     FROM rated_usage FINAL
     WHERE customer = ?
       AND period_start < toDateTime(?)
+      AND (period_start, sheet_checksum) IN (
+          SELECT period_start, argMax(sheet_checksum, rated_at) FROM rated_usage
+          WHERE customer = ? AND period_start < toDateTime(?)
+          GROUP BY period_start
+      )
       AND (
           (as_of > toDateTime(?) AND as_of <= toDateTime(?))
           OR (period_start, sheet_checksum, as_of) IN (
