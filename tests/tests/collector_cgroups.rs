@@ -117,3 +117,75 @@ async fn burner_cpu_matches_kernel_accounting_and_suspend_stops_the_counter() ->
     collector.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_sandbox_gets_one_final_stopped_sample_that_bills_nothing_more(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new("collector_stop").await?;
+    let mut cgroups = TestCgroups::new("stop")?;
+    let sandbox = cgroups.add_sandbox("acme.leaving")?;
+    let staying = cgroups.add_sandbox("acme.staying")?;
+    let work = tempfile::tempdir()?;
+    std::fs::create_dir_all(work.path().join("labels"))?;
+    for name in ["acme.leaving", "acme.staying"] {
+        std::fs::write(
+            work.path().join(format!("labels/{name}.toml")),
+            "vcpu_milli = 1000\n",
+        )?;
+    }
+    let node = format!("node-stop-{}", std::process::id());
+    let collector = RunningCollector::start(
+        collector_config(&cgroups.parent, work.path(), &node),
+        &env.kafka,
+        env.topics.clone(),
+    )?;
+    let mut tail = SampleTail::new(&env)?;
+    let of = |samples: &[ShippedSample], name: &str| -> Vec<idlemeter_core::UsageSample> {
+        samples
+            .iter()
+            .filter(|s| s.sample.sandbox.as_str() == name)
+            .map(|s| s.sample.clone())
+            .collect()
+    };
+    tail.wait_for("two samples of the leaving sandbox", |samples| {
+        of(samples, "leaving").len() >= 2
+    })
+    .await?;
+    // The platform deletes the sandbox: its cgroup goes (no process in it).
+    std::fs::remove_dir(&sandbox)?;
+    tail.wait_for("a stopped sample, then three more ticks", |samples| {
+        of(samples, "leaving")
+            .iter()
+            .any(|s| s.state == LifecycleState::Stopped)
+            && of(samples, "staying").len() >= of(samples, "leaving").len() + 3
+    })
+    .await?;
+    let leaving = of(&tail.samples, "leaving");
+    let stopped: Vec<_> = leaving
+        .iter()
+        .filter(|s| s.state == LifecycleState::Stopped)
+        .collect();
+    assert_eq!(stopped.len(), 1, "exactly one final sample: {leaving:?}");
+    let last = stopped[0];
+    assert_eq!(
+        leaving.last().map(|s| s.seq),
+        Some(last.seq),
+        "nothing after the final sample"
+    );
+    let before = &leaving[leaving.len() - 2];
+    assert_eq!(last.seq, before.seq + 1, "the next seq of the same epoch");
+    assert_eq!(last.epoch, before.epoch);
+    assert_eq!(
+        (last.vcpu_alloc_usec, last.cpu_used_usec),
+        (before.vcpu_alloc_usec, before.cpu_used_usec),
+        "no usage after the last reading is billed"
+    );
+    assert!(last.ts > before.ts);
+    assert_eq!(
+        collector.metric("idlemeter_collector_sandboxes_stopped_total"),
+        1
+    );
+    let _ = staying;
+    collector.stop().await?;
+    Ok(())
+}

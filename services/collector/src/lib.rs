@@ -5,6 +5,7 @@
 //! - [`cgroup`] discovers sandbox cgroups and reads them ([`reader::UsageReader`]);
 //! - [`counters`] (pure) turns raw readings into per-epoch cumulative counters;
 //! - [`sampler`] runs a tick: read, advance, save [`state`], append to [`spool`];
+//!   a sandbox whose cgroup vanished gets one final `stopped` sample;
 //! - [`shipper`] drains the spool to `usage.samples`, oldest first;
 //! - [`commands`] consumes `sandbox.commands` and freezes or thaws cgroups;
 //! - [`gpu`] reads GPUs through NVML where present, behind a trait.

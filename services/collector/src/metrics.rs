@@ -12,6 +12,7 @@ pub struct CollectorMetrics {
     pub sandboxes: IntGauge,
     pub unlabelled_sandboxes: IntGauge,
     pub epochs_started: IntCounter,
+    pub sandboxes_stopped: IntCounter,
     pub spool_batches: IntGauge,
     pub spool_bytes: IntGauge,
     pub spool_dropped_batches: IntCounter,
@@ -57,6 +58,7 @@ impl CollectorMetrics {
                 "sandboxes without a label file (metered with a zero allocation)",
             )?,
             epochs_started: counter(registry, "idlemeter_collector_epochs_started_total", "sandbox epochs started")?,
+            sandboxes_stopped: counter(registry, "idlemeter_collector_sandboxes_stopped_total", "sandboxes whose cgroup vanished (final stopped sample sent)")?,
             spool_batches: gauge(registry, "idlemeter_collector_spool_batches", "node batches waiting in the spool")?,
             spool_bytes: gauge(registry, "idlemeter_collector_spool_bytes", "bytes waiting in the spool")?,
             spool_dropped_batches: counter(

@@ -44,6 +44,9 @@ pub struct Sampler<R> {
     metrics: CollectorMetrics,
     epochs: watch::Sender<EpochIndex>,
     readings: Vec<SandboxReading>,
+    /// The previous tick's readings (swapped, not copied): what a sandbox
+    /// that vanished since looked like, for its final sample.
+    previous_readings: Vec<SandboxReading>,
 }
 
 impl<R: UsageReader> Sampler<R> {
@@ -69,6 +72,7 @@ impl<R: UsageReader> Sampler<R> {
             metrics,
             epochs,
             readings: Vec::new(),
+            previous_readings: Vec::new(),
         })
     }
 
@@ -79,7 +83,12 @@ impl<R: UsageReader> Sampler<R> {
 
     /// Reads the node once at `now` and spools the resulting batch.
     pub fn sample_once(&mut self, now: DateTime<Utc>) -> Result<TickReport> {
-        self.reader.read_node(&mut self.readings)?;
+        std::mem::swap(&mut self.readings, &mut self.previous_readings);
+        if let Err(error) = self.reader.read_node(&mut self.readings) {
+            // Keep last tick's readings as "previous": nothing vanished.
+            std::mem::swap(&mut self.readings, &mut self.previous_readings);
+            return Err(error);
+        }
         let (samples, counters) = self.advance_all(now);
         self.state.sandboxes = counters;
         self.metrics.sandboxes.set(samples.len() as i64);
@@ -131,13 +140,33 @@ impl<R: UsageReader> Sampler<R> {
             samples.push(to_sample(&self.node, reading, &counters, now));
             counters_now.insert(name, counters);
         }
-        for gone in self
-            .state
-            .sandboxes
-            .keys()
-            .filter(|name| !counters_now.contains_key(*name))
-        {
-            tracing::info!(sandbox = %gone, "sandbox cgroup vanished");
+        // A sandbox whose cgroup vanished since the last tick gets one final
+        // sample: state stopped, the next seq, its counters as last read (no
+        // usage after the last reading can be measured, so none is billed).
+        // It tells the rater, the policy and the usage API that the epoch
+        // ended rather than went quiet. A sandbox removed while the collector
+        // was down gets none: its allocation is not in the state file.
+        for reading in &self.previous_readings {
+            let name = reading.key.cgroup_name();
+            if counters_now.contains_key(&name) {
+                continue;
+            }
+            let Some(last) = self.state.sandboxes.get(&name) else {
+                continue;
+            };
+            let closed = crate::counters::SandboxCounters {
+                seq: last.seq + 1,
+                last_ts_ms: now_ms,
+                ..last.clone()
+            };
+            let mut sample = to_sample(&self.node, reading, &closed, now);
+            sample.state = idlemeter_core::LifecycleState::Stopped;
+            sample.exec_sessions = 0;
+            sample.open_conns = 0;
+            sample.mem_used_bytes = 0;
+            tracing::info!(sandbox = %reading.key, epoch = closed.epoch, seq = closed.seq, "sandbox cgroup vanished: final stopped sample");
+            self.metrics.sandboxes_stopped.inc();
+            samples.push(sample);
         }
         (samples, counters_now)
     }
