@@ -402,7 +402,7 @@ mod tests {
         assert_eq!(windows[2].lines.len(), 2);
         assert_eq!(totals["USD"].to_string(), "0.47");
         // A window that starts mid-period subtracts the snapshot at its start.
-        let (windows, _) = cost_windows("acme", &lines, 2 * H, 3 * H, H).expect("adds up");
+        let (windows, _) = cost_windows("acme", &lines, H, 2 * H, H).expect("adds up");
         assert_eq!(windows.len(), 1);
         assert_eq!(windows[0].amount.to_string(), "0.15");
     }
