@@ -217,5 +217,10 @@ case ${1:-} in
         is_ours clickhouse clickhouse-server && echo "clickhouse: running (pid $(cat "$run_dir/clickhouse.pid"))" || echo "clickhouse: stopped"
         is_ours tansu tansu && echo "broker: running (pid $(cat "$run_dir/tansu.pid"))" || echo "broker: stopped" ;;
     env) print_env ;;
-    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+    # The durable (sqlite) tansu build the broker-restart and Kafka-cut tests
+    # run privately; built once into the cache (10-30 min cold), then reused.
+    durable-broker)
+        [ -x "$tansu_root/bin/tansu" ] || build_tansu
+        echo "$tansu_root/bin/tansu" ;;
+    *) echo "usage: $0 start|stop|status|env|durable-broker" >&2; exit 2 ;;
 esac

@@ -82,6 +82,19 @@ impl TestEnv {
         })
     }
 
+    /// Moves this test's Kafka side to another broker (a [`PrivateBroker`])
+    /// and creates the test's topics there.
+    pub async fn use_broker(&mut self, brokers: String) -> anyhow::Result<()> {
+        self.kafka.brokers = brokers;
+        self.kafka
+            .ensure_topics(&[
+                (self.topics.samples.as_str(), 3),
+                (self.topics.samples_dead_letter.as_str(), 1),
+            ])
+            .await?;
+        Ok(())
+    }
+
     /// Ingest settings tuned for tests: small batches, short waits.
     pub fn ingest_config(&self) -> IngestConfig {
         IngestConfig {
@@ -439,4 +452,104 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// A tansu broker of the test's own, with durable (sqlite) storage, that a
+/// test can kill and start again on the same data: for broker restarts, and
+/// for cutting a collector off from Kafka. The shared test broker keeps memory
+/// storage (faster, and a cold CI run need not build tansu with libsql).
+///
+/// The binary is `IDLEMETER_TANSU_DURABLE_BIN`, else the cached durable build
+/// `scripts/services.sh durable-broker` makes (`~/.cache/idlemeter/tansu-0.6.0`).
+#[derive(Debug)]
+pub struct PrivateBroker {
+    dir: std::path::PathBuf,
+    binary: std::path::PathBuf,
+    pub port: u16,
+    server: Option<std::process::Child>,
+}
+
+impl PrivateBroker {
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        let binary = match std::env::var_os("IDLEMETER_TANSU_DURABLE_BIN") {
+            Some(path) => std::path::PathBuf::from(path),
+            None => {
+                let cache = std::env::var_os("IDLEMETER_CACHE_DIR")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| {
+                        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".cache/idlemeter")
+                    });
+                cache.join("tansu-0.6.0/bin/tansu")
+            }
+        };
+        anyhow::ensure!(
+            binary.is_file(),
+            "no durable tansu at {} (build it with `scripts/services.sh durable-broker`, or set IDLEMETER_TANSU_DURABLE_BIN)",
+            binary.display()
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "idlemeter-broker-{name}-{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let mut broker = Self {
+            dir,
+            binary,
+            port: free_port()?,
+            server: None,
+        };
+        broker.resume().await?;
+        Ok(broker)
+    }
+
+    /// `host:port` for `bootstrap.servers`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or restarts, on the same sqlite file) the broker and waits
+    /// until it accepts connections.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://{}", self.address());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))?;
+        let server = std::process::Command::new(&self.binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|error| anyhow::anyhow!("starting {}: {error}", self.binary.display()))?;
+        self.server = Some(server);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(self.address()).await.is_err() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "private broker did not start; see {}",
+                self.dir.join("tansu.log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills the broker (SIGKILL) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
