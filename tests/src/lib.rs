@@ -518,7 +518,13 @@ impl PrivateBroker {
             .append(true)
             .open(self.dir.join("tansu.log"))?;
         let server = std::process::Command::new(&self.binary)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(&self.dir)
             .stdout(log.try_clone()?)
@@ -527,7 +533,10 @@ impl PrivateBroker {
             .map_err(|error| anyhow::anyhow!("starting {}: {error}", self.binary.display()))?;
         self.server = Some(server);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(self.address()).await.is_err() {
+        while tokio::net::TcpStream::connect(self.address())
+            .await
+            .is_err()
+        {
             anyhow::ensure!(
                 tokio::time::Instant::now() < deadline,
                 "private broker did not start; see {}",

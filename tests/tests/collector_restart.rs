@@ -230,7 +230,7 @@ async fn a_live_kafka_outage_spools_and_drains_in_order() -> anyhow::Result<()> 
         work.path(),
         &format!("node-livecut-{}", std::process::id()),
     );
-    let collector = RunningCollector::start(config, &env.kafka, env.topics.clone())?;
+    let collector = RunningCollector::start(config.clone(), &env.kafka, env.topics.clone())?;
     env.eventually("batches sent before the outage", || async {
         Ok(collector.metric("idlemeter_collector_batches_sent_total") >= 5)
     })
@@ -256,13 +256,14 @@ async fn a_live_kafka_outage_spools_and_drains_in_order() -> anyhow::Result<()> 
     // Batches made after the drain but not yet sent stay spooled for the next
     // run (one sample each here): everything else must have arrived.
     let made = {
-        let state = std::fs::read_to_string(work.path().join("state/state.json"))?;
-        let state: serde_json::Value = serde_json::from_str(&state)?;
-        state["sandboxes"]["acme.steady"]["seq"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no seq in the state file: {state}"))?
+        let state = idlemeter_collector::state::CollectorState::load(&config.state_file())?;
+        state
+            .sandboxes
+            .get("acme.steady")
+            .map(|counters| counters.seq)
+            .ok_or_else(|| anyhow::anyhow!("no counters in the state file: {state:?}"))?
     };
-    let still_spooled = std::fs::read_dir(work.path().join("state/spool"))?
+    let still_spooled = std::fs::read_dir(config.spool_dir())?
         .filter(|entry| {
             entry
                 .as_ref()
@@ -291,7 +292,9 @@ async fn a_live_kafka_outage_spools_and_drains_in_order() -> anyhow::Result<()> 
     // out during the outage may arrive twice, identical, one after the other).
     let batch_seqs: Vec<u64> = tail.samples.iter().map(|s| s.batch_seq).collect();
     assert!(
-        batch_seqs.windows(2).all(|w| w[1] == w[0] || w[1] == w[0] + 1),
+        batch_seqs
+            .windows(2)
+            .all(|w| w[1] == w[0] || w[1] == w[0] + 1),
         "batches arrive in order without gaps: {batch_seqs:?}"
     );
     assert!(

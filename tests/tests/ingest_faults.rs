@@ -195,8 +195,7 @@ async fn reordered_duplicated_stream_with_a_garbage_burst_reconciles() -> anyhow
 /// resumes from its committed offsets (or replays, which collapses), and the
 /// stream reconciles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow::Result<()>
-{
+async fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() -> anyhow::Result<()> {
     let mut env = TestEnv::new("faults_broker_restart").await?;
     let mut broker = idlemeter_tests::PrivateBroker::start("restart").await?;
     env.use_broker(broker.address()).await?;

@@ -5,7 +5,7 @@
 //! label file, then ticks `TICKS` times (default 15) one second apart. For each
 //! tick it measures the sampling thread's own CPU time (/proc/thread-self/schedstat,
 //! nanoseconds) for (1) reading every cgroup and (2) a whole tick: read, advance
-//! counters, save state (fsync), encode and spool the node batch (fsync).
+//! counters, save state (rename, no fsync), encode and spool the node batch (fsync).
 //! Prints the medians per sandbox-sample. Needs root and cgroup v2 at
 //! /sys/fs/cgroup/unified (or `IDLEMETER_BENCH_CGROUP_ROOT`).
 //!
@@ -101,7 +101,7 @@ fn main() {
     let mut sampler = Sampler::new(
         CgroupReader::new(layout),
         node,
-        work.path().join("state.json"),
+        work.path().join("counters.state"),
         spool,
         metrics,
     )
@@ -136,7 +136,7 @@ fn main() {
         read_ns_per_sample[read_ns_per_sample.len() - 1] / 1_000.0
     );
     println!(
-        "full tick:  median {:.2} µs CPU per sandbox-sample (min {:.2}, max {:.2}; read + counters + state fsync + encode + spool fsync)",
+        "full tick:  median {:.2} µs CPU per sandbox-sample (min {:.2}, max {:.2}; read + counters + state save + encode + spool fsync)",
         median(&mut tick_ns_per_sample) / 1_000.0,
         tick_ns_per_sample[0] / 1_000.0,
         tick_ns_per_sample[tick_ns_per_sample.len() - 1] / 1_000.0

@@ -10,6 +10,12 @@
 //! A read costs a few small-file reads per sandbox, into a stack buffer: no
 //! allocation on the steady-state path. Discovery is one `readdir` of the parent
 //! per tick, so new and vanished sandboxes are noticed within one interval.
+//!
+//! `cgroup.events` is not read every tick: the kernel raises an inotify
+//! modify event on it whenever its content changes (frozen, populated), so it
+//! is read once at discovery and again only after such an event (or after the
+//! event queue overflowed, or where no watch could be added). A change is still
+//! seen within one interval; steady-state ticks save a third of the reads.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -18,6 +24,8 @@ use std::os::unix::fs::{DirEntryExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::reader::{SandboxReading, UsageReader};
 use crate::sandbox::{Activity, Allocation, SandboxKey};
@@ -81,6 +89,7 @@ impl KernelFile {
 #[derive(Debug)]
 struct Discovered {
     key: SandboxKey,
+    name: Arc<str>,
     instance: u64,
     cpu_stat: KernelFile,
     events: KernelFile,
@@ -90,6 +99,12 @@ struct Discovered {
     allocation: Arc<Allocation>,
     activity_file: PathBuf,
     activity: Activity,
+    /// `cgroup.events` as last read.
+    frozen: bool,
+    /// Whether `cgroup.events` must be read at the next tick: set at
+    /// discovery, on an inotify event, and always when unwatched.
+    events_stale: bool,
+    events_watch: Option<WatchDescriptor>,
 }
 
 /// Reads every sandbox cgroup under a parent; the production [`UsageReader`].
@@ -104,6 +119,11 @@ pub struct CgroupReader {
     reads: u64,
     /// Modification time of the activity directory at the last read.
     activity_modified: Option<SystemTime>,
+    /// Watches every sandbox's `cgroup.events`; `None` where inotify is
+    /// unavailable (then the files are read every tick).
+    events: Option<Inotify>,
+    /// Sandbox (cgroup name) by watch descriptor number.
+    watched: HashMap<i32, Arc<str>>,
 }
 
 /// Label files change rarely (resizes): checking them every tenth read keeps a
@@ -119,6 +139,72 @@ impl CgroupReader {
             seen: HashSet::new(),
             reads: 0,
             activity_modified: None,
+            events: Inotify::init()
+                .inspect_err(|error| tracing::warn!(%error, "inotify unavailable: cgroup.events is read every tick"))
+                .ok(),
+            watched: HashMap::new(),
+        }
+    }
+
+    /// Marks the sandboxes whose `cgroup.events` changed since the last tick.
+    fn drain_events(&mut self) {
+        let Some(inotify) = self.events.as_mut() else {
+            return;
+        };
+        let mut buffer = [0_u8; 4096];
+        loop {
+            let events = match inotify.read_events(&mut buffer) {
+                Ok(events) => events,
+                Err(error) if error.kind() == ErrorKind::WouldBlock => return,
+                Err(error) => {
+                    tracing::warn!(%error, "reading inotify events failed: rereading every cgroup.events");
+                    self.discovered
+                        .values_mut()
+                        .for_each(|sandbox| sandbox.events_stale = true);
+                    return;
+                }
+            };
+            for event in events {
+                if event.mask.contains(EventMask::Q_OVERFLOW) {
+                    tracing::warn!("inotify queue overflowed: rereading every cgroup.events");
+                    self.discovered
+                        .values_mut()
+                        .for_each(|sandbox| sandbox.events_stale = true);
+                    continue;
+                }
+                let id = event.wd.get_watch_descriptor_id();
+                let Some(name) = self.watched.get(&id) else {
+                    continue;
+                };
+                if event.mask.contains(EventMask::IGNORED) {
+                    // The cgroup is gone (or the watch was removed).
+                    self.watched.remove(&id);
+                    continue;
+                }
+                if let Some(sandbox) = self.discovered.get_mut(name.as_ref()) {
+                    sandbox.events_stale = true;
+                }
+            }
+        }
+    }
+
+    /// Watches a new sandbox's `cgroup.events`; without a watch it is read every tick.
+    fn watch_events(&mut self, sandbox: &mut Discovered) {
+        let Some(inotify) = self.events.as_mut() else {
+            return;
+        };
+        match inotify
+            .watches()
+            .add(&sandbox.events.path, WatchMask::MODIFY)
+        {
+            Ok(watch) => {
+                self.watched
+                    .insert(watch.get_watch_descriptor_id(), Arc::clone(&sandbox.name));
+                sandbox.events_watch = Some(watch);
+            }
+            Err(error) => {
+                tracing::warn!(sandbox = %sandbox.key, %error, "no inotify watch on cgroup.events (fs.inotify.max_user_watches?): read every tick")
+            }
         }
     }
 
@@ -149,9 +235,31 @@ impl CgroupReader {
             };
             self.notice(name, entry.ino());
         }
-        let seen = &self.seen;
-        self.discovered.retain(|name, _| seen.contains(name));
+        let vanished: Vec<String> = self
+            .discovered
+            .keys()
+            .filter(|name| !self.seen.contains(*name))
+            .cloned()
+            .collect();
+        for name in vanished {
+            if let Some(sandbox) = self.discovered.remove(&name) {
+                self.unwatch(sandbox);
+            }
+        }
         Ok(())
+    }
+
+    /// Forgets a sandbox's watch. The kernel drops the watch itself when the
+    /// cgroup is removed; removing it here covers a sandbox that is only
+    /// replaced (a new instance under the same name).
+    fn unwatch(&mut self, sandbox: Discovered) {
+        let Some(watch) = sandbox.events_watch else {
+            return;
+        };
+        self.watched.remove(&watch.get_watch_descriptor_id());
+        if let Some(inotify) = self.events.as_mut() {
+            let _ = inotify.watches().remove(watch);
+        }
     }
 
     fn notice(&mut self, name: String, instance: u64) {
@@ -169,7 +277,10 @@ impl CgroupReader {
                     let mut sandbox = self.describe(key, &name, instance);
                     refresh_labels(&mut sandbox);
                     sandbox.activity = read_activity(&sandbox.activity_file);
-                    self.discovered.insert(name.clone(), sandbox);
+                    self.watch_events(&mut sandbox);
+                    if let Some(replaced) = self.discovered.insert(name.clone(), sandbox) {
+                        self.unwatch(replaced);
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cgroup ignored");
@@ -198,6 +309,7 @@ impl CgroupReader {
         };
         Discovered {
             key,
+            name: Arc::from(name),
             instance,
             cpu_stat: KernelFile::new(v2.join("cpu.stat")),
             events: KernelFile::new(v2.join("cgroup.events")),
@@ -207,6 +319,9 @@ impl CgroupReader {
             allocation: Arc::new(Allocation::default()),
             activity_file: self.layout.activity_dir.join(name),
             activity: Activity::default(),
+            frozen: false,
+            events_stale: true,
+            events_watch: None,
         }
     }
 }
@@ -214,6 +329,7 @@ impl CgroupReader {
 impl UsageReader for CgroupReader {
     fn read_node(&mut self, readings: &mut Vec<SandboxReading>) -> Result<()> {
         self.discover()?;
+        self.drain_events();
         let check_labels = self.reads.is_multiple_of(LABEL_CHECK_EVERY);
         let reread_activity = self.activity_changed() || check_labels;
         self.reads += 1;
@@ -260,8 +376,12 @@ fn read_sandbox(sandbox: &mut Discovered) -> std::io::Result<SandboxReading> {
     let cpu_stat = sandbox.cpu_stat.read(&mut buffer)?;
     let cpu_usage_usec = field_value(cpu_stat, "usage_usec")
         .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "cpu.stat has no usage_usec"))?;
-    let events = sandbox.events.read(&mut buffer)?;
-    let frozen = field_value(events, "frozen") == Some(1);
+    if sandbox.events_stale || sandbox.events_watch.is_none() {
+        let events = sandbox.events.read(&mut buffer)?;
+        sandbox.frozen = field_value(events, "frozen") == Some(1);
+        sandbox.events_stale = false;
+    }
+    let frozen = sandbox.frozen;
     let mem_used_bytes = match &mut sandbox.memory {
         MemorySource::V2Current(file) | MemorySource::V1UsageInBytes(file) => {
             parse_number(file.read(&mut buffer)?)
@@ -271,6 +391,7 @@ fn read_sandbox(sandbox: &mut Discovered) -> std::io::Result<SandboxReading> {
     let activity = sandbox.activity;
     Ok(SandboxReading {
         key: sandbox.key.clone(),
+        name: Arc::clone(&sandbox.name),
         instance: sandbox.instance,
         cpu_usage_usec,
         mem_used_bytes,
@@ -407,6 +528,34 @@ mod tests {
         assert_eq!(reading.activity.exec_sessions, 1);
         assert!(!reading.frozen);
         assert_eq!(reader.unlabelled_sandboxes(), 0);
+    }
+
+    #[test]
+    fn a_changed_cgroup_events_file_is_read_again_at_the_next_tick() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fake_cgroup(root.path(), "acme.a", 1, false);
+        let mut reader = CgroupReader::new(fake_layout(root.path()));
+        assert!(reader.events.is_some(), "inotify is available here");
+        let mut readings = Vec::new();
+        reader.read_node(&mut readings).expect("reads");
+        assert!(!readings[0].frozen);
+        reader.read_node(&mut readings).expect("reads");
+        assert!(!readings[0].frozen);
+        // As the kernel does when the cgroup freezes: rewrite the file in place.
+        std::fs::write(
+            root.path().join("v2/acme.a/cgroup.events"),
+            "populated 1\nfrozen 1\n",
+        )
+        .expect("write");
+        reader.read_node(&mut readings).expect("reads");
+        assert!(readings[0].frozen, "the modify event makes it read again");
+        reader.read_node(&mut readings).expect("reads");
+        assert!(readings[0].frozen, "and the value is kept between events");
+        assert_eq!(reader.watched.len(), 1);
+        std::fs::remove_dir_all(root.path().join("v2/acme.a")).expect("rm");
+        reader.read_node(&mut readings).expect("reads");
+        assert!(readings.is_empty());
+        assert!(reader.watched.is_empty(), "a vanished sandbox's watch is forgotten");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct CollectorConfig {
     /// Per-sandbox activity files `<customer>.<sandbox>` that the platform's
     /// agent rewrites when sessions and connections open or close.
     pub activity_dir: PathBuf,
-    /// Counter state (`state.json`) and the outgoing spool (`spool/`).
+    /// Counter state (`counters.state`) and the outgoing spool (`spool/`).
     pub state_dir: PathBuf,
     /// Time between two samples of every sandbox.
     pub interval_ms: u64,
@@ -64,7 +64,7 @@ impl Default for CollectorConfig {
 impl CollectorConfig {
     /// The file that carries counters across restarts.
     pub fn state_file(&self) -> PathBuf {
-        self.state_dir.join("state.json")
+        self.state_dir.join("counters.state")
     }
 
     /// The directory of batches not yet acknowledged by Kafka.

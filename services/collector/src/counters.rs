@@ -204,6 +204,7 @@ mod tests {
     fn reading(instance: u64, cpu_usage_usec: u64, frozen: bool) -> SandboxReading {
         SandboxReading {
             key: SandboxKey::from_cgroup_name("acme.sbx-1").expect("valid name"),
+            name: Arc::from("acme.sbx-1"),
             instance,
             cpu_usage_usec,
             mem_used_bytes: Some(1536),

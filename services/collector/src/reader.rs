@@ -13,6 +13,8 @@ use crate::Result;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxReading {
     pub key: SandboxKey,
+    /// The cgroup's name, `<customer>.<sandbox>` (the state file's key).
+    pub name: Arc<str>,
     /// Identity of the cgroup instance (its inode): a sandbox whose cgroup was
     /// removed and created again between two reads has a new instance and so
     /// a new epoch, even if its counters happen to be higher.

@@ -3,7 +3,7 @@
 //! own thread ([`run_sampler`]) and never stalls the async shipper or the
 //! command consumer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -47,6 +47,8 @@ pub struct Sampler<R> {
     /// The previous tick's readings (swapped, not copied): what a sandbox
     /// that vanished since looked like, for its final sample.
     previous_readings: Vec<SandboxReading>,
+    /// A JSON state file of an earlier version, removed after the first save.
+    legacy_state_file: Option<PathBuf>,
 }
 
 impl<R: UsageReader> Sampler<R> {
@@ -59,11 +61,16 @@ impl<R: UsageReader> Sampler<R> {
         spool: Arc<Spool>,
         metrics: CollectorMetrics,
     ) -> Result<Self> {
-        let mut state = CollectorState::load(&state_file)?;
+        // Versions before 0.2 kept the state as JSON in `state.json`: continue
+        // from it once, and delete it after the first save so that it can never
+        // be read again in place of a newer state.
+        let legacy = state_file.with_file_name("state.json");
+        let legacy = (!state_file.exists() && legacy.exists()).then_some(legacy);
+        let mut state = CollectorState::load(legacy.as_deref().unwrap_or(&state_file))?;
         state.batch_seq = state.batch_seq.max(spool.last_batch_seq().unwrap_or(0));
         tracing::info!(sandboxes = state.sandboxes.len(), batch_seq = state.batch_seq, file = %state_file.display(), "collector state loaded");
         let (epochs, _) = watch::channel(EpochIndex::default());
-        Ok(Self {
+        let sampler = Self {
             reader,
             node,
             state,
@@ -73,7 +80,10 @@ impl<R: UsageReader> Sampler<R> {
             epochs,
             readings: Vec::new(),
             previous_readings: Vec::new(),
-        })
+            legacy_state_file: legacy,
+        };
+        sampler.publish_epochs();
+        Ok(sampler)
     }
 
     /// Follows the current epoch of every sandbox, updated each tick.
@@ -89,15 +99,16 @@ impl<R: UsageReader> Sampler<R> {
             std::mem::swap(&mut self.readings, &mut self.previous_readings);
             return Err(error);
         }
-        let (samples, counters) = self.advance_all(now);
-        self.state.sandboxes = counters;
+        let (samples, epochs_changed) = self.advance_all(now);
         self.metrics.sandboxes.set(samples.len() as i64);
         self.metrics
             .unlabelled_sandboxes
             .set(self.reader.unlabelled_sandboxes() as i64);
-        self.publish_epochs();
+        if epochs_changed {
+            self.publish_epochs();
+        }
         if samples.is_empty() {
-            self.state.save(&self.state_file)?;
+            self.save_state()?;
             return Ok(TickReport {
                 samples: 0,
                 batch_seq: None,
@@ -107,7 +118,7 @@ impl<R: UsageReader> Sampler<R> {
         self.state.batch_seq += 1;
         let batch_seq = self.state.batch_seq;
         // State first, then the batch: see state.rs for why this order.
-        self.state.save(&self.state_file)?;
+        self.save_state()?;
         let payload = encode_node_batch(&self.node, now, batch_seq, &samples);
         let appended = self.spool.append(batch_seq, &payload)?;
         self.record_spool(appended);
@@ -119,26 +130,36 @@ impl<R: UsageReader> Sampler<R> {
         })
     }
 
-    fn advance_all(
-        &mut self,
-        now: DateTime<Utc>,
-    ) -> (
-        Vec<UsageSample>,
-        BTreeMap<String, crate::counters::SandboxCounters>,
-    ) {
+    /// Advances every sandbox's counters in place and makes the tick's
+    /// samples; also says whether any sandbox started or ended an epoch.
+    fn advance_all(&mut self, now: DateTime<Utc>) -> (Vec<UsageSample>, bool) {
         let now_ms = now.timestamp_millis();
         let mut samples = Vec::with_capacity(self.readings.len());
-        let mut counters_now = BTreeMap::new();
+        let mut epochs_changed = false;
+        let mut present: HashSet<&str> = HashSet::with_capacity(self.readings.len());
         for reading in &self.readings {
-            let name = reading.key.cgroup_name();
-            let previous = self.state.sandboxes.get(&name);
-            let counters = advance(previous, reading, now_ms);
-            if previous.is_none_or(|previous| previous.epoch != counters.epoch) {
-                self.metrics.epochs_started.inc();
-                tracing::info!(sandbox = %reading.key, epoch = counters.epoch, previous_epoch = ?previous.map(|p| p.epoch), "epoch started");
-            }
-            samples.push(to_sample(&self.node, reading, &counters, now));
-            counters_now.insert(name, counters);
+            let name = reading.name.as_ref();
+            present.insert(name);
+            let counters = match self.state.sandboxes.get_mut(name) {
+                Some(counters) => {
+                    let next = advance(Some(counters), reading, now_ms);
+                    if next.epoch != counters.epoch {
+                        self.metrics.epochs_started.inc();
+                        tracing::info!(sandbox = %reading.key, epoch = next.epoch, previous_epoch = counters.epoch, "epoch started");
+                        epochs_changed = true;
+                    }
+                    *counters = next;
+                    counters
+                }
+                None => {
+                    let next = advance(None, reading, now_ms);
+                    self.metrics.epochs_started.inc();
+                    tracing::info!(sandbox = %reading.key, epoch = next.epoch, "epoch started");
+                    epochs_changed = true;
+                    self.state.sandboxes.entry(name.to_owned()).or_insert(next)
+                }
+            };
+            samples.push(to_sample(&self.node, reading, counters, now));
         }
         // A sandbox whose cgroup vanished since the last tick gets one final
         // sample: state stopped, the next seq, its counters as last read (no
@@ -147,11 +168,11 @@ impl<R: UsageReader> Sampler<R> {
         // ended rather than went quiet. A sandbox removed while the collector
         // was down gets none: its allocation is not in the state file.
         for reading in &self.previous_readings {
-            let name = reading.key.cgroup_name();
-            if counters_now.contains_key(&name) {
+            let name = reading.name.as_ref();
+            if present.contains(name) {
                 continue;
             }
-            let Some(last) = self.state.sandboxes.get(&name) else {
+            let Some(last) = self.state.sandboxes.get(name) else {
                 continue;
             };
             let closed = crate::counters::SandboxCounters {
@@ -168,7 +189,25 @@ impl<R: UsageReader> Sampler<R> {
             self.metrics.sandboxes_stopped.inc();
             samples.push(sample);
         }
-        (samples, counters_now)
+        let before = self.state.sandboxes.len();
+        self.state
+            .sandboxes
+            .retain(|name, _| present.contains(name.as_str()));
+        epochs_changed |= self.state.sandboxes.len() != before;
+        (samples, epochs_changed)
+    }
+
+    /// Saves the counters (and, once, removes a legacy JSON state file).
+    fn save_state(&mut self) -> Result<()> {
+        self.state.save(&self.state_file)?;
+        if let Some(legacy) = self.legacy_state_file.take() {
+            tracing::info!(file = %legacy.display(), "legacy JSON state carried over; removing it");
+            std::fs::remove_file(&legacy).map_err(|source| crate::Error::Io {
+                context: format!("removing {}", legacy.display()),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     fn publish_epochs(&self) {
@@ -235,4 +274,106 @@ pub fn run_sampler<R: UsageReader>(
         }
     }
     tracing::info!("sampler stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::SandboxCounters;
+    use crate::sandbox::{Activity, Allocation, SandboxKey};
+
+    /// A node with fixed sandboxes whose CPU counter rises by 1 ms per read.
+    struct FixedNode {
+        names: Vec<&'static str>,
+        reads: u64,
+    }
+
+    impl UsageReader for FixedNode {
+        fn read_node(&mut self, readings: &mut Vec<SandboxReading>) -> Result<()> {
+            self.reads += 1;
+            readings.clear();
+            for name in &self.names {
+                readings.push(SandboxReading {
+                    key: SandboxKey::from_cgroup_name(name).expect("valid"),
+                    name: Arc::from(*name),
+                    instance: 9,
+                    cpu_usage_usec: 50_000 + 1_000 * self.reads,
+                    mem_used_bytes: None,
+                    frozen: false,
+                    allocation: Arc::new(Allocation::default()),
+                    activity: Activity::default(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    fn sampler(directory: &std::path::Path, names: Vec<&'static str>) -> Sampler<FixedNode> {
+        let spool = Arc::new(Spool::open(&directory.join("spool"), 1 << 20).expect("spool"));
+        let metrics = CollectorMetrics::register(&prometheus::Registry::new()).expect("metrics");
+        Sampler::new(
+            FixedNode { names, reads: 0 },
+            NodeId::parse("node-1").expect("valid"),
+            directory.join("counters.state"),
+            spool,
+            metrics,
+        )
+        .expect("sampler")
+    }
+
+    #[test]
+    fn a_legacy_json_state_is_continued_once_then_removed() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let mut legacy = CollectorState {
+            batch_seq: 70,
+            ..Default::default()
+        };
+        legacy.sandboxes.insert(
+            "acme.a".to_owned(),
+            SandboxCounters {
+                instance: 9,
+                epoch: 1_000,
+                seq: 41,
+                last_ts_ms: 1_790_000_000_000,
+                cpu_used_usec: 50_000,
+                ..Default::default()
+            },
+        );
+        let legacy_path = directory.path().join("state.json");
+        std::fs::write(&legacy_path, serde_json::to_vec(&legacy).expect("json")).expect("write");
+
+        let mut sampler = sampler(directory.path(), vec!["acme.a"]);
+        assert_eq!(sampler.epochs().borrow().get("acme.a"), Some(&1_000));
+        let now = DateTime::from_timestamp_millis(1_790_000_001_000).expect("valid");
+        let report = sampler.sample_once(now).expect("tick");
+        assert_eq!(report.batch_seq, Some(71), "batch numbering continues");
+        assert!(
+            !legacy_path.exists(),
+            "the legacy file is gone after the first save"
+        );
+        let saved = CollectorState::load(&directory.path().join("counters.state")).expect("loads");
+        let counters = &saved.sandboxes["acme.a"];
+        assert_eq!(
+            (counters.epoch, counters.seq),
+            (1_000, 42),
+            "same epoch, next seq"
+        );
+        assert_eq!(counters.cpu_used_usec, 51_000);
+    }
+
+    #[test]
+    fn counters_are_kept_per_present_sandbox_and_dropped_after_the_final_sample() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let mut sampler = sampler(directory.path(), vec!["acme.a", "acme.b"]);
+        let at = |ms: i64| DateTime::from_timestamp_millis(1_790_000_000_000 + ms).expect("valid");
+        assert_eq!(sampler.sample_once(at(0)).expect("tick").samples, 2);
+        assert_eq!(sampler.epochs().borrow().len(), 2);
+        sampler.reader.names = vec!["acme.a"];
+        // b's final stopped sample is the second of this tick.
+        assert_eq!(sampler.sample_once(at(1_000)).expect("tick").samples, 2);
+        assert_eq!(sampler.state.sandboxes.len(), 1);
+        assert_eq!(sampler.state.sandboxes["acme.a"].seq, 2);
+        assert_eq!(sampler.epochs().borrow().len(), 1, "the index follows");
+        assert_eq!(sampler.sample_once(at(2_000)).expect("tick").samples, 1);
+    }
 }
