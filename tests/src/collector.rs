@@ -28,6 +28,8 @@ pub struct TestCgroups {
     pub parent: PathBuf,
     children: Vec<PathBuf>,
     processes: Vec<Child>,
+    /// Host ends of veth pairs, deleted on drop.
+    links: Vec<String>,
 }
 
 impl TestCgroups {
@@ -47,6 +49,7 @@ impl TestCgroups {
             parent,
             children: Vec::new(),
             processes: Vec::new(),
+            links: Vec::new(),
         })
     }
 
@@ -61,8 +64,47 @@ impl TestCgroups {
     /// Starts a busy-loop shell that moves itself into `cgroup` before burning,
     /// so every microsecond it burns is accounted to the cgroup. Returns its PID.
     pub fn spawn_burner(&mut self, cgroup: &Path) -> anyhow::Result<u32> {
+        self.spawn_joined(cgroup, "sh -c 'while :; do :; done'")
+    }
+
+    /// Starts a process in `cgroup` with a network namespace of its own,
+    /// joined to the host by a veth pair (`10.231.<n>.1` on the host side,
+    /// `10.231.<n>.2` inside). Returns its PID and the inside address.
+    pub fn spawn_with_own_network(&mut self, cgroup: &Path) -> anyhow::Result<(u32, String)> {
+        let pid = self.spawn_joined(cgroup, "unshare --net sleep 600")?;
+        let own = format!("/proc/{pid}/ns/net");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(&own)? == std::fs::read_link("/proc/self/ns/net")? {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "process {pid} never entered a namespace of its own"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed) % 250 + 1 + std::process::id() % 4;
+        let (host, inside) = (
+            format!("imh{}-{n}", std::process::id() % 10_000),
+            format!("ims{n}"),
+        );
         let script = format!(
-            "echo $$ > {}/cgroup.procs && exec sh -c 'while :; do :; done'",
+            "ip link add {host} type veth peer name {inside} && ip link set {inside} netns {pid} \
+             && ip addr add 10.231.{n}.1/30 dev {host} && ip link set {host} up \
+             && nsenter -t {pid} -n sh -c 'ip addr add 10.231.{n}.2/30 dev {inside} && ip link set {inside} up'"
+        );
+        let status = Command::new("sh").arg("-c").arg(&script).status()?;
+        anyhow::ensure!(
+            status.success(),
+            "setting up the veth pair failed: {script}"
+        );
+        self.links.push(host);
+        Ok((pid, format!("10.231.{n}.2")))
+    }
+
+    /// Starts `command` in a shell that first moves itself into `cgroup`, and
+    /// waits until the kernel lists it there. Returns its PID.
+    fn spawn_joined(&mut self, cgroup: &Path, command: &str) -> anyhow::Result<u32> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {command}",
             cgroup.display()
         );
         let child = Command::new("sh")
@@ -80,7 +122,7 @@ impl TestCgroups {
         {
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
-                "burner {pid} never joined {}",
+                "process {pid} never joined {}",
                 cgroup.display()
             );
             std::thread::sleep(Duration::from_millis(5));
@@ -93,6 +135,9 @@ impl Drop for TestCgroups {
     fn drop(&mut self) {
         for child in &self.children {
             let _ = std::fs::write(child.join("cgroup.freeze"), "0");
+        }
+        for link in &self.links {
+            let _ = Command::new("ip").args(["link", "del", link]).status();
         }
         for process in &mut self.processes {
             let _ = process.kill();

@@ -11,6 +11,16 @@
 //! allocation on the steady-state path. Discovery is one `readdir` of the parent
 //! per tick, so new and vanished sandboxes are noticed within one interval.
 //!
+//! **Network.** A sandbox with a network namespace of its own (a microVM's tap
+//! device lives in the host's namespace; this covers containers and gVisor-
+//! style sandboxes) is metered from `/proc/<pid>/net/dev` of one of its
+//! processes: bytes through every interface but `lo`. The pid comes from the
+//! sandbox's `cgroup.procs` (or, if empty, a child cgroup's), and is looked up
+//! again when it exits, at most every tenth tick. A sandbox in the collector's
+//! own namespace cannot be told apart from the host: its network counters stay
+//! at zero and this is logged once per sandbox. The collector must therefore
+//! run in the host's network namespace.
+//!
 //! `cgroup.events` is not read every tick: the kernel raises an inotify
 //! modify event on it whenever its content changes (frozen, populated), so it
 //! is read once at discovery and again only after such an event (or after the
@@ -27,7 +37,7 @@ use std::time::SystemTime;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use crate::reader::{SandboxReading, UsageReader};
+use crate::reader::{NetBytes, SandboxReading, UsageReader};
 use crate::sandbox::{Activity, Allocation, SandboxKey};
 use crate::{Error, Result};
 
@@ -105,6 +115,18 @@ struct Discovered {
     /// discovery, on an inotify event, and always when unwatched.
     events_stale: bool,
     events_watch: Option<WatchDescriptor>,
+    net: NetSource,
+}
+
+/// Where a sandbox's network bytes are read from.
+#[derive(Debug)]
+enum NetSource {
+    /// No process found yet (or it exited): look again at `retry_at` reads.
+    Unresolved { retry_at: u64 },
+    /// Its processes share the collector's namespace: not attributable.
+    HostNamespace,
+    /// `/proc/<pid>/net/dev` of a process in the sandbox's own namespace.
+    Own { namespace: u64, dev: KernelFile },
 }
 
 /// Reads every sandbox cgroup under a parent; the production [`UsageReader`].
@@ -124,6 +146,8 @@ pub struct CgroupReader {
     events: Option<Inotify>,
     /// Sandbox (cgroup name) by watch descriptor number.
     watched: HashMap<i32, Arc<str>>,
+    /// The collector's own network namespace (inode).
+    host_namespace: Option<u64>,
 }
 
 /// Label files change rarely (resizes): checking them every tenth read keeps a
@@ -143,6 +167,7 @@ impl CgroupReader {
                 .inspect_err(|error| tracing::warn!(%error, "inotify unavailable: cgroup.events is read every tick"))
                 .ok(),
             watched: HashMap::new(),
+            host_namespace: namespace_of("self"),
         }
     }
 
@@ -322,6 +347,7 @@ impl CgroupReader {
             frozen: false,
             events_stale: true,
             events_watch: None,
+            net: NetSource::Unresolved { retry_at: 0 },
         }
     }
 }
@@ -341,7 +367,8 @@ impl UsageReader for CgroupReader {
             if reread_activity {
                 sandbox.activity = read_activity(&sandbox.activity_file);
             }
-            match read_sandbox(sandbox) {
+            let net = read_net(sandbox, self.reads, self.host_namespace);
+            match read_sandbox(sandbox, net) {
                 Ok(reading) => readings.push(reading),
                 // Removed between listing and reading: it is gone, not broken.
                 Err(error)
@@ -371,7 +398,103 @@ fn read_activity(path: &Path) -> Activity {
     }
 }
 
-fn read_sandbox(sandbox: &mut Discovered) -> std::io::Result<SandboxReading> {
+/// The namespace inode of `/proc/<pid>/ns/net` (`net:[4026531840]`).
+fn namespace_of(pid: &str) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    let text = link.to_str()?;
+    text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The first pid in the sandbox's cgroup, or in one of its child cgroups.
+fn first_pid(cgroup: &Path) -> Option<String> {
+    let first_in = |directory: &Path| -> Option<String> {
+        let text = std::fs::read_to_string(directory.join("cgroup.procs")).ok()?;
+        text.lines().next().map(str::to_owned)
+    };
+    first_in(cgroup).or_else(|| {
+        std::fs::read_dir(cgroup)
+            .ok()?
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+            .find_map(|entry| first_in(&entry.path()))
+    })
+}
+
+/// Reads the sandbox's network counters, finding its namespace first when needed.
+fn read_net(sandbox: &mut Discovered, reads: u64, host: Option<u64>) -> Option<NetBytes> {
+    if let NetSource::Unresolved { retry_at } = sandbox.net {
+        if reads < retry_at {
+            return None;
+        }
+        let cgroup = sandbox.cpu_stat.path.parent().unwrap_or(Path::new("/"));
+        sandbox.net = match first_pid(cgroup) {
+            None => NetSource::Unresolved {
+                retry_at: reads + LABEL_CHECK_EVERY,
+            },
+            Some(pid) => match namespace_of(&pid) {
+                None => NetSource::Unresolved {
+                    retry_at: reads + LABEL_CHECK_EVERY,
+                },
+                Some(namespace) if Some(namespace) == host => {
+                    tracing::info!(sandbox = %sandbox.key, "sandbox shares the host network namespace: its network bytes are not metered");
+                    NetSource::HostNamespace
+                }
+                Some(namespace) => NetSource::Own {
+                    namespace,
+                    dev: KernelFile::new(PathBuf::from(format!("/proc/{pid}/net/dev"))),
+                },
+            },
+        };
+    }
+    let NetSource::Own { namespace, dev } = &mut sandbox.net else {
+        return None;
+    };
+    let namespace = *namespace;
+    const CAPACITY: usize = 4096;
+    let mut buffer = [0_u8; CAPACITY];
+    match dev.read(&mut buffer) {
+        Ok(text) if text.len() < CAPACITY => {
+            parse_net_dev(text).map(|(rx, tx)| NetBytes { namespace, rx, tx })
+        }
+        // Too many interfaces for the stack buffer: read it whole.
+        Ok(_) => std::fs::read(&dev.path)
+            .ok()
+            .and_then(|text| parse_net_dev(&text))
+            .map(|(rx, tx)| NetBytes { namespace, rx, tx }),
+        Err(_) => {
+            // The process exited: find another one next tick.
+            sandbox.net = NetSource::Unresolved {
+                retry_at: reads + 1,
+            };
+            None
+        }
+    }
+}
+
+/// Sums received and sent bytes over every interface but `lo` in the text
+/// of `/proc/net/dev` (two header lines, then `name: rx_bytes ... tx_bytes ...`
+/// with tx_bytes the ninth number).
+pub fn parse_net_dev(text: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(text).ok()?;
+    let (mut rx, mut tx) = (0_u64, 0_u64);
+    for line in text.lines().skip(2) {
+        let (name, numbers) = line.split_once(':')?;
+        if name.trim() == "lo" {
+            continue;
+        }
+        let mut numbers = numbers.split_whitespace().map(str::parse::<u64>);
+        let received = numbers.next()?.ok()?;
+        let sent = numbers.nth(7)?.ok()?;
+        rx = rx.saturating_add(received);
+        tx = tx.saturating_add(sent);
+    }
+    Some((rx, tx))
+}
+
+fn read_sandbox(
+    sandbox: &mut Discovered,
+    net: Option<NetBytes>,
+) -> std::io::Result<SandboxReading> {
     let mut buffer = [0_u8; 128];
     let cpu_stat = sandbox.cpu_stat.read(&mut buffer)?;
     let cpu_usage_usec = field_value(cpu_stat, "usage_usec")
@@ -393,6 +516,7 @@ fn read_sandbox(sandbox: &mut Discovered) -> std::io::Result<SandboxReading> {
         key: sandbox.key.clone(),
         name: Arc::clone(&sandbox.name),
         instance: sandbox.instance,
+        net,
         cpu_usage_usec,
         mem_used_bytes,
         frozen,
@@ -478,6 +602,17 @@ mod tests {
         assert_eq!(field_value(b"populated 1\nfrozen 1\n", "frozen"), Some(1));
     }
 
+    #[test]
+    fn net_dev_sums_every_interface_but_loopback() {
+        let text = b"Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:  500 5 0 0 0 0 0 0  500 5 0 0 0 0 0 0\n  eth0: 10728 14 0 0 0 0 0 0 3758 9 0 0 0 0 0 0\n  eth1: 2 1 0 0 0 0 0 0 40 1 0 0 0 0 0 0\n";
+        assert_eq!(parse_net_dev(text), Some((10_730, 3_798)));
+        assert_eq!(
+            parse_net_dev(b"h\nh\n  eth0: 1 2\n"),
+            None,
+            "a short line is refused"
+        );
+    }
+
     fn fake_layout(root: &Path) -> CgroupLayout {
         CgroupLayout {
             v2_parent: root.join("v2"),
@@ -555,7 +690,10 @@ mod tests {
         std::fs::remove_dir_all(root.path().join("v2/acme.a")).expect("rm");
         reader.read_node(&mut readings).expect("reads");
         assert!(readings.is_empty());
-        assert!(reader.watched.is_empty(), "a vanished sandbox's watch is forgotten");
+        assert!(
+            reader.watched.is_empty(),
+            "a vanished sandbox's watch is forgotten"
+        );
     }
 
     #[test]

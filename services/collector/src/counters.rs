@@ -49,6 +49,13 @@ pub struct SandboxCounters {
     pub mem_alloc_rem: u64,
     pub mem_used_rem: u64,
     pub disk_rem: u64,
+    /// Network bytes within the epoch (received, sent).
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    /// The namespace and its raw interface counters at the last reading.
+    pub net_namespace: u64,
+    pub net_rx_seen: u64,
+    pub net_tx_seen: u64,
 }
 
 /// Whether a reading continues the counters' epoch or starts a new one.
@@ -87,6 +94,9 @@ fn start_epoch(
         last_ts_ms: now_ms,
         cpu_used_usec: reading.cpu_usage_usec,
         api_calls_seen: reading.activity.api_calls_total,
+        net_namespace: reading.net.map_or(0, |net| net.namespace),
+        net_rx_seen: reading.net.map_or(0, |net| net.rx),
+        net_tx_seen: reading.net.map_or(0, |net| net.tx),
         ..SandboxCounters::default()
     }
 }
@@ -103,8 +113,20 @@ fn accumulate(
     next.seq += 1;
     next.last_ts_ms = now_ms.max(previous.last_ts_ms);
     next.cpu_used_usec = reading.cpu_usage_usec;
-    next.api_calls += api_calls_since(previous.api_calls_seen, reading.activity.api_calls_total);
+    next.api_calls += counter_since(previous.api_calls_seen, reading.activity.api_calls_total);
     next.api_calls_seen = reading.activity.api_calls_total;
+    if let Some(net) = reading.net {
+        // The same namespace: what its counters rose by (a counter that went
+        // down was reset, so all of it is new). Another namespace (the
+        // sandbox's network was recreated): a new baseline, nothing counted.
+        if net.namespace == previous.net_namespace {
+            next.net_rx_bytes += counter_since(previous.net_rx_seen, net.rx);
+            next.net_tx_bytes += counter_since(previous.net_tx_seen, net.tx);
+        }
+        next.net_namespace = net.namespace;
+        next.net_rx_seen = net.rx;
+        next.net_tx_seen = net.tx;
+    }
     if running {
         next.vcpu_alloc_usec += u64::from(allocation.vcpu_milli) * elapsed_ms;
         next.gpu_alloc_ms += u64::from(allocation.gpu_count) * elapsed_ms;
@@ -141,7 +163,8 @@ fn integrate(total: (u64, u64), bytes: u64, elapsed_ms: u64, unit: u128) -> (u64
 
 /// API calls since the last reading; an agent whose count went back (it
 /// restarted) counts from zero again.
-fn api_calls_since(seen: u64, now: u64) -> u64 {
+/// How much a raw counter rose since `seen`; a lower value means it was reset.
+fn counter_since(seen: u64, now: u64) -> u64 {
     if now >= seen {
         now - seen
     } else {
@@ -178,8 +201,8 @@ pub fn to_sample(
         gpu_count: allocation.gpu_count,
         disk_bytes: allocation.disk_bytes,
         cpu_used_usec: counters.cpu_used_usec,
-        net_rx_bytes: 0,
-        net_tx_bytes: 0,
+        net_rx_bytes: counters.net_rx_bytes,
+        net_tx_bytes: counters.net_tx_bytes,
         vcpu_alloc_usec: counters.vcpu_alloc_usec,
         mem_alloc_kib_ms: counters.mem_alloc_kib_ms,
         mem_used_kib_ms: counters.mem_used_kib_ms,
@@ -209,6 +232,7 @@ mod tests {
             cpu_usage_usec,
             mem_used_bytes: Some(1536),
             frozen,
+            net: None,
             allocation: Arc::new(Allocation {
                 vcpu_milli: 1500,
                 mem_bytes: 4 << 30,
@@ -335,5 +359,36 @@ mod tests {
         assert_eq!(sample.gpu_model.as_deref(), Some("H100"));
         assert_eq!(sample.disk_mib_ms, 1_500);
         assert!(sample.validate().is_ok());
+    }
+
+    #[test]
+    fn network_bytes_count_from_the_epoch_start_across_resets_and_namespaces() {
+        let with_net = |namespace, rx, tx| SandboxReading {
+            net: Some(crate::reader::NetBytes { namespace, rx, tx }),
+            ..reading(7, 5_000, false)
+        };
+        // The interfaces had traffic before the epoch: it is the baseline.
+        let first = advance(None, &with_net(1, 1_000, 100), T0);
+        assert_eq!((first.net_rx_bytes, first.net_tx_bytes), (0, 0));
+        let second = advance(Some(&first), &with_net(1, 1_500, 130), T0 + 1_000);
+        assert_eq!((second.net_rx_bytes, second.net_tx_bytes), (500, 30));
+        // No reading (the process exited): the counters carry over.
+        let third = advance(Some(&second), &reading(7, 5_000, false), T0 + 2_000);
+        assert_eq!((third.net_rx_bytes, third.net_tx_bytes), (500, 30));
+        // A counter that went down was reset: all of it is new.
+        let fourth = advance(Some(&third), &with_net(1, 200, 160), T0 + 3_000);
+        assert_eq!((fourth.net_rx_bytes, fourth.net_tx_bytes), (700, 60));
+        // Another namespace: a new baseline, even with higher raw counters.
+        let fifth = advance(Some(&fourth), &with_net(2, 90_000, 90_000), T0 + 4_000);
+        assert_eq!((fifth.net_rx_bytes, fifth.net_tx_bytes), (700, 60));
+        let sixth = advance(Some(&fifth), &with_net(2, 90_010, 90_001), T0 + 5_000);
+        assert_eq!((sixth.net_rx_bytes, sixth.net_tx_bytes), (710, 61));
+        let sample = to_sample(
+            &NodeId::parse("node-1").expect("valid"),
+            &reading(7, 5_000, false),
+            &sixth,
+            DateTime::from_timestamp_millis(T0 + 5_000).expect("valid"),
+        );
+        assert_eq!((sample.net_rx_bytes, sample.net_tx_bytes), (710, 61));
     }
 }

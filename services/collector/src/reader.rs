@@ -25,8 +25,21 @@ pub struct SandboxReading {
     pub mem_used_bytes: Option<u64>,
     /// Whether the cgroup is frozen now (`cgroup.events` frozen 1).
     pub frozen: bool,
+    /// The sandbox's own network namespace's interface counters, when it has
+    /// one (see `cgroup.rs`); `None` when its traffic cannot be told apart.
+    pub net: Option<NetBytes>,
     pub allocation: Arc<Allocation>,
     pub activity: Activity,
+}
+
+/// Bytes through every interface but `lo` of one network namespace, as the
+/// kernel counts them since each interface was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetBytes {
+    /// The namespace's inode: counters of different namespaces never mix.
+    pub namespace: u64,
+    pub rx: u64,
+    pub tx: u64,
 }
 
 /// Something that can list and read every sandbox of a node.

@@ -300,6 +300,7 @@ mod tests {
                     cpu_usage_usec: 50_000 + 1_000 * self.reads,
                     mem_used_bytes: None,
                     frozen: false,
+                    net: None,
                     allocation: Arc::new(Allocation::default()),
                     activity: Activity::default(),
                 });

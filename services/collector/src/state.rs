@@ -85,7 +85,7 @@ const MAGIC: &[u8; 8] = b"IMSTATE1";
 
 /// The binary layout, all integers little-endian: `IMSTATE1`, batch_seq (u64),
 /// sandbox count (u32), then per sandbox its name (u16 length, UTF-8 bytes)
-/// and the 16 counter fields of [`SandboxCounters`] (u64 each, in declaration
+/// and the 20 counter fields of [`SandboxCounters`] (u64 each, in declaration
 /// order; `last_ts_ms` as its two's-complement bits), and last an FNV-1a 64
 /// checksum (u64) of everything before it.
 pub fn encode(state: &CollectorState) -> std::result::Result<Vec<u8>, String> {
@@ -146,7 +146,7 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<CollectorState, String> {
     Ok(state)
 }
 
-const FIELDS: usize = 16;
+const FIELDS: usize = 20;
 
 fn fields(c: &SandboxCounters) -> [u64; FIELDS] {
     [
@@ -165,7 +165,11 @@ fn fields(c: &SandboxCounters) -> [u64; FIELDS] {
         c.mem_alloc_rem,
         c.mem_used_rem,
         c.disk_rem,
-        0, // reserved for the next counter; written as 0 by this version
+        c.net_rx_bytes,
+        c.net_tx_bytes,
+        c.net_namespace,
+        c.net_rx_seen,
+        c.net_tx_seen,
     ]
 }
 
@@ -186,6 +190,11 @@ fn from_fields(v: [u64; FIELDS]) -> SandboxCounters {
         mem_alloc_rem: v[12],
         mem_used_rem: v[13],
         disk_rem: v[14],
+        net_rx_bytes: v[15],
+        net_tx_bytes: v[16],
+        net_namespace: v[17],
+        net_rx_seen: v[18],
+        net_tx_seen: v[19],
     }
 }
 
@@ -325,6 +334,11 @@ mod tests {
                     mem_alloc_rem: base + 13,
                     mem_used_rem: u64::MAX - base,
                     disk_rem: base + 15,
+                    net_rx_bytes: base + 16,
+                    net_tx_bytes: base + 17,
+                    net_namespace: base + 18,
+                    net_rx_seen: base + 19,
+                    net_tx_seen: base + 20,
                 },
             );
         }
