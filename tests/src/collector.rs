@@ -295,6 +295,7 @@ pub fn collector_config(
         send_timeout_ms: 2_000,
         command_max_age_ms: 60_000,
         command_group_id: String::new(),
+        gpu: idlemeter_collector::gpu::GpuMode::Off,
     }
 }
 

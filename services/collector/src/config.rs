@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::gpu::GpuMode;
+
 /// Tuning and layout of one node's collector.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -41,6 +43,10 @@ pub struct CollectorConfig {
     /// Consumer group of `sandbox.commands`. Empty: `idlemeter-collector-<node>`,
     /// one group per node so every node sees every command.
     pub command_group_id: String,
+    /// Whether GPU utilisation is read through NVML: `"auto"` where NVML
+    /// loads, `"off"`, or `"required"` (fail to start without NVML). GPU
+    /// allocations bill from the label files whatever this says.
+    pub gpu: GpuMode,
 }
 
 impl Default for CollectorConfig {
@@ -57,6 +63,7 @@ impl Default for CollectorConfig {
             send_timeout_ms: 5_000,
             command_max_age_ms: 60_000,
             command_group_id: String::new(),
+            gpu: GpuMode::Auto,
         }
     }
 }
@@ -70,5 +77,35 @@ impl CollectorConfig {
     /// The directory of batches not yet acknowledged by Kafka.
     pub fn spool_dir(&self) -> PathBuf {
         self.state_dir.join("spool")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<CollectorConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn gpu_mode_defaults_to_auto_and_parses_each_lowercase_name() {
+        assert_eq!(parse("").expect("empty section").gpu, GpuMode::Auto);
+        for (text, mode) in [
+            ("auto", GpuMode::Auto),
+            ("off", GpuMode::Off),
+            ("required", GpuMode::Required),
+        ] {
+            let config = parse(&format!("gpu = \"{text}\"")).expect("known mode");
+            assert_eq!(config.gpu, mode, "gpu = {text:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_gpu_mode_is_rejected_naming_the_modes() {
+        let error = parse("gpu = \"sometimes\"").expect_err("not a mode");
+        let message = error.to_string();
+        assert!(message.contains("sometimes"), "{message}");
+        assert!(message.contains("required"), "{message}");
     }
 }
