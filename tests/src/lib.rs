@@ -357,6 +357,7 @@ pub fn sample(
         mem_used_bytes: 1 << 30,
         exec_sessions: 1,
         open_conns: 0,
+        detail: Default::default(),
     }
 }
 

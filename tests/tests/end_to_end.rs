@@ -289,3 +289,75 @@ async fn read_dead_letters(env: &TestEnv, count: usize) -> anyhow::Result<Vec<St
     }
     Ok(reasons)
 }
+
+/// The detail fields (GPU, pressure, peak memory, block I/O) travel the whole
+/// path: wire → ingest → their own columns of `usage_samples`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_detail_reaches_its_columns() -> anyhow::Result<()> {
+    let env = TestEnv::new("e2e_detail").await?;
+    let mut detailed = sample("sbx-d", 1, 1, at(10, 0, 0), 1_000, 0);
+    detailed.detail = idlemeter_core::SampleDetail {
+        gpu_busy_ms: 11,
+        gpu_mem_used_bytes: 12,
+        cpu_pressure_usec: 13,
+        mem_pressure_usec: 14,
+        io_pressure_usec: 15,
+        mem_peak_bytes: 16,
+        io_read_bytes: 17,
+        io_write_bytes: 18,
+    };
+    let node = NodeId::parse("node-1")?;
+    let producer = env.producer()?;
+    env.produce(
+        &producer,
+        "node-1",
+        &encode_node_batch(&node, Utc::now(), 1, &[detailed]),
+    )
+    .await?;
+    let ingest = env.start_ingest(&env.clickhouse)?;
+    env.eventually("the sample stored", || async {
+        Ok(env.distinct_samples().await? >= 1)
+    })
+    .await?;
+    ingest.stop().await?;
+    let rows = env
+        .store
+        .query_rows(
+            "SELECT gpu_busy_ms, gpu_mem_used_bytes, cpu_pressure_usec, mem_pressure_usec, \
+             io_pressure_usec, mem_peak_bytes, io_read_bytes, io_write_bytes \
+             FROM usage_samples FINAL WHERE sandbox = 'sbx-d'",
+        )
+        .await?;
+    // The first row names the columns.
+    assert_eq!(
+        rows[1..],
+        vec![(11..=18).map(|n: u32| n.to_string()).collect::<Vec<_>>()]
+    );
+    Ok(())
+}
+
+/// Migration 0007 adds columns, which ClickHouse 18.16 cannot do with IF NOT
+/// EXISTS: a run that crashed after the ALTER but before its record must
+/// still complete on rerun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrecorded_add_column_migration_reruns_cleanly() -> anyhow::Result<()> {
+    let env = TestEnv::new("e2e_rerun_alter").await?;
+    env.store
+        .client()
+        .query("ALTER TABLE schema_migrations DELETE WHERE name = '0007_sample_detail.sql'")
+        .execute()
+        .await?;
+    env.eventually("the record gone", || async {
+        let rows = env
+            .store
+            .query_rows(
+                "SELECT count() FROM schema_migrations WHERE name = '0007_sample_detail.sql'",
+            )
+            .await?;
+        Ok(rows.get(1) == Some(&vec!["0".to_owned()]))
+    })
+    .await?;
+    let report = env.store.migrate(0).await?;
+    assert_eq!(report.applied, vec!["0007_sample_detail.sql"]);
+    Ok(())
+}

@@ -53,6 +53,7 @@ fn sample(
         mem_used_bytes: 0,
         exec_sessions: 1,
         open_conns: 0,
+        detail: Default::default(),
     }
 }
 

@@ -64,6 +64,7 @@ fn samples() -> Vec<UsageSample> {
                 mem_used_bytes: 0,
                 exec_sessions: 1,
                 open_conns: 0,
+                detail: Default::default(),
             })
         })
         .collect()

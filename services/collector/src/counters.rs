@@ -212,6 +212,7 @@ pub fn to_sample(
         mem_used_bytes: reading.mem_used_bytes.unwrap_or(0),
         exec_sessions: reading.activity.exec_sessions,
         open_conns: reading.activity.open_conns,
+        detail: Default::default(),
     }
 }
 

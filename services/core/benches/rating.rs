@@ -65,6 +65,7 @@ fn trace() -> Vec<NumberedSample> {
                     mem_used_bytes: 1 << 30,
                     exec_sessions: u32::from(tick % 3 == 0),
                     open_conns: 0,
+                    detail: Default::default(),
                 },
             });
         }

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use crate::error::LineError;
 use crate::ids::{CustomerId, Epoch, NodeId, SandboxId};
 use crate::rating::NumberedSample;
-use crate::sample::{LifecycleState, UsageSample, VcpuMillis};
+use crate::sample::{LifecycleState, SampleDetail, UsageSample, VcpuMillis};
 
 /// Samples parsed from JSONL, and the lines refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -107,6 +107,7 @@ pub fn parse_sample(line: &str) -> Result<UsageSample, Vec<FieldError>> {
 }
 
 const KNOWN_FIELDS: &[&str] = &[
+    "detail",
     "ts",
     "customer",
     "node",
@@ -183,6 +184,11 @@ impl FieldReader<'_> {
         let gpu_alloc_ms = self.integer("gpu_alloc_ms", Optional);
         let disk_mib_ms = self.integer("disk_mib_ms", Optional);
         let api_calls = self.integer("api_calls", Optional);
+        let detail = self.optional("detail", |raw| {
+            serde_json::from_str::<SampleDetail>(raw).map_err(|error| {
+                format!("is not a detail object of non-negative integers ({error})")
+            })
+        });
         Some(UsageSample {
             ts: ts?,
             customer: customer?,
@@ -208,6 +214,7 @@ impl FieldReader<'_> {
             api_calls: api_calls?,
             exec_sessions: exec_sessions?,
             open_conns: open_conns?,
+            detail: detail?,
         })
     }
 
@@ -322,6 +329,21 @@ mod tests {
         assert_eq!(sample.seq, 2);
         assert_eq!(sample.vcpu_alloc_usec, 0);
         assert_eq!(sample.ts.to_rfc3339(), "2026-01-05T10:00:00+00:00");
+    }
+
+    #[test]
+    fn detail_is_optional_and_strict_about_its_fields() {
+        assert!(parse_sample(GOOD).expect("good line").detail.is_empty());
+        let line = GOOD.replacen('{', r#"{"detail":{"gpu_busy_ms":5,"io_read_bytes":7},"#, 1);
+        let sample = parse_sample(&line).expect("detail parses");
+        assert_eq!(
+            (sample.detail.gpu_busy_ms, sample.detail.io_read_bytes),
+            (5, 7)
+        );
+        let line = GOOD.replacen('{', r#"{"detail":{"gpu_bsy_ms":5},"#, 1);
+        let errors = parse_sample(&line).expect_err("misspelt detail field");
+        assert_eq!(errors[0].0, "detail");
+        assert!(errors[0].1.contains("gpu_bsy_ms"), "{errors:?}");
     }
 
     #[test]

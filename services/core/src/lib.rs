@@ -34,4 +34,4 @@ pub use money::{Currency, Money, RoundingRule};
 pub use pricing::{PriceSheet, SheetError};
 pub use rating::{rate_samples, IdlePolicy, NumberedSample, RatedUsage, SessionOrConnection};
 pub use report::{rate_jsonl, rate_report, RateReport};
-pub use sample::{LifecycleState, SampleError, UsageSample, VcpuMillis};
+pub use sample::{LifecycleState, SampleDetail, SampleError, UsageSample, VcpuMillis};

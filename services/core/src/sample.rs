@@ -158,6 +158,42 @@ pub struct UsageSample {
     pub exec_sessions: u32,
     /// Open inbound connections.
     pub open_conns: u32,
+
+    /// Measures that no default sheet bills (see [`SampleDetail`]).
+    #[serde(default, skip_serializing_if = "SampleDetail::is_empty")]
+    pub detail: SampleDetail,
+}
+
+/// What a sample can say beyond the billed counters: GPU utilisation,
+/// pressure stall time, peak memory and block I/O. Cumulative fields follow
+/// the same rule as the billed counters (within an epoch, never back); 0 where
+/// the node cannot measure it. Read at a slower cadence than the billed
+/// counters, so consecutive samples may repeat a value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleDetail {
+    /// Cumulative GPU busy time: SM utilisation x milliseconds, summed over
+    /// the sandbox's GPU processes (two fully busy GPUs add 2 ms per ms).
+    pub gpu_busy_ms: u64,
+    /// GPU memory held by the sandbox's processes at sample time.
+    pub gpu_mem_used_bytes: u64,
+    /// Cumulative pressure stall ("some") of `cpu.pressure`, microseconds.
+    pub cpu_pressure_usec: u64,
+    /// Cumulative pressure stall ("some") of `memory.pressure`, microseconds.
+    pub mem_pressure_usec: u64,
+    /// Cumulative pressure stall ("some") of `io.pressure`, microseconds.
+    pub io_pressure_usec: u64,
+    /// Highest memory use the kernel has seen for the sandbox's cgroup.
+    pub mem_peak_bytes: u64,
+    /// Cumulative block-device bytes read and written.
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+}
+
+impl SampleDetail {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl UsageSample {

@@ -227,6 +227,7 @@ fn trace(scenario: &Scenario) -> Vec<Input> {
                 mem_used_bytes: 0,
                 exec_sessions: segment.exec_sessions,
                 open_conns: segment.open_conns,
+                detail: Default::default(),
             }));
             t += interval;
         }

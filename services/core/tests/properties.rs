@@ -143,6 +143,7 @@ fn series_from(sandbox: usize, steps: &[Step]) -> Vec<UsageSample> {
                     mem_used_bytes: mem / 2,
                     exec_sessions: sessions,
                     open_conns: 0,
+                    detail: Default::default(),
                 }
             },
         )

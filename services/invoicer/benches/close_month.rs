@@ -70,6 +70,7 @@ async fn run(customers: u64) -> anyhow::Result<()> {
                 mem_used_bytes: 0,
                 exec_sessions: 1,
                 open_conns: 0,
+                detail: Default::default(),
             });
         }
         if batch.len() >= 100_000 {

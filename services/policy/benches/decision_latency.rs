@@ -75,6 +75,7 @@ fn sample(
         mem_used_bytes: 0,
         exec_sessions: u32::from(tick <= index % window_s),
         open_conns: 0,
+        detail: Default::default(),
     }
 }
 

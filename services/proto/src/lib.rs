@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+    CustomerId, Epoch, LifecycleState, NodeId, SampleDetail, SandboxId, UsageSample, VcpuMillis,
 };
 use prost::Message;
 
@@ -123,6 +123,16 @@ fn sample_from_wire(wire: v1::UsageSample, batch_node: &NodeId) -> Result<UsageS
         mem_used_bytes: wire.mem_used_bytes,
         exec_sessions: wire.exec_sessions,
         open_conns: wire.open_conns,
+        detail: SampleDetail {
+            gpu_busy_ms: wire.gpu_busy_ms,
+            gpu_mem_used_bytes: wire.gpu_mem_used_bytes,
+            cpu_pressure_usec: wire.cpu_pressure_usec,
+            mem_pressure_usec: wire.mem_pressure_usec,
+            io_pressure_usec: wire.io_pressure_usec,
+            mem_peak_bytes: wire.mem_peak_bytes,
+            io_read_bytes: wire.io_read_bytes,
+            io_write_bytes: wire.io_write_bytes,
+        },
     };
     sample.validate().map_err(|e| e.to_string())?;
     Ok(sample)
@@ -161,6 +171,14 @@ pub fn sample_to_wire(sample: &UsageSample) -> v1::UsageSample {
         exec_sessions: sample.exec_sessions,
         open_conns: sample.open_conns,
         last_api_call_unix_ms: 0,
+        gpu_busy_ms: sample.detail.gpu_busy_ms,
+        gpu_mem_used_bytes: sample.detail.gpu_mem_used_bytes,
+        cpu_pressure_usec: sample.detail.cpu_pressure_usec,
+        mem_pressure_usec: sample.detail.mem_pressure_usec,
+        io_pressure_usec: sample.detail.io_pressure_usec,
+        mem_peak_bytes: sample.detail.mem_peak_bytes,
+        io_read_bytes: sample.detail.io_read_bytes,
+        io_write_bytes: sample.detail.io_write_bytes,
     }
 }
 
@@ -228,13 +246,25 @@ mod tests {
             mem_used_bytes: 5,
             exec_sessions: 1,
             open_conns: 2,
+            detail: Default::default(),
         }
     }
 
     #[test]
     fn node_batch_round_trips_every_field() {
         let node = NodeId::parse("node-1").expect("id");
-        let sent = vec![sample(1), sample(2)];
+        let mut detailed = sample(2);
+        detailed.detail = SampleDetail {
+            gpu_busy_ms: 1,
+            gpu_mem_used_bytes: 2,
+            cpu_pressure_usec: 3,
+            mem_pressure_usec: 4,
+            io_pressure_usec: 5,
+            mem_peak_bytes: 6,
+            io_read_bytes: 7,
+            io_write_bytes: 8,
+        };
+        let sent = vec![sample(1), detailed];
         let bytes = encode_node_batch(&node, Utc::now(), 9, &sent);
         let decoded = decode_node_batch(&bytes).expect("valid batch");
         assert_eq!(decoded.samples, sent);

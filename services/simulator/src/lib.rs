@@ -91,6 +91,7 @@ impl Fleet {
                         mem_used_bytes: 0,
                         exec_sessions: 0,
                         open_conns: 0,
+                        detail: Default::default(),
                     },
                     activity: Activity::Burst,
                     remaining_ticks: 0,

@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0004_policy.sql"),
     migration!("0005_invoices.sql"),
     migration!("0006_api.sql"),
+    migration!("0007_sample_detail.sql"),
 ];
 
 impl Migration {
@@ -129,11 +130,25 @@ impl Store {
 
     async fn apply(&self, migration: &Migration, checksum: &str, now_unix: u32) -> Result<()> {
         for (index, statement) in migration.statements().iter().enumerate() {
-            self.client
-                .query(statement)
-                .execute()
-                .await
-                .context(format!("{} statement {}", migration.name, index + 1))?;
+            match self.client.query(statement).execute().await {
+                Ok(()) => {}
+                // A rerun after a crash between an ADD COLUMN and its record
+                // (18.16 has no IF NOT EXISTS there): the columns are in place.
+                Err(error) if adds_columns(statement) && column_exists(&error) => {
+                    tracing::info!(
+                        migration = migration.name,
+                        statement = index + 1,
+                        "columns already added by an earlier, unrecorded run"
+                    );
+                }
+                Err(error) => {
+                    return Err(error).context(format!(
+                        "{} statement {}",
+                        migration.name,
+                        index + 1
+                    ))
+                }
+            }
         }
         let mut insert = self
             .client
@@ -170,6 +185,21 @@ impl Store {
             )))
         }
     }
+}
+
+/// Whether a statement is an `ALTER TABLE ... ADD COLUMN`.
+fn adds_columns(statement: &str) -> bool {
+    let normalised = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+    let upper = normalised.to_ascii_uppercase();
+    upper.starts_with("ALTER TABLE ") && upper.contains(" ADD COLUMN ")
+}
+
+/// "Cannot add column x: column with this name already exists": code 44 on
+/// 18.16, 15 (DUPLICATE_COLUMN) on current versions.
+fn column_exists(error: &clickhouse::error::Error) -> bool {
+    error
+        .to_string()
+        .contains("column with this name already exists")
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+    CustomerId, Epoch, LifecycleState, NodeId, SampleDetail, SandboxId, UsageSample, VcpuMillis,
 };
 use rust_decimal::Decimal;
 use serde_repr::Deserialize_repr;
@@ -94,6 +94,8 @@ impl TryFrom<StoredSample> for UsageSample {
             mem_used_bytes: row.mem_used_bytes,
             exec_sessions: row.exec_sessions,
             open_conns: row.open_conns,
+            // Rating reads the billed columns only; the detail stays in the table.
+            detail: SampleDetail::default(),
         })
     }
 }

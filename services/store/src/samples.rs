@@ -52,6 +52,14 @@ pub struct SampleRow<'a> {
     mem_used_bytes: u64,
     exec_sessions: u32,
     open_conns: u32,
+    gpu_busy_ms: u64,
+    gpu_mem_used_bytes: u64,
+    cpu_pressure_usec: u64,
+    mem_pressure_usec: u64,
+    io_pressure_usec: u64,
+    mem_peak_bytes: u64,
+    io_read_bytes: u64,
+    io_write_bytes: u64,
 }
 
 impl<'a> From<&'a UsageSample> for SampleRow<'a> {
@@ -84,6 +92,14 @@ impl<'a> From<&'a UsageSample> for SampleRow<'a> {
             mem_used_bytes: sample.mem_used_bytes,
             exec_sessions: sample.exec_sessions,
             open_conns: sample.open_conns,
+            gpu_busy_ms: sample.detail.gpu_busy_ms,
+            gpu_mem_used_bytes: sample.detail.gpu_mem_used_bytes,
+            cpu_pressure_usec: sample.detail.cpu_pressure_usec,
+            mem_pressure_usec: sample.detail.mem_pressure_usec,
+            io_pressure_usec: sample.detail.io_pressure_usec,
+            mem_peak_bytes: sample.detail.mem_peak_bytes,
+            io_read_bytes: sample.detail.io_read_bytes,
+            io_write_bytes: sample.detail.io_write_bytes,
         }
     }
 }

@@ -655,6 +655,7 @@ mod tests {
             mem_used_bytes: 0,
             exec_sessions,
             open_conns: 0,
+            detail: Default::default(),
         }
     }
 
