@@ -74,6 +74,10 @@ pub struct Spend {
 
 /// What the engine consumes, in stream order.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "almost every input is a sample; boxing it would allocate once per sample"
+)]
 pub enum Input {
     Sample(UsageSample),
     Lease(Lease),
