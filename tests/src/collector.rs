@@ -102,7 +102,7 @@ impl TestCgroups {
 
     /// Starts `command` in a shell that first moves itself into `cgroup`, and
     /// waits until the kernel lists it there. Returns its PID.
-    fn spawn_joined(&mut self, cgroup: &Path, command: &str) -> anyhow::Result<u32> {
+    pub fn spawn_joined(&mut self, cgroup: &Path, command: &str) -> anyhow::Result<u32> {
         let script = format!(
             "echo $$ > {}/cgroup.procs && exec {command}",
             cgroup.display()

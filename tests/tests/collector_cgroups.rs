@@ -269,3 +269,59 @@ async fn network_bytes_come_from_the_sandboxs_own_namespace() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// GPU processes are attributed to sandboxes through the real
+/// `/proc/<pid>/cgroup` of real processes in real cgroups. The GPU itself is a
+/// stand-in (`StandInGpu`: no GPU on this machine); the production reader is
+/// NVML behind the same trait.
+#[test]
+fn gpu_processes_are_attributed_to_their_sandbox_through_proc() -> anyhow::Result<()> {
+    use idlemeter_collector::gpu::{GpuProcessUsage, StandInGpu};
+    use idlemeter_collector::reader::UsageReader;
+    use idlemeter_collector::{CgroupLayout, CgroupReader};
+
+    let mut cgroups = TestCgroups::new("gpu")?;
+    let sandbox = cgroups.add_sandbox("acme.trainer")?;
+    let worker = cgroups.spawn_joined(&sandbox, "sleep 600")?;
+    let idle = cgroups.add_sandbox("acme.idle")?;
+    cgroups.spawn_joined(&idle, "sleep 600")?;
+    let process = |pid, sm_percent| GpuProcessUsage {
+        pid,
+        gpu_model: "H100".to_owned(),
+        sm_percent,
+        memory_bytes: 3 << 30,
+    };
+    let stand_in = StandInGpu {
+        // The worker on two GPUs, and this test process, which is in no sandbox.
+        processes: vec![
+            process(worker, 40),
+            process(worker, 25),
+            process(std::process::id(), 90),
+        ],
+        fail_with: None,
+    };
+    let work = tempfile::tempdir()?;
+    let mut reader = CgroupReader::new(CgroupLayout {
+        v2_parent: cgroups.parent.clone(),
+        v1_memory_parent: work.path().join("no-v1"),
+        labels_dir: work.path().join("labels"),
+        activity_dir: work.path().join("activity"),
+    })
+    .with_gpu(Box::new(stand_in));
+    let mut readings = Vec::new();
+    reader.read_node(&mut readings)?;
+    let of = |name: &str| {
+        readings
+            .iter()
+            .find(|reading| reading.key.sandbox.as_str() == name)
+            .map(|reading| (reading.gpu_sm_percent, reading.detail.gpu_mem_used_bytes))
+    };
+    assert_eq!(of("trainer"), Some((65, 6 << 30)));
+    assert_eq!(of("idle"), Some((0, 0)));
+    // Pressure files exist in every v2 cgroup on this kernel: read, not left at zero
+    // because of a parse failure (a sleeping process may have no stall, so only
+    // the parse is checked against the file itself).
+    let text = std::fs::read(sandbox.join("cpu.pressure"))?;
+    assert!(idlemeter_collector::cgroup::pressure_total(&text).is_some());
+    Ok(())
+}

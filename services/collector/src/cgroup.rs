@@ -21,6 +21,15 @@
 //! at zero and this is logged once per sandbox. The collector must therefore
 //! run in the host's network namespace.
 //!
+//! **Detail** (wire fields 40-47) is read every [`DETAIL_EVERY`] ticks and
+//! repeated in between: pressure stall totals (`cpu.pressure`,
+//! `memory.pressure`, `io.pressure`, "some" line), peak memory (v2
+//! `memory.peak`, else v1 `memory.max_usage_in_bytes`), block I/O (v2
+//! `io.stat` rbytes/wbytes; 0 where v2 has no io controller, as on hybrid
+//! hosts: the v1 blkio fallback is not written yet), and GPU utilisation and
+//! memory from the [`GpuReader`], attributed to sandboxes through
+//! `/proc/<pid>/cgroup`.
+//!
 //! `cgroup.events` is not read every tick: the kernel raises an inotify
 //! modify event on it whenever its content changes (frozen, populated), so it
 //! is read once at discovery and again only after such an event (or after the
@@ -35,8 +44,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use idlemeter_core::SampleDetail;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
+use crate::gpu::{attribute_to_sandboxes, GpuReader};
 use crate::reader::{NetBytes, SandboxReading, UsageReader};
 use crate::sandbox::{Activity, Allocation, SandboxKey};
 use crate::{Error, Result};
@@ -116,6 +127,20 @@ struct Discovered {
     events_stale: bool,
     events_watch: Option<WatchDescriptor>,
     net: NetSource,
+    detail_files: DetailFiles,
+    /// Detail as last read (GPU busy time is integrated by the counters).
+    detail: SampleDetail,
+    gpu_sm_percent: u32,
+}
+
+/// The files detail is read from; `None` where the kernel has no such file.
+#[derive(Debug)]
+struct DetailFiles {
+    cpu_pressure: KernelFile,
+    memory_pressure: KernelFile,
+    io_pressure: KernelFile,
+    peak: Option<KernelFile>,
+    io_stat: Option<KernelFile>,
 }
 
 /// Where a sandbox's network bytes are read from.
@@ -148,7 +173,27 @@ pub struct CgroupReader {
     watched: HashMap<i32, Arc<str>>,
     /// The collector's own network namespace (inode).
     host_namespace: Option<u64>,
+    /// GPU processes, read on detail ticks; `None` reads no GPU.
+    gpu: Option<GpuSource>,
+    /// The sandboxes' parent as `/proc/<pid>/cgroup` names it (relative to
+    /// the cgroup2 mount), for attributing GPU processes.
+    gpu_parent: Option<String>,
+    /// Distinct GPU read errors already logged.
+    gpu_errors_logged: HashSet<String>,
 }
+
+/// The GPU reader, behind a name for `Debug`.
+struct GpuSource(Box<dyn GpuReader + Send>);
+
+impl std::fmt::Debug for GpuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GpuReader")
+    }
+}
+
+/// Detail is read every this many ticks (10 s at the default interval):
+/// pressure totals and I/O are cumulative, so nothing is lost in between.
+pub const DETAIL_EVERY: u64 = 10;
 
 /// Label files change rarely (resizes): checking them every tenth read keeps a
 /// `stat` per sandbox off most ticks; a resize is seen within ten intervals.
@@ -168,6 +213,44 @@ impl CgroupReader {
                 .ok(),
             watched: HashMap::new(),
             host_namespace: namespace_of("self"),
+            gpu: None,
+            gpu_parent: None,
+            gpu_errors_logged: HashSet::new(),
+        }
+    }
+
+    /// Reads GPU processes through `gpu` on detail ticks and attributes them
+    /// to sandboxes.
+    pub fn with_gpu(mut self, gpu: Box<dyn GpuReader + Send>) -> Self {
+        self.gpu_parent = cgroup2_relative(&self.layout.v2_parent);
+        if self.gpu_parent.is_none() {
+            tracing::warn!(parent = %self.layout.v2_parent.display(), "the sandbox parent is not under a cgroup2 mount: GPU processes cannot be attributed");
+        }
+        self.gpu = Some(GpuSource(gpu));
+        self
+    }
+
+    /// Reads GPU processes and sets every sandbox's GPU use (0 for a sandbox
+    /// with no GPU process).
+    fn read_gpus(&mut self) {
+        let (Some(gpu), Some(parent)) = (self.gpu.as_mut(), self.gpu_parent.as_deref()) else {
+            return;
+        };
+        let processes = match gpu.0.read_processes() {
+            Ok(processes) => processes,
+            Err(error) => {
+                let text = error.to_string();
+                if self.gpu_errors_logged.insert(text.clone()) {
+                    tracing::warn!(error = %text, "reading GPU processes failed (logged once per distinct error)");
+                }
+                return;
+            }
+        };
+        let usage = attribute_to_sandboxes(&processes, Path::new("/proc"), parent);
+        for sandbox in self.discovered.values_mut() {
+            let used = usage.get(&sandbox.key).cloned().unwrap_or_default();
+            sandbox.gpu_sm_percent = used.sm_percent;
+            sandbox.detail.gpu_mem_used_bytes = used.memory_bytes;
         }
     }
 
@@ -332,6 +415,25 @@ impl CgroupReader {
         } else {
             MemorySource::Unavailable
         };
+        let v1_peak = self
+            .layout
+            .v1_memory_parent
+            .join(name)
+            .join("memory.max_usage_in_bytes");
+        let peak = [v2.join("memory.peak"), v1_peak]
+            .into_iter()
+            .find(|path| path.exists())
+            .map(KernelFile::new);
+        let io_stat = Some(v2.join("io.stat"))
+            .filter(|path| path.exists())
+            .map(KernelFile::new);
+        let detail_files = DetailFiles {
+            cpu_pressure: KernelFile::new(v2.join("cpu.pressure")),
+            memory_pressure: KernelFile::new(v2.join("memory.pressure")),
+            io_pressure: KernelFile::new(v2.join("io.pressure")),
+            peak,
+            io_stat,
+        };
         Discovered {
             key,
             name: Arc::from(name),
@@ -348,6 +450,9 @@ impl CgroupReader {
             events_stale: true,
             events_watch: None,
             net: NetSource::Unresolved { retry_at: 0 },
+            detail_files,
+            detail: SampleDetail::default(),
+            gpu_sm_percent: 0,
         }
     }
 }
@@ -357,6 +462,10 @@ impl UsageReader for CgroupReader {
         self.discover()?;
         self.drain_events();
         let check_labels = self.reads.is_multiple_of(LABEL_CHECK_EVERY);
+        let read_detail = self.reads.is_multiple_of(DETAIL_EVERY);
+        if read_detail {
+            self.read_gpus();
+        }
         let reread_activity = self.activity_changed() || check_labels;
         self.reads += 1;
         readings.clear();
@@ -366,6 +475,9 @@ impl UsageReader for CgroupReader {
             }
             if reread_activity {
                 sandbox.activity = read_activity(&sandbox.activity_file);
+            }
+            if read_detail {
+                read_detail_files(sandbox);
             }
             let net = read_net(sandbox, self.reads, self.host_namespace);
             match read_sandbox(sandbox, net) {
@@ -396,6 +508,82 @@ fn read_activity(path: &Path) -> Activity {
         Ok(text) => Activity::parse(std::str::from_utf8(text).unwrap_or_default()),
         Err(_) => Activity::default(),
     }
+}
+
+/// Rereads the detail files into `sandbox.detail` (GPU fields untouched); a
+/// file that cannot be read leaves its value as it was.
+fn read_detail_files(sandbox: &mut Discovered) {
+    let mut buffer = [0_u8; 512];
+    let files = &mut sandbox.detail_files;
+    let detail = &mut sandbox.detail;
+    for (file, value) in [
+        (&mut files.cpu_pressure, &mut detail.cpu_pressure_usec),
+        (&mut files.memory_pressure, &mut detail.mem_pressure_usec),
+        (&mut files.io_pressure, &mut detail.io_pressure_usec),
+    ] {
+        if let Some(total) = file.read(&mut buffer).ok().and_then(pressure_total) {
+            *value = total;
+        }
+    }
+    if let Some(peak) = files.peak.as_mut() {
+        if let Some(bytes) = peak.read(&mut buffer).ok().and_then(parse_number) {
+            detail.mem_peak_bytes = bytes;
+        }
+    }
+    if let Some(io_stat) = files.io_stat.as_mut() {
+        let mut large = [0_u8; 4096];
+        if let Ok(text) = io_stat.read(&mut large) {
+            (detail.io_read_bytes, detail.io_write_bytes) = io_stat_bytes(text);
+        }
+    }
+}
+
+/// `total=` of the `some` line of a PSI file, microseconds.
+pub fn pressure_total(text: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(text).ok()?;
+    let some = text.lines().find(|line| line.starts_with("some "))?;
+    some.split_whitespace()
+        .find_map(|field| field.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+/// Bytes read and written over every device of a v2 `io.stat`
+/// (`8:0 rbytes=1 wbytes=2 rios=..`).
+pub fn io_stat_bytes(text: &[u8]) -> (u64, u64) {
+    let text = std::str::from_utf8(text).unwrap_or_default();
+    let (mut read, mut written) = (0_u64, 0_u64);
+    for field in text.split_whitespace() {
+        if let Some(value) = field
+            .strip_prefix("rbytes=")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            read = read.saturating_add(value);
+        } else if let Some(value) = field
+            .strip_prefix("wbytes=")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            written = written.saturating_add(value);
+        }
+    }
+    (read, written)
+}
+
+/// A cgroup directory as `/proc/<pid>/cgroup` names it: its path below the
+/// cgroup2 mount that holds it (from `/proc/self/mountinfo`).
+fn cgroup2_relative(directory: &Path) -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo
+        .lines()
+        .filter(|line| {
+            line.split(" - ")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with("cgroup2 "))
+        })
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter_map(|mount| directory.strip_prefix(mount).ok())
+        .map(|below| format!("/{}", below.display()))
+        .min_by_key(String::len)
 }
 
 /// The namespace inode of `/proc/<pid>/ns/net` (`net:[4026531840]`).
@@ -517,6 +705,8 @@ fn read_sandbox(
         name: Arc::clone(&sandbox.name),
         instance: sandbox.instance,
         net,
+        detail: sandbox.detail,
+        gpu_sm_percent: sandbox.gpu_sm_percent,
         cpu_usage_usec,
         mem_used_bytes,
         frozen,
@@ -610,6 +800,65 @@ mod tests {
             parse_net_dev(b"h\nh\n  eth0: 1 2\n"),
             None,
             "a short line is refused"
+        );
+    }
+
+    #[test]
+    fn detail_files_are_read_on_detail_ticks_and_repeated_between() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fake_cgroup(root.path(), "acme.a", 1, false);
+        let v2 = root.path().join("v2/acme.a");
+        let psi = |total: u64| {
+            format!("some avg10=0.00 avg60=0.00 avg300=0.00 total={total}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=1\n")
+        };
+        std::fs::write(v2.join("cpu.pressure"), psi(11)).expect("write");
+        std::fs::write(v2.join("memory.pressure"), psi(22)).expect("write");
+        std::fs::write(v2.join("io.pressure"), psi(33)).expect("write");
+        std::fs::write(v2.join("memory.peak"), "4096\n").expect("write");
+        std::fs::write(
+            v2.join("io.stat"),
+            "8:0 rbytes=100 wbytes=10 rios=1 wios=1 dbytes=0 dios=0\n8:16 rbytes=5 wbytes=1 rios=1 wios=1 dbytes=0 dios=0\n",
+        )
+        .expect("write");
+        let mut reader = CgroupReader::new(fake_layout(root.path()));
+        let mut readings = Vec::new();
+        reader.read_node(&mut readings).expect("reads");
+        let expected = SampleDetail {
+            cpu_pressure_usec: 11,
+            mem_pressure_usec: 22,
+            io_pressure_usec: 33,
+            mem_peak_bytes: 4096,
+            io_read_bytes: 105,
+            io_write_bytes: 11,
+            ..SampleDetail::default()
+        };
+        assert_eq!(readings[0].detail, expected);
+        std::fs::write(v2.join("cpu.pressure"), psi(99)).expect("write");
+        for _ in 1..DETAIL_EVERY {
+            reader.read_node(&mut readings).expect("reads");
+            assert_eq!(
+                readings[0].detail, expected,
+                "repeated between detail ticks"
+            );
+        }
+        reader.read_node(&mut readings).expect("reads");
+        assert_eq!(
+            readings[0].detail.cpu_pressure_usec, 99,
+            "reread on the next detail tick"
+        );
+    }
+
+    #[test]
+    fn pressure_and_io_stat_parsers_take_the_right_numbers() {
+        assert_eq!(
+            pressure_total(b"some avg10=1.00 avg60=0.50 avg300=0.10 total=12345\nfull avg10=0 avg60=0 avg300=0 total=7\n"),
+            Some(12_345)
+        );
+        assert_eq!(pressure_total(b"full avg10=0 total=7\n"), None);
+        assert_eq!(io_stat_bytes(b""), (0, 0));
+        assert_eq!(
+            io_stat_bytes(b"259:0 rbytes=7 wbytes=9 rios=1 wios=2 dbytes=100 dios=1\n"),
+            (7, 9)
         );
     }
 

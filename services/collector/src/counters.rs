@@ -56,6 +56,10 @@ pub struct SandboxCounters {
     pub net_namespace: u64,
     pub net_rx_seen: u64,
     pub net_tx_seen: u64,
+    /// GPU busy milliseconds (SM percent x ms / 100) and the percent-ms
+    /// remainder below one whole millisecond.
+    pub gpu_busy_ms: u64,
+    pub gpu_busy_rem: u64,
 }
 
 /// Whether a reading continues the counters' epoch or starts a new one.
@@ -136,6 +140,9 @@ fn accumulate(
             elapsed_ms,
             KIB,
         );
+        let busy = previous.gpu_busy_rem + u64::from(reading.gpu_sm_percent) * elapsed_ms;
+        next.gpu_busy_ms += busy / 100;
+        next.gpu_busy_rem = busy % 100;
         (next.mem_used_kib_ms, next.mem_used_rem) = integrate(
             (previous.mem_used_kib_ms, previous.mem_used_rem),
             reading.mem_used_bytes.unwrap_or(0),
@@ -212,7 +219,10 @@ pub fn to_sample(
         mem_used_bytes: reading.mem_used_bytes.unwrap_or(0),
         exec_sessions: reading.activity.exec_sessions,
         open_conns: reading.activity.open_conns,
-        detail: Default::default(),
+        detail: idlemeter_core::SampleDetail {
+            gpu_busy_ms: counters.gpu_busy_ms,
+            ..reading.detail
+        },
     }
 }
 
@@ -234,6 +244,8 @@ mod tests {
             mem_used_bytes: Some(1536),
             frozen,
             net: None,
+            detail: idlemeter_core::SampleDetail::default(),
+            gpu_sm_percent: 0,
             allocation: Arc::new(Allocation {
                 vcpu_milli: 1500,
                 mem_bytes: 4 << 30,
@@ -391,5 +403,25 @@ mod tests {
             DateTime::from_timestamp_millis(T0 + 5_000).expect("valid"),
         );
         assert_eq!((sample.net_rx_bytes, sample.net_tx_bytes), (710, 61));
+    }
+
+    #[test]
+    fn gpu_busy_time_integrates_utilisation_while_running_with_no_rounding_drift() {
+        let busy = |percent, frozen| SandboxReading {
+            gpu_sm_percent: percent,
+            ..reading(7, 5_000, frozen)
+        };
+        let mut counters = advance(None, &busy(0, false), T0);
+        // 33% for 1 ms, 300 times: 99 ms exactly, not 0 (rounding per step) or 300.
+        for step in 1..=300 {
+            counters = advance(Some(&counters), &busy(33, false), T0 + step);
+        }
+        assert_eq!(counters.gpu_busy_ms, 99);
+        // Two fully busy GPUs for a second: 2,000 ms.
+        counters = advance(Some(&counters), &busy(200, false), T0 + 1_300);
+        assert_eq!(counters.gpu_busy_ms, 2_099);
+        // Frozen: nothing accrues.
+        counters = advance(Some(&counters), &busy(100, true), T0 + 2_300);
+        assert_eq!(counters.gpu_busy_ms, 2_099);
     }
 }

@@ -117,7 +117,8 @@ impl Collector {
             v1_memory_parent: config.cgroup_v1_memory_parent.clone(),
             labels_dir: config.labels_dir.clone(),
             activity_dir: config.activity_dir.clone(),
-        });
+        })
+        .with_gpu(gpu::open_gpu_reader(config.gpu)?);
         let sampler = Sampler::new(
             reader,
             node.clone(),

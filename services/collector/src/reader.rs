@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use idlemeter_core::SampleDetail;
+
 use crate::sandbox::{Activity, Allocation, SandboxKey};
 use crate::Result;
 
@@ -28,6 +30,11 @@ pub struct SandboxReading {
     /// The sandbox's own network namespace's interface counters, when it has
     /// one (see `cgroup.rs`); `None` when its traffic cannot be told apart.
     pub net: Option<NetBytes>,
+    /// Detail as last read (every few ticks); its `gpu_busy_ms` is unused:
+    /// the counters integrate `gpu_sm_percent` instead.
+    pub detail: SampleDetail,
+    /// SM utilisation summed over the sandbox's GPU processes, percent.
+    pub gpu_sm_percent: u32,
     pub allocation: Arc<Allocation>,
     pub activity: Activity,
 }

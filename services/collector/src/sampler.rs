@@ -301,6 +301,8 @@ mod tests {
                     mem_used_bytes: None,
                     frozen: false,
                     net: None,
+                    detail: Default::default(),
+                    gpu_sm_percent: 0,
                     allocation: Arc::new(Allocation::default()),
                     activity: Activity::default(),
                 });

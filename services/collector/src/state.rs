@@ -85,7 +85,7 @@ const MAGIC: &[u8; 8] = b"IMSTATE1";
 
 /// The binary layout, all integers little-endian: `IMSTATE1`, batch_seq (u64),
 /// sandbox count (u32), then per sandbox its name (u16 length, UTF-8 bytes)
-/// and the 20 counter fields of [`SandboxCounters`] (u64 each, in declaration
+/// and the 22 counter fields of [`SandboxCounters`] (u64 each, in declaration
 /// order; `last_ts_ms` as its two's-complement bits), and last an FNV-1a 64
 /// checksum (u64) of everything before it.
 pub fn encode(state: &CollectorState) -> std::result::Result<Vec<u8>, String> {
@@ -146,7 +146,7 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<CollectorState, String> {
     Ok(state)
 }
 
-const FIELDS: usize = 20;
+const FIELDS: usize = 22;
 
 fn fields(c: &SandboxCounters) -> [u64; FIELDS] {
     [
@@ -170,6 +170,8 @@ fn fields(c: &SandboxCounters) -> [u64; FIELDS] {
         c.net_namespace,
         c.net_rx_seen,
         c.net_tx_seen,
+        c.gpu_busy_ms,
+        c.gpu_busy_rem,
     ]
 }
 
@@ -195,6 +197,8 @@ fn from_fields(v: [u64; FIELDS]) -> SandboxCounters {
         net_namespace: v[17],
         net_rx_seen: v[18],
         net_tx_seen: v[19],
+        gpu_busy_ms: v[20],
+        gpu_busy_rem: v[21],
     }
 }
 
@@ -339,6 +343,8 @@ mod tests {
                     net_namespace: base + 18,
                     net_rx_seen: base + 19,
                     net_tx_seen: base + 20,
+                    gpu_busy_ms: base + 21,
+                    gpu_busy_rem: base + 22,
                 },
             );
         }
