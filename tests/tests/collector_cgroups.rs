@@ -325,3 +325,39 @@ fn gpu_processes_are_attributed_to_their_sandbox_through_proc() -> anyhow::Resul
     assert!(idlemeter_collector::cgroup::pressure_total(&text).is_some());
     Ok(())
 }
+
+/// Discovery lists the parent only when inotify says a child was created or
+/// removed (or every tenth tick as a safety net): on real cgroupfs a new and
+/// a removed sandbox are each noticed at the very next read.
+#[test]
+fn sandboxes_created_and_removed_on_cgroupfs_are_noticed_at_the_next_read() -> anyhow::Result<()> {
+    use idlemeter_collector::reader::UsageReader;
+    use idlemeter_collector::{CgroupLayout, CgroupReader};
+
+    let mut cgroups = TestCgroups::new("discover")?;
+    cgroups.add_sandbox("acme.first")?;
+    let work = tempfile::tempdir()?;
+    let mut reader = CgroupReader::new(CgroupLayout {
+        v2_parent: cgroups.parent.clone(),
+        v1_memory_parent: work.path().join("no-v1"),
+        labels_dir: work.path().join("labels"),
+        activity_dir: work.path().join("activity"),
+    });
+    let mut readings = Vec::new();
+    let names = |readings: &[idlemeter_collector::reader::SandboxReading]| {
+        let mut names: Vec<String> = readings.iter().map(|r| r.name.to_string()).collect();
+        names.sort();
+        names
+    };
+    // Reads 1 and 2; neither of the next two is a safety-net listing.
+    reader.read_node(&mut readings)?;
+    reader.read_node(&mut readings)?;
+    assert_eq!(names(&readings), ["acme.first"]);
+    let second = cgroups.add_sandbox("acme.second")?;
+    reader.read_node(&mut readings)?;
+    assert_eq!(names(&readings), ["acme.first", "acme.second"]);
+    std::fs::remove_dir(&second)?;
+    reader.read_node(&mut readings)?;
+    assert_eq!(names(&readings), ["acme.first"]);
+    Ok(())
+}

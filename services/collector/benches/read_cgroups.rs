@@ -3,7 +3,7 @@
 //! Creates `SANDBOXES` (default 1,000) sandbox cgroups under a private cgroup v2
 //! parent (removed at the end, also on Ctrl-C-free failure paths), each with a
 //! label file, then ticks `TICKS` times (default 15) one second apart. For each
-//! tick it measures the sampling thread's own CPU time (/proc/thread-self/schedstat,
+//! tick it measures the sampling thread's own CPU time (CLOCK_THREAD_CPUTIME_ID,
 //! nanoseconds) for (1) reading every cgroup and (2) a whole tick: read, advance
 //! counters, save state (rename, no fsync), encode and spool the node batch (fsync).
 //! Prints the medians per sandbox-sample. Needs root and cgroup v2 at
@@ -42,12 +42,12 @@ fn env_number(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// CPU time this thread has run, in nanoseconds.
+/// CPU time this thread has run, in nanoseconds: `CLOCK_THREAD_CPUTIME_ID`,
+/// which brings the thread's accounting up to date when read (schedstat is
+/// only updated at scheduler events, so it charged one phase's CPU to the next).
 fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse().ok())
-        .expect("/proc/thread-self/schedstat is readable on Linux")
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -122,6 +122,7 @@ struct Discovered {
     activity: Activity,
     /// `cgroup.events` as last read.
     frozen: bool,
+    populated: bool,
     /// Whether `cgroup.events` must be read at the next tick: set at
     /// discovery, on an inotify event, and always when unwatched.
     events_stale: bool,
@@ -171,6 +172,11 @@ pub struct CgroupReader {
     events: Option<Inotify>,
     /// Sandbox (cgroup name) by watch descriptor number.
     watched: HashMap<i32, Arc<str>>,
+    /// The watch on the parent directory (children created or removed);
+    /// without it the parent is listed every tick.
+    parent_watch: Option<i32>,
+    /// Whether the parent changed since it was last listed.
+    parent_changed: bool,
     /// The collector's own network namespace (inode).
     host_namespace: Option<u64>,
     /// GPU processes, read on detail ticks; `None` reads no GPU.
@@ -212,6 +218,8 @@ impl CgroupReader {
                 .inspect_err(|error| tracing::warn!(%error, "inotify unavailable: cgroup.events is read every tick"))
                 .ok(),
             watched: HashMap::new(),
+            parent_watch: None,
+            parent_changed: true,
             host_namespace: namespace_of("self"),
             gpu: None,
             gpu_parent: None,
@@ -266,6 +274,7 @@ impl CgroupReader {
                 Err(error) if error.kind() == ErrorKind::WouldBlock => return,
                 Err(error) => {
                     tracing::warn!(%error, "reading inotify events failed: rereading every cgroup.events");
+                    self.parent_changed = true;
                     self.discovered
                         .values_mut()
                         .for_each(|sandbox| sandbox.events_stale = true);
@@ -275,12 +284,21 @@ impl CgroupReader {
             for event in events {
                 if event.mask.contains(EventMask::Q_OVERFLOW) {
                     tracing::warn!("inotify queue overflowed: rereading every cgroup.events");
+                    self.parent_changed = true;
                     self.discovered
                         .values_mut()
                         .for_each(|sandbox| sandbox.events_stale = true);
                     continue;
                 }
                 let id = event.wd.get_watch_descriptor_id();
+                if Some(id) == self.parent_watch {
+                    self.parent_changed = true;
+                    if event.mask.contains(EventMask::IGNORED) {
+                        // The parent itself was removed: list (and watch) it again.
+                        self.parent_watch = None;
+                    }
+                    continue;
+                }
                 let Some(name) = self.watched.get(&id) else {
                     continue;
                 };
@@ -326,6 +344,37 @@ impl CgroupReader {
         let changed = modified != self.activity_modified;
         self.activity_modified = modified;
         changed
+    }
+
+    /// Lists the parent when a child was created or removed since the last
+    /// listing (inotify), when the parent is not watched, and every
+    /// [`LABEL_CHECK_EVERY`] reads as a safety net.
+    fn discover_if_changed(&mut self, safety_net: bool) -> Result<()> {
+        if self.parent_watch.is_none() {
+            self.watch_parent();
+        }
+        if !(self.parent_changed || self.parent_watch.is_none() || safety_net) {
+            return Ok(());
+        }
+        // Cleared before listing: a change during the listing raises it again.
+        self.parent_changed = false;
+        self.discover()
+    }
+
+    fn watch_parent(&mut self) {
+        let Some(inotify) = self.events.as_mut() else {
+            return;
+        };
+        let mask = WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::DELETE_SELF
+            | WatchMask::ONLYDIR;
+        if let Ok(watch) = inotify.watches().add(&self.layout.v2_parent, mask) {
+            self.parent_watch = Some(watch.get_watch_descriptor_id());
+            self.parent_changed = true;
+        }
     }
 
     fn discover(&mut self) -> Result<()> {
@@ -447,6 +496,7 @@ impl CgroupReader {
             activity_file: self.layout.activity_dir.join(name),
             activity: Activity::default(),
             frozen: false,
+            populated: false,
             events_stale: true,
             events_watch: None,
             net: NetSource::Unresolved { retry_at: 0 },
@@ -459,9 +509,9 @@ impl CgroupReader {
 
 impl UsageReader for CgroupReader {
     fn read_node(&mut self, readings: &mut Vec<SandboxReading>) -> Result<()> {
-        self.discover()?;
-        self.drain_events();
         let check_labels = self.reads.is_multiple_of(LABEL_CHECK_EVERY);
+        self.drain_events();
+        self.discover_if_changed(check_labels)?;
         let read_detail = self.reads.is_multiple_of(DETAIL_EVERY);
         if read_detail {
             self.read_gpus();
@@ -611,7 +661,9 @@ fn first_pid(cgroup: &Path) -> Option<String> {
 /// Reads the sandbox's network counters, finding its namespace first when needed.
 fn read_net(sandbox: &mut Discovered, reads: u64, host: Option<u64>) -> Option<NetBytes> {
     if let NetSource::Unresolved { retry_at } = sandbox.net {
-        if reads < retry_at {
+        // An empty cgroup has no process to ask (populated 0 in cgroup.events,
+        // whose change raises an inotify event).
+        if reads < retry_at || !sandbox.populated {
             return None;
         }
         let cgroup = sandbox.cpu_stat.path.parent().unwrap_or(Path::new("/"));
@@ -690,6 +742,7 @@ fn read_sandbox(
     if sandbox.events_stale || sandbox.events_watch.is_none() {
         let events = sandbox.events.read(&mut buffer)?;
         sandbox.frozen = field_value(events, "frozen") == Some(1);
+        sandbox.populated = field_value(events, "populated") != Some(0);
         sandbox.events_stale = false;
     }
     let frozen = sandbox.frozen;
