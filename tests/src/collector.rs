@@ -287,6 +287,8 @@ pub fn collector_config(
         node: node.to_owned(),
         cgroup_parent: cgroup_parent.to_owned(),
         cgroup_v1_memory_parent: work_dir.join("no-v1-memory"),
+        cgroup_v1_cpuacct_parent: work_dir.join("no-v1-cpuacct"),
+        cgroup_v1_freezer_parent: work_dir.join("no-v1-freezer"),
         labels_dir: work_dir.join("labels"),
         activity_dir: work_dir.join("activity"),
         state_dir: work_dir.join("state"),
@@ -414,6 +416,14 @@ impl CollectorProcess {
             .env(
                 "IDLEMETER_COLLECTOR__CGROUP_V1_MEMORY_PARENT",
                 path(&config.cgroup_v1_memory_parent),
+            )
+            .env(
+                "IDLEMETER_COLLECTOR__CGROUP_V1_CPUACCT_PARENT",
+                path(&config.cgroup_v1_cpuacct_parent),
+            )
+            .env(
+                "IDLEMETER_COLLECTOR__CGROUP_V1_FREEZER_PARENT",
+                path(&config.cgroup_v1_freezer_parent),
             )
             .env("IDLEMETER_COLLECTOR__LABELS_DIR", path(&config.labels_dir))
             .env(

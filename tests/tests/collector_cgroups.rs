@@ -304,6 +304,8 @@ fn gpu_processes_are_attributed_to_their_sandbox_through_proc() -> anyhow::Resul
     let mut reader = CgroupReader::new(CgroupLayout {
         v2_parent: cgroups.parent.clone(),
         v1_memory_parent: work.path().join("no-v1"),
+        v1_cpuacct_parent: work.path().join("no-v1"),
+        v1_freezer_parent: work.path().join("no-v1"),
         labels_dir: work.path().join("labels"),
         activity_dir: work.path().join("activity"),
     })
@@ -340,6 +342,8 @@ fn sandboxes_created_and_removed_on_cgroupfs_are_noticed_at_the_next_read() -> a
     let mut reader = CgroupReader::new(CgroupLayout {
         v2_parent: cgroups.parent.clone(),
         v1_memory_parent: work.path().join("no-v1"),
+        v1_cpuacct_parent: work.path().join("no-v1"),
+        v1_freezer_parent: work.path().join("no-v1"),
         labels_dir: work.path().join("labels"),
         activity_dir: work.path().join("activity"),
     });
@@ -360,4 +364,112 @@ fn sandboxes_created_and_removed_on_cgroupfs_are_noticed_at_the_next_read() -> a
     reader.read_node(&mut readings)?;
     assert_eq!(names(&readings), ["acme.first"]);
     Ok(())
+}
+
+/// A host without cgroup v2 (simulated on this hybrid host by discovering in
+/// the v1 cpuacct hierarchy): CPU from `cpuacct.usage`, frozen from and
+/// suspend through the v1 freezer, on real v1 cgroups with a real burner.
+#[test]
+fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()> {
+    use idlemeter_collector::cgroup::set_frozen;
+    use idlemeter_collector::reader::UsageReader;
+    use idlemeter_collector::sandbox::SandboxKey;
+    use idlemeter_collector::{CgroupLayout, CgroupReader};
+
+    let unique = format!("idlemeter-test-v1-{}", std::process::id());
+    let cpuacct = std::path::Path::new("/sys/fs/cgroup/cpuacct").join(&unique);
+    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer").join(&unique);
+    let name = "acme.legacy";
+    let mut v1 = V1Cgroups::default();
+    for parent in [&cpuacct, &freezer] {
+        std::fs::create_dir(parent)?;
+        v1.dirs.push(parent.clone());
+        std::fs::create_dir(parent.join(name))?;
+        v1.dirs.push(parent.join(name));
+    }
+    let burner = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && echo $$ > {}/cgroup.procs && exec sh -c 'while :; do :; done'",
+            cpuacct.join(name).display(),
+            freezer.join(name).display()
+        ))
+        .spawn()?;
+    v1.burner = Some(burner);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let work = tempfile::tempdir()?;
+    let mut reader = CgroupReader::new(CgroupLayout {
+        v2_parent: cpuacct.clone(),
+        v1_memory_parent: work.path().join("no-v1"),
+        v1_cpuacct_parent: cpuacct.clone(),
+        v1_freezer_parent: freezer.clone(),
+        labels_dir: work.path().join("labels"),
+        activity_dir: work.path().join("activity"),
+    });
+    let mut readings = Vec::new();
+    let kernel_usec = || -> anyhow::Result<u64> {
+        let text = std::fs::read_to_string(cpuacct.join(name).join("cpuacct.usage"))?;
+        Ok(text.trim().parse::<u64>()? / 1_000)
+    };
+    let before = kernel_usec()?;
+    reader.read_node(&mut readings)?;
+    let after = kernel_usec()?;
+    assert_eq!(readings.len(), 1);
+    let read = readings[0].cpu_usage_usec;
+    assert!(
+        (before..=after).contains(&read) && read > 100_000,
+        "{read} µs read, kernel said {before}..{after}"
+    );
+    assert!(!readings[0].frozen);
+
+    let key = SandboxKey::from_cgroup_name(name)?;
+    set_frozen(&work.path().join("no-v2"), &freezer, &key, true)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::read_to_string(freezer.join(name).join("freezer.state"))?.trim() != "FROZEN" {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never froze");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    reader.read_node(&mut readings)?;
+    assert!(readings[0].frozen);
+    let frozen_at = readings[0].cpu_usage_usec;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    reader.read_node(&mut readings)?;
+    assert_eq!(readings[0].cpu_usage_usec, frozen_at, "no CPU while frozen");
+    set_frozen(&work.path().join("no-v2"), &freezer, &key, false)?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    reader.read_node(&mut readings)?;
+    assert!(!readings[0].frozen);
+    assert!(
+        readings[0].cpu_usage_usec > frozen_at + 100_000,
+        "CPU again once thawed"
+    );
+    Ok(())
+}
+
+/// v1 test cgroups and their burner, removed (thawed, killed) on drop.
+#[derive(Default)]
+struct V1Cgroups {
+    dirs: Vec<std::path::PathBuf>,
+    burner: Option<std::process::Child>,
+}
+
+impl Drop for V1Cgroups {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+        }
+        if let Some(burner) = self.burner.as_mut() {
+            let _ = burner.kill();
+            let _ = burner.wait();
+        }
+        for dir in self.dirs.iter().rev() {
+            for _ in 0..100 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
 }

@@ -89,6 +89,8 @@ fn main() {
     let layout = CgroupLayout {
         v2_parent: cgroups.parent.clone(),
         v1_memory_parent: work.path().join("no-v1"),
+        v1_cpuacct_parent: work.path().join("no-v1"),
+        v1_freezer_parent: work.path().join("no-v1"),
         labels_dir: labels,
         activity_dir: work.path().join("activity"),
     };

@@ -11,6 +11,14 @@
 //! allocation on the steady-state path. Discovery is one `readdir` of the parent
 //! per tick, so new and vanished sandboxes are noticed within one interval.
 //!
+//! **cgroup v1.** Where the discovered directory has no `cpu.stat` (a host
+//! without cgroup v2, whose discovery directory is then the v1 cpuacct
+//! parent), CPU comes from `<v1 cpuacct parent>/<name>/cpuacct.usage`
+//! (nanoseconds, reported in microseconds), and where it has no
+//! `cgroup.events`, the frozen state from `<v1 freezer parent>/<name>/freezer.state`
+//! (read every tick: the v1 freezer raises no events). Suspend and resume
+//! write `cgroup.freeze` on v2 and `freezer.state` on v1.
+//!
 //! **Network.** A sandbox with a network namespace of its own (a microVM's tap
 //! device lives in the host's namespace; this covers containers and gVisor-
 //! style sandboxes) is metered from `/proc/<pid>/net/dev` of one of its
@@ -55,10 +63,26 @@ use crate::{Error, Result};
 /// Where the collector looks for sandboxes and what the platform tells it.
 #[derive(Debug, Clone)]
 pub struct CgroupLayout {
+    /// Where sandboxes are discovered: the cgroup v2 parent, or on a host
+    /// without cgroup v2 the v1 cpuacct parent.
     pub v2_parent: PathBuf,
     pub v1_memory_parent: PathBuf,
+    /// v1 fallbacks for a sandbox whose discovered directory has no `cpu.stat`
+    /// (CPU from `cpuacct.usage`) or no `cgroup.events` (frozen from
+    /// `freezer.state`), as on hosts without cgroup v2.
+    pub v1_cpuacct_parent: PathBuf,
+    pub v1_freezer_parent: PathBuf,
     pub labels_dir: PathBuf,
     pub activity_dir: PathBuf,
+}
+
+/// Which file tells a sandbox's CPU time.
+#[derive(Debug)]
+enum CpuSource {
+    /// v2 `cpu.stat` usage_usec.
+    V2Stat(KernelFile),
+    /// v1 `cpuacct.usage`, nanoseconds.
+    V1Cpuacct(KernelFile),
 }
 
 /// Which file tells a sandbox's memory in use.
@@ -112,8 +136,12 @@ struct Discovered {
     key: SandboxKey,
     name: Arc<str>,
     instance: u64,
-    cpu_stat: KernelFile,
+    /// The sandbox's directory in the discovered hierarchy.
+    directory: PathBuf,
+    cpu: CpuSource,
     events: KernelFile,
+    /// v1 `freezer.state`, read every tick, where there is no `cgroup.events`.
+    v1_freezer: Option<KernelFile>,
     memory: MemorySource,
     labels: PathBuf,
     labels_modified: Option<SystemTime>,
@@ -319,6 +347,9 @@ impl CgroupReader {
         let Some(inotify) = self.events.as_mut() else {
             return;
         };
+        if sandbox.v1_freezer.is_some() {
+            return;
+        }
         match inotify
             .watches()
             .add(&sandbox.events.path, WatchMask::MODIFY)
@@ -476,6 +507,24 @@ impl CgroupReader {
         let io_stat = Some(v2.join("io.stat"))
             .filter(|path| path.exists())
             .map(KernelFile::new);
+        let cpu = if v2.join("cpu.stat").exists() {
+            CpuSource::V2Stat(KernelFile::new(v2.join("cpu.stat")))
+        } else {
+            CpuSource::V1Cpuacct(KernelFile::new(
+                self.layout
+                    .v1_cpuacct_parent
+                    .join(name)
+                    .join("cpuacct.usage"),
+            ))
+        };
+        let v1_freezer = (!v2.join("cgroup.events").exists()).then(|| {
+            KernelFile::new(
+                self.layout
+                    .v1_freezer_parent
+                    .join(name)
+                    .join("freezer.state"),
+            )
+        });
         let detail_files = DetailFiles {
             cpu_pressure: KernelFile::new(v2.join("cpu.pressure")),
             memory_pressure: KernelFile::new(v2.join("memory.pressure")),
@@ -487,8 +536,10 @@ impl CgroupReader {
             key,
             name: Arc::from(name),
             instance,
-            cpu_stat: KernelFile::new(v2.join("cpu.stat")),
+            directory: v2.clone(),
+            cpu,
             events: KernelFile::new(v2.join("cgroup.events")),
+            v1_freezer,
             memory,
             labels: self.layout.labels_dir.join(format!("{name}.toml")),
             labels_modified: None,
@@ -666,8 +717,7 @@ fn read_net(sandbox: &mut Discovered, reads: u64, host: Option<u64>) -> Option<N
         if reads < retry_at || !sandbox.populated {
             return None;
         }
-        let cgroup = sandbox.cpu_stat.path.parent().unwrap_or(Path::new("/"));
-        sandbox.net = match first_pid(cgroup) {
+        sandbox.net = match first_pid(&sandbox.directory) {
             None => NetSource::Unresolved {
                 retry_at: reads + LABEL_CHECK_EVERY,
             },
@@ -736,10 +786,24 @@ fn read_sandbox(
     net: Option<NetBytes>,
 ) -> std::io::Result<SandboxReading> {
     let mut buffer = [0_u8; 128];
-    let cpu_stat = sandbox.cpu_stat.read(&mut buffer)?;
-    let cpu_usage_usec = field_value(cpu_stat, "usage_usec")
-        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "cpu.stat has no usage_usec"))?;
-    if sandbox.events_stale || sandbox.events_watch.is_none() {
+    let cpu_usage_usec = match &mut sandbox.cpu {
+        CpuSource::V2Stat(file) => {
+            field_value(file.read(&mut buffer)?, "usage_usec").ok_or_else(|| {
+                std::io::Error::new(ErrorKind::InvalidData, "cpu.stat has no usage_usec")
+            })?
+        }
+        CpuSource::V1Cpuacct(file) => parse_number(file.read(&mut buffer)?)
+            .map(|nanoseconds| nanoseconds / 1_000)
+            .ok_or_else(|| {
+                std::io::Error::new(ErrorKind::InvalidData, "cpuacct.usage is not a number")
+            })?,
+    };
+    if let Some(freezer) = sandbox.v1_freezer.as_mut() {
+        // FREEZING counts as frozen: the collector only asks for it to suspend.
+        let state = freezer.read(&mut buffer)?;
+        sandbox.frozen = !state.starts_with(b"THAWED");
+        sandbox.populated = true;
+    } else if sandbox.events_stale || sandbox.events_watch.is_none() {
         let events = sandbox.events.read(&mut buffer)?;
         sandbox.frozen = field_value(events, "frozen") == Some(1);
         sandbox.populated = field_value(events, "populated") != Some(0);
@@ -817,16 +881,27 @@ fn parse_number(text: &[u8]) -> Option<u64> {
     std::str::from_utf8(text).ok()?.trim().parse().ok()
 }
 
-/// Freezes (suspend) or thaws (resume) a sandbox's cgroup through `cgroup.freeze`.
-pub fn set_frozen(v2_parent: &Path, key: &SandboxKey, frozen: bool) -> Result<()> {
-    let directory = v2_parent.join(key.cgroup_name());
-    if !directory.is_dir() {
+/// Freezes (suspend) or thaws (resume) a sandbox's cgroup: `cgroup.freeze`
+/// on v2, else `freezer.state` under the v1 freezer parent.
+pub fn set_frozen(
+    v2_parent: &Path,
+    v1_freezer_parent: &Path,
+    key: &SandboxKey,
+    frozen: bool,
+) -> Result<()> {
+    let name = key.cgroup_name();
+    let v2 = v2_parent.join(&name).join("cgroup.freeze");
+    let v1 = v1_freezer_parent.join(&name).join("freezer.state");
+    let (path, value) = if v2.exists() {
+        (v2, if frozen { "1" } else { "0" })
+    } else if v1.exists() {
+        (v1, if frozen { "FROZEN" } else { "THAWED" })
+    } else {
         return Err(Error::UnknownSandbox {
             sandbox: key.to_string(),
         });
-    }
-    let path = directory.join("cgroup.freeze");
-    std::fs::write(&path, if frozen { "1" } else { "0" }).map_err(|source| Error::Io {
+    };
+    std::fs::write(&path, value).map_err(|source| Error::Io {
         context: format!("writing {}", path.display()),
         source,
     })
@@ -919,6 +994,8 @@ mod tests {
         CgroupLayout {
             v2_parent: root.join("v2"),
             v1_memory_parent: root.join("v1"),
+            v1_cpuacct_parent: root.join("v1-cpuacct"),
+            v1_freezer_parent: root.join("v1-freezer"),
             labels_dir: root.join("labels"),
             activity_dir: root.join("activity"),
         }

@@ -88,6 +88,7 @@ pub struct CommandActor {
     pub group_id: String,
     pub node: NodeId,
     pub cgroup_parent: PathBuf,
+    pub v1_freezer_parent: PathBuf,
     pub max_age_ms: u64,
     pub epochs: watch::Receiver<EpochIndex>,
     pub metrics: CollectorMetrics,
@@ -143,17 +144,18 @@ impl CommandActor {
                 self.metrics.commands_ignored.inc();
                 tracing::warn!(command_id = %command.command_id, sandbox = %command.sandbox, %reason, "command ignored");
             }
-            Decision::Freeze { key, frozen } => match set_frozen(&self.cgroup_parent, &key, frozen)
-            {
-                Ok(()) => {
-                    self.metrics.commands_applied.inc();
-                    tracing::info!(command_id = %command.command_id, sandbox = %key, frozen, reason = %command.reason, "command applied");
+            Decision::Freeze { key, frozen } => {
+                match set_frozen(&self.cgroup_parent, &self.v1_freezer_parent, &key, frozen) {
+                    Ok(()) => {
+                        self.metrics.commands_applied.inc();
+                        tracing::info!(command_id = %command.command_id, sandbox = %key, frozen, reason = %command.reason, "command applied");
+                    }
+                    Err(error) => {
+                        self.metrics.commands_ignored.inc();
+                        tracing::warn!(command_id = %command.command_id, sandbox = %key, %error, "command could not be applied");
+                    }
                 }
-                Err(error) => {
-                    self.metrics.commands_ignored.inc();
-                    tracing::warn!(command_id = %command.command_id, sandbox = %key, %error, "command could not be applied");
-                }
-            },
+            }
         }
     }
 }

@@ -22,6 +22,11 @@ pub struct CollectorConfig {
     /// The matching cgroup v1 memory directory, read for memory when the v2
     /// child has no `memory.current` (no memory controller in v2's subtree).
     pub cgroup_v1_memory_parent: PathBuf,
+    /// v1 cpuacct and freezer directories, used for a sandbox whose directory
+    /// under `cgroup_parent` has no `cpu.stat` or no `cgroup.events`. On a
+    /// host without cgroup v2, set `cgroup_parent` to the cpuacct directory.
+    pub cgroup_v1_cpuacct_parent: PathBuf,
+    pub cgroup_v1_freezer_parent: PathBuf,
     /// Per-sandbox allocation files `<customer>.<sandbox>.toml` written by the
     /// platform when it creates the sandbox.
     pub labels_dir: PathBuf,
@@ -55,6 +60,8 @@ impl Default for CollectorConfig {
             node: String::new(),
             cgroup_parent: PathBuf::from("/sys/fs/cgroup/unified/idlemeter"),
             cgroup_v1_memory_parent: PathBuf::from("/sys/fs/cgroup/memory/idlemeter"),
+            cgroup_v1_cpuacct_parent: PathBuf::from("/sys/fs/cgroup/cpuacct/idlemeter"),
+            cgroup_v1_freezer_parent: PathBuf::from("/sys/fs/cgroup/freezer/idlemeter"),
             labels_dir: PathBuf::from("/etc/idlemeter/sandboxes"),
             activity_dir: PathBuf::from("/run/idlemeter/activity"),
             state_dir: PathBuf::from("/var/lib/idlemeter/collector"),

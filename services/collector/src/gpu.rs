@@ -20,7 +20,9 @@
 //!
 //! Billing does not depend on this module: allocated GPUs come from the label
 //! file (`gpu_count`, `gpu_model`) and accumulate in `gpu_alloc_ms`. Utilisation
-//! is an activity signal and a future wire field.
+//! and GPU memory go out as sample detail (`gpu_busy_ms`, `gpu_mem_used_bytes`):
+//! the cgroup reader asks the configured reader every tenth tick
+//! (`CgroupReader::with_gpu`) and the counters integrate the utilisation.
 
 mod nvml;
 

@@ -2,7 +2,10 @@
 //! cumulative counters that survive collector restarts, shipped to Kafka.
 //!
 //! Shape (source → transform → sink, plus an actuator):
-//! - [`cgroup`] discovers sandbox cgroups and reads them ([`reader::UsageReader`]);
+//! - [`cgroup`] discovers sandbox cgroups (inotify on the parent) and reads
+//!   them ([`reader::UsageReader`]): CPU, memory, frozen, network bytes of the
+//!   sandbox's own network namespace, and every tenth tick the detail
+//!   (pressure, peak memory, block I/O, GPU through [`gpu`]);
 //! - [`counters`] (pure) turns raw readings into per-epoch cumulative counters;
 //! - [`sampler`] runs a tick: read, advance, save [`state`], append to [`spool`];
 //!   a sandbox whose cgroup vanished gets one final `stopped` sample;
@@ -115,6 +118,8 @@ impl Collector {
         let reader = CgroupReader::new(CgroupLayout {
             v2_parent: config.cgroup_parent.clone(),
             v1_memory_parent: config.cgroup_v1_memory_parent.clone(),
+            v1_cpuacct_parent: config.cgroup_v1_cpuacct_parent.clone(),
+            v1_freezer_parent: config.cgroup_v1_freezer_parent.clone(),
             labels_dir: config.labels_dir.clone(),
             activity_dir: config.activity_dir.clone(),
         })
@@ -156,6 +161,7 @@ impl Collector {
             group_id: command_group,
             node: self.node.clone(),
             cgroup_parent: self.config.cgroup_parent.clone(),
+            v1_freezer_parent: self.config.cgroup_v1_freezer_parent.clone(),
             max_age_ms: self.config.command_max_age_ms,
             epochs: self.sampler.epochs(),
             metrics: self.metrics.clone(),
