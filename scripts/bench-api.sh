@@ -33,9 +33,11 @@ if [[ "$have" != "$want" ]]; then
     echo "loading $want samples into $DB ($have there now; truncating)"
     for table in usage_samples usage_hourly rated_usage; do q "TRUNCATE TABLE $DB.$table"; done
     began=$(date +%s)
+    # The columns of migration 0001 (later ones add more, with defaults).
+    sample_columns="customer, sandbox, node, epoch, seq, ts, ts_ms, state, vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes, cpu_used_usec, net_rx_bytes, net_tx_bytes, vcpu_alloc_usec, mem_alloc_kib_ms, mem_used_kib_ms, gpu_alloc_ms, disk_mib_ms, api_calls, mem_used_bytes, exec_sessions, open_conns"
     for ((day = 0; day < DAYS; day++)); do
         # One INSERT per day: 3,456,000 rows; n -> (second, sandbox).
-        q "INSERT INTO $DB.usage_samples
+        q "INSERT INTO $DB.usage_samples ($sample_columns)
         SELECT
             concat('bench-', toString(intDiv(n % $SANDBOXES, 4))) AS customer,
             concat('sb-', toString(n % $SANDBOXES)) AS sandbox,

@@ -21,6 +21,10 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MIGRATIONS = sorted((ROOT / "migrations").glob("*.sql"))
+# The columns of migration 0001, in order: later migrations add more (with defaults).
+SAMPLE_COLUMNS = (
+    "(customer, sandbox, node, epoch, seq, ts, ts_ms, state, vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes, cpu_used_usec, net_rx_bytes, net_tx_bytes, vcpu_alloc_usec, mem_alloc_kib_ms, mem_used_kib_ms, gpu_alloc_ms, disk_mib_ms, api_calls, mem_used_bytes, exec_sessions, open_conns)"
+)
 QUERIES = ROOT / "services" / "store" / "src" / "queries"
 
 # 2026-11-01 10:00:00 UTC (1793527200) and the trace of tests/tests/end_to_end.rs.
@@ -121,14 +125,22 @@ def run_checks(query) -> int:
     for migration in MIGRATIONS:
         for statement in statements(migration.read_text()):
             query(statement)
-        # Applying twice must be harmless (IF NOT EXISTS everywhere).
+        # Applying twice must be harmless: IF NOT EXISTS everywhere, and for
+        # ADD COLUMN (which 18.16 cannot guard) the runner's rule in
+        # services/store/src/migrate.rs: "already exists" means applied.
         for statement in statements(migration.read_text()):
-            query(statement)
+            try:
+                query(statement)
+            except Exception as error:
+                adds = " ".join(statement.split()).upper()
+                if not (adds.startswith("ALTER TABLE ") and " ADD COLUMN " in adds
+                        and "column with this name already exists" in str(error)):
+                    raise
         print(f"ok  {migration.name}")
 
     rows = ",".join(sample("acme", sbx, "node-1", epoch, seq, ts, cpu) for sbx, epoch, seq, ts, cpu in TRACE)
-    query(f"INSERT INTO usage_samples VALUES {rows}")
-    query(f"INSERT INTO usage_samples VALUES {rows}")  # a replay
+    query(f"INSERT INTO usage_samples {SAMPLE_COLUMNS} VALUES {rows}")
+    query(f"INSERT INTO usage_samples {SAMPLE_COLUMNS} VALUES {rows}")  # a replay
 
     # Hour windows. Hour 10 holds sbx-a seqs 1-2, sbx-b's four samples; hour
     # 11 sbx-a seqs 3-4. vcpu_alloc_usec is seq * 2 s.
@@ -394,8 +406,8 @@ def run_checks(query) -> int:
         sample("globex", "sbx-c", "node-2", 2, 1, HOUR_10 + 120, 30, vcpu_milli=4000),
     ])
     for _ in range(2):
-        query(f"INSERT INTO usage_samples VALUES {latest}")
-        query(f"INSERT INTO usage_samples VALUES {earlier}")
+        query(f"INSERT INTO usage_samples {SAMPLE_COLUMNS} VALUES {latest}")
+        query(f"INSERT INTO usage_samples {SAMPLE_COLUMNS} VALUES {earlier}")
     name = "sandbox_state.sql"
     # Columns: sandbox, node, epoch, state, first_seen_ms, last_seen_ms,
     # vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes, exec_sessions, open_conns.
