@@ -534,10 +534,23 @@ impl PrivateBroker {
             .map_err(|error| anyhow::anyhow!("starting {}: {error}", self.binary.display()))?;
         self.server = Some(server);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(self.address())
-            .await
-            .is_err()
-        {
+        loop {
+            // Our broker must still be running: after a restart another test
+            // may have taken the port, and a bare connect would then succeed.
+            if let Some(status) = self
+                .server
+                .as_mut()
+                .and_then(|s| s.try_wait().ok().flatten())
+            {
+                anyhow::bail!(
+                    "private broker exited ({status}); port {} taken? see {}",
+                    self.port,
+                    self.dir.join("tansu.log").display()
+                );
+            }
+            if tokio::net::TcpStream::connect(self.address()).await.is_ok() {
+                return Ok(());
+            }
             anyhow::ensure!(
                 tokio::time::Instant::now() < deadline,
                 "private broker did not start; see {}",
@@ -545,7 +558,6 @@ impl PrivateBroker {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(())
     }
 
     /// Kills the broker (SIGKILL) and waits for it to be gone.

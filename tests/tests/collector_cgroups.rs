@@ -360,9 +360,12 @@ fn sandboxes_created_and_removed_on_cgroupfs_are_noticed_at_the_next_read() -> a
     let second = cgroups.add_sandbox("acme.second")?;
     reader.read_node(&mut readings)?;
     assert_eq!(names(&readings), ["acme.first", "acme.second"]);
+    assert_eq!(reader.unlabelled_sandboxes(), 2, "two discovered");
     std::fs::remove_dir(&second)?;
     reader.read_node(&mut readings)?;
     assert_eq!(names(&readings), ["acme.first"]);
+    // Forgotten by discovery, not merely unreadable.
+    assert_eq!(reader.unlabelled_sandboxes(), 1, "one discovered");
     Ok(())
 }
 
@@ -396,7 +399,6 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
         ))
         .spawn()?;
     v1.burner = Some(burner);
-    std::thread::sleep(std::time::Duration::from_millis(300));
 
     let work = tempfile::tempdir()?;
     let mut reader = CgroupReader::new(CgroupLayout {
@@ -412,6 +414,19 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
         let text = std::fs::read_to_string(cpuacct.join(name).join("cpuacct.usage"))?;
         Ok(text.trim().parse::<u64>()? / 1_000)
     };
+    // Wait for some CPU (the machine is shared: no fixed sleep).
+    let until =
+        |what: &str, done: &mut dyn FnMut() -> anyhow::Result<bool>| -> anyhow::Result<()> {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !done()? {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "timed out: {what}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(())
+        };
+    until("the burner used 100 ms", &mut || {
+        Ok(kernel_usec()? > 100_000)
+    })?;
     let before = kernel_usec()?;
     reader.read_node(&mut readings)?;
     let after = kernel_usec()?;
@@ -425,11 +440,9 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
 
     let key = SandboxKey::from_cgroup_name(name)?;
     set_frozen(&work.path().join("no-v2"), &freezer, &key, true)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::fs::read_to_string(freezer.join(name).join("freezer.state"))?.trim() != "FROZEN" {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never froze");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    until("frozen", &mut || {
+        Ok(std::fs::read_to_string(freezer.join(name).join("freezer.state"))?.trim() == "FROZEN")
+    })?;
     reader.read_node(&mut readings)?;
     assert!(readings[0].frozen);
     let frozen_at = readings[0].cpu_usage_usec;
@@ -437,13 +450,10 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
     reader.read_node(&mut readings)?;
     assert_eq!(readings[0].cpu_usage_usec, frozen_at, "no CPU while frozen");
     set_frozen(&work.path().join("no-v2"), &freezer, &key, false)?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    reader.read_node(&mut readings)?;
-    assert!(!readings[0].frozen);
-    assert!(
-        readings[0].cpu_usage_usec > frozen_at + 100_000,
-        "CPU again once thawed"
-    );
+    until("CPU again once thawed", &mut || {
+        reader.read_node(&mut readings)?;
+        Ok(!readings[0].frozen && readings[0].cpu_usage_usec > frozen_at + 50_000)
+    })?;
     Ok(())
 }
 

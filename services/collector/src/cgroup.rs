@@ -103,9 +103,6 @@ struct KernelFile {
     file: Option<File>,
 }
 
-/// `ENODEV`: reading an open file of a cgroup that was removed.
-const NO_SUCH_DEVICE: i32 = 19;
-
 /// `EMFILE`: the process has no descriptor left.
 const TOO_MANY_OPEN_FILES: i32 = 24;
 
@@ -128,6 +125,25 @@ impl KernelFile {
         let length = file.read_at(buffer, 0)?;
         Ok(&buffer[..length])
     }
+
+    /// Reads the whole file into `out`. Kernel files generated in records
+    /// (`/proc/net/dev`, `io.stat`) return only whole lines per read, so one
+    /// read of a fixed buffer may silently stop early: read on until the end.
+    fn read_all(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(File::open(&self.path)?);
+        }
+        let file = self.file.as_ref().expect("opened just above");
+        out.clear();
+        let mut chunk = [0_u8; 4096];
+        loop {
+            let length = file.read_at(&mut chunk, out.len() as u64)?;
+            if length == 0 {
+                return Ok(());
+            }
+            out.extend_from_slice(&chunk[..length]);
+        }
+    }
 }
 
 /// A discovered sandbox and the paths it is read from.
@@ -142,6 +158,8 @@ struct Discovered {
     events: KernelFile,
     /// v1 `freezer.state`, read every tick, where there is no `cgroup.events`.
     v1_freezer: Option<KernelFile>,
+    /// Neither: reported running, never frozen.
+    no_freezer: bool,
     memory: MemorySource,
     labels: PathBuf,
     labels_modified: Option<SystemTime>,
@@ -156,6 +174,9 @@ struct Discovered {
     events_stale: bool,
     events_watch: Option<WatchDescriptor>,
     net: NetSource,
+    host_network_logged: bool,
+    /// The last read failed (logged once until it reads again).
+    read_failing: bool,
     detail_files: DetailFiles,
     /// Detail as last read (GPU busy time is integrated by the counters).
     detail: SampleDetail,
@@ -177,10 +198,31 @@ struct DetailFiles {
 enum NetSource {
     /// No process found yet (or it exited): look again at `retry_at` reads.
     Unresolved { retry_at: u64 },
-    /// Its processes share the collector's namespace: not attributable.
-    HostNamespace,
-    /// `/proc/<pid>/net/dev` of a process in the sandbox's own namespace.
-    Own { namespace: u64, dev: KernelFile },
+    /// Its process shares the collector's namespace: not attributable. Looked
+    /// at again from `recheck_at` (a runtime may unshare after starting).
+    HostNamespace { recheck_at: u64 },
+    /// A process in the sandbox's own namespace.
+    Own(OwnNetwork),
+}
+
+/// The network namespace a sandbox's bytes are read from.
+#[derive(Debug)]
+struct OwnNetwork {
+    pid: String,
+    namespace: u64,
+    /// `/proc/<pid>/net/dev`, kept open. An open file keeps its namespace
+    /// alive even after the process exits, so the pid's namespace is checked
+    /// again from `recheck_at`.
+    dev: KernelFile,
+    recheck_at: u64,
+    /// Raw (received, sent) per interface at the last read.
+    interfaces: HashMap<String, (u64, u64)>,
+    /// Bytes since this namespace was first read: each interface's rise
+    /// between reads (a fall is a reset: all of the new value counts). An
+    /// interface seen for the first time is its own baseline, so traffic from
+    /// before it was seen is never billed, nor a moved-in interface's past.
+    rx: u64,
+    tx: u64,
 }
 
 /// Reads every sandbox cgroup under a parent; the production [`UsageReader`].
@@ -214,6 +256,8 @@ pub struct CgroupReader {
     gpu_parent: Option<String>,
     /// Distinct GPU read errors already logged.
     gpu_errors_logged: HashSet<String>,
+    /// Sandboxes present but unreadable at the last read.
+    unreadable: Vec<Arc<str>>,
 }
 
 /// The GPU reader, behind a name for `Debug`.
@@ -235,6 +279,10 @@ const LABEL_CHECK_EVERY: u64 = 10;
 
 impl CgroupReader {
     pub fn new(layout: CgroupLayout) -> Self {
+        let own_namespace = namespace_of("self");
+        if own_namespace.is_some() && own_namespace != namespace_of("1") {
+            tracing::warn!("the collector does not run in the host's network namespace: a sandbox in the host namespace would look like one of its own and be metered the host's traffic; run it with the host network");
+        }
         Self {
             layout,
             discovered: HashMap::new(),
@@ -248,10 +296,11 @@ impl CgroupReader {
             watched: HashMap::new(),
             parent_watch: None,
             parent_changed: true,
-            host_namespace: namespace_of("self"),
+            host_namespace: own_namespace,
             gpu: None,
             gpu_parent: None,
             gpu_errors_logged: HashSet::new(),
+            unreadable: Vec::new(),
         }
     }
 
@@ -278,6 +327,11 @@ impl CgroupReader {
                 let text = error.to_string();
                 if self.gpu_errors_logged.insert(text.clone()) {
                     tracing::warn!(error = %text, "reading GPU processes failed (logged once per distinct error)");
+                }
+                // Unknown is not busy: the last utilisation must not go on accruing.
+                for sandbox in self.discovered.values_mut() {
+                    sandbox.gpu_sm_percent = 0;
+                    sandbox.detail.gpu_mem_used_bytes = 0;
                 }
                 return;
             }
@@ -347,7 +401,7 @@ impl CgroupReader {
         let Some(inotify) = self.events.as_mut() else {
             return;
         };
-        if sandbox.v1_freezer.is_some() {
+        if sandbox.v1_freezer.is_some() || sandbox.no_freezer {
             return;
         }
         match inotify
@@ -389,7 +443,11 @@ impl CgroupReader {
         }
         // Cleared before listing: a change during the listing raises it again.
         self.parent_changed = false;
-        self.discover()
+        let listed = self.discover();
+        if listed.is_err() {
+            self.parent_changed = true;
+        }
+        listed
     }
 
     fn watch_parent(&mut self) {
@@ -517,14 +575,18 @@ impl CgroupReader {
                     .join("cpuacct.usage"),
             ))
         };
-        let v1_freezer = (!v2.join("cgroup.events").exists()).then(|| {
-            KernelFile::new(
-                self.layout
-                    .v1_freezer_parent
-                    .join(name)
-                    .join("freezer.state"),
-            )
-        });
+        let has_events = v2.join("cgroup.events").exists();
+        let v1_freezer_state = self
+            .layout
+            .v1_freezer_parent
+            .join(name)
+            .join("freezer.state");
+        let v1_freezer =
+            (!has_events && v1_freezer_state.exists()).then(|| KernelFile::new(v1_freezer_state));
+        let no_freezer = !has_events && v1_freezer.is_none();
+        if no_freezer {
+            tracing::warn!(sandbox = %key, "neither cgroup.events (v2) nor freezer.state (v1): the sandbox is reported running and cannot be suspended");
+        }
         let detail_files = DetailFiles {
             cpu_pressure: KernelFile::new(v2.join("cpu.pressure")),
             memory_pressure: KernelFile::new(v2.join("memory.pressure")),
@@ -540,6 +602,7 @@ impl CgroupReader {
             cpu,
             events: KernelFile::new(v2.join("cgroup.events")),
             v1_freezer,
+            no_freezer,
             memory,
             labels: self.layout.labels_dir.join(format!("{name}.toml")),
             labels_modified: None,
@@ -551,6 +614,8 @@ impl CgroupReader {
             events_stale: true,
             events_watch: None,
             net: NetSource::Unresolved { retry_at: 0 },
+            host_network_logged: false,
+            read_failing: false,
             detail_files,
             detail: SampleDetail::default(),
             gpu_sm_percent: 0,
@@ -570,6 +635,7 @@ impl UsageReader for CgroupReader {
         let reread_activity = self.activity_changed() || check_labels;
         self.reads += 1;
         readings.clear();
+        self.unreadable.clear();
         for sandbox in self.discovered.values_mut() {
             if check_labels {
                 refresh_labels(sandbox);
@@ -582,17 +648,29 @@ impl UsageReader for CgroupReader {
             }
             let net = read_net(sandbox, self.reads, self.host_namespace);
             match read_sandbox(sandbox, net) {
-                Ok(reading) => readings.push(reading),
+                Ok(reading) => {
+                    sandbox.read_failing = false;
+                    readings.push(reading);
+                }
                 // Removed between listing and reading: it is gone, not broken.
-                Err(error)
-                    if error.kind() == ErrorKind::NotFound
-                        || error.raw_os_error() == Some(NO_SUCH_DEVICE) => {}
+                Err(_) if !sandbox.directory.exists() => {}
+                // Still there but unreadable (a missing v1 file, a transient
+                // error): no sample this tick, but not gone either, so its
+                // epoch and counters carry on.
                 Err(error) => {
-                    tracing::warn!(sandbox = %sandbox.key, %error, "reading sandbox cgroup failed")
+                    if !sandbox.read_failing {
+                        sandbox.read_failing = true;
+                        tracing::warn!(sandbox = %sandbox.key, %error, "reading sandbox cgroup failed: no samples until it reads again (logged once)");
+                    }
+                    self.unreadable.push(Arc::clone(&sandbox.name));
                 }
             }
         }
         Ok(())
+    }
+
+    fn unreadable(&self) -> &[Arc<str>] {
+        &self.unreadable
     }
 
     fn unlabelled_sandboxes(&self) -> usize {
@@ -632,9 +710,9 @@ fn read_detail_files(sandbox: &mut Discovered) {
         }
     }
     if let Some(io_stat) = files.io_stat.as_mut() {
-        let mut large = [0_u8; 4096];
-        if let Ok(text) = io_stat.read(&mut large) {
-            (detail.io_read_bytes, detail.io_write_bytes) = io_stat_bytes(text);
+        let mut text = Vec::new();
+        if io_stat.read_all(&mut text).is_ok() {
+            (detail.io_read_bytes, detail.io_write_bytes) = io_stat_bytes(&text);
         }
     }
 }
@@ -711,74 +789,116 @@ fn first_pid(cgroup: &Path) -> Option<String> {
 
 /// Reads the sandbox's network counters, finding its namespace first when needed.
 fn read_net(sandbox: &mut Discovered, reads: u64, host: Option<u64>) -> Option<NetBytes> {
+    // A namespace to look at again goes back to unresolved and is resolved now.
+    match &mut sandbox.net {
+        NetSource::HostNamespace { recheck_at } if reads >= *recheck_at => {
+            sandbox.net = NetSource::Unresolved { retry_at: reads };
+        }
+        NetSource::Own(own) if reads >= own.recheck_at => {
+            if namespace_of(&own.pid) == Some(own.namespace) {
+                own.recheck_at = reads + LABEL_CHECK_EVERY;
+            } else {
+                // Exited, or the pid now names another process.
+                sandbox.net = NetSource::Unresolved { retry_at: reads };
+            }
+        }
+        _ => {}
+    }
     if let NetSource::Unresolved { retry_at } = sandbox.net {
         // An empty cgroup has no process to ask (populated 0 in cgroup.events,
         // whose change raises an inotify event).
         if reads < retry_at || !sandbox.populated {
             return None;
         }
+        let later = reads + LABEL_CHECK_EVERY;
         sandbox.net = match first_pid(&sandbox.directory) {
-            None => NetSource::Unresolved {
-                retry_at: reads + LABEL_CHECK_EVERY,
-            },
+            None => NetSource::Unresolved { retry_at: later },
             Some(pid) => match namespace_of(&pid) {
-                None => NetSource::Unresolved {
-                    retry_at: reads + LABEL_CHECK_EVERY,
-                },
+                None => NetSource::Unresolved { retry_at: later },
                 Some(namespace) if Some(namespace) == host => {
-                    tracing::info!(sandbox = %sandbox.key, "sandbox shares the host network namespace: its network bytes are not metered");
-                    NetSource::HostNamespace
+                    if !sandbox.host_network_logged {
+                        sandbox.host_network_logged = true;
+                        tracing::info!(sandbox = %sandbox.key, "sandbox shares the collector's network namespace: its network bytes are not metered");
+                    }
+                    NetSource::HostNamespace { recheck_at: later }
                 }
-                Some(namespace) => NetSource::Own {
-                    namespace,
+                Some(namespace) => NetSource::Own(OwnNetwork {
                     dev: KernelFile::new(PathBuf::from(format!("/proc/{pid}/net/dev"))),
-                },
+                    pid,
+                    namespace,
+                    recheck_at: later,
+                    interfaces: HashMap::new(),
+                    rx: 0,
+                    tx: 0,
+                }),
             },
         };
     }
-    let NetSource::Own { namespace, dev } = &mut sandbox.net else {
+    let NetSource::Own(own) = &mut sandbox.net else {
         return None;
     };
-    let namespace = *namespace;
-    const CAPACITY: usize = 4096;
-    let mut buffer = [0_u8; CAPACITY];
-    match dev.read(&mut buffer) {
-        Ok(text) if text.len() < CAPACITY => {
-            parse_net_dev(text).map(|(rx, tx)| NetBytes { namespace, rx, tx })
-        }
-        // Too many interfaces for the stack buffer: read it whole.
-        Ok(_) => std::fs::read(&dev.path)
-            .ok()
-            .and_then(|text| parse_net_dev(&text))
-            .map(|(rx, tx)| NetBytes { namespace, rx, tx }),
-        Err(_) => {
-            // The process exited: find another one next tick.
-            sandbox.net = NetSource::Unresolved {
-                retry_at: reads + 1,
-            };
-            None
-        }
+    let mut text = Vec::with_capacity(1024);
+    if own.dev.read_all(&mut text).is_err() {
+        sandbox.net = NetSource::Unresolved {
+            retry_at: reads + 1,
+        };
+        return None;
     }
+    let interfaces = parse_net_dev(&text)?;
+    let (rx, tx) = interface_rises(&own.interfaces, &interfaces);
+    own.rx += rx;
+    own.tx += tx;
+    own.interfaces = interfaces
+        .into_iter()
+        .map(|(name, rx, tx)| (name, (rx, tx)))
+        .collect();
+    Some(NetBytes {
+        namespace: own.namespace,
+        rx: own.rx,
+        tx: own.tx,
+    })
 }
 
-/// Sums received and sent bytes over every interface but `lo` in the text
+/// Bytes received and sent since the last read, summed per interface: an
+/// interface's rise, or all of its value if it fell (reset); an interface not
+/// seen before is a baseline (nothing), and one that went counts nothing.
+pub fn interface_rises(
+    last: &HashMap<String, (u64, u64)>,
+    now: &[(String, u64, u64)],
+) -> (u64, u64) {
+    let rise = |before: u64, after: u64| {
+        if after >= before {
+            after - before
+        } else {
+            after
+        }
+    };
+    now.iter()
+        .filter_map(|(name, rx, tx)| {
+            let (last_rx, last_tx) = last.get(name)?;
+            Some((rise(*last_rx, *rx), rise(*last_tx, *tx)))
+        })
+        .fold((0, 0), |(rx, tx), (drx, dtx)| (rx + drx, tx + dtx))
+}
+
+/// Every interface but `lo` with its received and sent bytes, from the text
 /// of `/proc/net/dev` (two header lines, then `name: rx_bytes ... tx_bytes ...`
-/// with tx_bytes the ninth number).
-pub fn parse_net_dev(text: &[u8]) -> Option<(u64, u64)> {
+/// with tx_bytes the ninth number). `None` when a line is malformed.
+pub fn parse_net_dev(text: &[u8]) -> Option<Vec<(String, u64, u64)>> {
     let text = std::str::from_utf8(text).ok()?;
-    let (mut rx, mut tx) = (0_u64, 0_u64);
+    let mut interfaces = Vec::new();
     for line in text.lines().skip(2) {
         let (name, numbers) = line.split_once(':')?;
-        if name.trim() == "lo" {
+        let name = name.trim();
+        if name == "lo" {
             continue;
         }
         let mut numbers = numbers.split_whitespace().map(str::parse::<u64>);
         let received = numbers.next()?.ok()?;
         let sent = numbers.nth(7)?.ok()?;
-        rx = rx.saturating_add(received);
-        tx = tx.saturating_add(sent);
+        interfaces.push((name.to_owned(), received, sent));
     }
-    Some((rx, tx))
+    Some(interfaces)
 }
 
 fn read_sandbox(
@@ -798,7 +918,10 @@ fn read_sandbox(
                 std::io::Error::new(ErrorKind::InvalidData, "cpuacct.usage is not a number")
             })?,
     };
-    if let Some(freezer) = sandbox.v1_freezer.as_mut() {
+    if sandbox.no_freezer {
+        sandbox.frozen = false;
+        sandbox.populated = true;
+    } else if let Some(freezer) = sandbox.v1_freezer.as_mut() {
         // FREEZING counts as frozen: the collector only asks for it to suspend.
         let state = freezer.read(&mut buffer)?;
         sandbox.frozen = !state.starts_with(b"THAWED");
@@ -923,7 +1046,13 @@ mod tests {
     #[test]
     fn net_dev_sums_every_interface_but_loopback() {
         let text = b"Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:  500 5 0 0 0 0 0 0  500 5 0 0 0 0 0 0\n  eth0: 10728 14 0 0 0 0 0 0 3758 9 0 0 0 0 0 0\n  eth1: 2 1 0 0 0 0 0 0 40 1 0 0 0 0 0 0\n";
-        assert_eq!(parse_net_dev(text), Some((10_730, 3_798)));
+        assert_eq!(
+            parse_net_dev(text),
+            Some(vec![
+                ("eth0".to_owned(), 10_728, 3_758),
+                ("eth1".to_owned(), 2, 40)
+            ])
+        );
         assert_eq!(
             parse_net_dev(b"h\nh\n  eth0: 1 2\n"),
             None,
@@ -987,6 +1116,26 @@ mod tests {
         assert_eq!(
             io_stat_bytes(b"259:0 rbytes=7 wbytes=9 rios=1 wios=2 dbytes=100 dios=1\n"),
             (7, 9)
+        );
+    }
+
+    #[test]
+    fn interface_rises_never_count_a_vanished_or_new_interface_twice() {
+        let last: HashMap<String, (u64, u64)> = [
+            ("eth0".to_owned(), (1_000, 100)),
+            ("eth1".to_owned(), (5_000, 500)),
+        ]
+        .into();
+        // eth0 rose, eth1 went away, veth9 appeared with old counters.
+        let now = [
+            ("eth0".to_owned(), 1_500, 130),
+            ("veth9".to_owned(), 90_000, 9_000),
+        ];
+        assert_eq!(interface_rises(&last, &now), (500, 30));
+        // eth0 was reset (recreated under the same name): all of it is new.
+        assert_eq!(
+            interface_rises(&last, &[("eth0".to_owned(), 200, 10)]),
+            (200, 10)
         );
     }
 

@@ -31,6 +31,7 @@ const MIB: u128 = 1 << 20;
 
 /// Everything needed to continue a sandbox's counters; persisted in the state file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SandboxCounters {
     pub instance: u64,
     pub epoch: u64,

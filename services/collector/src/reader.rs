@@ -56,6 +56,12 @@ pub trait UsageReader {
     /// sandboxes at all is an error.
     fn read_node(&mut self, readings: &mut Vec<SandboxReading>) -> Result<()>;
 
+    /// Sandboxes present at the last read but not readable then: they get no
+    /// sample, and keep their epoch and counters (they did not vanish).
+    fn unreadable(&self) -> &[Arc<str>] {
+        &[]
+    }
+
     /// Sandboxes metered without a label file (so with a zero allocation).
     fn unlabelled_sandboxes(&self) -> usize {
         0

@@ -68,6 +68,18 @@ impl<R: UsageReader> Sampler<R> {
         let legacy = (!state_file.exists() && legacy.exists()).then_some(legacy);
         let mut state = CollectorState::load(legacy.as_deref().unwrap_or(&state_file))?;
         state.batch_seq = state.batch_seq.max(spool.last_batch_seq().unwrap_or(0));
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|text| text.trim().to_owned())
+            .unwrap_or_default();
+        if !state.boot_id.is_empty() && state.boot_id != boot_id {
+            // Another boot: cgroup inode numbers repeat across boots, so no
+            // saved instance may be trusted to be the same cgroup.
+            tracing::info!(saved = %state.boot_id, now = %boot_id, "state saved before a reboot: every sandbox starts a new epoch");
+            for counters in state.sandboxes.values_mut() {
+                counters.instance = 0;
+            }
+        }
+        state.boot_id = boot_id;
         tracing::info!(sandboxes = state.sandboxes.len(), batch_seq = state.batch_seq, file = %state_file.display(), "collector state loaded");
         let (epochs, _) = watch::channel(EpochIndex::default());
         let sampler = Self {
@@ -137,6 +149,7 @@ impl<R: UsageReader> Sampler<R> {
         let mut samples = Vec::with_capacity(self.readings.len());
         let mut epochs_changed = false;
         let mut present: HashSet<&str> = HashSet::with_capacity(self.readings.len());
+        present.extend(self.reader.unreadable().iter().map(|name| name.as_ref()));
         for reading in &self.readings {
             let name = reading.name.as_ref();
             present.insert(name);
@@ -378,5 +391,36 @@ mod tests {
         assert_eq!(sampler.state.sandboxes["acme.a"].seq, 2);
         assert_eq!(sampler.epochs().borrow().len(), 1, "the index follows");
         assert_eq!(sampler.sample_once(at(2_000)).expect("tick").samples, 1);
+    }
+
+    #[test]
+    fn a_state_from_another_boot_starts_new_epochs() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let mut saved = CollectorState {
+            batch_seq: 3,
+            boot_id: "not-this-boot".to_owned(),
+            ..Default::default()
+        };
+        let counters = SandboxCounters {
+            instance: 9, // the same inode number the new cgroup has
+            epoch: 1_000,
+            seq: 41,
+            last_ts_ms: 1_790_000_000_000,
+            cpu_used_usec: 1_000,
+            ..Default::default()
+        };
+        saved.sandboxes.insert("acme.a".to_owned(), counters);
+        saved
+            .save(&directory.path().join("counters.state"))
+            .expect("saves");
+        let mut sampler = sampler(directory.path(), vec!["acme.a"]);
+        let now = DateTime::from_timestamp_millis(1_790_000_001_000).expect("valid");
+        sampler.sample_once(now).expect("tick");
+        let after = &sampler.state.sandboxes["acme.a"];
+        assert!(after.epoch > 1_000, "a new epoch, not {}", after.epoch);
+        assert_eq!(after.seq, 1);
+        let this_boot =
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+        assert_eq!(sampler.state.boot_id, this_boot.trim());
     }
 }

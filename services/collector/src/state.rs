@@ -24,9 +24,15 @@ use crate::{Error, Result};
 
 /// What survives a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CollectorState {
     /// Sequence of the last node batch produced.
     pub batch_seq: u64,
+    /// The kernel's boot id when saved (`/proc/sys/kernel/random/boot_id`).
+    /// After a reboot cgroup inode numbers are handed out again, so a saved
+    /// `instance` could match a new cgroup: a state from another boot starts
+    /// new epochs for every sandbox (see `Sampler::new`). Empty: unknown.
+    pub boot_id: String,
     /// Counters by cgroup name (`<customer>.<sandbox>`).
     pub sandboxes: BTreeMap<String, SandboxCounters>,
 }
@@ -68,10 +74,12 @@ impl CollectorState {
     /// Not syncing is deliberate: it halves a tick's file-system work, and a
     /// sync would only matter if the machine itself crashed. A killed
     /// collector's writes are in the page cache and survive it. A machine
-    /// crash ends every sandbox on it; they come back (if at all) in new cgroup
-    /// instances, which start new epochs whatever the state file says, so an
-    /// older state file can never reuse a (sandbox, epoch, seq) identity. The
-    /// spool, which holds unsent usage, is synced (see `spool.rs`).
+    /// crash ends every sandbox on it and is a reboot: the state carries the
+    /// boot id, and a state from another boot starts a new epoch for every
+    /// sandbox (cgroup inode numbers repeat across boots, so instances alone
+    /// would not do), so an older state file can never reuse a (sandbox,
+    /// epoch, seq) identity. The spool, which holds unsent usage, is synced
+    /// (see `spool.rs`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = encode(self).map_err(|reason| Error::State {
             file: path.display().to_string(),
@@ -84,7 +92,7 @@ impl CollectorState {
 const MAGIC: &[u8; 8] = b"IMSTATE1";
 
 /// The binary layout, all integers little-endian: `IMSTATE1`, batch_seq (u64),
-/// sandbox count (u32), then per sandbox its name (u16 length, UTF-8 bytes)
+/// boot id (u16 length, UTF-8 bytes), sandbox count (u32), then per sandbox its name (u16 length, UTF-8 bytes)
 /// and the 22 counter fields of [`SandboxCounters`] (u64 each, in declaration
 /// order; `last_ts_ms` as its two's-complement bits), and last an FNV-1a 64
 /// checksum (u64) of everything before it.
@@ -92,6 +100,10 @@ pub fn encode(state: &CollectorState) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(24 + state.sandboxes.len() * (2 + 40 + FIELDS * 8));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&state.batch_seq.to_le_bytes());
+    let boot_id_length =
+        u16::try_from(state.boot_id.len()).map_err(|_| "boot id too long".to_owned())?;
+    out.extend_from_slice(&boot_id_length.to_le_bytes());
+    out.extend_from_slice(state.boot_id.as_bytes());
     let count = u32::try_from(state.sandboxes.len()).map_err(|_| "too many sandboxes")?;
     out.extend_from_slice(&count.to_le_bytes());
     for (name, counters) in &state.sandboxes {
@@ -121,8 +133,14 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<CollectorState, String> {
     if reader.take(MAGIC.len())? != MAGIC {
         return Err("not an idlemeter state file".to_owned());
     }
+    let batch_seq = reader.u64()?;
+    let boot_id_length = usize::from(u16::from_le_bytes(reader.array()?));
+    let boot_id = std::str::from_utf8(reader.take(boot_id_length)?)
+        .map_err(|_| "the boot id is not UTF-8")?
+        .to_owned();
     let mut state = CollectorState {
-        batch_seq: reader.u64()?,
+        batch_seq,
+        boot_id,
         ..CollectorState::default()
     };
     let count = u32::from_le_bytes(reader.array()?);
@@ -316,6 +334,7 @@ mod tests {
     fn full_state() -> CollectorState {
         let mut state = CollectorState {
             batch_seq: 41,
+            boot_id: "0f5c1c5e-7d52-4a4c-9d1e-2b8f3c4d5e6f".to_owned(),
             ..Default::default()
         };
         for (index, name) in ["acme.sbx-1", "globex.é"].into_iter().enumerate() {
@@ -376,6 +395,26 @@ mod tests {
             CollectorState::default()
         );
         assert!(directory.path().join("counters.state.corrupt").exists());
+    }
+
+    #[test]
+    fn the_json_state_of_version_0_1_loads_with_the_new_counters_at_zero() {
+        // Written by the collector at commit 85aec5c (before network, GPU busy
+        // time and the boot id existed).
+        let text = r#"{"batch_seq":12,"sandboxes":{"acme.a":{"instance":77,"epoch":1790000000000,"seq":12,"last_ts_ms":1790000011000,"cpu_used_usec":5000,"vcpu_alloc_usec":11000000,"mem_alloc_kib_ms":0,"mem_used_kib_ms":0,"gpu_alloc_ms":0,"disk_mib_ms":11000,"api_calls":0,"api_calls_seen":0,"mem_alloc_rem":0,"mem_used_rem":0,"disk_rem":0}}}"#;
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("state.json");
+        std::fs::write(&path, text).expect("write");
+        let state = CollectorState::load(&path).expect("loads");
+        assert!(!directory.path().join("state.json.corrupt").exists());
+        assert_eq!(state.batch_seq, 12);
+        assert_eq!(state.boot_id, "");
+        let counters = &state.sandboxes["acme.a"];
+        assert_eq!(
+            (counters.instance, counters.seq, counters.disk_mib_ms),
+            (77, 12, 11_000)
+        );
+        assert_eq!((counters.net_rx_bytes, counters.gpu_busy_ms), (0, 0));
     }
 
     #[test]
