@@ -200,6 +200,15 @@ pub struct ShippedSample {
     pub sample: UsageSample,
 }
 
+/// The samples of one sandbox, in arrival order.
+pub fn samples_of(samples: &[ShippedSample], sandbox: &str) -> Vec<UsageSample> {
+    samples
+        .iter()
+        .filter(|s| s.sample.sandbox.as_str() == sandbox)
+        .map(|s| s.sample.clone())
+        .collect()
+}
+
 /// Reads every node batch on a test's samples topic, from the beginning.
 pub struct SampleTail {
     consumer: GroupConsumer,

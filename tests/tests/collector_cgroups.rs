@@ -5,8 +5,8 @@
 use idlemeter_core::LifecycleState;
 use idlemeter_proto::v1::CommandAction;
 use idlemeter_tests::collector::{
-    cgroup_usage_usec, collector_config, process_cpu_usec, send_command, RunningCollector,
-    SampleTail, ShippedSample, TestCgroups,
+    cgroup_usage_usec, collector_config, process_cpu_usec, samples_of, send_command,
+    RunningCollector, SampleTail, ShippedSample, TestCgroups,
 };
 use idlemeter_tests::TestEnv;
 
@@ -140,13 +140,7 @@ async fn a_vanished_sandbox_gets_one_final_stopped_sample_that_bills_nothing_mor
         env.topics.clone(),
     )?;
     let mut tail = SampleTail::new(&env)?;
-    let of = |samples: &[ShippedSample], name: &str| -> Vec<idlemeter_core::UsageSample> {
-        samples
-            .iter()
-            .filter(|s| s.sample.sandbox.as_str() == name)
-            .map(|s| s.sample.clone())
-            .collect()
-    };
+    let of = samples_of;
     tail.wait_for("two samples of the leaving sandbox", |samples| {
         of(samples, "leaving").len() >= 2
     })
@@ -216,13 +210,7 @@ async fn network_bytes_come_from_the_sandboxs_own_namespace() -> anyhow::Result<
         env.topics.clone(),
     )?;
     let mut tail = SampleTail::new(&env)?;
-    let of = |samples: &[ShippedSample], sandbox: &str| -> Vec<idlemeter_core::UsageSample> {
-        samples
-            .iter()
-            .filter(|s| s.sample.sandbox.as_str() == sandbox)
-            .map(|s| s.sample.clone())
-            .collect()
-    };
+    let of = samples_of;
     tail.wait_for("two samples of each sandbox", |samples| {
         of(samples, "isolated").len() >= 2 && of(samples, "shared").len() >= 2
     })
