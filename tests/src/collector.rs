@@ -298,6 +298,7 @@ pub fn collector_config(
         cgroup_v1_memory_parent: work_dir.join("no-v1-memory"),
         cgroup_v1_cpuacct_parent: work_dir.join("no-v1-cpuacct"),
         cgroup_v1_freezer_parent: work_dir.join("no-v1-freezer"),
+        cgroup_v1_blkio_parent: work_dir.join("no-v1-blkio"),
         labels_dir: work_dir.join("labels"),
         activity_dir: work_dir.join("activity"),
         state_dir: work_dir.join("state"),
@@ -433,6 +434,10 @@ impl CollectorProcess {
             .env(
                 "IDLEMETER_COLLECTOR__CGROUP_V1_FREEZER_PARENT",
                 path(&config.cgroup_v1_freezer_parent),
+            )
+            .env(
+                "IDLEMETER_COLLECTOR__CGROUP_V1_BLKIO_PARENT",
+                path(&config.cgroup_v1_blkio_parent),
             )
             .env("IDLEMETER_COLLECTOR__LABELS_DIR", path(&config.labels_dir))
             .env(

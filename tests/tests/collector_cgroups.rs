@@ -294,6 +294,7 @@ fn gpu_processes_are_attributed_to_their_sandbox_through_proc() -> anyhow::Resul
         v1_memory_parent: work.path().join("no-v1"),
         v1_cpuacct_parent: work.path().join("no-v1"),
         v1_freezer_parent: work.path().join("no-v1"),
+        v1_blkio_parent: work.path().join("no-v1"),
         labels_dir: work.path().join("labels"),
         activity_dir: work.path().join("activity"),
     })
@@ -332,6 +333,7 @@ fn sandboxes_created_and_removed_on_cgroupfs_are_noticed_at_the_next_read() -> a
         v1_memory_parent: work.path().join("no-v1"),
         v1_cpuacct_parent: work.path().join("no-v1"),
         v1_freezer_parent: work.path().join("no-v1"),
+        v1_blkio_parent: work.path().join("no-v1"),
         labels_dir: work.path().join("labels"),
         activity_dir: work.path().join("activity"),
     });
@@ -394,6 +396,7 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
         v1_memory_parent: work.path().join("no-v1"),
         v1_cpuacct_parent: cpuacct.clone(),
         v1_freezer_parent: freezer.clone(),
+        v1_blkio_parent: work.path().join("no-v1"),
         labels_dir: work.path().join("labels"),
         activity_dir: work.path().join("activity"),
     });

@@ -91,6 +91,7 @@ fn main() {
         v1_memory_parent: work.path().join("no-v1"),
         v1_cpuacct_parent: work.path().join("no-v1"),
         v1_freezer_parent: work.path().join("no-v1"),
+        v1_blkio_parent: work.path().join("no-v1"),
         labels_dir: labels,
         activity_dir: work.path().join("activity"),
     };

@@ -34,7 +34,7 @@
 //! `memory.pressure`, `io.pressure`, "some" line), peak memory (v2
 //! `memory.peak`, else v1 `memory.max_usage_in_bytes`), block I/O (v2
 //! `io.stat` rbytes/wbytes; 0 where v2 has no io controller, as on hybrid
-//! hosts: the v1 blkio fallback is not written yet), and GPU utilisation and
+//! hosts, v1 `blkio.throttle.io_service_bytes`), and GPU utilisation and
 //! memory from the [`GpuReader`], attributed to sandboxes through
 //! `/proc/<pid>/cgroup`.
 //!
@@ -72,6 +72,8 @@ pub struct CgroupLayout {
     /// `freezer.state`), as on hosts without cgroup v2.
     pub v1_cpuacct_parent: PathBuf,
     pub v1_freezer_parent: PathBuf,
+    /// v1 blkio, for block I/O bytes where the sandbox has no v2 `io.stat`.
+    pub v1_blkio_parent: PathBuf,
     pub labels_dir: PathBuf,
     pub activity_dir: PathBuf,
 }
@@ -183,6 +185,15 @@ struct Discovered {
     gpu_sm_percent: u32,
 }
 
+/// Which file tells a sandbox's block I/O bytes.
+#[derive(Debug)]
+enum IoSource {
+    /// v2 `io.stat` (`rbytes=`/`wbytes=` per device).
+    V2Stat(KernelFile),
+    /// v1 `blkio.throttle.io_service_bytes` (`8:0 Read N` per device).
+    V1ServiceBytes(KernelFile),
+}
+
 /// The files detail is read from; `None` where the kernel has no such file.
 #[derive(Debug)]
 struct DetailFiles {
@@ -190,7 +201,7 @@ struct DetailFiles {
     memory_pressure: KernelFile,
     io_pressure: KernelFile,
     peak: Option<KernelFile>,
-    io_stat: Option<KernelFile>,
+    io: Option<IoSource>,
 }
 
 /// Where a sandbox's network bytes are read from.
@@ -562,9 +573,18 @@ impl CgroupReader {
             .into_iter()
             .find(|path| path.exists())
             .map(KernelFile::new);
-        let io_stat = Some(v2.join("io.stat"))
-            .filter(|path| path.exists())
-            .map(KernelFile::new);
+        let v1_io = self
+            .layout
+            .v1_blkio_parent
+            .join(name)
+            .join("blkio.throttle.io_service_bytes");
+        let io = if v2.join("io.stat").exists() {
+            Some(IoSource::V2Stat(KernelFile::new(v2.join("io.stat"))))
+        } else if v1_io.exists() {
+            Some(IoSource::V1ServiceBytes(KernelFile::new(v1_io)))
+        } else {
+            None
+        };
         let cpu = if v2.join("cpu.stat").exists() {
             CpuSource::V2Stat(KernelFile::new(v2.join("cpu.stat")))
         } else {
@@ -592,7 +612,7 @@ impl CgroupReader {
             memory_pressure: KernelFile::new(v2.join("memory.pressure")),
             io_pressure: KernelFile::new(v2.join("io.pressure")),
             peak,
-            io_stat,
+            io,
         };
         Discovered {
             key,
@@ -709,11 +729,16 @@ fn read_detail_files(sandbox: &mut Discovered) {
             detail.mem_peak_bytes = bytes;
         }
     }
-    if let Some(io_stat) = files.io_stat.as_mut() {
-        let mut text = Vec::new();
-        if io_stat.read_all(&mut text).is_ok() {
-            (detail.io_read_bytes, detail.io_write_bytes) = io_stat_bytes(&text);
-        }
+    let mut text = Vec::new();
+    let bytes = match files.io.as_mut() {
+        Some(IoSource::V2Stat(file)) => file.read_all(&mut text).map(|()| io_stat_bytes(&text)),
+        Some(IoSource::V1ServiceBytes(file)) => file
+            .read_all(&mut text)
+            .map(|()| blkio_service_bytes(&text)),
+        None => return,
+    };
+    if let Ok((read, written)) = bytes {
+        (detail.io_read_bytes, detail.io_write_bytes) = (read, written);
     }
 }
 
@@ -743,6 +768,31 @@ pub fn io_stat_bytes(text: &[u8]) -> (u64, u64) {
             .and_then(|v| v.parse::<u64>().ok())
         {
             written = written.saturating_add(value);
+        }
+    }
+    (read, written)
+}
+
+/// Bytes read and written over every device of a v1
+/// `blkio.throttle.io_service_bytes` (`8:0 Read 4096`; the `Total` line and
+/// other operations are left out).
+pub fn blkio_service_bytes(text: &[u8]) -> (u64, u64) {
+    let text = std::str::from_utf8(text).unwrap_or_default();
+    let (mut read, mut written) = (0_u64, 0_u64);
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_device), Some(operation), Some(value)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let Ok(value) = value.parse::<u64>() else {
+            continue;
+        };
+        match operation {
+            "Read" => read = read.saturating_add(value),
+            "Write" => written = written.saturating_add(value),
+            _ => {}
         }
     }
     (read, written)
@@ -1106,6 +1156,24 @@ mod tests {
     }
 
     #[test]
+    fn block_io_falls_back_to_v1_blkio_where_v2_has_no_io_stat() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fake_cgroup(root.path(), "acme.a", 1, false);
+        let blkio = root.path().join("v1-blkio/acme.a");
+        std::fs::create_dir_all(&blkio).expect("mkdir");
+        std::fs::write(
+            blkio.join("blkio.throttle.io_service_bytes"),
+            "8:0 Read 4096\n8:0 Write 512\n8:0 Total 4608\nTotal 4608\n",
+        )
+        .expect("write");
+        let mut reader = CgroupReader::new(fake_layout(root.path()));
+        let mut readings = Vec::new();
+        reader.read_node(&mut readings).expect("reads");
+        let detail = readings[0].detail;
+        assert_eq!((detail.io_read_bytes, detail.io_write_bytes), (4_096, 512));
+    }
+
+    #[test]
     fn pressure_and_io_stat_parsers_take_the_right_numbers() {
         assert_eq!(
             pressure_total(b"some avg10=1.00 avg60=0.50 avg300=0.10 total=12345\nfull avg10=0 avg60=0 avg300=0 total=7\n"),
@@ -1113,6 +1181,10 @@ mod tests {
         );
         assert_eq!(pressure_total(b"full avg10=0 total=7\n"), None);
         assert_eq!(io_stat_bytes(b""), (0, 0));
+        assert_eq!(
+            blkio_service_bytes(b"8:0 Read 4096\n8:0 Write 512\n8:0 Sync 1\n8:0 Async 2\n8:0 Total 4608\n8:16 Read 4\nTotal 4612\n"),
+            (4_100, 512)
+        );
         assert_eq!(
             io_stat_bytes(b"259:0 rbytes=7 wbytes=9 rios=1 wios=2 dbytes=100 dios=1\n"),
             (7, 9)
@@ -1145,6 +1217,7 @@ mod tests {
             v1_memory_parent: root.join("v1"),
             v1_cpuacct_parent: root.join("v1-cpuacct"),
             v1_freezer_parent: root.join("v1-freezer"),
+            v1_blkio_parent: root.join("v1-blkio"),
             labels_dir: root.join("labels"),
             activity_dir: root.join("activity"),
         }

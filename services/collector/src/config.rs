@@ -27,6 +27,8 @@ pub struct CollectorConfig {
     /// host without cgroup v2, set `cgroup_parent` to the cpuacct directory.
     pub cgroup_v1_cpuacct_parent: PathBuf,
     pub cgroup_v1_freezer_parent: PathBuf,
+    /// v1 blkio directory, for block I/O bytes where v2 has no io controller.
+    pub cgroup_v1_blkio_parent: PathBuf,
     /// Per-sandbox allocation files `<customer>.<sandbox>.toml` written by the
     /// platform when it creates the sandbox.
     pub labels_dir: PathBuf,
@@ -62,6 +64,7 @@ impl Default for CollectorConfig {
             cgroup_v1_memory_parent: PathBuf::from("/sys/fs/cgroup/memory/idlemeter"),
             cgroup_v1_cpuacct_parent: PathBuf::from("/sys/fs/cgroup/cpuacct/idlemeter"),
             cgroup_v1_freezer_parent: PathBuf::from("/sys/fs/cgroup/freezer/idlemeter"),
+            cgroup_v1_blkio_parent: PathBuf::from("/sys/fs/cgroup/blkio/idlemeter"),
             labels_dir: PathBuf::from("/etc/idlemeter/sandboxes"),
             activity_dir: PathBuf::from("/run/idlemeter/activity"),
             state_dir: PathBuf::from("/var/lib/idlemeter/collector"),

@@ -120,6 +120,7 @@ impl Collector {
             v1_memory_parent: config.cgroup_v1_memory_parent.clone(),
             v1_cpuacct_parent: config.cgroup_v1_cpuacct_parent.clone(),
             v1_freezer_parent: config.cgroup_v1_freezer_parent.clone(),
+            v1_blkio_parent: config.cgroup_v1_blkio_parent.clone(),
             labels_dir: config.labels_dir.clone(),
             activity_dir: config.activity_dir.clone(),
         })
