@@ -55,6 +55,7 @@ use std::time::SystemTime;
 use idlemeter_core::SampleDetail;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
+use crate::counters::counter_since;
 use crate::gpu::{attribute_to_sandboxes, GpuReader};
 use crate::reader::{NetBytes, SandboxReading, UsageReader};
 use crate::sandbox::{Activity, Allocation, SandboxKey};
@@ -113,17 +114,23 @@ impl KernelFile {
         Self { path, file: None }
     }
 
-    fn read<'a>(&mut self, buffer: &'a mut [u8]) -> std::io::Result<&'a [u8]> {
+    /// The kept-open file, opened on first use; `None` when the process has
+    /// no descriptor left (EMFILE), in which case the caller reads by path.
+    fn open(&mut self) -> std::io::Result<Option<&File>> {
         if self.file.is_none() {
             match File::open(&self.path) {
                 Ok(file) => self.file = Some(file),
-                Err(error) if error.raw_os_error() == Some(TOO_MANY_OPEN_FILES) => {
-                    return read_small(&self.path, buffer)
-                }
+                Err(error) if error.raw_os_error() == Some(TOO_MANY_OPEN_FILES) => return Ok(None),
                 Err(error) => return Err(error),
             }
         }
-        let file = self.file.as_ref().expect("opened just above");
+        Ok(self.file.as_ref())
+    }
+
+    fn read<'a>(&mut self, buffer: &'a mut [u8]) -> std::io::Result<&'a [u8]> {
+        let Some(file) = self.open()? else {
+            return read_small(&self.path, buffer);
+        };
         let length = file.read_at(buffer, 0)?;
         Ok(&buffer[..length])
     }
@@ -132,11 +139,11 @@ impl KernelFile {
     /// (`/proc/net/dev`, `io.stat`) return only whole lines per read, so one
     /// read of a fixed buffer may silently stop early: read on until the end.
     fn read_all(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
-        if self.file.is_none() {
-            self.file = Some(File::open(&self.path)?);
-        }
-        let file = self.file.as_ref().expect("opened just above");
         out.clear();
+        let Some(file) = self.open()? else {
+            out.extend_from_slice(&std::fs::read(&self.path)?);
+            return Ok(());
+        };
         let mut chunk = [0_u8; 4096];
         loop {
             let length = file.read_at(&mut chunk, out.len() as u64)?;
@@ -916,17 +923,10 @@ pub fn interface_rises(
     last: &HashMap<String, (u64, u64)>,
     now: &[(String, u64, u64)],
 ) -> (u64, u64) {
-    let rise = |before: u64, after: u64| {
-        if after >= before {
-            after - before
-        } else {
-            after
-        }
-    };
     now.iter()
         .filter_map(|(name, rx, tx)| {
             let (last_rx, last_tx) = last.get(name)?;
-            Some((rise(*last_rx, *rx), rise(*last_tx, *tx)))
+            Some((counter_since(*last_rx, *rx), counter_since(*last_tx, *tx)))
         })
         .fold((0, 0), |(rx, tx), (drx, dtx)| (rx + drx, tx + dtx))
 }

@@ -172,7 +172,7 @@ fn integrate(total: (u64, u64), bytes: u64, elapsed_ms: u64, unit: u128) -> (u64
 /// API calls since the last reading; an agent whose count went back (it
 /// restarted) counts from zero again.
 /// How much a raw counter rose since `seen`; a lower value means it was reset.
-fn counter_since(seen: u64, now: u64) -> u64 {
+pub(crate) fn counter_since(seen: u64, now: u64) -> u64 {
     if now >= seen {
         now - seen
     } else {
