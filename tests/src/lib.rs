@@ -358,6 +358,8 @@ pub fn sample(
         exec_sessions: 1,
         open_conns: 0,
         detail: Default::default(),
+        state_counters: Default::default(),
+        counters_present: Default::default(),
     }
 }
 

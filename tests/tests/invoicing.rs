@@ -54,6 +54,8 @@ fn sample(
         exec_sessions: 1,
         open_conns: 0,
         detail: Default::default(),
+        state_counters: Default::default(),
+        counters_present: Default::default(),
     }
 }
 

@@ -40,6 +40,7 @@ fn config() -> RaterConfig {
         grace_seconds: 300,
         interval_seconds: 60,
         idle_policy: String::new(),
+        ..RaterConfig::default()
     }
 }
 

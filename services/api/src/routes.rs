@@ -266,8 +266,13 @@ pub struct CostNow {
     pub customer: String,
     /// The open billing period (the invoicer's period setting).
     pub period_start: Option<DateTime<Utc>>,
-    /// The end of the last hour rated; absent before the period's first.
+    /// The end of the last hour rated, or, for a live figure, the second of
+    /// the newest sample rated; absent before the period's first.
     pub as_of: Option<DateTime<Utc>>,
+    /// True while the figure is the rater's live rating of the open hour
+    /// (refreshed every few seconds); false for a closed hour's final
+    /// snapshot.
+    pub provisional: bool,
     pub currency: Option<String>,
     pub sheet: Option<String>,
     pub lines: Vec<CostNowLine>,
@@ -277,7 +282,7 @@ pub struct CostNow {
 }
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/cost", tag = "cost",
-    summary = "Cost so far in the current billing period (the latest rated snapshot)",
+    summary = "Cost so far in the current billing period (the live figure of the open hour, or the latest closed hour's snapshot)",
     params(("customer" = String, Path, description = "Customer id")),
     responses((status = 200, body = CostNow),
         Problems),
@@ -292,6 +297,7 @@ pub async fn cost_now(
         customer: customer.as_str().to_owned(),
         period_start: None,
         as_of: None,
+        provisional: false,
         currency: None,
         sheet: None,
         lines: Vec::new(),
@@ -307,15 +313,8 @@ pub async fn cost_now(
     if spend.period_start != unix_seconds(current) {
         return Ok(axum::Json(answer));
     }
-    let rows = state
-        .store
-        .rated_lines(
-            &customer,
-            spend.period_start,
-            &spend.sheet_checksum,
-            spend.as_of,
-        )
-        .await?;
+    answer.provisional = spend.provisional;
+    let rows = state.store.spend_lines(&customer, &spend).await?;
     for row in &rows {
         answer.currency.get_or_insert_with(|| row.currency.clone());
         answer.sheet.get_or_insert_with(|| row.sheet.clone());
@@ -334,13 +333,23 @@ pub async fn cost_now(
         .map(|line| line.amount)
         .sum::<Decimal>()
         .normalize();
-    if answer.total != spend.total.normalize() {
-        return Err(Problem::internal(format!(
-            "cost of {customer}: lines sum to {} but the snapshot totals {}",
-            answer.total, spend.total
-        )));
-    }
-    answer.as_of = Some(time(spend.as_of));
+    // A live figure is replaced every few seconds: its lines are the newest
+    // one, written in one insert, which may be newer than the total read a
+    // moment before. A final snapshot never changes, so its lines must sum
+    // to its total.
+    let as_of = match rows.first() {
+        Some(row) if spend.provisional => row.as_of,
+        _ => {
+            if answer.total != spend.total.normalize() {
+                return Err(Problem::internal(format!(
+                    "cost of {customer}: lines sum to {} but the snapshot totals {}",
+                    answer.total, spend.total
+                )));
+            }
+            spend.as_of
+        }
+    };
+    answer.as_of = Some(time(as_of));
     Ok(axum::Json(answer))
 }
 

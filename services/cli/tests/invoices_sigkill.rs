@@ -65,6 +65,8 @@ fn samples() -> Vec<UsageSample> {
                 exec_sessions: 1,
                 open_conns: 0,
                 detail: Default::default(),
+                state_counters: Default::default(),
+                counters_present: Default::default(),
             })
         })
         .collect()

@@ -18,10 +18,18 @@
 //!   interval of happening). Allocated vCPU, memory and GPU and used memory
 //!   accumulate while running; disk accumulates while running or suspended.
 //!   Sub-KiB and sub-MiB remainders are carried, so rounding never accumulates.
+//! - **By state.** Each interval also adds its length to `running_ms` or
+//!   `suspended_ms`, and, when running, max(allocation, CPU used in the
+//!   interval) to `vcpu_max_usec` and max(allocated, used memory) to
+//!   `mem_max_kib_ms`, disk to `disk_running_mib_ms`. An interval whose
+//!   reading shows an exec session or an open inbound connection (the
+//!   built-in activity rule) is *active*: it adds the same amounts to the
+//!   `*_active` counters too. Rating prices their differences, so a lost
+//!   sample changes no bill (services/core/README.md).
 //! - **Sequence.** `seq` rises by one per sample within an epoch.
 
 use chrono::{DateTime, Utc};
-use idlemeter_core::{Epoch, LifecycleState, NodeId, UsageSample};
+use idlemeter_core::{CounterSet, Epoch, LifecycleState, NodeId, StateCounters, UsageSample};
 use serde::{Deserialize, Serialize};
 
 use crate::reader::SandboxReading;
@@ -61,6 +69,16 @@ pub struct SandboxCounters {
     /// remainder below one whole millisecond.
     pub gpu_busy_ms: u64,
     pub gpu_busy_rem: u64,
+    /// Counters by state and activity (see `idlemeter_core::StateCounters`):
+    /// what the sample reports, plus the sub-unit remainders of the memory
+    /// (KiB-ms) and disk (MiB-ms) ones.
+    pub by_state: StateCounters,
+    pub mem_alloc_active_rem: u64,
+    pub mem_max_rem: u64,
+    pub mem_max_active_rem: u64,
+    pub mem_used_active_rem: u64,
+    pub disk_running_rem: u64,
+    pub disk_active_rem: u64,
 }
 
 /// Whether a reading continues the counters' epoch or starts a new one.
@@ -157,7 +175,83 @@ fn accumulate(
         elapsed_ms,
         MIB,
     );
+    accumulate_by_state(previous, reading, elapsed_ms, &mut next);
     next
+}
+
+/// The counters by state and activity over one interval (see the module doc).
+fn accumulate_by_state(
+    previous: &SandboxCounters,
+    reading: &SandboxReading,
+    elapsed_ms: u64,
+    next: &mut SandboxCounters,
+) {
+    let allocation = &reading.allocation;
+    let counters = &mut next.by_state;
+    if reading.frozen {
+        counters.suspended_ms += elapsed_ms;
+        return;
+    }
+    let active = reading.activity.exec_sessions > 0 || reading.activity.open_conns > 0;
+    let vcpu_alloc = u64::from(allocation.vcpu_milli) * elapsed_ms;
+    let cpu_used = reading
+        .cpu_usage_usec
+        .saturating_sub(previous.cpu_used_usec);
+    let vcpu_max = vcpu_alloc.max(cpu_used);
+    let mem_used = reading.mem_used_bytes.unwrap_or(0);
+    let mem_max = allocation.mem_bytes.max(mem_used);
+    counters.running_ms += elapsed_ms;
+    counters.vcpu_max_usec += vcpu_max;
+    (counters.mem_max_kib_ms, next.mem_max_rem) = integrate(
+        (counters.mem_max_kib_ms, previous.mem_max_rem),
+        mem_max,
+        elapsed_ms,
+        KIB,
+    );
+    (counters.disk_running_mib_ms, next.disk_running_rem) = integrate(
+        (counters.disk_running_mib_ms, previous.disk_running_rem),
+        allocation.disk_bytes,
+        elapsed_ms,
+        MIB,
+    );
+    if !active {
+        return;
+    }
+    counters.active_ms += elapsed_ms;
+    counters.vcpu_alloc_active_usec += vcpu_alloc;
+    counters.vcpu_max_active_usec += vcpu_max;
+    counters.cpu_used_active_usec += cpu_used;
+    counters.gpu_alloc_active_ms += u64::from(allocation.gpu_count) * elapsed_ms;
+    (counters.mem_alloc_active_kib_ms, next.mem_alloc_active_rem) = integrate(
+        (
+            counters.mem_alloc_active_kib_ms,
+            previous.mem_alloc_active_rem,
+        ),
+        allocation.mem_bytes,
+        elapsed_ms,
+        KIB,
+    );
+    (counters.mem_max_active_kib_ms, next.mem_max_active_rem) = integrate(
+        (counters.mem_max_active_kib_ms, previous.mem_max_active_rem),
+        mem_max,
+        elapsed_ms,
+        KIB,
+    );
+    (counters.mem_used_active_kib_ms, next.mem_used_active_rem) = integrate(
+        (
+            counters.mem_used_active_kib_ms,
+            previous.mem_used_active_rem,
+        ),
+        mem_used,
+        elapsed_ms,
+        KIB,
+    );
+    (counters.disk_active_mib_ms, next.disk_active_rem) = integrate(
+        (counters.disk_active_mib_ms, previous.disk_active_rem),
+        allocation.disk_bytes,
+        elapsed_ms,
+        MIB,
+    );
 }
 
 /// Adds `bytes` held for `elapsed_ms` to a (whole units, leftover byte-ms) pair.
@@ -224,6 +318,8 @@ pub fn to_sample(
             gpu_busy_ms: counters.gpu_busy_ms,
             ..reading.detail
         },
+        state_counters: counters.by_state,
+        counters_present: CounterSet::ALL,
     }
 }
 

@@ -19,6 +19,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use idlemeter_core::StateCounters;
+
 use crate::counters::SandboxCounters;
 use crate::{Error, Result};
 
@@ -49,7 +51,7 @@ impl CollectorState {
             }
             Err(source) => return Err(io_error("reading", path, source)),
         };
-        let parsed = if bytes.starts_with(MAGIC) {
+        let parsed = if bytes.starts_with(MAGIC) || bytes.starts_with(MAGIC_V1) {
             decode(&bytes)
         } else {
             // A state file written by an earlier version (JSON).
@@ -89,13 +91,18 @@ impl CollectorState {
     }
 }
 
-const MAGIC: &[u8; 8] = b"IMSTATE1";
+const MAGIC: &[u8; 8] = b"IMSTATE2";
+/// The layout before the counters by state: 22 fields per sandbox. Read, so
+/// that an upgraded collector continues its epochs; the new counters start
+/// at zero there, and the first interval after the upgrade is rated from
+/// gauges because the sample before it carries no counters by state.
+const MAGIC_V1: &[u8; 8] = b"IMSTATE1";
 
-/// The binary layout, all integers little-endian: `IMSTATE1`, batch_seq (u64),
+/// The binary layout, all integers little-endian: `IMSTATE2`, batch_seq (u64),
 /// boot id (u16 length, UTF-8 bytes), sandbox count (u32), then per sandbox its name (u16 length, UTF-8 bytes)
-/// and the 22 counter fields of [`SandboxCounters`] (u64 each, in declaration
-/// order; `last_ts_ms` as its two's-complement bits), and last an FNV-1a 64
-/// checksum (u64) of everything before it.
+/// and the 42 counter fields of [`SandboxCounters`] (u64 each, in the order of
+/// [`fields`]; `last_ts_ms` as its two's-complement bits), and last an FNV-1a 64
+/// checksum (u64) of everything before it. `IMSTATE1` files have the first 22.
 pub fn encode(state: &CollectorState) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(24 + state.sandboxes.len() * (2 + 40 + FIELDS * 8));
     out.extend_from_slice(MAGIC);
@@ -130,9 +137,11 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<CollectorState, String> {
         return Err("checksum mismatch: the file is damaged".to_owned());
     }
     let mut reader = Cursor { bytes: body, at: 0 };
-    if reader.take(MAGIC.len())? != MAGIC {
-        return Err("not an idlemeter state file".to_owned());
-    }
+    let field_count = match reader.take(MAGIC.len())? {
+        magic if magic == MAGIC => FIELDS,
+        magic if magic == MAGIC_V1 => FIELDS_V1,
+        _ => return Err("not an idlemeter state file".to_owned()),
+    };
     let batch_seq = reader.u64()?;
     let boot_id_length = usize::from(u16::from_le_bytes(reader.array()?));
     let boot_id = std::str::from_utf8(reader.take(boot_id_length)?)
@@ -150,7 +159,7 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<CollectorState, String> {
             .map_err(|_| "a sandbox name is not UTF-8")?
             .to_owned();
         let mut values = [0_u64; FIELDS];
-        for value in &mut values {
+        for value in &mut values[..field_count] {
             *value = reader.u64()?;
         }
         state.sandboxes.insert(name, from_fields(values));
@@ -164,7 +173,8 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<CollectorState, String> {
     Ok(state)
 }
 
-const FIELDS: usize = 22;
+const FIELDS: usize = 42;
+const FIELDS_V1: usize = 22;
 
 fn fields(c: &SandboxCounters) -> [u64; FIELDS] {
     [
@@ -190,6 +200,26 @@ fn fields(c: &SandboxCounters) -> [u64; FIELDS] {
         c.net_tx_seen,
         c.gpu_busy_ms,
         c.gpu_busy_rem,
+        c.by_state.running_ms,
+        c.by_state.suspended_ms,
+        c.by_state.active_ms,
+        c.by_state.vcpu_alloc_active_usec,
+        c.by_state.vcpu_max_usec,
+        c.by_state.vcpu_max_active_usec,
+        c.by_state.cpu_used_active_usec,
+        c.by_state.mem_alloc_active_kib_ms,
+        c.by_state.mem_max_kib_ms,
+        c.by_state.mem_max_active_kib_ms,
+        c.by_state.mem_used_active_kib_ms,
+        c.by_state.gpu_alloc_active_ms,
+        c.by_state.disk_running_mib_ms,
+        c.by_state.disk_active_mib_ms,
+        c.mem_alloc_active_rem,
+        c.mem_max_rem,
+        c.mem_max_active_rem,
+        c.mem_used_active_rem,
+        c.disk_running_rem,
+        c.disk_active_rem,
     ]
 }
 
@@ -217,6 +247,28 @@ fn from_fields(v: [u64; FIELDS]) -> SandboxCounters {
         net_tx_seen: v[19],
         gpu_busy_ms: v[20],
         gpu_busy_rem: v[21],
+        by_state: StateCounters {
+            running_ms: v[22],
+            suspended_ms: v[23],
+            active_ms: v[24],
+            vcpu_alloc_active_usec: v[25],
+            vcpu_max_usec: v[26],
+            vcpu_max_active_usec: v[27],
+            cpu_used_active_usec: v[28],
+            mem_alloc_active_kib_ms: v[29],
+            mem_max_kib_ms: v[30],
+            mem_max_active_kib_ms: v[31],
+            mem_used_active_kib_ms: v[32],
+            gpu_alloc_active_ms: v[33],
+            disk_running_mib_ms: v[34],
+            disk_active_mib_ms: v[35],
+        },
+        mem_alloc_active_rem: v[36],
+        mem_max_rem: v[37],
+        mem_max_active_rem: v[38],
+        mem_used_active_rem: v[39],
+        disk_running_rem: v[40],
+        disk_active_rem: v[41],
     }
 }
 
@@ -364,6 +416,28 @@ mod tests {
                     net_tx_seen: base + 20,
                     gpu_busy_ms: base + 21,
                     gpu_busy_rem: base + 22,
+                    by_state: StateCounters {
+                        running_ms: base + 23,
+                        suspended_ms: base + 24,
+                        active_ms: base + 25,
+                        vcpu_alloc_active_usec: base + 26,
+                        vcpu_max_usec: base + 27,
+                        vcpu_max_active_usec: base + 28,
+                        cpu_used_active_usec: base + 29,
+                        mem_alloc_active_kib_ms: base + 30,
+                        mem_max_kib_ms: base + 31,
+                        mem_max_active_kib_ms: base + 32,
+                        mem_used_active_kib_ms: base + 33,
+                        gpu_alloc_active_ms: base + 34,
+                        disk_running_mib_ms: base + 35,
+                        disk_active_mib_ms: base + 36,
+                    },
+                    mem_alloc_active_rem: base + 37,
+                    mem_max_rem: base + 38,
+                    mem_max_active_rem: base + 39,
+                    mem_used_active_rem: base + 40,
+                    disk_running_rem: base + 41,
+                    disk_active_rem: base + 42,
                 },
             );
         }
@@ -375,6 +449,40 @@ mod tests {
         let state = full_state();
         let bytes = encode(&state).expect("encodes");
         assert_eq!(decode(&bytes).expect("decodes"), state);
+    }
+
+    #[test]
+    fn a_version_1_binary_state_loads_with_the_counters_by_state_at_zero() {
+        let state = full_state();
+        let current = encode(&state).expect("encodes");
+        // Rebuild the same state in the 22-field layout of version 1.
+        let mut legacy = Vec::new();
+        legacy.extend_from_slice(MAGIC_V1);
+        let mut at = MAGIC.len();
+        let header = 8 + 2 + state.boot_id.len() + 4;
+        legacy.extend_from_slice(&current[at..at + header]);
+        at += header;
+        for name in state.sandboxes.keys() {
+            let named = 2 + name.len();
+            legacy.extend_from_slice(&current[at..at + named + FIELDS_V1 * 8]);
+            at += named + FIELDS * 8;
+        }
+        let checksum = fnv1a(&legacy);
+        legacy.extend_from_slice(&checksum.to_le_bytes());
+        let loaded = decode(&legacy).expect("a version 1 file decodes");
+        for (name, counters) in &state.sandboxes {
+            let expected = SandboxCounters {
+                by_state: StateCounters::default(),
+                mem_alloc_active_rem: 0,
+                mem_max_rem: 0,
+                mem_max_active_rem: 0,
+                mem_used_active_rem: 0,
+                disk_running_rem: 0,
+                disk_active_rem: 0,
+                ..counters.clone()
+            };
+            assert_eq!(loaded.sandboxes[name], expected);
+        }
     }
 
     #[test]

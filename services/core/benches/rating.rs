@@ -66,6 +66,8 @@ fn trace() -> Vec<NumberedSample> {
                     exec_sessions: u32::from(tick % 3 == 0),
                     open_conns: 0,
                     detail: Default::default(),
+                    state_counters: Default::default(),
+                    counters_present: Default::default(),
                 },
             });
         }

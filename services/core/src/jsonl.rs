@@ -5,8 +5,11 @@
 //! string), `mem_bytes`, `gpu_model` (string or null), `gpu_count`,
 //! `disk_bytes`, `cpu_used_usec`, `mem_used_bytes`, `net_rx_bytes`,
 //! `net_tx_bytes`, `exec_sessions`, `open_conns`. `gpu_model` and `gpu_count`
-//! may be left out for a sandbox without GPU; the other cumulative counters of
-//! [`UsageSample`] (`vcpu_alloc_usec`, ...) are accepted and default to 0.
+//! may be left out for a sandbox without GPU. The billed counters of
+//! [`crate::Counter`] (`vcpu_alloc_usec`, `running_ms`, ...: cumulative since
+//! the epoch's start) are optional: a line carries those it names, and rating
+//! reads a counter where both samples of an interval carry it, the gauges
+//! otherwise (see services/core/README.md). `api_calls` defaults to 0.
 //! Unknown fields are refused, so a misspelt counter is never read as zero.
 //!
 //! Every field is parsed from its raw JSON text: `vcpu` never passes through a
@@ -20,6 +23,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 
+use crate::counters::{Counter, CounterSet, StateCounters};
 use crate::error::LineError;
 use crate::ids::{CustomerId, Epoch, NodeId, SandboxId};
 use crate::rating::NumberedSample;
@@ -126,11 +130,6 @@ const KNOWN_FIELDS: &[&str] = &[
     "net_tx_bytes",
     "exec_sessions",
     "open_conns",
-    "vcpu_alloc_usec",
-    "mem_alloc_kib_ms",
-    "mem_used_kib_ms",
-    "gpu_alloc_ms",
-    "disk_mib_ms",
     "api_calls",
 ];
 
@@ -178,11 +177,7 @@ impl FieldReader<'_> {
         let net_tx_bytes = self.integer("net_tx_bytes", Required);
         let exec_sessions = self.integer("exec_sessions", Required);
         let open_conns = self.integer("open_conns", Required);
-        let vcpu_alloc_usec = self.integer("vcpu_alloc_usec", Optional);
-        let mem_alloc_kib_ms = self.integer("mem_alloc_kib_ms", Optional);
-        let mem_used_kib_ms = self.integer("mem_used_kib_ms", Optional);
-        let gpu_alloc_ms = self.integer("gpu_alloc_ms", Optional);
-        let disk_mib_ms = self.integer("disk_mib_ms", Optional);
+        let counters = self.counters();
         let api_calls = self.integer("api_calls", Optional);
         let detail = self.optional("detail", |raw| {
             serde_json::from_str::<SampleDetail>(raw).map_err(|error| {
@@ -206,16 +201,42 @@ impl FieldReader<'_> {
             mem_used_bytes: mem_used_bytes?,
             net_rx_bytes: net_rx_bytes?,
             net_tx_bytes: net_tx_bytes?,
-            vcpu_alloc_usec: vcpu_alloc_usec?,
-            mem_alloc_kib_ms: mem_alloc_kib_ms?,
-            mem_used_kib_ms: mem_used_kib_ms?,
-            gpu_alloc_ms: gpu_alloc_ms?,
-            disk_mib_ms: disk_mib_ms?,
+            vcpu_alloc_usec: 0,
+            mem_alloc_kib_ms: 0,
+            mem_used_kib_ms: 0,
+            gpu_alloc_ms: 0,
+            disk_mib_ms: 0,
             api_calls: api_calls?,
             exec_sessions: exec_sessions?,
             open_conns: open_conns?,
             detail: detail?,
+            state_counters: StateCounters::default(),
+            counters_present: CounterSet::NONE,
         })
+        .map(|mut sample| {
+            for (counter, value) in counters {
+                sample.set_counter(counter, value);
+            }
+            sample
+        })
+    }
+
+    /// The billed counters the line carries (a present, non-null field), so
+    /// that rating reads exactly those and derives the rest from the gauges.
+    fn counters(&mut self) -> Vec<(Counter, u64)> {
+        let mut carried = Vec::new();
+        for counter in Counter::ALL {
+            let name = counter.name();
+            match self.fields.get(name).map(|raw| raw.get().trim()) {
+                None | Some("null") => {}
+                Some(_) => {
+                    if let Some(value) = self.integer(name, Presence::Required) {
+                        carried.push((counter, value));
+                    }
+                }
+            }
+        }
+        carried
     }
 
     fn required<T>(
@@ -267,7 +288,8 @@ impl FieldReader<'_> {
 
     fn refuse_unknown_fields(&mut self) {
         for name in self.fields.keys() {
-            if !KNOWN_FIELDS.contains(&name.as_str()) {
+            let counter = Counter::ALL.iter().any(|counter| counter.name() == name);
+            if !counter && !KNOWN_FIELDS.contains(&name.as_str()) {
                 self.errors
                     .push((name.clone(), "is not a sample field (misspelt?)".to_owned()));
             }

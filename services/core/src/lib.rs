@@ -15,6 +15,7 @@
 //! A CI check (`tests/tests/core_is_pure.rs` in the workspace's tests crate) fails if this crate's dependency tree ever
 //! gains tokio, rdkafka, clickhouse or axum.
 
+pub mod counters;
 pub mod error;
 pub mod ids;
 pub mod invoice;
@@ -27,11 +28,14 @@ pub mod report;
 pub mod rollup;
 pub mod sample;
 
+pub use counters::{Counter, CounterSet, StateCounters};
 pub use error::{Error, LineError, Result};
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};
 pub use invoice::{Adjustment, BillingOptions, CustomerBill, InvoiceLine, LineKind};
 pub use money::{Currency, Money, RoundingRule};
 pub use pricing::{PriceSheet, SheetError};
-pub use rating::{rate_samples, IdlePolicy, NumberedSample, RatedUsage, SessionOrConnection};
-pub use report::{rate_jsonl, rate_report, RateReport};
+pub use rating::{
+    rate_samples, IdlePolicy, NumberedSample, RatedUsage, RatingState, SessionOrConnection,
+};
+pub use report::{rate_jsonl, rate_report, report_usage, RateReport};
 pub use sample::{LifecycleState, SampleDetail, SampleError, UsageSample, VcpuMillis};

@@ -19,7 +19,7 @@ use crate::error::{LineError, Result};
 use crate::invoice::{bill_customer, BillingOptions, CustomerBill};
 use crate::jsonl::parse_samples;
 use crate::pricing::PriceSheet;
-use crate::rating::{rate_samples, IdlePolicy, NumberedSample, SessionOrConnection};
+use crate::rating::{rate_samples, IdlePolicy, NumberedSample, RatedUsage, SessionOrConnection};
 
 /// The rating of one period of samples against one sheet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -61,7 +61,22 @@ pub fn rate_report<P: IdlePolicy>(
     options: &BillingOptions,
     input_errors: Vec<LineError>,
 ) -> Result<RateReport> {
-    let usage = rate_samples(sheet, samples, policy);
+    report_usage(
+        sheet,
+        rate_samples(sheet, samples, policy),
+        options,
+        input_errors,
+    )
+}
+
+/// The output document of quantities already rated (by [`rate_samples`] or
+/// a carried [`crate::RatingState`]).
+pub fn report_usage(
+    sheet: &PriceSheet,
+    usage: RatedUsage,
+    options: &BillingOptions,
+    input_errors: Vec<LineError>,
+) -> Result<RateReport> {
     let customers = usage
         .customers
         .iter()

@@ -17,6 +17,7 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::counters::{Counter, CounterSet, StateCounters};
 use crate::ids::{CustomerId, Epoch, NodeId, SandboxId};
 
 /// Why a sample (or one of its fields) is not acceptable.
@@ -162,6 +163,15 @@ pub struct UsageSample {
     /// Measures that no default sheet bills (see [`SampleDetail`]).
     #[serde(default, skip_serializing_if = "SampleDetail::is_empty")]
     pub detail: SampleDetail,
+
+    /// Counters by lifecycle state and activity (see [`StateCounters`]).
+    #[serde(default)]
+    pub state_counters: StateCounters,
+    /// Which billed counters this sample carries; rating reads a counter
+    /// only where both samples of an interval carry it, and the gauges
+    /// otherwise (samples of collectors that predate the counters).
+    #[serde(default)]
+    pub counters_present: CounterSet,
 }
 
 /// What a sample can say beyond the billed counters: GPU utilisation,
@@ -197,6 +207,60 @@ impl SampleDetail {
 }
 
 impl UsageSample {
+    /// The value of one billed counter (whether or not the sample carries it).
+    pub fn counter(&self, counter: Counter) -> u64 {
+        let by_state = &self.state_counters;
+        match counter {
+            Counter::VcpuAllocUsec => self.vcpu_alloc_usec,
+            Counter::MemAllocKibMs => self.mem_alloc_kib_ms,
+            Counter::MemUsedKibMs => self.mem_used_kib_ms,
+            Counter::GpuAllocMs => self.gpu_alloc_ms,
+            Counter::DiskMibMs => self.disk_mib_ms,
+            Counter::RunningMs => by_state.running_ms,
+            Counter::SuspendedMs => by_state.suspended_ms,
+            Counter::ActiveMs => by_state.active_ms,
+            Counter::VcpuAllocActiveUsec => by_state.vcpu_alloc_active_usec,
+            Counter::VcpuMaxUsec => by_state.vcpu_max_usec,
+            Counter::VcpuMaxActiveUsec => by_state.vcpu_max_active_usec,
+            Counter::CpuUsedActiveUsec => by_state.cpu_used_active_usec,
+            Counter::MemAllocActiveKibMs => by_state.mem_alloc_active_kib_ms,
+            Counter::MemMaxKibMs => by_state.mem_max_kib_ms,
+            Counter::MemMaxActiveKibMs => by_state.mem_max_active_kib_ms,
+            Counter::MemUsedActiveKibMs => by_state.mem_used_active_kib_ms,
+            Counter::GpuAllocActiveMs => by_state.gpu_alloc_active_ms,
+            Counter::DiskRunningMibMs => by_state.disk_running_mib_ms,
+            Counter::DiskActiveMibMs => by_state.disk_active_mib_ms,
+        }
+    }
+
+    /// Sets one billed counter and marks it carried.
+    pub fn set_counter(&mut self, counter: Counter, value: u64) {
+        let by_state = &mut self.state_counters;
+        let slot = match counter {
+            Counter::VcpuAllocUsec => &mut self.vcpu_alloc_usec,
+            Counter::MemAllocKibMs => &mut self.mem_alloc_kib_ms,
+            Counter::MemUsedKibMs => &mut self.mem_used_kib_ms,
+            Counter::GpuAllocMs => &mut self.gpu_alloc_ms,
+            Counter::DiskMibMs => &mut self.disk_mib_ms,
+            Counter::RunningMs => &mut by_state.running_ms,
+            Counter::SuspendedMs => &mut by_state.suspended_ms,
+            Counter::ActiveMs => &mut by_state.active_ms,
+            Counter::VcpuAllocActiveUsec => &mut by_state.vcpu_alloc_active_usec,
+            Counter::VcpuMaxUsec => &mut by_state.vcpu_max_usec,
+            Counter::VcpuMaxActiveUsec => &mut by_state.vcpu_max_active_usec,
+            Counter::CpuUsedActiveUsec => &mut by_state.cpu_used_active_usec,
+            Counter::MemAllocActiveKibMs => &mut by_state.mem_alloc_active_kib_ms,
+            Counter::MemMaxKibMs => &mut by_state.mem_max_kib_ms,
+            Counter::MemMaxActiveKibMs => &mut by_state.mem_max_active_kib_ms,
+            Counter::MemUsedActiveKibMs => &mut by_state.mem_used_active_kib_ms,
+            Counter::GpuAllocActiveMs => &mut by_state.gpu_alloc_active_ms,
+            Counter::DiskRunningMibMs => &mut by_state.disk_running_mib_ms,
+            Counter::DiskActiveMibMs => &mut by_state.disk_active_mib_ms,
+        };
+        *slot = value;
+        self.counters_present = self.counters_present.with(counter);
+    }
+
     /// Checks what types cannot: a GPU count without a model and the reverse.
     pub fn validate(&self) -> Result<(), SampleError> {
         match (&self.gpu_model, self.gpu_count) {

@@ -228,6 +228,8 @@ fn trace(scenario: &Scenario) -> Vec<Input> {
                 exec_sessions: segment.exec_sessions,
                 open_conns: segment.open_conns,
                 detail: Default::default(),
+                state_counters: Default::default(),
+                counters_present: Default::default(),
             }));
             t += interval;
         }

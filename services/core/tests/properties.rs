@@ -144,6 +144,8 @@ fn series_from(sandbox: usize, steps: &[Step]) -> Vec<UsageSample> {
                     exec_sessions: sessions,
                     open_conns: 0,
                     detail: Default::default(),
+                    state_counters: Default::default(),
+                    counters_present: Default::default(),
                 }
             },
         )

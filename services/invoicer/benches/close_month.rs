@@ -71,6 +71,8 @@ async fn run(customers: u64) -> anyhow::Result<()> {
                 exec_sessions: 1,
                 open_conns: 0,
                 detail: Default::default(),
+                state_counters: Default::default(),
+                counters_present: Default::default(),
             });
         }
         if batch.len() >= 100_000 {

@@ -76,6 +76,8 @@ fn sample(
         exec_sessions: u32::from(tick <= index % window_s),
         open_conns: 0,
         detail: Default::default(),
+        state_counters: Default::default(),
+        counters_present: Default::default(),
     }
 }
 

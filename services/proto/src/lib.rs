@@ -7,7 +7,8 @@
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SampleDetail, SandboxId, UsageSample, VcpuMillis,
+    CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SampleDetail, SandboxId, StateCounters,
+    UsageSample, VcpuMillis,
 };
 use prost::Message;
 
@@ -133,6 +134,25 @@ fn sample_from_wire(wire: v1::UsageSample, batch_node: &NodeId) -> Result<UsageS
             io_read_bytes: wire.io_read_bytes,
             io_write_bytes: wire.io_write_bytes,
         },
+        state_counters: StateCounters {
+            running_ms: wire.running_ms,
+            suspended_ms: wire.suspended_ms,
+            active_ms: wire.active_ms,
+            vcpu_alloc_active_usec: wire.vcpu_alloc_active_usec,
+            vcpu_max_usec: wire.vcpu_max_usec,
+            vcpu_max_active_usec: wire.vcpu_max_active_usec,
+            cpu_used_active_usec: wire.cpu_used_active_usec,
+            mem_alloc_active_kib_ms: wire.mem_alloc_active_kib_ms,
+            mem_max_kib_ms: wire.mem_max_kib_ms,
+            mem_max_active_kib_ms: wire.mem_max_active_kib_ms,
+            mem_used_active_kib_ms: wire.mem_used_active_kib_ms,
+            gpu_alloc_active_ms: wire.gpu_alloc_active_ms,
+            disk_running_mib_ms: wire.disk_running_mib_ms,
+            disk_active_mib_ms: wire.disk_active_mib_ms,
+        },
+        // Bits of counters this version does not know are dropped: they
+        // cannot be read, so they must not be claimed.
+        counters_present: CounterSet(wire.counters_present & CounterSet::ALL.0),
     };
     sample.validate().map_err(|e| e.to_string())?;
     Ok(sample)
@@ -179,6 +199,21 @@ pub fn sample_to_wire(sample: &UsageSample) -> v1::UsageSample {
         mem_peak_bytes: sample.detail.mem_peak_bytes,
         io_read_bytes: sample.detail.io_read_bytes,
         io_write_bytes: sample.detail.io_write_bytes,
+        counters_present: sample.counters_present.0,
+        running_ms: sample.state_counters.running_ms,
+        suspended_ms: sample.state_counters.suspended_ms,
+        active_ms: sample.state_counters.active_ms,
+        vcpu_alloc_active_usec: sample.state_counters.vcpu_alloc_active_usec,
+        vcpu_max_usec: sample.state_counters.vcpu_max_usec,
+        vcpu_max_active_usec: sample.state_counters.vcpu_max_active_usec,
+        cpu_used_active_usec: sample.state_counters.cpu_used_active_usec,
+        mem_alloc_active_kib_ms: sample.state_counters.mem_alloc_active_kib_ms,
+        mem_max_kib_ms: sample.state_counters.mem_max_kib_ms,
+        mem_max_active_kib_ms: sample.state_counters.mem_max_active_kib_ms,
+        mem_used_active_kib_ms: sample.state_counters.mem_used_active_kib_ms,
+        gpu_alloc_active_ms: sample.state_counters.gpu_alloc_active_ms,
+        disk_running_mib_ms: sample.state_counters.disk_running_mib_ms,
+        disk_active_mib_ms: sample.state_counters.disk_active_mib_ms,
     }
 }
 
@@ -218,6 +253,8 @@ pub fn decode_command(bytes: &[u8]) -> Result<v1::SandboxCommand, WireError> {
 
 #[cfg(test)]
 mod tests {
+    use idlemeter_core::Counter;
+
     use super::*;
 
     fn sample(seq: u64) -> UsageSample {
@@ -247,6 +284,8 @@ mod tests {
             exec_sessions: 1,
             open_conns: 2,
             detail: Default::default(),
+            state_counters: Default::default(),
+            counters_present: Default::default(),
         }
     }
 
@@ -264,10 +303,16 @@ mod tests {
             io_read_bytes: 7,
             io_write_bytes: 8,
         };
-        let sent = vec![sample(1), detailed];
+        let mut counted = sample(3);
+        for (index, counter) in Counter::ALL.into_iter().enumerate() {
+            counted.set_counter(counter, 1_000 + index as u64);
+        }
+        let sent = vec![sample(1), detailed, counted];
         let bytes = encode_node_batch(&node, Utc::now(), 9, &sent);
         let decoded = decode_node_batch(&bytes).expect("valid batch");
         assert_eq!(decoded.samples, sent);
+        assert_eq!(decoded.samples[2].counters_present, CounterSet::ALL);
+        assert_eq!(decoded.samples[2].state_counters.disk_active_mib_ms, 1_018);
         assert_eq!(decoded.batch_seq, 9);
         assert!(decoded.rejected.is_empty());
     }

@@ -13,23 +13,41 @@
 //! re-rates every hour of the period beside the old results, which stay, and
 //! `rating_changes` records the old and new totals and which lines moved.
 //!
-//! Cost: each snapshot re-reads and re-rates the period to date. That is exact
-//! and simple; carrying span state between hours is the known next step when a
-//! customer's month outgrows one rating pass.
+//! Cost: each hour's snapshot continues the carried rating state of the
+//! hour before ([`RatingState`], stored in `rating_state`), so a pass reads
+//! and rates only that hour's samples: the 720th hour of a month costs what
+//! the first did. A restarted rater, or another replica, resumes from the
+//! newest stored state; a changed sheet or policy (a new checksum) finds
+//! none and rates the period from its first sample.
+//!
+//! Live cost: every `live_interval_seconds` the rater advances a copy of
+//! each customer's state with the samples since its last look and writes
+//! the provisional period-to-date bill to `live_usage`; `/cost`, spend
+//! alerts and budget caps read the newer of that and the last final
+//! snapshot, so they act within seconds of the spend.
+//!
+//! A customer whose rating fails (an amount too large to compute, a stored
+//! state that does not load) is logged, counted and written to
+//! `rating_errors`; every other customer is rated as usual. Samples rating
+//! refuses are written there too, by sandbox, epoch and seq.
 
 mod period;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::invoice::{CustomerBill, InvoiceLine};
 use idlemeter_core::policy::{Policy, PolicyIdle};
 use idlemeter_core::{
-    rate_report, BillingOptions, CustomerId, IdlePolicy, NumberedSample, PriceSheet,
-    SessionOrConnection, UsageSample,
+    report_usage, BillingOptions, CustomerId, IdlePolicy, LineError, NumberedSample, PriceSheet,
+    RateReport, RatingState, SessionOrConnection, UsageSample,
 };
-use idlemeter_store::{to_column, RatedLineRow, RatingChangeRow, Store};
+use idlemeter_store::{
+    to_column, RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow, Store,
+};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -65,6 +83,13 @@ pub struct RaterConfig {
     /// idle (for sheets that bill idle seconds differently); empty for the
     /// built-in session-or-connection rule. Part of the snapshot checksum.
     pub idle_policy: String,
+    /// How often to rate the open hour into the live figure; 0 turns live
+    /// rating off.
+    pub live_interval_seconds: u64,
+    /// How far back each live pass re-reads, for samples that reach the
+    /// store late (a late sample older than this is left to the hour's final
+    /// rating; with counters it changes no money).
+    pub live_lateness_seconds: u64,
 }
 
 impl Default for RaterConfig {
@@ -75,6 +100,8 @@ impl Default for RaterConfig {
             grace_seconds: 300,
             interval_seconds: 60,
             idle_policy: String::new(),
+            live_interval_seconds: 5,
+            live_lateness_seconds: 10,
         }
     }
 }
@@ -100,6 +127,10 @@ impl IdlePolicy for Idle {
             Idle::Policy(policy) => policy.is_idle(previous, closing),
         }
     }
+
+    fn is_collector_rule(&self) -> bool {
+        matches!(self, Idle::SessionOrConnection)
+    }
 }
 
 /// What one pass rated.
@@ -109,6 +140,72 @@ pub struct RatingPass {
     pub snapshots_present: usize,
     pub changes_recorded: usize,
     pub samples_refused: usize,
+    /// Customers whose rating failed (reported in `rating_errors`).
+    pub customers_failed: usize,
+    /// Samples read from the store by this pass.
+    pub samples_read: usize,
+}
+
+/// What one live pass rated.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LivePass {
+    pub customers_rated: usize,
+    pub customers_failed: usize,
+    pub samples_read: usize,
+}
+
+/// A customer's state ahead of the last final hour: the live figure's.
+#[derive(Debug, Clone)]
+struct LiveState {
+    period_start: DateTime<Utc>,
+    state: RatingState,
+    /// Newest sample time rated, Unix ms.
+    newest_ms: u64,
+}
+
+/// A customer's state at its newest final hour: (period start, as_of, state).
+type FinalState = (DateTime<Utc>, DateTime<Utc>, RatingState);
+
+/// Rater metrics.
+#[derive(Debug, Clone)]
+struct RaterMetrics {
+    snapshots_written: prometheus::IntCounter,
+    live_figures_written: prometheus::IntCounter,
+    customers_failed: prometheus::IntCounter,
+    samples_refused: prometheus::IntCounter,
+    samples_read: prometheus::IntCounter,
+}
+
+impl RaterMetrics {
+    fn new(registry: &prometheus::Registry) -> Result<Self> {
+        let counter = |name: &str, help: &str| -> Result<prometheus::IntCounter> {
+            let counter = prometheus::IntCounter::new(name, help)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        Ok(Self {
+            snapshots_written: counter(
+                "idlemeter_rater_snapshots_written_total",
+                "period-to-date snapshots rated and stored",
+            )?,
+            live_figures_written: counter(
+                "idlemeter_rater_live_figures_written_total",
+                "provisional period-to-date figures of the open hour written",
+            )?,
+            customers_failed: counter(
+                "idlemeter_rater_customer_failures_total",
+                "customer ratings that failed and were reported in rating_errors",
+            )?,
+            samples_refused: counter(
+                "idlemeter_rater_samples_refused_total",
+                "samples rating refused (reported in rating_errors)",
+            )?,
+            samples_read: counter(
+                "idlemeter_rater_samples_read_total",
+                "samples read from the store by rating passes",
+            )?,
+        })
+    }
 }
 
 /// The rater with its sheet loaded.
@@ -120,7 +217,12 @@ pub struct Rater {
     sheet_checksum: String,
     config: RaterConfig,
     idle: Idle,
-    snapshots_written: prometheus::IntCounter,
+    metrics: RaterMetrics,
+    /// The state of each customer's newest final hour, kept so the next
+    /// hour need not read it back: (period start, as_of, state).
+    finals: Mutex<HashMap<CustomerId, FinalState>>,
+    /// Each customer's live state, ahead of its final one.
+    live: Mutex<HashMap<CustomerId, LiveState>>,
 }
 
 impl Rater {
@@ -137,11 +239,7 @@ impl Rater {
             .iter()
             .map(|byte| format!("{byte:02x}"))
             .collect();
-        let snapshots_written = prometheus::IntCounter::new(
-            "idlemeter_rater_snapshots_written_total",
-            "period-to-date snapshots rated and stored",
-        )?;
-        registry.register(Box::new(snapshots_written.clone()))?;
+        let metrics = RaterMetrics::new(registry)?;
         Ok(Self {
             store,
             sheet,
@@ -149,7 +247,9 @@ impl Rater {
             sheet_checksum,
             config,
             idle: Idle::SessionOrConnection,
-            snapshots_written,
+            metrics,
+            finals: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
         })
     }
 
@@ -210,9 +310,19 @@ impl Rater {
                 while as_of <= period_end {
                     if rated.contains(&unix_secs(as_of)) {
                         pass.snapshots_present += 1;
-                    } else {
-                        self.rate_snapshot(customer, period_start, as_of, now, &mut pass)
-                            .await?;
+                    } else if let Err(error) = self
+                        .rate_snapshot(customer, period_start, as_of, now, &mut pass)
+                        .await
+                    {
+                        // The store failing is everyone's problem: retry the
+                        // pass. Anything else is this customer's.
+                        if matches!(error, Error::Store(_)) {
+                            return Err(error);
+                        }
+                        self.customer_failed(customer, period_start, now, &error)
+                            .await;
+                        pass.customers_failed += 1;
+                        break;
                     }
                     as_of += chrono::Duration::hours(1);
                 }
@@ -242,28 +352,35 @@ impl Rater {
             pass.snapshots_present += 1;
             return Ok(());
         }
-        let samples: Vec<NumberedSample> = self
-            .store
-            .samples_for_rating(customer, unix_ms(period_start), unix_ms(as_of))
-            .await?
-            .into_iter()
-            .enumerate()
-            .map(|(position, sample)| NumberedSample {
-                line: position as u64 + 1,
-                sample,
+        let (mut state, from) = self
+            .resume(customer, period_start, as_of - chrono::Duration::hours(1))
+            .await?;
+        let samples = self
+            .read_samples(customer, from, unix_ms(as_of), &mut pass.samples_read)
+            .await?;
+        let errors = state.advance(&self.sheet, &samples, &self.idle);
+        self.report_refused(customer, period_start, &samples, &errors, now)
+            .await?;
+        pass.samples_refused += errors.len();
+        let report = self.report(&state)?;
+        // The state first: lines without it are rated again from the hour
+        // before (the same figures); a state without lines is found by the
+        // next pass, which rates the hour's lines again from the hour before.
+        self.store
+            .insert_rating_state(&RatingStateRow {
+                customer: customer.to_string(),
+                period_start: period_secs,
+                sheet_checksum: self.sheet_checksum.clone(),
+                as_of: as_of_secs,
+                series: u32::try_from(state.series_count()).unwrap_or(u32::MAX),
+                state: state.to_json(),
+                rated_at: unix_secs(now),
             })
-            .collect();
-        let report = rate_report(
-            &self.sheet,
-            &samples,
-            &self.idle,
-            &BillingOptions::default(),
-            Vec::new(),
-        )?;
-        if !report.errors.is_empty() {
-            pass.samples_refused += report.errors.len();
-            tracing::warn!(%customer, refused = report.errors.len(), first = ?report.errors.first(), "samples refused while rating");
-        }
+            .await?;
+        self.finals
+            .lock()
+            .expect("not poisoned")
+            .insert(customer.clone(), (period_start, as_of, state));
         let Some(bill) = report
             .customers
             .iter()
@@ -290,7 +407,7 @@ impl Rater {
             })
             .collect::<Result<Vec<_>>>()?;
         self.store.insert_rated_lines(&rows).await?;
-        self.snapshots_written.inc();
+        self.metrics.snapshots_written.inc();
         pass.snapshots_written += 1;
         for (old_checksum, old_total) in existing {
             let change = self
@@ -307,6 +424,268 @@ impl Rater {
             self.store.insert_rating_change(&change).await?;
             pass.changes_recorded += 1;
         }
+        Ok(())
+    }
+
+    /// The state to continue from to rate what follows `before`: the cached
+    /// final state of that hour, else the newest stored one at or before it,
+    /// else nothing (the period's start). Returns it with the time (Unix ms)
+    /// its samples run to.
+    async fn resume(
+        &self,
+        customer: &CustomerId,
+        period_start: DateTime<Utc>,
+        before: DateTime<Utc>,
+    ) -> Result<(RatingState, u64)> {
+        let scratch = || (RatingState::new(&self.sheet), unix_ms(period_start));
+        if before <= period_start {
+            return Ok(scratch());
+        }
+        if let Some((period, as_of, state)) =
+            self.finals.lock().expect("not poisoned").get(customer)
+        {
+            if *period == period_start && *as_of == before {
+                return Ok((state.clone(), unix_ms(before)));
+            }
+        }
+        let Some(row) = self
+            .store
+            .rating_state_before(
+                customer.as_str(),
+                unix_secs(period_start),
+                &self.sheet_checksum,
+                unix_secs(before),
+            )
+            .await?
+        else {
+            return Ok(scratch());
+        };
+        match RatingState::from_json(&row.state, &self.sheet) {
+            Ok(state) => Ok((state, u64::from(row.as_of) * 1000)),
+            Err(error) => {
+                // States are a cache of the samples: rating from the
+                // period's start gives the same figures, only slower.
+                tracing::warn!(%customer, as_of = row.as_of, %error, "stored rating state does not load; rating the period from its start");
+                Ok(scratch())
+            }
+        }
+    }
+
+    /// A customer's samples closing intervals in `[from_ms, to_ms)`, with
+    /// each series' baseline, numbered by position.
+    async fn read_samples(
+        &self,
+        customer: &CustomerId,
+        from_ms: u64,
+        to_ms: u64,
+        read: &mut usize,
+    ) -> Result<Vec<NumberedSample>> {
+        let samples: Vec<NumberedSample> = self
+            .store
+            .samples_for_rating(customer, from_ms, to_ms)
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(position, sample)| NumberedSample {
+                line: position as u64 + 1,
+                sample,
+            })
+            .collect();
+        *read += samples.len();
+        self.metrics.samples_read.inc_by(samples.len() as u64);
+        Ok(samples)
+    }
+
+    /// The bill of what `state` rated so far.
+    fn report(&self, state: &RatingState) -> Result<RateReport> {
+        Ok(report_usage(
+            &self.sheet,
+            state.usage(&self.sheet, &self.idle),
+            &BillingOptions::default(),
+            Vec::new(),
+        )?)
+    }
+
+    /// Logs, counts and stores the samples rating refused.
+    async fn report_refused(
+        &self,
+        customer: &CustomerId,
+        period_start: DateTime<Utc>,
+        samples: &[NumberedSample],
+        errors: &[LineError],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        if errors.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(%customer, refused = errors.len(), first = ?errors.first(), "samples refused while rating");
+        self.metrics.samples_refused.inc_by(errors.len() as u64);
+        let rows: Vec<RatingErrorRow> = errors
+            .iter()
+            .map(|error| {
+                let sample = usize::try_from(error.line)
+                    .ok()
+                    .and_then(|line| line.checked_sub(1))
+                    .and_then(|index| samples.get(index))
+                    .map(|numbered| &numbered.sample);
+                RatingErrorRow {
+                    customer: customer.to_string(),
+                    sandbox: sample.map(|s| s.sandbox.to_string()).unwrap_or_default(),
+                    epoch: sample.map_or(0, |s| s.epoch.0),
+                    seq: sample.map_or(0, |s| s.seq),
+                    field: error.field.clone(),
+                    reason: error.reason.clone(),
+                    period_start: unix_secs(period_start),
+                    sheet_checksum: self.sheet_checksum.clone(),
+                    detected_at: unix_secs(now),
+                }
+            })
+            .collect();
+        self.store.insert_rating_errors(&rows).await?;
+        Ok(())
+    }
+
+    /// A customer whose rating failed: logged, counted and stored, so that
+    /// the pass goes on with everyone else.
+    async fn customer_failed(
+        &self,
+        customer: &CustomerId,
+        period_start: DateTime<Utc>,
+        now: DateTime<Utc>,
+        error: &Error,
+    ) {
+        tracing::error!(%customer, %error, "rating this customer failed; rating the others");
+        self.metrics.customers_failed.inc();
+        let row = RatingErrorRow {
+            customer: customer.to_string(),
+            sandbox: String::new(),
+            epoch: 0,
+            seq: 0,
+            field: "customer".to_owned(),
+            reason: error.to_string(),
+            period_start: unix_secs(period_start),
+            sheet_checksum: self.sheet_checksum.clone(),
+            detected_at: unix_secs(now),
+        };
+        if let Err(store_error) = self.store.insert_rating_errors(&[row]).await {
+            tracing::warn!(%customer, %store_error, "could not store the rating error");
+        }
+    }
+
+    /// Rates the open hour of every customer with samples in the last
+    /// `live_interval_seconds + live_lateness_seconds` into their live
+    /// figure: their state carried forward by the samples since the last
+    /// look, billed, and written to `live_usage`.
+    pub async fn rate_live(&self, now: DateTime<Utc>) -> Result<LivePass> {
+        let lateness = chrono::Duration::seconds(self.config.live_lateness_seconds as i64);
+        let window = chrono::Duration::seconds(self.config.live_interval_seconds.max(1) as i64);
+        let period_start = self.config.period.start_of(now);
+        let from = (now - window - lateness).max(period_start);
+        let until_ms = unix_ms(now) + 1;
+        let customers = self
+            .store
+            .customers_with_samples(unix_ms(from), until_ms)
+            .await?;
+        let mut pass = LivePass::default();
+        for (customer, _) in &customers {
+            match self
+                .rate_live_customer(customer, period_start, now, &mut pass)
+                .await
+            {
+                Ok(()) => pass.customers_rated += 1,
+                Err(Error::Store(error)) => return Err(Error::Store(error)),
+                Err(error) => {
+                    tracing::warn!(%customer, %error, "live rating of this customer failed; the hour's final rating will report it");
+                    pass.customers_failed += 1;
+                }
+            }
+        }
+        Ok(pass)
+    }
+
+    async fn rate_live_customer(
+        &self,
+        customer: &CustomerId,
+        period_start: DateTime<Utc>,
+        now: DateTime<Utc>,
+        pass: &mut LivePass,
+    ) -> Result<()> {
+        let cached = self.live.lock().expect("not poisoned").remove(customer);
+        let final_as_of = self
+            .finals
+            .lock()
+            .expect("not poisoned")
+            .get(customer)
+            .filter(|(period, _, _)| *period == period_start)
+            .map(|(_, as_of, _)| unix_ms(*as_of));
+        // Start over from the newest final state when there is one newer than
+        // what the live state started from: it has the late samples the
+        // final pass found.
+        let mut live = match cached {
+            Some(live)
+                if live.period_start == period_start
+                    && final_as_of.is_none_or(|final_ms| final_ms <= live.newest_ms) =>
+            {
+                live
+            }
+            _ => {
+                let (state, from_ms) = self.resume(customer, period_start, now).await?;
+                LiveState {
+                    period_start,
+                    state,
+                    newest_ms: from_ms,
+                }
+            }
+        };
+        let lateness_ms = self.config.live_lateness_seconds * 1000;
+        let from_ms = live
+            .newest_ms
+            .saturating_sub(lateness_ms)
+            .max(unix_ms(period_start));
+        let samples = self
+            .read_samples(customer, from_ms, unix_ms(now) + 1, &mut pass.samples_read)
+            .await?;
+        let newest = samples
+            .iter()
+            .map(|numbered| unix_ms(numbered.sample.ts))
+            .max()
+            .unwrap_or(live.newest_ms);
+        live.state.advance(&self.sheet, &samples, &self.idle);
+        live.newest_ms = live.newest_ms.max(newest);
+        let report = self.report(&live.state)?;
+        let as_of_secs = u32::try_from(live.newest_ms / 1000).unwrap_or(u32::MAX);
+        let rows = match report
+            .customers
+            .iter()
+            .find(|bill| &bill.customer == customer)
+        {
+            Some(bill) => bill
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(line_no, line)| {
+                    self.line_row(
+                        customer,
+                        unix_secs(period_start),
+                        as_of_secs,
+                        &report.currency,
+                        &report.idle_policy,
+                        line_no,
+                        line,
+                        unix_secs(now),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        if !rows.is_empty() {
+            self.store.insert_live_lines(&rows).await?;
+            self.metrics.live_figures_written.inc();
+        }
+        self.live
+            .lock()
+            .expect("not poisoned")
+            .insert(customer.clone(), live);
         Ok(())
     }
 
@@ -429,22 +808,33 @@ impl Rater {
         })
     }
 
-    /// Rates closed hours every `interval_seconds` until `shutdown`.
+    /// Rates closed hours every `interval_seconds` and the open hour every
+    /// `live_interval_seconds` until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         let mut ticker =
             tokio::time::interval(Duration::from_secs(self.config.interval_seconds.max(1)));
+        let live_every = self.config.live_interval_seconds;
+        let mut live_ticker = tokio::time::interval(Duration::from_secs(live_every.max(1)));
+        live_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => {}
-                _ = &mut shutdown => return Ok(()),
-            }
-            match self.rate_closed_hours(Utc::now()).await {
-                Ok(pass) if pass.snapshots_written > 0 => {
-                    tracing::info!(?pass, "rated closed hours")
+                _ = ticker.tick() => {
+                    match self.rate_closed_hours(Utc::now()).await {
+                        Ok(pass) if pass.snapshots_written > 0 || pass.customers_failed > 0 => {
+                            tracing::info!(?pass, "rated closed hours")
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(%error, "rating pass failed; retrying next tick"),
+                    }
                 }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "rating pass failed; retrying next tick"),
+                _ = live_ticker.tick(), if live_every > 0 => {
+                    match self.rate_live(Utc::now()).await {
+                        Ok(pass) => tracing::debug!(?pass, "rated the open hour"),
+                        Err(error) => tracing::warn!(%error, "live rating pass failed; retrying next tick"),
+                    }
+                }
+                _ = &mut shutdown => return Ok(()),
             }
         }
     }

@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+    CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
 };
 
 /// Shape of the simulated fleet.
@@ -92,6 +92,8 @@ impl Fleet {
                         exec_sessions: 0,
                         open_conns: 0,
                         detail: Default::default(),
+                        state_counters: Default::default(),
+                        counters_present: CounterSet::ALL,
                     },
                     activity: Activity::Burst,
                     remaining_ticks: 0,
@@ -151,20 +153,45 @@ fn advance(sandbox: &mut SimulatedSandbox, now: DateTime<Utc>, rng: &mut SplitMi
     sample.state = state;
     sample.exec_sessions = sessions;
     sample.open_conns = conns;
-    sample.disk_mib_ms += (sample.disk_bytes >> 20) * elapsed_ms;
-    if state == LifecycleState::Running {
-        // vCPU-milli x ms = vCPU-microseconds.
-        let allocated_usec = vcpu_milli * elapsed_ms;
-        sample.vcpu_alloc_usec += allocated_usec;
-        sample.cpu_used_usec += allocated_usec * cpu_share_permille / 1000;
-        sample.mem_used_bytes =
-            sample.mem_bytes / 4 + (sample.mem_bytes / 2) * cpu_share_permille / 1000;
-        sample.mem_alloc_kib_ms += (sample.mem_bytes >> 10) * elapsed_ms;
-        sample.mem_used_kib_ms += (sample.mem_used_bytes >> 10) * elapsed_ms;
-        sample.gpu_alloc_ms += u64::from(sample.gpu_count) * elapsed_ms;
-        sample.net_rx_bytes += cpu_share_permille * 1_000;
-        sample.net_tx_bytes += cpu_share_permille * 300;
-        sample.api_calls += u64::from(sessions);
+    let disk_mib_ms = (sample.disk_bytes >> 20) * elapsed_ms;
+    sample.disk_mib_ms += disk_mib_ms;
+    if state != LifecycleState::Running {
+        sample.state_counters.suspended_ms += elapsed_ms;
+        return;
+    }
+    // vCPU-milli x ms = vCPU-microseconds.
+    let allocated_usec = vcpu_milli * elapsed_ms;
+    let used_usec = allocated_usec * cpu_share_permille / 1000;
+    sample.vcpu_alloc_usec += allocated_usec;
+    sample.cpu_used_usec += used_usec;
+    sample.mem_used_bytes =
+        sample.mem_bytes / 4 + (sample.mem_bytes / 2) * cpu_share_permille / 1000;
+    let mem_alloc_kib_ms = (sample.mem_bytes >> 10) * elapsed_ms;
+    let mem_used_kib_ms = (sample.mem_used_bytes >> 10) * elapsed_ms;
+    let gpu_ms = u64::from(sample.gpu_count) * elapsed_ms;
+    sample.mem_alloc_kib_ms += mem_alloc_kib_ms;
+    sample.mem_used_kib_ms += mem_used_kib_ms;
+    sample.gpu_alloc_ms += gpu_ms;
+    sample.net_rx_bytes += cpu_share_permille * 1_000;
+    sample.net_tx_bytes += cpu_share_permille * 300;
+    sample.api_calls += u64::from(sessions);
+    // The collector's counters by state: allocation never below use here,
+    // so max(requested, used) is the allocation.
+    let counters = &mut sample.state_counters;
+    counters.running_ms += elapsed_ms;
+    counters.vcpu_max_usec += allocated_usec.max(used_usec);
+    counters.mem_max_kib_ms += mem_alloc_kib_ms.max(mem_used_kib_ms);
+    counters.disk_running_mib_ms += disk_mib_ms;
+    if sessions > 0 || conns > 0 {
+        counters.active_ms += elapsed_ms;
+        counters.vcpu_alloc_active_usec += allocated_usec;
+        counters.vcpu_max_active_usec += allocated_usec.max(used_usec);
+        counters.cpu_used_active_usec += used_usec;
+        counters.mem_alloc_active_kib_ms += mem_alloc_kib_ms;
+        counters.mem_max_active_kib_ms += mem_alloc_kib_ms.max(mem_used_kib_ms);
+        counters.mem_used_active_kib_ms += mem_used_kib_ms;
+        counters.gpu_alloc_active_ms += gpu_ms;
+        counters.disk_active_mib_ms += disk_mib_ms;
     }
 }
 

@@ -182,9 +182,12 @@ struct SnapshotLineRow {
 pub struct LatestSpend {
     pub period_start: u32,
     pub sheet_checksum: String,
-    /// End of the last hour rated, Unix seconds.
+    /// End of the last hour rated (a final snapshot), or the second of the
+    /// newest sample rated (a live figure), Unix seconds.
     pub as_of: u32,
     pub total: Decimal,
+    /// A live figure of the open hour (`live_usage`), not yet final.
+    pub provisional: bool,
 }
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
@@ -374,26 +377,64 @@ impl Store {
     }
 
     /// The customer's spend so far in their latest rated period (see
-    /// `queries/period_spend.sql`); `None` before their first rating.
+    /// `queries/period_spend.sql`): the newer of the latest final snapshot
+    /// and the live figure of the open hour; `None` before their first
+    /// rating.
     pub async fn latest_spend(&self, customer: &str) -> Result<Option<LatestSpend>> {
+        let final_spend = self.spend_in(customer, "rated_usage").await?;
+        let live_spend = self.spend_in(customer, "live_usage").await?;
+        Ok(match (final_spend, live_spend) {
+            (Some(done), Some(live))
+                if (live.period_start, live.as_of) > (done.period_start, done.as_of) =>
+            {
+                Some(live)
+            }
+            (None, live) => live,
+            (done, _) => done,
+        })
+    }
+
+    async fn spend_in(&self, customer: &str, table: &str) -> Result<Option<LatestSpend>> {
+        let sql = crate::policy::PERIOD_SPEND_SQL.replace("rated_usage", table);
         let row: Option<LatestSpendRow> = self
             .client
-            .query(crate::policy::PERIOD_SPEND_SQL)
+            .query(&sql)
             .bind(customer)
             .bind(customer)
             .bind(customer)
             .fetch_optional()
             .await
-            .context(format!("period spend of {customer}"))?;
+            .context(format!("period spend of {customer} in {table}"))?;
         row.map(|row| {
             Ok(LatestSpend {
                 period_start: row.period_start_unix,
                 sheet_checksum: row.sheet_checksum,
                 as_of: row.as_of_unix,
                 total: from_column(row.total)?,
+                provisional: table == "live_usage",
             })
         })
         .transpose()
+    }
+
+    /// The lines behind a [`LatestSpend`], final or live, in line order.
+    pub async fn spend_lines(
+        &self,
+        customer: &idlemeter_core::CustomerId,
+        spend: &LatestSpend,
+    ) -> Result<Vec<crate::RatedLineRow>> {
+        if spend.provisional {
+            self.live_lines(customer.as_str(), spend.period_start, &spend.sheet_checksum)
+                .await
+        } else {
+            self.rated_lines(
+                customer,
+                spend.period_start,
+                &spend.sheet_checksum,
+                spend.as_of,
+            )
+            .await
+        }
     }
 
     /// `issuer`'s invoices of `customer` numbered below `before`, newest

@@ -14,6 +14,7 @@ mod migrate;
 mod policy;
 mod rated;
 mod samples;
+mod state;
 mod usage;
 
 use serde::Deserialize;
@@ -31,6 +32,7 @@ pub use rated::{
     SAMPLES_FOR_RATING_RANGE_SQL, SAMPLES_FOR_RATING_SQL,
 };
 pub use samples::SampleRow;
+pub use state::{RatingErrorRow, RatingStateRow};
 
 /// Where and as whom to reach ClickHouse.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]

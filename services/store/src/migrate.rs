@@ -36,6 +36,8 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0005_invoices.sql"),
     migration!("0006_api.sql"),
     migration!("0007_sample_detail.sql"),
+    migration!("0008_state_counters.sql"),
+    migration!("0009_rating_state.sql"),
 ];
 
 impl Migration {

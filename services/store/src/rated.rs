@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SampleDetail, SandboxId, UsageSample, VcpuMillis,
+    CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SampleDetail, SandboxId, StateCounters,
+    UsageSample, VcpuMillis,
 };
 use rust_decimal::Decimal;
 use serde_repr::Deserialize_repr;
@@ -53,6 +54,21 @@ struct StoredSample {
     mem_used_bytes: u64,
     exec_sessions: u32,
     open_conns: u32,
+    counters_present: u32,
+    running_ms: u64,
+    suspended_ms: u64,
+    active_ms: u64,
+    vcpu_alloc_active_usec: u64,
+    vcpu_max_usec: u64,
+    vcpu_max_active_usec: u64,
+    cpu_used_active_usec: u64,
+    mem_alloc_active_kib_ms: u64,
+    mem_max_kib_ms: u64,
+    mem_max_active_kib_ms: u64,
+    mem_used_active_kib_ms: u64,
+    gpu_alloc_active_ms: u64,
+    disk_running_mib_ms: u64,
+    disk_active_mib_ms: u64,
 }
 
 impl TryFrom<StoredSample> for UsageSample {
@@ -96,6 +112,23 @@ impl TryFrom<StoredSample> for UsageSample {
             open_conns: row.open_conns,
             // Rating reads the billed columns only; the detail stays in the table.
             detail: SampleDetail::default(),
+            state_counters: StateCounters {
+                running_ms: row.running_ms,
+                suspended_ms: row.suspended_ms,
+                active_ms: row.active_ms,
+                vcpu_alloc_active_usec: row.vcpu_alloc_active_usec,
+                vcpu_max_usec: row.vcpu_max_usec,
+                vcpu_max_active_usec: row.vcpu_max_active_usec,
+                cpu_used_active_usec: row.cpu_used_active_usec,
+                mem_alloc_active_kib_ms: row.mem_alloc_active_kib_ms,
+                mem_max_kib_ms: row.mem_max_kib_ms,
+                mem_max_active_kib_ms: row.mem_max_active_kib_ms,
+                mem_used_active_kib_ms: row.mem_used_active_kib_ms,
+                gpu_alloc_active_ms: row.gpu_alloc_active_ms,
+                disk_running_mib_ms: row.disk_running_mib_ms,
+                disk_active_mib_ms: row.disk_active_mib_ms,
+            },
+            counters_present: CounterSet(row.counters_present & CounterSet::ALL.0),
         })
     }
 }

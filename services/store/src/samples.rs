@@ -60,6 +60,21 @@ pub struct SampleRow<'a> {
     mem_peak_bytes: u64,
     io_read_bytes: u64,
     io_write_bytes: u64,
+    counters_present: u32,
+    running_ms: u64,
+    suspended_ms: u64,
+    active_ms: u64,
+    vcpu_alloc_active_usec: u64,
+    vcpu_max_usec: u64,
+    vcpu_max_active_usec: u64,
+    cpu_used_active_usec: u64,
+    mem_alloc_active_kib_ms: u64,
+    mem_max_kib_ms: u64,
+    mem_max_active_kib_ms: u64,
+    mem_used_active_kib_ms: u64,
+    gpu_alloc_active_ms: u64,
+    disk_running_mib_ms: u64,
+    disk_active_mib_ms: u64,
 }
 
 impl<'a> From<&'a UsageSample> for SampleRow<'a> {
@@ -100,6 +115,21 @@ impl<'a> From<&'a UsageSample> for SampleRow<'a> {
             mem_peak_bytes: sample.detail.mem_peak_bytes,
             io_read_bytes: sample.detail.io_read_bytes,
             io_write_bytes: sample.detail.io_write_bytes,
+            counters_present: sample.counters_present.0,
+            running_ms: sample.state_counters.running_ms,
+            suspended_ms: sample.state_counters.suspended_ms,
+            active_ms: sample.state_counters.active_ms,
+            vcpu_alloc_active_usec: sample.state_counters.vcpu_alloc_active_usec,
+            vcpu_max_usec: sample.state_counters.vcpu_max_usec,
+            vcpu_max_active_usec: sample.state_counters.vcpu_max_active_usec,
+            cpu_used_active_usec: sample.state_counters.cpu_used_active_usec,
+            mem_alloc_active_kib_ms: sample.state_counters.mem_alloc_active_kib_ms,
+            mem_max_kib_ms: sample.state_counters.mem_max_kib_ms,
+            mem_max_active_kib_ms: sample.state_counters.mem_max_active_kib_ms,
+            mem_used_active_kib_ms: sample.state_counters.mem_used_active_kib_ms,
+            gpu_alloc_active_ms: sample.state_counters.gpu_alloc_active_ms,
+            disk_running_mib_ms: sample.state_counters.disk_running_mib_ms,
+            disk_active_mib_ms: sample.state_counters.disk_active_mib_ms,
         }
     }
 }

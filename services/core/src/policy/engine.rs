@@ -660,6 +660,8 @@ mod tests {
             exec_sessions,
             open_conns: 0,
             detail: Default::default(),
+            state_counters: Default::default(),
+            counters_present: Default::default(),
         }
     }
 

@@ -15,6 +15,15 @@ pub trait IdlePolicy {
 
     /// True when the interval was idle: running, but nobody using it.
     fn is_idle(&self, previous: &UsageSample, closing: &UsageSample) -> bool;
+
+    /// True when this is the collector's own activity rule (an exec session
+    /// or an open inbound connection at the tick), so that the active
+    /// counters the collector sends measure exactly what this policy would
+    /// call active, second by second. Other policies classify each interval
+    /// by its closing sample and take its running counters whole.
+    fn is_collector_rule(&self) -> bool {
+        false
+    }
 }
 
 /// Idle means no exec session and no open inbound connection on the sample
@@ -30,6 +39,10 @@ impl IdlePolicy for SessionOrConnection {
 
     fn is_idle(&self, _previous: &UsageSample, closing: &UsageSample) -> bool {
         closing.exec_sessions == 0 && closing.open_conns == 0
+    }
+
+    fn is_collector_rule(&self) -> bool {
+        true
     }
 }
 

@@ -3,43 +3,38 @@
 //!
 //! This is the hot path. Everything here is integer arithmetic on base units
 //! (vCPU-microseconds, byte-milliseconds, GPU-milliseconds, bytes); money is
-//! computed later, once per line. An interval that crosses a price version's
-//! effective date is split at it, and its counter differences are split in
-//! proportion to time with the remainder kept, so no unit is lost or doubled.
+//! computed later, once per line. What an interval used comes from
+//! [`IntervalUsage`]: counter differences where the samples carry counters,
+//! the closing sample's gauges otherwise. An interval that crosses a price
+//! version's effective date is split at it, its integrals in proportion to
+//! time with the remainder kept, so no unit is lost or doubled.
 
+use crate::counters::Counter;
 use crate::error::LineError;
 use crate::pricing::{Basis, IdleBilling, PriceSheet, ResourceKind, ResourcePrice, ResourceSlot};
 use crate::rating::idle::IdlePolicy;
+use crate::rating::usage::{Activity, Class, IntervalUsage};
 use crate::rating::{Accumulator, NumberedSample};
 use crate::sample::{LifecycleState, UsageSample};
 
 /// A continuous billable span of one resource, kept open to round it up to
 /// the resource's increment when it ends.
-#[derive(Debug, Clone, Copy, Default)]
-struct OpenSpan {
-    millis: u64,
-    /// Quantity and length of the span's last segment: the rate at which the
-    /// rounding-up padding is billed.
-    last_quantity: u128,
-    last_millis: u64,
-    row: usize,
-    version: usize,
-}
-
-/// Counter differences over one interval.
-#[derive(Debug, Clone, Copy)]
-struct CounterDeltas {
-    cpu_used_usec: u64,
-    net_tx_bytes: u64,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct OpenSpan {
+    pub(super) millis: u64,
+    /// Quantity and billable length of the span's last segment: the rate at
+    /// which the rounding-up padding is billed.
+    pub(super) last_quantity: u128,
+    pub(super) last_millis: u64,
+    pub(super) row: usize,
+    pub(super) version: usize,
 }
 
 /// One piece of an interval within a single price version.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     version: usize,
-    millis: u64,
-    cpu_used_usec: u64,
-    net_tx_bytes: u64,
+    usage: IntervalUsage,
 }
 
 /// Rates series of one sheet into an accumulator.
@@ -68,18 +63,31 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
         }
     }
 
-    /// Rates one series (indices in `seq` order). The first sample is the
-    /// baseline; a sample that fails the checks is reported and skipped, and
-    /// the next one is measured from the last good baseline, so a bad sample
-    /// costs resolution, never money.
+    /// Rates one series (indices in `seq` order) and closes its spans. The
+    /// first sample is the baseline.
     pub fn rate_series(&mut self, samples: &[NumberedSample], series: &[usize]) {
         let Some((&first, rest)) = series.split_first() else {
             return;
         };
-        let mut baseline = &samples[first];
+        let baseline = &samples[first];
         self.accumulator.row_of(&baseline.sample.customer);
-        for &index in rest {
-            let closing = &samples[index];
+        self.rate_run(baseline, rest.iter().map(|index| &samples[*index]));
+        self.close_all_spans();
+    }
+
+    /// Rates the intervals from `baseline` through `closings` (in `seq`
+    /// order) and returns the last good sample, the next baseline. A sample
+    /// that fails the checks is reported and skipped, and the next one is
+    /// measured from the last good baseline, so a bad sample costs
+    /// resolution, never money. Spans stay open: the caller closes them
+    /// ([`Self::close_all_spans`]) or carries them ([`Self::take_spans`]).
+    pub fn rate_run<'s>(
+        &mut self,
+        baseline: &'s NumberedSample,
+        closings: impl Iterator<Item = &'s NumberedSample>,
+    ) -> &'s NumberedSample {
+        let mut baseline = baseline;
+        for closing in closings {
             if let Err(error) = check_interval(baseline, closing) {
                 self.errors.push(error);
                 continue;
@@ -87,7 +95,25 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
             self.rate_interval(baseline, closing);
             baseline = closing;
         }
-        self.close_all_spans();
+        baseline
+    }
+
+    /// The accumulator row of a customer, created on first sight.
+    pub fn row_of(&mut self, customer: &crate::ids::CustomerId) -> usize {
+        self.accumulator.row_of(customer)
+    }
+
+    /// The open spans (one per slot), leaving none open here.
+    pub fn take_spans(&mut self) -> Vec<OpenSpan> {
+        let empty = vec![OpenSpan::default(); self.spans.len()];
+        std::mem::replace(&mut self.spans, empty)
+    }
+
+    /// Continues the spans a previous pass left open.
+    pub fn resume_spans(&mut self, spans: &[OpenSpan]) {
+        for (mine, carried) in self.spans.iter_mut().zip(spans) {
+            *mine = *carried;
+        }
     }
 
     fn rate_interval(&mut self, previous: &NumberedSample, closing: &NumberedSample) {
@@ -104,13 +130,13 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
             ));
             return;
         };
-        let gpu_slot = self.gpu_slot_of(closing);
         let row = self.accumulator.row_of(&closing.sample.customer);
-        let idle = self.policy.is_idle(&previous.sample, &closing.sample);
-        let deltas = CounterDeltas {
-            cpu_used_usec: closing.sample.cpu_used_usec - previous.sample.cpu_used_usec,
-            net_tx_bytes: closing.sample.net_tx_bytes - previous.sample.net_tx_bytes,
+        let activity = Activity {
+            idle: self.policy.is_idle(&previous.sample, &closing.sample),
+            collector_rule: self.policy.is_collector_rule(),
         };
+        let usage = IntervalUsage::between(&previous.sample, &closing.sample, activity);
+        let gpu_slot = self.gpu_slot_of(previous, closing, &usage);
         let mut version = first_version;
         let mut segment_start = start_ms;
         loop {
@@ -120,15 +146,11 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
                 .get(version + 1)
                 .map(|next| next.effective_from_ms);
             let segment_end = next_start.map_or(end_ms, |next| next.min(end_ms));
-            let segment = split_segment(
+            let segment = Segment {
                 version,
-                start_ms,
-                end_ms,
-                segment_start,
-                segment_end,
-                deltas,
-            );
-            self.rate_segment(&segment, &closing.sample, row, idle, gpu_slot);
+                usage: usage.share(start_ms, end_ms, segment_start, segment_end),
+            };
+            self.rate_segment(&segment, row, gpu_slot);
             if segment_end >= end_ms {
                 break;
             }
@@ -137,13 +159,28 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
         }
     }
 
-    /// The slot of the closing sample's GPU model, reporting a model the
-    /// sheet has no price for (its GPU time would otherwise vanish).
-    fn gpu_slot_of(&mut self, closing: &NumberedSample) -> Option<ResourceSlot> {
-        if closing.sample.gpu_count == 0 {
+    /// The slot of the interval's GPU model, reporting a model the sheet
+    /// has no price for (its GPU time would otherwise vanish). The closing
+    /// sample's model classifies; where the GPU counter says GPU time was
+    /// used but the closing sample has no GPU any more (it went within a
+    /// merged interval), the previous sample's model does.
+    fn gpu_slot_of(
+        &mut self,
+        previous: &NumberedSample,
+        closing: &NumberedSample,
+        usage: &IntervalUsage,
+    ) -> Option<ResourceSlot> {
+        let model = if closing.sample.gpu_count > 0 {
+            closing.sample.gpu_model.as_deref()?
+        } else if usage.gpu_alloc.iter().any(|value| *value > 0) {
+            closing
+                .sample
+                .gpu_model
+                .as_deref()
+                .or(previous.sample.gpu_model.as_deref())?
+        } else {
             return None;
-        }
-        let model = closing.sample.gpu_model.as_deref()?;
+        };
         let slot = self.sheet.gpu_slot(model);
         if slot.is_none() {
             self.errors.push(LineError::new(
@@ -155,14 +192,7 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
         slot
     }
 
-    fn rate_segment(
-        &mut self,
-        segment: &Segment,
-        closing: &UsageSample,
-        row: usize,
-        idle: bool,
-        gpu_slot: Option<ResourceSlot>,
-    ) {
+    fn rate_segment(&mut self, segment: &Segment, row: usize, gpu_slot: Option<ResourceSlot>) {
         let prices = &self.sheet.versions()[segment.version].resources;
         for (slot, price) in prices.iter().enumerate() {
             let Some(price) = price else {
@@ -170,41 +200,64 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
                 continue;
             };
             if price.kind == ResourceKind::Egress {
-                let bytes = u128::from(segment.net_tx_bytes);
-                self.accumulator
-                    .add(row, segment.version, ResourceSlot(slot), bytes);
+                self.accumulator.add(
+                    row,
+                    segment.version,
+                    ResourceSlot(slot),
+                    segment.usage.net_tx,
+                );
                 continue;
             }
-            if segment.millis == 0 {
+            let billed = billed_classes(price);
+            let quantity = billed
+                .iter()
+                .map(|class| {
+                    class_quantity(price, ResourceSlot(slot), *class, &segment.usage, gpu_slot)
+                })
+                .sum::<u128>();
+            if segment.usage.millis == 0 && quantity == 0 {
                 // A zero-length interval neither bills time nor breaks a span.
                 continue;
             }
-            let quantity = if bills_now(price, closing.state, idle) {
-                time_quantity(price, ResourceSlot(slot), segment, closing, gpu_slot)
-            } else {
-                0
-            };
             if quantity == 0 {
                 self.close_span(slot);
                 continue;
             }
+            let billable_ms = billed
+                .iter()
+                .map(|class| segment.usage.ms[*class as usize])
+                .sum::<u128>();
             self.accumulator
                 .add(row, segment.version, ResourceSlot(slot), quantity);
-            self.extend_span(slot, segment, quantity, row);
+            self.extend_span(slot, segment.version, billable_ms, quantity, row);
         }
     }
 
-    fn extend_span(&mut self, slot: usize, segment: &Segment, quantity: u128, row: usize) {
+    fn extend_span(
+        &mut self,
+        slot: usize,
+        version: usize,
+        billable_ms: u128,
+        quantity: u128,
+        row: usize,
+    ) {
         let span = &mut self.spans[slot];
         if span.millis > 0 && span.row != row {
             self.close_span(slot);
         }
+        let Ok(billable_ms) = u64::try_from(billable_ms) else {
+            return;
+        };
+        if billable_ms == 0 {
+            // Quantity without billable time (an egress-like counter): no span.
+            return;
+        }
         let span = &mut self.spans[slot];
-        span.millis += segment.millis;
+        span.millis += billable_ms;
         span.last_quantity = quantity;
-        span.last_millis = segment.millis;
+        span.last_millis = billable_ms;
         span.row = row;
-        span.version = segment.version;
+        span.version = version;
     }
 
     /// Ends a span, billing the padding up to the next increment at the rate
@@ -227,85 +280,86 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
             .add(span.row, span.version, ResourceSlot(slot), padding);
     }
 
-    fn close_all_spans(&mut self) {
+    pub fn close_all_spans(&mut self) {
         for slot in 0..self.spans.len() {
             self.close_span(slot);
         }
     }
 }
 
-/// Whether a time-based resource bills in this state, given idleness.
-fn bills_now(price: &ResourcePrice, state: LifecycleState, idle: bool) -> bool {
-    let idle_free = idle && state == LifecycleState::Running && price.idle == IdleBilling::Free;
-    price.bills_while.contains(state) && !idle_free
+/// The classes of time a resource bills in: running (or only its active
+/// part where idle seconds are free), suspended and stopped as the sheet's
+/// `bills_while` says. A gauge-rated interval has time in the closing
+/// sample's class only (and no active time when idle), so for it this is the
+/// rule of old: a resource bills when the closing state is billed and the
+/// interval is not idle-and-free.
+fn billed_classes(price: &ResourcePrice) -> BilledClasses {
+    let mut classes = BilledClasses::default();
+    if price.bills_while.contains(LifecycleState::Running) {
+        classes.push(match price.idle {
+            IdleBilling::Free => Class::Active,
+            IdleBilling::Billed => Class::Running,
+        });
+    }
+    if price.bills_while.contains(LifecycleState::Suspended) {
+        classes.push(Class::Suspended);
+    }
+    if price.bills_while.contains(LifecycleState::Stopped) {
+        classes.push(Class::Stopped);
+    }
+    classes
 }
 
-/// Base-unit quantity of one time-based resource over a segment.
-fn time_quantity(
+/// Up to three classes, without allocating.
+#[derive(Debug, Default)]
+struct BilledClasses {
+    classes: [Option<Class>; 3],
+    len: usize,
+}
+
+impl BilledClasses {
+    fn push(&mut self, class: Class) {
+        self.classes[self.len] = Some(class);
+        self.len += 1;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Class> {
+        self.classes[..self.len].iter().flatten()
+    }
+}
+
+/// Base-unit quantity of one time-based resource in one class of a segment.
+/// The resource's minimum raises the rate per millisecond of that class.
+fn class_quantity(
     price: &ResourcePrice,
     slot: ResourceSlot,
-    segment: &Segment,
-    closing: &UsageSample,
+    class: Class,
+    usage: &IntervalUsage,
     gpu_slot: Option<ResourceSlot>,
 ) -> u128 {
-    let millis = u128::from(segment.millis);
-    let minimum = price.minimum_per_ms;
-    match price.kind {
-        ResourceKind::Vcpu => basis_quantity(
-            price.basis,
-            u64::from(closing.vcpu.0).max(minimum),
-            u128::from(segment.cpu_used_usec).max(u128::from(minimum) * millis),
-            millis,
+    let class = class as usize;
+    let floor = u128::from(price.minimum_per_ms) * usage.ms[class];
+    let (allocated, max_requested_used, used) = match price.kind {
+        ResourceKind::Vcpu => (
+            usage.vcpu_alloc[class],
+            usage.vcpu_max[class],
+            usage.cpu_used[class],
         ),
-        ResourceKind::Memory => basis_quantity(
-            price.basis,
-            closing.mem_bytes.max(minimum),
-            u128::from(closing.mem_used_bytes.max(minimum)) * millis,
-            millis,
+        ResourceKind::Memory => (
+            usage.mem_alloc[class],
+            usage.mem_max[class],
+            usage.mem_used[class],
         ),
-        ResourceKind::Gpu if gpu_slot == Some(slot) => u128::from(closing.gpu_count) * millis,
-        ResourceKind::Gpu => 0,
-        ResourceKind::Disk => u128::from(closing.disk_bytes) * millis,
-        ResourceKind::Egress => 0,
-    }
-}
-
-/// Applies the billing basis: `requested_rate` is per millisecond, `used` is
-/// already integrated over the segment; both include the minimum.
-fn basis_quantity(basis: Basis, requested_rate: u64, used: u128, millis: u128) -> u128 {
-    let requested = u128::from(requested_rate) * millis;
-    match basis {
-        Basis::Allocated => requested,
-        Basis::Used => used,
-        Basis::MaxRequestedUsed => requested.max(used),
-    }
-}
-
-/// The part of an interval `[start, end)` that falls in `[from, to)`, with
-/// counter differences split in proportion to time. Cumulative floors make
-/// the parts of a split interval sum exactly to the whole.
-fn split_segment(
-    version: usize,
-    start: i64,
-    end: i64,
-    from: i64,
-    to: i64,
-    deltas: CounterDeltas,
-) -> Segment {
-    let share = |delta: u64| -> u64 {
-        if end <= start {
-            return delta;
-        }
-        let span = (end - start) as u128;
-        let upto = |at: i64| u128::from(delta) * (at - start) as u128 / span;
-        u64::try_from(upto(to) - upto(from)).expect("a share of a u64 delta fits in u64")
+        ResourceKind::Gpu if gpu_slot == Some(slot) => return usage.gpu_alloc[class],
+        ResourceKind::Gpu | ResourceKind::Egress => return 0,
+        ResourceKind::Disk => return usage.disk[class],
     };
-    Segment {
-        version,
-        millis: (to - from) as u64,
-        cpu_used_usec: share(deltas.cpu_used_usec),
-        net_tx_bytes: share(deltas.net_tx_bytes),
-    }
+    let measured = match price.basis {
+        Basis::Allocated => allocated,
+        Basis::Used => used,
+        Basis::MaxRequestedUsed => max_requested_used,
+    };
+    measured.max(floor)
 }
 
 /// Refuses an interval whose time runs backwards or whose cumulative counters
@@ -324,10 +378,28 @@ fn check_interval(previous: &NumberedSample, closing: &NumberedSample) -> Result
     if counters_rise(&previous.sample, &closing.sample) {
         return Ok(());
     }
+    let carried = previous
+        .sample
+        .counters_present
+        .both(closing.sample.counters_present);
+    let by_state = Counter::ALL
+        .into_iter()
+        .filter(|counter| carried.contains(*counter))
+        .map(|counter| (counter.name(), counter));
     let backwards = counters(&previous.sample)
         .into_iter()
         .zip(counters(&closing.sample))
-        .find(|((_, before), (_, after))| after < before);
+        .find(|((_, before), (_, after))| after < before)
+        .or_else(|| {
+            by_state
+                .map(|(name, counter)| {
+                    (
+                        (name, previous.sample.counter(counter)),
+                        (name, closing.sample.counter(counter)),
+                    )
+                })
+                .find(|((_, before), (_, after))| after < before)
+        });
     match backwards {
         Some(((field, before), (_, after))) => Err(LineError::new(
             closing.line,
@@ -341,9 +413,17 @@ fn check_interval(previous: &NumberedSample, closing: &NumberedSample) -> Result
     }
 }
 
-/// The common case, checked without building the named list.
+/// The common case, checked without building the named lists. The counters
+/// by state are checked where both samples carry them.
 fn counters_rise(before: &UsageSample, after: &UsageSample) -> bool {
-    after.cpu_used_usec >= before.cpu_used_usec
+    let carried = before.counters_present.both(after.counters_present);
+    let by_state_rise = carried.is_empty()
+        || Counter::ALL
+            .into_iter()
+            .filter(|counter| carried.contains(*counter))
+            .all(|counter| after.counter(counter) >= before.counter(counter));
+    by_state_rise
+        && after.cpu_used_usec >= before.cpu_used_usec
         && after.net_rx_bytes >= before.net_rx_bytes
         && after.net_tx_bytes >= before.net_tx_bytes
         && after.vcpu_alloc_usec >= before.vcpu_alloc_usec

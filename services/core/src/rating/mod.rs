@@ -7,12 +7,15 @@
 //! adds base-unit quantities into one row per customer. Turning quantities
 //! into money is [`crate::invoice`]'s job, once per line.
 
+mod carried;
 mod idle;
 mod interval;
 mod series;
+mod usage;
 
 use std::collections::HashMap;
 
+pub use carried::{RatingState, StateError};
 pub use idle::{IdlePolicy, NeverIdle, SessionOrConnection};
 
 use crate::error::LineError;
@@ -91,7 +94,7 @@ pub fn rate_samples<P: IdlePolicy>(
 }
 
 /// One row of quantities per customer, found by id once per series.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Accumulator {
     slot_count: usize,
     row_len: usize,

@@ -3,7 +3,11 @@ SELECT
     vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes,
     cpu_used_usec, net_rx_bytes, net_tx_bytes, vcpu_alloc_usec,
     mem_alloc_kib_ms, mem_used_kib_ms, gpu_alloc_ms, disk_mib_ms, api_calls,
-    mem_used_bytes, exec_sessions, open_conns
+    mem_used_bytes, exec_sessions, open_conns,
+    counters_present, running_ms, suspended_ms, active_ms,
+    vcpu_alloc_active_usec, vcpu_max_usec, vcpu_max_active_usec, cpu_used_active_usec,
+    mem_alloc_active_kib_ms, mem_max_kib_ms, mem_max_active_kib_ms, mem_used_active_kib_ms,
+    gpu_alloc_active_ms, disk_running_mib_ms, disk_active_mib_ms
 FROM usage_samples FINAL
 WHERE customer = ?
   AND (

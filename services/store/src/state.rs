@@ -1,0 +1,118 @@
+//! What the rater carries between passes, its live figures and the samples
+//! it refused (migration 0009).
+
+use crate::{Context, RatedLineRow, Result, Store};
+
+/// A customer's carried rating state at the end of a rated hour.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct RatingStateRow {
+    pub customer: String,
+    /// Unix seconds.
+    pub period_start: u32,
+    pub sheet_checksum: String,
+    /// Unix seconds: the end of the hour the state has rated.
+    pub as_of: u32,
+    /// Series (sandbox, epoch) carried: a size figure for operators.
+    pub series: u32,
+    /// `idlemeter_core::RatingState` as JSON.
+    pub state: String,
+    pub rated_at: u32,
+}
+
+/// One sample rating refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct RatingErrorRow {
+    pub customer: String,
+    pub sandbox: String,
+    pub epoch: u64,
+    pub seq: u64,
+    pub field: String,
+    pub reason: String,
+    pub period_start: u32,
+    pub sheet_checksum: String,
+    pub detected_at: u32,
+}
+
+impl Store {
+    pub async fn insert_rating_state(&self, row: &RatingStateRow) -> Result<()> {
+        self.insert_rows("rating_state", std::slice::from_ref(row))
+            .await
+    }
+
+    /// The newest state of a customer's period under a checksum that rated
+    /// up to `before` (Unix seconds) or less.
+    pub async fn rating_state_before(
+        &self,
+        customer: &str,
+        period_start: u32,
+        sheet_checksum: &str,
+        before: u32,
+    ) -> Result<Option<RatingStateRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM rating_state FINAL \
+                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ? \
+                 AND as_of <= toDateTime(?) ORDER BY as_of DESC LIMIT 1",
+            )
+            .bind(customer)
+            .bind(period_start)
+            .bind(sheet_checksum)
+            .bind(before)
+            .fetch_optional()
+            .await
+            .context(format!("rating state of {customer}"))
+    }
+
+    /// Replaces the customer's live figure with these lines (all of one
+    /// as_of).
+    pub async fn insert_live_lines(&self, rows: &[RatedLineRow]) -> Result<()> {
+        self.insert_rows("live_usage", rows).await
+    }
+
+    /// The lines of the newest live figure of a customer's period under a
+    /// checksum, in line order.
+    pub async fn live_lines(
+        &self,
+        customer: &str,
+        period_start: u32,
+        sheet_checksum: &str,
+    ) -> Result<Vec<RatedLineRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM live_usage FINAL \
+                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ? \
+                 AND as_of = (SELECT max(as_of) FROM live_usage \
+                     WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ?) \
+                 ORDER BY line_no",
+            )
+            .bind(customer)
+            .bind(period_start)
+            .bind(sheet_checksum)
+            .bind(customer)
+            .bind(period_start)
+            .bind(sheet_checksum)
+            .fetch_all()
+            .await
+            .context(format!("live lines of {customer}"))
+    }
+
+    pub async fn insert_rating_errors(&self, rows: &[RatingErrorRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.insert_rows("rating_errors", rows).await
+    }
+
+    /// The samples rating refused for a customer, by sandbox, epoch and seq.
+    pub async fn rating_errors_of(&self, customer: &str) -> Result<Vec<RatingErrorRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM rating_errors FINAL WHERE customer = ? \
+                 ORDER BY sandbox, epoch, seq, field",
+            )
+            .bind(customer)
+            .fetch_all()
+            .await
+            .context(format!("rating errors of {customer}"))
+    }
+}
