@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+    CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
 };
 use idlemeter_ingest::{Ingest, IngestConfig};
 use idlemeter_store::{ClickHouseSettings, Store};
@@ -361,6 +361,75 @@ pub fn sample(
         state_counters: Default::default(),
         counters_present: Default::default(),
     }
+}
+
+/// One sandbox epoch sampled every `step_s` seconds from `from` for `ticks`
+/// ticks, its counters integrated the way the collector does
+/// (`services/collector/src/counters.rs`): each tick closes the interval
+/// since the previous one with the state and allocation seen at the tick.
+/// The trace resizes (2 vCPU / 4 GiB, then 4 / 8 from the second third on),
+/// is suspended for `step_s * 7` seconds out of every `step_s * 37`, and has
+/// an exec session open (active) in the ticks where `tick % 5 != 0`; every
+/// sample carries every counter.
+pub fn counted_trace(
+    customer: &str,
+    sandbox: &str,
+    from: DateTime<Utc>,
+    step_s: u64,
+    ticks: u64,
+) -> Vec<UsageSample> {
+    let mut current = sample(sandbox, 1, 1, from, 0, 0);
+    current.customer = CustomerId::parse(customer).expect("valid id");
+    current.vcpu_alloc_usec = 0;
+    current.counters_present = CounterSet::ALL;
+    let mut trace = vec![current.clone()];
+    for tick in 1..=ticks {
+        let elapsed = step_s * 1000;
+        let big = tick * 3 >= ticks;
+        current.seq += 1;
+        current.ts += chrono::Duration::milliseconds(elapsed as i64);
+        current.state = if tick % 37 < 30 {
+            LifecycleState::Running
+        } else {
+            LifecycleState::Suspended
+        };
+        current.vcpu = VcpuMillis(if big { 4000 } else { 2000 });
+        current.mem_bytes = if big { 8 << 30 } else { 4 << 30 };
+        let running = current.state == LifecycleState::Running;
+        current.exec_sessions = u32::from(running && tick % 5 != 0);
+        let disk = (current.disk_bytes >> 20) * elapsed;
+        current.disk_mib_ms += disk;
+        let counters = &mut current.state_counters;
+        if !running {
+            counters.suspended_ms += elapsed;
+            trace.push(current.clone());
+            continue;
+        }
+        let alloc = u64::from(current.vcpu.0) * elapsed;
+        let used = alloc / 2;
+        let mem_kib = (current.mem_bytes >> 10) * elapsed;
+        let used_kib = mem_kib / 4;
+        current.vcpu_alloc_usec += alloc;
+        current.cpu_used_usec += used;
+        current.mem_alloc_kib_ms += mem_kib;
+        current.mem_used_kib_ms += used_kib;
+        counters.running_ms += elapsed;
+        counters.vcpu_max_usec += alloc;
+        counters.mem_max_kib_ms += mem_kib;
+        counters.disk_running_mib_ms += disk;
+        if current.exec_sessions > 0 {
+            counters.active_ms += elapsed;
+            counters.vcpu_alloc_active_usec += alloc;
+            counters.vcpu_max_active_usec += alloc;
+            counters.cpu_used_active_usec += used;
+            counters.mem_alloc_active_kib_ms += mem_kib;
+            counters.mem_max_active_kib_ms += mem_kib;
+            counters.mem_used_active_kib_ms += used_kib;
+            counters.disk_active_mib_ms += disk;
+        }
+        trace.push(current.clone());
+    }
+    trace
 }
 
 /// A ClickHouse server of the test's own, for tests that stop and restart it

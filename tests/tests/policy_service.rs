@@ -15,8 +15,9 @@ use idlemeter_core::NodeId;
 use idlemeter_policy::webhook::{DELIVERY_HEADER, SIGNATURE_HEADER};
 use idlemeter_policy::{verify, PolicyConfig, PolicyService};
 use idlemeter_proto::{decode_command, encode_node_batch, v1};
+use idlemeter_rater::{Period, Rater, RaterConfig};
 use idlemeter_store::{to_column, RatedLineRow};
-use idlemeter_tests::{counter_in, sample, TestEnv};
+use idlemeter_tests::{counted_trace, counter_in, sample, TestEnv};
 use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 use rust_decimal::Decimal;
@@ -452,6 +453,74 @@ async fn a_customer_at_their_spend_limit_has_every_running_sandbox_suspended() -
     );
     let signals: serde_json::Value = serde_json::from_str(&rows[0].signals)?;
     assert_eq!(signals["spend"], "55.000000000000", "{signals}");
+    policy.stop.send(()).ok();
+    policy.task.await??;
+    Ok(())
+}
+
+/// A budget cap acts on the rater's live figure of the open hour: the
+/// customer is suspended before any hour is rated (issue "Money from
+/// counters").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_cap_suspends_on_live_spend_before_the_hour_closes() -> anyhow::Result<()> {
+    use chrono::DurationRound;
+    let env = TestEnv::new("policy_live_cap").await?;
+    ensure_topics(&env).await?;
+    // acme's last 50 minutes, four sandboxes every 10 s, as stored by ingest.
+    let now = Utc::now();
+    let from =
+        (now - chrono::Duration::seconds(3000)).duration_trunc(chrono::Duration::seconds(1))?;
+    let mut samples = Vec::new();
+    for sandbox in 0..4 {
+        samples.extend(counted_trace(
+            "acme",
+            &format!("sbx-{sandbox}"),
+            from,
+            10,
+            299,
+        ));
+    }
+    env.store.insert_samples(&samples).await?;
+    let rater = Rater::new(
+        env.store.clone(),
+        include_str!("../../prices/sprites.toml"),
+        RaterConfig {
+            sheet: "prices/sprites.toml".to_owned(),
+            period: Period::Month,
+            ..RaterConfig::default()
+        },
+        &prometheus::Registry::new(),
+    )?;
+    rater.rate_live(now).await?;
+    let (_, live) = env.store.period_spend("acme").await?.expect("live spend");
+    assert!(
+        live > Decimal::new(5, 2),
+        "spend {live} is enough to cap at 0.05"
+    );
+    let rated_hours: u64 = env
+        .store
+        .client()
+        .query("SELECT count() FROM rated_usage")
+        .fetch_one()
+        .await?;
+    assert_eq!(rated_hours, 0, "no hour is rated: the spend is live");
+
+    let capped = format!("{POLICY}\n[customers.acme]\nspend_limit = \"0.05\"\n");
+    let policy = start_policy_with(&env, "", &capped, |config| {
+        config.spend_poll_interval_s = 1;
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    produce_ticks(&env, 0..5).await?;
+    env.eventually("both sandboxes capped", || async {
+        Ok(env.store.decisions_of("acme").await?.len() >= 2)
+    })
+    .await?;
+    let rows = env.store.decisions_of("acme").await?;
+    assert!(rows.iter().all(|row| row.rule == "budget_cap"), "{rows:?}");
+    let signals: serde_json::Value = serde_json::from_str(&rows[0].signals)?;
+    let read: Decimal = signals["spend"].as_str().expect("spend signal").parse()?;
+    assert_eq!(read.normalize(), live.normalize(), "{signals}");
     policy.stop.send(()).ok();
     policy.task.await??;
     Ok(())
