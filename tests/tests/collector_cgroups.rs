@@ -474,3 +474,188 @@ impl Drop for V1Cgroups {
         }
     }
 }
+
+/// Money from counters on the real collector (issue "Money from counters"):
+/// a sandbox with a CPU burner is resized up, goes idle, is suspended and
+/// resumed, becomes active again and is resized down, sampled every 200 ms
+/// on real cgroups. Then a third of the collector's batches, at random
+/// (never the first or the last), are dropped, as if lost between collector
+/// and Kafka, twenty times over: each of the five shipped sheets must bill
+/// the lossy run what it bills the whole run, line by line, to the cent.
+/// (The run is a minute long, so its lines are cents; that base quantities
+/// are exact under loss, up to the rounding of spans, is
+/// `services/core/tests/lost_samples.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_of_the_batches_lost_changes_no_bill() -> anyhow::Result<()> {
+    use idlemeter_core::{
+        rate_report, BillingOptions, NumberedSample, PriceSheet, SessionOrConnection, UsageSample,
+    };
+    let env = TestEnv::new("collector_lossy").await?;
+    env.kafka
+        .ensure_topics(&[(env.topics.commands.as_str(), 1)])
+        .await?;
+    let mut cgroups = TestCgroups::new("lossy")?;
+    let sandbox = cgroups.add_sandbox("acme.lossy")?;
+    cgroups.spawn_burner(&sandbox)?;
+    let work = tempfile::tempdir()?;
+    std::fs::create_dir_all(work.path().join("labels"))?;
+    std::fs::create_dir_all(work.path().join("activity"))?;
+    let labels = |vcpu_milli: u32, mem_gib: u64| -> anyhow::Result<()> {
+        let text = format!(
+            "vcpu_milli = {vcpu_milli}\nmem_bytes = {}\ndisk_bytes = {}\n",
+            mem_gib << 30,
+            20u64 << 30
+        );
+        let path = work.path().join("labels/acme.lossy.toml");
+        std::fs::write(path.with_extension("tmp"), text)?;
+        std::fs::rename(path.with_extension("tmp"), path)?;
+        Ok(())
+    };
+    let activity = |sessions: u32| -> anyhow::Result<()> {
+        let path = work.path().join("activity/acme.lossy");
+        std::fs::write(
+            path.with_extension("tmp"),
+            format!("exec_sessions {sessions}\n"),
+        )?;
+        std::fs::rename(path.with_extension("tmp"), path)?;
+        Ok(())
+    };
+    labels(2000, 4)?;
+    activity(1)?;
+    let node = format!("node-lossy-{}", std::process::id());
+    let collector = RunningCollector::start(
+        collector_config(&cgroups.parent, work.path(), &node),
+        &env.kafka,
+        env.topics.clone(),
+    )?;
+    let mut tail = SampleTail::new(&env)?;
+    let mut seen = 0;
+    let mut more = async |tail: &mut SampleTail, what: &str, count: usize| {
+        let want = seen + count;
+        let result = tail
+            .wait_for(what, |samples| samples_of(samples, "lossy").len() >= want)
+            .await;
+        seen = samples_of(&tail.samples, "lossy").len();
+        result
+    };
+    more(&mut tail, "running at 2 vCPU", 10).await?;
+    labels(4000, 8)?;
+    tail.wait_for("the resize up", |samples| {
+        samples_of(samples, "lossy")
+            .last()
+            .is_some_and(|s| s.vcpu.0 == 4000)
+    })
+    .await?;
+    more(&mut tail, "running at 4 vCPU", 8).await?;
+    activity(0)?;
+    more(&mut tail, "idle", 8).await?;
+    send_command(&env, &node, "acme", "lossy", CommandAction::Suspend).await?;
+    tail.wait_for("suspended", |samples| {
+        samples_of(samples, "lossy")
+            .last()
+            .is_some_and(|s| s.state == LifecycleState::Suspended)
+    })
+    .await?;
+    more(&mut tail, "suspended a while", 8).await?;
+    send_command(&env, &node, "acme", "lossy", CommandAction::Resume).await?;
+    activity(1)?;
+    tail.wait_for("resumed", |samples| {
+        samples_of(samples, "lossy")
+            .last()
+            .is_some_and(|s| s.state == LifecycleState::Running)
+    })
+    .await?;
+    more(&mut tail, "active again", 8).await?;
+    labels(1000, 2)?;
+    tail.wait_for("the resize down", |samples| {
+        samples_of(samples, "lossy")
+            .last()
+            .is_some_and(|s| s.vcpu.0 == 1000)
+    })
+    .await?;
+    more(&mut tail, "running at 1 vCPU", 8).await?;
+    collector.stop().await?;
+
+    let shipped: Vec<_> = tail
+        .samples
+        .iter()
+        .filter(|s| s.sample.sandbox.as_str() == "lossy")
+        .cloned()
+        .collect();
+    let epochs: std::collections::BTreeSet<u64> =
+        shipped.iter().map(|s| s.sample.epoch.0).collect();
+    assert_eq!(epochs.len(), 1, "one epoch throughout");
+    let mut batches: Vec<u64> = shipped.iter().map(|s| s.batch_seq).collect();
+    batches.sort_unstable();
+    batches.dedup();
+    let (first, last) = (batches[0], batches[batches.len() - 1]);
+    let numbered = |samples: Vec<UsageSample>| -> Vec<NumberedSample> {
+        samples
+            .into_iter()
+            .enumerate()
+            .map(|(index, sample)| NumberedSample {
+                line: index as u64 + 1,
+                sample,
+            })
+            .collect()
+    };
+    let sheets = [
+        ("e2b", include_str!("../../prices/e2b.toml")),
+        ("northflank", include_str!("../../prices/northflank.toml")),
+        ("modal", include_str!("../../prices/modal.toml")),
+        ("sprites", include_str!("../../prices/sprites.toml")),
+        ("codesandbox", include_str!("../../prices/codesandbox.toml")),
+    ];
+    let rate = |sheet: &PriceSheet, samples: Vec<UsageSample>| {
+        let report = rate_report(
+            sheet,
+            &numbered(samples),
+            &SessionOrConnection,
+            &BillingOptions::default(),
+            Vec::new(),
+        )
+        .expect("rates");
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        report.customers.into_iter().next().expect("acme")
+    };
+    let full: Vec<UsageSample> = shipped.iter().map(|s| s.sample.clone()).collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..20 {
+        let mut dropped = std::collections::BTreeSet::new();
+        while dropped.len() < batches.len() / 3 {
+            // xorshift: a fixed sequence of random thirds.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let batch = batches[(state % batches.len() as u64) as usize];
+            if batch != first && batch != last {
+                dropped.insert(batch);
+            }
+        }
+        let lossy: Vec<UsageSample> = shipped
+            .iter()
+            .filter(|s| !dropped.contains(&s.batch_seq))
+            .map(|s| s.sample.clone())
+            .collect();
+        for (name, text) in sheets {
+            let sheet = PriceSheet::from_toml(text, name)?;
+            let whole = rate(&sheet, full.clone());
+            let lost = rate(&sheet, lossy.clone());
+            assert_eq!(whole.total, lost.total, "{name}, round {round}");
+            assert_eq!(whole.lines.len(), lost.lines.len(), "{name}, round {round}");
+            for (whole_line, lost_line) in whole.lines.iter().zip(&lost.lines) {
+                assert_eq!(
+                    (&whole_line.resource, whole_line.amount),
+                    (&lost_line.resource, lost_line.amount),
+                    "{name}, round {round}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{} samples in {} batches; 20 random thirds dropped, bills unchanged",
+        full.len(),
+        batches.len()
+    );
+    Ok(())
+}

@@ -32,9 +32,9 @@ pub(super) struct OpenSpan {
 
 /// One piece of an interval within a single price version.
 #[derive(Debug, Clone, Copy)]
-struct Segment {
+struct Segment<'u> {
     version: usize,
-    usage: IntervalUsage,
+    usage: &'u IntervalUsage,
 }
 
 /// Rates series of one sheet into an accumulator.
@@ -146,9 +146,17 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
                 .get(version + 1)
                 .map(|next| next.effective_from_ms);
             let segment_end = next_start.map_or(end_ms, |next| next.min(end_ms));
+            // Most intervals lie within one price version: no copy to share.
+            let shared;
+            let part = if segment_start == start_ms && segment_end == end_ms {
+                &usage
+            } else {
+                shared = usage.share(start_ms, end_ms, segment_start, segment_end);
+                &shared
+            };
             let segment = Segment {
                 version,
-                usage: usage.share(start_ms, end_ms, segment_start, segment_end),
+                usage: part,
             };
             self.rate_segment(&segment, row, gpu_slot);
             if segment_end >= end_ms {
@@ -192,7 +200,7 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
         slot
     }
 
-    fn rate_segment(&mut self, segment: &Segment, row: usize, gpu_slot: Option<ResourceSlot>) {
+    fn rate_segment(&mut self, segment: &Segment<'_>, row: usize, gpu_slot: Option<ResourceSlot>) {
         let prices = &self.sheet.versions()[segment.version].resources;
         for (slot, price) in prices.iter().enumerate() {
             let Some(price) = price else {
@@ -212,7 +220,7 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
             let quantity = billed
                 .iter()
                 .map(|class| {
-                    class_quantity(price, ResourceSlot(slot), *class, &segment.usage, gpu_slot)
+                    class_quantity(price, ResourceSlot(slot), *class, segment.usage, gpu_slot)
                 })
                 .sum::<u128>();
             if segment.usage.millis == 0 && quantity == 0 {
