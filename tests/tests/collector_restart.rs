@@ -66,11 +66,18 @@ async fn sigkilled_collector_continues_its_counters_without_loss_or_double_count
     let seq_at_kill = max_seq(&tail.samples);
     // Stay down for a while: this interval must be billed exactly once.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Samples the first process sent before the kill may still be on their
+    // way: wait for five taken by the second one.
+    let restarted_at = chrono::Utc::now();
     let _second = CollectorProcess::spawn(&env, &config, &log)?;
-    tail.wait_for("five more samples after the restart", |s| {
-        max_seq(s) >= seq_at_kill + 5
+    tail.wait_for("five samples taken after the restart", |s| {
+        s.iter()
+            .filter(|shipped| shipped.sample.ts >= restarted_at)
+            .count()
+            >= 5
     })
     .await?;
+    assert!(max_seq(&tail.samples) >= seq_at_kill + 5);
 
     let samples = distinct_by_seq(&tail.samples)?;
     let epoch = samples[0].epoch;
