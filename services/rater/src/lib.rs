@@ -161,6 +161,9 @@ struct LiveState {
     state: RatingState,
     /// Newest sample time rated, Unix ms.
     newest_ms: u64,
+    /// What the state was resumed from: the as_of of a final state, or the
+    /// period's start (Unix ms).
+    based_on_ms: u64,
 }
 
 /// A customer's state at its newest final hour: (period start, as_of, state).
@@ -575,21 +578,36 @@ impl Rater {
     /// Rates the open hour of every customer with samples in the last
     /// `live_interval_seconds + live_lateness_seconds` into their live
     /// figure: their state carried forward by the samples since the last
-    /// look, billed, and written to `live_usage`.
+    /// look, billed, and written to `live_usage`. One query reads that window
+    /// for every customer (with each series' baseline before it, which
+    /// bridges a customer whose live state is a little older than the
+    /// window); a customer without a live state, or whose final state moved
+    /// on, is resumed from its newest final state and its own samples since.
     pub async fn rate_live(&self, now: DateTime<Utc>) -> Result<LivePass> {
         let lateness = chrono::Duration::seconds(self.config.live_lateness_seconds as i64);
         let window = chrono::Duration::seconds(self.config.live_interval_seconds.max(1) as i64);
         let period_start = self.config.period.start_of(now);
         let from = (now - window - lateness).max(period_start);
-        let until_ms = unix_ms(now) + 1;
-        let customers = self
+        let recent = self
             .store
-            .customers_with_samples(unix_ms(from), until_ms)
+            .samples_for_rating_range("", "\u{10ffff}", unix_ms(from), unix_ms(now) + 1)
             .await?;
-        let mut pass = LivePass::default();
-        for (customer, _) in &customers {
+        let mut pass = LivePass {
+            samples_read: recent.len(),
+            ..LivePass::default()
+        };
+        self.metrics.samples_read.inc_by(recent.len() as u64);
+        let mut rest = recent.as_slice();
+        while let Some(first) = rest.first() {
+            let customer = first.customer.clone();
+            let length = rest
+                .iter()
+                .position(|sample| sample.customer != customer)
+                .unwrap_or(rest.len());
+            let (group, after) = rest.split_at(length);
+            rest = after;
             match self
-                .rate_live_customer(customer, period_start, now, &mut pass)
+                .rate_live_customer(&customer, period_start, now, group, &mut pass)
                 .await
             {
                 Ok(()) => pass.customers_rated += 1,
@@ -608,6 +626,7 @@ impl Rater {
         customer: &CustomerId,
         period_start: DateTime<Utc>,
         now: DateTime<Utc>,
+        recent: &[UsageSample],
         pass: &mut LivePass,
     ) -> Result<()> {
         let cached = self.live.lock().expect("not poisoned").remove(customer);
@@ -618,33 +637,38 @@ impl Rater {
             .get(customer)
             .filter(|(period, _, _)| *period == period_start)
             .map(|(_, as_of, _)| unix_ms(*as_of));
-        // Start over from the newest final state when there is one newer than
-        // what the live state started from: it has the late samples the
-        // final pass found.
-        let mut live = match cached {
+        // Start over from the newest final state when it is newer than the
+        // one the live state grew from: it has the late samples the final
+        // pass found.
+        let (mut live, samples) = match cached {
             Some(live)
                 if live.period_start == period_start
-                    && final_as_of.is_none_or(|final_ms| final_ms <= live.newest_ms) =>
+                    && final_as_of.is_none_or(|final_ms| final_ms <= live.based_on_ms) =>
             {
-                live
+                let samples = recent
+                    .iter()
+                    .enumerate()
+                    .map(|(position, sample)| NumberedSample {
+                        line: position as u64 + 1,
+                        sample: sample.clone(),
+                    })
+                    .collect();
+                (live, samples)
             }
             _ => {
                 let (state, from_ms) = self.resume(customer, period_start, now).await?;
-                LiveState {
+                let samples = self
+                    .read_samples(customer, from_ms, unix_ms(now) + 1, &mut pass.samples_read)
+                    .await?;
+                let live = LiveState {
                     period_start,
                     state,
                     newest_ms: from_ms,
-                }
+                    based_on_ms: from_ms,
+                };
+                (live, samples)
             }
         };
-        let lateness_ms = self.config.live_lateness_seconds * 1000;
-        let from_ms = live
-            .newest_ms
-            .saturating_sub(lateness_ms)
-            .max(unix_ms(period_start));
-        let samples = self
-            .read_samples(customer, from_ms, unix_ms(now) + 1, &mut pass.samples_read)
-            .await?;
         let newest = samples
             .iter()
             .map(|numbered| unix_ms(numbered.sample.ts))
