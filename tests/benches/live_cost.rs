@@ -5,7 +5,8 @@
 //! Everything runs for real on this machine: the simulator produces node
 //! batches to the test broker, ingest stores them in the test ClickHouse, the
 //! rater rates the open hour every `LIVE_INTERVAL_S` (1) into live figures,
-//! and the API serves `/cost`. A probe polls `/cost` of `PROBED` customers
+//! from the samples topic (the `kafka` live source), and the API serves
+//! `/cost`. A probe polls `/cost` of `PROBED` customers
 //! every 100 ms; each time a customer's `as_of` (the second of the newest
 //! sample rated) moves on, the newest tick taken in that second is rated,
 //! and its latency is the time since that tick was taken.
@@ -76,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = ingest_stopped.await;
     }));
 
+    let rater_registry = prometheus::Registry::new();
     let rater = Rater::new(
         env.store.clone(),
         SHEET,
@@ -86,8 +88,30 @@ async fn main() -> anyhow::Result<()> {
             live_lateness_seconds: 2,
             ..RaterConfig::default()
         },
-        &prometheus::Registry::new(),
+        &rater_registry,
     )?;
+    // Live figures from the stream, as `idlemeter rater` runs by default.
+    let consumer = env.kafka.tail_consumer("idlemeter-rater-live")?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[env.topics.samples.as_str()])?;
+    let (sender, feed) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(idlemeter_rater::feed_from_kafka(consumer, sender));
+    let rater = rater.with_live_feed(feed);
+    {
+        let registry = rater_registry.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                println!(
+                    "live bench: rater so far: {} live figures, {} samples read",
+                    idlemeter_tests::counter_in(
+                        &registry,
+                        "idlemeter_rater_live_figures_written_total"
+                    ),
+                    idlemeter_tests::counter_in(&registry, "idlemeter_rater_samples_read_total")
+                );
+            }
+        });
+    }
     let (stop_rater, rater_stopped) = tokio::sync::oneshot::channel::<()>();
     let rater_task = tokio::spawn(rater.run_until_stopped(async {
         let _ = rater_stopped.await;
@@ -227,8 +251,13 @@ async fn main() -> anyhow::Result<()> {
         .query("SELECT count() FROM usage_samples")
         .fetch_one()
         .await?;
+    let figures = idlemeter_tests::counter_in(
+        &rater_registry,
+        "idlemeter_rater_live_figures_written_total",
+    );
     println!(
-        "live bench: {sent} samples produced, {stored} stored, {} latencies observed, {failures} probe failures",
+        "live bench: {sent} samples produced, {stored} stored; {figures} live figures written ({:.1} per customer-second); {} latencies observed, {failures} probe failures",
+        figures as f64 / customers as f64 / started.elapsed().as_secs_f64(),
         latencies.len()
     );
     anyhow::ensure!(!latencies.is_empty(), "no live figure was observed");

@@ -193,6 +193,39 @@ impl KafkaSettings {
             })
     }
 
+    /// A consumer that reads a topic from its end onwards and never commits:
+    /// for views rebuilt from the stream (the rater's live figures), where
+    /// each process reads every partition itself. Its group id is unique to
+    /// the process, so replicas do not split the partitions between them.
+    pub fn tail_consumer(&self, client_id: &str) -> Result<GroupConsumer> {
+        let group_id = format!(
+            "{client_id}-tail-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_millis())
+                .unwrap_or(0)
+        );
+        let mut config = self.client_config(client_id);
+        config
+            .set("group.id", &group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("queued.max.messages.kbytes", "65536");
+        apply_overrides(&mut config, &self.properties);
+        config
+            .create_with_context(GroupContext {
+                group_id: group_id.clone(),
+            })
+            .map_err(|source| Error::Kafka {
+                context: format!("tail consumer {client_id} ({group_id})"),
+                source,
+            })
+    }
+
     /// Creates the topics that do not exist yet; existing ones are left alone.
     pub async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<()> {
         let mut config = self.client_config("idlemeter-admin");

@@ -84,6 +84,53 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// A new period continues from the old one's baselines: the same as
+    /// rating the new period's samples plus each series' last sample before
+    /// it (what the store hands the rater for a period).
+    #[test]
+    fn the_next_period_starts_from_the_last_baselines(
+        plans in prop::collection::vec(epoch_plan(), 1..4),
+        cut in 1u16..1000,
+    ) {
+        let samples: Vec<UsageSample> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(sandbox, plan)| collect(sandbox, plan, &[0]))
+            .collect();
+        let first = samples.iter().map(|sample| sample.ts).min().expect("samples");
+        let last = samples.iter().map(|sample| sample.ts).max().expect("samples");
+        let boundary = first + Duration::milliseconds((last - first).num_milliseconds() * i64::from(cut) / 1000);
+        let mut period: Vec<&UsageSample> = samples.iter().filter(|sample| sample.ts >= boundary).collect();
+        for sandbox in 0..plans.len() {
+            let name = format!("sbx-{sandbox}");
+            // As the store's query: baselines of the series with samples in the period.
+            if !period.iter().any(|sample| sample.sandbox.as_str() == name) {
+                continue;
+            }
+            if let Some(baseline) = samples
+                .iter()
+                .filter(|sample| sample.sandbox.as_str() == name && sample.ts < boundary)
+                .max_by_key(|sample| sample.seq)
+            {
+                period.push(baseline);
+            }
+        }
+        for (name, text, _) in SHEETS {
+            let sheet = PriceSheet::from_toml(text, name).expect("shipped sheet loads");
+            let mut state = RatingState::new(&sheet);
+            state.advance(&sheet, &numbered(&before(&samples, boundary)), &SessionOrConnection);
+            let mut next = state.next_period();
+            let after: Vec<&UsageSample> = samples.iter().filter(|sample| sample.ts >= boundary).collect();
+            next.advance(&sheet, &numbered(&after), &SessionOrConnection);
+            let scratch = rate_samples(&sheet, &numbered(&period), &SessionOrConnection);
+            prop_assert_eq!(&next.usage(&sheet, &SessionOrConnection).customers, &scratch.customers, "{}", name);
+        }
+    }
+}
+
 #[test]
 fn a_state_refuses_a_sheet_of_another_shape() {
     let e2b = PriceSheet::from_toml(SHEETS[0].1, "e2b").expect("loads");

@@ -86,6 +86,10 @@ pub struct RaterConfig {
     /// How often to rate the open hour into the live figure; 0 turns live
     /// rating off.
     pub live_interval_seconds: u64,
+    /// Where live rating reads new samples: `kafka` (the samples topic, read
+    /// from its end by every rater process; scales with the stream) or
+    /// `clickhouse` (polls `usage_samples`; small fleets and tests).
+    pub live_source: LiveSource,
     /// How far back each live pass re-reads, for samples that reach the
     /// store late (a late sample older than this is left to the hour's final
     /// rating; with counters it changes no money).
@@ -101,10 +105,22 @@ impl Default for RaterConfig {
             interval_seconds: 60,
             idle_policy: String::new(),
             live_interval_seconds: 5,
+            live_source: LiveSource::Kafka,
             live_lateness_seconds: 10,
         }
     }
 }
+
+/// Where live rating reads new samples.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LiveSource {
+    Kafka,
+    Clickhouse,
+}
+
+/// Samples for live rating, as the stream delivers them.
+pub type LiveFeed = tokio::sync::mpsc::Receiver<Vec<UsageSample>>;
 
 /// The idle classification the rater uses.
 #[derive(Debug, Clone)]
@@ -161,9 +177,6 @@ struct LiveState {
     state: RatingState,
     /// Newest sample time rated, Unix ms.
     newest_ms: u64,
-    /// What the state was resumed from: the as_of of a final state, or the
-    /// period's start (Unix ms).
-    based_on_ms: u64,
 }
 
 /// A customer's state at its newest final hour: (period start, as_of, state).
@@ -226,6 +239,8 @@ pub struct Rater {
     finals: Mutex<HashMap<CustomerId, FinalState>>,
     /// Each customer's live state, ahead of its final one.
     live: Mutex<HashMap<CustomerId, LiveState>>,
+    /// New samples from the stream, when live rating reads it.
+    feed: Option<LiveFeed>,
 }
 
 impl Rater {
@@ -253,6 +268,7 @@ impl Rater {
             metrics,
             finals: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
+            feed: None,
         })
     }
 
@@ -274,6 +290,13 @@ impl Rater {
             .collect();
         self.idle = Idle::Policy(Box::new(PolicyIdle::new(policy)));
         Ok(self)
+    }
+
+    /// Rates the open hour from `feed` (the samples topic, see
+    /// [`feed_from_kafka`]) instead of polling the store.
+    pub fn with_live_feed(mut self, feed: LiveFeed) -> Self {
+        self.feed = Some(feed);
+        self
     }
 
     pub fn sheet_checksum(&self) -> &str {
@@ -575,14 +598,12 @@ impl Rater {
         }
     }
 
-    /// Rates the open hour of every customer with samples in the last
-    /// `live_interval_seconds + live_lateness_seconds` into their live
-    /// figure: their state carried forward by the samples since the last
-    /// look, billed, and written to `live_usage`. One query reads that window
-    /// for every customer (with each series' baseline before it, which
-    /// bridges a customer whose live state is a little older than the
-    /// window); a customer without a live state, or whose final state moved
-    /// on, is resumed from its newest final state and its own samples since.
+    /// Rates the open hour from the store (the `clickhouse` live source):
+    /// every customer's samples of the last `live_interval_seconds +
+    /// live_lateness_seconds`, with each series' baseline before them, read
+    /// in one query, then [`Self::rate_live_samples`]. The query filters
+    /// `usage_samples` by time, which its order key does not lead with: fine
+    /// for tests and small fleets; fleets use the `kafka` live source.
     pub async fn rate_live(&self, now: DateTime<Utc>) -> Result<LivePass> {
         let lateness = chrono::Duration::seconds(self.config.live_lateness_seconds as i64);
         let window = chrono::Duration::seconds(self.config.live_interval_seconds.max(1) as i64);
@@ -592,11 +613,34 @@ impl Rater {
             .store
             .samples_for_rating_range("", "\u{10ffff}", unix_ms(from), unix_ms(now) + 1)
             .await?;
+        self.rate_live_samples(now, recent).await
+    }
+
+    /// Rates `recent` samples (from the store or the stream, in any order)
+    /// into the live figures of their customers: each customer's live state
+    /// carried forward by them, billed, and every figure written to
+    /// `live_usage` in one insert. A customer seen for the first time (or in
+    /// a new period) is resumed from its newest final state and its stored
+    /// samples since; after that only new samples are rated. A series'
+    /// baseline bridges samples a pass did not see: with counters that costs
+    /// no money (see the module doc).
+    pub async fn rate_live_samples(
+        &self,
+        now: DateTime<Utc>,
+        mut recent: Vec<UsageSample>,
+    ) -> Result<LivePass> {
+        let period_start = self.config.period.start_of(now);
+        recent.sort_by(|left, right| left.customer.cmp(&right.customer));
         let mut pass = LivePass {
             samples_read: recent.len(),
             ..LivePass::default()
         };
         self.metrics.samples_read.inc_by(recent.len() as u64);
+        self.resume_live(&recent, period_start, now, &mut pass)
+            .await?;
+        // Every customer's figure in one insert: one per customer would
+        // cost a round trip each.
+        let mut pending = Vec::new();
         let mut rest = recent.as_slice();
         while let Some(first) = rest.first() {
             let customer = first.customer.clone();
@@ -607,7 +651,7 @@ impl Rater {
             let (group, after) = rest.split_at(length);
             rest = after;
             match self
-                .rate_live_customer(&customer, period_start, now, group, &mut pass)
+                .rate_live_customer(&customer, period_start, now, group, &mut pass, &mut pending)
                 .await
             {
                 Ok(()) => pass.customers_rated += 1,
@@ -618,7 +662,106 @@ impl Rater {
                 }
             }
         }
+        if !pending.is_empty() {
+            self.store.insert_live_lines(&pending).await?;
+        }
         Ok(pass)
+    }
+
+    /// Gives every customer of `recent` without a live state one: its
+    /// newest final state carried forward by its stored samples since, read
+    /// for up to `RESUME_CHUNK` customers per query (a restarted rater
+    /// resumes a thousand customers in a few queries, not two thousand).
+    async fn resume_live(
+        &self,
+        recent: &[UsageSample],
+        period_start: DateTime<Utc>,
+        now: DateTime<Utc>,
+        pass: &mut LivePass,
+    ) -> Result<()> {
+        const RESUME_CHUNK: usize = 200;
+        let mut missing: Vec<CustomerId> = {
+            let live = self.live.lock().expect("not poisoned");
+            recent
+                .iter()
+                .map(|sample| &sample.customer)
+                .filter(|customer| !live.contains_key(*customer))
+                .cloned()
+                .collect()
+        };
+        missing.dedup();
+        for chunk in missing.chunks(RESUME_CHUNK) {
+            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                continue;
+            };
+            let stored = self
+                .store
+                .rating_states_before(
+                    first.as_str(),
+                    last.as_str(),
+                    unix_secs(period_start),
+                    &self.sheet_checksum,
+                    unix_secs(now),
+                )
+                .await?;
+            let mut states: HashMap<&str, (RatingState, u64)> = HashMap::new();
+            for (customer, as_of, text) in &stored {
+                match RatingState::from_json(text, &self.sheet) {
+                    Ok(state) => {
+                        states.insert(customer.as_str(), (state, u64::from(*as_of) * 1000));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%customer, %error, "stored rating state does not load; live rating from the period's start")
+                    }
+                }
+            }
+            let from_ms = chunk
+                .iter()
+                .map(|customer| {
+                    states
+                        .get(customer.as_str())
+                        .map_or(unix_ms(period_start), |(_, from)| *from)
+                })
+                .min()
+                .unwrap_or(unix_ms(period_start));
+            let samples = self
+                .store
+                .samples_for_rating_range(first.as_str(), last.as_str(), from_ms, unix_ms(now) + 1)
+                .await?;
+            pass.samples_read += samples.len();
+            self.metrics.samples_read.inc_by(samples.len() as u64);
+            for customer in chunk {
+                let (mut state, resumed_ms) = states
+                    .remove(customer.as_str())
+                    .unwrap_or_else(|| (RatingState::new(&self.sheet), unix_ms(period_start)));
+                let own: Vec<NumberedSample> = samples
+                    .iter()
+                    .filter(|sample| &sample.customer == customer)
+                    .enumerate()
+                    .map(|(position, sample)| NumberedSample {
+                        line: position as u64 + 1,
+                        sample: sample.clone(),
+                    })
+                    .collect();
+                // What the final state already rated is at or below its
+                // baselines: advancing skips it.
+                state.advance(&self.sheet, &own, &self.idle);
+                let newest_ms = own
+                    .iter()
+                    .map(|numbered| unix_ms(numbered.sample.ts))
+                    .max()
+                    .unwrap_or(resumed_ms);
+                self.live.lock().expect("not poisoned").insert(
+                    customer.clone(),
+                    LiveState {
+                        period_start,
+                        state,
+                        newest_ms,
+                    },
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn rate_live_customer(
@@ -628,32 +771,35 @@ impl Rater {
         now: DateTime<Utc>,
         recent: &[UsageSample],
         pass: &mut LivePass,
+        pending: &mut Vec<RatedLineRow>,
     ) -> Result<()> {
         let cached = self.live.lock().expect("not poisoned").remove(customer);
-        let final_as_of = self
-            .finals
-            .lock()
-            .expect("not poisoned")
-            .get(customer)
-            .filter(|(period, _, _)| *period == period_start)
-            .map(|(_, as_of, _)| unix_ms(*as_of));
-        // Start over from the newest final state when it is newer than the
-        // one the live state grew from: it has the late samples the final
-        // pass found.
+        let numbered = |samples: &[UsageSample]| -> Vec<NumberedSample> {
+            samples
+                .iter()
+                .enumerate()
+                .map(|(position, sample)| NumberedSample {
+                    line: position as u64 + 1,
+                    sample: sample.clone(),
+                })
+                .collect()
+        };
         let (mut live, samples) = match cached {
-            Some(live)
-                if live.period_start == period_start
-                    && final_as_of.is_none_or(|final_ms| final_ms <= live.based_on_ms) =>
-            {
-                let samples = recent
+            Some(live) if live.period_start == period_start => (live, numbered(recent)),
+            // The period turned: the old period's last samples move the
+            // baselines, which carry into the new one.
+            Some(mut live) if live.period_start < period_start => {
+                let (old, new): (Vec<UsageSample>, Vec<UsageSample>) = recent
                     .iter()
-                    .enumerate()
-                    .map(|(position, sample)| NumberedSample {
-                        line: position as u64 + 1,
-                        sample: sample.clone(),
-                    })
-                    .collect();
-                (live, samples)
+                    .cloned()
+                    .partition(|sample| sample.ts < period_start);
+                live.state.advance(&self.sheet, &numbered(&old), &self.idle);
+                let next = LiveState {
+                    period_start,
+                    state: live.state.next_period(),
+                    newest_ms: unix_ms(period_start),
+                };
+                (next, numbered(&new))
             }
             _ => {
                 let (state, from_ms) = self.resume(customer, period_start, now).await?;
@@ -664,7 +810,6 @@ impl Rater {
                     period_start,
                     state,
                     newest_ms: from_ms,
-                    based_on_ms: from_ms,
                 };
                 (live, samples)
             }
@@ -703,7 +848,7 @@ impl Rater {
             None => Vec::new(),
         };
         if !rows.is_empty() {
-            self.store.insert_live_lines(&rows).await?;
+            pending.extend(rows);
             self.metrics.live_figures_written.inc();
         }
         self.live
@@ -834,13 +979,14 @@ impl Rater {
 
     /// Rates closed hours every `interval_seconds` and the open hour every
     /// `live_interval_seconds` until `shutdown`.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+    pub async fn run_until_stopped(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         let mut ticker =
             tokio::time::interval(Duration::from_secs(self.config.interval_seconds.max(1)));
         let live_every = self.config.live_interval_seconds;
         let mut live_ticker = tokio::time::interval(Duration::from_secs(live_every.max(1)));
         live_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut feed = self.feed.take();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -853,13 +999,52 @@ impl Rater {
                     }
                 }
                 _ = live_ticker.tick(), if live_every > 0 => {
-                    match self.rate_live(Utc::now()).await {
-                        Ok(pass) => tracing::debug!(?pass, "rated the open hour"),
+                    let live_started = std::time::Instant::now();
+                    let result = match feed.as_mut() {
+                        Some(feed) => {
+                            let mut samples = Vec::new();
+                            while let Ok(batch) = feed.try_recv() {
+                                samples.extend(batch);
+                            }
+                            self.rate_live_samples(Utc::now(), samples).await
+                        }
+                        None => self.rate_live(Utc::now()).await,
+                    };
+                    match result {
+                        Ok(pass) => tracing::debug!(?pass, elapsed_ms = live_started.elapsed().as_millis() as u64, "rated the open hour"),
                         Err(error) => tracing::warn!(%error, "live rating pass failed; retrying next tick"),
                     }
                 }
                 _ = &mut shutdown => return Ok(()),
             }
+        }
+    }
+}
+
+/// Feeds live rating from the samples topic: every batch from `consumer`
+/// (a [`idlemeter_bus::KafkaSettings::tail_consumer`] subscribed to it),
+/// decoded, into `sender`, until the receiver goes. A batch that does not
+/// decode is skipped here (ingest dead-letters it; it is never billed).
+pub async fn feed_from_kafka(
+    consumer: idlemeter_bus::GroupConsumer,
+    sender: tokio::sync::mpsc::Sender<Vec<UsageSample>>,
+) {
+    use rdkafka::Message;
+    loop {
+        let message = match consumer.recv().await {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "live feed: reading the samples topic failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let Ok(batch) = idlemeter_proto::decode_node_batch(message.payload().unwrap_or_default())
+        else {
+            continue;
+        };
+        if sender.send(batch.samples).await.is_err() {
+            return;
         }
     }
 }

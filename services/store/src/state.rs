@@ -63,6 +63,34 @@ impl Store {
             .context(format!("rating state of {customer}"))
     }
 
+    /// The newest state at or before `before` of every customer from `first`
+    /// to `last` (inclusive) with one in the period under the checksum, as
+    /// (customer, as_of, state), in one query.
+    pub async fn rating_states_before(
+        &self,
+        first: &str,
+        last: &str,
+        period_start: u32,
+        sheet_checksum: &str,
+        before: u32,
+    ) -> Result<Vec<(String, u32, String)>> {
+        self.client
+            .query(
+                "SELECT customer, toUInt32(max(as_of)), argMax(state, as_of) FROM rating_state FINAL \
+                 WHERE customer >= ? AND customer <= ? AND period_start = toDateTime(?) \
+                 AND sheet_checksum = ? AND as_of <= toDateTime(?) \
+                 GROUP BY customer ORDER BY customer",
+            )
+            .bind(first)
+            .bind(last)
+            .bind(period_start)
+            .bind(sheet_checksum)
+            .bind(before)
+            .fetch_all()
+            .await
+            .context(format!("rating states of {first} .. {last}"))
+    }
+
     /// Replaces the customer's live figure with these lines (all of one
     /// as_of).
     pub async fn insert_live_lines(&self, rows: &[RatedLineRow]) -> Result<()> {

@@ -98,6 +98,15 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
             .with_context(|| format!("reading idle policy {policy_path}"))?;
         rater = rater.with_idle_policy(&text)?;
     }
+    let live = &settings.rater;
+    if live.live_interval_seconds > 0 && live.live_source == idlemeter_rater::LiveSource::Kafka {
+        use rdkafka::consumer::Consumer;
+        let consumer = settings.kafka.tail_consumer("idlemeter-rater-live")?;
+        consumer.subscribe(&[settings.topics.samples.as_str()])?;
+        let (sender, feed) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(idlemeter_rater::feed_from_kafka(consumer, sender));
+        rater = rater.with_live_feed(feed);
+    }
     tracing::info!(sheet = %sheet_path, checksum = rater.sheet_checksum(), "rater started");
     let health = Health::default();
     health.set_healthy(true);

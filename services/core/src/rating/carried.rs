@@ -162,6 +162,29 @@ impl RatingState {
         }
     }
 
+    /// The state a new billing period starts from: every series' last
+    /// sample stays the baseline of its next interval (which belongs to the
+    /// new period, as in rating the period from scratch, whose samples
+    /// include each series' last one before it), with nothing rated and no
+    /// span open.
+    pub fn next_period(&self) -> Self {
+        let mut next = Self {
+            versions: self.versions,
+            accumulator: Accumulator::new(self.versions, self.accumulator.slot_count),
+            series: HashMap::with_capacity(self.series.len()),
+        };
+        for (key, carried) in &self.series {
+            next.series.insert(
+                key.clone(),
+                CarriedSeries {
+                    baseline: carried.baseline.clone(),
+                    spans: vec![OpenSpan::default(); carried.spans.len()],
+                },
+            );
+        }
+        next
+    }
+
     /// Series carried (one per customer, sandbox and epoch seen).
     pub fn series_count(&self) -> usize {
         self.series.len()
