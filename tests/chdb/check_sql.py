@@ -276,6 +276,36 @@ def run_checks(query) -> int:
         return 1
     print("ok  period_spend.sql")
 
+    # Live figures: the newest as_of per line survives; a line the newest
+    # figure lacks is left out; lines come in order.
+    query(
+        "INSERT INTO live_usage VALUES "
+        "('acme', 0, 100, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', '1', '1', 'h', '1', '0.01', 100),"
+        "('acme', 0, 100, 's', 'c1', 'p', 'USD', 2, 'usage', 'gpu', '', '1', '1', 'h', '1', '0.05', 100)"
+    )
+    query(
+        "INSERT INTO live_usage VALUES "
+        "('acme', 0, 105, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', '1', '1', 'h', '1', '0.02', 105),"
+        "('acme', 0, 105, 's', 'c1', 'p', 'USD', 1, 'usage', 'memory', '', '1', '1', 'h', '1', '0.03', 105)"
+    )
+    live = (QUERIES / "live_lines.sql").read_text().replace("?fields", "line_no, resource, amount")
+    got = parse(query(bind(live, ("acme", 0, "c1", "acme", 0, "c1"))))
+    if got != [["0", "vcpu", "0.02"], ["1", "memory", "0.03"]]:
+        print(f"FAIL live_lines.sql\n got      {got}")
+        return 1
+    print("ok  live_lines.sql")
+
+    # Carried states: the newest at or before the bound, per customer in range.
+    query(
+        "INSERT INTO rating_state VALUES ('acme', 0, 'c1', 3600, 1, 's1', 1), ('acme', 0, 'c1', 7200, 1, 's2', 1), "
+        "('acme', 0, 'c1', 10800, 1, 's3', 1), ('beta', 0, 'c1', 3600, 1, 'b1', 1), "
+        "('beta', 0, 'c2', 7200, 1, 'other', 1), ('zeta', 0, 'c1', 3600, 1, 'z1', 1)"
+    )
+    if not check_query("rating_states.sql", "newest before", ("acme", "beta", 0, "c1", 7200),
+                       [["acme", "7200", "s2"], ["beta", "3600", "b1"]]):
+        return 1
+    print("ok  rating_states.sql")
+
     # Rated snapshots of customer beta: October (final snapshot at 11-01
     # 00:00, one earlier) and November (hours 10-12 under checksum c1, a
     # re-rating c2 of hours 9-10). Another customer's snapshot is never read.

@@ -58,7 +58,7 @@ impl Fleet {
         let running_s = t / 600 * 540 + (t % 600).min(540);
         let suspended_s = t - running_s;
         let running = t == 0 || (t - 1) % 600 < 540;
-        let active = index % 2 == 0;
+        let active = index.is_multiple_of(2);
         let active_s = if active { running_s } else { 0 };
         let (vcpu_milli, mem_kib, disk_mib) = (2000u64, 4u64 << 20, 10u64 << 10);
         let ms = |seconds: u64| seconds * 1000;

@@ -3,6 +3,11 @@
 
 use crate::{Context, RatedLineRow, Result, Store};
 
+/// See `queries/rating_states.sql`.
+pub const RATING_STATES_SQL: &str = include_str!("queries/rating_states.sql");
+/// See `queries/live_lines.sql`.
+pub const LIVE_LINES_SQL: &str = include_str!("queries/live_lines.sql");
+
 /// A customer's carried rating state at the end of a rated hour.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
 pub struct RatingStateRow {
@@ -75,12 +80,7 @@ impl Store {
         before: u32,
     ) -> Result<Vec<(String, u32, String)>> {
         self.client
-            .query(
-                "SELECT customer, toUInt32(max(as_of)), argMax(state, as_of) FROM rating_state FINAL \
-                 WHERE customer >= ? AND customer <= ? AND period_start = toDateTime(?) \
-                 AND sheet_checksum = ? AND as_of <= toDateTime(?) \
-                 GROUP BY customer ORDER BY customer",
-            )
+            .query(RATING_STATES_SQL)
             .bind(first)
             .bind(last)
             .bind(period_start)
@@ -106,13 +106,7 @@ impl Store {
         sheet_checksum: &str,
     ) -> Result<Vec<RatedLineRow>> {
         self.client
-            .query(
-                "SELECT ?fields FROM live_usage FINAL \
-                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ? \
-                 AND as_of = (SELECT max(as_of) FROM live_usage \
-                     WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ?) \
-                 ORDER BY line_no",
-            )
+            .query(LIVE_LINES_SQL)
             .bind(customer)
             .bind(period_start)
             .bind(sheet_checksum)
