@@ -6,8 +6,8 @@
 //! batches to the test broker, ingest stores them in the test ClickHouse, the
 //! rater rates the open hour every `LIVE_INTERVAL_S` (1) into live figures,
 //! from the samples topic (the `kafka` live source), and the API serves
-//! `/cost`. A probe polls `/cost` of `PROBED` customers
-//! every 100 ms; each time a customer's `as_of` (the second of the newest
+//! `/cost`. A probe polls `/cost` of each of `PROBED` customers every
+//! 100 ms, one poller each; each time a customer's `as_of` (the second of the newest
 //! sample rated) moves on, the newest tick taken in that second is rated,
 //! and its latency is the time since that tick was taken.
 //!
@@ -146,16 +146,19 @@ async fn main() -> anyhow::Result<()> {
     // Tick times by second, for the probe to find the tick an as_of covers.
     let taken: Arc<Mutex<BTreeMap<i64, DateTime<Utc>>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let probe = {
-        let (taken, done, base, key) = (taken.clone(), done.clone(), base.clone(), key.key.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut seen: BTreeMap<usize, i64> = BTreeMap::new();
-            let mut latencies = Vec::new();
-            let mut failures = 0u64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                for customer in 0..probed {
-                    let url = format!("{base}/v1/customers/cust-{customer:05}/cost");
+    // One poller per probed customer, so one slow answer delays no other.
+    let probes: Vec<_> = (0..probed)
+        .map(|customer| {
+            let (taken, done, base, key) =
+                (taken.clone(), done.clone(), base.clone(), key.key.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let url = format!("{base}/v1/customers/cust-{customer:05}/cost");
+                let mut seen = i64::MIN;
+                let mut latencies = Vec::new();
+                let mut failures = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     let answer = http.get(&url).bearer_auth(&key).send().await;
                     let Ok(Ok(body)) = answer.map(|response| response.error_for_status()) else {
                         failures += 1;
@@ -173,22 +176,18 @@ async fn main() -> anyhow::Result<()> {
                     };
                     let now = Utc::now();
                     let second = as_of.timestamp();
-                    if seen.get(&customer).is_some_and(|last| *last >= second) {
+                    if second <= seen || body["provisional"] != serde_json::Value::Bool(true) {
                         continue;
                     }
-                    seen.insert(customer, second);
-                    if body["provisional"] != serde_json::Value::Bool(true) {
-                        continue;
-                    }
+                    seen = second;
                     if let Some(tick) = taken.lock().expect("not poisoned").get(&second) {
                         latencies.push((now - *tick).num_milliseconds() as f64 / 1e3);
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            (latencies, failures)
+                (latencies, failures)
+            })
         })
-    };
+        .collect();
 
     let producer = env.kafka.producer("idlemeter-live-bench")?;
     let mut fleet = Fleet::new(FleetShape {
@@ -240,7 +239,12 @@ async fn main() -> anyhow::Result<()> {
     // Let the last ticks through before stopping the probe.
     tokio::time::sleep(Duration::from_secs(10)).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut latencies, failures) = probe.await?;
+    let (mut latencies, mut failures) = (Vec::new(), 0);
+    for probe in probes {
+        let (more, failed) = probe.await?;
+        latencies.extend(more);
+        failures += failed;
+    }
     stop_rater.send(()).ok();
     stop_ingest.send(()).ok();
     rater_task.await??;

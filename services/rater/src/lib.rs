@@ -33,6 +33,7 @@
 
 mod period;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
@@ -627,31 +628,40 @@ impl Rater {
     pub async fn rate_live_samples(
         &self,
         now: DateTime<Utc>,
-        mut recent: Vec<UsageSample>,
+        recent: Vec<UsageSample>,
     ) -> Result<LivePass> {
         let period_start = self.config.period.start_of(now);
-        recent.sort_by(|left, right| left.customer.cmp(&right.customer));
         let mut pass = LivePass {
             samples_read: recent.len(),
             ..LivePass::default()
         };
         self.metrics.samples_read.inc_by(recent.len() as u64);
-        self.resume_live(&recent, period_start, now, &mut pass)
+        // Grouped by moving each sample once (a pass at 100k samples/s holds
+        // a second of them; sorting them would move each many times).
+        let mut by_customer: HashMap<CustomerId, Vec<NumberedSample>> = HashMap::new();
+        for (position, sample) in recent.into_iter().enumerate() {
+            let numbered = NumberedSample {
+                line: position as u64 + 1,
+                sample,
+            };
+            match by_customer.get_mut(&numbered.sample.customer) {
+                Some(group) => group.push(numbered),
+                None => {
+                    by_customer.insert(numbered.sample.customer.clone(), vec![numbered]);
+                }
+            }
+        }
+        let mut customers: Vec<&CustomerId> = by_customer.keys().collect();
+        customers.sort();
+        self.resume_live(&customers, period_start, now, &mut pass)
             .await?;
         // Every customer's figure in one insert: one per customer would
         // cost a round trip each.
         let mut pending = Vec::new();
-        let mut rest = recent.as_slice();
-        while let Some(first) = rest.first() {
-            let customer = first.customer.clone();
-            let length = rest
-                .iter()
-                .position(|sample| sample.customer != customer)
-                .unwrap_or(rest.len());
-            let (group, after) = rest.split_at(length);
-            rest = after;
+        for customer in customers {
+            let group = &by_customer[customer];
             match self
-                .rate_live_customer(&customer, period_start, now, group, &mut pass, &mut pending)
+                .rate_live_customer(customer, period_start, now, group, &mut pass, &mut pending)
                 .await
             {
                 Ok(()) => pass.customers_rated += 1,
@@ -668,28 +678,26 @@ impl Rater {
         Ok(pass)
     }
 
-    /// Gives every customer of `recent` without a live state one: its
+    /// Gives every one of `customers` (sorted) without a live state one: its
     /// newest final state carried forward by its stored samples since, read
     /// for up to `RESUME_CHUNK` customers per query (a restarted rater
     /// resumes a thousand customers in a few queries, not two thousand).
     async fn resume_live(
         &self,
-        recent: &[UsageSample],
+        customers: &[&CustomerId],
         period_start: DateTime<Utc>,
         now: DateTime<Utc>,
         pass: &mut LivePass,
     ) -> Result<()> {
         const RESUME_CHUNK: usize = 200;
-        let mut missing: Vec<CustomerId> = {
+        let missing: Vec<CustomerId> = {
             let live = self.live.lock().expect("not poisoned");
-            recent
+            customers
                 .iter()
-                .map(|sample| &sample.customer)
-                .filter(|customer| !live.contains_key(*customer))
-                .cloned()
+                .filter(|customer| !live.contains_key(**customer))
+                .map(|customer| (*customer).clone())
                 .collect()
         };
-        missing.dedup();
         for chunk in missing.chunks(RESUME_CHUNK) {
             let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
                 continue;
@@ -769,49 +777,40 @@ impl Rater {
         customer: &CustomerId,
         period_start: DateTime<Utc>,
         now: DateTime<Utc>,
-        recent: &[UsageSample],
+        recent: &[NumberedSample],
         pass: &mut LivePass,
         pending: &mut Vec<RatedLineRow>,
     ) -> Result<()> {
         let cached = self.live.lock().expect("not poisoned").remove(customer);
-        let numbered = |samples: &[UsageSample]| -> Vec<NumberedSample> {
-            samples
-                .iter()
-                .enumerate()
-                .map(|(position, sample)| NumberedSample {
-                    line: position as u64 + 1,
-                    sample: sample.clone(),
-                })
-                .collect()
-        };
-        let (mut live, samples) = match cached {
-            Some(live) if live.period_start == period_start => (live, numbered(recent)),
+        let (mut live, samples): (LiveState, Cow<'_, [NumberedSample]>) = match cached {
+            Some(live) if live.period_start == period_start => (live, Cow::Borrowed(recent)),
             // The period turned: the old period's last samples move the
             // baselines, which carry into the new one.
             Some(mut live) if live.period_start < period_start => {
-                let (old, new): (Vec<UsageSample>, Vec<UsageSample>) = recent
+                let (old, new): (Vec<NumberedSample>, Vec<NumberedSample>) = recent
                     .iter()
                     .cloned()
-                    .partition(|sample| sample.ts < period_start);
-                live.state.advance(&self.sheet, &numbered(&old), &self.idle);
+                    .partition(|numbered| numbered.sample.ts < period_start);
+                live.state.advance(&self.sheet, &old, &self.idle);
                 let next = LiveState {
                     period_start,
                     state: live.state.next_period(),
                     newest_ms: unix_ms(period_start),
                 };
-                (next, numbered(&new))
+                (next, Cow::Owned(new))
             }
             _ => {
                 let (state, from_ms) = self.resume(customer, period_start, now).await?;
-                let samples = self
+                let mut samples = self
                     .read_samples(customer, from_ms, unix_ms(now) + 1, &mut pass.samples_read)
                     .await?;
+                samples.extend(recent.iter().cloned());
                 let live = LiveState {
                     period_start,
                     state,
                     newest_ms: from_ms,
                 };
-                (live, samples)
+                (live, Cow::Owned(samples))
             }
         };
         let newest = samples

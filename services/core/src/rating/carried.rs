@@ -51,10 +51,12 @@ pub enum StateError {
 
 const FORMAT: u32 = 1;
 
-/// What one series carries into the next pass.
+/// What one series carries into the next pass. The baseline is kept as a
+/// numbered sample (line 0: from an earlier pass) so a pass rates from it
+/// without a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct CarriedSeries {
-    baseline: UsageSample,
+    baseline: NumberedSample,
     spans: Vec<OpenSpan>,
 }
 
@@ -108,38 +110,48 @@ impl RatingState {
             };
             let head = &samples[first].sample;
             let key = (head.customer.clone(), head.sandbox.clone(), head.epoch);
-            let (baseline, closings) = match self.series.get(&key) {
+            let last = match self.series.get(&key) {
                 Some(carried) => {
-                    let baseline = NumberedSample {
-                        line: 0,
-                        sample: carried.baseline.clone(),
-                    };
                     rater.resume_spans(&carried.spans);
-                    let newer: Vec<&NumberedSample> = members
+                    let seq = carried.baseline.sample.seq;
+                    let newer = members
                         .iter()
                         .map(|index| &samples[*index])
-                        .filter(|numbered| numbered.sample.seq > baseline.sample.seq)
-                        .collect();
-                    (baseline, newer)
+                        .filter(|numbered| numbered.sample.seq > seq);
+                    let last = rater.rate_run(&carried.baseline, newer);
+                    // Nothing newer rated: the carried baseline stays.
+                    (!std::ptr::eq(last, &carried.baseline)).then(|| last.clone())
                 }
                 None => {
                     rater.row_of(&head.customer);
-                    let closings = members[1..].iter().map(|index| &samples[*index]).collect();
-                    (samples[first].clone(), closings)
+                    let closings = members[1..].iter().map(|index| &samples[*index]);
+                    Some(rater.rate_run(&samples[first], closings).clone())
                 }
             };
-            let last = rater
-                .rate_run(&baseline, closings.into_iter())
-                .sample
-                .clone();
             let spans = rater.take_spans();
-            self.series.insert(
-                key,
-                CarriedSeries {
-                    baseline: last,
-                    spans,
-                },
-            );
+            match (last, self.series.get_mut(&key)) {
+                (Some(baseline), Some(carried)) => {
+                    carried.baseline = NumberedSample {
+                        line: 0,
+                        ..baseline
+                    };
+                    carried.spans = spans;
+                }
+                (None, Some(carried)) => carried.spans = spans,
+                (Some(baseline), None) => {
+                    self.series.insert(
+                        key,
+                        CarriedSeries {
+                            baseline: NumberedSample {
+                                line: 0,
+                                ..baseline
+                            },
+                            spans,
+                        },
+                    );
+                }
+                (None, None) => {}
+            }
         }
         errors.sort_by(|left, right| (left.line, &left.field).cmp(&(right.line, &right.field)));
         errors
@@ -247,7 +259,13 @@ impl RatingState {
                     baseline.sandbox.clone(),
                     baseline.epoch,
                 ),
-                CarriedSeries { baseline, spans },
+                CarriedSeries {
+                    baseline: NumberedSample {
+                        line: 0,
+                        sample: baseline,
+                    },
+                    spans,
+                },
             );
         }
         Ok(Self {
@@ -274,7 +292,7 @@ impl RatingState {
             .series
             .values()
             .map(|carried| StoredSeries {
-                baseline: carried.baseline.clone(),
+                baseline: carried.baseline.sample.clone(),
                 open: carried
                     .spans
                     .iter()
