@@ -62,6 +62,8 @@ pub enum Error {
     Schedule { schedule: String, reason: String },
     #[error("lock {path}: {reason}")]
     Lock { path: String, reason: String },
+    #[error("invoice of {customer}: {reason}")]
+    Amount { customer: String, reason: String },
     #[error("invoice {number} of {customer} does not add up: lines {lines}, total {total}")]
     SumMismatch {
         number: u64,
@@ -131,6 +133,11 @@ pub struct CloseOutcome {
     pub nothing_to_bill: usize,
     /// Customers skipped because they have an invoice for a later period.
     pub behind_a_later_invoice: Vec<String>,
+    /// Customers whose invoice could not be computed (an amount too large
+    /// to compute exactly, lines that do not add up), with why: reported in
+    /// `rating_errors` and left unissued, while everyone else is invoiced.
+    /// A later run retries them.
+    pub failed: Vec<(String, String)>,
 }
 
 /// The invoicer with its sheet and policy loaded.
@@ -330,13 +337,40 @@ impl Invoicer {
             for customer in chunk {
                 match self
                     .compute(customer, start, end, &issued, next, &usage)
-                    .await?
+                    .await
                 {
-                    Some(invoice) => {
+                    // Every amount must fit its column, checked here so that
+                    // one customer's cannot fail the whole run's insert.
+                    Ok(Some(invoice)) if invoice.to_rows(0, 0).is_err() => {
+                        let reason = invoice
+                            .to_rows(0, 0)
+                            .err()
+                            .map(|error| error.to_string())
+                            .unwrap_or_default();
+                        tracing::error!(%customer, %reason, "invoice amounts do not fit the invoice tables; invoicing the others");
+                        let error = Error::Amount {
+                            customer: customer.clone(),
+                            reason,
+                        };
+                        if !dry_run {
+                            self.report_failure(customer, start_s, now, &error).await;
+                        }
+                        outcome.failed.push((customer.clone(), error.to_string()));
+                    }
+                    Ok(Some(invoice)) => {
                         outcome.issued.push(invoice);
                         next += 1;
                     }
-                    None => outcome.nothing_to_bill += 1,
+                    Ok(None) => outcome.nothing_to_bill += 1,
+                    // The store failing is everyone's problem.
+                    Err(Error::Store(error)) => return Err(Error::Store(error)),
+                    Err(error) => {
+                        tracing::error!(%customer, %error, "invoice not computed; invoicing the others");
+                        if !dry_run {
+                            self.report_failure(customer, start_s, now, &error).await;
+                        }
+                        outcome.failed.push((customer.clone(), error.to_string()));
+                    }
                 }
                 computed += 1;
                 progress(computed, todo.len());
@@ -372,6 +406,31 @@ impl Invoicer {
             "period closed"
         );
         Ok(outcome)
+    }
+
+    /// Stores why a customer's invoice was not computed in `rating_errors`
+    /// (field `invoice`), beside the rater's reports.
+    async fn report_failure(
+        &self,
+        customer: &str,
+        period_start: u32,
+        now: DateTime<Utc>,
+        error: &Error,
+    ) {
+        let row = idlemeter_store::RatingErrorRow {
+            customer: customer.to_owned(),
+            sandbox: String::new(),
+            epoch: 0,
+            seq: 0,
+            field: "invoice".to_owned(),
+            reason: error.to_string(),
+            period_start,
+            sheet_checksum: self.sheet_checksum.clone(),
+            detected_at: unix_secs(now),
+        };
+        if let Err(store_error) = self.store.insert_rating_errors(&[row]).await {
+            tracing::warn!(%customer, %store_error, "could not store the invoicing error");
+        }
     }
 
     /// Runs the schedule until `shutdown`: at each firing, closes the latest

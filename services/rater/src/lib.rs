@@ -64,6 +64,15 @@ pub enum Error {
     Store(#[from] idlemeter_store::Error),
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// An amount that cannot be stored exactly: this customer's problem,
+    /// not the store's.
+    #[error("{0}")]
+    Amount(String),
+}
+
+/// A decimal as its column, a refusal being the customer's problem.
+fn column(value: Decimal) -> Result<i128> {
+    to_column(value).map_err(|error| Error::Amount(error.to_string()))
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -884,11 +893,11 @@ impl Rater {
                 .price_version
                 .map(|version| version.to_rfc3339())
                 .unwrap_or_default(),
-            quantity: to_column(line.quantity)?,
+            quantity: column(line.quantity)?,
             quantity_base: line.quantity_base.clone().unwrap_or_default(),
             unit: line.unit.clone(),
-            unit_price: to_column(line.unit_price)?,
-            amount: to_column(line.amount)?,
+            unit_price: column(line.unit_price)?,
+            amount: column(line.amount)?,
             rated_at,
         })
     }
@@ -969,8 +978,8 @@ impl Rater {
             sheet: self.sheet_label.clone(),
             old_checksum: old_checksum.to_owned(),
             new_checksum: self.sheet_checksum.clone(),
-            old_total: to_column(old_total)?,
-            new_total: to_column(bill.total)?,
+            old_total: column(old_total)?,
+            new_total: column(bill.total)?,
             explanation,
             detected_at,
         })

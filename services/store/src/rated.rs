@@ -173,21 +173,46 @@ pub struct RatingChangeRow {
     pub detected_at: u32,
 }
 
-/// A decimal as a `Decimal(38, 12)` mantissa; refuses values that would lose digits.
+/// A decimal as a `Decimal(38, 12)` mantissa; refuses values that would lose
+/// digits (more than 12 places) or do not fit the column (38 digits).
+///
+/// Computed in integers: `Decimal::rescale` cannot hold 12 places for values
+/// above about 7.9e16 (its 96-bit mantissa) and keeps fewer places instead,
+/// which read as 12 would be a different amount.
 pub fn to_column(value: Decimal) -> Result<i128> {
-    let mut scaled = value;
-    scaled.rescale(MONEY_SCALE);
-    if scaled != value {
-        return Err(Error::BadRow(format!(
+    let refused = || {
+        Error::BadRow(format!(
             "{value} has more than {MONEY_SCALE} decimal places or is too large for Decimal(38, {MONEY_SCALE})"
-        )));
+        ))
+    };
+    let value = if value.scale() > MONEY_SCALE {
+        value.normalize()
+    } else {
+        value
+    };
+    let Some(places) = MONEY_SCALE.checked_sub(value.scale()) else {
+        return Err(refused());
+    };
+    let mantissa = value
+        .mantissa()
+        .checked_mul(10i128.pow(places))
+        .ok_or_else(refused)?;
+    if mantissa.unsigned_abs() >= 10u128.pow(38) {
+        return Err(refused());
     }
-    Ok(scaled.mantissa())
+    Ok(mantissa)
 }
 
-/// A `Decimal(38, 12)` mantissa back as a decimal.
+/// A `Decimal(38, 12)` mantissa back as a decimal: with fewer places where
+/// the trailing ones are zeros and 12 would not fit a decimal's 96-bit
+/// mantissa; refused where the amount itself does not fit one.
 pub fn from_column(mantissa: i128) -> Result<Decimal> {
-    Decimal::try_from_i128_with_scale(mantissa, MONEY_SCALE)
+    let (mut digits, mut scale) = (mantissa, MONEY_SCALE);
+    while digits.unsigned_abs() >= 1u128 << 96 && scale > 0 && digits % 10 == 0 {
+        digits /= 10;
+        scale -= 1;
+    }
+    Decimal::try_from_i128_with_scale(digits, scale)
         .map_err(|error| Error::BadRow(format!("decimal {mantissa}e-12: {error}")))
 }
 
@@ -373,5 +398,13 @@ mod tests {
         assert_eq!(to_column(Decimal::ONE).expect("fits"), 1_000_000_000_000);
         let too_fine: Decimal = "0.0000000000001".parse().expect("decimal");
         assert!(to_column(too_fine).is_err());
+        // Above 7.9e16 a decimal cannot hold 12 places: the column still can.
+        let large: Decimal = "3333333333333333333333333.33".parse().expect("decimal");
+        let column = to_column(large).expect("fits 38 digits");
+        assert_eq!(column, 3_333_333_333_333_333_333_333_333_330_000_000_000);
+        assert_eq!(from_column(column).expect("back"), large);
+        let too_large: Decimal = "79228162514264337593543950335".parse().expect("decimal");
+        assert!(to_column(too_large).is_err(), "39 digits at 12 places");
+        assert!(from_column(i128::MAX).is_err());
     }
 }

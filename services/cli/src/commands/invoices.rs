@@ -128,6 +128,9 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
                 outcome.already_issued.len(),
                 outcome.nothing_to_bill
             );
+            for (customer, reason) in &outcome.failed {
+                eprintln!("invoices: {customer} not invoiced: {reason} (in rating_errors; the next run retries)");
+            }
             for (number, customer, issued, now) in &outcome.differences {
                 eprintln!(
                     "invoices: #{number} ({customer}) was issued at {issued}; re-rated now it would be {now}: the next invoice carries the difference as an adjustment"
@@ -146,6 +149,13 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&summary)?);
+            // Everyone else is invoiced; the run still fails, so a scheduler
+            // or an operator sees the customers left out.
+            anyhow::ensure!(
+                outcome.failed.is_empty(),
+                "{} customers not invoiced (see above and rating_errors)",
+                outcome.failed.len()
+            );
         }
         InvoicesCommand::Show { number, format } => {
             let store = Store::new(&settings.clickhouse);
