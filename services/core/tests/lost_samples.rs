@@ -284,3 +284,60 @@ fn gauge_rating_loses_money_on_the_same_losses() {
         );
     }
 }
+
+/// An absurd counter is refused, not billed: a sample whose running time
+/// grew by more than the interval lasted (a corrupted counter) is reported
+/// on its line, and the next sample is measured from the last good one, so
+/// the bill is the bill without it.
+#[test]
+fn running_longer_than_the_interval_is_refused_and_costs_nothing() {
+    let plan = EpochPlan {
+        phases: vec![Phase {
+            ticks: 20,
+            running: true,
+            vcpu: 2000,
+            mem_mib: 1024,
+            cpu_permille: 500,
+            session: true,
+        }],
+        gpus: 0,
+        disk_gib: 10,
+    };
+    let series = collect(0, &plan, &[0]);
+    let mut corrupted = series.clone();
+    corrupted[10].state_counters.running_ms += 3_600_000;
+    for (name, text, _) in SHEETS {
+        let sheet = PriceSheet::from_toml(text, name).expect("shipped sheet loads");
+        let numbered: Vec<NumberedSample> = corrupted
+            .iter()
+            .enumerate()
+            .map(|(index, sample)| NumberedSample {
+                line: index as u64 + 1,
+                sample: sample.clone(),
+            })
+            .collect();
+        let report = rate_report(
+            &sheet,
+            &numbered,
+            &SessionOrConnection,
+            &BillingOptions::default(),
+            Vec::new(),
+        )
+        .expect("rates");
+        assert_eq!(report.errors.len(), 1, "{name}: {:?}", report.errors);
+        assert_eq!(report.errors[0].line, 11);
+        assert_eq!(report.errors[0].field, "running_ms");
+        assert!(
+            report.errors[0].reason.contains("interval of 1000 ms"),
+            "{:?}",
+            report.errors
+        );
+        let mut without = series.clone();
+        without.remove(10);
+        assert_eq!(
+            lines(&report),
+            lines(&rate(&sheet, without)),
+            "{name}: the bill without the bad sample"
+        );
+    }
+}

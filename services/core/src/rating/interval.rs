@@ -384,7 +384,7 @@ fn check_interval(previous: &NumberedSample, closing: &NumberedSample) -> Result
         ));
     }
     if counters_rise(&previous.sample, &closing.sample) {
-        return Ok(());
+        return check_state_time(previous, closing);
     }
     let carried = previous
         .sample
@@ -417,8 +417,60 @@ fn check_interval(previous: &NumberedSample, closing: &NumberedSample) -> Result
                 previous.line
             ),
         )),
-        None => Ok(()),
+        None => check_state_time(previous, closing),
     }
+}
+
+/// Slack for the time counters against the timestamps: both come from the
+/// collector's clock, but each is rounded to the millisecond on its own.
+const STATE_TIME_SLACK_MS: u64 = 1_000;
+
+/// Refuses an interval whose time in states is absurd: a sandbox cannot be
+/// running and suspended for longer than the interval lasted, nor active for
+/// longer than it ran. Such a sample (a corrupted counter, a collector bug)
+/// would bill time that never passed.
+fn check_state_time(previous: &NumberedSample, closing: &NumberedSample) -> Result<(), LineError> {
+    let carried = previous
+        .sample
+        .counters_present
+        .both(closing.sample.counters_present);
+    let grew = |counter: Counter| {
+        carried
+            .contains(counter)
+            .then(|| closing.sample.counter(counter) - previous.sample.counter(counter))
+    };
+    let interval_ms =
+        u64::try_from(closing.sample.ts.timestamp_millis() - previous.sample.ts.timestamp_millis())
+            .unwrap_or(0);
+    let running = grew(Counter::RunningMs);
+    let in_states = running
+        .unwrap_or(0)
+        .saturating_add(grew(Counter::SuspendedMs).unwrap_or(0));
+    let refuse = |field: &str, what: String| {
+        Err(LineError::new(
+            closing.line,
+            field,
+            format!(
+                "{what}, in an interval of {interval_ms} ms since line {}: sample not billed",
+                previous.line
+            ),
+        ))
+    };
+    if in_states > interval_ms.saturating_add(STATE_TIME_SLACK_MS) {
+        return refuse(
+            "running_ms",
+            format!("running and suspended time grew by {in_states} ms"),
+        );
+    }
+    if let (Some(active), Some(running)) = (grew(Counter::ActiveMs), running) {
+        if active > running.saturating_add(STATE_TIME_SLACK_MS) {
+            return refuse(
+                "active_ms",
+                format!("active time grew by {active} ms, running time by {running} ms"),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The common case, checked without building the named lists. The counters
