@@ -60,14 +60,64 @@ struct CarriedSeries {
     spans: Vec<OpenSpan>,
 }
 
-type SeriesKey = (CustomerId, SandboxId, Epoch);
+/// Carried series by sandbox, looked up without allocating a key (a live
+/// pass looks up one series per sample), then by customer and epoch.
+#[derive(Debug, Clone, Default)]
+struct SeriesMap {
+    by_sandbox: HashMap<SandboxId, Vec<CarriedSeries>>,
+    len: usize,
+}
+
+impl SeriesMap {
+    fn position(list: &[CarriedSeries], customer: &CustomerId, epoch: Epoch) -> Option<usize> {
+        list.iter().position(|carried| {
+            carried.baseline.sample.epoch == epoch && &carried.baseline.sample.customer == customer
+        })
+    }
+
+    fn get(
+        &self,
+        customer: &CustomerId,
+        sandbox: &SandboxId,
+        epoch: Epoch,
+    ) -> Option<&CarriedSeries> {
+        let list = self.by_sandbox.get(sandbox)?;
+        Self::position(list, customer, epoch).map(|index| &list[index])
+    }
+
+    fn get_mut(
+        &mut self,
+        customer: &CustomerId,
+        sandbox: &SandboxId,
+        epoch: Epoch,
+    ) -> Option<&mut CarriedSeries> {
+        let list = self.by_sandbox.get_mut(sandbox)?;
+        Self::position(list, customer, epoch).map(|index| &mut list[index])
+    }
+
+    /// Adds a series not carried yet (its key is its baseline's).
+    fn insert(&mut self, carried: CarriedSeries) {
+        let sandbox = &carried.baseline.sample.sandbox;
+        match self.by_sandbox.get_mut(sandbox) {
+            Some(list) => list.push(carried),
+            None => {
+                self.by_sandbox.insert(sandbox.clone(), vec![carried]);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn values(&self) -> impl Iterator<Item = &CarriedSeries> {
+        self.by_sandbox.values().flatten()
+    }
+}
 
 /// The rating of a set of samples so far, ready to take more.
 #[derive(Debug, Clone)]
 pub struct RatingState {
     versions: usize,
     accumulator: Accumulator,
-    series: HashMap<SeriesKey, CarriedSeries>,
+    series: SeriesMap,
 }
 
 impl PartialEq for RatingState {
@@ -82,7 +132,7 @@ impl RatingState {
         Self {
             versions: sheet.versions().len(),
             accumulator: Accumulator::new(sheet.versions().len(), sheet.slot_count()),
-            series: HashMap::new(),
+            series: SeriesMap::default(),
         }
     }
 
@@ -109,8 +159,7 @@ impl RatingState {
                 continue;
             };
             let head = &samples[first].sample;
-            let key = (head.customer.clone(), head.sandbox.clone(), head.epoch);
-            let last = match self.series.get(&key) {
+            let last = match self.series.get(&head.customer, &head.sandbox, head.epoch) {
                 Some(carried) => {
                     rater.resume_spans(&carried.spans);
                     let seq = carried.baseline.sample.seq;
@@ -129,7 +178,11 @@ impl RatingState {
                 }
             };
             let spans = rater.take_spans();
-            match (last, self.series.get_mut(&key)) {
+            match (
+                last,
+                self.series
+                    .get_mut(&head.customer, &head.sandbox, head.epoch),
+            ) {
                 (Some(baseline), Some(carried)) => {
                     carried.baseline = NumberedSample {
                         line: 0,
@@ -139,16 +192,13 @@ impl RatingState {
                 }
                 (None, Some(carried)) => carried.spans = spans,
                 (Some(baseline), None) => {
-                    self.series.insert(
-                        key,
-                        CarriedSeries {
-                            baseline: NumberedSample {
-                                line: 0,
-                                ..baseline
-                            },
-                            spans,
+                    self.series.insert(CarriedSeries {
+                        baseline: NumberedSample {
+                            line: 0,
+                            ..baseline
                         },
-                    );
+                        spans,
+                    });
                 }
                 (None, None) => {}
             }
@@ -183,23 +233,20 @@ impl RatingState {
         let mut next = Self {
             versions: self.versions,
             accumulator: Accumulator::new(self.versions, self.accumulator.slot_count),
-            series: HashMap::with_capacity(self.series.len()),
+            series: SeriesMap::default(),
         };
-        for (key, carried) in &self.series {
-            next.series.insert(
-                key.clone(),
-                CarriedSeries {
-                    baseline: carried.baseline.clone(),
-                    spans: vec![OpenSpan::default(); carried.spans.len()],
-                },
-            );
+        for carried in self.series.values() {
+            next.series.insert(CarriedSeries {
+                baseline: carried.baseline.clone(),
+                spans: vec![OpenSpan::default(); carried.spans.len()],
+            });
         }
         next
     }
 
     /// Series carried (one per customer, sandbox and epoch seen).
     pub fn series_count(&self) -> usize {
-        self.series.len()
+        self.series.len
     }
 
     /// The state as JSON, deterministic for equal states (series in key
@@ -237,7 +284,7 @@ impl RatingState {
             let index = accumulator.row_of(&customer);
             accumulator.rows[index] = row;
         }
-        let mut series = HashMap::with_capacity(stored.series.len());
+        let mut series = SeriesMap::default();
         for carried in stored.series {
             let mut spans = vec![OpenSpan::default(); slots];
             for (slot, span) in carried.open {
@@ -252,21 +299,24 @@ impl RatingState {
                 };
                 *target = span;
             }
-            let baseline = carried.baseline;
-            series.insert(
-                (
-                    baseline.customer.clone(),
-                    baseline.sandbox.clone(),
-                    baseline.epoch,
-                ),
-                CarriedSeries {
-                    baseline: NumberedSample {
-                        line: 0,
-                        sample: baseline,
-                    },
-                    spans,
-                },
+            let (customer, sandbox, epoch) = (
+                &carried.baseline.customer,
+                &carried.baseline.sandbox,
+                carried.baseline.epoch,
             );
+            if series.get(customer, sandbox, epoch).is_some() {
+                return Err(StateError::Format(format!(
+                    "series {customer}/{sandbox}/{} stored twice",
+                    epoch.0
+                )));
+            }
+            series.insert(CarriedSeries {
+                baseline: NumberedSample {
+                    line: 0,
+                    sample: carried.baseline,
+                },
+                spans,
+            });
         }
         Ok(Self {
             versions: stored.versions,
