@@ -1,14 +1,16 @@
 -- Rating carried between passes (issue "Money from counters").
 --
--- rating_state: what the rater carried at the end of each closed hour it
--- rated, per (customer, period, sheet checksum): per (sandbox, epoch) the
+-- rating_state: what the rater carried at the end of the newest closed hour
+-- it rated, per (customer, period, sheet checksum): per (sandbox, epoch) the
 -- last good sample and the spans still open, and the quantities rated so far
 -- (idlemeter_core::RatingState as JSON). The next pass, in this process or
--- another replica after a restart, resumes from the latest state before the
--- hour it rates and reads only the samples since. A re-rating under a new
--- sheet or policy has a new checksum, so it starts from the stored samples.
--- States are a cache of a pure function of the samples: dropping a
--- partition only makes the next pass rate that period from its start.
+-- another replica after a restart, resumes from it and reads only the
+-- samples since. as_of is the version: merges keep the newest state only, so
+-- the table holds one row per customer and period, not one per hour. A
+-- re-rating under a new sheet or policy has a new checksum, so it starts
+-- from the stored samples. States are a cache of a pure function of the
+-- samples: dropping a partition only makes the next pass rate that period
+-- from its start.
 CREATE TABLE IF NOT EXISTS rating_state
 (
     customer String,
@@ -19,9 +21,9 @@ CREATE TABLE IF NOT EXISTS rating_state
     state String,
     rated_at DateTime
 )
-ENGINE = ReplacingMergeTree(rated_at)
+ENGINE = ReplacingMergeTree(as_of)
 PARTITION BY toYYYYMM(period_start)
-ORDER BY (customer, period_start, sheet_checksum, as_of);
+ORDER BY (customer, period_start, sheet_checksum);
 
 -- live_usage: the provisional bill of the open hour: the period to date as
 -- of the newest sample rated, refreshed every few seconds, columns as in

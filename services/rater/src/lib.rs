@@ -388,9 +388,10 @@ impl Rater {
             pass.snapshots_present += 1;
             return Ok(());
         }
-        let (mut state, from) = self
-            .resume(customer, period_start, as_of - chrono::Duration::hours(1))
-            .await?;
+        // The newest state at or before this hour: usually the hour before;
+        // this hour's own when a pass stored it and died before the lines
+        // (it then rates nothing more); an older one after a gap.
+        let (mut state, from) = self.resume(customer, period_start, as_of).await?;
         let samples = self
             .read_samples(customer, from, unix_ms(as_of), &mut pass.samples_read)
             .await?;
@@ -399,9 +400,8 @@ impl Rater {
             .await?;
         pass.samples_refused += errors.len();
         let report = self.report(&state)?;
-        // The state first: lines without it are rated again from the hour
-        // before (the same figures); a state without lines is found by the
-        // next pass, which rates the hour's lines again from the hour before.
+        // The state first: a state without lines is found by the next pass,
+        // which writes the lines from it.
         self.store
             .insert_rating_state(&RatingStateRow {
                 customer: customer.to_string(),
@@ -463,8 +463,8 @@ impl Rater {
         Ok(())
     }
 
-    /// The state to continue from to rate what follows `before`: the cached
-    /// final state of that hour, else the newest stored one at or before it,
+    /// The state to continue from to rate up to `before`: the cached final
+    /// state if it is not newer, else the newest stored one at or before it,
     /// else nothing (the period's start). Returns it with the time (Unix ms)
     /// its samples run to.
     async fn resume(
@@ -480,8 +480,8 @@ impl Rater {
         if let Some((period, as_of, state)) =
             self.finals.lock().expect("not poisoned").get(customer)
         {
-            if *period == period_start && *as_of == before {
-                return Ok((state.clone(), unix_ms(before)));
+            if *period == period_start && *as_of <= before {
+                return Ok((state.clone(), unix_ms(*as_of)));
             }
         }
         let Some(row) = self
