@@ -341,17 +341,12 @@ impl Invoicer {
                 {
                     // Every amount must fit its column, checked here so that
                     // one customer's cannot fail the whole run's insert.
-                    Ok(Some(invoice)) if invoice.to_rows(0, 0).is_err() => {
-                        let reason = invoice
-                            .to_rows(0, 0)
-                            .err()
-                            .map(|error| error.to_string())
-                            .unwrap_or_default();
-                        tracing::error!(%customer, %reason, "invoice amounts do not fit the invoice tables; invoicing the others");
+                    Ok(Some(invoice)) if let Err(unfit) = invoice.to_rows(0, 0) => {
                         let error = Error::Amount {
                             customer: customer.clone(),
-                            reason,
+                            reason: unfit.to_string(),
                         };
+                        tracing::error!(%customer, %error, "invoice amounts do not fit the invoice tables; invoicing the others");
                         if !dry_run {
                             self.report_failure(customer, start_s, now, &error).await;
                         }

@@ -40,7 +40,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use idlemeter_core::invoice::{CustomerBill, InvoiceLine};
+use idlemeter_core::invoice::CustomerBill;
 use idlemeter_core::policy::{Policy, PolicyIdle};
 use idlemeter_core::{
     report_usage, BillingOptions, CustomerId, IdlePolicy, LineError, NumberedSample, PriceSheet,
@@ -425,23 +425,7 @@ impl Rater {
             return Ok(());
         };
         let rated_at = unix_secs(now);
-        let rows = bill
-            .lines
-            .iter()
-            .enumerate()
-            .map(|(line_no, line)| {
-                self.line_row(
-                    customer,
-                    period_secs,
-                    as_of_secs,
-                    &report.currency,
-                    &report.idle_policy,
-                    line_no,
-                    line,
-                    rated_at,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let rows = self.bill_rows(&report, bill, period_secs, as_of_secs, rated_at)?;
         self.store.insert_rated_lines(&rows).await?;
         self.metrics.snapshots_written.inc();
         pass.snapshots_written += 1;
@@ -484,24 +468,25 @@ impl Rater {
                 return Ok((state.clone(), unix_ms(*as_of)));
             }
         }
-        let Some(row) = self
+        let stored = self
             .store
-            .rating_state_before(
+            .rating_states_before(
+                customer.as_str(),
                 customer.as_str(),
                 unix_secs(period_start),
                 &self.sheet_checksum,
                 unix_secs(before),
             )
-            .await?
-        else {
+            .await?;
+        let Some((_, as_of, text)) = stored.into_iter().next() else {
             return Ok(scratch());
         };
-        match RatingState::from_json(&row.state, &self.sheet) {
-            Ok(state) => Ok((state, u64::from(row.as_of) * 1000)),
+        match RatingState::from_json(&text, &self.sheet) {
+            Ok(state) => Ok((state, u64::from(as_of) * 1000)),
             Err(error) => {
                 // States are a cache of the samples: rating from the
                 // period's start gives the same figures, only slower.
-                tracing::warn!(%customer, as_of = row.as_of, %error, "stored rating state does not load; rating the period from its start");
+                tracing::warn!(%customer, as_of, %error, "stored rating state does not load; rating the period from its start");
                 Ok(scratch())
             }
         }
@@ -516,17 +501,11 @@ impl Rater {
         to_ms: u64,
         read: &mut usize,
     ) -> Result<Vec<NumberedSample>> {
-        let samples: Vec<NumberedSample> = self
-            .store
-            .samples_for_rating(customer, from_ms, to_ms)
-            .await?
-            .into_iter()
-            .enumerate()
-            .map(|(position, sample)| NumberedSample {
-                line: position as u64 + 1,
-                sample,
-            })
-            .collect();
+        let samples = numbered(
+            self.store
+                .samples_for_rating(customer, from_ms, to_ms)
+                .await?,
+        );
         *read += samples.len();
         self.metrics.samples_read.inc_by(samples.len() as u64);
         Ok(samples)
@@ -648,11 +627,7 @@ impl Rater {
         // Grouped by moving each sample once (a pass at 100k samples/s holds
         // a second of them; sorting them would move each many times).
         let mut by_customer: HashMap<CustomerId, Vec<NumberedSample>> = HashMap::new();
-        for (position, sample) in recent.into_iter().enumerate() {
-            let numbered = NumberedSample {
-                line: position as u64 + 1,
-                sample,
-            };
+        for numbered in numbered(recent) {
             match by_customer.get_mut(&numbered.sample.customer) {
                 Some(group) => group.push(numbered),
                 None => {
@@ -751,15 +726,12 @@ impl Rater {
                 let (mut state, resumed_ms) = states
                     .remove(customer.as_str())
                     .unwrap_or_else(|| (RatingState::new(&self.sheet), unix_ms(period_start)));
-                let own: Vec<NumberedSample> = samples
-                    .iter()
-                    .filter(|sample| &sample.customer == customer)
-                    .enumerate()
-                    .map(|(position, sample)| NumberedSample {
-                        line: position as u64 + 1,
-                        sample: sample.clone(),
-                    })
-                    .collect();
+                let own = numbered(
+                    samples
+                        .iter()
+                        .filter(|sample| &sample.customer == customer)
+                        .cloned(),
+                );
                 // What the final state already rated is at or below its
                 // baselines: advancing skips it.
                 state.advance(&self.sheet, &own, &self.idle);
@@ -808,18 +780,18 @@ impl Rater {
                 };
                 (next, Cow::Owned(new))
             }
+            // `resume_live` gave every customer of the pass a live state;
+            // only a clock that went back across a period start gets here.
             _ => {
-                let (state, from_ms) = self.resume(customer, period_start, now).await?;
-                let mut samples = self
-                    .read_samples(customer, from_ms, unix_ms(now) + 1, &mut pass.samples_read)
+                self.resume_live(&[customer], period_start, now, pass)
                     .await?;
-                samples.extend(recent.iter().cloned());
-                let live = LiveState {
-                    period_start,
-                    state,
-                    newest_ms: from_ms,
-                };
-                (live, Cow::Owned(samples))
+                let live = self
+                    .live
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(customer)
+                    .expect("resume_live inserts a state for every customer it is given");
+                (live, Cow::Borrowed(recent))
             }
         };
         let newest = samples
@@ -836,23 +808,13 @@ impl Rater {
             .iter()
             .find(|bill| &bill.customer == customer)
         {
-            Some(bill) => bill
-                .lines
-                .iter()
-                .enumerate()
-                .map(|(line_no, line)| {
-                    self.line_row(
-                        customer,
-                        unix_secs(period_start),
-                        as_of_secs,
-                        &report.currency,
-                        &report.idle_policy,
-                        line_no,
-                        line,
-                        unix_secs(now),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?,
+            Some(bill) => self.bill_rows(
+                &report,
+                bill,
+                unix_secs(period_start),
+                as_of_secs,
+                unix_secs(now),
+            )?,
             None => Vec::new(),
         };
         if !rows.is_empty() {
@@ -866,40 +828,43 @@ impl Rater {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn line_row(
+    /// The stored rows of one customer's bill in `report`, line by line.
+    fn bill_rows(
         &self,
-        customer: &CustomerId,
+        report: &RateReport,
+        bill: &CustomerBill,
         period_start: u32,
         as_of: u32,
-        currency: &str,
-        idle_policy: &str,
-        line_no: usize,
-        line: &InvoiceLine,
         rated_at: u32,
-    ) -> Result<RatedLineRow> {
-        Ok(RatedLineRow {
-            customer: customer.to_string(),
-            period_start,
-            as_of,
-            sheet: self.sheet_label.clone(),
-            sheet_checksum: self.sheet_checksum.clone(),
-            idle_policy: idle_policy.to_owned(),
-            currency: currency.to_owned(),
-            line_no: u16::try_from(line_no).unwrap_or(u16::MAX),
-            kind: line.kind.as_str().to_owned(),
-            resource: line.resource.clone(),
-            price_version: line
-                .price_version
-                .map(|version| version.to_rfc3339())
-                .unwrap_or_default(),
-            quantity: column(line.quantity)?,
-            quantity_base: line.quantity_base.clone().unwrap_or_default(),
-            unit: line.unit.clone(),
-            unit_price: column(line.unit_price)?,
-            amount: column(line.amount)?,
-            rated_at,
-        })
+    ) -> Result<Vec<RatedLineRow>> {
+        bill.lines
+            .iter()
+            .enumerate()
+            .map(|(line_no, line)| {
+                Ok(RatedLineRow {
+                    customer: bill.customer.to_string(),
+                    period_start,
+                    as_of,
+                    sheet: self.sheet_label.clone(),
+                    sheet_checksum: self.sheet_checksum.clone(),
+                    idle_policy: report.idle_policy.clone(),
+                    currency: report.currency.clone(),
+                    line_no: u16::try_from(line_no).unwrap_or(u16::MAX),
+                    kind: line.kind.as_str().to_owned(),
+                    resource: line.resource.clone(),
+                    price_version: line
+                        .price_version
+                        .map(|version| version.to_rfc3339())
+                        .unwrap_or_default(),
+                    quantity: column(line.quantity)?,
+                    quantity_base: line.quantity_base.clone().unwrap_or_default(),
+                    unit: line.unit.clone(),
+                    unit_price: column(line.unit_price)?,
+                    amount: column(line.amount)?,
+                    rated_at,
+                })
+            })
+            .collect()
     }
 
     /// Compares the new bill with the stored snapshot of another sheet version,
@@ -1055,6 +1020,18 @@ pub async fn feed_from_kafka(
             return;
         }
     }
+}
+
+/// Samples numbered by position from 1, the line numbers rating reports.
+fn numbered(samples: impl IntoIterator<Item = UsageSample>) -> Vec<NumberedSample> {
+    samples
+        .into_iter()
+        .enumerate()
+        .map(|(position, sample)| NumberedSample {
+            line: position as u64 + 1,
+            sample,
+        })
+        .collect()
 }
 
 fn short(checksum: &str) -> &str {

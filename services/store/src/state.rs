@@ -44,30 +44,6 @@ impl Store {
             .await
     }
 
-    /// The newest state of a customer's period under a checksum that rated
-    /// up to `before` (Unix seconds) or less.
-    pub async fn rating_state_before(
-        &self,
-        customer: &str,
-        period_start: u32,
-        sheet_checksum: &str,
-        before: u32,
-    ) -> Result<Option<RatingStateRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM rating_state FINAL \
-                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ? \
-                 AND as_of <= toDateTime(?) ORDER BY as_of DESC LIMIT 1",
-            )
-            .bind(customer)
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .bind(before)
-            .fetch_optional()
-            .await
-            .context(format!("rating state of {customer}"))
-    }
-
     /// The newest state at or before `before` of every customer from `first`
     /// to `last` (inclusive) with one in the period under the checksum, as
     /// (customer, as_of, state), in one query.
