@@ -15,6 +15,7 @@
 //! A CI check (`tests/tests/core_is_pure.rs` in the workspace's tests crate) fails if this crate's dependency tree ever
 //! gains tokio, rdkafka, clickhouse or axum.
 
+pub mod compact;
 pub mod counters;
 pub mod error;
 pub mod ids;
@@ -28,6 +29,7 @@ pub mod report;
 pub mod rollup;
 pub mod sample;
 
+pub use compact::{compact_all, CompactStats, Compacted, Compactor, MinuteRow, MINUTE_COUNTERS};
 pub use counters::{Counter, CounterSet, StateCounters};
 pub use error::{Error, LineError, Result};
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};

@@ -370,6 +370,12 @@ fn class_quantity(
     measured.max(floor)
 }
 
+/// Whether rating refuses the sample that closes this interval (see
+/// [`check_interval`]); compaction keeps what surrounds such a sample.
+pub(crate) fn interval_is_refused(previous: &NumberedSample, closing: &NumberedSample) -> bool {
+    check_interval(previous, closing).is_err()
+}
+
 /// Refuses an interval whose time runs backwards or whose cumulative counters
 /// decrease within the epoch: it would bill negative usage.
 fn check_interval(previous: &NumberedSample, closing: &NumberedSample) -> Result<(), LineError> {

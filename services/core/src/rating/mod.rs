@@ -17,6 +17,7 @@ use std::collections::HashMap;
 
 pub use carried::{RatingState, StateError};
 pub use idle::{IdlePolicy, NeverIdle, SessionOrConnection};
+pub(crate) use interval::interval_is_refused;
 
 use crate::error::LineError;
 use crate::ids::CustomerId;

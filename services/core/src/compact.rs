@@ -1,0 +1,528 @@
+//! Compaction: which per-second samples storage must keep so that rating the
+//! kept ones bills exactly what rating all of them would, and one row per
+//! sandbox-minute for the usage windows.
+//!
+//! Rating prices counter differences (principle 1), so the samples between
+//! two kept ones matter only where merging their intervals would change
+//! what rating does with them. [`Compactor`] keeps a sample when it is:
+//!
+//! - the first sample of a series it sees (a conservative start: it cannot
+//!   know what came before);
+//! - the last of its UTC minute (the minute row's end, and every hour's end);
+//! - next to a *break*: a change of the interval's signature (state,
+//!   allocation, GPU, which counters are carried, which of them moved, a
+//!   zero-length interval), or a UTC hour boundary. Around a break at sample
+//!   `b` it keeps the sample before `b`, `b` and the sample after it, so the
+//!   interval that ends a span of billable time, the last interval before an
+//!   hour's lines are written and the interval that crosses the hour (and a
+//!   price version's effective date on it) are rated exactly as they were;
+//! - refused by rating (time or a counter going backwards, absurd time in a
+//!   state), with the two samples before it and the one after it;
+//! - of a series without the full set of counters (gauge rating needs every
+//!   sample: it multiplies the closing sample's allocation by time);
+//! - late (a seq at or below one already seen, not a duplicate of a held
+//!   sample), or the last two of a series that ends (a new epoch, or silence).
+//!
+//! Between breaks the interval signature is constant, so a merged interval's
+//! counter differences are the sum of its parts', its class of time and zero
+//! pattern are theirs, and the interval that closes each span is kept whole.
+//! Keeping more than this rule (after a restart, for late samples) never
+//! changes a bill: every interval of the kept samples still lies within one
+//! signature run. The rule is exact for the collector's activity rule (the
+//! active counters measure it second by second) and for sheets whose
+//! resource minimums do not exceed what a sandbox's basis measures (every
+//! shipped sheet: Modal's minimums are at or below its minimum request). An
+//! idle policy that classifies intervals by their rates needs the raw
+//! seconds; see services/ingest/README.md.
+//!
+//! Minute rows carry the smallest and largest value of the rollup counters
+//! over the minute's samples, its first and last seq and timestamp: what the
+//! per-second rows gave the usage windows, one row instead of sixty.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::counters::{Counter, CounterSet};
+use crate::ids::{CustomerId, Epoch, SandboxId};
+use crate::rating::{interval_is_refused, NumberedSample};
+use crate::sample::{LifecycleState, UsageSample};
+
+/// The counters a minute row keeps the range of, in column order.
+pub const MINUTE_COUNTERS: [&str; 11] = [
+    "cpu_used_usec",
+    "net_rx_bytes",
+    "net_tx_bytes",
+    "vcpu_alloc_usec",
+    "mem_alloc_kib_ms",
+    "mem_used_kib_ms",
+    "gpu_alloc_ms",
+    "disk_mib_ms",
+    "running_ms",
+    "suspended_ms",
+    "active_ms",
+];
+
+fn minute_counters(sample: &UsageSample) -> [u64; 11] {
+    [
+        sample.cpu_used_usec,
+        sample.net_rx_bytes,
+        sample.net_tx_bytes,
+        sample.vcpu_alloc_usec,
+        sample.mem_alloc_kib_ms,
+        sample.mem_used_kib_ms,
+        sample.gpu_alloc_ms,
+        sample.disk_mib_ms,
+        sample.state_counters.running_ms,
+        sample.state_counters.suspended_ms,
+        sample.state_counters.active_ms,
+    ]
+}
+
+/// One sandbox-minute of one epoch: the range of its samples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MinuteRow {
+    pub customer: CustomerId,
+    pub sandbox: SandboxId,
+    pub epoch: Epoch,
+    /// Start of the UTC minute, seconds since the Unix epoch.
+    pub minute_s: i64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub first_ts_ms: i64,
+    pub last_ts_ms: i64,
+    /// Smallest and largest value of each of [`MINUTE_COUNTERS`].
+    pub lo: [u64; 11],
+    pub hi: [u64; 11],
+    /// Largest vCPU allocation seen in the minute, thousandths.
+    pub vcpu_milli: u32,
+    /// State of the minute's last sample.
+    pub state: LifecycleState,
+}
+
+/// What a compactor hands to storage.
+#[derive(Debug, Default)]
+pub struct Compacted {
+    pub samples: Vec<UsageSample>,
+    pub minutes: Vec<MinuteRow>,
+}
+
+impl Compacted {
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty() && self.minutes.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.samples.clear();
+        self.minutes.clear();
+    }
+}
+
+/// What the compactor has seen, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CompactStats {
+    pub samples_in: u64,
+    pub samples_kept: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub refused: u64,
+    pub series_ended: u64,
+}
+
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 3_600_000;
+
+/// Everything about an interval, other than its counter differences, that
+/// rating reads: intervals with equal signatures can be merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Signature {
+    state: LifecycleState,
+    vcpu: u32,
+    mem_bytes: u64,
+    /// The closing sample's used memory, where the interval has time outside
+    /// running (the gauge then measures it); zero otherwise.
+    mem_used_bytes: u64,
+    gpu_count: u32,
+    /// Hashes of the closing and the previous sample's GPU model.
+    gpu_models: (u64, u64),
+    disk_bytes: u64,
+    carried: u32,
+    /// Bit per rated counter (and two derived measures) that did not move.
+    unmoved: u32,
+}
+
+fn model_hash(model: Option<&str>) -> u64 {
+    // FNV-1a: stable and cheap; a collision could only merge intervals that
+    // change GPU model and keep every other measure, which no sheet prices
+    // differently without another change.
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for byte in model.unwrap_or("\u{0}").bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+impl Signature {
+    fn of(previous: &UsageSample, closing: &UsageSample) -> Self {
+        let carried = previous.counters_present.both(closing.counters_present);
+        let mut unmoved = 0u32;
+        for (bit, counter) in Counter::ALL.into_iter().enumerate() {
+            if closing.counter(counter) == previous.counter(counter) {
+                unmoved |= 1 << bit;
+            }
+        }
+        let millis = (closing.ts.timestamp_millis() - previous.ts.timestamp_millis()).max(0) as u64;
+        let running = closing.state_counters.running_ms - previous.state_counters.running_ms;
+        let suspended = closing.state_counters.suspended_ms - previous.state_counters.suspended_ms;
+        let outside_running = millis.saturating_sub(running);
+        let stopped = outside_running.saturating_sub(suspended);
+        let base = Counter::ALL.len();
+        for (offset, zero) in [
+            closing.cpu_used_usec == previous.cpu_used_usec,
+            millis == 0,
+            stopped == 0,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if zero {
+                unmoved |= 1 << (base + offset);
+            }
+        }
+        Self {
+            state: closing.state,
+            vcpu: closing.vcpu.0,
+            mem_bytes: closing.mem_bytes,
+            mem_used_bytes: if outside_running > 0 {
+                closing.mem_used_bytes
+            } else {
+                0
+            },
+            gpu_count: closing.gpu_count,
+            gpu_models: (
+                model_hash(closing.gpu_model.as_deref()),
+                model_hash(previous.gpu_model.as_deref()),
+            ),
+            disk_bytes: closing.disk_bytes,
+            carried: carried.0,
+            unmoved,
+        }
+    }
+}
+
+/// A sample whose fate is not decided yet, with its source position.
+#[derive(Debug)]
+struct Held<P> {
+    sample: NumberedSample,
+    position: P,
+    keep: bool,
+}
+
+#[derive(Debug)]
+struct OpenMinute<P> {
+    row: MinuteRow,
+    first_position: P,
+}
+
+impl<P: Copy> OpenMinute<P> {
+    fn open(sample: &UsageSample, position: P) -> Self {
+        let counters = minute_counters(sample);
+        let ts_ms = sample.ts.timestamp_millis();
+        Self {
+            row: MinuteRow {
+                customer: sample.customer.clone(),
+                sandbox: sample.sandbox.clone(),
+                epoch: sample.epoch,
+                minute_s: ts_ms.div_euclid(MINUTE_MS) * 60,
+                first_seq: sample.seq,
+                last_seq: sample.seq,
+                first_ts_ms: ts_ms,
+                last_ts_ms: ts_ms,
+                lo: counters,
+                hi: counters,
+                vcpu_milli: sample.vcpu.0,
+                state: sample.state,
+            },
+            first_position: position,
+        }
+    }
+
+    fn add(&mut self, sample: &UsageSample) {
+        let row = &mut self.row;
+        let ts_ms = sample.ts.timestamp_millis();
+        if sample.seq < row.first_seq {
+            row.first_seq = sample.seq;
+            row.first_ts_ms = ts_ms;
+        }
+        if sample.seq > row.last_seq {
+            row.last_seq = sample.seq;
+            row.last_ts_ms = ts_ms;
+            row.state = sample.state;
+        }
+        for (index, value) in minute_counters(sample).into_iter().enumerate() {
+            row.lo[index] = row.lo[index].min(value);
+            row.hi[index] = row.hi[index].max(value);
+        }
+        row.vcpu_milli = row.vcpu_milli.max(sample.vcpu.0);
+    }
+
+    fn contains(&self, sample: &UsageSample) -> bool {
+        sample.ts.timestamp_millis().div_euclid(MINUTE_MS) * 60 == self.row.minute_s
+    }
+}
+
+/// One series (customer, sandbox, epoch): the last two samples, whose fate
+/// waits on the next one, and the open minute.
+#[derive(Debug)]
+struct Window<P> {
+    older: Option<Held<P>>,
+    newer: Held<P>,
+    /// Signature of the interval from `older` to `newer`, where known.
+    newer_signature: Option<Signature>,
+    /// Keep the next sample (it follows one rating refuses).
+    keep_next: bool,
+    minute: OpenMinute<P>,
+}
+
+/// Compacts a stream of samples series by series. `P` is the source
+/// position of a sample (a Kafka offset): [`Compactor::oldest_position`] is
+/// the earliest one whose rows are not final yet, the point a replay must
+/// start from to rebuild this state.
+#[derive(Debug)]
+pub struct Compactor<P> {
+    /// Series by sandbox; a sandbox has one epoch open (per customer).
+    series: HashMap<SandboxId, Vec<Window<P>>>,
+    stats: CompactStats,
+}
+
+impl<P> Default for Compactor<P> {
+    fn default() -> Self {
+        Self {
+            series: HashMap::new(),
+            stats: CompactStats::default(),
+        }
+    }
+}
+
+fn full_counters(sample: &UsageSample) -> bool {
+    sample.counters_present == CounterSet::ALL
+}
+
+impl<P: Copy + Ord> Compactor<P> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stats(&self) -> CompactStats {
+        self.stats
+    }
+
+    /// Series held.
+    pub fn series_count(&self) -> usize {
+        self.series.values().map(Vec::len).sum()
+    }
+
+    /// Takes one sample in; rows whose fate is decided go to `out`.
+    pub fn push(&mut self, sample: UsageSample, position: P, out: &mut Compacted) {
+        self.stats.samples_in += 1;
+        let windows = self.series.entry(sample.sandbox.clone()).or_default();
+        let Some(index) = windows
+            .iter()
+            .position(|window| window.newer.sample.sample.customer == sample.customer)
+        else {
+            windows.push(Window::start(sample, position));
+            return;
+        };
+        let window = &mut windows[index];
+        let epoch = window.newer.sample.sample.epoch;
+        if sample.epoch > epoch {
+            let ended = std::mem::replace(window, Window::start(sample, position));
+            self.stats.series_ended += 1;
+            ended.end(out, &mut self.stats);
+            return;
+        }
+        if sample.epoch < epoch {
+            self.keep_late(sample, out);
+            return;
+        }
+        window.push(sample, position, out, &mut self.stats);
+    }
+
+    fn keep_late(&mut self, sample: UsageSample, out: &mut Compacted) {
+        self.stats.late += 1;
+        self.stats.samples_kept += 1;
+        out.samples.push(sample);
+    }
+
+    /// Ends every series whose newest sample is older than `before_ms` (its
+    /// sandbox went quiet: stopped, or its node is gone): its last two
+    /// samples and its open minute are written.
+    pub fn end_quiet(&mut self, before_ms: i64, out: &mut Compacted) {
+        let stats = &mut self.stats;
+        self.series.retain(|_, windows| {
+            let mut index = 0;
+            while index < windows.len() {
+                if windows[index].newer.sample.sample.ts.timestamp_millis() < before_ms {
+                    stats.series_ended += 1;
+                    windows.swap_remove(index).end(out, stats);
+                } else {
+                    index += 1;
+                }
+            }
+            !windows.is_empty()
+        });
+    }
+
+    /// Ends every series (the end of an offline input).
+    pub fn finish(&mut self, out: &mut Compacted) {
+        self.end_quiet(i64::MAX, out);
+    }
+
+    /// The earliest source position still needed to rebuild the state: the
+    /// samples whose fate is open and the first sample of each open minute.
+    pub fn oldest_position(&self) -> Option<P> {
+        self.series
+            .values()
+            .flatten()
+            .map(|window| {
+                let mut oldest = window.minute.first_position.min(window.newer.position);
+                if let Some(older) = &window.older {
+                    oldest = oldest.min(older.position);
+                }
+                oldest
+            })
+            .min()
+    }
+}
+
+impl<P: Copy + Ord> Window<P> {
+    fn start(sample: UsageSample, position: P) -> Self {
+        let minute = OpenMinute::open(&sample, position);
+        Self {
+            older: None,
+            newer: Held {
+                sample: NumberedSample { line: 0, sample },
+                position,
+                keep: true,
+            },
+            newer_signature: None,
+            keep_next: false,
+            minute,
+        }
+    }
+
+    fn push(
+        &mut self,
+        sample: UsageSample,
+        position: P,
+        out: &mut Compacted,
+        stats: &mut CompactStats,
+    ) {
+        let newest_seq = self.newer.sample.sample.seq;
+        if sample.seq <= newest_seq {
+            let held_twice = sample.seq == newest_seq
+                || self
+                    .older
+                    .as_ref()
+                    .is_some_and(|older| older.sample.sample.seq == sample.seq);
+            if held_twice {
+                stats.duplicates += 1;
+                return;
+            }
+            // Late: kept (more samples never change a bill); counted in its
+            // minute only while that minute is open.
+            if self.minute.contains(&sample) {
+                self.minute.add(&sample);
+            }
+            stats.late += 1;
+            stats.samples_kept += 1;
+            out.samples.push(sample);
+            return;
+        }
+        let closing = NumberedSample { line: 0, sample };
+        let newer = &self.newer.sample;
+        let in_same_minute = self.minute.contains(&closing.sample);
+        if interval_is_refused(newer, &closing) {
+            // Rating skips it and rates the next interval from `newer`:
+            // keep the two before it, it, and the one after it.
+            stats.refused += 1;
+            self.newer.keep = true;
+            if let Some(older) = &mut self.older {
+                older.keep = true;
+            }
+            self.keep_next = true;
+            if in_same_minute {
+                self.minute.add(&closing.sample);
+            }
+            stats.samples_kept += 1;
+            out.samples.push(closing.sample);
+            return;
+        }
+        let signature = Signature::of(&newer.sample, &closing.sample);
+        let newer_ms = newer.sample.ts.timestamp_millis();
+        let closing_ms = closing.sample.ts.timestamp_millis();
+        let hour_boundary = newer_ms.div_euclid(HOUR_MS) != closing_ms.div_euclid(HOUR_MS);
+        let gauges_only = !full_counters(&newer.sample) || !full_counters(&closing.sample);
+        let is_break = self.newer_signature != Some(signature) || hour_boundary || gauges_only;
+        let mut keep = std::mem::take(&mut self.keep_next) || gauges_only;
+        if is_break {
+            keep = true;
+            self.newer.keep = true;
+            if let Some(older) = &mut self.older {
+                older.keep = true;
+            }
+        }
+        if in_same_minute {
+            self.minute.add(&closing.sample);
+        } else {
+            self.newer.keep = true;
+            let closed = std::mem::replace(
+                &mut self.minute,
+                OpenMinute::open(&closing.sample, position),
+            );
+            out.minutes.push(closed.row);
+        }
+        let held = Held {
+            sample: closing,
+            position,
+            keep,
+        };
+        let previous = std::mem::replace(&mut self.newer, held);
+        if let Some(decided) = self.older.replace(previous) {
+            if decided.keep {
+                stats.samples_kept += 1;
+                out.samples.push(decided.sample.sample);
+            }
+        }
+        self.newer_signature = Some(signature);
+    }
+
+    /// The series ends: its last two samples are kept (the interval that
+    /// closes its spans), and its minute is written.
+    fn end(self, out: &mut Compacted, stats: &mut CompactStats) {
+        if let Some(older) = self.older {
+            stats.samples_kept += 1;
+            out.samples.push(older.sample.sample);
+        }
+        stats.samples_kept += 1;
+        out.samples.push(self.newer.sample.sample);
+        out.minutes.push(self.minute.row);
+    }
+}
+
+/// Compacts a whole input at once (tests, offline tools): the samples to
+/// keep and the minute rows, in no particular order.
+pub fn compact_all(samples: impl IntoIterator<Item = UsageSample>) -> Compacted {
+    let mut compactor = Compactor::<u64>::new();
+    let mut out = Compacted::default();
+    for (position, sample) in samples.into_iter().enumerate() {
+        compactor.push(sample, position as u64, &mut out);
+    }
+    compactor.finish(&mut out);
+    out
+}
+
+/// The start of the UTC minute of a timestamp.
+pub fn minute_of(ts: DateTime<Utc>) -> i64 {
+    ts.timestamp_millis().div_euclid(MINUTE_MS) * 60
+}

@@ -1,0 +1,285 @@
+//! Compaction keeps every bill: rating the samples a [`Compactor`] keeps gives
+//! the same quantities and cents as rating every sample, for every shipped
+//! sheet (CodeSandbox's minute rounding included), for the whole trace and
+//! for the lines written at the end of each hour; a restart that replays from
+//! the compactor's oldest open position changes neither. Minute rows give the
+//! usage windows what the per-second rows gave them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::Duration;
+use idlemeter_core::{
+    compact_all, rate_report, BillingOptions, Compacted, Compactor, MinuteRow, NumberedSample,
+    PriceSheet, SessionOrConnection, UsageSample, MINUTE_COUNTERS,
+};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+
+mod common;
+
+use common::{collect, epoch_plan, SHEETS};
+
+type Lines = BTreeMap<(String, String, String), (String, Decimal)>;
+
+fn lines(sheet: &PriceSheet, samples: &[UsageSample]) -> Lines {
+    let numbered: Vec<NumberedSample> = samples
+        .iter()
+        .enumerate()
+        .map(|(index, sample)| NumberedSample {
+            line: index as u64 + 1,
+            sample: sample.clone(),
+        })
+        .collect();
+    let report = rate_report(
+        sheet,
+        &numbered,
+        &SessionOrConnection,
+        &BillingOptions::default(),
+        Vec::new(),
+    )
+    .expect("rates");
+    let mut all = BTreeMap::new();
+    for bill in &report.customers {
+        for line in &bill.lines {
+            all.insert(
+                (
+                    bill.customer.to_string(),
+                    format!("{}:{}", line.kind.as_str(), line.resource),
+                    format!("{:?}", line.price_version),
+                ),
+                (line.quantity_base.clone().unwrap_or_default(), line.amount),
+            );
+        }
+        all.insert(
+            (bill.customer.to_string(), "total".to_owned(), String::new()),
+            (String::new(), bill.total),
+        );
+    }
+    all
+}
+
+/// A stream as ingest sees it: the series interleaved tick by tick (a node
+/// batch holds one tick of every sandbox), shifted so that the trace starts
+/// `offset_s` into its hour, with some samples sent twice.
+fn stream(
+    plans: &[common::EpochPlan],
+    jitter: &[u16],
+    offset_s: i64,
+    duplicate_every: usize,
+) -> Vec<UsageSample> {
+    let series: Vec<Vec<UsageSample>> = plans
+        .iter()
+        .enumerate()
+        .map(|(sandbox, plan)| {
+            let mut samples = collect(sandbox, plan, jitter);
+            for sample in &mut samples {
+                sample.ts += Duration::seconds(offset_s);
+            }
+            samples
+        })
+        .collect();
+    let longest = series.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out = Vec::new();
+    for tick in 0..longest {
+        for one in &series {
+            if let Some(sample) = one.get(tick) {
+                out.push(sample.clone());
+                if duplicate_every > 0 && (tick + out.len()) % duplicate_every == 0 {
+                    out.push(sample.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The distinct samples of a stream, as rating sees them.
+fn distinct(samples: &[UsageSample]) -> Vec<UsageSample> {
+    let mut seen = BTreeSet::new();
+    samples
+        .iter()
+        .filter(|sample| {
+            seen.insert((
+                sample.customer.to_string(),
+                sample.sandbox.to_string(),
+                sample.epoch.0,
+                sample.seq,
+            ))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The hour ends inside a stream, Unix ms.
+fn hour_ends(samples: &[UsageSample]) -> Vec<i64> {
+    let hours: BTreeSet<i64> = samples
+        .iter()
+        .map(|sample| sample.ts.timestamp_millis().div_euclid(3_600_000))
+        .collect();
+    hours
+        .into_iter()
+        .skip(1)
+        .map(|hour| hour * 3_600_000)
+        .collect()
+}
+
+fn before(samples: &[UsageSample], end_ms: i64) -> Vec<UsageSample> {
+    samples
+        .iter()
+        .filter(|sample| sample.ts.timestamp_millis() < end_ms)
+        .cloned()
+        .collect()
+}
+
+/// Per (sandbox, epoch, minute): first and last seq, the range of every
+/// minute counter. From raw samples, and from minute rows.
+type Windows = BTreeMap<(String, u64, i64), (u64, u64, Vec<u64>, Vec<u64>)>;
+
+fn windows_of_samples(samples: &[UsageSample]) -> Windows {
+    let rows: Vec<MinuteRow> = compact_all(samples.iter().cloned()).minutes;
+    // Independent of the compactor: recompute from the samples directly.
+    let mut windows = Windows::new();
+    for sample in samples {
+        let counters = [
+            sample.cpu_used_usec,
+            sample.net_rx_bytes,
+            sample.net_tx_bytes,
+            sample.vcpu_alloc_usec,
+            sample.mem_alloc_kib_ms,
+            sample.mem_used_kib_ms,
+            sample.gpu_alloc_ms,
+            sample.disk_mib_ms,
+            sample.state_counters.running_ms,
+            sample.state_counters.suspended_ms,
+            sample.state_counters.active_ms,
+        ];
+        let key = (
+            sample.sandbox.to_string(),
+            sample.epoch.0,
+            sample.ts.timestamp_millis().div_euclid(60_000) * 60,
+        );
+        let entry = windows
+            .entry(key)
+            .or_insert((u64::MAX, 0, vec![u64::MAX; 11], vec![0; 11]));
+        entry.0 = entry.0.min(sample.seq);
+        entry.1 = entry.1.max(sample.seq);
+        for (index, value) in counters.into_iter().enumerate() {
+            entry.2[index] = entry.2[index].min(value);
+            entry.3[index] = entry.3[index].max(value);
+        }
+    }
+    assert!(!rows.is_empty() || samples.is_empty());
+    windows
+}
+
+fn windows_of_rows(rows: &[MinuteRow]) -> Windows {
+    let mut windows = Windows::new();
+    for row in rows {
+        let entry = windows
+            .entry((row.sandbox.to_string(), row.epoch.0, row.minute_s))
+            .or_insert((u64::MAX, 0, vec![u64::MAX; 11], vec![0; 11]));
+        entry.0 = entry.0.min(row.first_seq);
+        entry.1 = entry.1.max(row.last_seq);
+        for index in 0..MINUTE_COUNTERS.len() {
+            entry.2[index] = entry.2[index].min(row.lo[index]);
+            entry.3[index] = entry.3[index].max(row.hi[index]);
+        }
+    }
+    windows
+}
+
+fn assert_same_bills(all: &[UsageSample], kept: &[UsageSample]) -> Result<(), TestCaseError> {
+    for (name, text, _) in SHEETS {
+        let sheet = PriceSheet::from_toml(text, name).expect("shipped sheet loads");
+        prop_assert_eq!(
+            lines(&sheet, all),
+            lines(&sheet, kept),
+            "{} whole trace",
+            name
+        );
+        for end in hour_ends(all) {
+            prop_assert_eq!(
+                lines(&sheet, &before(all, end)),
+                lines(&sheet, &before(kept, end)),
+                "{} lines at the hour ending {}",
+                name,
+                end
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_kept_samples_bill_what_every_sample_bills(
+        plans in prop::collection::vec(epoch_plan(), 1..5),
+        jitter in prop::sample::select(vec![vec![0u16], vec![0, 250, 7, 999, 400]]),
+        offset_s in 0i64..3600,
+        duplicate_every in prop::sample::select(vec![0usize, 7]),
+    ) {
+        let input = stream(&plans, &jitter, offset_s, duplicate_every);
+        let all = distinct(&input);
+        let compacted = compact_all(input.iter().cloned());
+        prop_assert!(compacted.samples.len() <= all.len());
+        assert_same_bills(&all, &distinct(&compacted.samples))?;
+        prop_assert_eq!(windows_of_samples(&all), windows_of_rows(&compacted.minutes));
+    }
+
+    /// A crash after any sample: what was written before it stays, the new
+    /// process replays from the oldest open position, and the union bills
+    /// and windows exactly as one uninterrupted run.
+    #[test]
+    fn a_replay_from_the_oldest_open_position_changes_nothing(
+        plans in prop::collection::vec(epoch_plan(), 1..4),
+        offset_s in 0i64..3600,
+        crash_at in 0.0f64..1.0,
+    ) {
+        let input = stream(&plans, &[0], offset_s, 0);
+        let crash = ((input.len() as f64) * crash_at) as usize;
+        let mut written = Compacted::default();
+        let mut first = Compactor::<usize>::new();
+        for (position, sample) in input.iter().enumerate().take(crash) {
+            first.push(sample.clone(), position, &mut written);
+        }
+        let resume = first.oldest_position().unwrap_or(crash);
+        drop(first);
+        let mut second = Compactor::<usize>::new();
+        for (position, sample) in input.iter().enumerate().skip(resume) {
+            second.push(sample.clone(), position, &mut written);
+        }
+        second.finish(&mut written);
+        let all = distinct(&input);
+        assert_same_bills(&all, &distinct(&written.samples))?;
+        prop_assert_eq!(windows_of_samples(&all), windows_of_rows(&written.minutes));
+    }
+}
+
+/// A steady sandbox keeps about one sample a minute, not sixty.
+#[test]
+fn a_steady_sandbox_keeps_about_one_sample_a_minute() {
+    let plan = common::EpochPlan {
+        phases: vec![common::Phase {
+            ticks: 3 * 3600,
+            running: true,
+            vcpu: 2000,
+            mem_mib: 2048,
+            cpu_permille: 300,
+            session: true,
+        }],
+        gpus: 0,
+        disk_gib: 10,
+    };
+    let input = stream(&[plan], &[0], 0, 0);
+    let compacted = compact_all(input.iter().cloned());
+    let minutes = input.len() / 60;
+    assert!(
+        compacted.samples.len() <= minutes + 3 * 4 + 4,
+        "{} kept of {} over {minutes} minutes",
+        compacted.samples.len(),
+        input.len()
+    );
+    assert_eq!(compacted.minutes.len(), minutes + 1);
+}
