@@ -141,6 +141,14 @@ def run_checks(query) -> int:
     rows = ",".join(sample("acme", sbx, "node-1", epoch, seq, ts, cpu) for sbx, epoch, seq, ts, cpu in TRACE)
     query(f"INSERT INTO usage_samples {SAMPLE_COLUMNS} VALUES {rows}")
     query(f"INSERT INTO usage_samples {SAMPLE_COLUMNS} VALUES {rows}")  # a replay
+    # Ingest writes a row per sandbox-minute beside the samples; migration
+    # 0010's backfill writes the same rows from stored samples (and, through
+    # its view, the hours). Twice, as a replay would.
+    minute_rows = [statement for statement in statements((ROOT / "migrations" / "0010_compacted.sql").read_text())
+                   if statement.lstrip().startswith("INSERT INTO usage_minutes")]
+    assert len(minute_rows) == 1, "migration 0010 has one backfill"
+    query(minute_rows[0])
+    query(minute_rows[0])
 
     # Hour windows. Hour 10 holds sbx-a seqs 1-2, sbx-b's four samples; hour
     # 11 sbx-a seqs 3-4. vcpu_alloc_usec is seq * 2 s.

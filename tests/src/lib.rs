@@ -15,7 +15,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_core::{
-    CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
+    CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SandboxId, StateCounters, UsageSample,
+    VcpuMillis,
 };
 use idlemeter_ingest::{Ingest, IngestConfig};
 use idlemeter_store::{ClickHouseSettings, Store};
@@ -101,6 +102,9 @@ impl TestEnv {
             group_id: self.group_id.clone(),
             batch_max_samples: 1_000,
             batch_max_wait_ms: 50,
+            compact: true,
+            // A stream that stops is written out a second later.
+            quiet_series_ms: 1_000,
             retry_initial_backoff_ms: 50,
             retry_max_backoff_ms: 500,
         }
@@ -154,6 +158,28 @@ impl TestEnv {
         Ok(())
     }
 
+    /// Stores samples as ingest would: compacted, with their minute rows.
+    pub async fn store_as_ingest(&self, samples: &[UsageSample]) -> anyhow::Result<()> {
+        let compacted = idlemeter_core::compact_all(samples.iter().cloned());
+        self.store.insert_compacted(&compacted).await?;
+        Ok(())
+    }
+
+    /// Samples the minute rows account for: the sum over every
+    /// sandbox-minute of its seq span (last - first + 1). With compaction
+    /// this is how many samples reached ClickHouse.
+    pub async fn samples_covered(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .store
+            .client()
+            .query(
+                "SELECT toUInt64(sum(span)) FROM (SELECT max(last_seq) - min(first_seq) + 1 AS span \
+                 FROM usage_minutes GROUP BY customer, sandbox, epoch, minute)",
+            )
+            .fetch_one::<u64>()
+            .await?)
+    }
+
     /// Distinct sample identities in `usage_samples`.
     pub async fn distinct_samples(&self) -> anyhow::Result<u64> {
         Ok(self
@@ -165,9 +191,11 @@ impl TestEnv {
     }
 
     /// Reconciles a known stream: `sandboxes` sandboxes of customer `acme`, each
-    /// sending `ticks` samples within the hour starting at `hour`, whose CPU
-    /// counters rose by `cpu_per_sandbox` in all. Fails on any lost or doubled
-    /// sample and on any rollup that differs from what was sent.
+    /// sending `ticks` samples (seq 1 to `ticks`) within the hour starting at
+    /// `hour`, whose CPU counters rose by `cpu_per_sandbox` in all. Fails on
+    /// any sample the minute rows do not account for, on a kept sample stored
+    /// twice, on a series whose first or last sample was not kept, and on any
+    /// rollup that differs from what was sent.
     pub async fn assert_stream_reconciles(
         &self,
         hour: DateTime<Utc>,
@@ -176,19 +204,29 @@ impl TestEnv {
         cpu_per_sandbox: u64,
     ) -> anyhow::Result<()> {
         let expected = sandboxes * ticks;
+        let covered = self.samples_covered().await?;
         anyhow::ensure!(
-            self.distinct_samples().await? == expected,
-            "samples lost or invented"
+            covered == expected,
+            "minute rows account for {covered} samples, {expected} sent"
         );
-        let collapsed: u64 = self
+        let (collapsed, distinct, ends): (u64, u64, u64) = self
             .store
             .client()
-            .query("SELECT count() FROM usage_samples FINAL")
+            .query(
+                "SELECT count(), uniqExact(sandbox, epoch, seq), \
+                 countIf(seq = 1 OR seq = ?) FROM usage_samples FINAL",
+            )
+            .bind(ticks)
             .fetch_one()
             .await?;
         anyhow::ensure!(
-            collapsed == expected,
-            "{collapsed} rows after collapsing, {expected} sent"
+            collapsed == distinct && collapsed <= expected,
+            "{collapsed} kept rows after collapsing, {distinct} distinct, {expected} sent"
+        );
+        anyhow::ensure!(
+            ends == 2 * sandboxes,
+            "{ends} first and last samples kept, {} expected",
+            2 * sandboxes
         );
         let customer = CustomerId::parse("acme")?;
         let usage = self
@@ -361,6 +399,39 @@ pub fn sample(
         state_counters: Default::default(),
         counters_present: Default::default(),
     }
+}
+
+/// [`sample`] with the full set of counters, as a collector of today sends
+/// it: a running, active sandbox with a constant allocation, sampled every
+/// second from seq 1, so compaction keeps only what rating needs.
+pub fn counted(mut sample: UsageSample) -> UsageSample {
+    let ms = (sample.seq - 1) * 1_000;
+    let vcpu_usec = u64::from(sample.vcpu.0) * ms;
+    let mem_kib_ms = (sample.mem_bytes >> 10) * ms;
+    let used_kib_ms = (sample.mem_used_bytes >> 10) * ms;
+    let disk_mib_ms = (sample.disk_bytes >> 20) * ms;
+    sample.vcpu_alloc_usec = vcpu_usec;
+    sample.mem_alloc_kib_ms = mem_kib_ms;
+    sample.mem_used_kib_ms = used_kib_ms;
+    sample.disk_mib_ms = disk_mib_ms;
+    sample.state_counters = StateCounters {
+        running_ms: ms,
+        suspended_ms: 0,
+        active_ms: ms,
+        vcpu_alloc_active_usec: vcpu_usec,
+        vcpu_max_usec: vcpu_usec.max(sample.cpu_used_usec),
+        vcpu_max_active_usec: vcpu_usec.max(sample.cpu_used_usec),
+        cpu_used_active_usec: sample.cpu_used_usec,
+        mem_alloc_active_kib_ms: mem_kib_ms,
+        mem_max_kib_ms: mem_kib_ms,
+        mem_max_active_kib_ms: mem_kib_ms,
+        mem_used_active_kib_ms: used_kib_ms,
+        gpu_alloc_active_ms: 0,
+        disk_running_mib_ms: disk_mib_ms,
+        disk_active_mib_ms: disk_mib_ms,
+    };
+    sample.counters_present = CounterSet::ALL;
+    sample
 }
 
 /// One sandbox epoch sampled every `step_s` seconds from `from` for `ticks`

@@ -96,7 +96,7 @@ impl Fixture {
                     ..s
                 }),
         );
-        env.store.insert_samples(&samples).await?;
+        env.store_as_ingest(&samples).await?;
 
         // The rater rates every hour from a customer's first sample of its
         // current and previous period; daily periods keep that to a few hours

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use idlemeter_core::{NodeId, UsageSample};
 use idlemeter_proto::encode_node_batch;
-use idlemeter_tests::{sample, TestEnv};
+use idlemeter_tests::{counted, sample, TestEnv};
 
 const NODES: u64 = 6;
 const SANDBOXES_PER_NODE: u64 = 5;
@@ -26,14 +26,14 @@ fn batch(node: u64, tick: u64) -> (NodeId, Vec<UsageSample>) {
     let node_id = NodeId::parse(format!("node-{node}")).expect("valid id");
     let samples = (0..SANDBOXES_PER_NODE)
         .map(|index| {
-            let mut sample = sample(
+            let mut sample = counted(sample(
                 &format!("sbx-{node}-{index}"),
                 1,
                 tick + 1,
                 start() + chrono::Duration::seconds(tick as i64),
                 1_000 * tick,
                 0,
-            );
+            ));
             sample.node = node_id.clone();
             sample
         })
@@ -77,7 +77,7 @@ async fn a_rebalance_between_two_workers_loses_and_doubles_nothing() -> anyhow::
     first.stop().await?;
     let expected = NODES * SANDBOXES_PER_NODE * TICKS;
     env.eventually("every sample stored", || async {
-        Ok(env.distinct_samples().await? >= expected)
+        Ok(env.samples_covered().await? >= expected)
     })
     .await?;
     let second = second.expect("started at tick 10");
@@ -115,7 +115,7 @@ async fn clickhouse_down_then_back_loses_and_doubles_nothing() -> anyhow::Result
         produce_tick(&env, &producer, tick, 1).await?;
     }
     env.eventually("the first half stored", || async {
-        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS / 2)
+        Ok(env.samples_covered().await? >= NODES * SANDBOXES_PER_NODE * TICKS / 2)
     })
     .await?;
 
@@ -133,7 +133,7 @@ async fn clickhouse_down_then_back_loses_and_doubles_nothing() -> anyhow::Result
     clickhouse.resume().await?;
 
     env.eventually("the second half stored", || async {
-        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
+        Ok(env.samples_covered().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
     })
     .await?;
     // Backoff, not a busy loop: with 50 ms doubling to 500 ms, 30 s is at most ~65 tries.
@@ -169,7 +169,7 @@ async fn reordered_duplicated_stream_with_a_garbage_burst_reconciles() -> anyhow
         }
     }
     env.eventually("every sample stored", || async {
-        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
+        Ok(env.samples_covered().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
     })
     .await?;
     env.eventually("every garbage message dead-lettered", || async {
@@ -205,7 +205,7 @@ async fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() -> a
         produce_tick(&env, &producer, tick, 1).await?;
     }
     env.eventually("the first quarter stored", || async {
-        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS / 4)
+        Ok(env.samples_covered().await? >= NODES * SANDBOXES_PER_NODE * TICKS / 4)
     })
     .await?;
     // More acknowledged messages, and the broker dies while ingest is still
@@ -214,7 +214,7 @@ async fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() -> a
         produce_tick(&env, &producer, tick, 1).await?;
     }
     broker.kill();
-    let stored_at_kill = env.distinct_samples().await?;
+    let stored_at_kill = env.samples_covered().await?;
 
     // The producer goes on while the broker is down: its sends wait and are
     // delivered (idempotently) once it is back.
@@ -229,7 +229,7 @@ async fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() -> a
         })
     };
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let stored_while_down = env.distinct_samples().await?;
+    let stored_while_down = env.samples_covered().await?;
     assert!(
         stored_while_down <= NODES * SANDBOXES_PER_NODE * TICKS / 2,
         "{stored_while_down} samples stored, but only the first half was ever acknowledged"
@@ -239,7 +239,7 @@ async fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() -> a
     eprintln!("stored at the kill: {stored_at_kill}; after 5 s down: {stored_while_down}");
 
     env.eventually("every sample stored after the restart", || async {
-        Ok(env.distinct_samples().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
+        Ok(env.samples_covered().await? >= NODES * SANDBOXES_PER_NODE * TICKS)
     })
     .await?;
     ingest.stop().await?;

@@ -40,10 +40,27 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// gained or lost, and when, is the first question after any ingest incident.
 pub type GroupConsumer = StreamConsumer<GroupContext>;
 
-/// Consumer context that logs every rebalance with the partitions it moved.
+/// Consumer context that logs every rebalance with the partitions it moved,
+/// and keeps the revoked ones for a consumer that holds state per partition
+/// ([`GroupContext::take_revoked`]).
 #[derive(Debug, Clone)]
 pub struct GroupContext {
     group_id: String,
+    revoked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+}
+
+impl GroupContext {
+    /// Partitions revoked since the last call. The revocation is recorded
+    /// before the consumer delivers any message of a later assignment, so a
+    /// consumer that drains this before handling each message never applies
+    /// a replayed message to state it built before losing the partition.
+    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+        let mut revoked = self
+            .revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut *revoked)
+    }
 }
 
 impl ClientContext for GroupContext {}
@@ -51,11 +68,22 @@ impl ClientContext for GroupContext {}
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(partitions) => tracing::info!(
-                group = %self.group_id,
-                partitions = %describe(partitions),
-                "partitions revoked"
-            ),
+            Rebalance::Revoke(partitions) => {
+                tracing::info!(
+                    group = %self.group_id,
+                    partitions = %describe(partitions),
+                    "partitions revoked"
+                );
+                self.revoked
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(
+                        partitions
+                            .elements()
+                            .iter()
+                            .map(|element| (element.topic().to_owned(), element.partition())),
+                    );
+            }
             Rebalance::Assign(_) => {}
             Rebalance::Error(error) => {
                 tracing::warn!(group = %self.group_id, %error, "rebalance failed")
@@ -184,6 +212,7 @@ impl KafkaSettings {
         apply_overrides(&mut config, &self.properties);
         let context = GroupContext {
             group_id: group_id.to_owned(),
+            revoked: Default::default(),
         };
         config
             .create_with_context(context)
@@ -219,6 +248,7 @@ impl KafkaSettings {
         config
             .create_with_context(GroupContext {
                 group_id: group_id.clone(),
+                revoked: Default::default(),
             })
             .map_err(|source| Error::Kafka {
                 context: format!("tail consumer {client_id} ({group_id})"),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use idlemeter_core::NodeId;
 use idlemeter_proto::encode_node_batch;
-use idlemeter_tests::{sample, TestEnv};
+use idlemeter_tests::{counted, sample, TestEnv};
 
 const SANDBOXES: u64 = 20;
 const TICKS: u64 = 60;
@@ -40,6 +40,7 @@ fn spawn_ingest(env: &TestEnv) -> anyhow::Result<Child> {
         .env("IDLEMETER_INGEST__GROUP_ID", &env.group_id)
         .env("IDLEMETER_INGEST__BATCH_MAX_SAMPLES", "50")
         .env("IDLEMETER_INGEST__BATCH_MAX_WAIT_MS", "20")
+        .env("IDLEMETER_INGEST__QUIET_SERIES_MS", "1000")
         .env("IDLEMETER_METRICS__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -92,14 +93,14 @@ async fn sigkilled_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
             // Sandbox i's CPU counter is 500 x tick: usage over the stream 500 x 59.
             let samples: Vec<_> = (0..SANDBOXES)
                 .map(|index| {
-                    sample(
+                    counted(sample(
                         &format!("sbx-{index}"),
                         1,
                         tick + 1,
                         start + chrono::Duration::seconds(tick as i64),
                         500 * tick,
                         0,
-                    )
+                    ))
                 })
                 .collect();
             env.produce(
@@ -125,12 +126,12 @@ async fn sigkilled_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
         }
         let caught_up = env
             .eventually_within(RECOVERY, "the restarted ingest to catch up", || async {
-                Ok(env.distinct_samples().await? >= produced)
+                Ok(env.samples_covered().await? >= produced)
             })
             .await;
         if let Err(error) = caught_up {
             kill_hard(&mut ingest);
-            let stored = env.distinct_samples().await?;
+            let stored = env.samples_covered().await?;
             anyhow::bail!(
                 "{error} in phase {phase}: {stored} of {produced} samples stored; ingest log:\n{}",
                 log_tail(&env)

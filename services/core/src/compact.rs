@@ -282,6 +282,7 @@ struct Window<P> {
     /// Keep the next sample (it follows one rating refuses).
     keep_next: bool,
     minute: OpenMinute<P>,
+    last_arrival_ms: i64,
 }
 
 /// Compacts a stream of samples series by series. `P` is the source
@@ -293,6 +294,7 @@ pub struct Compactor<P> {
     /// Series by sandbox; a sandbox has one epoch open (per customer).
     series: HashMap<SandboxId, Vec<Window<P>>>,
     stats: CompactStats,
+    keep_all: bool,
 }
 
 impl<P> Default for Compactor<P> {
@@ -300,6 +302,7 @@ impl<P> Default for Compactor<P> {
         Self {
             series: HashMap::new(),
             stats: CompactStats::default(),
+            keep_all: false,
         }
     }
 }
@@ -313,8 +316,22 @@ impl<P: Copy + Ord> Compactor<P> {
         Self::default()
     }
 
+    /// A compactor that keeps every sample and still writes minute rows:
+    /// for a rater whose idle policy needs every second.
+    pub fn keeping_all() -> Self {
+        Self {
+            keep_all: true,
+            ..Self::default()
+        }
+    }
+
     pub fn stats(&self) -> CompactStats {
         self.stats
+    }
+
+    /// The counts since the last call, for metrics.
+    pub fn take_stats(&mut self) -> CompactStats {
+        std::mem::take(&mut self.stats)
     }
 
     /// Series held.
@@ -322,21 +339,23 @@ impl<P: Copy + Ord> Compactor<P> {
         self.series.values().map(Vec::len).sum()
     }
 
-    /// Takes one sample in; rows whose fate is decided go to `out`.
-    pub fn push(&mut self, sample: UsageSample, position: P, out: &mut Compacted) {
+    /// Takes one sample in, received at `arrived_ms` (any clock the caller
+    /// also gives [`Compactor::end_quiet`]); rows whose fate is decided go
+    /// to `out`.
+    pub fn push(&mut self, sample: UsageSample, position: P, arrived_ms: i64, out: &mut Compacted) {
         self.stats.samples_in += 1;
         let windows = self.series.entry(sample.sandbox.clone()).or_default();
         let Some(index) = windows
             .iter()
             .position(|window| window.newer.sample.sample.customer == sample.customer)
         else {
-            windows.push(Window::start(sample, position));
+            windows.push(Window::start(sample, position, arrived_ms));
             return;
         };
         let window = &mut windows[index];
         let epoch = window.newer.sample.sample.epoch;
         if sample.epoch > epoch {
-            let ended = std::mem::replace(window, Window::start(sample, position));
+            let ended = std::mem::replace(window, Window::start(sample, position, arrived_ms));
             self.stats.series_ended += 1;
             ended.end(out, &mut self.stats);
             return;
@@ -345,7 +364,8 @@ impl<P: Copy + Ord> Compactor<P> {
             self.keep_late(sample, out);
             return;
         }
-        window.push(sample, position, out, &mut self.stats);
+        window.last_arrival_ms = arrived_ms;
+        window.push(sample, position, self.keep_all, out, &mut self.stats);
     }
 
     fn keep_late(&mut self, sample: UsageSample, out: &mut Compacted) {
@@ -354,7 +374,7 @@ impl<P: Copy + Ord> Compactor<P> {
         out.samples.push(sample);
     }
 
-    /// Ends every series whose newest sample is older than `before_ms` (its
+    /// Ends every series that received nothing since `before_ms` (its
     /// sandbox went quiet: stopped, or its node is gone): its last two
     /// samples and its open minute are written.
     pub fn end_quiet(&mut self, before_ms: i64, out: &mut Compacted) {
@@ -362,7 +382,7 @@ impl<P: Copy + Ord> Compactor<P> {
         self.series.retain(|_, windows| {
             let mut index = 0;
             while index < windows.len() {
-                if windows[index].newer.sample.sample.ts.timestamp_millis() < before_ms {
+                if windows[index].last_arrival_ms < before_ms {
                     stats.series_ended += 1;
                     windows.swap_remove(index).end(out, stats);
                 } else {
@@ -396,9 +416,10 @@ impl<P: Copy + Ord> Compactor<P> {
 }
 
 impl<P: Copy + Ord> Window<P> {
-    fn start(sample: UsageSample, position: P) -> Self {
+    fn start(sample: UsageSample, position: P, arrived_ms: i64) -> Self {
         let minute = OpenMinute::open(&sample, position);
         Self {
+            last_arrival_ms: arrived_ms,
             older: None,
             newer: Held {
                 sample: NumberedSample { line: 0, sample },
@@ -415,6 +436,7 @@ impl<P: Copy + Ord> Window<P> {
         &mut self,
         sample: UsageSample,
         position: P,
+        keep_all: bool,
         out: &mut Compacted,
         stats: &mut CompactStats,
     ) {
@@ -464,7 +486,7 @@ impl<P: Copy + Ord> Window<P> {
         let hour_boundary = newer_ms.div_euclid(HOUR_MS) != closing_ms.div_euclid(HOUR_MS);
         let gauges_only = !full_counters(&newer.sample) || !full_counters(&closing.sample);
         let is_break = self.newer_signature != Some(signature) || hour_boundary || gauges_only;
-        let mut keep = std::mem::take(&mut self.keep_next) || gauges_only;
+        let mut keep = std::mem::take(&mut self.keep_next) || gauges_only || keep_all;
         if is_break {
             keep = true;
             self.newer.keep = true;
@@ -516,7 +538,8 @@ pub fn compact_all(samples: impl IntoIterator<Item = UsageSample>) -> Compacted 
     let mut compactor = Compactor::<u64>::new();
     let mut out = Compacted::default();
     for (position, sample) in samples.into_iter().enumerate() {
-        compactor.push(sample, position as u64, &mut out);
+        let arrived_ms = sample.ts.timestamp_millis();
+        compactor.push(sample, position as u64, arrived_ms, &mut out);
     }
     compactor.finish(&mut out);
     out

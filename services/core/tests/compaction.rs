@@ -242,13 +242,13 @@ proptest! {
         let mut written = Compacted::default();
         let mut first = Compactor::<usize>::new();
         for (position, sample) in input.iter().enumerate().take(crash) {
-            first.push(sample.clone(), position, &mut written);
+            first.push(sample.clone(), position, 0, &mut written);
         }
         let resume = first.oldest_position().unwrap_or(crash);
         drop(first);
         let mut second = Compactor::<usize>::new();
         for (position, sample) in input.iter().enumerate().skip(resume) {
-            second.push(sample.clone(), position, &mut written);
+            second.push(sample.clone(), position, 0, &mut written);
         }
         second.finish(&mut written);
         let all = distinct(&input);

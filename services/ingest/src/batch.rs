@@ -1,16 +1,16 @@
-//! One batch of consumed messages: the good samples, the dead letters, and the
-//! offsets to commit once both are durable.
+//! One batch of consumed messages: the rows compaction decided on, the dead
+//! letters, and the producer timestamps for latency.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use idlemeter_bus::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
-use idlemeter_core::UsageSample;
+use idlemeter_core::Compacted;
 use idlemeter_proto::decode_node_batch;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
+use crate::partitions::Partitions;
 use crate::IngestMetrics;
 
 /// A message that could not be used, or only partly, kept byte for byte.
@@ -24,38 +24,53 @@ pub struct DeadLetter {
     pub source: String,
 }
 
-/// Samples and dead letters gathered from consecutive messages.
+/// What consecutive messages produced: rows to write and dead letters.
 #[derive(Debug, Default)]
 pub struct Batch {
-    samples: Vec<UsageSample>,
+    rows: Compacted,
     dead_letters: Vec<DeadLetter>,
-    /// Next offset to consume per (topic, partition).
-    next_offsets: BTreeMap<(String, i32), i64>,
+    messages: usize,
+    samples: usize,
     /// Producer timestamps (Unix ms) of the messages, for end-to-end latency.
     produced_at_ms: Vec<i64>,
 }
 
 impl Batch {
+    /// No message taken in.
     pub fn is_empty(&self) -> bool {
-        self.next_offsets.is_empty()
+        self.messages == 0
     }
 
+    /// Samples decoded (before compaction).
     pub fn sample_count(&self) -> usize {
-        self.samples.len()
+        self.samples
     }
 
-    pub fn samples(&self) -> &[UsageSample] {
-        &self.samples
+    /// Rows to write.
+    pub fn rows(&self) -> &Compacted {
+        &self.rows
+    }
+
+    pub fn rows_mut(&mut self) -> &mut Compacted {
+        &mut self.rows
     }
 
     pub fn dead_letters(&self) -> &[DeadLetter] {
         &self.dead_letters
     }
 
-    /// Takes one message in: its good samples into the batch, the message itself
-    /// into the dead letters if any part of it was refused.
-    pub fn accept(&mut self, message: &BorrowedMessage<'_>, metrics: &IngestMetrics) {
+    /// Takes one message in: its good samples into its partition's
+    /// compactor (whose decided rows join the batch), the message itself into
+    /// the dead letters if any part of it was refused.
+    pub(crate) fn accept(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        metrics: &IngestMetrics,
+        partitions: &mut Partitions,
+        arrived_ms: i64,
+    ) {
         metrics.messages_consumed.inc();
+        self.messages += 1;
         let source = format!(
             "{}/{}/{}",
             message.topic(),
@@ -68,7 +83,14 @@ impl Batch {
                 metrics
                     .samples_consumed
                     .inc_by(decoded.samples.len() as u64);
-                self.samples.extend(decoded.samples);
+                self.samples += decoded.samples.len();
+                partitions.push(
+                    message.partition(),
+                    message.offset(),
+                    decoded.samples,
+                    arrived_ms,
+                    &mut self.rows,
+                );
                 if decoded.rejected.is_empty() {
                     None
                 } else {
@@ -84,7 +106,10 @@ impl Batch {
                     ))
                 }
             }
-            Err(error) => Some(error.to_string()),
+            Err(error) => {
+                partitions.skip(message.partition(), message.offset());
+                Some(error.to_string())
+            }
         };
         if let Some(reason) = refusal {
             tracing::warn!(%source, %reason, "dead-lettering message");
@@ -98,12 +123,6 @@ impl Batch {
         if let Some(produced_at) = message.timestamp().to_millis() {
             self.produced_at_ms.push(produced_at);
         }
-        let next = message.offset() + 1;
-        let slot = self
-            .next_offsets
-            .entry((message.topic().to_owned(), message.partition()))
-            .or_insert(next);
-        *slot = (*slot).max(next);
     }
 
     /// Produces the dead letters and waits for the broker's acknowledgement.
@@ -146,16 +165,6 @@ impl Batch {
             None => Ok(()),
             Some(error) => Err(error),
         }
-    }
-
-    /// Offsets to commit: the next one to read on every partition seen.
-    pub fn offsets_to_commit(&self) -> TopicPartitionList {
-        let mut list = TopicPartitionList::new();
-        for ((topic, partition), next) in &self.next_offsets {
-            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
-                .expect("a fresh offset for a partition added once is accepted");
-        }
-        list
     }
 
     /// Records produce→durable latency of every message in the batch.

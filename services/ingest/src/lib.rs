@@ -1,20 +1,27 @@
-//! Ingest: Kafka `usage.samples` → ClickHouse `usage_samples`, exactly once.
+//! Ingest: Kafka `usage.samples` → ClickHouse, compacted, exactly once.
 //!
-//! The loop is source → batch → sink with end-to-end acknowledgement:
-//! 1. consume node batches until the batch is full or its time is up;
+//! The loop is source → compaction → sink with end-to-end acknowledgement:
+//! 1. consume node batches until the batch is full or its time is up, feeding
+//!    every good sample to its partition's compactor
+//!    ([`idlemeter_core::compact`]), which decides which samples rating needs
+//!    (`usage_samples`) and closes sandbox-minutes (`usage_minutes`);
 //! 2. dead-letter what cannot be used (with the reason in a header) and wait for
 //!    the broker to acknowledge the dead letters;
-//! 3. insert the good samples and wait for ClickHouse to acknowledge the insert;
-//! 4. only then commit the consumed offsets.
+//! 3. insert the decided rows and wait for ClickHouse to acknowledge them;
+//! 4. only then commit, per partition, the earliest offset the compactor still
+//!    needs (see `partitions.rs`).
 //!
-//! A crash anywhere before step 4 replays the batch; replayed rows are identical
-//! and collapse in ClickHouse (see migrations 0001 and 0002), so a replay changes
-//! no rollup and no bill. While ClickHouse is down, step 3 retries with backoff
-//! and nothing new is consumed: backpressure, with memory bounded by one batch
-//! plus librdkafka's bounded prefetch.
+//! A crash anywhere before step 4 replays from the committed offsets; replayed
+//! rows are identical or are more samples of the same series, and collapse or
+//! combine in ClickHouse (migrations 0001 and 0010), so a replay changes no
+//! window and no bill. While ClickHouse is down, step 3 retries with backoff
+//! and nothing new is consumed: backpressure, with memory bounded by the
+//! compaction state (two samples and a minute per series), one batch's rows
+//! and librdkafka's bounded prefetch.
 
 mod batch;
 mod metrics;
+mod partitions;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use batch::{Batch, DeadLetter};
 pub use metrics::IngestMetrics;
+use partitions::Partitions;
 
 /// Errors that stop ingest (transient sink errors are retried, not returned).
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +61,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct IngestConfig {
     /// Consumer group; ingest processes sharing it share the partitions.
     pub group_id: String,
-    /// Flush when this many samples are pending...
+    /// Flush when this many samples were consumed since the last flush...
     pub batch_max_samples: usize,
-    /// ...or when the oldest pending message is this old.
+    /// ...or when the oldest message since then is this old. Each flush is
+    /// one insert per table: ClickHouse wants about one a second.
     pub batch_max_wait_ms: u64,
+    /// Keep only the samples rating needs (true), or every sample (false:
+    /// for a rater whose idle policy classifies intervals by their rates,
+    /// which needs every second; see README.md).
+    pub compact: bool,
+    /// A series that received nothing for this long is ended: its last
+    /// samples and its open minute are written, and its offsets released.
+    pub quiet_series_ms: u64,
     /// First retry delay after a failed insert; doubles up to `retry_max_backoff_ms`.
     pub retry_initial_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
@@ -66,8 +82,10 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             group_id: "idlemeter-ingest".to_owned(),
-            batch_max_samples: 100_000,
-            batch_max_wait_ms: 250,
+            batch_max_samples: 1_000_000,
+            batch_max_wait_ms: 1_000,
+            compact: true,
+            quiet_series_ms: 90_000,
             retry_initial_backoff_ms: 100,
             retry_max_backoff_ms: 10_000,
         }
@@ -135,12 +153,18 @@ impl Ingest {
         tracing::info!(topic = %self.topics.samples, group = %self.config.group_id, "ingest started");
         self.metrics
             .follow_lag(Arc::clone(&self.consumer), stop.clone());
+        let mut partitions = Partitions::new(&self.topics.samples, !self.config.compact);
         while !stop.is_cancelled() {
-            let batch = self.collect_batch(&stop).await;
-            if batch.is_empty() {
+            let mut batch = self.collect_batch(&mut partitions, &stop).await;
+            // Offsets are committed only for partitions still owned.
+            self.drop_revoked(&mut partitions);
+            let quiet_since = now_ms() - self.config.quiet_series_ms as i64;
+            partitions.end_quiet(quiet_since, batch.rows_mut());
+            self.observe_compaction(&mut partitions);
+            if batch.is_empty() && batch.rows().is_empty() {
                 continue;
             }
-            if !self.flush(batch, &stop).await {
+            if !self.flush(batch, &partitions, &stop).await {
                 break;
             }
         }
@@ -149,7 +173,7 @@ impl Ingest {
     }
 
     /// Gathers messages until the batch is full, its wait is over, or shutdown.
-    async fn collect_batch(&self, stop: &CancellationToken) -> Batch {
+    async fn collect_batch(&self, partitions: &mut Partitions, stop: &CancellationToken) -> Batch {
         let mut batch = Batch::default();
         let max_wait = Duration::from_millis(self.config.batch_max_wait_ms);
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -159,7 +183,10 @@ impl Ingest {
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_wait);
-                        batch.accept(&message, &self.metrics);
+                        // State of a partition lost since the last message
+                        // goes first: its next owner rebuilds it.
+                        self.drop_revoked(partitions);
+                        batch.accept(&message, &self.metrics, partitions, now_ms());
                     }
                     Err(error) => {
                         tracing::warn!(%error, "kafka consume error");
@@ -175,10 +202,17 @@ impl Ingest {
 
     /// Dead letters, insert, commit; each step retried until it succeeds. Returns
     /// false if shutdown interrupted it (nothing committed: the batch replays).
-    async fn flush(&self, mut batch: Batch, stop: &CancellationToken) -> bool {
+    async fn flush(
+        &self,
+        mut batch: Batch,
+        partitions: &Partitions,
+        stop: &CancellationToken,
+    ) -> bool {
         let span = tracing::info_span!(
             "flush",
             samples = batch.sample_count(),
+            kept = batch.rows().samples.len(),
+            minutes = batch.rows().minutes.len(),
             dead_letters = batch.dead_letters().len()
         );
         let _entered = span.enter();
@@ -203,13 +237,16 @@ impl Ingest {
         let mut backoff = Backoff::new(&self.config);
         loop {
             let started = std::time::Instant::now();
-            match self.store.insert_samples(batch.samples()).await {
+            match self.store.insert_compacted(batch.rows()).await {
                 Ok(rows) => {
                     self.metrics
                         .insert_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    self.metrics.samples_inserted.inc_by(rows);
-                    self.metrics.batch_samples.observe(rows as f64);
+                    self.metrics.samples_inserted.inc_by(rows.samples);
+                    self.metrics.minutes_inserted.inc_by(rows.minutes);
+                    self.metrics
+                        .batch_samples
+                        .observe(batch.sample_count() as f64);
                     break;
                 }
                 Err(error) => {
@@ -223,11 +260,13 @@ impl Ingest {
         }
         batch.observe_latency(&self.metrics);
 
-        // Offsets only now: everything in the batch is durable downstream.
-        match self
-            .consumer
-            .commit(&batch.offsets_to_commit(), CommitMode::Sync)
-        {
+        // Offsets only now, and only up to what compaction no longer needs:
+        // everything before them is durable downstream.
+        let offsets = partitions.offsets_to_commit();
+        if offsets.count() == 0 {
+            return true;
+        }
+        match self.consumer.commit(&offsets, CommitMode::Sync) {
             Ok(()) => self.metrics.batches_committed.inc(),
             Err(error) => {
                 // Typically a rebalance took the partitions away: their new owner
@@ -237,6 +276,32 @@ impl Ingest {
             }
         }
         true
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Ingest {
+    /// Drops the compaction state of partitions revoked since the last call.
+    fn drop_revoked(&self, partitions: &mut Partitions) {
+        let revoked = self.consumer.context().take_revoked();
+        if !revoked.is_empty() {
+            let dropped = partitions.drop_revoked(&revoked);
+            tracing::info!(dropped, "compaction state of revoked partitions dropped");
+        }
+    }
+
+    fn observe_compaction(&self, partitions: &mut Partitions) {
+        let stats = partitions.take_stats();
+        self.metrics.compact_duplicates.inc_by(stats.duplicates);
+        self.metrics.compact_late.inc_by(stats.late);
+        self.metrics.compact_refused.inc_by(stats.refused);
+        self.metrics.series_ended.inc_by(stats.series_ended);
+        self.metrics
+            .series_held
+            .set(i64::try_from(partitions.series_held()).unwrap_or(i64::MAX));
     }
 }
 

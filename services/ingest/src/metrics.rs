@@ -16,6 +16,12 @@ pub struct IngestMetrics {
     pub samples_consumed: IntCounter,
     pub samples_rejected: IntCounter,
     pub samples_inserted: IntCounter,
+    pub minutes_inserted: IntCounter,
+    pub compact_duplicates: IntCounter,
+    pub compact_late: IntCounter,
+    pub compact_refused: IntCounter,
+    pub series_ended: IntCounter,
+    pub series_held: IntGauge,
     pub dead_letters: IntCounter,
     pub consume_errors: IntCounter,
     pub insert_failures: IntCounter,
@@ -54,7 +60,38 @@ impl IngestMetrics {
             "messages not yet consumed on the assigned partitions (high watermark - position)",
         ))?;
         registry.register(Box::new(lag_messages.clone()))?;
+        let series_held = IntGauge::with_opts(Opts::new(
+            "idlemeter_ingest_series_held",
+            "series (sandbox epochs) whose compaction state this process holds",
+        ))?;
+        registry.register(Box::new(series_held.clone()))?;
         Ok(Self {
+            series_held,
+            minutes_inserted: counter(
+                registry,
+                "idlemeter_ingest_minutes_inserted_total",
+                "sandbox-minute rows acknowledged by clickhouse (replays included)",
+            )?,
+            compact_duplicates: counter(
+                registry,
+                "idlemeter_ingest_compact_duplicates_total",
+                "samples received twice while their series was held (dropped)",
+            )?,
+            compact_late: counter(
+                registry,
+                "idlemeter_ingest_compact_late_total",
+                "samples older than their series' newest (kept as they are)",
+            )?,
+            compact_refused: counter(
+                registry,
+                "idlemeter_ingest_compact_refused_total",
+                "samples rating will refuse (kept with their neighbours)",
+            )?,
+            series_ended: counter(
+                registry,
+                "idlemeter_ingest_series_ended_total",
+                "series ended by a new epoch or by silence",
+            )?,
             messages_consumed: counter(
                 registry,
                 "idlemeter_ingest_messages_consumed_total",
@@ -73,7 +110,7 @@ impl IngestMetrics {
             samples_inserted: counter(
                 registry,
                 "idlemeter_ingest_samples_inserted_total",
-                "sample rows acknowledged by clickhouse (replays included)",
+                "kept sample rows acknowledged by clickhouse (replays included)",
             )?,
             dead_letters: counter(
                 registry,
@@ -103,7 +140,7 @@ impl IngestMetrics {
             batch_samples: histogram(
                 registry,
                 "idlemeter_ingest_batch_samples",
-                "samples per inserted batch",
+                "samples consumed per flushed batch",
                 prometheus::exponential_buckets(1.0, 4.0, 10)?,
             )?,
             insert_seconds: histogram(

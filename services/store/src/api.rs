@@ -215,7 +215,7 @@ impl Store {
         let from_hour = from - from % 3_600;
         self.client
             .query(
-                "SELECT DISTINCT sandbox FROM usage_hourly \
+                "SELECT DISTINCT sandbox FROM usage_hours \
                  WHERE customer = ? AND hour >= toDateTime(?) AND hour < toDateTime(?) \
                  AND sandbox > ? AND (? = 0 OR sandbox = ?) ORDER BY sandbox LIMIT ?",
             )

@@ -11,6 +11,7 @@
 mod api;
 mod invoices;
 mod migrate;
+mod minutes;
 mod policy;
 mod rated;
 mod samples;
@@ -26,6 +27,7 @@ pub use api::{
 };
 pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
 pub use migrate::{Migration, MigrationReport, MIGRATIONS};
+pub use minutes::CompactedRows;
 pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{
     from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE,

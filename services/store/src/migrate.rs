@@ -38,6 +38,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0007_sample_detail.sql"),
     migration!("0008_state_counters.sql"),
     migration!("0009_rating_state.sql"),
+    migration!("0010_compacted.sql"),
 ];
 
 impl Migration {

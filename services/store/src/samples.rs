@@ -8,7 +8,7 @@ use crate::{Context, Result, Store};
 /// `Enum8('running' = 1, 'suspended' = 2, 'stopped' = 3)` as RowBinary sends it.
 #[derive(Debug, Clone, Copy, Serialize_repr)]
 #[repr(i8)]
-enum StateColumn {
+pub(crate) enum StateColumn {
     Running = 1,
     Suspended = 2,
     Stopped = 3,

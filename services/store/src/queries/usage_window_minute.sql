@@ -1,9 +1,10 @@
--- Usage per (sandbox, epoch, minute) for a range of minutes. Raw samples
+-- Usage per (sandbox, epoch, minute) for a range of minutes. Minute rows
 -- give the minutes from the start of the range's first hour; the hourly
 -- rollup gives every earlier hour. Both fold what precedes the range into
--- bucket 0, the epoch's baseline (see usage_window_rollup.sql). min, max and
--- uniqExact make duplicate samples harmless, as in the rollup.
--- Only epochs with samples in the range are read, from both sources.
+-- bucket 0, the epoch's baseline (see usage_window_rollup.sql). Rows are
+-- combined with min and max only, so a minute written twice, or in two
+-- parts by a process that resumed inside it, counts once.
+-- Only epochs with minutes in the range are read, from both sources.
 -- Binds: customer, from_hour, first, last, customer, from, to, first, last,
 -- from, customer, from_hour, to, first, last, customer, from, to, first, last.
 SELECT
@@ -38,12 +39,12 @@ FROM
         maxMerge(mem_used_kib_ms_max) AS mem_used_hi,
         maxMerge(gpu_alloc_ms_max) AS gpu_hi,
         maxMerge(disk_mib_ms_max) AS disk_hi
-    FROM usage_hourly
+    FROM usage_hours
     WHERE customer = ? AND hour < toDateTime(?)
       AND sandbox >= ? AND sandbox <= ?
       AND (sandbox, epoch) IN (
-          SELECT sandbox, epoch FROM usage_samples
-          WHERE customer = ? AND ts >= toDateTime(?) AND ts < toDateTime(?)
+          SELECT sandbox, epoch FROM usage_minutes
+          WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
             AND sandbox >= ? AND sandbox <= ?
       )
     GROUP BY sandbox, epoch
@@ -51,30 +52,30 @@ FROM
     SELECT
         sandbox,
         epoch,
-        toUInt32(if(ts < toDateTime(?), 0, intDiv(toUInt32(ts), 60) * 60)) AS bucket,
-        toUInt64(max(seq) - min(seq) + 1) AS n,
-        min(cpu_used_usec) AS cpu_lo,
-        min(net_rx_bytes) AS rx_lo,
-        min(net_tx_bytes) AS tx_lo,
-        min(vcpu_alloc_usec) AS vcpu_lo,
-        min(mem_alloc_kib_ms) AS mem_alloc_lo,
-        min(mem_used_kib_ms) AS mem_used_lo,
-        min(gpu_alloc_ms) AS gpu_lo,
-        min(disk_mib_ms) AS disk_lo,
-        max(cpu_used_usec) AS cpu_hi,
-        max(net_rx_bytes) AS rx_hi,
-        max(net_tx_bytes) AS tx_hi,
-        max(vcpu_alloc_usec) AS vcpu_hi,
-        max(mem_alloc_kib_ms) AS mem_alloc_hi,
-        max(mem_used_kib_ms) AS mem_used_hi,
-        max(gpu_alloc_ms) AS gpu_hi,
-        max(disk_mib_ms) AS disk_hi
-    FROM usage_samples
-    WHERE customer = ? AND ts >= toDateTime(?) AND ts < toDateTime(?)
+        toUInt32(if(minute < toDateTime(?), 0, toUInt32(minute))) AS bucket,
+        toUInt64(max(last_seq) - min(first_seq) + 1) AS n,
+        min(cpu_used_usec_lo) AS cpu_lo,
+        min(net_rx_bytes_lo) AS rx_lo,
+        min(net_tx_bytes_lo) AS tx_lo,
+        min(vcpu_alloc_usec_lo) AS vcpu_lo,
+        min(mem_alloc_kib_ms_lo) AS mem_alloc_lo,
+        min(mem_used_kib_ms_lo) AS mem_used_lo,
+        min(gpu_alloc_ms_lo) AS gpu_lo,
+        min(disk_mib_ms_lo) AS disk_lo,
+        max(cpu_used_usec_hi) AS cpu_hi,
+        max(net_rx_bytes_hi) AS rx_hi,
+        max(net_tx_bytes_hi) AS tx_hi,
+        max(vcpu_alloc_usec_hi) AS vcpu_hi,
+        max(mem_alloc_kib_ms_hi) AS mem_alloc_hi,
+        max(mem_used_kib_ms_hi) AS mem_used_hi,
+        max(gpu_alloc_ms_hi) AS gpu_hi,
+        max(disk_mib_ms_hi) AS disk_hi
+    FROM usage_minutes
+    WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
       AND sandbox >= ? AND sandbox <= ?
       AND (sandbox, epoch) IN (
-          SELECT sandbox, epoch FROM usage_samples
-          WHERE customer = ? AND ts >= toDateTime(?) AND ts < toDateTime(?)
+          SELECT sandbox, epoch FROM usage_minutes
+          WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
             AND sandbox >= ? AND sandbox <= ?
       )
     GROUP BY sandbox, epoch, bucket
