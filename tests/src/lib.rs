@@ -160,7 +160,10 @@ impl TestEnv {
 
     /// Stores samples as ingest would: compacted, with their minute rows.
     pub async fn store_as_ingest(&self, samples: &[UsageSample]) -> anyhow::Result<()> {
-        let compacted = idlemeter_core::compact_all(samples.iter().cloned());
+        let compacted = idlemeter_core::compact_all(
+            samples.iter().cloned(),
+            idlemeter_core::CompactRule::EVERY_SHEET,
+        );
         self.store.insert_compacted(&compacted).await?;
         Ok(())
     }

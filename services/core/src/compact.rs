@@ -45,6 +45,7 @@ use chrono::{DateTime, Utc};
 
 use crate::counters::{Counter, CounterSet};
 use crate::ids::{CustomerId, Epoch, SandboxId};
+use crate::pricing::{Basis, PriceSheet, ResourceKind};
 use crate::rating::{interval_is_refused, NumberedSample};
 use crate::sample::{LifecycleState, UsageSample};
 
@@ -129,6 +130,83 @@ pub struct CompactStats {
     pub series_ended: u64,
 }
 
+/// Which samples a compactor must keep: what the sheets that will rate them
+/// read. Sheets that bill no resource by use alone (every shipped sheet) do
+/// not care whether CPU or memory use was zero in an interval, only how
+/// much was used; a sheet that does (`basis = "used"`) ends a span of
+/// billable time where use is zero, so intervals with and without use must
+/// not merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactRule {
+    keep_all: bool,
+    /// Bits of [`Signature::unmoved`] that take part in the comparison.
+    unmoved_mask: u32,
+}
+
+/// Bits of the counters that measure use alone.
+fn use_bits() -> u32 {
+    let mut bits = 1u32 << Counter::ALL.len(); // cpu_used_usec, see Signature::of
+    for (bit, counter) in Counter::ALL.into_iter().enumerate() {
+        if matches!(
+            counter,
+            Counter::MemUsedKibMs | Counter::MemUsedActiveKibMs | Counter::CpuUsedActiveUsec
+        ) {
+            bits |= 1 << bit;
+        }
+    }
+    bits
+}
+
+impl CompactRule {
+    /// Exact for any sheet (the default).
+    pub const EVERY_SHEET: CompactRule = CompactRule {
+        keep_all: false,
+        unmoved_mask: u32::MAX,
+    };
+
+    /// Keep every sample: for an idle policy that classifies intervals by
+    /// their rates, which merged intervals change.
+    pub const KEEP_ALL: CompactRule = CompactRule {
+        keep_all: true,
+        unmoved_mask: u32::MAX,
+    };
+
+    /// Exact for these sheets (every price version of each).
+    pub fn for_sheets<'a>(sheets: impl IntoIterator<Item = &'a PriceSheet>) -> Self {
+        let bills_use = sheets.into_iter().any(|sheet| {
+            sheet.versions().iter().any(|version| {
+                version.resources.iter().flatten().any(|price| {
+                    matches!(price.kind, ResourceKind::Vcpu | ResourceKind::Memory)
+                        && price.basis == Basis::Used
+                })
+            })
+        });
+        if bills_use {
+            Self::EVERY_SHEET
+        } else {
+            Self {
+                keep_all: false,
+                unmoved_mask: !use_bits(),
+            }
+        }
+    }
+
+    pub fn keeps_all(&self) -> bool {
+        self.keep_all
+    }
+
+    /// Whether the rule keeps the zero-or-not of use apart.
+    pub fn separates_use(&self) -> bool {
+        self.unmoved_mask & use_bits() == use_bits()
+    }
+}
+
+impl Default for CompactRule {
+    fn default() -> Self {
+        Self::EVERY_SHEET
+    }
+}
+
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
 
@@ -163,7 +241,7 @@ fn model_hash(model: Option<&str>) -> u64 {
 }
 
 impl Signature {
-    fn of(previous: &UsageSample, closing: &UsageSample) -> Self {
+    fn of(previous: &UsageSample, closing: &UsageSample, unmoved_mask: u32) -> Self {
         let carried = previous.counters_present.both(closing.counters_present);
         let mut unmoved = 0u32;
         for (bit, counter) in Counter::ALL.into_iter().enumerate() {
@@ -205,7 +283,7 @@ impl Signature {
             ),
             disk_bytes: closing.disk_bytes,
             carried: carried.0,
-            unmoved,
+            unmoved: unmoved & unmoved_mask,
         }
     }
 }
@@ -294,7 +372,7 @@ pub struct Compactor<P> {
     /// Series by sandbox; a sandbox has one epoch open (per customer).
     series: HashMap<SandboxId, Vec<Window<P>>>,
     stats: CompactStats,
-    keep_all: bool,
+    rule: CompactRule,
 }
 
 impl<P> Default for Compactor<P> {
@@ -302,7 +380,7 @@ impl<P> Default for Compactor<P> {
         Self {
             series: HashMap::new(),
             stats: CompactStats::default(),
-            keep_all: false,
+            rule: CompactRule::default(),
         }
     }
 }
@@ -316,11 +394,11 @@ impl<P: Copy + Ord> Compactor<P> {
         Self::default()
     }
 
-    /// A compactor that keeps every sample and still writes minute rows:
-    /// for a rater whose idle policy needs every second.
-    pub fn keeping_all() -> Self {
+    /// A compactor that keeps what `rule` says rating needs (every sample
+    /// for [`CompactRule::KEEP_ALL`]; minute rows always).
+    pub fn with_rule(rule: CompactRule) -> Self {
         Self {
-            keep_all: true,
+            rule,
             ..Self::default()
         }
     }
@@ -365,7 +443,7 @@ impl<P: Copy + Ord> Compactor<P> {
             return;
         }
         window.last_arrival_ms = arrived_ms;
-        window.push(sample, position, self.keep_all, out, &mut self.stats);
+        window.push(sample, position, self.rule, out, &mut self.stats);
     }
 
     fn keep_late(&mut self, sample: UsageSample, out: &mut Compacted) {
@@ -436,7 +514,7 @@ impl<P: Copy + Ord> Window<P> {
         &mut self,
         sample: UsageSample,
         position: P,
-        keep_all: bool,
+        rule: CompactRule,
         out: &mut Compacted,
         stats: &mut CompactStats,
     ) {
@@ -480,13 +558,13 @@ impl<P: Copy + Ord> Window<P> {
             out.samples.push(closing.sample);
             return;
         }
-        let signature = Signature::of(&newer.sample, &closing.sample);
+        let signature = Signature::of(&newer.sample, &closing.sample, rule.unmoved_mask);
         let newer_ms = newer.sample.ts.timestamp_millis();
         let closing_ms = closing.sample.ts.timestamp_millis();
         let hour_boundary = newer_ms.div_euclid(HOUR_MS) != closing_ms.div_euclid(HOUR_MS);
         let gauges_only = !full_counters(&newer.sample) || !full_counters(&closing.sample);
         let is_break = self.newer_signature != Some(signature) || hour_boundary || gauges_only;
-        let mut keep = std::mem::take(&mut self.keep_next) || gauges_only || keep_all;
+        let mut keep = std::mem::take(&mut self.keep_next) || gauges_only || rule.keep_all;
         if is_break {
             keep = true;
             self.newer.keep = true;
@@ -532,10 +610,10 @@ impl<P: Copy + Ord> Window<P> {
     }
 }
 
-/// Compacts a whole input at once (tests, offline tools): the samples to
-/// keep and the minute rows, in no particular order.
-pub fn compact_all(samples: impl IntoIterator<Item = UsageSample>) -> Compacted {
-    let mut compactor = Compactor::<u64>::new();
+/// Compacts a whole input at once (tests, offline tools) under `rule`: the
+/// samples to keep and the minute rows, in no particular order.
+pub fn compact_all(samples: impl IntoIterator<Item = UsageSample>, rule: CompactRule) -> Compacted {
+    let mut compactor = Compactor::<u64>::with_rule(rule);
     let mut out = Compacted::default();
     for (position, sample) in samples.into_iter().enumerate() {
         let arrived_ms = sample.ts.timestamp_millis();

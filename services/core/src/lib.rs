@@ -29,7 +29,9 @@ pub mod report;
 pub mod rollup;
 pub mod sample;
 
-pub use compact::{compact_all, CompactStats, Compacted, Compactor, MinuteRow, MINUTE_COUNTERS};
+pub use compact::{
+    compact_all, CompactRule, CompactStats, Compacted, Compactor, MinuteRow, MINUTE_COUNTERS,
+};
 pub use counters::{Counter, CounterSet, StateCounters};
 pub use error::{Error, LineError, Result};
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};

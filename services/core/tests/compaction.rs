@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Duration;
 use idlemeter_core::{
-    compact_all, rate_report, BillingOptions, Compacted, Compactor, MinuteRow, NumberedSample,
-    PriceSheet, SessionOrConnection, UsageSample, MINUTE_COUNTERS,
+    compact_all, rate_report, BillingOptions, CompactRule, Compacted, Compactor, MinuteRow,
+    NumberedSample, PriceSheet, SessionOrConnection, UsageSample, MINUTE_COUNTERS,
 };
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -66,14 +66,30 @@ fn stream(
     jitter: &[u16],
     offset_s: i64,
     duplicate_every: usize,
+    idle_every: u64,
 ) -> Vec<UsageSample> {
     let series: Vec<Vec<UsageSample>> = plans
         .iter()
         .enumerate()
         .map(|(sandbox, plan)| {
             let mut samples = collect(sandbox, plan, jitter);
+            // Every `idle_every`th interval uses no CPU (an idle second), so
+            // CPU use is zero in some intervals and not in their neighbours.
+            let mut unused = (0, 0);
+            let mut previous = (0, 0);
             for sample in &mut samples {
                 sample.ts += Duration::seconds(offset_s);
+                let now = (
+                    sample.cpu_used_usec,
+                    sample.state_counters.cpu_used_active_usec,
+                );
+                if idle_every > 0 && sample.seq % idle_every == 0 {
+                    unused.0 += now.0 - previous.0;
+                    unused.1 += now.1 - previous.1;
+                }
+                previous = now;
+                sample.cpu_used_usec -= unused.0;
+                sample.state_counters.cpu_used_active_usec -= unused.1;
             }
             samples
         })
@@ -136,8 +152,6 @@ fn before(samples: &[UsageSample], end_ms: i64) -> Vec<UsageSample> {
 type Windows = BTreeMap<(String, u64, i64), (u64, u64, Vec<u64>, Vec<u64>)>;
 
 fn windows_of_samples(samples: &[UsageSample]) -> Windows {
-    let rows: Vec<MinuteRow> = compact_all(samples.iter().cloned()).minutes;
-    // Independent of the compactor: recompute from the samples directly.
     let mut windows = Windows::new();
     for sample in samples {
         let counters = [
@@ -168,7 +182,6 @@ fn windows_of_samples(samples: &[UsageSample]) -> Windows {
             entry.3[index] = entry.3[index].max(value);
         }
     }
-    assert!(!rows.is_empty() || samples.is_empty());
     windows
 }
 
@@ -188,9 +201,33 @@ fn windows_of_rows(rows: &[MinuteRow]) -> Windows {
     windows
 }
 
-fn assert_same_bills(all: &[UsageSample], kept: &[UsageSample]) -> Result<(), TestCaseError> {
-    for (name, text, _) in SHEETS {
-        let sheet = PriceSheet::from_toml(text, name).expect("shipped sheet loads");
+/// The shipped sheets, and under `every_sheet` also CodeSandbox's billing
+/// CPU and memory by use alone (`basis = "used"`), in minute increments:
+/// a sheet that ends spans where use is zero.
+fn sheets(every_sheet: bool) -> Vec<(String, PriceSheet)> {
+    let mut sheets: Vec<(String, PriceSheet)> = SHEETS
+        .iter()
+        .map(|(name, text, _)| {
+            let sheet = PriceSheet::from_toml(text, name).expect("shipped sheet loads");
+            ((*name).to_owned(), sheet)
+        })
+        .collect();
+    if every_sheet {
+        let (_, codesandbox, _) = SHEETS[4];
+        let used = codesandbox.replace("basis = \"allocated\"", "basis = \"used\"");
+        assert_ne!(used, codesandbox, "the CodeSandbox sheet names its basis");
+        let sheet = PriceSheet::from_toml(&used, "used").expect("the used-basis sheet loads");
+        sheets.push(("codesandbox-used".to_owned(), sheet));
+    }
+    sheets
+}
+
+fn assert_same_bills(
+    all: &[UsageSample],
+    kept: &[UsageSample],
+    every_sheet: bool,
+) -> Result<(), TestCaseError> {
+    for (name, sheet) in sheets(every_sheet) {
         prop_assert_eq!(
             lines(&sheet, all),
             lines(&sheet, kept),
@@ -220,11 +257,29 @@ proptest! {
         offset_s in 0i64..3600,
         duplicate_every in prop::sample::select(vec![0usize, 7]),
     ) {
-        let input = stream(&plans, &jitter, offset_s, duplicate_every);
+        let input = stream(&plans, &jitter, offset_s, duplicate_every, 3);
         let all = distinct(&input);
-        let compacted = compact_all(input.iter().cloned());
+        let compacted = compact_all(input.iter().cloned(), CompactRule::EVERY_SHEET);
         prop_assert!(compacted.samples.len() <= all.len());
-        assert_same_bills(&all, &distinct(&compacted.samples))?;
+        assert_same_bills(&all, &distinct(&compacted.samples), true)?;
+        prop_assert_eq!(windows_of_samples(&all), windows_of_rows(&compacted.minutes));
+    }
+
+    /// The rule for the shipped sheets keeps fewer samples (it merges
+    /// intervals with and without CPU use) and still bills exactly under them.
+    #[test]
+    fn the_rule_for_the_shipped_sheets_bills_them_exactly(
+        plans in prop::collection::vec(epoch_plan(), 1..5),
+        jitter in prop::sample::select(vec![vec![0u16], vec![0, 250, 7, 999, 400]]),
+        offset_s in 0i64..3600,
+    ) {
+        let input = stream(&plans, &jitter, offset_s, 0, 3);
+        let all = distinct(&input);
+        let shipped: Vec<PriceSheet> = sheets(false).into_iter().map(|(_, sheet)| sheet).collect();
+        let rule = CompactRule::for_sheets(&shipped);
+        prop_assert!(!rule.separates_use());
+        let compacted = compact_all(input.iter().cloned(), rule);
+        assert_same_bills(&all, &distinct(&compacted.samples), false)?;
         prop_assert_eq!(windows_of_samples(&all), windows_of_rows(&compacted.minutes));
     }
 
@@ -237,22 +292,22 @@ proptest! {
         offset_s in 0i64..3600,
         crash_at in 0.0f64..1.0,
     ) {
-        let input = stream(&plans, &[0], offset_s, 0);
+        let input = stream(&plans, &[0], offset_s, 0, 3);
         let crash = ((input.len() as f64) * crash_at) as usize;
         let mut written = Compacted::default();
-        let mut first = Compactor::<usize>::new();
+        let mut first = Compactor::<usize>::with_rule(CompactRule::EVERY_SHEET);
         for (position, sample) in input.iter().enumerate().take(crash) {
             first.push(sample.clone(), position, 0, &mut written);
         }
         let resume = first.oldest_position().unwrap_or(crash);
         drop(first);
-        let mut second = Compactor::<usize>::new();
+        let mut second = Compactor::<usize>::with_rule(CompactRule::EVERY_SHEET);
         for (position, sample) in input.iter().enumerate().skip(resume) {
             second.push(sample.clone(), position, 0, &mut written);
         }
         second.finish(&mut written);
         let all = distinct(&input);
-        assert_same_bills(&all, &distinct(&written.samples))?;
+        assert_same_bills(&all, &distinct(&written.samples), true)?;
         prop_assert_eq!(windows_of_samples(&all), windows_of_rows(&written.minutes));
     }
 }
@@ -272,8 +327,8 @@ fn a_steady_sandbox_keeps_about_one_sample_a_minute() {
         gpus: 0,
         disk_gib: 10,
     };
-    let input = stream(&[plan], &[0], 0, 0);
-    let compacted = compact_all(input.iter().cloned());
+    let input = stream(&[plan], &[0], 0, 0, 0);
+    let compacted = compact_all(input.iter().cloned(), CompactRule::EVERY_SHEET);
     let minutes = input.len() / 60;
     assert!(
         compacted.samples.len() <= minutes + 3 * 4 + 4,
@@ -282,4 +337,32 @@ fn a_steady_sandbox_keeps_about_one_sample_a_minute() {
         input.len()
     );
     assert_eq!(compacted.minutes.len(), minutes + 1);
+}
+
+/// Keeping all keeps every distinct sample, and the same minute rows.
+#[test]
+fn keep_all_keeps_every_sample_and_the_same_minutes() {
+    let plan = common::EpochPlan {
+        phases: vec![common::Phase {
+            ticks: 200,
+            running: true,
+            vcpu: 1000,
+            mem_mib: 512,
+            cpu_permille: 100,
+            session: false,
+        }],
+        gpus: 0,
+        disk_gib: 1,
+    };
+    let input = stream(&[plan], &[0], 30, 3, 0);
+    let all = distinct(&input);
+    let kept = compact_all(input.iter().cloned(), CompactRule::KEEP_ALL);
+    assert_eq!(distinct(&kept.samples), all);
+    assert_eq!(kept.samples.len(), all.len());
+    let compacted = compact_all(input.iter().cloned(), CompactRule::EVERY_SHEET);
+    assert!(compacted.samples.len() < all.len() / 10);
+    assert_eq!(
+        windows_of_rows(&kept.minutes),
+        windows_of_rows(&compacted.minutes)
+    );
 }

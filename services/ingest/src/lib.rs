@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
+use idlemeter_core::CompactRule;
 use idlemeter_store::{ClickHouseSettings, Store};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::FutureProducer;
@@ -66,9 +67,10 @@ pub struct IngestConfig {
     /// ...or when the oldest message since then is this old. Each flush is
     /// one insert per table: ClickHouse wants about one a second.
     pub batch_max_wait_ms: u64,
-    /// Keep only the samples rating needs (true), or every sample (false:
-    /// for a rater whose idle policy classifies intervals by their rates,
-    /// which needs every second; see README.md).
+    /// Keep only the samples rating needs (true), or every sample (false).
+    /// What rating needs depends on the price sheet and idle policy in
+    /// force ([`Ingest::compact_rule`]; `idlemeter ingest` reads them from
+    /// the `[rater]` settings).
     pub compact: bool,
     /// A series that received nothing for this long is ended: its last
     /// samples and its open minute are written, and its offsets released.
@@ -100,6 +102,7 @@ pub struct Ingest {
     topics: Topics,
     config: IngestConfig,
     metrics: IngestMetrics,
+    rule: CompactRule,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -135,7 +138,16 @@ impl Ingest {
             topics,
             config,
             metrics: IngestMetrics::register(registry)?,
+            rule: CompactRule::default(),
         })
+    }
+
+    /// What compaction must keep: by default what any price sheet needs;
+    /// [`CompactRule::for_sheets`] keeps less where the sheets in force
+    /// allow it, [`CompactRule::KEEP_ALL`] keeps every sample.
+    pub fn compact_rule(mut self, rule: CompactRule) -> Self {
+        self.rule = rule;
+        self
     }
 
     /// Consumes, inserts and commits until `shutdown` completes. A batch caught
@@ -153,7 +165,17 @@ impl Ingest {
         tracing::info!(topic = %self.topics.samples, group = %self.config.group_id, "ingest started");
         self.metrics
             .follow_lag(Arc::clone(&self.consumer), stop.clone());
-        let mut partitions = Partitions::new(&self.topics.samples, !self.config.compact);
+        let rule = if self.config.compact {
+            self.rule
+        } else {
+            CompactRule::KEEP_ALL
+        };
+        tracing::info!(
+            keep_all = rule.keeps_all(),
+            separates_use = rule.separates_use(),
+            "compaction rule"
+        );
+        let mut partitions = Partitions::new(&self.topics.samples, rule);
         while !stop.is_cancelled() {
             let mut batch = self.collect_batch(&mut partitions, &stop).await;
             // Offsets are committed only for partitions still owned.

@@ -11,23 +11,23 @@
 
 use std::collections::HashMap;
 
-use idlemeter_core::{CompactStats, Compacted, Compactor, UsageSample};
+use idlemeter_core::{CompactRule, CompactStats, Compacted, Compactor, UsageSample};
 use rdkafka::{Offset, TopicPartitionList};
 
 #[derive(Debug)]
 pub(crate) struct Partitions {
     topic: String,
-    keep_all: bool,
+    rule: CompactRule,
     compactors: HashMap<i32, Compactor<i64>>,
     /// Next offset to consume, per partition with state.
     next_offsets: HashMap<i32, i64>,
 }
 
 impl Partitions {
-    pub fn new(topic: &str, keep_all: bool) -> Self {
+    pub fn new(topic: &str, rule: CompactRule) -> Self {
         Self {
             topic: topic.to_owned(),
-            keep_all,
+            rule,
             compactors: HashMap::new(),
             next_offsets: HashMap::new(),
         }
@@ -42,14 +42,11 @@ impl Partitions {
         arrived_ms: i64,
         out: &mut Compacted,
     ) {
-        let keep_all = self.keep_all;
-        let compactor = self.compactors.entry(partition).or_insert_with(|| {
-            if keep_all {
-                Compactor::keeping_all()
-            } else {
-                Compactor::new()
-            }
-        });
+        let rule = self.rule;
+        let compactor = self
+            .compactors
+            .entry(partition)
+            .or_insert_with(|| Compactor::with_rule(rule));
         for sample in samples {
             compactor.push(sample, offset, arrived_ms, out);
         }

@@ -55,6 +55,29 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What ingest must keep for the rater's sheet and idle policy: every
+/// sample under a threshold idle policy (it classifies intervals by their
+/// rates), what the sheet reads otherwise, and what any sheet reads when the
+/// sheet cannot be read here (an ingest host without the price files).
+fn compact_rule(rater: &idlemeter_rater::RaterConfig) -> idlemeter_core::CompactRule {
+    use idlemeter_core::{CompactRule, PriceSheet};
+    if !rater.idle_policy.is_empty() {
+        return CompactRule::KEEP_ALL;
+    }
+    let sheet = std::fs::read_to_string(&rater.sheet)
+        .map_err(|error| error.to_string())
+        .and_then(|text| {
+            PriceSheet::from_toml(&text, &rater.sheet).map_err(|error| error.to_string())
+        });
+    match sheet {
+        Ok(sheet) => CompactRule::for_sheets([&sheet]),
+        Err(error) => {
+            tracing::warn!(sheet = %rater.sheet, %error, "price sheet not readable: compaction keeps what any sheet needs");
+            CompactRule::EVERY_SHEET
+        }
+    }
+}
+
 pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
     settings
         .kafka
@@ -70,7 +93,8 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
         settings.topics.clone(),
         settings.ingest.clone(),
         &registry,
-    )?;
+    )?
+    .compact_rule(compact_rule(&settings.rater));
     let health = Health::default();
     health.set_healthy(true);
     let listener = TcpListener::bind(&settings.metrics.listen).await?;
