@@ -78,8 +78,9 @@ bench-api: build
 	scripts/bench-api.sh
 
 ## Throughput and latency of simulator -> Kafka -> ingest -> ClickHouse (not a test).
-bench: build
-	scripts/bench-ingest.sh
+bench: build test-services-start
+	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		RUST_LOG=warn cargo bench -p idlemeter-tests --bench ingest_throughput
 
 ## Live cost: sample taken -> the cost that includes it in /cost, with the
 ## simulated fleet at 100k samples/s through ingest, rater and API (not a test).

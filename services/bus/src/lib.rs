@@ -187,6 +187,9 @@ impl KafkaSettings {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            // Node batches of counters compress 3-4x: less broker disk and
+            // memory, less network, for little CPU.
+            .set("compression.type", "lz4")
             .set("message.timeout.ms", "30000");
         apply_overrides(&mut config, &self.properties);
         config.create().map_err(|source| Error::Kafka {

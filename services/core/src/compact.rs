@@ -39,8 +39,6 @@
 //! over the minute's samples, its first and last seq and timestamp: what the
 //! per-second rows gave the usage windows, one row instead of sixty.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 
 use crate::counters::{Counter, CounterSet};
@@ -370,7 +368,9 @@ struct Window<P> {
 #[derive(Debug)]
 pub struct Compactor<P> {
     /// Series by sandbox; a sandbox has one epoch open (per customer).
-    series: HashMap<SandboxId, Vec<Window<P>>>,
+    /// A fast hash: ids come from our own collectors, and a million are
+    /// looked up a second.
+    series: foldhash::HashMap<SandboxId, Vec<Window<P>>>,
     stats: CompactStats,
     rule: CompactRule,
 }
@@ -378,7 +378,7 @@ pub struct Compactor<P> {
 impl<P> Default for Compactor<P> {
     fn default() -> Self {
         Self {
-            series: HashMap::new(),
+            series: foldhash::HashMap::default(),
             stats: CompactStats::default(),
             rule: CompactRule::default(),
         }
@@ -422,7 +422,12 @@ impl<P: Copy + Ord> Compactor<P> {
     /// to `out`.
     pub fn push(&mut self, sample: UsageSample, position: P, arrived_ms: i64, out: &mut Compacted) {
         self.stats.samples_in += 1;
-        let windows = self.series.entry(sample.sandbox.clone()).or_default();
+        let Some(windows) = self.series.get_mut(&sample.sandbox) else {
+            let sandbox = sample.sandbox.clone();
+            let window = Window::start(sample, position, arrived_ms);
+            self.series.insert(sandbox, vec![window]);
+            return;
+        };
         let Some(index) = windows
             .iter()
             .position(|window| window.newer.sample.sample.customer == sample.customer)

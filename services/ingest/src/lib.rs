@@ -11,13 +11,16 @@
 //! 4. only then commit, per partition, the earliest offset the compactor still
 //!    needs (see `partitions.rs`).
 //!
+//! Steps 2-4 of one batch run while the next batch is consumed (step 1);
+//! batches are flushed one at a time, in order.
+//!
 //! A crash anywhere before step 4 replays from the committed offsets; replayed
 //! rows are identical or are more samples of the same series, and collapse or
 //! combine in ClickHouse (migrations 0001 and 0010), so a replay changes no
 //! window and no bill. While ClickHouse is down, step 3 retries with backoff
-//! and nothing new is consumed: backpressure, with memory bounded by the
-//! compaction state (two samples and a minute per series), one batch's rows
-//! and librdkafka's bounded prefetch.
+//! and at most one further batch is consumed: backpressure, with memory
+//! bounded by the compaction state (two samples and a minute per series), two
+//! batches' rows and librdkafka's bounded prefetch.
 
 mod batch;
 mod metrics;
@@ -32,6 +35,7 @@ use idlemeter_core::CompactRule;
 use idlemeter_store::{ClickHouseSettings, Store};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::FutureProducer;
+use rdkafka::TopicPartitionList;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -176,19 +180,36 @@ impl Ingest {
             "compaction rule"
         );
         let mut partitions = Partitions::new(&self.topics.samples, rule);
+        // One flush runs while the next batch is consumed and compacted: the
+        // two halves of the work overlap, and flushes still run one at a
+        // time, in order, so a batch's offsets are committed only after every
+        // earlier batch's rows are acknowledged.
+        let this = Arc::new(self);
+        let mut in_flight: Option<tokio::task::JoinHandle<bool>> = None;
         while !stop.is_cancelled() {
-            let mut batch = self.collect_batch(&mut partitions, &stop).await;
+            let mut batch = this.collect_batch(&mut partitions, &stop).await;
             // Offsets are committed only for partitions still owned.
-            self.drop_revoked(&mut partitions);
-            let quiet_since = now_ms() - self.config.quiet_series_ms as i64;
+            this.drop_revoked(&mut partitions);
+            let quiet_since = now_ms() - this.config.quiet_series_ms as i64;
             partitions.end_quiet(quiet_since, batch.rows_mut());
-            self.observe_compaction(&mut partitions);
+            this.observe_compaction(&mut partitions);
             if batch.is_empty() && batch.rows().is_empty() {
                 continue;
             }
-            if !self.flush(batch, &partitions, &stop).await {
-                break;
+            let offsets = partitions.offsets_to_commit();
+            if let Some(previous) = in_flight.take() {
+                if !previous.await.unwrap_or(false) {
+                    break;
+                }
             }
+            let sink = Arc::clone(&this);
+            let stop = stop.clone();
+            in_flight = Some(tokio::spawn(async move {
+                sink.flush(batch, offsets, &stop).await
+            }));
+        }
+        if let Some(previous) = in_flight.take() {
+            let _ = previous.await;
         }
         tracing::info!("ingest stopped");
         Ok(())
@@ -227,7 +248,7 @@ impl Ingest {
     async fn flush(
         &self,
         mut batch: Batch,
-        partitions: &Partitions,
+        offsets: TopicPartitionList,
         stop: &CancellationToken,
     ) -> bool {
         let span = tracing::info_span!(
@@ -282,9 +303,9 @@ impl Ingest {
         }
         batch.observe_latency(&self.metrics);
 
-        // Offsets only now, and only up to what compaction no longer needs:
-        // everything before them is durable downstream.
-        let offsets = partitions.offsets_to_commit();
+        // Offsets only now, and only up to what compaction no longer needs
+        // (taken when the batch was closed): everything before them is
+        // durable downstream.
         if offsets.count() == 0 {
             return true;
         }

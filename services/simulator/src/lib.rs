@@ -135,6 +135,10 @@ fn advance(sandbox: &mut SimulatedSandbox, now: DateTime<Utc>, rng: &mut SplitMi
         sandbox.remaining_ticks = 5 + rng.below(60) as u32;
     }
     sandbox.remaining_ticks -= 1;
+    // Integrated over the millisecond timestamps the samples carry, as the
+    // collector does: the counters' time then agrees with the timestamps to
+    // the millisecond, interval by interval.
+    let now = DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
     let elapsed_ms = sandbox
         .last_tick
         .map(|last| (now - last).num_milliseconds().max(0) as u64)

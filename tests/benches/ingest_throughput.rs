@@ -1,0 +1,452 @@
+//! Ingest throughput (issue "Ingest at a million samples a second"): the
+//! simulated fleet offers load at 1 Hz to the test broker for a warm-up and
+//! then a measured window, while `idlemeter ingest` (the release binary, its
+//! own process) compacts it into the test ClickHouse.
+//!
+//! This process is the simulator: it ticks the fleet once a second, encodes
+//! one node batch per node and produces them (lz4, the bus default). It
+//! prints, for the measured window: samples/s offered and consumed,
+//! ClickHouse rows/s per table, CPU seconds and RSS of each process (this
+//! one, ingest, ClickHouse, the broker), and the consumer lag at the start
+//! and end. After the load it waits for ingest to write the last minutes and
+//! checks exactness: the sum of the minute rows' seq spans equals the
+//! samples sent, and for `CHECK_CUSTOMERS` customers the offline rating of
+//! every sample sent equals the rating of what ClickHouse kept (the rater's
+//! input), line by line, to the cent.
+//!
+//! `make bench` (defaults: 1,000,000 sandboxes on 2,000 nodes, 100,000
+//! customers, 20 s warm-up, 120 s measured). Not a test. Last line:
+//! `bench: <N> samples/s sustained over <S> s, exact: <yes|no>`, where N is
+//! what ingest consumed per second over the window.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use idlemeter_core::{
+    rate_report, BillingOptions, NumberedSample, PriceSheet, SessionOrConnection, UsageSample,
+};
+use idlemeter_proto::encode_node_batch;
+use idlemeter_simulator::{Fleet, FleetShape};
+use idlemeter_tests::TestEnv;
+use rdkafka::producer::FutureRecord;
+
+/// The simulator allocates and frees a million samples a second, like
+/// ingest, which runs on mimalloc too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SHEET_PATH: &str = "prices/e2b.toml";
+const SHEET: &str = include_str!("../../prices/e2b.toml");
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// CPU seconds (user + system) and resident / peak resident MiB of a process.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcessUse {
+    cpu_s: f64,
+    rss_mib: u64,
+    peak_mib: u64,
+}
+
+fn process_use(pid: u32) -> ProcessUse {
+    let ticks_per_s = 100.0; // CLK_TCK on Linux
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // After the name: state is field 0, utime 11, stime 12.
+    let cpu_s = (field(11) + field(12)) / ticks_per_s;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|line| line.starts_with(key))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    ProcessUse {
+        cpu_s,
+        rss_mib: kib("VmRSS:") / 1024,
+        peak_mib: kib("VmHWM:") / 1024,
+    }
+}
+
+fn pid_file(name: &str) -> Option<u32> {
+    let run_dir = std::env::var("IDLEMETER_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".run/test"));
+    std::fs::read_to_string(run_dir.join(name))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// One metric's value from ingest's `/metrics`.
+async fn metric(http: &reqwest::Client, port: u16, name: &str) -> f64 {
+    let Ok(response) = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+    else {
+        return f64::NAN;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+struct Snapshot {
+    at: Instant,
+    offered: u64,
+    produced_messages: u64,
+    consumed: f64,
+    consumed_messages: f64,
+    committed_lag: f64,
+    samples_rows: u64,
+    minute_rows: u64,
+    me: ProcessUse,
+    ingest: ProcessUse,
+    clickhouse: ProcessUse,
+    broker: ProcessUse,
+}
+
+async fn rows(env: &TestEnv, table: &str) -> u64 {
+    env.store
+        .client()
+        .query(&format!("SELECT count() FROM {table}"))
+        .fetch_one::<u64>()
+        .await
+        .unwrap_or(0)
+}
+
+fn spawn_ingest(env: &TestEnv, metrics_port: u16) -> anyhow::Result<Child> {
+    let binary = root().join("target/release/idlemeter");
+    anyhow::ensure!(
+        binary.exists(),
+        "{} is missing: `make bench` builds it (cargo build --release)",
+        binary.display()
+    );
+    let log = root().join(format!(".run/{}.ingest.log", env.group_id));
+    Ok(Command::new(binary)
+        .arg("ingest")
+        .current_dir(root())
+        .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
+        .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+        .env("IDLEMETER_KAFKA__BROKERS", &env.kafka.brokers)
+        .env("IDLEMETER_TOPICS__SAMPLES", &env.topics.samples)
+        .env(
+            "IDLEMETER_TOPICS__SAMPLES_DEAD_LETTER",
+            &env.topics.samples_dead_letter,
+        )
+        .env("IDLEMETER_INGEST__GROUP_ID", &env.group_id)
+        .env("IDLEMETER_INGEST__QUIET_SERIES_MS", "10000")
+        .env("IDLEMETER_RATER__SHEET", SHEET_PATH)
+        .env(
+            "IDLEMETER_METRICS__LISTEN",
+            format!("127.0.0.1:{metrics_port}"),
+        )
+        .env("RUST_LOG", "warn,idlemeter_ingest=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?)
+}
+
+type Lines = BTreeMap<(String, String, String), (String, String)>;
+
+fn lines(sheet: &PriceSheet, samples: Vec<UsageSample>) -> anyhow::Result<Lines> {
+    let numbered: Vec<NumberedSample> = samples
+        .into_iter()
+        .enumerate()
+        .map(|(index, sample)| NumberedSample {
+            line: index as u64 + 1,
+            sample,
+        })
+        .collect();
+    let report = rate_report(
+        sheet,
+        &numbered,
+        &SessionOrConnection,
+        &BillingOptions::default(),
+        Vec::new(),
+    )?;
+    let mut all = Lines::new();
+    for bill in &report.customers {
+        for line in &bill.lines {
+            all.insert(
+                (
+                    bill.customer.to_string(),
+                    format!("{}:{}", line.kind.as_str(), line.resource),
+                    format!("{:?}", line.price_version),
+                ),
+                (
+                    line.quantity_base.clone().unwrap_or_default(),
+                    line.amount.to_string(),
+                ),
+            );
+        }
+        all.insert(
+            (bill.customer.to_string(), "total".to_owned(), String::new()),
+            (String::new(), bill.total.to_string()),
+        );
+    }
+    Ok(all)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let sandboxes = setting("SANDBOXES", 1_000_000) as usize;
+    let nodes = setting("NODES", 2_000) as usize;
+    let customers = setting("CUSTOMERS", 100_000) as usize;
+    let warmup_s = setting("WARMUP_S", 20);
+    let measure_s = setting("MEASURE_S", 120);
+    let checked = setting("CHECK_CUSTOMERS", 100) as usize;
+    let partitions = setting("PARTITIONS", 8) as i32;
+    let metrics_port = setting("METRICS_PORT", 29465) as u16;
+    anyhow::ensure!(checked <= customers, "CHECK_CUSTOMERS above CUSTOMERS");
+
+    let env = TestEnv::new("ingest_bench").await?;
+    env.kafka
+        .ensure_topics(&[
+            (env.topics.samples.as_str(), partitions),
+            (env.topics.samples_dead_letter.as_str(), 1),
+        ])
+        .await?;
+    println!(
+        "bench: {sandboxes} sandboxes on {nodes} nodes, {customers} customers, 1 Hz, {warmup_s} s warm-up + {measure_s} s measured, {partitions} partitions, database {}",
+        env.clickhouse.database
+    );
+    let mut ingest = spawn_ingest(&env, metrics_port)?;
+    let ingest_pid = ingest.id();
+    let clickhouse_pid = pid_file("clickhouse.pid").unwrap_or(0);
+    let broker_pid = pid_file("tansu.pid").unwrap_or(0);
+    let me = std::process::id();
+    let http = reqwest::Client::new();
+
+    let producer = env.kafka.producer("idlemeter-ingest-bench")?;
+    let mut fleet = Fleet::new(FleetShape {
+        sandboxes,
+        nodes,
+        customers,
+        seed: 7,
+        epoch: 1,
+    });
+    // The checked customers are cust-00000 .. : every sample sent for them
+    // is kept here for the offline rating.
+    let checked_ids: Vec<String> = (0..checked).map(|c| format!("cust-{c:05}")).collect();
+    let last_checked = checked_ids.last().cloned().unwrap_or_default();
+    let mut sent_for_checked: Vec<UsageSample> = Vec::new();
+
+    let total_ticks = warmup_s + measure_s;
+    let mut offered: u64 = 0;
+    let mut produced_messages: u64 = 0;
+    let mut behind_ticks = 0u64;
+    let mut tick_seconds: Vec<f64> = Vec::new();
+    let started = tokio::time::Instant::now();
+    let mut window_start: Option<Snapshot> = None;
+    let mut window_end: Option<Snapshot> = None;
+    for tick in 0..=total_ticks {
+        if tick == warmup_s || tick == total_ticks {
+            let snapshot = Snapshot {
+                at: Instant::now(),
+                offered,
+                produced_messages,
+                consumed: metric(
+                    &http,
+                    metrics_port,
+                    "idlemeter_ingest_samples_consumed_total",
+                )
+                .await,
+                consumed_messages: metric(
+                    &http,
+                    metrics_port,
+                    "idlemeter_ingest_messages_consumed_total",
+                )
+                .await,
+                committed_lag: metric(&http, metrics_port, "idlemeter_ingest_lag_messages").await,
+                samples_rows: rows(&env, "usage_samples").await,
+                minute_rows: rows(&env, "usage_minutes").await,
+                me: process_use(me),
+                ingest: process_use(ingest_pid),
+                clickhouse: process_use(clickhouse_pid),
+                broker: process_use(broker_pid),
+            };
+            if tick == warmup_s {
+                window_start = Some(snapshot);
+            } else {
+                window_end = Some(snapshot);
+                break;
+            }
+        }
+        let due = started + Duration::from_secs(tick);
+        if tokio::time::Instant::now() > due + Duration::from_millis(500) {
+            behind_ticks += 1;
+        }
+        tokio::time::sleep_until(due).await;
+        let begun = Instant::now();
+        let now = chrono::Utc::now();
+        let batches = fleet.tick(now);
+        let mut payloads = Vec::with_capacity(batches.len());
+        for (node, samples) in &batches {
+            offered += samples.len() as u64;
+            for sample in samples {
+                let customer = sample.customer.as_str();
+                if customer <= last_checked.as_str() {
+                    sent_for_checked.push(sample.clone());
+                }
+            }
+            payloads.push((node, encode_node_batch(node, now, tick, samples)));
+            produced_messages += 1;
+        }
+        let deliveries = payloads.iter().map(|(node, payload)| {
+            producer.send(
+                FutureRecord::to(&env.topics.samples)
+                    .key(node.as_str())
+                    .payload(payload),
+                Duration::from_secs(60),
+            )
+        });
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.map_err(|(error, _)| anyhow::anyhow!("produce: {error}"))?;
+        }
+        tick_seconds.push(begun.elapsed().as_secs_f64());
+        if tick % 10 == 0 {
+            let consumed = metric(
+                &http,
+                metrics_port,
+                "idlemeter_ingest_samples_consumed_total",
+            )
+            .await;
+            println!(
+                "bench: tick {tick}/{total_ticks}: {offered} offered, {consumed} consumed, tick took {:.2} s",
+                begun.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let (start, end) = (
+        window_start.expect("the window starts after the warm-up"),
+        window_end.expect("the window ends"),
+    );
+    let window_s = end.at.duration_since(start.at).as_secs_f64();
+    let per_s = |a: f64, b: f64| (b - a) / window_s;
+    let consumed_rate = per_s(start.consumed, end.consumed);
+    println!(
+        "bench: window {window_s:.1} s: offered {:.0} samples/s, consumed {consumed_rate:.0} samples/s ({} ticks started late)",
+        per_s(start.offered as f64, end.offered as f64),
+        behind_ticks
+    );
+    let mut sorted = tick_seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "bench: producing a tick took median {:.2} s, max {:.2} s",
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+    println!(
+        "bench: clickhouse usage_samples {:.0} rows/s, usage_minutes {:.0} rows/s",
+        per_s(start.samples_rows as f64, end.samples_rows as f64),
+        per_s(start.minute_rows as f64, end.minute_rows as f64)
+    );
+    for (name, a, b) in [
+        ("simulator (this process)", start.me, end.me),
+        ("ingest", start.ingest, end.ingest),
+        ("clickhouse", start.clickhouse, end.clickhouse),
+        ("broker", start.broker, end.broker),
+    ] {
+        println!(
+            "bench: {name}: {:.1} cpu s in the window ({:.2} cores), rss {} MiB at the end, peak {} MiB",
+            b.cpu_s - a.cpu_s,
+            (b.cpu_s - a.cpu_s) / window_s,
+            b.rss_mib,
+            b.peak_mib
+        );
+    }
+    println!(
+        "bench: consumer lag at the window's start: {:.0} messages unconsumed ({:.0} behind the committed offsets); at its end: {:.0} ({:.0})",
+        start.produced_messages as f64 - start.consumed_messages,
+        start.committed_lag,
+        end.produced_messages as f64 - end.consumed_messages,
+        end.committed_lag
+    );
+
+    // Drain: ingest consumes the rest, ends the quiet series and writes them.
+    let drain_started = Instant::now();
+    let mut covered = 0u64;
+    while drain_started.elapsed() < Duration::from_secs(900) {
+        covered = env.samples_covered().await.unwrap_or(0);
+        if covered >= offered {
+            break;
+        }
+        println!("bench: draining: {covered} of {offered} samples in the minute rows");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let spans_exact = covered == offered;
+    println!(
+        "bench: seq spans of the minute rows: {covered}, samples sent: {offered} ({})",
+        if spans_exact { "equal" } else { "DIFFERENT" }
+    );
+    // Everything is written once the last series went quiet.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+
+    let sheet = PriceSheet::from_toml(SHEET, SHEET_PATH)?;
+    let first = checked_ids.first().cloned().unwrap_or_default();
+    let stored = env
+        .store
+        .samples_for_rating_range(&first, &last_checked, 0, u64::MAX)
+        .await?;
+    let kept_rows = stored.len();
+    let sent_count = sent_for_checked.len();
+    let sent_lines = lines(&sheet, sent_for_checked)?;
+    let stored_lines = lines(&sheet, stored)?;
+    let differing: Vec<_> = sent_lines
+        .iter()
+        .filter(|(key, value)| stored_lines.get(*key) != Some(*value))
+        .map(|(key, _)| key.clone())
+        .collect();
+    let customers_rated = sent_lines
+        .keys()
+        .filter(|(_, kind, _)| kind == "total")
+        .count();
+    let rating_exact = differing.is_empty() && sent_lines.len() == stored_lines.len();
+    println!(
+        "bench: {customers_rated} customers rated from {sent_count} samples sent and from the {kept_rows} ClickHouse kept: {} ({} of {} lines differ)",
+        if rating_exact { "same lines, same cents" } else { "DIFFERENT" },
+        differing.len(),
+        sent_lines.len()
+    );
+    for key in differing.iter().take(5) {
+        println!(
+            "bench:   {key:?}: sent {:?}, stored {:?}",
+            sent_lines.get(key),
+            stored_lines.get(key)
+        );
+    }
+    let _ = ingest.kill();
+    let _ = ingest.wait();
+    let exact = spans_exact && rating_exact && customers_rated >= checked.min(100);
+    println!(
+        "bench: {:.0} samples/s sustained over {:.0} s, exact: {}",
+        consumed_rate,
+        window_s,
+        if exact { "yes" } else { "no" }
+    );
+    Ok(())
+}
