@@ -17,6 +17,7 @@ pub mod alerts;
 pub mod auth;
 mod docs;
 pub mod finance;
+pub mod live;
 pub mod problem;
 pub mod routes;
 pub mod views;
@@ -70,6 +71,11 @@ pub struct ApiConfig {
     pub alert_private_targets: bool,
     /// The collectors' sampling interval, for the finance page's hours.
     pub sample_interval_s: u32,
+    /// Read the samples topic for sandbox state newer than the stored one
+    /// (`idlemeter api`; see `live.rs`): each replica reads every sample.
+    pub live_state: bool,
+    /// A sandbox the stream has not mentioned for this long leaves the view.
+    pub live_forget_s: u64,
 }
 
 impl Default for ApiConfig {
@@ -87,6 +93,8 @@ impl Default for ApiConfig {
             alert_interval_s: 60,
             alert_private_targets: false,
             sample_interval_s: 1,
+            live_state: true,
+            live_forget_s: 300,
         }
     }
 }
@@ -147,6 +155,8 @@ pub struct AppState {
     pub(crate) issuer: String,
     pub(crate) config: ApiConfig,
     pub(crate) links: finance::PageLinks,
+    /// Sandbox state from the stream, newer than the stored one (see `live`).
+    pub(crate) live: Option<Arc<live::LiveView>>,
     metrics: ApiMetrics,
 }
 
@@ -236,6 +246,7 @@ impl Api {
                 invoicer,
                 config,
                 links: finance::PageLinks::default(),
+                live: None,
                 metrics: ApiMetrics::new(registry),
             }),
         })
@@ -243,6 +254,15 @@ impl Api {
 
     pub fn config(&self) -> &ApiConfig {
         &self.state.config
+    }
+
+    /// Serves sandbox state from `live` where it is newer than the stored
+    /// state. Call before [`Api::serve`] or [`Api::router`].
+    pub fn with_live(mut self, live: Arc<live::LiveView>) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.live = Some(live);
+        }
+        self
     }
 
     /// The routes, with authentication, rate limits, timeouts and metrics.

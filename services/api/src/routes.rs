@@ -763,6 +763,77 @@ fn time_ms(ms: u64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)).unwrap_or_default()
 }
 
+/// The stored state of a sandbox, or the live one where that is newer.
+fn sandbox_now(
+    row: Option<idlemeter_store::SandboxStateRow>,
+    live: Option<&crate::live::LiveSandbox>,
+) -> Option<SandboxState> {
+    let Some(live) = live else {
+        return row.map(sandbox_view);
+    };
+    let sample = &live.sample;
+    let live_ms = u64::try_from(sample.ts.timestamp_millis()).unwrap_or(0);
+    if let Some(row) = &row {
+        if (row.epoch, row.last_seen_ms) >= (sample.epoch.0, live_ms) {
+            return Some(sandbox_view(row.clone()));
+        }
+    }
+    let first_seen_ms = row.as_ref().map_or_else(
+        || u64::try_from(live.minute.first_ts_ms).unwrap_or(0),
+        |row| row.first_seen_ms,
+    );
+    Some(SandboxState {
+        sandbox: sample.sandbox.to_string(),
+        state: sample.state.as_str().to_owned(),
+        node: sample.node.to_string(),
+        epoch: sample.epoch.0,
+        first_seen: time_ms(first_seen_ms),
+        last_seen: time_ms(live_ms),
+        vcpu_milli: sample.vcpu.0,
+        mem_bytes: sample.mem_bytes,
+        gpu_model: sample.gpu_model.clone().unwrap_or_default(),
+        gpu_count: sample.gpu_count,
+        disk_bytes: sample.disk_bytes,
+        exec_sessions: sample.exec_sessions,
+        open_conns: sample.open_conns,
+    })
+}
+
+/// The minute a sandbox is in, as far as its samples have arrived: what it
+/// used between the minute's first and newest sample.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OpenMinute {
+    pub minute: DateTime<Utc>,
+    pub epoch: u64,
+    /// Samples spanned (last seq - first seq + 1).
+    pub samples: u64,
+    pub cpu_used_usec: u64,
+    pub vcpu_alloc_usec: u64,
+    pub mem_alloc_kib_ms: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub running_ms: u64,
+    pub active_ms: u64,
+}
+
+fn open_minute_view(live: &crate::live::LiveSandbox) -> OpenMinute {
+    let row = &live.minute;
+    let used = |index: usize| row.hi[index].saturating_sub(row.lo[index]);
+    // Indices of idlemeter_core::MINUTE_COUNTERS.
+    OpenMinute {
+        minute: DateTime::from_timestamp(row.minute_s, 0).unwrap_or_default(),
+        epoch: row.epoch.0,
+        samples: row.last_seq - row.first_seq + 1,
+        cpu_used_usec: used(0),
+        net_rx_bytes: used(1),
+        net_tx_bytes: used(2),
+        vcpu_alloc_usec: used(3),
+        mem_alloc_kib_ms: used(4),
+        running_ms: used(8),
+        active_ms: used(10),
+    }
+}
+
 fn sandbox_view(row: idlemeter_store::SandboxStateRow) -> SandboxState {
     SandboxState {
         sandbox: row.sandbox,
@@ -812,8 +883,19 @@ pub async fn sandboxes(
     } else {
         None
     };
+    let live = state.live.as_deref();
+    let sandboxes = rows
+        .into_iter()
+        .filter_map(|row| {
+            let current = live.and_then(|live| {
+                let id = SandboxId::parse(row.sandbox.clone()).ok()?;
+                live.get(&customer, &id)
+            });
+            sandbox_now(Some(row), current.as_ref())
+        })
+        .collect();
     Ok(axum::Json(SandboxList {
-        sandboxes: rows.into_iter().map(sandbox_view).collect(),
+        sandboxes,
         next_cursor,
     }))
 }
@@ -849,6 +931,9 @@ fn decision_view(row: DecisionRow) -> Decision {
 pub struct SandboxDetail {
     #[serde(flatten)]
     pub state: SandboxState,
+    /// The minute the sandbox is in, from the stream (absent where this API
+    /// does not read the stream, or the sandbox sent nothing lately).
+    pub open_minute: Option<OpenMinute>,
     /// Newest first.
     pub recent_decisions: Vec<Decision>,
 }
@@ -887,8 +972,12 @@ pub async fn sandbox(
         .sandbox_states(customer.as_str(), "", Some(id.as_str()), 1)
         .await?
         .into_iter()
-        .next()
-        .ok_or_else(not_found)?;
+        .next();
+    let live = state
+        .live
+        .as_deref()
+        .and_then(|live| live.get(&customer, &id));
+    let current = sandbox_now(row, live.as_ref()).ok_or_else(not_found)?;
     let recent = if decisions == 0 {
         Vec::new()
     } else {
@@ -898,7 +987,8 @@ pub async fn sandbox(
             .await?
     };
     Ok(axum::Json(SandboxDetail {
-        state: sandbox_view(row),
+        state: current,
+        open_minute: live.as_ref().map(open_minute_view),
         recent_decisions: recent.into_iter().map(decision_view).collect(),
     }))
 }

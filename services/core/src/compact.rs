@@ -300,31 +300,35 @@ struct OpenMinute<P> {
     first_position: P,
 }
 
-impl<P: Copy> OpenMinute<P> {
-    fn open(sample: &UsageSample, position: P) -> Self {
+impl MinuteRow {
+    /// The row of the minute `sample` falls in, holding only it.
+    pub fn open(sample: &UsageSample) -> Self {
         let counters = minute_counters(sample);
         let ts_ms = sample.ts.timestamp_millis();
-        Self {
-            row: MinuteRow {
-                customer: sample.customer.clone(),
-                sandbox: sample.sandbox.clone(),
-                epoch: sample.epoch,
-                minute_s: ts_ms.div_euclid(MINUTE_MS) * 60,
-                first_seq: sample.seq,
-                last_seq: sample.seq,
-                first_ts_ms: ts_ms,
-                last_ts_ms: ts_ms,
-                lo: counters,
-                hi: counters,
-                vcpu_milli: sample.vcpu.0,
-                state: sample.state,
-            },
-            first_position: position,
+        MinuteRow {
+            customer: sample.customer.clone(),
+            sandbox: sample.sandbox.clone(),
+            epoch: sample.epoch,
+            minute_s: ts_ms.div_euclid(MINUTE_MS) * 60,
+            first_seq: sample.seq,
+            last_seq: sample.seq,
+            first_ts_ms: ts_ms,
+            last_ts_ms: ts_ms,
+            lo: counters,
+            hi: counters,
+            vcpu_milli: sample.vcpu.0,
+            state: sample.state,
         }
     }
 
-    fn add(&mut self, sample: &UsageSample) {
-        let row = &mut self.row;
+    /// Whether `sample` falls in this row's minute (of the same series).
+    pub fn contains(&self, sample: &UsageSample) -> bool {
+        sample.ts.timestamp_millis().div_euclid(MINUTE_MS) * 60 == self.minute_s
+    }
+
+    /// Takes another sample of the same series and minute in.
+    pub fn add(&mut self, sample: &UsageSample) {
+        let row = self;
         let ts_ms = sample.ts.timestamp_millis();
         if sample.seq < row.first_seq {
             row.first_seq = sample.seq;
@@ -341,9 +345,22 @@ impl<P: Copy> OpenMinute<P> {
         }
         row.vcpu_milli = row.vcpu_milli.max(sample.vcpu.0);
     }
+}
+
+impl<P: Copy> OpenMinute<P> {
+    fn open(sample: &UsageSample, position: P) -> Self {
+        Self {
+            row: MinuteRow::open(sample),
+            first_position: position,
+        }
+    }
+
+    fn add(&mut self, sample: &UsageSample) {
+        self.row.add(sample);
+    }
 
     fn contains(&self, sample: &UsageSample) -> bool {
-        sample.ts.timestamp_millis().div_euclid(MINUTE_MS) * 60 == self.row.minute_s
+        self.row.contains(sample)
     }
 }
 

@@ -14,7 +14,23 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let store = Store::new(&settings.clickhouse);
     let invoicer = super::invoices::invoicer(settings)?;
-    let api = Api::new(store, invoicer, settings.api.clone(), &registry).await?;
+    let mut api = Api::new(store, invoicer, settings.api.clone(), &registry).await?;
+    if settings.api.live_state {
+        // Sandbox state within a second: the stream's newest samples, read
+        // from the topic's end by this replica alone (never committed).
+        let view = std::sync::Arc::new(idlemeter_api::live::LiveView::new());
+        let consumer = settings.kafka.tail_consumer("idlemeter-api-live")?;
+        rdkafka::consumer::Consumer::subscribe(&consumer, &[settings.topics.samples.as_str()])
+            .context("subscribing to the samples topic for live state")?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(idlemeter_rater::feed_from_kafka(consumer, sender));
+        tokio::spawn(idlemeter_api::live::follow(
+            view.clone(),
+            receiver,
+            std::time::Duration::from_secs(settings.api.live_forget_s),
+        ));
+        api = api.with_live(view);
+    }
     let listener = TcpListener::bind(&settings.api.listen)
         .await
         .with_context(|| format!("binding api.listen {}", settings.api.listen))?;
