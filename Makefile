@@ -13,7 +13,7 @@ SCHEMATHESIS_VERSION ?= 4.32.5
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
 
-.PHONY: durable-broker bench bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+.PHONY: durable-broker bench bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
 ## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
 run: build
@@ -77,10 +77,16 @@ chromium:
 bench-api: build
 	scripts/bench-api.sh
 
-## Throughput and latency of simulator -> Kafka -> ingest -> ClickHouse (not a test).
+## Ingest throughput: 1M sandboxes at 1 Hz offered live through simulator -> Kafka ->
+## ingest -> ClickHouse, with an exactness check (not a test).
 bench: build test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench ingest_throughput
+
+## Sample taken -> shown by the usage API (live view), 100k sandboxes at 1 Hz.
+bench-latency: build test-services-start
+	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		RUST_LOG=warn cargo bench -p idlemeter-tests --bench api_latency
 
 ## Live cost: sample taken -> the cost that includes it in /cost, with the
 ## simulated fleet at 100k samples/s through ingest, rater and API (not a test).

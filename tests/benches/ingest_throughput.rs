@@ -20,8 +20,6 @@
 //! what ingest consumed per second over the window.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use idlemeter_core::{
@@ -29,6 +27,7 @@ use idlemeter_core::{
 };
 use idlemeter_proto::encode_node_batch;
 use idlemeter_simulator::{Fleet, FleetShape};
+use idlemeter_tests::bench::{metric, pid_file, process_use, setting, spawn_ingest, ProcessUse};
 use idlemeter_tests::TestEnv;
 use rdkafka::producer::FutureRecord;
 
@@ -39,80 +38,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SHEET_PATH: &str = "prices/e2b.toml";
 const SHEET: &str = include_str!("../../prices/e2b.toml");
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// CPU seconds (user + system) and resident / peak resident MiB of a process.
-#[derive(Debug, Clone, Copy, Default)]
-struct ProcessUse {
-    cpu_s: f64,
-    rss_mib: u64,
-    peak_mib: u64,
-}
-
-fn process_use(pid: u32) -> ProcessUse {
-    let ticks_per_s = 100.0; // CLK_TCK on Linux
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let field = |index: usize| {
-        fields
-            .get(index)
-            .and_then(|value| value.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // After the name: state is field 0, utime 11, stime 12.
-    let cpu_s = (field(11) + field(12)) / ticks_per_s;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|line| line.starts_with(key))
-            .and_then(|line| line.split_whitespace().nth(1))
-            .and_then(|value| value.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    ProcessUse {
-        cpu_s,
-        rss_mib: kib("VmRSS:") / 1024,
-        peak_mib: kib("VmHWM:") / 1024,
-    }
-}
-
-fn pid_file(name: &str) -> Option<u32> {
-    let run_dir = std::env::var("IDLEMETER_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join(".run/test"));
-    std::fs::read_to_string(run_dir.join(name))
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-}
-
-/// One metric's value from ingest's `/metrics`.
-async fn metric(http: &reqwest::Client, port: u16, name: &str) -> f64 {
-    let Ok(response) = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-    else {
-        return f64::NAN;
-    };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(f64::NAN)
-}
 
 struct Snapshot {
     at: Instant,
@@ -136,38 +61,6 @@ async fn rows(env: &TestEnv, table: &str) -> u64 {
         .fetch_one::<u64>()
         .await
         .unwrap_or(0)
-}
-
-fn spawn_ingest(env: &TestEnv, metrics_port: u16) -> anyhow::Result<Child> {
-    let binary = root().join("target/release/idlemeter");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: `make bench` builds it (cargo build --release)",
-        binary.display()
-    );
-    let log = root().join(format!(".run/{}.ingest.log", env.group_id));
-    Ok(Command::new(binary)
-        .arg("ingest")
-        .current_dir(root())
-        .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
-        .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
-        .env("IDLEMETER_KAFKA__BROKERS", &env.kafka.brokers)
-        .env("IDLEMETER_TOPICS__SAMPLES", &env.topics.samples)
-        .env(
-            "IDLEMETER_TOPICS__SAMPLES_DEAD_LETTER",
-            &env.topics.samples_dead_letter,
-        )
-        .env("IDLEMETER_INGEST__GROUP_ID", &env.group_id)
-        .env("IDLEMETER_INGEST__QUIET_SERIES_MS", "10000")
-        .env("IDLEMETER_RATER__SHEET", SHEET_PATH)
-        .env(
-            "IDLEMETER_METRICS__LISTEN",
-            format!("127.0.0.1:{metrics_port}"),
-        )
-        .env("RUST_LOG", "warn,idlemeter_ingest=info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()?)
 }
 
 type Lines = BTreeMap<(String, String, String), (String, String)>;
@@ -234,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
         "bench: {sandboxes} sandboxes on {nodes} nodes, {customers} customers, 1 Hz, {warmup_s} s warm-up + {measure_s} s measured, {partitions} partitions, database {}",
         env.clickhouse.database
     );
-    let mut ingest = spawn_ingest(&env, metrics_port)?;
+    let mut ingest = spawn_ingest(&env, metrics_port, SHEET_PATH)?;
     let ingest_pid = ingest.id();
     let clickhouse_pid = pid_file("clickhouse.pid").unwrap_or(0);
     let broker_pid = pid_file("tansu.pid").unwrap_or(0);

@@ -7,6 +7,7 @@
 //! `IDLEMETER_KAFKA__BROKERS` (default `127.0.0.1:19092`). A test fails, never
 //! skips, when they are not there.
 
+pub mod bench;
 pub mod collector;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -246,6 +246,10 @@ impl KafkaSettings {
             .set("auto.offset.reset", "latest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
+            // A live view wants each batch as soon as the broker has it
+            // (librdkafka waits up to 500 ms by default when a fetch finds
+            // nothing new).
+            .set("fetch.wait.max.ms", "50")
             .set("queued.max.messages.kbytes", "65536");
         apply_overrides(&mut config, &self.properties);
         config
