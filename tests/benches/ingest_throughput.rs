@@ -14,6 +14,11 @@
 //! every sample sent equals the rating of what ClickHouse kept (the rater's
 //! input), line by line, to the cent.
 //!
+//! `KILL_AT_S=n` SIGKILLs ingest at tick n of the load and starts it again
+//! once its group session has expired (11 s), for the exactness check under
+//! a crash; the rates of such a run are not comparable (ingest's counters
+//! restart).
+//!
 //! `make bench` (defaults: 1,000,000 sandboxes on 2,000 nodes, 100,000
 //! customers, 20 s warm-up, 120 s measured). Not a test. Last line:
 //! `bench: <N> samples/s sustained over <S> s, exact: <yes|no>`, where N is
@@ -114,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
     let checked = setting("CHECK_CUSTOMERS", 100) as usize;
     let partitions = setting("PARTITIONS", 8) as i32;
     let metrics_port = setting("METRICS_PORT", 29465) as u16;
+    let kill_at = setting("KILL_AT_S", 0);
     anyhow::ensure!(checked <= customers, "CHECK_CUSTOMERS above CUSTOMERS");
 
     let env = TestEnv::new("ingest_bench").await?;
@@ -128,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
         env.clickhouse.database
     );
     let mut ingest = spawn_ingest(&env, metrics_port, SHEET_PATH)?;
-    let ingest_pid = ingest.id();
+    let mut ingest_pid = ingest.id();
+    let mut restart_at: Option<Instant> = None;
     let clickhouse_pid = pid_file("clickhouse.pid").unwrap_or(0);
     let broker_pid = pid_file("tansu.pid").unwrap_or(0);
     let me = std::process::id();
@@ -221,6 +228,18 @@ async fn main() -> anyhow::Result<()> {
             delivery.map_err(|(error, _)| anyhow::anyhow!("produce: {error}"))?;
         }
         tick_seconds.push(begun.elapsed().as_secs_f64());
+        if kill_at > 0 && tick == kill_at {
+            ingest.kill()?; // SIGKILL: no shutdown path runs
+            ingest.wait()?;
+            println!("bench: ingest SIGKILLed at tick {tick}; restarting it in 11 s");
+            restart_at = Some(Instant::now() + Duration::from_secs(11));
+        }
+        if restart_at.is_some_and(|at| Instant::now() >= at) {
+            restart_at = None;
+            ingest = spawn_ingest(&env, metrics_port, SHEET_PATH)?;
+            ingest_pid = ingest.id();
+            println!("bench: ingest restarted at tick {tick}");
+        }
         if tick % 10 == 0 {
             let consumed = metric(
                 &http,
@@ -233,6 +252,10 @@ async fn main() -> anyhow::Result<()> {
                 begun.elapsed().as_secs_f64()
             );
         }
+    }
+    if restart_at.is_some() {
+        ingest = spawn_ingest(&env, metrics_port, SHEET_PATH)?;
+        println!("bench: ingest restarted after the load");
     }
     let (start, end) = (
         window_start.expect("the window starts after the warm-up"),
