@@ -39,6 +39,12 @@ async fn fixture_env(name: &str) -> anyhow::Result<TestEnv> {
             env.store.client().query(statement).execute().await?;
         }
     }
+    // The minute rows ingest would have written (migration 0010's backfill).
+    env.store
+        .client()
+        .query(idlemeter_store::minutes_from_samples_sql())
+        .execute()
+        .await?;
     Ok(env)
 }
 

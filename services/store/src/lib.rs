@@ -26,7 +26,7 @@ pub use api::{
     USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
 pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
-pub use migrate::{Migration, MigrationReport, MIGRATIONS};
+pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;
 pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{

@@ -27,6 +27,16 @@ macro_rules! migration {
     };
 }
 
+/// Migration 0010's backfill: the minute rows of every stored sample, as
+/// ingest would have written them (for fixtures that insert samples).
+pub fn minutes_from_samples_sql() -> &'static str {
+    const SQL: &str = include_str!("../../../migrations/0010_compacted.sql");
+    let start = SQL
+        .find("INSERT INTO usage_minutes")
+        .expect("migration 0010 has its backfill");
+    SQL[start..].trim().trim_end_matches(';')
+}
+
 /// Every migration, in order. A test checks this list against the directory.
 pub const MIGRATIONS: &[Migration] = &[
     migration!("0001_usage_samples.sql"),
