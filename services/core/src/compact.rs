@@ -156,7 +156,9 @@ fn use_bits() -> u32 {
 }
 
 impl CompactRule {
-    /// Exact for any sheet (the default).
+    /// Exact for any sheet whose minimums bind on no resource billed by use
+    /// alone and whose price versions start on a UTC hour (the default;
+    /// [`CompactRule::for_sheets`] checks both).
     pub const EVERY_SHEET: CompactRule = CompactRule {
         keep_all: false,
         unmoved_mask: u32::MAX,
@@ -169,16 +171,28 @@ impl CompactRule {
         unmoved_mask: u32::MAX,
     };
 
-    /// Exact for these sheets (every price version of each).
+    /// Exact for these sheets (every price version of each). Keeps every
+    /// sample where a sheet needs it: a price version that starts off a UTC
+    /// hour (merged intervals would be split across it in proportion), or a
+    /// minimum on a resource billed by use alone (rating takes the larger of
+    /// use and minimum per interval, which merging changes).
     pub fn for_sheets<'a>(sheets: impl IntoIterator<Item = &'a PriceSheet>) -> Self {
-        let bills_use = sheets.into_iter().any(|sheet| {
-            sheet.versions().iter().any(|version| {
-                version.resources.iter().flatten().any(|price| {
-                    matches!(price.kind, ResourceKind::Vcpu | ResourceKind::Memory)
-                        && price.basis == Basis::Used
-                })
-            })
-        });
+        let mut bills_use = false;
+        for sheet in sheets {
+            for version in sheet.versions() {
+                if version.effective_from_ms.rem_euclid(HOUR_MS) != 0 {
+                    return Self::KEEP_ALL;
+                }
+                for price in version.resources.iter().flatten() {
+                    let by_use = matches!(price.kind, ResourceKind::Vcpu | ResourceKind::Memory)
+                        && price.basis == Basis::Used;
+                    if by_use && price.minimum_per_ms > 0 {
+                        return Self::KEEP_ALL;
+                    }
+                    bills_use |= by_use;
+                }
+            }
+        }
         if bills_use {
             Self::EVERY_SHEET
         } else {
@@ -206,6 +220,8 @@ impl Default for CompactRule {
 }
 
 const MINUTE_MS: i64 = 60_000;
+/// Refused samples in a row after which a series starts again.
+const RESTART_AFTER_REFUSED: u32 = 3;
 const HOUR_MS: i64 = 3_600_000;
 
 /// Everything about an interval, other than its counter differences, that
@@ -248,8 +264,15 @@ impl Signature {
             }
         }
         let millis = (closing.ts.timestamp_millis() - previous.ts.timestamp_millis()).max(0) as u64;
-        let running = closing.state_counters.running_ms - previous.state_counters.running_ms;
-        let suspended = closing.state_counters.suspended_ms - previous.state_counters.suspended_ms;
+        // Saturating: a sample without these counters has them at zero.
+        let running = closing
+            .state_counters
+            .running_ms
+            .saturating_sub(previous.state_counters.running_ms);
+        let suspended = closing
+            .state_counters
+            .suspended_ms
+            .saturating_sub(previous.state_counters.suspended_ms);
         let outside_running = millis.saturating_sub(running);
         let stopped = outside_running.saturating_sub(suspended);
         let base = Counter::ALL.len();
@@ -374,6 +397,8 @@ struct Window<P> {
     newer_signature: Option<Signature>,
     /// Keep the next sample (it follows one rating refuses).
     keep_next: bool,
+    /// Samples refused since the last good one.
+    refused_in_a_row: u32,
     minute: OpenMinute<P>,
     last_arrival_ms: i64,
 }
@@ -465,7 +490,11 @@ impl<P: Copy + Ord> Compactor<P> {
             return;
         }
         window.last_arrival_ms = arrived_ms;
-        window.push(sample, position, self.rule, out, &mut self.stats);
+        if let Some(restart) = window.push(sample, position, self.rule, out, &mut self.stats) {
+            let ended = std::mem::replace(window, Window::start(restart, position, arrived_ms));
+            self.stats.series_ended += 1;
+            ended.end(out, &mut self.stats);
+        }
     }
 
     fn keep_late(&mut self, sample: UsageSample, out: &mut Compacted) {
@@ -528,6 +557,7 @@ impl<P: Copy + Ord> Window<P> {
             },
             newer_signature: None,
             keep_next: false,
+            refused_in_a_row: 0,
             minute,
         }
     }
@@ -539,7 +569,7 @@ impl<P: Copy + Ord> Window<P> {
         rule: CompactRule,
         out: &mut Compacted,
         stats: &mut CompactStats,
-    ) {
+    ) -> Option<UsageSample> {
         let newest_seq = self.newer.sample.sample.seq;
         if sample.seq <= newest_seq {
             let held_twice = sample.seq == newest_seq
@@ -549,7 +579,7 @@ impl<P: Copy + Ord> Window<P> {
                     .is_some_and(|older| older.sample.sample.seq == sample.seq);
             if held_twice {
                 stats.duplicates += 1;
-                return;
+                return None;
             }
             // Late: kept (more samples never change a bill); counted in its
             // minute only while that minute is open.
@@ -559,15 +589,22 @@ impl<P: Copy + Ord> Window<P> {
             stats.late += 1;
             stats.samples_kept += 1;
             out.samples.push(sample);
-            return;
+            return None;
         }
         let closing = NumberedSample { line: 0, sample };
         let newer = &self.newer.sample;
         let in_same_minute = self.minute.contains(&closing.sample);
         if interval_is_refused(newer, &closing) {
+            stats.refused += 1;
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= RESTART_AFTER_REFUSED {
+                // A run of refusals (a collector clock that jumped): end the
+                // series here and start again from this sample, so that the
+                // partition's offsets and the minute rows move on.
+                return Some(closing.sample);
+            }
             // Rating skips it and rates the next interval from `newer`:
             // keep the two before it, it, and the one after it.
-            stats.refused += 1;
             self.newer.keep = true;
             if let Some(older) = &mut self.older {
                 older.keep = true;
@@ -578,7 +615,7 @@ impl<P: Copy + Ord> Window<P> {
             }
             stats.samples_kept += 1;
             out.samples.push(closing.sample);
-            return;
+            return None;
         }
         let signature = Signature::of(&newer.sample, &closing.sample, rule.unmoved_mask);
         let newer_ms = newer.sample.ts.timestamp_millis();
@@ -617,6 +654,8 @@ impl<P: Copy + Ord> Window<P> {
             }
         }
         self.newer_signature = Some(signature);
+        self.refused_in_a_row = 0;
+        None
     }
 
     /// The series ends: its last two samples are kept (the interval that

@@ -366,3 +366,59 @@ fn keep_all_keeps_every_sample_and_the_same_minutes() {
         windows_of_rows(&compacted.minutes)
     );
 }
+
+/// What the rule for a set of sheets cannot merge, it keeps whole.
+#[test]
+fn sheets_the_rule_cannot_serve_keep_every_sample() {
+    let (_, e2b, _) = SHEETS[0];
+    let e2b_sheet = PriceSheet::from_toml(e2b, "e2b").expect("loads");
+    assert!(!CompactRule::for_sheets([&e2b_sheet]).keeps_all());
+    let off_the_hour = e2b.replacen("T00:00:00Z", "T00:30:00Z", 1);
+    assert_ne!(off_the_hour, e2b, "the e2b sheet has a version at midnight");
+    let sheet = PriceSheet::from_toml(&off_the_hour, "e2b-half-past").expect("loads");
+    assert!(CompactRule::for_sheets([&sheet]).keeps_all());
+    let (_, codesandbox, _) = SHEETS[4];
+    let used_with_minimum = codesandbox.replacen(
+        "basis = \"allocated\"",
+        "basis = \"used\"\nminimum = \"0.25\"",
+        1,
+    );
+    let sheet = PriceSheet::from_toml(&used_with_minimum, "used-minimum").expect("loads");
+    assert!(CompactRule::for_sheets([&sheet]).keeps_all());
+}
+
+/// A collector clock that jumps ahead once makes rating refuse every sample
+/// after it for as long; the series starts again after three refusals, so
+/// its offsets are released and its minutes written, and every refused
+/// sample is kept.
+#[test]
+fn a_run_of_refused_samples_restarts_the_series() {
+    let plan = common::EpochPlan {
+        phases: vec![common::Phase {
+            ticks: 40,
+            running: true,
+            vcpu: 1000,
+            mem_mib: 512,
+            cpu_permille: 100,
+            session: true,
+        }],
+        gpus: 0,
+        disk_gib: 1,
+    };
+    let mut input = stream(&[plan], &[0], 0, 0, 0);
+    input[10].ts += Duration::hours(6);
+    let mut compactor = Compactor::<usize>::with_rule(CompactRule::EVERY_SHEET);
+    let mut out = Compacted::default();
+    for (position, sample) in input.iter().enumerate() {
+        compactor.push(sample.clone(), position, 0, &mut out);
+    }
+    // Samples 11-13 are refused; the third restarts the series there.
+    let oldest = compactor.oldest_position().expect("a series is held");
+    assert!(oldest >= 13, "the offsets stay pinned at {oldest}");
+    assert_eq!(compactor.stats().series_ended, 1);
+    compactor.finish(&mut out);
+    let kept: Vec<u64> = distinct(&out.samples).iter().map(|s| s.seq).collect();
+    for seq in 11..=14 {
+        assert!(kept.contains(&seq), "refused sample {seq} kept: {kept:?}");
+    }
+}

@@ -186,11 +186,15 @@ impl Ingest {
         // earlier batch's rows are acknowledged.
         let this = Arc::new(self);
         let mut in_flight: Option<tokio::task::JoinHandle<bool>> = None;
+        // Time spent blocked behind a slow flush (ClickHouse down) does not
+        // count as silence of the series: the clock of arrivals and of the
+        // quiet check stops while ingest cannot consume.
+        let mut clock = QuietClock::default();
         while !stop.is_cancelled() {
-            let mut batch = this.collect_batch(&mut partitions, &stop).await;
+            let mut batch = this.collect_batch(&mut partitions, &clock, &stop).await;
             // Offsets are committed only for partitions still owned.
             this.drop_revoked(&mut partitions);
-            let quiet_since = now_ms() - this.config.quiet_series_ms as i64;
+            let quiet_since = clock.now_ms() - this.config.quiet_series_ms as i64;
             partitions.end_quiet(quiet_since, batch.rows_mut());
             this.observe_compaction(&mut partitions);
             if batch.is_empty() && batch.rows().is_empty() {
@@ -198,7 +202,10 @@ impl Ingest {
             }
             let offsets = partitions.offsets_to_commit();
             if let Some(previous) = in_flight.take() {
-                if !previous.await.unwrap_or(false) {
+                let waited = std::time::Instant::now();
+                let flushed = previous.await.unwrap_or(false);
+                clock.blocked_for(waited.elapsed());
+                if !flushed {
                     break;
                 }
             }
@@ -216,7 +223,12 @@ impl Ingest {
     }
 
     /// Gathers messages until the batch is full, its wait is over, or shutdown.
-    async fn collect_batch(&self, partitions: &mut Partitions, stop: &CancellationToken) -> Batch {
+    async fn collect_batch(
+        &self,
+        partitions: &mut Partitions,
+        clock: &QuietClock,
+        stop: &CancellationToken,
+    ) -> Batch {
         let mut batch = Batch::default();
         let max_wait = Duration::from_millis(self.config.batch_max_wait_ms);
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -229,7 +241,7 @@ impl Ingest {
                         // State of a partition lost since the last message
                         // goes first: its next owner rebuilds it.
                         self.drop_revoked(partitions);
-                        batch.accept(&message, &self.metrics, partitions, now_ms());
+                        batch.accept(&message, &self.metrics, partitions, clock.now_ms());
                     }
                     Err(error) => {
                         tracing::warn!(%error, "kafka consume error");
@@ -322,8 +334,22 @@ impl Ingest {
     }
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+/// Wall-clock milliseconds less the time ingest spent blocked behind a
+/// flush longer than a second: the clock series' silence is measured on.
+#[derive(Debug, Default)]
+struct QuietClock {
+    blocked_ms: i64,
+}
+
+impl QuietClock {
+    fn now_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis() - self.blocked_ms
+    }
+
+    fn blocked_for(&mut self, waited: Duration) {
+        let excess = waited.saturating_sub(Duration::from_secs(1));
+        self.blocked_ms += i64::try_from(excess.as_millis()).unwrap_or(i64::MAX / 2);
+    }
 }
 
 impl Ingest {
