@@ -20,26 +20,17 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use idlemeter_api::auth::generate;
-use idlemeter_api::live::LiveView;
-use idlemeter_api::{Api, ApiConfig};
-use idlemeter_invoicer::{Invoicer, InvoicerConfig};
-use idlemeter_proto::encode_node_batch;
 use idlemeter_simulator::{Fleet, FleetShape};
-use idlemeter_tests::bench::{process_use, setting, spawn_ingest};
+use idlemeter_tests::bench::{
+    percentile, process_use, produce_tick, serve_api_with_live, setting, spawn_ingest,
+};
 use idlemeter_tests::TestEnv;
-use rdkafka::consumer::Consumer;
-use rdkafka::producer::FutureRecord;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SHEET_PATH: &str = "prices/e2b.toml";
 const SHEET: &str = include_str!("../../prices/e2b.toml");
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -65,40 +56,7 @@ async fn main() -> anyhow::Result<()> {
 
     let key = generate(None, "bench", 0);
     env.store.insert_api_key(&key.row).await?;
-    let invoicer = Invoicer::new(
-        env.store.clone(),
-        SHEET,
-        None,
-        InvoicerConfig {
-            sheet: SHEET_PATH.to_owned(),
-            ..InvoicerConfig::default()
-        },
-    )?;
-    let view = Arc::new(LiveView::new());
-    let consumer = env.kafka.tail_consumer("idlemeter-latency-bench")?;
-    consumer.subscribe(&[env.topics.samples.as_str()])?;
-    let (sender, receiver) = tokio::sync::mpsc::channel(1024);
-    tokio::spawn(idlemeter_rater::feed_from_kafka(consumer, sender));
-    tokio::spawn(idlemeter_api::live::follow(
-        view.clone(),
-        receiver,
-        Duration::from_secs(300),
-    ));
-    let api = Api::new(
-        env.store.clone(),
-        invoicer,
-        ApiConfig {
-            alert_interval_s: 0,
-            rate_limit_per_s: 0,
-            ..ApiConfig::default()
-        },
-        &prometheus::Registry::new(),
-    )
-    .await?
-    .with_live(view.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(api.serve(listener, std::future::pending()));
+    let (base, view) = serve_api_with_live(&env, SHEET, SHEET_PATH).await?;
 
     // Sandboxes spread over the fleet; sandbox i belongs to cust-(i % customers).
     let measuring = Arc::new(AtomicBool::new(false));
@@ -176,24 +134,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep_until(started + Duration::from_secs(tick)).await;
         let now = Utc::now();
         let batches = fleet.tick(now);
-        let payloads: Vec<_> = batches
-            .iter()
-            .map(|(node, samples)| {
-                offered += samples.len() as u64;
-                (node, encode_node_batch(node, now, tick, samples))
-            })
-            .collect();
-        let deliveries = payloads.iter().map(|(node, payload)| {
-            producer.send(
-                FutureRecord::to(&env.topics.samples)
-                    .key(node.as_str())
-                    .payload(payload),
-                Duration::from_secs(60),
-            )
-        });
-        for delivery in futures::future::join_all(deliveries).await {
-            delivery.map_err(|(error, _)| anyhow::anyhow!("produce: {error}"))?;
-        }
+        let (sent, _) = produce_tick(&producer, &env.topics.samples, now, tick, &batches).await?;
+        offered += sent;
         if tick % 10 == 0 {
             println!(
                 "bench: tick {tick}: {offered} offered, {} sandboxes in the live view",

@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 use idlemeter_core::{
     rate_report, BillingOptions, NumberedSample, PriceSheet, SessionOrConnection, UsageSample,
 };
-use idlemeter_proto::encode_node_batch;
 use idlemeter_simulator::{Fleet, FleetShape};
-use idlemeter_tests::bench::{metric, pid_file, process_use, setting, spawn_ingest, ProcessUse};
+use idlemeter_tests::bench::{
+    metric, pid_file, process_use, produce_tick, setting, spawn_ingest, ProcessUse,
+};
 use idlemeter_tests::TestEnv;
-use rdkafka::producer::FutureRecord;
 
 /// The simulator allocates and frees a million samples a second, like
 /// ingest, which runs on mimalloc too.
@@ -204,29 +204,17 @@ async fn main() -> anyhow::Result<()> {
         let begun = Instant::now();
         let now = chrono::Utc::now();
         let batches = fleet.tick(now);
-        let mut payloads = Vec::with_capacity(batches.len());
-        for (node, samples) in &batches {
-            offered += samples.len() as u64;
+        for (_, samples) in &batches {
             for sample in samples {
-                let customer = sample.customer.as_str();
-                if customer <= last_checked.as_str() {
+                if sample.customer.as_str() <= last_checked.as_str() {
                     sent_for_checked.push(sample.clone());
                 }
             }
-            payloads.push((node, encode_node_batch(node, now, tick, samples)));
-            produced_messages += 1;
         }
-        let deliveries = payloads.iter().map(|(node, payload)| {
-            producer.send(
-                FutureRecord::to(&env.topics.samples)
-                    .key(node.as_str())
-                    .payload(payload),
-                Duration::from_secs(60),
-            )
-        });
-        for delivery in futures::future::join_all(deliveries).await {
-            delivery.map_err(|(error, _)| anyhow::anyhow!("produce: {error}"))?;
-        }
+        let (sent, messages) =
+            produce_tick(&producer, &env.topics.samples, now, tick, &batches).await?;
+        offered += sent;
+        produced_messages += messages;
         tick_seconds.push(begun.elapsed().as_secs_f64());
         if kill_at > 0 && tick == kill_at {
             ingest.kill()?; // SIGKILL: no shutdown path runs

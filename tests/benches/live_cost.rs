@@ -27,22 +27,11 @@ use idlemeter_invoicer::{Invoicer, InvoicerConfig};
 use idlemeter_proto::encode_node_batch;
 use idlemeter_rater::{Period, Rater, RaterConfig};
 use idlemeter_simulator::{Fleet, FleetShape};
+use idlemeter_tests::bench::{percentile, setting};
 use idlemeter_tests::TestEnv;
 use rdkafka::producer::FutureRecord;
 
 const SHEET: &str = include_str!("../../prices/sprites.toml");
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -113,3 +113,93 @@ pub fn spawn_ingest(env: &TestEnv, metrics_port: u16, sheet_path: &str) -> anyho
         .stderr(std::fs::File::create(log)?)
         .spawn()?)
 }
+
+/// Produces one tick of a simulated fleet (one message per node, keyed by
+/// node) to `topic` and waits for every acknowledgement; returns the
+/// samples and messages sent.
+pub async fn produce_tick(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    tick: u64,
+    batches: &[(idlemeter_core::NodeId, Vec<idlemeter_core::UsageSample>)],
+) -> anyhow::Result<(u64, u64)> {
+    let payloads: Vec<_> = batches
+        .iter()
+        .map(|(node, samples)| {
+            (
+                node,
+                idlemeter_proto::encode_node_batch(node, now, tick, samples),
+            )
+        })
+        .collect();
+    let deliveries = payloads.iter().map(|(node, payload)| {
+        producer.send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .key(node.as_str())
+                .payload(payload),
+            std::time::Duration::from_secs(60),
+        )
+    });
+    for delivery in futures::future::join_all(deliveries).await {
+        delivery.map_err(|(error, _)| anyhow::anyhow!("produce: {error}"))?;
+    }
+    let samples = batches
+        .iter()
+        .map(|(_, samples)| samples.len() as u64)
+        .sum();
+    Ok((samples, batches.len() as u64))
+}
+
+/// The `p`th percentile of sorted values (nearest rank).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Serves the usage API for `env` on a free loopback port with its live
+/// view fed from the samples topic (a tail consumer), as `idlemeter api`
+/// runs it, and without rate limits or alert delivery. Returns the base URL
+/// and the view.
+pub async fn serve_api_with_live(
+    env: &TestEnv,
+    sheet: &str,
+    sheet_path: &str,
+) -> anyhow::Result<(String, std::sync::Arc<idlemeter_api::live::LiveView>)> {
+    use rdkafka::consumer::Consumer;
+    let invoicer = idlemeter_invoicer::Invoicer::new(
+        env.store.clone(),
+        sheet,
+        None,
+        idlemeter_invoicer::InvoicerConfig {
+            sheet: sheet_path.to_owned(),
+            ..idlemeter_invoicer::InvoicerConfig::default()
+        },
+    )?;
+    let view = std::sync::Arc::new(idlemeter_api::live::LiveView::new());
+    let consumer = env.kafka.tail_consumer("idlemeter-test-live")?;
+    consumer.subscribe(&[env.topics.samples.as_str()])?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(idlemeter_rater::feed_from_kafka(consumer, sender));
+    tokio::spawn(idlemeter_api::live::follow(
+        view.clone(),
+        receiver,
+        std::time::Duration::from_secs(300),
+    ));
+    let api = idlemeter_api::Api::new(
+        env.store.clone(),
+        invoicer,
+        idlemeter_api::ApiConfig {
+            alert_interval_s: 0,
+            rate_limit_per_s: 0,
+            ..idlemeter_api::ApiConfig::default()
+        },
+        &prometheus::Registry::new(),
+    )
+    .await?
+    .with_live(view.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(api.serve(listener, std::future::pending()));
+    Ok((base, view))
+}

@@ -2,18 +2,14 @@
 //! end and shows a sandbox's newest sample and open minute before (and
 //! without) ingest storing anything, against the real broker and ClickHouse.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use idlemeter_api::auth::generate;
-use idlemeter_api::live::LiveView;
-use idlemeter_api::{Api, ApiConfig};
 use idlemeter_core::{CustomerId, NodeId};
-use idlemeter_invoicer::{Invoicer, InvoicerConfig};
 use idlemeter_proto::encode_node_batch;
+use idlemeter_tests::bench::serve_api_with_live;
 use idlemeter_tests::{counted, sample, TestEnv};
-use rdkafka::consumer::Consumer;
 
 const SHEET: &str = include_str!("../../prices/e2b.toml");
 
@@ -23,43 +19,8 @@ async fn a_sample_reaches_the_sandbox_route_from_the_stream_before_it_is_stored(
     let env = TestEnv::new("live_state").await?;
     let key = generate(Some(&CustomerId::parse("acme")?), "live", 0);
     env.store.insert_api_key(&key.row).await?;
-    let invoicer = Invoicer::new(
-        env.store.clone(),
-        SHEET,
-        None,
-        InvoicerConfig {
-            sheet: "prices/e2b.toml".to_owned(),
-            ..InvoicerConfig::default()
-        },
-    )?;
-    let view = Arc::new(LiveView::new());
-    let consumer = env.kafka.tail_consumer("live-state-test")?;
-    consumer.subscribe(&[env.topics.samples.as_str()])?;
-    let (sender, receiver) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(idlemeter_rater::feed_from_kafka(consumer, sender));
-    tokio::spawn(idlemeter_api::live::follow(
-        view.clone(),
-        receiver,
-        Duration::from_secs(300),
-    ));
-    let api = Api::new(
-        env.store.clone(),
-        invoicer,
-        ApiConfig {
-            alert_interval_s: 0,
-            rate_limit_per_s: 0,
-            ..ApiConfig::default()
-        },
-        &prometheus::Registry::new(),
-    )
-    .await?
-    .with_live(view.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!(
-        "http://{}/v1/customers/acme/sandboxes/sbx-live",
-        listener.local_addr()?
-    );
-    tokio::spawn(api.serve(listener, std::future::pending()));
+    let (base, view) = serve_api_with_live(&env, SHEET, "prices/e2b.toml").await?;
+    let url = format!("{base}/v1/customers/acme/sandboxes/sbx-live");
     let http = reqwest::Client::new();
 
     // No ingest runs: nothing is ever stored. Before the stream mentions
