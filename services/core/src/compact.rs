@@ -39,8 +39,6 @@
 //! over the minute's samples, its first and last seq and timestamp: what the
 //! per-second rows gave the usage windows, one row instead of sixty.
 
-use chrono::{DateTime, Utc};
-
 use crate::counters::{Counter, CounterSet};
 use crate::ids::{CustomerId, Epoch, SandboxId};
 use crate::pricing::{Basis, PriceSheet, ResourceKind};
@@ -110,11 +108,6 @@ impl Compacted {
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty() && self.minutes.is_empty()
     }
-
-    pub fn clear(&mut self) {
-        self.samples.clear();
-        self.minutes.clear();
-    }
 }
 
 /// What the compactor has seen, for metrics.
@@ -126,6 +119,17 @@ pub struct CompactStats {
     pub late: u64,
     pub refused: u64,
     pub series_ended: u64,
+}
+
+impl std::ops::AddAssign for CompactStats {
+    fn add_assign(&mut self, other: Self) {
+        self.samples_in += other.samples_in;
+        self.samples_kept += other.samples_kept;
+        self.duplicates += other.duplicates;
+        self.late += other.late;
+        self.refused += other.refused;
+        self.series_ended += other.series_ended;
+    }
 }
 
 /// Which samples a compactor must keep: what the sheets that will rate them
@@ -432,10 +436,6 @@ fn full_counters(sample: &UsageSample) -> bool {
 }
 
 impl<P: Copy + Ord> Compactor<P> {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// A compactor that keeps what `rule` says rating needs (every sample
     /// for [`CompactRule::KEEP_ALL`]; minute rows always).
     pub fn with_rule(rule: CompactRule) -> Self {
@@ -682,9 +682,4 @@ pub fn compact_all(samples: impl IntoIterator<Item = UsageSample>, rule: Compact
     }
     compactor.finish(&mut out);
     out
-}
-
-/// The start of the UTC minute of a timestamp.
-pub fn minute_of(ts: DateTime<Utc>) -> i64 {
-    ts.timestamp_millis().div_euclid(MINUTE_MS) * 60
 }

@@ -9,53 +9,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Duration;
 use idlemeter_core::{
-    compact_all, rate_report, BillingOptions, CompactRule, Compacted, Compactor, MinuteRow,
-    NumberedSample, PriceSheet, SessionOrConnection, UsageSample, MINUTE_COUNTERS,
+    compact_all, CompactRule, Compacted, Compactor, MinuteRow, PriceSheet, UsageSample,
+    MINUTE_COUNTERS,
 };
 use proptest::prelude::*;
-use rust_decimal::Decimal;
 
 mod common;
 
-use common::{collect, epoch_plan, SHEETS};
+use common::{collect, epoch_plan, lines, SHEETS};
 
-type Lines = BTreeMap<(String, String, String), (String, Decimal)>;
-
-fn lines(sheet: &PriceSheet, samples: &[UsageSample]) -> Lines {
-    let numbered: Vec<NumberedSample> = samples
-        .iter()
-        .enumerate()
-        .map(|(index, sample)| NumberedSample {
-            line: index as u64 + 1,
-            sample: sample.clone(),
-        })
-        .collect();
-    let report = rate_report(
-        sheet,
-        &numbered,
-        &SessionOrConnection,
-        &BillingOptions::default(),
-        Vec::new(),
-    )
-    .expect("rates");
-    let mut all = BTreeMap::new();
-    for bill in &report.customers {
-        for line in &bill.lines {
-            all.insert(
-                (
-                    bill.customer.to_string(),
-                    format!("{}:{}", line.kind.as_str(), line.resource),
-                    format!("{:?}", line.price_version),
-                ),
-                (line.quantity_base.clone().unwrap_or_default(), line.amount),
-            );
-        }
-        all.insert(
-            (bill.customer.to_string(), "total".to_owned(), String::new()),
-            (String::new(), bill.total),
-        );
-    }
-    all
+fn bill_lines(sheet: &PriceSheet, samples: &[UsageSample]) -> common::Lines {
+    lines(&common::rate(sheet, samples))
 }
 
 /// A stream as ingest sees it: the series interleaved tick by tick (a node
@@ -229,15 +193,15 @@ fn assert_same_bills(
 ) -> Result<(), TestCaseError> {
     for (name, sheet) in sheets(every_sheet) {
         prop_assert_eq!(
-            lines(&sheet, all),
-            lines(&sheet, kept),
+            bill_lines(&sheet, all),
+            bill_lines(&sheet, kept),
             "{} whole trace",
             name
         );
         for end in hour_ends(all) {
             prop_assert_eq!(
-                lines(&sheet, &before(all, end)),
-                lines(&sheet, &before(kept, end)),
+                bill_lines(&sheet, &before(all, end)),
+                bill_lines(&sheet, &before(kept, end)),
                 "{} lines at the hour ending {}",
                 name,
                 end

@@ -19,8 +19,6 @@
 //! The same losses on the same traces rated from their gauges (the samples'
 //! counters withdrawn) change bills: `gauge_rating_loses_money_on_the_same_losses`.
 
-use std::collections::BTreeMap;
-
 use idlemeter_core::{
     rate_report, BillingOptions, CounterSet, NumberedSample, PriceSheet, RateReport,
     SessionOrConnection, UsageSample,
@@ -30,7 +28,7 @@ use rust_decimal::Decimal;
 
 mod common;
 
-use common::{collect, epoch_plan, EpochPlan, Phase, SHEETS};
+use common::{collect, epoch_plan, lines, EpochPlan, Phase, SHEETS};
 
 /// Which interior samples to lose: single ones and runs, as (start, length)
 /// in thousandths of the series' length.
@@ -64,22 +62,7 @@ fn lose(series: &[UsageSample], losses: &[(u16, u16)]) -> (Vec<UsageSample>, Vec
 }
 
 fn rate(sheet: &PriceSheet, samples: Vec<UsageSample>) -> RateReport {
-    let numbered: Vec<NumberedSample> = samples
-        .into_iter()
-        .enumerate()
-        .map(|(index, sample)| NumberedSample {
-            line: index as u64 + 1,
-            sample,
-        })
-        .collect();
-    let report = rate_report(
-        sheet,
-        &numbered,
-        &SessionOrConnection,
-        &BillingOptions::default(),
-        Vec::new(),
-    )
-    .expect("rates");
+    let report = common::rate(sheet, &samples);
     // Sheets without a GPU price report the GPU time they cannot bill; no
     // other sample may be refused.
     let refused = report
@@ -88,27 +71,6 @@ fn rate(sheet: &PriceSheet, samples: Vec<UsageSample>) -> RateReport {
         .find(|error| error.field != "gpu_model");
     assert!(refused.is_none(), "{refused:?}");
     report
-}
-
-/// (customer, resource, price version) -> (base quantity, amount).
-fn lines(report: &RateReport) -> BTreeMap<(String, String, String), (String, Decimal)> {
-    let mut all = BTreeMap::new();
-    for bill in &report.customers {
-        for line in &bill.lines {
-            let key = (
-                bill.customer.to_string(),
-                format!("{}:{}", line.kind.as_str(), line.resource),
-                format!("{:?}", line.price_version),
-            );
-            let quantity = line.quantity_base.clone().unwrap_or_default();
-            all.insert(key, (quantity, line.amount));
-        }
-        all.insert(
-            (bill.customer.to_string(), "total".to_owned(), String::new()),
-            (String::new(), bill.total),
-        );
-    }
-    all
 }
 
 /// The most one span's rounding can move a line: one increment at the

@@ -103,13 +103,7 @@ impl Partitions {
     pub fn take_stats(&mut self) -> CompactStats {
         let mut total = CompactStats::default();
         for compactor in self.compactors.values_mut() {
-            let stats = compactor.take_stats();
-            total.samples_in += stats.samples_in;
-            total.samples_kept += stats.samples_kept;
-            total.duplicates += stats.duplicates;
-            total.late += stats.late;
-            total.refused += stats.refused;
-            total.series_ended += stats.series_ended;
+            total += compactor.take_stats();
         }
         total
     }

@@ -3,12 +3,16 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Duration, Utc};
 use idlemeter_core::{
-    CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SandboxId, StateCounters, UsageSample,
-    VcpuMillis,
+    rate_report, BillingOptions, CounterSet, CustomerId, Epoch, LifecycleState, NodeId,
+    NumberedSample, PriceSheet, RateReport, SandboxId, SessionOrConnection, StateCounters,
+    UsageSample, VcpuMillis,
 };
 use proptest::prelude::*;
+use rust_decimal::Decimal;
 
 pub const SHEETS: [(&str, &str, u64); 5] = [
     ("e2b", include_str!("../../../../prices/e2b.toml"), 1),
@@ -189,4 +193,49 @@ pub fn advance(sample: &mut UsageSample, phase: &Phase, elapsed: u64) {
         counters.gpu_alloc_active_ms += gpu;
         counters.disk_active_mib_ms += disk;
     }
+}
+
+/// Rates samples (numbered from 1 in their order) with the collector's
+/// activity rule and no billing options.
+pub fn rate(sheet: &PriceSheet, samples: &[UsageSample]) -> RateReport {
+    let numbered: Vec<NumberedSample> = samples
+        .iter()
+        .enumerate()
+        .map(|(index, sample)| NumberedSample {
+            line: index as u64 + 1,
+            sample: sample.clone(),
+        })
+        .collect();
+    rate_report(
+        sheet,
+        &numbered,
+        &SessionOrConnection,
+        &BillingOptions::default(),
+        Vec::new(),
+    )
+    .expect("rates")
+}
+
+/// (customer, resource, price version) -> (base quantity, amount), and a
+/// "total" line per customer.
+pub type Lines = BTreeMap<(String, String, String), (String, Decimal)>;
+
+pub fn lines(report: &RateReport) -> Lines {
+    let mut all = BTreeMap::new();
+    for bill in &report.customers {
+        for line in &bill.lines {
+            let key = (
+                bill.customer.to_string(),
+                format!("{}:{}", line.kind.as_str(), line.resource),
+                format!("{:?}", line.price_version),
+            );
+            let quantity = line.quantity_base.clone().unwrap_or_default();
+            all.insert(key, (quantity, line.amount));
+        }
+        all.insert(
+            (bill.customer.to_string(), "total".to_owned(), String::new()),
+            (String::new(), bill.total),
+        );
+    }
+    all
 }
