@@ -265,22 +265,22 @@ def run_checks(query) -> int:
         "INSERT INTO rated_usage VALUES ('acme', 0, 1800, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
         "'1', '1', 'vcpu-hour', '9', '9', 1)"
     )
-    # period_start_unix, sheet_checksum, as_of_unix, total.
-    if not check_query("period_spend.sql", "latest snapshot", ("acme", "acme", "acme"), [["0", "c1", "3600", "0.05"]]):
+    # period_start_unix, sheet_checksum, as_of_unix, total, spend.
+    if not check_query("period_spend.sql", "latest snapshot", ("acme", "acme", "acme"), [["0", "c1", "3600", "0.05", "0.05"]]):
         return 1
     # A re-run rewrites the vcpu line (0.03 -> 0.04): 0.04 + 0.02, read FINAL.
     query(
         "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c1', 'p', 'USD', 0, 'usage', 'vcpu', '', "
         "'1', '1', 'vcpu-hour', '0.04', '0.04', 2)"
     )
-    if not check_query("period_spend.sql", "a rewritten line", ("acme", "acme", "acme"), [["0", "c1", "3600", "0.06"]]):
+    if not check_query("period_spend.sql", "a rewritten line", ("acme", "acme", "acme"), [["0", "c1", "3600", "0.06", "0.06"]]):
         return 1
     # A re-rating under checksum c2 of the same hour, rated later, supersedes c1.
     query(
         "INSERT INTO rated_usage VALUES ('acme', 0, 3600, 's', 'c2', 'p', 'USD', 0, 'usage', 'vcpu', '', "
         "'1', '1', 'vcpu-hour', '0.07', '0.07', 3)"
     )
-    if not check_query("period_spend.sql", "a re-rating", ("acme", "acme", "acme"), [["0", "c2", "3600", "0.07"]]):
+    if not check_query("period_spend.sql", "a re-rating", ("acme", "acme", "acme"), [["0", "c2", "3600", "0.07", "0.07"]]):
         return 1
     print("ok  period_spend.sql")
 

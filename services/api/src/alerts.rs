@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use idlemeter_rater::Period;
+use idlemeter_core::Period;
 use idlemeter_store::{
     from_column, to_column, unix_seconds, AlertFiringRow, LatestSpend, SpendAlertRow, Store,
 };
@@ -218,7 +218,7 @@ impl AlertDelivery {
                 alert.alert_id.clone(),
                 spend.period_start,
             );
-            if spend.total >= threshold && !fired.contains(&key) {
+            if spend.spend >= threshold && !fired.contains(&key) {
                 due.push((alert, threshold, spend.clone()));
             }
         }
@@ -247,7 +247,7 @@ impl AlertDelivery {
             alert_id: alert.alert_id.clone(),
             customer: alert.customer.clone(),
             threshold: threshold.normalize().to_string(),
-            spend: spend.total.normalize().to_string(),
+            spend: spend.spend.normalize().to_string(),
             period_start: crate::views::time(spend.period_start),
             as_of: crate::views::time(spend.as_of),
         };
@@ -270,7 +270,7 @@ impl AlertDelivery {
                         customer: alert.customer.clone(),
                         alert_id: alert.alert_id.clone(),
                         period_start: spend.period_start,
-                        spend: to_column(spend.total)?,
+                        spend: to_column(spend.spend)?,
                         fired_at: unix_seconds(now),
                     })
                     .await?;
@@ -279,7 +279,7 @@ impl AlertDelivery {
                     .expect("not poisoned")
                     .remove(&alert.alert_id);
                 self.fired.inc();
-                tracing::info!(alert = %alert.alert_id, customer = %alert.customer, spend = %spend.total, "spend alert delivered");
+                tracing::info!(alert = %alert.alert_id, customer = %alert.customer, spend = %spend.spend, "spend alert delivered");
                 Ok(true)
             }
             Err(error) => {

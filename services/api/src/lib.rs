@@ -18,6 +18,7 @@ pub mod auth;
 mod docs;
 pub mod finance;
 pub mod live;
+mod preview;
 pub mod problem;
 pub mod routes;
 pub mod views;
@@ -33,7 +34,6 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::Router;
-use idlemeter_invoicer::Invoicer;
 use idlemeter_store::Store;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,53 @@ pub enum Error {
     Store(#[from] idlemeter_store::Error),
     #[error("api listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sheet(#[from] idlemeter_core::SheetError),
+    #[error(transparent)]
+    Terms(#[from] idlemeter_core::TermsError),
+}
+
+/// What the API bills an invoice preview with: the sheet the rater rates
+/// with (its checksum must match the rater's figures) and the billing terms
+/// the rater and the invoicer are given.
+#[derive(Debug)]
+pub struct Billing {
+    pub(crate) sheet: idlemeter_core::PriceSheet,
+    pub(crate) sheet_label: String,
+    pub(crate) sheet_checksum: String,
+    pub(crate) terms: idlemeter_core::BillingTerms,
+    pub(crate) tax_rates: std::collections::BTreeMap<idlemeter_core::CustomerId, rust_decimal::Decimal>,
+}
+
+impl Billing {
+    /// `source`: the sheet and idle policy the rater rates with (the
+    /// checksum its figures carry).
+    pub fn new(
+        source: idlemeter_store::SheetSource<'_>,
+        terms: idlemeter_core::BillingTerms,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            sheet: idlemeter_core::PriceSheet::from_toml(source.sheet_text, source.sheet_label)?,
+            sheet_label: source.sheet_label.to_owned(),
+            sheet_checksum: source.checksum(),
+            tax_rates: terms.tax_rates()?,
+            terms,
+        })
+    }
+}
+
+impl AppState {
+    /// Reads accounts as the rater and the invoicer do.
+    pub(crate) fn accounts(&self) -> idlemeter_store::AccountReader<'_> {
+        idlemeter_store::AccountReader {
+            store: &self.store,
+            terms: &self.billing.terms,
+            tax_rates: &self.billing.tax_rates,
+            sheet: &self.billing.sheet,
+            sheet_checksum: &self.billing.sheet_checksum,
+            adjusted: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -151,8 +198,7 @@ pub struct AppState {
     pub(crate) store: Store,
     pub(crate) keys: KeyCache,
     pub(crate) limiter: RateLimiter,
-    pub(crate) invoicer: Invoicer,
-    pub(crate) issuer: String,
+    pub(crate) billing: Billing,
     pub(crate) config: ApiConfig,
     pub(crate) links: finance::PageLinks,
     /// Sandbox state from the stream, newer than the stored one (see `live`).
@@ -220,7 +266,7 @@ impl Api {
     /// the first request) and checks the config.
     pub async fn new(
         store: Store,
-        invoicer: Invoicer,
+        billing: Billing,
         config: ApiConfig,
         registry: &Registry,
     ) -> Result<Self, Error> {
@@ -229,6 +275,8 @@ impl Api {
                 "api.max_page, api.default_page and api.max_windows must be above 0".to_owned(),
             ));
         }
+        // Queries stop with the request that needed them.
+        let store = store.with_max_execution_time(config.request_timeout_ms.div_ceil(1000));
         let keys = KeyCache::new(store.clone());
         let count = keys.reload().await?;
         tracing::info!(keys = count, "api keys loaded");
@@ -239,11 +287,10 @@ impl Api {
         );
         Ok(Self {
             state: Arc::new(AppState {
-                issuer: invoicer.config().issuer.clone(),
                 store,
                 keys,
                 limiter,
-                invoicer,
+                billing,
                 config,
                 links: finance::PageLinks::default(),
                 live: None,
@@ -362,7 +409,7 @@ impl Api {
         }
         let delivery = alerts::AlertDelivery::new(
             self.state.store.clone(),
-            self.state.invoicer.config().period,
+            self.state.billing.terms.period,
             config.alert_private_targets,
             Duration::from_secs(config.alert_interval_s),
             registry,

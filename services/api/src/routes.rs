@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use chrono::{DateTime, Utc};
 use idlemeter_core::{CustomerId, SandboxId};
-use idlemeter_invoicer::Invoice;
+use idlemeter_store::Invoice;
 use idlemeter_store::{
     from_column, to_column, unix_seconds, DecisionRow, SandboxRange, SpendAlertRow,
 };
@@ -264,7 +264,7 @@ pub struct CostNowLine {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CostNow {
     pub customer: String,
-    /// The open billing period (the invoicer's period setting).
+    /// The open billing period (`[billing] period`).
     pub period_start: Option<DateTime<Utc>>,
     /// The end of the last hour rated, or, for a live figure, the second of
     /// the newest sample rated; absent before the period's first.
@@ -276,9 +276,14 @@ pub struct CostNow {
     pub currency: Option<String>,
     pub sheet: Option<String>,
     pub lines: Vec<CostNowLine>,
-    /// The sum of `lines` (checked).
+    /// The sum of `lines` (checked): what the invoice would ask to be paid
+    /// if the period closed at `as_of`.
     #[schema(value_type = String)]
     pub total: Decimal,
+    /// What the period has cost: `total` plus what a prepaid wallet paid
+    /// (the `wallet` line). Spend alerts and budget caps compare this.
+    #[schema(value_type = String)]
+    pub spend: Decimal,
 }
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/cost", tag = "cost",
@@ -302,8 +307,9 @@ pub async fn cost_now(
         sheet: None,
         lines: Vec::new(),
         total: Decimal::ZERO,
+        spend: Decimal::ZERO,
     };
-    let (current, _) = state.invoicer.period_of(now());
+    let (current, _) = state.billing.terms.period.bounds(now());
     answer.period_start = Some(current);
     let Some(spend) = state.store.latest_spend(customer.as_str()).await? else {
         return Ok(axum::Json(answer));
@@ -330,6 +336,13 @@ pub async fn cost_now(
     answer.total = answer
         .lines
         .iter()
+        .map(|line| line.amount)
+        .sum::<Decimal>()
+        .normalize();
+    answer.spend = answer
+        .lines
+        .iter()
+        .filter(|line| line.kind != "wallet")
         .map(|line| line.amount)
         .sum::<Decimal>()
         .normalize();
@@ -414,12 +427,7 @@ pub async fn invoice_preview(
     Path(customer): Path<String>,
 ) -> ApiResult<axum::Json<Invoice>> {
     let customer = principal.tenant(&customer)?;
-    match state
-        .invoicer
-        .preview(customer.as_str(), now())
-        .await
-        .map_err(Problem::internal)?
-    {
+    match crate::preview::draft(&state, &customer, now()).await? {
         Some(draft) => Ok(axum::Json(draft.normalized())),
         None => Err(Problem::new(
             StatusCode::NOT_FOUND,
@@ -484,7 +492,7 @@ pub async fn invoices(
     };
     let mut rows = state
         .store
-        .invoices_of(&state.issuer, customer.as_str(), before, limit + 1)
+        .invoices_of(&state.billing.terms.issuer, customer.as_str(), before, limit + 1)
         .await?;
     let next_cursor = if rows.len() > limit as usize {
         rows.truncate(limit as usize);
@@ -545,7 +553,7 @@ pub async fn invoice(
     let not_found = || Problem::not_found("invoice", &number.to_string());
     let header = state
         .store
-        .invoice_of(&state.issuer, customer.as_str(), number)
+        .invoice_of(&state.billing.terms.issuer, customer.as_str(), number)
         .await?
         .ok_or_else(not_found)?;
     let lines = state.store.invoice_lines(&header).await?;
@@ -559,7 +567,7 @@ pub async fn invoice(
     if wants_csv {
         Ok((
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            idlemeter_invoicer::to_csv(&invoice),
+            idlemeter_store::document::to_csv(&invoice),
         )
             .into_response())
     } else {

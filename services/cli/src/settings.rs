@@ -10,6 +10,7 @@ use figment::Figment;
 use idlemeter_api::ApiConfig;
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_collector::CollectorConfig;
+use idlemeter_core::BillingTerms;
 use idlemeter_ingest::IngestConfig;
 use idlemeter_invoicer::InvoicerConfig;
 use idlemeter_policy::PolicyConfig;
@@ -26,6 +27,9 @@ pub struct Settings {
     pub topics: Topics,
     pub ingest: IngestConfig,
     pub rater: RaterConfig,
+    /// Issuer, period, tax rates and adjustment lookback: one set of terms
+    /// for the rater, the invoicer and the API.
+    pub billing: BillingTerms,
     pub collector: CollectorConfig,
     pub policy: PolicyConfig,
     pub invoicer: InvoicerConfig,
@@ -57,6 +61,7 @@ impl Default for Settings {
             topics: Topics::default(),
             ingest: IngestConfig::default(),
             rater: RaterConfig::default(),
+            billing: BillingTerms::default(),
             collector: CollectorConfig::default(),
             policy: PolicyConfig::default(),
             invoicer: InvoicerConfig::default(),

@@ -1,20 +1,34 @@
-//! From rated quantities to invoice lines: included usage, tiers, plan fees
-//! and credits, each line rounded once.
+//! The billing function: from rated quantities and a customer's account to
+//! the lines and total of their bill. Every figure that is money in
+//! idlemeter comes from [`bill`]: the rater's hourly and live figures (so
+//! `/cost`, `/cost/history`, spend alerts, budget caps and the dashboards),
+//! the invoice preview and the issued invoice. They differ only in the
+//! usage and the [`Account`] they pass.
 //!
 //! A usage line's exact amount is the fraction
 //! `quantity_base x unit_price / unit_divisor`, computed in integers and
-//! rounded to the minor unit by the sheet's rule in one step. Fees and credits
-//! are decimals from the sheet, rounded once each. Totals are sums of rounded
-//! lines, checked two ways before they are returned.
+//! rounded to the minor unit by the sheet's rule in one step. Fees, credits
+//! and tax are rounded once each. Totals are sums of rounded lines, checked
+//! before they are returned.
 //!
-//! `subtotal` is the sum of the usage lines; `total = subtotal + fees -
-//! credits applied`, where credits apply (monthly ones first, then one-time)
-//! up to what is payable, so a total is never below zero.
+//! Order of the lines and of the arithmetic:
+//! 1. usage and included lines (`subtotal`), the plan fee (`fees`) and
+//!    adjustments of earlier periods (`adjustments`);
+//! 2. credits: monthly ones first, on this period's charges only, then the
+//!    one-time balance on what is still payable, adjustments included; never
+//!    more than is payable (`credits`, zero or negative);
+//! 3. tax at the account's rate on what is payable after credits (`tax`);
+//!    `spend` is what the period costs: everything so far;
+//! 4. the prepaid wallet pays the spend, up to its balance, in whole minor
+//!    units (`wallet_applied`); `total` is what is left due.
+//!
+//! `total` is the sum of every line; `spend = total + wallet_applied`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
+use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -44,6 +58,10 @@ pub enum LineKind {
     /// Usage of an earlier, already invoiced period that arrived after it
     /// closed (or a correction of it), billed on this invoice.
     Adjustment,
+    /// Tax on what is payable after credits.
+    Tax,
+    /// A payment from the customer's prepaid wallet (a negative amount).
+    Wallet,
 }
 
 impl LineKind {
@@ -55,6 +73,8 @@ impl LineKind {
             LineKind::Fee => "fee",
             LineKind::Credit => "credit",
             LineKind::Adjustment => "adjustment",
+            LineKind::Tax => "tax",
+            LineKind::Wallet => "wallet",
         }
     }
 }
@@ -83,7 +103,7 @@ pub struct InvoiceLine {
     pub quantity_base: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_unit: Option<&'static str>,
-    /// For a credit line, what was available before applying it.
+    /// For a credit or wallet line, what was available before applying it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credit_available: Option<Decimal>,
 }
@@ -103,9 +123,34 @@ pub struct CustomerBill {
     pub adjustments: Decimal,
     /// Sum of the credit lines (zero or negative).
     pub credits: Decimal,
-    /// `subtotal + fees + adjustments + credits`, the sum of every line;
-    /// never negative unless a negative adjustment exceeds every charge.
+    /// The part of `credits` that is the plan's monthly credit (what a later
+    /// adjustment of this period nets against).
+    pub monthly_credits: Decimal,
+    /// The account's tax rate and the tax line's amount.
+    pub tax_rate: Decimal,
+    pub tax: Decimal,
+    /// What the period costs: `subtotal + fees + adjustments + credits +
+    /// tax`. Spend alerts and budget caps compare this.
+    pub spend: Decimal,
+    /// Prepaid balance available before this bill, and what it paid.
+    pub wallet_balance: Decimal,
+    pub wallet_applied: Decimal,
+    /// The sum of every line: `spend - wallet_applied`, what is due. Never
+    /// negative unless a negative adjustment exceeds every charge.
     pub total: Decimal,
+    /// One-time credit left after this bill; `None` when the plan has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub one_time_credit_left: Option<Decimal>,
+}
+
+impl CustomerBill {
+    /// Nothing used and nothing charged: no invoice (and no number) for it.
+    pub fn bills_nothing(&self) -> bool {
+        let consumed = self.lines.iter().any(|line| {
+            matches!(line.kind, LineKind::Usage | LineKind::Included) && !line.quantity.is_zero()
+        });
+        !consumed && self.lines.iter().all(|line| line.amount.is_zero())
+    }
 }
 
 /// Late usage of an earlier period, to bill on this one.
@@ -119,23 +164,51 @@ pub struct Adjustment {
     pub note: String,
 }
 
-/// What the invoicer knows that a sheet cannot: how much of each customer's
-/// one-time credit is left. A customer not in the map has the plan's whole
-/// one-time credit (their first period).
+/// What a customer brings to a bill beyond its usage: what is left of the
+/// one-time credit, adjustments of earlier periods, the tax rate and the
+/// prepaid wallet. [`Account::default`] is a new account: the plan's whole
+/// one-time credit, nothing to adjust, no tax, no wallet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BillingOptions {
-    pub one_time_credit_left: BTreeMap<CustomerId, Decimal>,
-    /// Adjustments to bill on this period, per customer. They are payable
-    /// like usage: credits apply to them too.
-    pub adjustments: BTreeMap<CustomerId, Vec<Adjustment>>,
+pub struct Account {
+    /// `None`: the plan's whole one-time credit (the first period billed).
+    pub one_time_credit_left: Option<Decimal>,
+    /// Adjustments to bill on this period. They are payable like usage:
+    /// the one-time credit applies to them too.
+    pub adjustments: Vec<Adjustment>,
+    /// In [0, 1): 0.2 is 20 %.
+    pub tax_rate: Decimal,
+    /// Prepaid money available: deposits so far less what earlier invoices
+    /// drew. Paid out in whole minor units, never below zero.
+    pub wallet_balance: Decimal,
 }
 
-/// Prices one customer's rated usage into a bill.
+/// Accounts by customer, for billing many customers at once; a customer not
+/// in the map has a new account ([`Account::default`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BillingOptions {
+    pub accounts: BTreeMap<CustomerId, Account>,
+}
+
+impl BillingOptions {
+    pub fn account(&self, customer: &CustomerId) -> Cow<'_, Account> {
+        self.accounts
+            .get(customer)
+            .map_or_else(|| Cow::Owned(Account::default()), Cow::Borrowed)
+    }
+}
+
+/// Prices one customer's rated usage into a bill with their account in
+/// `options` (a new account if absent).
 pub fn bill_customer(
     sheet: &PriceSheet,
     usage: &CustomerUsage,
     options: &BillingOptions,
 ) -> Result<CustomerBill> {
+    bill(sheet, usage, &options.account(&usage.customer))
+}
+
+/// The billing function (see the module doc).
+pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Result<CustomerBill> {
     let pricer = LinePricer {
         sheet,
         customer: &usage.customer,
@@ -149,25 +222,42 @@ pub fn bill_customer(
         .into_iter()
         .collect();
     let fees = pricer.sum(&fee_lines)?;
-    let adjustment_lines: Vec<InvoiceLine> = options
+    let adjustment_lines: Vec<InvoiceLine> = account
         .adjustments
-        .get(&usage.customer)
-        .map(|adjustments| {
-            adjustments
-                .iter()
-                .map(|adjustment| pricer.adjustment_line(adjustment))
-                .collect()
-        })
-        .unwrap_or_default();
+        .iter()
+        .map(|adjustment| pricer.adjustment_line(adjustment))
+        .collect();
     let adjustments = pricer.sum(&adjustment_lines)?;
     let this_period = pricer.add(subtotal, fees)?;
     let payable = pricer.add(this_period, adjustments)?;
-    let credit_lines = pricer.credit_lines(this_period, adjustments, options)?;
+    let credit_lines = pricer.credit_lines(this_period, adjustments, account)?;
     let credits = pricer.sum(&credit_lines)?;
+    let monthly_credits = pricer.sum(
+        &credit_lines
+            .iter()
+            .filter(|line| line.resource == MONTHLY_CREDIT)
+            .cloned()
+            .collect::<Vec<_>>(),
+    )?;
+    let one_time_credit_left = credit_lines
+        .iter()
+        .find(|line| line.resource == ONE_TIME_CREDIT)
+        .and_then(|line| line.credit_available.map(|available| available + line.amount))
+        .or(account.one_time_credit_left);
     lines.extend(fee_lines);
     lines.extend(adjustment_lines);
     lines.extend(credit_lines);
-    let total = pricer.add(payable, credits)?;
+    let after_credits = pricer.add(payable, credits)?;
+    let tax_line = pricer.tax_line(after_credits, account.tax_rate)?;
+    let tax = tax_line.as_ref().map_or(Decimal::ZERO, |line| line.amount);
+    let spend = pricer.add(after_credits, tax)?;
+    lines.extend(tax_line);
+    let wallet_balance = pricer.wallet_available(account.wallet_balance);
+    let wallet_applied = wallet_balance.min(spend.max(Decimal::ZERO));
+    if !wallet_applied.is_zero() {
+        lines.push(pricer.wallet_line(wallet_applied, wallet_balance));
+    }
+    let total = pricer.add(spend, -wallet_applied)?;
     pricer.check_sum("total", pricer.sum(&lines)?, total)?;
     debug_assert!(
         !total.is_sign_negative() || total.is_zero() || adjustments.is_sign_negative(),
@@ -181,9 +271,69 @@ pub fn bill_customer(
         fees,
         adjustments,
         credits,
+        monthly_credits,
+        tax_rate: account.tax_rate,
+        tax,
+        spend,
+        wallet_balance,
+        wallet_applied,
         total,
+        one_time_credit_left,
     })
 }
+
+/// What an issued invoice billed for its own period, as a later adjustment
+/// of that period compares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoicedPeriod {
+    pub period_start: DateTime<Utc>,
+    /// The invoice's usage lines, fees and monthly credit (zero or negative).
+    pub subtotal: Decimal,
+    pub fees: Decimal,
+    pub monthly_credits: Decimal,
+    /// Adjustments of this period already billed on later invoices.
+    pub adjusted: Decimal,
+}
+
+/// What an invoiced period owes now beyond what was billed for it, from its
+/// usage rated now (`usage`, late samples included): both sides after that
+/// period's own monthly credit, which expired with it. The one-time credit
+/// is a balance and covers the adjustment on the bill that carries it.
+/// `None` when nothing changed.
+pub fn adjustment_for(
+    sheet: &PriceSheet,
+    usage: &CustomerUsage,
+    invoiced: &InvoicedPeriod,
+) -> Result<Option<Adjustment>> {
+    let no_one_time = Account {
+        one_time_credit_left: Some(Decimal::ZERO),
+        ..Account::default()
+    };
+    let rebilled = bill(sheet, usage, &no_one_time)?;
+    let monthly_granted: Decimal = rebilled
+        .lines
+        .iter()
+        .filter(|line| line.resource == MONTHLY_CREDIT)
+        .filter_map(|line| line.credit_available)
+        .sum();
+    let owed_now = (rebilled.subtotal + invoiced.fees - monthly_granted).max(Decimal::ZERO);
+    let billed = invoiced.subtotal + invoiced.fees + invoiced.monthly_credits + invoiced.adjusted;
+    let difference = owed_now - billed;
+    if difference.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some(Adjustment {
+        period_start: invoiced.period_start,
+        amount: difference,
+        note: format!(
+            "period from {} re-rated after late samples: {billed} billed, {owed_now} owed",
+            invoiced.period_start.format("%Y-%m-%d")
+        ),
+    }))
+}
+
+const MONTHLY_CREDIT: &str = "credit.monthly";
+const ONE_TIME_CREDIT: &str = "credit.one_time";
 
 struct LinePricer<'a> {
     sheet: &'a PriceSheet,
@@ -319,7 +469,7 @@ impl LinePricer<'_> {
         &self,
         this_period: Decimal,
         adjustments: Decimal,
-        options: &BillingOptions,
+        account: &Account,
     ) -> Result<Vec<InvoiceLine>> {
         let Some(plan) = self.sheet.plan_for(self.customer) else {
             return Ok(Vec::new());
@@ -332,7 +482,7 @@ impl LinePricer<'_> {
                 .sum()
         };
         let has_kind = |kind: CreditKind| plan.credits.iter().any(|credit| credit.kind == kind);
-        let one_time_left = options.one_time_credit_left.get(self.customer).copied();
+        let one_time_left = account.one_time_credit_left;
         let mut still_payable = this_period.max(Decimal::ZERO);
         let mut lines = Vec::new();
         for kind in [CreditKind::Monthly, CreditKind::OneTime] {
@@ -377,6 +527,57 @@ impl LinePricer<'_> {
             resource: format!("credit.{}", kind.as_str()),
             quantity: Decimal::ONE,
             unit: "credit".to_owned(),
+            unit_price: -applied,
+            amount: -applied,
+            price_version: None,
+            tier: None,
+            quantity_base: None,
+            base_unit: None,
+            credit_available: Some(available),
+        }
+    }
+
+    /// Tax at `rate` on what is payable after credits (nothing on a negative
+    /// amount), rounded once; no line at a zero rate.
+    fn tax_line(&self, taxable: Decimal, rate: Decimal) -> Result<Option<InvoiceLine>> {
+        if rate.is_zero() {
+            return Ok(None);
+        }
+        let base = taxable.max(Decimal::ZERO);
+        let exact = base.checked_mul(rate).ok_or_else(|| Error::AmountOverflow {
+            customer: self.customer.to_string(),
+            resource: "tax".to_owned(),
+        })?;
+        let amount = self.rule().round(exact, self.digits());
+        Ok(Some(InvoiceLine {
+            kind: LineKind::Tax,
+            resource: "tax".to_owned(),
+            quantity: base,
+            unit: "amount".to_owned(),
+            unit_price: rate,
+            amount,
+            price_version: None,
+            tier: None,
+            quantity_base: None,
+            base_unit: None,
+            credit_available: None,
+        }))
+    }
+
+    /// The wallet pays whole minor units: a balance is truncated, never
+    /// rounded up, and a negative one pays nothing.
+    fn wallet_available(&self, balance: Decimal) -> Decimal {
+        balance
+            .round_dp_with_strategy(self.digits(), RoundingStrategy::ToZero)
+            .max(Decimal::ZERO)
+    }
+
+    fn wallet_line(&self, applied: Decimal, available: Decimal) -> InvoiceLine {
+        InvoiceLine {
+            kind: LineKind::Wallet,
+            resource: "wallet".to_owned(),
+            quantity: Decimal::ONE,
+            unit: "payment".to_owned(),
             unit_price: -applied,
             amount: -applied,
             price_version: None,

@@ -22,12 +22,14 @@ pub mod ids;
 pub mod invoice;
 pub mod jsonl;
 pub mod money;
+pub mod period;
 pub mod policy;
 pub mod pricing;
 pub mod rating;
 pub mod report;
 pub mod rollup;
 pub mod sample;
+pub mod terms;
 
 pub use compact::{
     compact_all, CompactRule, CompactStats, Compacted, Compactor, MinuteRow, MINUTE_COUNTERS,
@@ -35,11 +37,16 @@ pub use compact::{
 pub use counters::{Counter, CounterSet, StateCounters};
 pub use error::{Error, LineError, Result};
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};
-pub use invoice::{Adjustment, BillingOptions, CustomerBill, InvoiceLine, LineKind};
+pub use invoice::{
+    adjustment_for, bill, Account, Adjustment, BillingOptions, CustomerBill, InvoiceLine,
+    InvoicedPeriod, LineKind,
+};
 pub use money::{Currency, Money, RoundingRule};
+pub use period::{floor_hour, Period};
 pub use pricing::{PriceSheet, SheetError};
 pub use rating::{
     rate_samples, IdlePolicy, NumberedSample, RatedUsage, RatingState, SessionOrConnection,
 };
 pub use report::{rate_jsonl, rate_report, report_usage, RateReport};
+pub use terms::{BillingTerms, TermsError};
 pub use sample::{LifecycleState, SampleDetail, SampleError, UsageSample, VcpuMillis};

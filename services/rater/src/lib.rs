@@ -31,8 +31,6 @@
 //! `rating_errors`; every other customer is rated as usual. Samples rating
 //! refuses are written there too, by sandbox, epoch and seq.
 
-mod period;
-
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,17 +41,18 @@ use chrono::{DateTime, Utc};
 use idlemeter_core::invoice::CustomerBill;
 use idlemeter_core::policy::{Policy, PolicyIdle};
 use idlemeter_core::{
-    report_usage, BillingOptions, CustomerId, IdlePolicy, LineError, NumberedSample, PriceSheet,
-    RateReport, RatingState, SessionOrConnection, UsageSample,
+    floor_hour, report_usage, Account, BillingOptions, BillingTerms, CustomerId, IdlePolicy,
+    LineError, NumberedSample, PriceSheet, RateReport, RatingState, SessionOrConnection,
+    UsageSample,
 };
 use idlemeter_store::{
-    to_column, RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow, Store,
+    ratings_checksum, to_column, AccountReader, RatedLineRow, RatingChangeRow, RatingErrorRow,
+    RatingStateRow, Store,
 };
 use rust_decimal::Decimal;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
-pub use period::Period;
+pub use idlemeter_core::Period;
 
 /// Errors of the rater, with the sheet or customer they concern.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +63,8 @@ pub enum Error {
     Store(#[from] idlemeter_store::Error),
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Terms(#[from] idlemeter_core::TermsError),
     /// An amount that cannot be stored exactly: this customer's problem,
     /// not the store's.
     #[error("{0}")]
@@ -83,8 +84,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct RaterConfig {
     /// The price sheet every customer is rated with.
     pub sheet: String,
-    /// Billing period: `month` (calendar month, UTC) or `day` (for testing).
-    pub period: Period,
     /// How long after an hour ends before it is rated (late samples).
     pub grace_seconds: u64,
     /// How often to look for newly closed hours.
@@ -104,19 +103,23 @@ pub struct RaterConfig {
     /// store late (a late sample older than this is left to the hour's final
     /// rating; with counters it changes no money).
     pub live_lateness_seconds: u64,
+    /// How long live figures use a customer's account (credits left,
+    /// wallet, adjustments) before reading it again. Hourly figures always
+    /// read it.
+    pub account_refresh_seconds: u64,
 }
 
 impl Default for RaterConfig {
     fn default() -> Self {
         Self {
             sheet: "prices/northflank.toml".to_owned(),
-            period: Period::Month,
             grace_seconds: 300,
             interval_seconds: 60,
             idle_policy: String::new(),
             live_interval_seconds: 5,
             live_source: LiveSource::Kafka,
             live_lateness_seconds: 10,
+            account_refresh_seconds: 60,
         }
     }
 }
@@ -168,6 +171,9 @@ pub struct RatingPass {
     pub samples_refused: usize,
     /// Customers whose rating failed (reported in `rating_errors`).
     pub customers_failed: usize,
+    /// Finished periods re-rated because samples arrived after their last
+    /// hour was rated.
+    pub periods_rerated: usize,
     /// Samples read from the store by this pass.
     pub samples_read: usize,
 }
@@ -187,6 +193,10 @@ struct LiveState {
     state: RatingState,
     /// Newest sample time rated, Unix ms.
     newest_ms: u64,
+    /// The account the live figure bills with, and when it was read (`None`:
+    /// to be read before the next figure).
+    account: Account,
+    account_read: Option<std::time::Instant>,
 }
 
 /// A customer's state at its newest final hour: (period start, as_of, state).
@@ -242,6 +252,8 @@ pub struct Rater {
     sheet_label: String,
     sheet_checksum: String,
     config: RaterConfig,
+    terms: BillingTerms,
+    tax_rates: std::collections::BTreeMap<CustomerId, Decimal>,
     idle: Idle,
     metrics: RaterMetrics,
     /// The state of each customer's newest final hour, kept so the next
@@ -251,6 +263,8 @@ pub struct Rater {
     live: Mutex<HashMap<CustomerId, LiveState>>,
     /// New samples from the stream, when live rating reads it.
     feed: Option<LiveFeed>,
+    /// The closed hour older periods were last looked at for late samples.
+    lookback_checked: Mutex<Option<DateTime<Utc>>>,
 }
 
 impl Rater {
@@ -263,10 +277,7 @@ impl Rater {
     ) -> Result<Self> {
         let sheet = PriceSheet::from_toml(sheet_text, &config.sheet)
             .map_err(|error| Error::Sheet(error.into()))?;
-        let sheet_checksum: String = Sha256::digest(sheet_text.as_bytes())
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
+        let sheet_checksum = ratings_checksum(sheet_text, None);
         let metrics = RaterMetrics::new(registry)?;
         Ok(Self {
             store,
@@ -274,11 +285,14 @@ impl Rater {
             sheet_label: config.sheet.clone(),
             sheet_checksum,
             config,
+            terms: BillingTerms::default(),
+            tax_rates: std::collections::BTreeMap::new(),
             idle: Idle::SessionOrConnection,
             metrics,
             finals: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             feed: None,
+            lookback_checked: Mutex::new(None),
         })
     }
 
@@ -289,15 +303,7 @@ impl Rater {
     pub fn with_idle_policy(mut self, policy_text: &str) -> Result<Self> {
         let policy = Policy::from_toml(policy_text, &self.config.idle_policy)
             .map_err(|error| Error::Sheet(error.into()))?;
-        let mut digest = Sha256::new();
-        digest.update(self.sheet_checksum.as_bytes());
-        digest.update(b"\0");
-        digest.update(policy_text.as_bytes());
-        self.sheet_checksum = digest
-            .finalize()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
+        self.sheet_checksum = idlemeter_store::with_policy(&self.sheet_checksum, policy_text);
         self.idle = Idle::Policy(Box::new(PolicyIdle::new(policy)));
         Ok(self)
     }
@@ -309,8 +315,32 @@ impl Rater {
         self
     }
 
+    /// Bills under `terms` (issuer, period, tax rates, lookback): the
+    /// terms the invoicer and the API are given, so that every figure is
+    /// the invoice's.
+    pub fn with_terms(mut self, terms: BillingTerms) -> Result<Self> {
+        self.tax_rates = terms.tax_rates()?;
+        self.terms = terms;
+        Ok(self)
+    }
+
     pub fn sheet_checksum(&self) -> &str {
         &self.sheet_checksum
+    }
+
+    fn period(&self) -> Period {
+        self.terms.period
+    }
+
+    fn account_reader(&self) -> AccountReader<'_> {
+        AccountReader {
+            store: &self.store,
+            terms: &self.terms,
+            tax_rates: &self.tax_rates,
+            sheet: &self.sheet,
+            sheet_checksum: &self.sheet_checksum,
+            adjusted: None,
+        }
     }
 
     /// Rates every closed hour of the current period (and the previous one, so
@@ -319,25 +349,23 @@ impl Rater {
     /// same `now` writes nothing.
     pub async fn rate_closed_hours(&self, now: DateTime<Utc>) -> Result<RatingPass> {
         let closed_until =
-            period::floor_hour(now - chrono::Duration::seconds(self.config.grace_seconds as i64));
+            floor_hour(now - chrono::Duration::seconds(self.config.grace_seconds as i64));
         let last_hour_start = closed_until - chrono::Duration::hours(1);
-        let current = self.config.period.start_of(last_hour_start);
-        let previous = self
-            .config
-            .period
-            .start_of(current - chrono::Duration::seconds(1));
+        let current = self.period().start_of(last_hour_start);
+        let previous = self.period().previous(current);
         let mut pass = RatingPass::default();
         for period_start in [previous, current] {
-            let period_end = self.config.period.next(period_start).min(closed_until);
+            let full_end = self.period().next(period_start);
+            let period_end = full_end.min(closed_until);
             let customers = self
                 .store
                 .customers_with_samples(unix_ms(period_start), unix_ms(period_end))
                 .await?;
-            for (customer, first_ms) in &customers {
+            for (customer, first_ms, count) in &customers {
                 // Hours before the customer's first sample of the period bill nothing.
                 let first_sample =
                     DateTime::from_timestamp_millis(*first_ms as i64).unwrap_or(period_start);
-                let mut as_of = period::floor_hour(first_sample) + chrono::Duration::hours(1);
+                let mut as_of = floor_hour(first_sample) + chrono::Duration::hours(1);
                 // One query for what this sheet already rated, not one per hour.
                 let rated = self
                     .store
@@ -347,7 +375,13 @@ impl Rater {
                     if rated.contains(&unix_secs(as_of)) {
                         pass.snapshots_present += 1;
                     } else if let Err(error) = self
-                        .rate_snapshot(customer, period_start, as_of, now, &mut pass)
+                        .rate_snapshot(
+                            customer,
+                            (period_start, as_of),
+                            if as_of == full_end { *count } else { 0 },
+                            now,
+                            &mut pass,
+                        )
                         .await
                     {
                         // The store failing is everyone's problem: retry the
@@ -363,15 +397,143 @@ impl Rater {
                     as_of += chrono::Duration::hours(1);
                 }
             }
+            if period_end == full_end {
+                self.rerate_late(period_start, &customers, now, &mut pass)
+                    .await?;
+            }
+        }
+        // Periods before the previous one that an invoice may still adjust:
+        // looked at once per closed hour.
+        let look_back = {
+            let mut last = self.lookback_checked.lock().expect("not poisoned");
+            let due = *last != Some(closed_until);
+            *last = Some(closed_until);
+            due
+        };
+        if look_back {
+            let mut period_start = previous;
+            for _ in 1..self.terms.adjust_lookback_periods {
+                period_start = self.period().previous(period_start);
+                let customers = self
+                    .store
+                    .customers_with_samples(
+                        unix_ms(period_start),
+                        unix_ms(self.period().next(period_start)),
+                    )
+                    .await?;
+                self.rerate_late(period_start, &customers, now, &mut pass)
+                    .await?;
+            }
         }
         Ok(pass)
     }
 
-    async fn rate_snapshot(
+    /// Re-rates, from its samples, the finished period of every customer
+    /// whose stored sample count there changed since its period-end state
+    /// was written: samples that arrived after the period's last hour was
+    /// rated. The new period-end state is what the close bills, or, after
+    /// the close, what the next invoice adjusts for. A state that did not
+    /// count its samples (written before migration 0011) is left alone.
+    async fn rerate_late(
+        &self,
+        period_start: DateTime<Utc>,
+        customers: &[(CustomerId, u64, u64)],
+        now: DateTime<Utc>,
+        pass: &mut RatingPass,
+    ) -> Result<()> {
+        if customers.is_empty() {
+            return Ok(());
+        }
+        let end = self.period().next(period_start);
+        let rated: HashMap<String, (u32, u64)> = self
+            .store
+            .rated_quantities("", "\u{10ffff}", unix_secs(period_start), &self.sheet_checksum)
+            .await?
+            .into_iter()
+            .map(|row| (row.customer, (row.as_of, row.samples)))
+            .collect();
+        for (customer, _, count) in customers {
+            let stale = rated
+                .get(customer.as_str())
+                .is_some_and(|(as_of, samples)| {
+                    *as_of == unix_secs(end) && *samples != 0 && samples != count
+                });
+            if !stale {
+                continue;
+            }
+            tracing::info!(%customer, period = %period_start, samples = count, "late samples: re-rating the period");
+            match self
+                .rerate_period(customer, period_start, *count, now, pass)
+                .await
+            {
+                Ok(()) => pass.periods_rerated += 1,
+                Err(Error::Store(error)) => return Err(Error::Store(error)),
+                Err(error) => {
+                    self.customer_failed(customer, period_start, now, &error)
+                        .await;
+                    pass.customers_failed += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The period-end state of a finished period, rated again from its
+    /// first sample (see [`Self::rerate_late`]).
+    async fn rerate_period(
         &self,
         customer: &CustomerId,
         period_start: DateTime<Utc>,
-        as_of: DateTime<Utc>,
+        counted: u64,
+        now: DateTime<Utc>,
+        pass: &mut RatingPass,
+    ) -> Result<()> {
+        let end = self.period().next(period_start);
+        let mut state = RatingState::new(&self.sheet);
+        let samples = self
+            .read_samples(customer, unix_ms(period_start), unix_ms(end), &mut pass.samples_read)
+            .await?;
+        let errors = state.advance(&self.sheet, &samples, &self.idle);
+        self.report_refused(customer, period_start, &samples, &errors, now)
+            .await?;
+        let account = self
+            .account_reader()
+            .read(customer.as_str(), customer.as_str(), period_start, end)
+            .await?
+            .account(customer);
+        let (_, usage) = self.report(customer, &state, &account)?;
+        self.store
+            .insert_rating_state(&RatingStateRow {
+                customer: customer.to_string(),
+                period_start: unix_secs(period_start),
+                sheet_checksum: self.sheet_checksum.clone(),
+                as_of: unix_secs(end),
+                series: u32::try_from(state.series_count()).unwrap_or(u32::MAX),
+                state: state.to_json(),
+                rated_at: unix_secs(now),
+                usage,
+                samples: counted,
+                revision: wall_clock_ms(),
+            })
+            .await?;
+        let mut finals = self.finals.lock().expect("not poisoned");
+        if finals
+            .get(customer)
+            .is_some_and(|(period, _, _)| *period == period_start)
+        {
+            finals.insert(customer.clone(), (period_start, end, state));
+        }
+        Ok(())
+    }
+
+    /// Rates one customer's hour ending `as_of` of the period starting
+    /// `period_start`; `counted` is the period's sample count when `as_of`
+    /// is its end (0 otherwise), stored with the state for late samples.
+    async fn rate_snapshot(
+        &self,
+        customer: &CustomerId,
+        (period_start, as_of): (DateTime<Utc>, DateTime<Utc>),
+        counted: u64,
         now: DateTime<Utc>,
         pass: &mut RatingPass,
     ) -> Result<()> {
@@ -399,7 +561,12 @@ impl Rater {
         self.report_refused(customer, period_start, &samples, &errors, now)
             .await?;
         pass.samples_refused += errors.len();
-        let report = self.report(&state)?;
+        let account = self
+            .account_reader()
+            .read(customer.as_str(), customer.as_str(), period_start, as_of)
+            .await?
+            .account(customer);
+        let (report, usage) = self.report(customer, &state, &account)?;
         // The state first: a state without lines is found by the next pass,
         // which writes the lines from it.
         self.store
@@ -411,6 +578,9 @@ impl Rater {
                 series: u32::try_from(state.series_count()).unwrap_or(u32::MAX),
                 state: state.to_json(),
                 rated_at: unix_secs(now),
+                usage,
+                samples: counted,
+                revision: wall_clock_ms(),
             })
             .await?;
         self.finals
@@ -511,14 +681,31 @@ impl Rater {
         Ok(samples)
     }
 
-    /// The bill of what `state` rated so far.
-    fn report(&self, state: &RatingState) -> Result<RateReport> {
-        Ok(report_usage(
-            &self.sheet,
-            state.usage(&self.sheet, &self.idle),
-            &BillingOptions::default(),
-            Vec::new(),
-        )?)
+    /// The bill of what `state` rated so far for `customer` with their
+    /// account, and the quantities it bills (`CustomerUsage::to_text`).
+    fn report(
+        &self,
+        customer: &CustomerId,
+        state: &RatingState,
+        account: &Account,
+    ) -> Result<(RateReport, String)> {
+        let mut usage = state.usage(&self.sheet, &self.idle);
+        // A customer with nothing rated yet still has fees and adjustments.
+        if !usage.customers.iter().any(|rated| &rated.customer == customer) {
+            usage
+                .customers
+                .push(idlemeter_core::rating::CustomerUsage::nothing(customer.clone(), &self.sheet));
+        }
+        let text = usage
+            .customers
+            .iter()
+            .find(|rated| &rated.customer == customer)
+            .map(|rated| rated.to_text())
+            .unwrap_or_default();
+        let options = BillingOptions {
+            accounts: [(customer.clone(), account.clone())].into_iter().collect(),
+        };
+        Ok((report_usage(&self.sheet, usage, &options, Vec::new())?, text))
     }
 
     /// Logs, counts and stores the samples rating refused.
@@ -596,7 +783,7 @@ impl Rater {
     pub async fn rate_live(&self, now: DateTime<Utc>) -> Result<LivePass> {
         let lateness = chrono::Duration::seconds(self.config.live_lateness_seconds as i64);
         let window = chrono::Duration::seconds(self.config.live_interval_seconds.max(1) as i64);
-        let period_start = self.config.period.start_of(now);
+        let period_start = self.period().start_of(now);
         let from = (now - window - lateness).max(period_start);
         let recent = self
             .store
@@ -618,7 +805,7 @@ impl Rater {
         now: DateTime<Utc>,
         recent: Vec<UsageSample>,
     ) -> Result<LivePass> {
-        let period_start = self.config.period.start_of(now);
+        let period_start = self.period().start_of(now);
         let mut pass = LivePass {
             samples_read: recent.len(),
             ..LivePass::default()
@@ -639,6 +826,7 @@ impl Rater {
         customers.sort();
         self.resume_live(&customers, period_start, now, &mut pass)
             .await?;
+        self.refresh_accounts(&customers, period_start, now).await?;
         // Every customer's figure in one insert: one per customer would
         // cost a round trip each.
         let mut pending = Vec::new();
@@ -707,6 +895,10 @@ impl Rater {
                     }
                 }
             }
+            let accounts = self
+                .account_reader()
+                .read(first.as_str(), last.as_str(), period_start, now)
+                .await?;
             let from_ms = chunk
                 .iter()
                 .map(|customer| {
@@ -746,8 +938,53 @@ impl Rater {
                         period_start,
                         state,
                         newest_ms,
+                        account: accounts.account(customer),
+                        account_read: Some(std::time::Instant::now()),
                     },
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads again, a range of up to `ACCOUNT_CHUNK` customers per query,
+    /// the accounts of those of `customers` (sorted) whose live account is
+    /// older than `account_refresh_seconds`.
+    async fn refresh_accounts(
+        &self,
+        customers: &[&CustomerId],
+        period_start: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        const ACCOUNT_CHUNK: usize = 200;
+        let refresh = Duration::from_secs(self.config.account_refresh_seconds);
+        let stale: Vec<CustomerId> = {
+            let live = self.live.lock().expect("not poisoned");
+            customers
+                .iter()
+                .filter(|customer| {
+                    live.get(**customer).is_some_and(|state| {
+                        state.period_start == period_start
+                            && state.account_read.is_none_or(|read| read.elapsed() >= refresh)
+                    })
+                })
+                .map(|customer| (*customer).clone())
+                .collect()
+        };
+        for chunk in stale.chunks(ACCOUNT_CHUNK) {
+            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                continue;
+            };
+            let accounts = self
+                .account_reader()
+                .read(first.as_str(), last.as_str(), period_start, now)
+                .await?;
+            let mut live = self.live.lock().expect("not poisoned");
+            for customer in chunk {
+                if let Some(state) = live.get_mut(customer) {
+                    state.account = accounts.account(customer);
+                    state.account_read = Some(std::time::Instant::now());
+                }
             }
         }
         Ok(())
@@ -777,6 +1014,8 @@ impl Rater {
                     period_start,
                     state: live.state.next_period(),
                     newest_ms: unix_ms(period_start),
+                    account: Account::default(),
+                    account_read: None,
                 };
                 (next, Cow::Owned(new))
             }
@@ -801,7 +1040,15 @@ impl Rater {
             .unwrap_or(live.newest_ms);
         live.state.advance(&self.sheet, &samples, &self.idle);
         live.newest_ms = live.newest_ms.max(newest);
-        let report = self.report(&live.state)?;
+        if live.account_read.is_none() {
+            live.account = self
+                .account_reader()
+                .read(customer.as_str(), customer.as_str(), period_start, now)
+                .await?
+                .account(customer);
+            live.account_read = Some(std::time::Instant::now());
+        }
+        let (report, _) = self.report(customer, &live.state, &live.account)?;
         let as_of_secs = u32::try_from(live.newest_ms / 1000).unwrap_or(u32::MAX);
         let rows = match report
             .customers
@@ -1044,6 +1291,11 @@ fn unix_ms(time: DateTime<Utc>) -> u64 {
 
 fn unix_secs(time: DateTime<Utc>) -> u32 {
     u32::try_from(time.timestamp()).unwrap_or(0)
+}
+
+/// Orders two writes of the same state (not a time anything is billed at).
+fn wall_clock_ms() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -185,7 +185,11 @@ pub struct LatestSpend {
     /// End of the last hour rated (a final snapshot), or the second of the
     /// newest sample rated (a live figure), Unix seconds.
     pub as_of: u32,
+    /// What is due: the sum of every line.
     pub total: Decimal,
+    /// What the period costs so far: every line but a prepaid wallet's
+    /// payment. Spend alerts and budget caps compare this.
+    pub spend: Decimal,
     /// A live figure of the open hour (`live_usage`), not yet final.
     pub provisional: bool,
 }
@@ -196,6 +200,7 @@ struct LatestSpendRow {
     sheet_checksum: String,
     as_of_unix: u32,
     total: i128,
+    spend: i128,
 }
 
 impl Store {
@@ -411,6 +416,7 @@ impl Store {
                 sheet_checksum: row.sheet_checksum,
                 as_of: row.as_of_unix,
                 total: from_column(row.total)?,
+                spend: from_column(row.spend)?,
                 provisional: table == "live_usage",
             })
         })

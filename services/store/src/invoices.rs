@@ -94,9 +94,9 @@ impl Store {
             .context("wallet deposits")
     }
 
-    /// Adjustment lines of customers `first..=last` whose number is an issued
-    /// invoice of theirs, as (customer, number, line_no, for_period, amount).
-    /// The caller drops lines beyond their header's `line_count`.
+    /// Adjustment lines of customers `first..=last`, as (customer, number,
+    /// line_no, for_period, amount). The caller keeps the lines of issued
+    /// invoices only, up to their header's `line_count`.
     pub async fn adjustment_lines(
         &self,
         issuer: &str,
@@ -108,13 +108,11 @@ impl Store {
                 "SELECT customer, number, line_no, toUInt32(for_period), amount \
                  FROM invoice_lines FINAL \
                  WHERE issuer = ? AND customer >= ? AND customer <= ? AND kind = 'adjustment' \
-                 AND (number, customer) IN (SELECT number, customer FROM invoices WHERE issuer = ?) \
                  ORDER BY customer, number, line_no",
             )
             .bind(issuer)
             .bind(first)
             .bind(last)
-            .bind(issuer)
             .fetch_all()
             .await
             .context("adjustment lines")

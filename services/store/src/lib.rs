@@ -8,7 +8,9 @@
 //! `RowBinaryWithNamesAndTypes` format that 18.16 lacks; the row structs here are
 //! checked against the migrations by the integration tests instead.
 
+mod accounts;
 mod api;
+pub mod document;
 mod invoices;
 mod migrate;
 mod minutes;
@@ -20,11 +22,15 @@ mod usage;
 
 use serde::Deserialize;
 
+pub use accounts::{
+    ratings_checksum, with_policy, AccountReader, Accounts, Adjusted, SheetSource,
+};
 pub use api::{
     unix_seconds, AlertFiringRow, ApiKeyRow, LatestSpend, SandboxRange, SandboxStateRow,
     SnapshotLine, SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL,
     USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
+pub use document::{BillContext, Invoice, Line};
 pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
 pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;
@@ -34,7 +40,7 @@ pub use rated::{
     SAMPLES_FOR_RATING_RANGE_SQL, SAMPLES_FOR_RATING_SQL,
 };
 pub use samples::SampleRow;
-pub use state::{RatingErrorRow, RatingStateRow};
+pub use state::{RatedQuantities, RatingErrorRow, RatingStateRow};
 
 /// Where and as whom to reach ClickHouse.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -105,6 +111,16 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// The same store with every query limited to `seconds` of server time
+    /// (ClickHouse `max_execution_time`): a caller that gives up on a
+    /// request (the API's request timeout) does not leave its query running.
+    pub fn with_max_execution_time(mut self, seconds: u64) -> Self {
+        self.client = self
+            .client
+            .with_setting("max_execution_time", seconds.max(1).to_string());
+        self
+    }
+
     pub fn new(settings: &ClickHouseSettings) -> Self {
         let server = clickhouse::Client::default()
             .with_url(&settings.url)

@@ -49,6 +49,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0008_state_counters.sql"),
     migration!("0009_rating_state.sql"),
     migration!("0010_compacted.sql"),
+    migration!("0011_rated_quantities.sql"),
 ];
 
 impl Migration {

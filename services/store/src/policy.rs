@@ -58,13 +58,15 @@ impl Store {
             .context(format!("decisions of {customer}"))
     }
 
-    /// The customer's spend so far in their latest period and the end of the
-    /// hour it is rated to (Unix seconds); `None` before their first rating.
+    /// The customer's spend so far in their latest period (what the period
+    /// costs, before a prepaid wallet pays: see [`crate::LatestSpend`]) and
+    /// the end of the hour it is rated to (Unix seconds); `None` before
+    /// their first rating.
     pub async fn period_spend(&self, customer: &str) -> Result<Option<(u32, Decimal)>> {
         Ok(self
             .latest_spend(customer)
             .await?
-            .map(|spend| (spend.as_of, spend.total)))
+            .map(|spend| (spend.as_of, spend.spend)))
     }
 
     pub async fn insert_policy_state(&self, rows: &[PolicyStateRow]) -> Result<()> {

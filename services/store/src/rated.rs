@@ -224,16 +224,18 @@ struct SnapshotTotal {
 
 impl Store {
     /// Customers with at least one sample taken in `[from_ms, to_ms)`, each with
-    /// the time (Unix ms) of its first sample there.
+    /// the time (Unix ms) of its first sample there and how many sample rows
+    /// are stored there (duplicates not yet merged included: a count that
+    /// changes means "look again", never money).
     pub async fn customers_with_samples(
         &self,
         from_ms: u64,
         to_ms: u64,
-    ) -> Result<Vec<(CustomerId, u64)>> {
-        let rows: Vec<(String, u64)> = self
+    ) -> Result<Vec<(CustomerId, u64, u64)>> {
+        let rows: Vec<(String, u64, u64)> = self
             .client
             .query(
-                "SELECT customer, min(ts_ms) FROM usage_samples \
+                "SELECT customer, min(ts_ms), count() FROM usage_samples \
                  WHERE ts_ms >= ? AND ts_ms < ? GROUP BY customer ORDER BY customer",
             )
             .bind(from_ms)
@@ -242,9 +244,9 @@ impl Store {
             .await
             .context("customers with samples")?;
         rows.into_iter()
-            .map(|(name, first_ms)| {
+            .map(|(name, first_ms, count)| {
                 let customer = CustomerId::parse(name).map_err(|e| Error::BadRow(e.to_string()))?;
-                Ok((customer, first_ms))
+                Ok((customer, first_ms, count))
             })
             .collect()
     }

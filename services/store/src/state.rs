@@ -22,6 +22,27 @@ pub struct RatingStateRow {
     /// `idlemeter_core::RatingState` as JSON.
     pub state: String,
     pub rated_at: u32,
+    /// The state's quantities, closed (`CustomerUsage::to_text`).
+    pub usage: String,
+    /// For a period-end state: the period's stored sample rows it rated
+    /// (0: not counted). See migration 0011.
+    pub samples: u64,
+    /// Orders states of the same as_of: wall-clock ms of the write.
+    pub revision: u64,
+}
+
+/// A customer's newest rated quantities in a period (see
+/// [`Store::rated_quantities`]).
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Deserialize)]
+pub struct RatedQuantities {
+    pub customer: String,
+    /// Unix seconds: the end of the hour rated through.
+    pub as_of: u32,
+    pub rated_at: u32,
+    /// `CustomerUsage::to_text`; empty in rows older than migration 0011.
+    pub usage: String,
+    /// See [`RatingStateRow::samples`].
+    pub samples: u64,
 }
 
 /// One sample rating refused, and why.
@@ -65,6 +86,37 @@ impl Store {
             .fetch_all()
             .await
             .context(format!("rating states of {first} .. {last}"))
+    }
+
+    /// Every customer's (from `first` to `last`, inclusive) newest rated
+    /// quantities in a period under a checksum: one row per customer, read
+    /// from the state table (merges keep one row per customer and period),
+    /// never from the samples.
+    pub async fn rated_quantities(
+        &self,
+        first: &str,
+        last: &str,
+        period_start: u32,
+        sheet_checksum: &str,
+    ) -> Result<Vec<RatedQuantities>> {
+        self.client
+            .query(
+                "SELECT customer, toUInt32(max(as_of)) AS as_of, \
+                 toUInt32(argMax(rated_at, (as_of, revision))) AS rated_at, \
+                 argMax(usage, (as_of, revision)) AS usage, \
+                 argMax(samples, (as_of, revision)) AS samples \
+                 FROM rating_state \
+                 WHERE customer >= ? AND customer <= ? AND period_start = toDateTime(?) \
+                 AND sheet_checksum = ? \
+                 GROUP BY customer ORDER BY customer",
+            )
+            .bind(first)
+            .bind(last)
+            .bind(period_start)
+            .bind(sheet_checksum)
+            .fetch_all()
+            .await
+            .context(format!("rated quantities of {first} .. {last}"))
     }
 
     /// Replaces the customer's live figure with these lines (all of one

@@ -13,8 +13,9 @@ use crate::settings::Settings;
 pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let store = Store::new(&settings.clickhouse);
-    let invoicer = super::invoices::invoicer(settings)?;
-    let mut api = Api::new(store, invoicer, settings.api.clone(), &registry).await?;
+    let files = super::invoices::SheetFiles::read(settings)?;
+    let billing = idlemeter_api::Billing::new(files.source(settings), settings.billing.clone())?;
+    let mut api = Api::new(store, billing, settings.api.clone(), &registry).await?;
     if settings.api.live_state {
         // Sandbox state within a second: the stream's newest samples, read
         // from the topic's end by this replica alone (never committed).

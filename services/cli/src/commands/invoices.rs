@@ -79,23 +79,48 @@ fn parse_period(text: &str) -> anyhow::Result<DateTime<Utc>> {
     Ok(Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight exists")))
 }
 
+/// The rater's price sheet and idle policy files, read: what every service
+/// that computes money rates with.
+pub(crate) struct SheetFiles {
+    pub sheet: String,
+    pub policy: Option<String>,
+}
+
+impl SheetFiles {
+    pub(crate) fn read(settings: &Settings) -> anyhow::Result<Self> {
+        let rater = &settings.rater;
+        let sheet = std::fs::read_to_string(&rater.sheet)
+            .with_context(|| format!("reading price sheet {}", rater.sheet))?;
+        let policy = if rater.idle_policy.is_empty() {
+            None
+        } else {
+            Some(
+                std::fs::read_to_string(&rater.idle_policy)
+                    .with_context(|| format!("reading idle policy {}", rater.idle_policy))?,
+            )
+        };
+        Ok(Self { sheet, policy })
+    }
+
+    pub(crate) fn source<'a>(&'a self, settings: &'a Settings) -> idlemeter_store::SheetSource<'a> {
+        idlemeter_store::SheetSource {
+            sheet_text: &self.sheet,
+            sheet_label: &settings.rater.sheet,
+            policy: self
+                .policy
+                .as_deref()
+                .map(|text| (text, settings.rater.idle_policy.as_str())),
+        }
+    }
+}
+
 pub(crate) fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
-    let config = settings.invoicer.clone();
-    let sheet = std::fs::read_to_string(&config.sheet)
-        .with_context(|| format!("reading price sheet {}", config.sheet))?;
-    let policy = if config.idle_policy.is_empty() {
-        None
-    } else {
-        Some(
-            std::fs::read_to_string(&config.idle_policy)
-                .with_context(|| format!("reading idle policy {}", config.idle_policy))?,
-        )
-    };
+    let files = SheetFiles::read(settings)?;
     Ok(Invoicer::new(
         Store::new(&settings.clickhouse),
-        &sheet,
-        policy.as_deref(),
-        config,
+        files.source(settings),
+        settings.invoicer.clone(),
+        settings.billing.clone(),
     )?)
 }
 
@@ -123,10 +148,11 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             }
             let verb = if dry_run { "would issue" } else { "issued" };
             eprintln!(
-                "invoices: {verb} {}, {} already issued, {} customers with nothing to bill",
-                outcome.issued.len(),
+                "invoices: {verb} {}, {} already issued, {} customers with nothing to bill, {} caught up from samples",
+                outcome.issued_count,
                 outcome.already_issued.len(),
-                outcome.nothing_to_bill
+                outcome.nothing_to_bill,
+                outcome.caught_up
             );
             for (customer, reason) in &outcome.failed {
                 eprintln!("invoices: {customer} not invoiced: {reason} (in rating_errors; the next run retries)");
@@ -159,7 +185,7 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
         }
         InvoicesCommand::Show { number, format } => {
             let store = Store::new(&settings.clickhouse);
-            let issuer = &settings.invoicer.issuer;
+            let issuer = &settings.billing.issuer;
             let header = store
                 .invoices(issuer)
                 .await?
@@ -187,7 +213,7 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             let at = at.unwrap_or_else(Utc::now);
             Store::new(&settings.clickhouse)
                 .insert_wallet_deposit(&idlemeter_store::WalletDepositRow {
-                    issuer: settings.invoicer.issuer.clone(),
+                    issuer: settings.billing.issuer.clone(),
                     customer: customer.clone(),
                     deposit_id: id.clone(),
                     amount: idlemeter_store::to_column(value)?,

@@ -115,7 +115,8 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
         &sheet,
         settings.rater.clone(),
         &registry,
-    )?;
+    )?
+    .with_terms(settings.billing.clone())?;
     let policy_path = &settings.rater.idle_policy;
     if !policy_path.is_empty() {
         let text = std::fs::read_to_string(policy_path)

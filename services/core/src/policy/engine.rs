@@ -701,3 +701,34 @@ mod tests {
         assert_eq!(version.version(), "c/1");
     }
 }
+
+/// The idle rule a service rates with: the collector's own
+/// session-or-connection rule, or an idle policy file's. The rater, the
+/// invoicer and the API hold one, so that they classify alike.
+#[derive(Debug, Clone)]
+pub enum IdleRule {
+    SessionOrConnection,
+    Policy(Box<PolicyIdle>),
+}
+
+impl IdlePolicy for IdleRule {
+    fn version(&self) -> &str {
+        match self {
+            IdleRule::SessionOrConnection => crate::rating::SessionOrConnection.version(),
+            IdleRule::Policy(policy) => policy.version(),
+        }
+    }
+
+    fn is_idle(&self, previous: &UsageSample, closing: &UsageSample) -> bool {
+        match self {
+            IdleRule::SessionOrConnection => {
+                crate::rating::SessionOrConnection.is_idle(previous, closing)
+            }
+            IdleRule::Policy(policy) => policy.is_idle(previous, closing),
+        }
+    }
+
+    fn is_collector_rule(&self) -> bool {
+        matches!(self, IdleRule::SessionOrConnection)
+    }
+}

@@ -59,6 +59,111 @@ impl CustomerUsage {
             .copied()
             .unwrap_or(0)
     }
+
+    /// The quantities as stored beside a rating state: `versions x slots`,
+    /// then `version.slot=quantity` for each quantity that is not zero,
+    /// e.g. `2x7 0.1=3600000 1.1=120`. Exact (integers in base units) and
+    /// small: what closing a period reads per customer.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let versions = self.quantities.len() / self.slot_count.max(1);
+        let mut text = format!("{versions}x{}", self.slot_count);
+        for (index, quantity) in self.quantities.iter().enumerate() {
+            if *quantity > 0 {
+                let (version, slot) = (index / self.slot_count, index % self.slot_count);
+                let _ = write!(text, " {version}.{slot}={quantity}");
+            }
+        }
+        text
+    }
+
+    /// Reads [`Self::to_text`] back for `customer`, checked against the
+    /// sheet it is to be billed under.
+    pub fn from_text(
+        text: &str,
+        customer: CustomerId,
+        sheet: &PriceSheet,
+    ) -> Result<Self, UsageTextError> {
+        let invalid = |reason: String| UsageTextError {
+            text: text.chars().take(80).collect(),
+            reason,
+        };
+        let mut usage = Self::nothing(customer, sheet);
+        let mut parts = text.split_ascii_whitespace();
+        let shape = parts.next().ok_or_else(|| invalid("empty".to_owned()))?;
+        let expected = format!("{}x{}", sheet.versions().len(), sheet.slot_count());
+        if shape != expected {
+            return Err(invalid(format!(
+                "made for {shape} price versions x resources, the sheet has {expected}"
+            )));
+        }
+        for part in parts {
+            let parsed = part.split_once('=').and_then(|(key, quantity)| {
+                let (version, slot) = key.split_once('.')?;
+                Some((
+                    version.parse::<usize>().ok()?,
+                    slot.parse::<usize>().ok()?,
+                    quantity.parse::<u128>().ok()?,
+                ))
+            });
+            let Some((version, slot, quantity)) = parsed else {
+                return Err(invalid(format!("{part:?} is not version.slot=quantity")));
+            };
+            if slot >= usage.slot_count || version >= sheet.versions().len() {
+                return Err(invalid(format!("{part:?} is outside the sheet")));
+            }
+            usage.quantities[version * usage.slot_count + slot] = quantity;
+        }
+        Ok(usage)
+    }
+}
+
+impl CustomerUsage {
+    /// The quantities a bill's usage and included lines price, read back
+    /// from those lines as (kind, resource, price version as RFC 3339,
+    /// quantity in base units): the exact inverse of the usage lines of
+    /// [`crate::invoice::bill`], which split a quantity into included and
+    /// priced bands without losing any. Other kinds are skipped.
+    pub fn from_lines<'a>(
+        customer: CustomerId,
+        sheet: &PriceSheet,
+        lines: impl IntoIterator<Item = (&'a str, &'a str, &'a str, &'a str)>,
+    ) -> Result<Self, UsageTextError> {
+        let mut usage = Self::nothing(customer, sheet);
+        for (kind, resource, version, quantity) in lines {
+            if kind != "usage" && kind != "included" {
+                continue;
+            }
+            let invalid = |reason: &str| UsageTextError {
+                text: format!("{kind} {resource} {version} {quantity}"),
+                reason: reason.to_owned(),
+            };
+            let slot = sheet
+                .slot_by_name(resource)
+                .ok_or_else(|| invalid("no such resource in the sheet"))?;
+            let version = sheet
+                .versions()
+                .iter()
+                .position(|candidate| candidate.effective_from.to_rfc3339() == version)
+                .ok_or_else(|| invalid("no such price version in the sheet"))?;
+            let quantity: u128 = quantity
+                .parse()
+                .map_err(|_| invalid("quantity is not an integer in base units"))?;
+            let cell = &mut usage.quantities[version * usage.slot_count + slot.0];
+            *cell = cell
+                .checked_add(quantity)
+                .ok_or_else(|| invalid("quantity overflows"))?;
+        }
+        Ok(usage)
+    }
+}
+
+/// Stored quantities that do not read back under a sheet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rated quantities {text:?}: {reason}")]
+pub struct UsageTextError {
+    pub text: String,
+    pub reason: String,
 }
 
 /// The result of rating: quantities per customer (in customer id order) and

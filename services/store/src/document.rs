@@ -3,12 +3,25 @@
 //! enough for invoices; print the HTML).
 
 use chrono::{DateTime, Utc};
-use idlemeter_core::CustomerBill;
-use idlemeter_store::{from_column, InvoiceLineRow, InvoiceRow};
+use idlemeter_core::{CustomerBill, LineKind};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::{column, BillContext, Result};
+use crate::{from_column, to_column, InvoiceLineRow, InvoiceRow, Result};
+
+/// What an invoice adds to its bill: its period and the sheet that priced it.
+#[derive(Debug, Clone)]
+pub struct BillContext {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub currency: String,
+    pub sheet: String,
+    pub sheet_checksum: String,
+}
+
+fn column(value: Decimal) -> Result<i128> {
+    to_column(value)
+}
 
 /// One invoice line. Money and quantities serialize as decimal strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -62,13 +75,9 @@ fn time(unix: u32) -> DateTime<Utc> {
 }
 
 impl Invoice {
-    pub(crate) fn from_bill(
-        issuer: &str,
-        number: u64,
-        bill: &CustomerBill,
-        context: BillContext,
-    ) -> Self {
-        let mut lines: Vec<Line> = bill
+    /// The invoice document of a bill: its lines as they are, numbered.
+    pub fn from_bill(issuer: &str, number: u64, bill: &CustomerBill, context: BillContext) -> Self {
+        let lines: Vec<Line> = bill
             .lines
             .iter()
             .enumerate()
@@ -81,43 +90,16 @@ impl Invoice {
                 unit_price: line.unit_price,
                 amount: line.amount,
                 for_period: match line.kind {
-                    idlemeter_core::LineKind::Adjustment => {
-                        line.price_version.unwrap_or(context.start)
-                    }
+                    LineKind::Adjustment => line.price_version.unwrap_or(context.start),
                     _ => context.start,
                 },
-                note: line
-                    .credit_available
-                    .map(|available| format!("available {available}"))
-                    .unwrap_or_default(),
+                note: match (line.kind, line.credit_available) {
+                    (LineKind::Wallet, Some(balance)) => format!("prepaid balance before: {balance}"),
+                    (_, Some(available)) => format!("available {available}"),
+                    (_, None) => String::new(),
+                },
             })
             .collect();
-        if !context.tax.is_zero() || !context.tax_rate.is_zero() {
-            lines.push(Line {
-                line_no: lines.len() as u16 + 1,
-                kind: "tax".to_owned(),
-                resource: "tax".to_owned(),
-                quantity: bill.total.max(Decimal::ZERO),
-                unit: "amount".to_owned(),
-                unit_price: context.tax_rate,
-                amount: context.tax,
-                for_period: context.start,
-                note: String::new(),
-            });
-        }
-        if !context.wallet_applied.is_zero() {
-            lines.push(Line {
-                line_no: lines.len() as u16 + 1,
-                kind: "wallet".to_owned(),
-                resource: "wallet".to_owned(),
-                quantity: Decimal::ONE,
-                unit: "payment".to_owned(),
-                unit_price: -context.wallet_applied,
-                amount: -context.wallet_applied,
-                for_period: context.start,
-                note: format!("prepaid balance before: {}", context.wallet_balance),
-            });
-        }
         Self {
             issuer: issuer.to_owned(),
             number,
@@ -134,15 +116,17 @@ impl Invoice {
             fees: bill.fees,
             adjustments: bill.adjustments,
             credits: bill.credits,
-            tax_rate: context.tax_rate,
-            tax: context.tax,
-            wallet_applied: context.wallet_applied,
-            total: bill.total + context.tax - context.wallet_applied,
-            one_time_credit_left: context.one_time_credit_left,
+            tax_rate: bill.tax_rate,
+            tax: bill.tax,
+            wallet_applied: bill.wallet_applied,
+            total: bill.total,
+            one_time_credit_left: bill.one_time_credit_left.unwrap_or(Decimal::NEGATIVE_ONE),
         }
     }
 
-    pub(crate) fn to_rows(
+    /// The stored rows of the invoice: its header and its lines, `written_ms`
+    /// being the lines' version (see migration 0005).
+    pub fn to_rows(
         &self,
         issued_at: u32,
         written_ms: u64,

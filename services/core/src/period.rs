@@ -1,4 +1,5 @@
-//! Billing periods and hour arithmetic, in UTC.
+//! Billing periods and hour arithmetic, in UTC: the one definition the
+//! rater, the invoicer and the API share.
 
 use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,17 @@ impl Period {
             Period::Day => day,
             Period::Month => day.with_day(1).expect("every month has a 1st"),
         }
+    }
+
+    /// The period containing `time`, as [start, end).
+    pub fn bounds(self, time: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+        let start = self.start_of(time);
+        (start, self.next(start))
+    }
+
+    /// Start of the period before the one starting at `start`.
+    pub fn previous(self, start: DateTime<Utc>) -> DateTime<Utc> {
+        self.start_of(start - chrono::Duration::seconds(1))
     }
 
     /// Start of the period after the one starting at `start`.

@@ -1,0 +1,368 @@
+//! Customer accounts, read for billing: what each customer brings to a bill
+//! besides its usage ([`idlemeter_core::Account`]). The rater's figures, the
+//! invoice preview and the close all read them here, so that one customer's
+//! account is the same wherever its money is computed.
+//!
+//! For a period starting at `P`, as at an instant `at`:
+//! - the one-time credit left after the customer's latest invoice before `P`;
+//! - the prepaid wallet: deposits made before `at`, less what invoices before
+//!   `P` drew from it;
+//! - the tax rate of `[billing] tax_rates`;
+//! - an adjustment for each of the latest `adjust_lookback_periods` invoiced
+//!   periods rated under the same sheet and policy, whose rated quantities
+//!   (the rater's newest state of that period, re-rated when late samples
+//!   arrive) now bill more or less than was invoiced for them.
+//!
+//! Every read covers a range of customers in one query per table, so that a
+//! close of a million customers costs a few queries per chunk.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use idlemeter_core::rating::CustomerUsage;
+use idlemeter_core::{adjustment_for, Account, BillingTerms, CustomerId, InvoicedPeriod, PriceSheet};
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use crate::{from_column, Context, Error, InvoiceRow, Result, Store};
+
+/// The checksum rated figures, states and invoices are keyed by: the sheet's
+/// text and, when an idle policy classifies idle time, the policy's.
+pub fn ratings_checksum(sheet_text: &str, policy_text: Option<&str>) -> String {
+    let sheet = hex(&Sha256::digest(sheet_text.as_bytes()));
+    match policy_text {
+        None => sheet,
+        Some(policy) => with_policy(&sheet, policy),
+    }
+}
+
+/// The price sheet and idle policy money is rated with (`[rater] sheet` and
+/// `[rater] idle_policy`): the invoicer and the API bill with the same ones,
+/// and find the rater's figures by their checksum.
+#[derive(Debug, Clone, Copy)]
+pub struct SheetSource<'a> {
+    pub sheet_text: &'a str,
+    /// The sheet's path, for messages and invoices.
+    pub sheet_label: &'a str,
+    /// `(text, path)` of the idle policy, if one classifies idle time.
+    pub policy: Option<(&'a str, &'a str)>,
+}
+
+impl SheetSource<'_> {
+    pub fn checksum(&self) -> String {
+        ratings_checksum(self.sheet_text, self.policy.map(|(text, _)| text))
+    }
+}
+
+/// A sheet's checksum combined with an idle policy's text.
+pub fn with_policy(sheet_checksum: &str, policy_text: &str) -> String {
+    let mut digest = Sha256::new();
+    digest.update(sheet_checksum.as_bytes());
+    digest.update(b"\0");
+    digest.update(policy_text.as_bytes());
+    hex(&digest.finalize())
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// How accounts are read: the terms, their parsed tax rates, and the sheet
+/// (and checksum) whose rated quantities adjustments compare.
+#[derive(Debug, Clone, Copy)]
+pub struct AccountReader<'a> {
+    pub store: &'a Store,
+    pub terms: &'a BillingTerms,
+    pub tax_rates: &'a BTreeMap<CustomerId, Decimal>,
+    pub sheet: &'a PriceSheet,
+    pub sheet_checksum: &'a str,
+    /// Adjustments already billed (see [`Self::issued_adjustments`]), read
+    /// once for a whole run; `None` reads them per range.
+    pub adjusted: Option<&'a Adjusted>,
+}
+
+/// Adjustments already billed, per (customer, period they adjust).
+pub type Adjusted = HashMap<(String, u32), Decimal>;
+
+/// The accounts of a range of customers.
+#[derive(Debug, Clone, Default)]
+pub struct Accounts {
+    /// Every customer of the range with an invoice before the period, a
+    /// deposit or a tax rate; others have a new account.
+    pub accounts: BTreeMap<CustomerId, Account>,
+    /// Customers invoiced before the period (they are invoiced again: fees).
+    pub invoiced_before: BTreeSet<String>,
+    /// Customers with an invoice for this period already: (customer, number).
+    pub invoiced_now: BTreeMap<String, InvoiceRow>,
+    /// Customers invoiced for a later period: their balances moved on.
+    pub invoiced_later: BTreeSet<String>,
+    /// Invoiced periods that could not be compared for an adjustment (no
+    /// rated quantities of that period under this sheet): (customer, period).
+    pub not_adjustable: Vec<(String, u32)>,
+}
+
+impl Accounts {
+    pub fn account(&self, customer: &CustomerId) -> Account {
+        self.accounts.get(customer).cloned().unwrap_or_default()
+    }
+}
+
+impl AccountReader<'_> {
+    /// Accounts of the customers `first..=last` for the period starting at
+    /// `period_start`, as at `at` (see the module doc).
+    pub async fn read(
+        &self,
+        first: &str,
+        last: &str,
+        period_start: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<Accounts> {
+        let issuer = self.terms.issuer.as_str();
+        let period = unix(period_start);
+        let mut out = Accounts::default();
+        let invoices = self.store.invoices_between(issuer, first, last).await?;
+        let mut earlier: HashMap<&str, Vec<&InvoiceRow>> = HashMap::new();
+        for row in &invoices {
+            match row.period_start.cmp(&period) {
+                std::cmp::Ordering::Less => earlier.entry(row.customer.as_str()).or_default().push(row),
+                std::cmp::Ordering::Equal => {
+                    out.invoiced_now.insert(row.customer.clone(), row.clone());
+                }
+                std::cmp::Ordering::Greater => {
+                    out.invoiced_later.insert(row.customer.clone());
+                }
+            }
+        }
+        let deposits: HashMap<String, i128> = self
+            .store
+            .wallet_deposits(issuer, first, last, unix(at))
+            .await?
+            .into_iter()
+            .collect();
+        // Which earlier periods each customer may be adjusted for.
+        let mut lookback: BTreeMap<u32, Vec<&InvoiceRow>> = BTreeMap::new();
+        for rows in earlier.values_mut() {
+            rows.sort_by_key(|row| std::cmp::Reverse(row.period_start));
+            for row in rows
+                .iter()
+                .filter(|row| row.sheet_checksum == self.sheet_checksum)
+                .take(self.terms.adjust_lookback_periods)
+            {
+                lookback.entry(row.period_start).or_default().push(row);
+            }
+        }
+        let read_here;
+        let adjusted = match self.adjusted {
+            Some(adjusted) => adjusted,
+            None if lookback.is_empty() => {
+                read_here = Adjusted::new();
+                &read_here
+            }
+            None => {
+                read_here = self.issued_adjustments(first, last, &invoices).await?;
+                &read_here
+            }
+        };
+        let mut adjustments: BTreeMap<String, Vec<idlemeter_core::Adjustment>> = BTreeMap::new();
+        for (earlier_period, rows) in &lookback {
+            let rated: HashMap<String, crate::RatedQuantities> = self
+                .store
+                .rated_quantities(first, last, *earlier_period, self.sheet_checksum)
+                .await?
+                .into_iter()
+                .map(|row| (row.customer.clone(), row))
+                .collect();
+            for row in rows {
+                let Some(quantities) = rated.get(&row.customer).filter(|q| !q.usage.is_empty()) else {
+                    out.not_adjustable.push((row.customer.clone(), *earlier_period));
+                    continue;
+                };
+                let customer = customer_id(&row.customer)?;
+                let usage = CustomerUsage::from_text(&quantities.usage, customer, self.sheet)
+                    .map_err(|error| Error::BadRow(error.to_string()))?;
+                let invoiced = InvoicedPeriod {
+                    period_start: time(row.period_start),
+                    subtotal: from_column(row.subtotal)?,
+                    fees: from_column(row.fees)?,
+                    monthly_credits: from_column(row.monthly_credits)?,
+                    adjusted: adjusted
+                        .get(&(row.customer.clone(), row.period_start))
+                        .copied()
+                        .unwrap_or_default(),
+                };
+                if let Some(adjustment) = adjustment_for(self.sheet, &usage, &invoiced)
+                    .map_err(|error| Error::BadRow(error.to_string()))?
+                {
+                    adjustments.entry(row.customer.clone()).or_default().push(adjustment);
+                }
+            }
+        }
+        let mut customers: BTreeSet<&str> = earlier.keys().copied().collect();
+        customers.extend(deposits.keys().map(String::as_str));
+        let mut with_tax: Vec<&CustomerId> = self
+            .tax_rates
+            .keys()
+            .filter(|customer| customer.as_str() >= first && customer.as_str() <= last)
+            .collect();
+        with_tax.sort();
+        customers.extend(with_tax.iter().map(|customer| customer.as_str()));
+        for customer in customers {
+            let id = customer_id(customer)?;
+            let rows = earlier.get(customer).map(Vec::as_slice).unwrap_or_default();
+            let one_time_credit_left = rows
+                .first()
+                .map(|latest| from_column(latest.one_time_credit_left))
+                .transpose()?
+                .filter(|left| !left.is_sign_negative());
+            let mut wallet_balance = deposits
+                .get(customer)
+                .map(|amount| from_column(*amount))
+                .transpose()?
+                .unwrap_or_default();
+            for row in rows {
+                wallet_balance -= from_column(row.wallet_applied)?;
+            }
+            let mut account_adjustments = adjustments.remove(customer).unwrap_or_default();
+            account_adjustments.sort_by_key(|adjustment| adjustment.period_start);
+            if !rows.is_empty() {
+                out.invoiced_before.insert(customer.to_owned());
+            }
+            out.accounts.insert(
+                id.clone(),
+                Account {
+                    one_time_credit_left,
+                    adjustments: account_adjustments,
+                    tax_rate: self.tax_rates.get(&id).copied().unwrap_or_default(),
+                    wallet_balance,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Adjustments already billed, per (customer, period they adjust):
+    /// adjustment lines of issued invoices (a line beyond its header's count
+    /// is a crashed run's leftover and is not counted).
+    pub async fn issued_adjustments(
+        &self,
+        first: &str,
+        last: &str,
+        invoices: &[InvoiceRow],
+    ) -> Result<Adjusted> {
+        let line_counts: HashMap<(&str, u64), u16> = invoices
+            .iter()
+            .map(|row| ((row.customer.as_str(), row.number), row.line_count))
+            .collect();
+        let mut adjusted = Adjusted::new();
+        for (customer, number, line_no, for_period, amount) in self
+            .store
+            .adjustment_lines(&self.terms.issuer, first, last)
+            .await?
+        {
+            let counted = line_counts
+                .get(&(customer.as_str(), number))
+                .is_some_and(|count| line_no <= *count);
+            if counted {
+                *adjusted.entry((customer, for_period)).or_default() += from_column(amount)?;
+            }
+        }
+        Ok(adjusted)
+    }
+}
+
+impl AccountReader<'_> {
+    /// Every adjustment already billed by the issuer: read once for a close
+    /// (adjustment lines are few), then shared by its chunks.
+    pub async fn all_issued_adjustments(&self) -> Result<Adjusted> {
+        let issuer = self.terms.issuer.as_str();
+        let counts: HashMap<(String, u64), u16> = self
+            .store
+            .client
+            .query(
+                "SELECT customer, number, line_count FROM invoices FINAL WHERE issuer = ? \
+                 AND (customer, number) IN (SELECT customer, number FROM invoice_lines \
+                 WHERE issuer = ? AND kind = 'adjustment')",
+            )
+            .bind(issuer)
+            .bind(issuer)
+            .fetch_all::<(String, u64, u16)>()
+            .await
+            .context("line counts of invoices with adjustments")?
+            .into_iter()
+            .map(|(customer, number, count)| ((customer, number), count))
+            .collect();
+        let mut adjusted = Adjusted::new();
+        for (customer, number, line_no, for_period, amount) in self
+            .store
+            .adjustment_lines(issuer, "", "\u{10ffff}")
+            .await?
+        {
+            let counted = counts
+                .get(&(customer.clone(), number))
+                .is_some_and(|count| line_no <= *count);
+            if counted {
+                *adjusted.entry((customer, for_period)).or_default() += from_column(amount)?;
+            }
+        }
+        Ok(adjusted)
+    }
+}
+
+impl Store {
+    /// Customers with a rating state in a period under a checksum: those
+    /// the rater rated.
+    pub async fn rated_customers(&self, period_start: u32, sheet_checksum: &str) -> Result<Vec<String>> {
+        self.client
+            .query(
+                "SELECT DISTINCT customer FROM rating_state \
+                 WHERE period_start = toDateTime(?) AND sheet_checksum = ? ORDER BY customer",
+            )
+            .bind(period_start)
+            .bind(sheet_checksum)
+            .fetch_all()
+            .await
+            .context("customers rated in a period")
+    }
+
+    /// Customers with an invoice of the issuer.
+    pub async fn invoiced_customers(&self, issuer: &str) -> Result<Vec<String>> {
+        self.client
+            .query("SELECT DISTINCT customer FROM invoices WHERE issuer = ? ORDER BY customer")
+            .bind(issuer)
+            .fetch_all()
+            .await
+            .context(format!("customers invoiced by {issuer}"))
+    }
+
+    /// Every invoice header of the customers `first..=last` of an issuer.
+    pub async fn invoices_between(
+        &self,
+        issuer: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<Vec<InvoiceRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM invoices FINAL WHERE issuer = ? \
+                 AND customer >= ? AND customer <= ? ORDER BY customer, period_start",
+            )
+            .bind(issuer)
+            .bind(first)
+            .bind(last)
+            .fetch_all()
+            .await
+            .context(format!("invoices of {first} .. {last}"))
+    }
+}
+
+fn customer_id(name: &str) -> Result<CustomerId> {
+    CustomerId::parse(name.to_owned()).map_err(|error| Error::BadRow(error.to_string()))
+}
+
+fn unix(time: DateTime<Utc>) -> u32 {
+    u32::try_from(time.timestamp()).unwrap_or(0)
+}
+
+fn time(unix: u32) -> DateTime<Utc> {
+    DateTime::from_timestamp(i64::from(unix), 0).unwrap_or_default()
+}
