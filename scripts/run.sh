@@ -29,7 +29,7 @@ IDLEMETER_METRICS__LISTEN=127.0.0.1:9466 IDLEMETER_POLICY__FILE=${POLICY:-polici
 # The usage API, with a fresh admin key for this run (shown once, below).
 admin_key=$($bin keys create --admin --name "make run" 2>/dev/null)
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9467 IDLEMETER_API__LISTEN=127.0.0.1:8080 \
-    IDLEMETER_INVOICER__SHEET=${SHEET:-prices/northflank.toml} $bin api 2>.run/api.log & pids+=($!)
+    IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} $bin api 2>.run/api.log & pids+=($!)
 # The simulator stands in for node collectors (`idlemeter collector` needs one
 # cgroup per sandbox on a real node).
 $bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>.run/simulate.log & pids+=($!)

@@ -23,7 +23,6 @@ use chrono::{DateTime, Utc};
 use idlemeter_api::auth::generate;
 use idlemeter_api::{Api, ApiConfig};
 use idlemeter_ingest::{Ingest, IngestConfig};
-use idlemeter_invoicer::{Invoicer, InvoicerConfig};
 use idlemeter_proto::encode_node_batch;
 use idlemeter_rater::{Period, Rater, RaterConfig};
 use idlemeter_simulator::{Fleet, FleetShape};
@@ -72,13 +71,13 @@ async fn main() -> anyhow::Result<()> {
         SHEET,
         RaterConfig {
             sheet: "prices/sprites.toml".to_owned(),
-            period: Period::Month,
             live_interval_seconds: live_interval,
             live_lateness_seconds: 2,
             ..RaterConfig::default()
         },
         &rater_registry,
-    )?;
+    )?
+    .with_terms(idlemeter_tests::terms(Period::Month))?;
     // Live figures from the stream, as `idlemeter rater` runs by default.
     let consumer = env.kafka.tail_consumer("idlemeter-rater-live")?;
     rdkafka::consumer::Consumer::subscribe(&consumer, &[env.topics.samples.as_str()])?;
@@ -108,18 +107,13 @@ async fn main() -> anyhow::Result<()> {
 
     let key = generate(None, "bench", 0);
     env.store.insert_api_key(&key.row).await?;
-    let invoicer = Invoicer::new(
-        env.store.clone(),
-        SHEET,
-        None,
-        InvoicerConfig {
-            sheet: "prices/sprites.toml".to_owned(),
-            ..InvoicerConfig::default()
-        },
+    let billing = idlemeter_api::Billing::new(
+        idlemeter_tests::sheet_source(SHEET, "prices/sprites.toml"),
+        idlemeter_core::BillingTerms::default(),
     )?;
     let api = Api::new(
         env.store.clone(),
-        invoicer,
+        billing,
         ApiConfig {
             alert_interval_s: 0,
             rate_limit_per_s: 0,

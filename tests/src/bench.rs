@@ -167,14 +167,9 @@ pub async fn serve_api_with_live(
     sheet_path: &str,
 ) -> anyhow::Result<(String, std::sync::Arc<idlemeter_api::live::LiveView>)> {
     use rdkafka::consumer::Consumer;
-    let invoicer = idlemeter_invoicer::Invoicer::new(
-        env.store.clone(),
-        sheet,
-        None,
-        idlemeter_invoicer::InvoicerConfig {
-            sheet: sheet_path.to_owned(),
-            ..idlemeter_invoicer::InvoicerConfig::default()
-        },
+    let billing = idlemeter_api::Billing::new(
+        crate::sheet_source(sheet, sheet_path),
+        idlemeter_core::BillingTerms::default(),
     )?;
     let view = std::sync::Arc::new(idlemeter_api::live::LiveView::new());
     let consumer = env.kafka.tail_consumer("idlemeter-test-live")?;
@@ -188,7 +183,7 @@ pub async fn serve_api_with_live(
     ));
     let api = idlemeter_api::Api::new(
         env.store.clone(),
-        invoicer,
+        billing,
         idlemeter_api::ApiConfig {
             alert_interval_s: 0,
             rate_limit_per_s: 0,

@@ -721,3 +721,44 @@ impl Drop for PrivateBroker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A sheet (and no idle policy) as the services that bill take it.
+pub fn sheet_source<'a>(sheet: &'a str, path: &'a str) -> idlemeter_store::SheetSource<'a> {
+    idlemeter_store::SheetSource {
+        sheet_text: sheet,
+        sheet_label: path,
+        policy: None,
+    }
+}
+
+/// Billing terms for a test: the default issuer, no tax, `period`.
+pub fn terms(period: idlemeter_core::Period) -> idlemeter_core::BillingTerms {
+    idlemeter_core::BillingTerms {
+        period,
+        ..idlemeter_core::BillingTerms::default()
+    }
+}
+
+/// One pass of the rater at `now`, as `idlemeter rater` runs them every
+/// minute (default grace): the closed hours of `now`'s period and of the one
+/// before, and finished periods that received samples since they were rated.
+/// The close bills what these passes rated.
+pub async fn rater_pass(
+    env: &TestEnv,
+    sheet: &str,
+    sheet_path: &str,
+    terms: idlemeter_core::BillingTerms,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<idlemeter_rater::RatingPass> {
+    let rater = idlemeter_rater::Rater::new(
+        env.store.clone(),
+        sheet,
+        idlemeter_rater::RaterConfig {
+            sheet: sheet_path.to_owned(),
+            ..idlemeter_rater::RaterConfig::default()
+        },
+        &prometheus::Registry::new(),
+    )?
+    .with_terms(terms)?;
+    Ok(rater.rate_closed_hours(now).await?)
+}

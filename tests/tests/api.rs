@@ -107,30 +107,31 @@ impl Fixture {
             SHEET,
             RaterConfig {
                 sheet: "test.toml".to_owned(),
-                period: Period::Day,
                 grace_seconds: 0,
                 ..RaterConfig::default()
             },
             &registry,
-        )?;
+        )?
+        .with_terms(idlemeter_tests::terms(Period::Day))?;
         rater.rate_closed_hours(day + Duration::hours(3)).await?;
         rater.rate_closed_hours(now).await?;
         let invoicer = || {
             Invoicer::new(
                 env.store.clone(),
-                SHEET,
-                None,
+                idlemeter_tests::sheet_source(SHEET, "test.toml"),
                 InvoicerConfig {
-                    issuer: ISSUER.to_owned(),
-                    sheet: "test.toml".to_owned(),
                     // Daily, like the rater above: the API reads the open
                     // period from the invoicer's setting.
-                    period: Period::Day,
                     lock_file: std::env::temp_dir()
                         .join(format!("{}.lock", env.clickhouse.database))
                         .display()
                         .to_string(),
                     ..InvoicerConfig::default()
+                },
+                idlemeter_core::BillingTerms {
+                    issuer: ISSUER.to_owned(),
+                    period: Period::Day,
+                    ..idlemeter_core::BillingTerms::default()
                 },
             )
         };
@@ -174,7 +175,11 @@ impl Fixture {
         for key in &keys {
             env.store.insert_api_key(&key.row).await?;
         }
-        let api = Api::new(env.store.clone(), invoicer()?, config, &registry).await?;
+        let billing = idlemeter_api::Billing::new(
+            idlemeter_tests::sheet_source(SHEET, "test.toml"),
+            idlemeter_tests::terms(Period::Day),
+        )?;
+        let api = Api::new(env.store.clone(), billing, config, &registry).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -63,11 +63,11 @@ async fn a_customer_whose_bill_cannot_be_computed_stops_nobody_else() -> anyhow:
         SHEET,
         RaterConfig {
             sheet: "test.toml".to_owned(),
-            period: Period::Day,
             ..RaterConfig::default()
         },
         &prometheus::Registry::new(),
-    )?;
+    )?
+    .with_terms(idlemeter_tests::terms(Period::Day))?;
     let pass = rater.rate_closed_hours(at("2026-11-04T01:00:00Z")).await?;
     assert_eq!(pass.customers_failed, 1, "{pass:?}");
     let small = env
@@ -89,15 +89,16 @@ async fn a_customer_whose_bill_cannot_be_computed_stops_nobody_else() -> anyhow:
     let lock = tempfile::tempdir()?;
     let invoicer = Invoicer::new(
         env.store.clone(),
-        SHEET,
-        None,
+        idlemeter_tests::sheet_source(SHEET, "test.toml"),
         InvoicerConfig {
-            issuer: "acme-cloud".to_owned(),
-            sheet: "test.toml".to_owned(),
-            period: Period::Day,
             grace_seconds: 0,
             lock_file: lock.path().join("lock").display().to_string(),
             ..InvoicerConfig::default()
+        },
+        idlemeter_core::BillingTerms {
+            issuer: "acme-cloud".to_owned(),
+            period: Period::Day,
+            ..idlemeter_core::BillingTerms::default()
         },
     )?;
     let outcome = invoicer

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use idlemeter_api::auth::generate;
 use idlemeter_api::{finance, Api, ApiConfig};
-use idlemeter_invoicer::{Invoicer, InvoicerConfig};
 use idlemeter_tests::{TestEnv, SIMPLE_SHEET};
 use serde_json::Value;
 
@@ -148,14 +147,9 @@ async fn the_finance_page_renders_every_chart_with_data_in_chromium() -> anyhow:
     let env = fixture_env("dash_page").await?;
     let admin = generate(None, "finance", 0);
     env.store.insert_api_key(&admin.row).await?;
-    let invoicer = Invoicer::new(
-        env.store.clone(),
-        SIMPLE_SHEET,
-        None,
-        InvoicerConfig {
-            sheet: "t.toml".to_owned(),
-            ..InvoicerConfig::default()
-        },
+    let billing = idlemeter_api::Billing::new(
+        idlemeter_tests::sheet_source(SIMPLE_SHEET, "t.toml"),
+        idlemeter_core::BillingTerms::default(),
     )?;
     let config = ApiConfig {
         alert_interval_s: 0,
@@ -163,7 +157,7 @@ async fn the_finance_page_renders_every_chart_with_data_in_chromium() -> anyhow:
     };
     let api = Api::new(
         env.store.clone(),
-        invoicer,
+        billing,
         config,
         &prometheus::Registry::new(),
     )

@@ -67,16 +67,34 @@ fn invoicer(
 ) -> anyhow::Result<Invoicer> {
     Ok(Invoicer::new(
         env.store.clone(),
-        sheet,
-        None,
+        idlemeter_tests::sheet_source(sheet, sheet_path),
         InvoicerConfig {
-            issuer: "acme-cloud".to_owned(),
-            sheet: sheet_path.to_owned(),
-            period: Period::Month,
             lock_file: lock.display().to_string(),
             ..InvoicerConfig::default()
         },
+        idlemeter_core::BillingTerms {
+            issuer: "acme-cloud".to_owned(),
+            period: Period::Month,
+            ..idlemeter_core::BillingTerms::default()
+        },
     )?)
+}
+
+fn terms() -> idlemeter_core::BillingTerms {
+    idlemeter_core::BillingTerms {
+        issuer: "acme-cloud".to_owned(),
+        period: Period::Month,
+        ..idlemeter_core::BillingTerms::default()
+    }
+}
+
+/// The rater's pass just after `month` of 2026 ended: it rates the month
+/// (and re-rates earlier ones that received late samples).
+async fn rate_month(env: &TestEnv, sheet: &str, month: u32) -> anyhow::Result<()> {
+    let after = if month == 12 { at(2027, 1, 1) } else { at(2026, month + 1, 1) };
+    idlemeter_tests::rater_pass(env, sheet, "test.toml", terms(), after + chrono::Duration::hours(1))
+        .await?;
+    Ok(())
 }
 
 fn amount(invoice: &Invoice, resource: &str) -> Decimal {
@@ -115,6 +133,7 @@ async fn e2b_hobby_credit_is_consumed_across_months_and_never_goes_negative() ->
 
     let mut invoices = Vec::new();
     for month in [10, 11, 12] {
+        rate_month(&env, &sheet, month).await?;
         let outcome = invoicer
             .close_period(at(2026, month, 1), NOW(), false, &never_billed)
             .await?;
@@ -185,6 +204,7 @@ async fn modal_monthly_credit_resets_every_month() -> anyhow::Result<()> {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../prices/modal.toml"))?;
     let invoicer = invoicer(&env, "prices/modal.toml", &sheet, &lock.path().join("lock"))?;
     for month in [10, 11] {
+        rate_month(&env, &sheet, month).await?;
         let outcome = invoicer
             .close_period(at(2026, month, 1), NOW(), false, &never_billed)
             .await?;
@@ -216,6 +236,7 @@ async fn late_usage_is_an_adjustment_on_the_next_invoice_and_the_issued_one_neve
         ])
         .await?;
     let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    rate_month(&env, SIMPLE_SHEET, 10).await?;
     let october = invoicer
         .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
         .await?
@@ -233,6 +254,9 @@ async fn late_usage_is_an_adjustment_on_the_next_invoice_and_the_issued_one_neve
             sample("late-1", "sbx", 2, 2, at(2026, 11, 2), 1000),
         ])
         .await?;
+    // The rater's pass after November re-rates October: its sample count
+    // changed after its last hour was rated.
+    rate_month(&env, SIMPLE_SHEET, 11).await?;
     // Rerunning October's close changes nothing: it is issued.
     let rerun = invoicer
         .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
@@ -282,6 +306,7 @@ async fn late_usage_is_an_adjustment_on_the_next_invoice_and_the_issued_one_neve
             sample("late-1", "sbx", 3, 2, at(2026, 12, 2), 1000),
         ])
         .await?;
+    rate_month(&env, SIMPLE_SHEET, 12).await?;
     let december = invoicer
         .close_period(at(2026, 12, 1), NOW(), false, &never_billed)
         .await?
@@ -318,6 +343,7 @@ async fn concurrent_and_repeated_runs_issue_each_invoice_once_without_gaps() -> 
         })
         .collect();
     env.store.insert_samples(&samples).await?;
+    rate_month(&env, SIMPLE_SHEET, 10).await?;
     let one = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
     let two = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
     let (first, second) = tokio::join!(
@@ -392,6 +418,7 @@ async fn lines_left_by_a_crashed_run_never_leak_into_issued_invoices() -> anyhow
         ])
         .await?;
     let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    rate_month(&env, SIMPLE_SHEET, 10).await?;
     let outcome = invoicer
         .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
         .await?;
@@ -428,18 +455,25 @@ async fn the_cron_schedule_closes_the_last_ended_period() -> anyhow::Result<()> 
             ),
         ])
         .await?;
+    let daily = idlemeter_core::BillingTerms {
+        issuer: "acme-cloud".to_owned(),
+        period: Period::Day,
+        ..idlemeter_core::BillingTerms::default()
+    };
+    idlemeter_tests::rater_pass(&env, SIMPLE_SHEET, "test.toml", daily, Utc::now()).await?;
     let invoicer = Invoicer::new(
         env.store.clone(),
-        SIMPLE_SHEET,
-        None,
+        idlemeter_tests::sheet_source(SIMPLE_SHEET, "test.toml"),
         InvoicerConfig {
-            issuer: "acme-cloud".to_owned(),
-            sheet: "test.toml".to_owned(),
-            period: Period::Day,
             grace_seconds: 0,
             schedule: "* * * * * *".to_owned(),
             lock_file: lock.path().join("lock").display().to_string(),
             ..InvoicerConfig::default()
+        },
+        idlemeter_core::BillingTerms {
+            issuer: "acme-cloud".to_owned(),
+            period: Period::Day,
+            ..idlemeter_core::BillingTerms::default()
         },
     )?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -464,12 +498,12 @@ async fn the_cron_schedule_closes_the_last_ended_period() -> anyhow::Result<()> 
     // A schedule that is not cron is refused at start, with the reason.
     let refused = Invoicer::new(
         env.store.clone(),
-        SIMPLE_SHEET,
-        None,
+        idlemeter_tests::sheet_source(SIMPLE_SHEET, "prices/northflank.toml"),
         InvoicerConfig {
             schedule: "every hour".to_owned(),
             ..InvoicerConfig::default()
         },
+        idlemeter_core::BillingTerms::default(),
     );
     assert!(
         refused.is_err_and(|error| error.to_string().contains("not a cron expression")),
@@ -530,6 +564,7 @@ async fn a_prepaid_wallet_pays_invoices_until_it_is_empty() -> anyhow::Result<()
     let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
     let mut issued = Vec::new();
     for month in [10, 11] {
+        rate_month(&env, SIMPLE_SHEET, month).await?;
         issued.extend(
             invoicer
                 .close_period(at(2026, month, 1), NOW(), false, &never_billed)
@@ -588,6 +623,7 @@ async fn late_usage_is_netted_of_its_own_periods_monthly_credit() -> anyhow::Res
         ])
         .await?;
     let invoicer = invoicer(&env, "test.toml", &sheet, &lock.path().join("lock"))?;
+    rate_month(&env, &sheet, 10).await?;
     let october = invoicer
         .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
         .await?
@@ -618,6 +654,7 @@ async fn late_usage_is_netted_of_its_own_periods_monthly_credit() -> anyhow::Res
             ),
         ])
         .await?;
+    rate_month(&env, &sheet, 11).await?;
     let november = invoicer
         .close_period(at(2026, 11, 1), NOW(), false, &never_billed)
         .await?

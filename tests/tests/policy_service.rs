@@ -486,11 +486,11 @@ async fn a_budget_cap_suspends_on_live_spend_before_the_hour_closes() -> anyhow:
         include_str!("../../prices/sprites.toml"),
         RaterConfig {
             sheet: "prices/sprites.toml".to_owned(),
-            period: Period::Month,
             ..RaterConfig::default()
         },
         &prometheus::Registry::new(),
-    )?;
+    )?
+    .with_terms(idlemeter_tests::terms(Period::Month))?;
     rater.rate_live(now).await?;
     let (_, live) = env.store.period_spend("acme").await?.expect("live spend");
     assert!(

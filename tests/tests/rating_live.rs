@@ -22,7 +22,6 @@ fn at(text: &str) -> DateTime<Utc> {
 fn rater(env: &TestEnv) -> anyhow::Result<Rater> {
     let config = RaterConfig {
         sheet: "prices/sprites.toml".to_owned(),
-        period: Period::Month,
         grace_seconds: 300,
         live_interval_seconds: 5,
         live_lateness_seconds: 10,
@@ -33,7 +32,8 @@ fn rater(env: &TestEnv) -> anyhow::Result<Rater> {
         SHEET,
         config,
         &prometheus::Registry::new(),
-    )?)
+    )?
+    .with_terms(idlemeter_tests::terms(Period::Month))?)
 }
 
 /// The period-to-date total of `customer` rated from scratch over every

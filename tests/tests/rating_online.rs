@@ -36,7 +36,6 @@ fn two_hours() -> Vec<idlemeter_core::UsageSample> {
 fn config() -> RaterConfig {
     RaterConfig {
         sheet: "prices/northflank.toml".to_owned(),
-        period: Period::Day,
         grace_seconds: 300,
         interval_seconds: 60,
         idle_policy: String::new(),
@@ -71,7 +70,8 @@ async fn closed_hours_are_rated_like_the_cli_once_and_rerated_on_a_sheet_change(
         SHEET,
         config(),
         &prometheus::Registry::new(),
-    )?;
+    )?
+    .with_terms(idlemeter_tests::terms(Period::Day))?;
     let pass = rater.rate_closed_hours(now).await?;
     assert_eq!(
         pass.snapshots_written, 3,
@@ -125,7 +125,8 @@ async fn closed_hours_are_rated_like_the_cli_once_and_rerated_on_a_sheet_change(
         &raised,
         config(),
         &prometheus::Registry::new(),
-    )?;
+    )?
+    .with_terms(idlemeter_tests::terms(Period::Day))?;
     let rerated = rerater.rate_closed_hours(now).await?;
     assert_eq!(
         (rerated.snapshots_written, rerated.changes_recorded),

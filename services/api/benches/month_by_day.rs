@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use idlemeter_api::auth::generate;
 use idlemeter_api::{Api, ApiConfig};
 use idlemeter_core::CustomerId;
-use idlemeter_invoicer::{Invoicer, InvoicerConfig};
 use idlemeter_store::{ClickHouseSettings, Store};
 
 const SHEET: &str = r#"
@@ -75,14 +74,13 @@ async fn main() -> anyhow::Result<()> {
     // queries a customer key runs for its own tenant).
     let key = generate(None, "bench", 0);
     store.insert_api_key(&key.row).await?;
-    let invoicer = Invoicer::new(
-        store.clone(),
-        SHEET,
-        None,
-        InvoicerConfig {
-            sheet: "bench.toml".to_owned(),
-            ..InvoicerConfig::default()
+    let billing = idlemeter_api::Billing::new(
+        idlemeter_store::SheetSource {
+            sheet_text: SHEET,
+            sheet_label: "bench.toml",
+            policy: None,
         },
+        idlemeter_core::BillingTerms::default(),
     )?;
     let config = ApiConfig {
         alert_interval_s: 0,
@@ -91,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let api = Api::new(
         store.clone(),
-        invoicer,
+        billing,
         config,
         &prometheus::Registry::new(),
     )

@@ -78,8 +78,8 @@ fn close_command(env: &TestEnv, dir: &std::path::Path) -> Command {
         .args(["invoices", "close", "--period", "2026-10"])
         .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
         .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
-        .env("IDLEMETER_INVOICER__SHEET", dir.join("sheet.toml"))
-        .env("IDLEMETER_INVOICER__ISSUER", "acme-cloud")
+        .env("IDLEMETER_RATER__SHEET", dir.join("sheet.toml"))
+        .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
         .env(
             "IDLEMETER_INVOICER__LOCK_FILE",
             dir.join(format!("{}.lock", env.group_id)),
@@ -130,7 +130,7 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
             .args(["--id", "dep-1", "--at", "2026-09-30T00:00:00Z"])
             .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
             .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
-            .env("IDLEMETER_INVOICER__ISSUER", "acme-cloud")
+            .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
             .output()?;
         anyhow::ensure!(
             output.status.success(),
@@ -180,8 +180,8 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
                 "IDLEMETER_CLICKHOUSE__DATABASE",
                 &crashed.clickhouse.database,
             )
-            .env("IDLEMETER_INVOICER__SHEET", dir.path().join("sheet.toml"))
-            .env("IDLEMETER_INVOICER__ISSUER", "acme-cloud")
+            .env("IDLEMETER_RATER__SHEET", dir.path().join("sheet.toml"))
+            .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
             .output()?;
         anyhow::ensure!(
             output.status.success(),

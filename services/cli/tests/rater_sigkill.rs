@@ -32,7 +32,7 @@ fn rater_command(env: &TestEnv, dir: &std::path::Path) -> Command {
         .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
         .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
         .env("IDLEMETER_RATER__SHEET", dir.join("sheet.toml"))
-        .env("IDLEMETER_RATER__PERIOD", "day")
+        .env("IDLEMETER_BILLING__PERIOD", "day")
         .env("IDLEMETER_RATER__GRACE_SECONDS", "0")
         .env("IDLEMETER_RATER__INTERVAL_SECONDS", "1")
         .env("IDLEMETER_RATER__LIVE_INTERVAL_SECONDS", "0")

@@ -249,7 +249,9 @@ pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Res
     lines.extend(credit_lines);
     let after_credits = pricer.add(payable, credits)?;
     let tax_line = pricer.tax_line(after_credits, account.tax_rate)?;
-    let tax = tax_line.as_ref().map_or(Decimal::ZERO, |line| line.amount);
+    let tax = tax_line
+        .as_ref()
+        .map_or(Decimal::new(0, pricer.digits()), |line| line.amount);
     let spend = pricer.add(after_credits, tax)?;
     lines.extend(tax_line);
     let wallet_balance = pricer.wallet_available(account.wallet_balance);
@@ -257,7 +259,11 @@ pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Res
     if !wallet_applied.is_zero() {
         lines.push(pricer.wallet_line(wallet_applied, wallet_balance));
     }
-    let total = pricer.add(spend, -wallet_applied)?;
+    let total = if wallet_applied.is_zero() {
+        spend
+    } else {
+        pricer.add(spend, -wallet_applied)?
+    };
     pricer.check_sum("total", pricer.sum(&lines)?, total)?;
     debug_assert!(
         !total.is_sign_negative() || total.is_zero() || adjustments.is_sign_negative(),

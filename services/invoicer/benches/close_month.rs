@@ -89,13 +89,14 @@ async fn run(customers: u64) -> anyhow::Result<()> {
     let lock = std::env::temp_dir().join(format!("{database}.lock"));
     let invoicer = Invoicer::new(
         store,
-        SHEET,
-        None,
+        idlemeter_store::SheetSource { sheet_text: SHEET, sheet_label: "prices/e2b.toml", policy: None },
         InvoicerConfig {
-            issuer: "bench".to_owned(),
-            sheet: "prices/e2b.toml".to_owned(),
             lock_file: lock.display().to_string(),
             ..InvoicerConfig::default()
+        },
+        idlemeter_core::BillingTerms {
+            issuer: "bench".to_owned(),
+            ..idlemeter_core::BillingTerms::default()
         },
     )?;
     let began = Instant::now();

@@ -32,7 +32,7 @@
 //! refuses are written there too, by sandbox, epoch and seq.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -344,9 +344,11 @@ impl Rater {
     }
 
     /// Rates every closed hour of the current period (and the previous one, so
-    /// a period's last hours are rated after a restart across its end) that has
-    /// no snapshot under this sheet yet. Idempotent: a second call with the
-    /// same `now` writes nothing.
+    /// a period's last hours are rated after a restart across its end) in
+    /// which a customer has samples, and the newest closed hour, that has no
+    /// snapshot under this sheet yet; then re-rates finished periods that
+    /// received samples since their last hour was rated. Idempotent: a second
+    /// call with the same `now` writes nothing.
     pub async fn rate_closed_hours(&self, now: DateTime<Utc>) -> Result<RatingPass> {
         let closed_until =
             floor_hour(now - chrono::Duration::seconds(self.config.grace_seconds as i64));
@@ -361,17 +363,26 @@ impl Rater {
                 .store
                 .customers_with_samples(unix_ms(period_start), unix_ms(period_end))
                 .await?;
-            for (customer, first_ms, count) in &customers {
-                // Hours before the customer's first sample of the period bill nothing.
-                let first_sample =
-                    DateTime::from_timestamp_millis(*first_ms as i64).unwrap_or(period_start);
-                let mut as_of = floor_hour(first_sample) + chrono::Duration::hours(1);
+            for (customer, _, count) in &customers {
+                // Only hours in which samples close intervals can differ from
+                // the hour before (a quiet hour's snapshot would repeat it;
+                // readers take the newest snapshot at or before a time), and
+                // the newest closed hour, so that the state reaches it.
+                let mut due: BTreeSet<DateTime<Utc>> = self
+                    .store
+                    .sample_hours(customer, unix_ms(period_start), unix_ms(period_end))
+                    .await?
+                    .into_iter()
+                    .filter_map(|hour| DateTime::from_timestamp(i64::from(hour) + 3600, 0))
+                    .filter(|as_of| *as_of <= period_end)
+                    .collect();
+                due.insert(period_end);
                 // One query for what this sheet already rated, not one per hour.
                 let rated = self
                     .store
                     .rated_hours(customer, unix_secs(period_start), &self.sheet_checksum)
                     .await?;
-                while as_of <= period_end {
+                for as_of in due {
                     if rated.contains(&unix_secs(as_of)) {
                         pass.snapshots_present += 1;
                     } else if let Err(error) = self
@@ -394,7 +405,6 @@ impl Rater {
                         pass.customers_failed += 1;
                         break;
                     }
-                    as_of += chrono::Duration::hours(1);
                 }
             }
             if period_end == full_end {

@@ -362,6 +362,30 @@ impl Store {
         Ok(hours.into_iter().collect())
     }
 
+    /// The hours (Unix seconds of their start) in `[from_ms, to_ms)` in which
+    /// the customer has samples: the hours whose snapshot can differ from
+    /// the one before.
+    pub async fn sample_hours(
+        &self,
+        customer: &CustomerId,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<std::collections::BTreeSet<u32>> {
+        let hours: Vec<u32> = self
+            .client
+            .query(
+                "SELECT DISTINCT toUInt32(toStartOfHour(ts)) FROM usage_samples \
+                 WHERE customer = ? AND ts_ms >= ? AND ts_ms < ?",
+            )
+            .bind(customer.as_str())
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all()
+            .await
+            .context(format!("hours with samples of {customer}"))?;
+        Ok(hours.into_iter().collect())
+    }
+
     /// Lines of one snapshot, in line order.
     pub async fn rated_lines(
         &self,

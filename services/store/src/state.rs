@@ -101,10 +101,10 @@ impl Store {
     ) -> Result<Vec<RatedQuantities>> {
         self.client
             .query(
-                "SELECT customer, toUInt32(max(as_of)) AS as_of, \
-                 toUInt32(argMax(rated_at, (as_of, revision))) AS rated_at, \
-                 argMax(usage, (as_of, revision)) AS usage, \
-                 argMax(samples, (as_of, revision)) AS samples \
+                "SELECT customer, toUInt32(max(as_of)) AS newest_as_of, \
+                 toUInt32(argMax(rated_at, (as_of, revision))) AS newest_rated_at, \
+                 argMax(usage, (as_of, revision)) AS newest_usage, \
+                 argMax(samples, (as_of, revision)) AS newest_samples \
                  FROM rating_state \
                  WHERE customer >= ? AND customer <= ? AND period_start = toDateTime(?) \
                  AND sheet_checksum = ? \
