@@ -19,6 +19,17 @@ use serde_json::Value;
 
 const ISSUER: &str = "api-test";
 
+/// What the rater, the invoicer and the API bill under here: daily periods
+/// (the rater rates every hour from a customer's first sample of its
+/// current and previous period; daily ones keep that to a few hours).
+fn terms() -> idlemeter_core::BillingTerms {
+    idlemeter_core::BillingTerms {
+        issuer: ISSUER.to_owned(),
+        period: Period::Day,
+        ..idlemeter_core::BillingTerms::default()
+    }
+}
+
 /// Samples every 10 s for two hours from `start`: 2 vCPU allocated, so 20
 /// vCPU-seconds a sample; 1 CPU-second used a sample.
 fn two_hours(customer: &str, sandbox: &str, start: DateTime<Utc>) -> Vec<UsageSample> {
@@ -112,7 +123,7 @@ impl Fixture {
             },
             &registry,
         )?
-        .with_terms(idlemeter_tests::terms(Period::Day))?;
+        .with_terms(terms())?;
         rater.rate_closed_hours(day + Duration::hours(3)).await?;
         rater.rate_closed_hours(now).await?;
         let invoicer = || {
@@ -120,19 +131,13 @@ impl Fixture {
                 env.store.clone(),
                 idlemeter_tests::sheet_source(SHEET, "test.toml"),
                 InvoicerConfig {
-                    // Daily, like the rater above: the API reads the open
-                    // period from the invoicer's setting.
                     lock_file: std::env::temp_dir()
                         .join(format!("{}.lock", env.clickhouse.database))
                         .display()
                         .to_string(),
                     ..InvoicerConfig::default()
                 },
-                idlemeter_core::BillingTerms {
-                    issuer: ISSUER.to_owned(),
-                    period: Period::Day,
-                    ..idlemeter_core::BillingTerms::default()
-                },
+                terms(),
             )
         };
         let outcome = invoicer()?
@@ -177,7 +182,7 @@ impl Fixture {
         }
         let billing = idlemeter_api::Billing::new(
             idlemeter_tests::sheet_source(SHEET, "test.toml"),
-            idlemeter_tests::terms(Period::Day),
+            terms(),
         )?;
         let api = Api::new(env.store.clone(), billing, config, &registry).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -91,9 +91,19 @@ fn terms() -> idlemeter_core::BillingTerms {
 /// The rater's pass just after `month` of 2026 ended: it rates the month
 /// (and re-rates earlier ones that received late samples).
 async fn rate_month(env: &TestEnv, sheet: &str, month: u32) -> anyhow::Result<()> {
-    let after = if month == 12 { at(2027, 1, 1) } else { at(2026, month + 1, 1) };
-    idlemeter_tests::rater_pass(env, sheet, "test.toml", terms(), after + chrono::Duration::hours(1))
-        .await?;
+    let after = if month == 12 {
+        at(2027, 1, 1)
+    } else {
+        at(2026, month + 1, 1)
+    };
+    idlemeter_tests::rater_pass(
+        env,
+        sheet,
+        "test.toml",
+        terms(),
+        after + chrono::Duration::hours(1),
+    )
+    .await?;
     Ok(())
 }
 

@@ -176,7 +176,8 @@ async fn an_interval_belongs_to_the_period_its_closing_sample_is_in() -> anyhow:
         SHEET,
         config(),
         &prometheus::Registry::new(),
-    )?;
+    )?
+    .with_terms(idlemeter_tests::terms(Period::Day))?;
     let pass = rater.rate_closed_hours(at("2026-11-04T01:30:00Z")).await?;
     // Day 3 has one hour with samples (as of 00:00); day 4 one closed hour (as of 01:00).
     assert_eq!(pass.snapshots_written, 2);

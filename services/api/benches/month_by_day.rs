@@ -87,13 +87,7 @@ async fn main() -> anyhow::Result<()> {
         rate_limit_per_s: 0,
         ..ApiConfig::default()
     };
-    let api = Api::new(
-        store.clone(),
-        billing,
-        config,
-        &prometheus::Registry::new(),
-    )
-    .await?;
+    let api = Api::new(store.clone(), billing, config, &prometheus::Registry::new()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(api.serve(listener, std::future::pending()));

@@ -123,7 +123,8 @@ pub struct Billing {
     pub(crate) sheet_label: String,
     pub(crate) sheet_checksum: String,
     pub(crate) terms: idlemeter_core::BillingTerms,
-    pub(crate) tax_rates: std::collections::BTreeMap<idlemeter_core::CustomerId, rust_decimal::Decimal>,
+    pub(crate) tax_rates:
+        std::collections::BTreeMap<idlemeter_core::CustomerId, rust_decimal::Decimal>,
 }
 
 impl Billing {

@@ -492,7 +492,12 @@ pub async fn invoices(
     };
     let mut rows = state
         .store
-        .invoices_of(&state.billing.terms.issuer, customer.as_str(), before, limit + 1)
+        .invoices_of(
+            &state.billing.terms.issuer,
+            customer.as_str(),
+            before,
+            limit + 1,
+        )
         .await?;
     let next_cursor = if rows.len() > limit as usize {
         rows.truncate(limit as usize);

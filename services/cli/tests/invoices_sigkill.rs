@@ -115,6 +115,15 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
     let data = samples();
     reference.store.insert_samples(&data).await?;
     crashed.store.insert_samples(&data).await?;
+    // What the rater would have stored by October's end: the close bills it.
+    let october = Utc
+        .with_ymd_and_hms(2026, 10, 1, 0, 0, 0)
+        .single()
+        .expect("time");
+    let states =
+        idlemeter_tests::period_end_states(SHEET, &data, idlemeter_core::Period::Month, october)?;
+    reference.store.insert_rating_states(&states).await?;
+    crashed.store.insert_rating_states(&states).await?;
     // cust-0001 prepaid 0.25 before October, recorded through the CLI (twice:
     // the same id is one deposit).
     for env in [&reference, &crashed, &crashed] {

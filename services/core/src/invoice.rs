@@ -242,7 +242,10 @@ pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Res
     let one_time_credit_left = credit_lines
         .iter()
         .find(|line| line.resource == ONE_TIME_CREDIT)
-        .and_then(|line| line.credit_available.map(|available| available + line.amount))
+        .and_then(|line| {
+            line.credit_available
+                .map(|available| available + line.amount)
+        })
         .or(account.one_time_credit_left);
     lines.extend(fee_lines);
     lines.extend(adjustment_lines);
@@ -550,10 +553,12 @@ impl LinePricer<'_> {
             return Ok(None);
         }
         let base = taxable.max(Decimal::ZERO);
-        let exact = base.checked_mul(rate).ok_or_else(|| Error::AmountOverflow {
-            customer: self.customer.to_string(),
-            resource: "tax".to_owned(),
-        })?;
+        let exact = base
+            .checked_mul(rate)
+            .ok_or_else(|| Error::AmountOverflow {
+                customer: self.customer.to_string(),
+                resource: "tax".to_owned(),
+            })?;
         let amount = self.rule().round(exact, self.digits());
         Ok(Some(InvoiceLine {
             kind: LineKind::Tax,

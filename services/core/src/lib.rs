@@ -48,5 +48,5 @@ pub use rating::{
     rate_samples, IdlePolicy, NumberedSample, RatedUsage, RatingState, SessionOrConnection,
 };
 pub use report::{rate_jsonl, rate_report, report_usage, RateReport};
-pub use terms::{BillingTerms, TermsError};
 pub use sample::{LifecycleState, SampleDetail, SampleError, UsageSample, VcpuMillis};
+pub use terms::{BillingTerms, TermsError};

@@ -82,7 +82,9 @@ mod tests {
         let error = terms.tax_rates().expect_err("100 % is refused");
         assert!(error.to_string().contains("beta"), "{error}");
         terms.tax_rates.remove("beta");
-        terms.tax_rates.insert("gamma".to_owned(), "twenty".to_owned());
+        terms
+            .tax_rates
+            .insert("gamma".to_owned(), "twenty".to_owned());
         assert!(terms.tax_rates().is_err());
     }
 }

@@ -89,7 +89,11 @@ async fn run(customers: u64) -> anyhow::Result<()> {
     let lock = std::env::temp_dir().join(format!("{database}.lock"));
     let invoicer = Invoicer::new(
         store,
-        idlemeter_store::SheetSource { sheet_text: SHEET, sheet_label: "prices/e2b.toml", policy: None },
+        idlemeter_store::SheetSource {
+            sheet_text: SHEET,
+            sheet_label: "prices/e2b.toml",
+            policy: None,
+        },
         InvoicerConfig {
             lock_file: lock.display().to_string(),
             ..InvoicerConfig::default()

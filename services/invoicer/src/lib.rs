@@ -34,8 +34,7 @@ use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
 use idlemeter_core::rating::{CustomerUsage, NumberedSample};
 use idlemeter_core::{bill, Account, BillingTerms, CustomerId, PriceSheet, RatingState};
 use idlemeter_store::{
-    AccountReader, Accounts, Adjusted, BillContext, SheetSource,
-    RatedQuantities, Store,
+    AccountReader, Accounts, Adjusted, BillContext, RatedQuantities, SheetSource, Store,
 };
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -169,9 +168,9 @@ impl Invoicer {
         let sheet = PriceSheet::from_toml(source.sheet_text, source.sheet_label)?;
         parse_schedule(&config.schedule)?;
         let idle = match source.policy {
-            Some((text, label)) => IdleRule::Policy(Box::new(PolicyIdle::new(
-                Policy::from_toml(text, label)?,
-            ))),
+            Some((text, label)) => {
+                IdleRule::Policy(Box::new(PolicyIdle::new(Policy::from_toml(text, label)?)))
+            }
             None => IdleRule::SessionOrConnection,
         };
         let tax_rates = terms.tax_rates()?;
@@ -368,7 +367,12 @@ impl Invoicer {
 
     /// Lines first, then the headers in one insert: the headers are the
     /// chunk's commit marker.
-    async fn write_chunk(&self, invoices: &[Invoice], issued_at: u32, written_ms: u64) -> Result<()> {
+    async fn write_chunk(
+        &self,
+        invoices: &[Invoice],
+        issued_at: u32,
+        written_ms: u64,
+    ) -> Result<()> {
         if invoices.is_empty() {
             return Ok(());
         }
@@ -396,7 +400,14 @@ impl Invoicer {
     ) -> Result<()> {
         for (customer, header) in &accounts.invoiced_now {
             if let (Some(recomputed), _) = self
-                .invoice_of(customer, start, end, accounts, rated.get(customer), header.number)
+                .invoice_of(
+                    customer,
+                    start,
+                    end,
+                    accounts,
+                    rated.get(customer),
+                    header.number,
+                )
                 .await?
             {
                 let issued = idlemeter_store::from_column(header.total)?;
@@ -427,7 +438,9 @@ impl Invoicer {
             self.report_failure(customer, period_start, now, &error)
                 .await;
         }
-        outcome.failed.push((customer.to_owned(), error.to_string()));
+        outcome
+            .failed
+            .push((customer.to_owned(), error.to_string()));
     }
 
     /// The invoice of one customer for [start, end) as at `end`, numbered
@@ -448,7 +461,10 @@ impl Invoicer {
         })?;
         let (usage, caught_up) = self.usage_at(&id, start, end, rated).await?;
         let account = accounts.account(&id);
-        Ok((self.invoice(&id, &usage, &account, start, end, number)?, caught_up))
+        Ok((
+            self.invoice(&id, &usage, &account, start, end, number)?,
+            caught_up,
+        ))
     }
 
     /// The bill of `usage` with `account`, as an invoice; `None` when

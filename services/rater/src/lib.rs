@@ -457,7 +457,12 @@ impl Rater {
         let end = self.period().next(period_start);
         let rated: HashMap<String, (u32, u64)> = self
             .store
-            .rated_quantities("", "\u{10ffff}", unix_secs(period_start), &self.sheet_checksum)
+            .rated_quantities(
+                "",
+                "\u{10ffff}",
+                unix_secs(period_start),
+                &self.sheet_checksum,
+            )
             .await?
             .into_iter()
             .map(|row| (row.customer, (row.as_of, row.samples)))
@@ -501,7 +506,12 @@ impl Rater {
         let end = self.period().next(period_start);
         let mut state = RatingState::new(&self.sheet);
         let samples = self
-            .read_samples(customer, unix_ms(period_start), unix_ms(end), &mut pass.samples_read)
+            .read_samples(
+                customer,
+                unix_ms(period_start),
+                unix_ms(end),
+                &mut pass.samples_read,
+            )
             .await?;
         let errors = state.advance(&self.sheet, &samples, &self.idle);
         self.report_refused(customer, period_start, &samples, &errors, now)
@@ -701,10 +711,17 @@ impl Rater {
     ) -> Result<(RateReport, String)> {
         let mut usage = state.usage(&self.sheet, &self.idle);
         // A customer with nothing rated yet still has fees and adjustments.
-        if !usage.customers.iter().any(|rated| &rated.customer == customer) {
+        if !usage
+            .customers
+            .iter()
+            .any(|rated| &rated.customer == customer)
+        {
             usage
                 .customers
-                .push(idlemeter_core::rating::CustomerUsage::nothing(customer.clone(), &self.sheet));
+                .push(idlemeter_core::rating::CustomerUsage::nothing(
+                    customer.clone(),
+                    &self.sheet,
+                ));
         }
         let text = usage
             .customers
@@ -715,7 +732,10 @@ impl Rater {
         let options = BillingOptions {
             accounts: [(customer.clone(), account.clone())].into_iter().collect(),
         };
-        Ok((report_usage(&self.sheet, usage, &options, Vec::new())?, text))
+        Ok((
+            report_usage(&self.sheet, usage, &options, Vec::new())?,
+            text,
+        ))
     }
 
     /// Logs, counts and stores the samples rating refused.
@@ -975,7 +995,9 @@ impl Rater {
                 .filter(|customer| {
                     live.get(**customer).is_some_and(|state| {
                         state.period_start == period_start
-                            && state.account_read.is_none_or(|read| read.elapsed() >= refresh)
+                            && state
+                                .account_read
+                                .is_none_or(|read| read.elapsed() >= refresh)
                     })
                 })
                 .map(|customer| (*customer).clone())

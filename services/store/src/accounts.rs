@@ -20,7 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::rating::CustomerUsage;
-use idlemeter_core::{adjustment_for, Account, BillingTerms, CustomerId, InvoicedPeriod, PriceSheet};
+use idlemeter_core::{
+    adjustment_for, Account, BillingTerms, CustomerId, InvoicedPeriod, PriceSheet,
+};
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
@@ -124,7 +126,9 @@ impl AccountReader<'_> {
         let mut earlier: HashMap<&str, Vec<&InvoiceRow>> = HashMap::new();
         for row in &invoices {
             match row.period_start.cmp(&period) {
-                std::cmp::Ordering::Less => earlier.entry(row.customer.as_str()).or_default().push(row),
+                std::cmp::Ordering::Less => {
+                    earlier.entry(row.customer.as_str()).or_default().push(row)
+                }
                 std::cmp::Ordering::Equal => {
                     out.invoiced_now.insert(row.customer.clone(), row.clone());
                 }
@@ -173,8 +177,10 @@ impl AccountReader<'_> {
                 .map(|row| (row.customer.clone(), row))
                 .collect();
             for row in rows {
-                let Some(quantities) = rated.get(&row.customer).filter(|q| !q.usage.is_empty()) else {
-                    out.not_adjustable.push((row.customer.clone(), *earlier_period));
+                let Some(quantities) = rated.get(&row.customer).filter(|q| !q.usage.is_empty())
+                else {
+                    out.not_adjustable
+                        .push((row.customer.clone(), *earlier_period));
                     continue;
                 };
                 let customer = customer_id(&row.customer)?;
@@ -193,7 +199,10 @@ impl AccountReader<'_> {
                 if let Some(adjustment) = adjustment_for(self.sheet, &usage, &invoiced)
                     .map_err(|error| Error::BadRow(error.to_string()))?
                 {
-                    adjustments.entry(row.customer.clone()).or_default().push(adjustment);
+                    adjustments
+                        .entry(row.customer.clone())
+                        .or_default()
+                        .push(adjustment);
                 }
             }
         }
@@ -311,7 +320,11 @@ impl AccountReader<'_> {
 impl Store {
     /// Customers with a rating state in a period under a checksum: those
     /// the rater rated.
-    pub async fn rated_customers(&self, period_start: u32, sheet_checksum: &str) -> Result<Vec<String>> {
+    pub async fn rated_customers(
+        &self,
+        period_start: u32,
+        sheet_checksum: &str,
+    ) -> Result<Vec<String>> {
         self.client
             .query(
                 "SELECT DISTINCT customer FROM rating_state \

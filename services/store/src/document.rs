@@ -94,7 +94,9 @@ impl Invoice {
                     _ => context.start,
                 },
                 note: match (line.kind, line.credit_available) {
-                    (LineKind::Wallet, Some(balance)) => format!("prepaid balance before: {balance}"),
+                    (LineKind::Wallet, Some(balance)) => {
+                        format!("prepaid balance before: {balance}")
+                    }
                     (_, Some(available)) => format!("available {available}"),
                     (_, None) => String::new(),
                 },

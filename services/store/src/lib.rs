@@ -22,9 +22,7 @@ mod usage;
 
 use serde::Deserialize;
 
-pub use accounts::{
-    ratings_checksum, with_policy, AccountReader, Accounts, Adjusted, SheetSource,
-};
+pub use accounts::{ratings_checksum, with_policy, AccountReader, Accounts, Adjusted, SheetSource};
 pub use api::{
     unix_seconds, AlertFiringRow, ApiKeyRow, LatestSpend, SandboxRange, SandboxStateRow,
     SnapshotLine, SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL,

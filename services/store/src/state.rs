@@ -5,6 +5,8 @@ use crate::{Context, RatedLineRow, Result, Store};
 
 /// See `queries/rating_states.sql`.
 pub const RATING_STATES_SQL: &str = include_str!("queries/rating_states.sql");
+/// See `queries/rated_quantities.sql`.
+pub const RATED_QUANTITIES_SQL: &str = include_str!("queries/rated_quantities.sql");
 /// See `queries/live_lines.sql`.
 pub const LIVE_LINES_SQL: &str = include_str!("queries/live_lines.sql");
 
@@ -65,6 +67,11 @@ impl Store {
             .await
     }
 
+    /// Many states in one insert (fixtures, benchmarks, bulk re-rating).
+    pub async fn insert_rating_states(&self, rows: &[RatingStateRow]) -> Result<()> {
+        self.insert_rows("rating_state", rows).await
+    }
+
     /// The newest state at or before `before` of every customer from `first`
     /// to `last` (inclusive) with one in the period under the checksum, as
     /// (customer, as_of, state), in one query.
@@ -100,16 +107,7 @@ impl Store {
         sheet_checksum: &str,
     ) -> Result<Vec<RatedQuantities>> {
         self.client
-            .query(
-                "SELECT customer, toUInt32(max(as_of)) AS newest_as_of, \
-                 toUInt32(argMax(rated_at, (as_of, revision))) AS newest_rated_at, \
-                 argMax(usage, (as_of, revision)) AS newest_usage, \
-                 argMax(samples, (as_of, revision)) AS newest_samples \
-                 FROM rating_state \
-                 WHERE customer >= ? AND customer <= ? AND period_start = toDateTime(?) \
-                 AND sheet_checksum = ? \
-                 GROUP BY customer ORDER BY customer",
-            )
+            .query(RATED_QUANTITIES_SQL)
             .bind(first)
             .bind(last)
             .bind(period_start)

@@ -8,7 +8,7 @@ pub mod engine;
 pub mod file;
 
 pub use engine::{
-    decide_all, Decision, Engine, IdleRule, Input, Lease, PolicyIdle, Rule, SandboxState, Signals, Snapshot,
-    Spend,
+    decide_all, Decision, Engine, IdleRule, Input, Lease, PolicyIdle, Rule, SandboxState, Signals,
+    Snapshot, Spend,
 };
 pub use file::{Action, ActivitySignals, Hysteresis, Policy, Rules};
