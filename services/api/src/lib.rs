@@ -145,6 +145,10 @@ impl Billing {
 }
 
 impl AppState {
+    pub(crate) fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        (self.clock)()
+    }
+
     /// Reads accounts as the rater and the invoicer do.
     pub(crate) fn accounts(&self) -> idlemeter_store::AccountReader<'_> {
         idlemeter_store::AccountReader {
@@ -194,7 +198,6 @@ impl ApiMetrics {
 }
 
 /// What every handler shares.
-#[derive(Debug)]
 pub struct AppState {
     pub(crate) store: Store,
     pub(crate) keys: KeyCache,
@@ -204,8 +207,23 @@ pub struct AppState {
     pub(crate) links: finance::PageLinks,
     /// Sandbox state from the stream, newer than the stored one (see `live`).
     pub(crate) live: Option<Arc<live::LiveView>>,
+    /// What "now" is: the wall clock in service; tests pin it.
+    clock: Clock,
     metrics: ApiMetrics,
 }
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("store", &self.store)
+            .field("billing", &self.billing)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The API's clock (see [`Api::with_clock`]).
+pub type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
 
 /// The OpenAPI document, generated from the handlers' annotations.
 #[derive(Debug, OpenApi)]
@@ -295,6 +313,7 @@ impl Api {
                 config,
                 links: finance::PageLinks::default(),
                 live: None,
+                clock: Arc::new(chrono::Utc::now),
                 metrics: ApiMetrics::new(registry),
             }),
         })
@@ -309,6 +328,16 @@ impl Api {
     pub fn with_live(mut self, live: Arc<live::LiveView>) -> Self {
         if let Some(state) = Arc::get_mut(&mut self.state) {
             state.live = Some(live);
+        }
+        self
+    }
+
+    /// Answers as if it were always `clock()` (the open period, cost so
+    /// far, the preview): for tests that replay a period. Call before
+    /// [`Api::serve`] or [`Api::router`].
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.clock = clock;
         }
         self
     }

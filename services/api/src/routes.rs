@@ -38,10 +38,6 @@ const MAX_PAGE_WINDOWS: u32 = 100_000;
 /// Latest time a ClickHouse `DateTime` holds, rounded down to a day.
 const LAST_TIME: u32 = 4_294_886_400;
 
-fn now() -> DateTime<Utc> {
-    Utc::now()
-}
-
 /// Opaque page cursors: a kind letter and the last key of the page, hex encoded.
 fn encode_cursor(kind: char, key: &str) -> String {
     hex::encode(format!("{kind}:{key}"))
@@ -309,7 +305,7 @@ pub async fn cost_now(
         total: Decimal::ZERO,
         spend: Decimal::ZERO,
     };
-    let (current, _) = state.billing.terms.period.bounds(now());
+    let (current, _) = state.billing.terms.period.bounds(state.now());
     answer.period_start = Some(current);
     let Some(spend) = state.store.latest_spend(customer.as_str()).await? else {
         return Ok(axum::Json(answer));
@@ -427,7 +423,7 @@ pub async fn invoice_preview(
     Path(customer): Path<String>,
 ) -> ApiResult<axum::Json<Invoice>> {
     let customer = principal.tenant(&customer)?;
-    match crate::preview::draft(&state, &customer, now()).await? {
+    match crate::preview::draft(&state, &customer, state.now()).await? {
         Some(draft) => Ok(axum::Json(draft.normalized())),
         None => Err(Problem::new(
             StatusCode::NOT_FOUND,
@@ -678,7 +674,7 @@ pub async fn create_alert(
             "customer already has {MAX_ALERTS} alerts, the limit; delete one first"
         )));
     }
-    let now_unix = unix_seconds(now());
+    let now_unix = unix_seconds(state.now());
     let mut id = [0u8; 8];
     let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
@@ -1050,7 +1046,7 @@ pub async fn create_key(
     if new.name.len() > 256 {
         return Err(Problem::bad_request("name is longer than 256 bytes"));
     }
-    let created = auth::generate(customer.as_ref(), &new.name, unix_seconds(now()));
+    let created = auth::generate(customer.as_ref(), &new.name, unix_seconds(state.now()));
     state.store.insert_api_key(&created.row).await?;
     state.keys.reload().await?;
     Ok((
@@ -1086,7 +1082,7 @@ pub async fn revoke_key(
         .ok_or_else(|| Problem::not_found("key", &key_id))?;
     state
         .store
-        .insert_api_key(&auth::revoked(&row, unix_seconds(now())))
+        .insert_api_key(&auth::revoked(&row, unix_seconds(state.now())))
         .await?;
     state.keys.reload().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -1104,8 +1100,8 @@ pub struct FinanceQuery {
 /// Most days the finance panels cover at once.
 const MAX_FINANCE_DAYS: u32 = 400;
 
-fn finance_range(query: &FinanceQuery) -> ApiResult<(u32, u32)> {
-    let to = query.to.unwrap_or_else(now);
+fn finance_range(query: &FinanceQuery, now: DateTime<Utc>) -> ApiResult<(u32, u32)> {
+    let to = query.to.unwrap_or(now);
     let from = match query.from {
         Some(from) => from,
         None => to
@@ -1162,7 +1158,7 @@ pub async fn finance_panels(
     State(state): AppStateRef,
     Query(query): Query<FinanceQuery>,
 ) -> ApiResult<axum::Json<Vec<crate::finance::PanelData>>> {
-    let (from, to) = finance_range(&query)?;
+    let (from, to) = finance_range(&query, state.now())?;
     Ok(axum::Json(run_panels(&state, from, to).await?))
 }
 
@@ -1182,7 +1178,7 @@ pub struct FinanceLink {
 pub async fn finance_link(State(state): AppStateRef) -> (StatusCode, axum::Json<FinanceLink>) {
     let token = state.links.issue();
     let expires_at =
-        now() + chrono::Duration::from_std(crate::finance::LINK_TTL).unwrap_or_default();
+        state.now() + chrono::Duration::from_std(crate::finance::LINK_TTL).unwrap_or_default();
     (
         StatusCode::CREATED,
         axum::Json(FinanceLink {
@@ -1213,10 +1209,13 @@ pub async fn finance_page(
             "this finance page link is missing, wrong or expired: ask for one with POST /v1/finance/link",
         ));
     }
-    let (from, to) = finance_range(&FinanceQuery {
-        from: query.from,
-        to: query.to,
-    })?;
+    let (from, to) = finance_range(
+        &FinanceQuery {
+            from: query.from,
+            to: query.to,
+        },
+        state.now(),
+    )?;
     let panels = run_panels(&state, from, to).await?;
     Ok(axum::response::Html(crate::finance::page(
         &panels,
