@@ -9,4 +9,4 @@ export IDLEMETER_RUN_DIR=$PWD/.run/test IDLEMETER_CH_HTTP_PORT=28123 IDLEMETER_C
     IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
 scripts/services.sh start >/dev/null
 export IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 RUST_LOG=warn
-exec cargo bench -p idlemeter-invoicer --bench close_month
+exec cargo bench -p idlemeter-tests --bench close_month
