@@ -310,9 +310,7 @@ async fn run(customers: u64) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    for deposit in &deposits {
-        store.insert_wallet_deposit(deposit).await?;
-    }
+    store.insert_wallet_deposits(&deposits).await?;
     eprintln!(
         "bench-invoices: November states, 1 % re-rated Octobers and {} deposits stored in {:.1} s",
         deposits.len(),

@@ -310,3 +310,142 @@ fn time(value: &Value) -> DateTime<Utc> {
         .and_then(|text| text.parse().ok())
         .unwrap_or_else(|| Utc.timestamp_opt(0, 0).single().expect("epoch"))
 }
+
+/// Resident memory of process `pid`, bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// A thousand previews of one customer at once, against `idlemeter api` in
+/// its own process: each is answered or refused with 429 (the key's rate
+/// limit, then the tenant's in-flight limit), and the API's resident memory
+/// grows by less than 64 MiB meanwhile (64 KiB per connection: what grows is
+/// the thousand connections' buffers; a preview holds one figure's lines and
+/// one account, never the customer's samples, and at most
+/// `max_in_flight_per_tenant` of them run at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_previews_are_answered_or_refused_within_a_memory_bound(
+) -> anyhow::Result<()> {
+    const BOUND: u64 = 64 << 20;
+    let env = TestEnv::new("one_bill_burst").await?;
+    let dir = tempfile::tempdir()?;
+    let sheet = sheet();
+    let sheet_path = dir.path().join("sheet.toml");
+    std::fs::write(&sheet_path, &sheet)?;
+    // A live figure of the open month (the API reads the wall clock): the
+    // last ten minutes of a sandbox, rated by the rater's live pass.
+    let now = Utc::now();
+    env.store
+        .insert_samples(&running(1, now - Duration::minutes(10), now))
+        .await?;
+    let rater = Rater::new(
+        env.store.clone(),
+        &sheet,
+        RaterConfig {
+            sheet: sheet_path.display().to_string(),
+            live_source: idlemeter_rater::LiveSource::Clickhouse,
+            live_interval_seconds: 5,
+            live_lateness_seconds: 900,
+            ..RaterConfig::default()
+        },
+        &prometheus::Registry::new(),
+    )?;
+    rater.rate_live(now).await?;
+    let key = generate(Some(&CustomerId::parse("acme")?), "acme", 0);
+    env.store.insert_api_key(&key.row).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut api = std::process::Command::new(idlemeter_tests::collector::idlemeter_binary()?)
+        .arg("api")
+        .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
+        .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+        .env("IDLEMETER_RATER__SHEET", &sheet_path)
+        .env("IDLEMETER_API__LISTEN", format!("127.0.0.1:{port}"))
+        .env("IDLEMETER_API__LIVE_STATE", "false")
+        .env("IDLEMETER_API__ALERT_INTERVAL_S", "0")
+        .env("IDLEMETER_METRICS__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let pid = api.id();
+    let url = format!("http://127.0.0.1:{port}/v1/customers/acme/invoice-preview");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1_000)
+        .build()?;
+    let result = async {
+        // Up, and the first answer (which also warms the allocator).
+        let mut draft = Value::Null;
+        for _ in 0..300 {
+            if let Ok(response) = http.get(&url).bearer_auth(&key.key).send().await {
+                anyhow::ensure!(response.status().is_success(), "{}", response.status());
+                draft = response.json().await?;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(decimal(&draft["subtotal"]) > Decimal::ZERO, "{draft}");
+        let before = rss_bytes(pid);
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+        let sampling = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(rss_bytes(pid), std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            })
+        };
+        let requests = (0..1_000).map(|_| {
+            let (http, url, key) = (http.clone(), url.clone(), key.key.clone());
+            tokio::spawn(async move {
+                let response = http.get(&url).bearer_auth(key).send().await?;
+                let status = response.status();
+                let body: Value = response.json().await?;
+                Ok::<_, anyhow::Error>((status, body))
+            })
+        });
+        let (mut answered, mut refused) = (0, 0);
+        for request in futures::future::join_all(requests).await {
+            let (status, body) = request??;
+            match status {
+                reqwest::StatusCode::OK => {
+                    anyhow::ensure!(body["total"] == draft["total"], "another draft: {body}");
+                    answered += 1;
+                }
+                reqwest::StatusCode::TOO_MANY_REQUESTS => refused += 1,
+                other => anyhow::bail!("a preview answered {other}: {body}"),
+            }
+        }
+        sampling.abort();
+        let grown = peak
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(before);
+        eprintln!(
+            "1000 previews: {answered} answered, {refused} refused; the API grew by {} KiB",
+            grown >> 10
+        );
+        anyhow::ensure!(answered + refused == 1_000);
+        anyhow::ensure!(
+            answered > 0 && refused > 0,
+            "{answered} answered, {refused} refused"
+        );
+        anyhow::ensure!(grown < BOUND, "the API grew by {grown} bytes");
+        Ok(())
+    }
+    .await;
+    let _ = api.kill();
+    let _ = api.wait();
+    result
+}

@@ -61,8 +61,13 @@ pub struct ApiConfig {
     pub max_windows: u32,
     pub default_page: u32,
     pub max_page: u32,
-    /// A request running longer than this answers 503.
+    /// A request running longer than this answers 503 (its ClickHouse
+    /// queries stop too: `max_execution_time`).
     pub request_timeout_ms: u64,
+    /// Requests one tenant (a customer, or an admin key) may have running at
+    /// once; more answer 429 at once (0: unlimited). With the rate limit,
+    /// what bounds the API's memory under one tenant's burst.
+    pub max_in_flight_per_tenant: u32,
     /// How often spend alerts are checked; 0 disables delivery (alerts can
     /// still be managed). Run delivery on one replica only.
     pub alert_interval_s: u64,
@@ -90,6 +95,7 @@ impl Default for ApiConfig {
             default_page: 100,
             max_page: 1_000,
             request_timeout_ms: 10_000,
+            max_in_flight_per_tenant: 8,
             alert_interval_s: 60,
             alert_private_targets: false,
             sample_interval_s: 1,
@@ -209,6 +215,7 @@ pub struct AppState {
     pub(crate) live: Option<Arc<live::LiveView>>,
     /// What "now" is: the wall clock in service; tests pin it.
     clock: Clock,
+    in_flight: InFlight,
     metrics: ApiMetrics,
 }
 
@@ -314,6 +321,7 @@ impl Api {
                 links: finance::PageLinks::default(),
                 live: None,
                 clock: Arc::new(chrono::Utc::now),
+                in_flight: InFlight::default(),
                 metrics: ApiMetrics::new(registry),
             }),
         })
@@ -466,8 +474,58 @@ async fn authenticate(
     if let Err(retry_after_s) = state.limiter.check(&principal.key_id, Instant::now()) {
         return Problem::too_many_requests(retry_after_s).into_response();
     }
+    let tenant = match &principal.scope {
+        auth::Scope::Customer(customer) => customer.as_str().to_owned(),
+        auth::Scope::Admin => format!("admin key {}", principal.key_id),
+    };
+    let Some(_slot) = state
+        .in_flight
+        .enter(&tenant, state.config.max_in_flight_per_tenant)
+    else {
+        return Problem::too_many_requests(1).into_response();
+    };
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// Requests running per tenant (see `ApiConfig::max_in_flight_per_tenant`).
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    running: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// A running request's place, given back when dropped.
+pub(crate) struct Slot<'a> {
+    in_flight: &'a InFlight,
+    tenant: String,
+}
+
+impl InFlight {
+    /// A slot for `tenant`, unless it already has `max` requests running.
+    fn enter(&self, tenant: &str, max: u32) -> Option<Slot<'_>> {
+        let mut running = self.running.lock().expect("not poisoned");
+        let count = running.entry(tenant.to_owned()).or_default();
+        if max > 0 && *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            in_flight: self,
+            tenant: tenant.to_owned(),
+        })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut running = self.in_flight.running.lock().expect("not poisoned");
+        if let Some(count) = running.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Lets only admin keys through (after [`authenticate`]).

@@ -70,6 +70,11 @@ impl Store {
             .await
     }
 
+    /// Many deposits in one insert (imports, benchmarks).
+    pub async fn insert_wallet_deposits(&self, rows: &[WalletDepositRow]) -> Result<()> {
+        self.insert_rows("wallet_deposits", rows).await
+    }
+
     /// Each customer's deposits made before `before` (Unix seconds), summed
     /// (mantissas), for customers from `first` to `last`.
     pub async fn wallet_deposits(
