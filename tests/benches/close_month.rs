@@ -268,11 +268,14 @@ async fn run(customers: u64) -> anyhow::Result<()> {
         &first.failed[..first.failed.len().min(3)]
     );
     eprintln!(
-        "bench-invoices: October: {} invoices in {october_s:.1} s = {:.0} customers/s, totals {:?}, caught up {}",
+        "bench-invoices: October: {} invoices in {october_s:.1} s = {:.0} customers/s, totals {:?}, caught up {}; reading {:.1} s, billing {:.1} s, waiting for writes {:.1} s",
         first.issued_count,
         customers as f64 / october_s,
         first.issued_totals,
-        first.caught_up
+        first.caught_up,
+        first.timings.read.as_secs_f64(),
+        first.timings.bill.as_secs_f64(),
+        first.timings.write_wait.as_secs_f64()
     );
 
     // November: states, late October usage for 1 %, wallets for 1 %.
@@ -332,8 +335,13 @@ async fn run(customers: u64) -> anyhow::Result<()> {
         .fetch_one()
         .await?;
     eprintln!(
-        "bench-invoices: November: {} invoices in {november_s:.1} s, {adjusted} adjustment lines, totals {:?}, caught up {}",
-        second.issued_count, second.issued_totals, second.caught_up
+        "bench-invoices: November: {} invoices in {november_s:.1} s, {adjusted} adjustment lines, totals {:?}, caught up {}; reading {:.1} s, billing {:.1} s, waiting for writes {:.1} s",
+        second.issued_count,
+        second.issued_totals,
+        second.caught_up,
+        second.timings.read.as_secs_f64(),
+        second.timings.bill.as_secs_f64(),
+        second.timings.write_wait.as_secs_f64()
     );
     anyhow::ensure!(
         second.issued_count as u64 == customers,

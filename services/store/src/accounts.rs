@@ -122,7 +122,12 @@ impl AccountReader<'_> {
         let issuer = self.terms.issuer.as_str();
         let period = unix(period_start);
         let mut out = Accounts::default();
-        let invoices = self.store.invoices_between(issuer, first, last).await?;
+        let (invoices, deposits) = futures::future::join(
+            self.store.invoices_between(issuer, first, last),
+            self.store.wallet_deposits(issuer, first, last, unix(at)),
+        )
+        .await;
+        let (invoices, deposits) = (invoices?, deposits?);
         let mut earlier: HashMap<&str, Vec<&InvoiceRow>> = HashMap::new();
         for row in &invoices {
             match row.period_start.cmp(&period) {
@@ -137,12 +142,7 @@ impl AccountReader<'_> {
                 }
             }
         }
-        let deposits: HashMap<String, i128> = self
-            .store
-            .wallet_deposits(issuer, first, last, unix(at))
-            .await?
-            .into_iter()
-            .collect();
+        let deposits: HashMap<String, i128> = deposits.into_iter().collect();
         // Which earlier periods each customer may be adjusted for.
         let mut lookback: BTreeMap<u32, Vec<&InvoiceRow>> = BTreeMap::new();
         for rows in earlier.values_mut() {
