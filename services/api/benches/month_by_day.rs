@@ -6,6 +6,15 @@
 //! Prints p50/p90/p99/max of each call and of the pair (one after the other,
 //! and at once), over ROUNDS rounds
 //! (default 200) after 10 warm-up rounds, rotating over the 10 customers.
+//!
+//! Then the invoice preview (issue "One bill everywhere"): with the API's
+//! clock at the month's last hour and each customer's live figure of the
+//! month stored (as the rater writes it: its usage lines, here 4 sandboxes x
+//! 2 vCPU all month), ROUNDS previews rotating over the customers, with the
+//! process's resident memory before and after; then one tenant's thousand
+//! previews at once while another tenant asks 100 in a row, for the other
+//! tenant's p99. Last line: `preview: p99 <x> ms (target 50 ms: met|missed),
+//! memory <flat|grew> ...`.
 
 use std::time::{Duration, Instant};
 
@@ -87,7 +96,12 @@ async fn main() -> anyhow::Result<()> {
         rate_limit_per_s: 0,
         ..ApiConfig::default()
     };
-    let api = Api::new(store.clone(), billing, config, &prometheus::Registry::new()).await?;
+    let sheet = idlemeter_core::PriceSheet::from_toml(SHEET, "bench.toml")?;
+    let month_end = from + days * 86_400;
+    let asked_at = chrono::DateTime::from_timestamp(month_end - 1, 0).expect("valid");
+    let api = Api::new(store.clone(), billing, config, &prometheus::Registry::new())
+        .await?
+        .with_clock(std::sync::Arc::new(move || asked_at));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(api.serve(listener, std::future::pending()));
@@ -174,5 +188,133 @@ async fn main() -> anyhow::Result<()> {
     report("cost history, month by day", cost);
     report("both, one after the other", pair);
     report("both at once", parallel);
+
+    // The preview: each customer's live figure at the month's last second.
+    let checksum = idlemeter_store::ratings_checksum(SHEET, None);
+    let version = sheet.versions()[0].effective_from.to_rfc3339();
+    let vcpu_usec = |seconds: i64| (4 * 2 * seconds as u128) * 1_000_000;
+    let figures: Vec<idlemeter_store::RatedLineRow> = (0..10)
+        .map(|c| idlemeter_store::RatedLineRow {
+            customer: format!("bench-{c}"),
+            period_start: from as u32,
+            // Newer than the loaded final snapshots (so it is the figure
+            // read), still of October.
+            as_of: (month_end + 1) as u32,
+            sheet: "bench.toml".to_owned(),
+            sheet_checksum: checksum.clone(),
+            idle_policy: "session-or-connection/v1".to_owned(),
+            currency: "USD".to_owned(),
+            line_no: 0,
+            kind: "usage".to_owned(),
+            resource: "vcpu".to_owned(),
+            price_version: version.clone(),
+            quantity: 0,
+            quantity_base: vcpu_usec(days * 86_400).to_string(),
+            unit: "vcpu-hour".to_owned(),
+            unit_price: 0,
+            amount: 0,
+            rated_at: (month_end + 1) as u32,
+        })
+        .collect();
+    store.insert_live_lines(&figures).await?;
+    let rss = || -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            >> 10
+    };
+    let mut previews = Vec::new();
+    let mut rss_warm = 0;
+    for round in 0..rounds + 10 {
+        let customer = format!("bench-{}", round % 10);
+        let started = Instant::now();
+        let draft: serde_json::Value = http
+            .get(format!("{base}/v1/customers/{customer}/invoice-preview"))
+            .bearer_auth(&key.key)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let took = started.elapsed();
+        if round == 0 {
+            // 8 vCPU all month at $1 a vCPU-hour.
+            let expected = rust_decimal::Decimal::from_i128_with_scale(
+                vcpu_usec(days * 86_400) as i128,
+                0,
+            ) / rust_decimal::Decimal::from(3_600_000_000u64);
+            let subtotal: rust_decimal::Decimal =
+                draft["subtotal"].as_str().expect("subtotal").parse()?;
+            assert_eq!(subtotal, expected.round_dp(2), "{draft}");
+        }
+        if round == 9 {
+            rss_warm = rss();
+        }
+        if round >= 10 {
+            previews.push(took);
+        }
+    }
+    let rss_after = rss();
+    previews.sort();
+    let p99 = percentile(&previews, 99.0);
+    report("invoice preview", previews);
+
+    // One tenant's thousand previews at once; another tenant meanwhile.
+    let noisy = generate(Some(&CustomerId::parse("bench-0")?), "noisy", 0);
+    let quiet = generate(Some(&CustomerId::parse("bench-1")?), "quiet", 0);
+    store.insert_api_key(&noisy.row).await?;
+    store.insert_api_key(&quiet.row).await?;
+    tokio::time::sleep(Duration::from_secs(6)).await; // the key cache reloads
+    let burst = (0..1_000).map(|_| {
+        let request = http
+            .get(format!("{base}/v1/customers/bench-0/invoice-preview"))
+            .bearer_auth(&noisy.key);
+        tokio::spawn(async move { request.send().await.map(|response| response.status()) })
+    });
+    let burst = futures::future::join_all(burst);
+    let other = async {
+        let mut times = Vec::new();
+        for _ in 0..100 {
+            let started = Instant::now();
+            http.get(format!("{base}/v1/customers/bench-1/invoice-preview"))
+                .bearer_auth(&quiet.key)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            times.push(started.elapsed());
+        }
+        Ok::<_, anyhow::Error>(times)
+    };
+    let (statuses, other) = tokio::join!(burst, other);
+    let mut other = other?;
+    other.sort();
+    let answered = statuses
+        .iter()
+        .filter(|status| matches!(status, Ok(Ok(code)) if code.is_success()))
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|status| matches!(status, Ok(Ok(code)) if code.as_u16() == 429))
+        .count();
+    println!(
+        "burst: 1000 previews of one tenant at once: {answered} answered, {refused} refused (429)"
+    );
+    let other_p99 = percentile(&other, 99.0);
+    report("another tenant, meanwhile", other);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "preview: p99 {:.2} ms (target 50 ms: {}), memory {} ({} MiB after warm-up, {} MiB after {rounds} previews), another tenant's p99 during a 1000-preview burst {:.2} ms",
+        ms(p99),
+        if ms(p99) <= 50.0 { "met" } else { "missed" },
+        if rss_after <= rss_warm + 8 { "flat" } else { "grew" },
+        rss_warm,
+        rss_after,
+        ms(other_p99),
+    );
     Ok(())
 }
