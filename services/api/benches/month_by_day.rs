@@ -222,7 +222,13 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
             .lines()
             .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .unwrap_or(0)
             >> 10
     };
@@ -242,10 +248,9 @@ async fn main() -> anyhow::Result<()> {
         let took = started.elapsed();
         if round == 0 {
             // 8 vCPU all month at $1 a vCPU-hour.
-            let expected = rust_decimal::Decimal::from_i128_with_scale(
-                vcpu_usec(days * 86_400) as i128,
-                0,
-            ) / rust_decimal::Decimal::from(3_600_000_000u64);
+            let expected =
+                rust_decimal::Decimal::from_i128_with_scale(vcpu_usec(days * 86_400) as i128, 0)
+                    / rust_decimal::Decimal::from(3_600_000_000u64);
             let subtotal: rust_decimal::Decimal =
                 draft["subtotal"].as_str().expect("subtotal").parse()?;
             assert_eq!(subtotal, expected.round_dp(2), "{draft}");

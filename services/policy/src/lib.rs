@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Utc};
 use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
 use idlemeter_core::policy::{
     Action, Decision, Engine, Input, Lease, Policy, SandboxState, Snapshot, Spend,
@@ -230,6 +230,8 @@ pub struct PolicyService {
     consumed: HashMap<(String, i32), i64>,
     /// Seq per sandbox at the last snapshot: only changed rows are written.
     snapshotted: HashMap<(String, String), (u64, u64, i64)>,
+    /// The billing period budget caps count spend over (`[billing] period`).
+    period: idlemeter_core::Period,
 }
 
 impl std::fmt::Debug for PolicyService {
@@ -311,7 +313,15 @@ impl PolicyService {
             metrics: PolicyMetrics::register(registry)?,
             consumed: HashMap::new(),
             snapshotted,
+            period: idlemeter_core::Period::Month,
         })
+    }
+
+    /// Budget caps count spend over this billing period (`[billing]
+    /// period`, the rater's and the invoicer's); a month unless told.
+    pub fn with_period(mut self, period: idlemeter_core::Period) -> Self {
+        self.period = period;
+        self
     }
 
     /// Runs until `shutdown` completes, then snapshots and commits once more.
@@ -397,19 +407,17 @@ impl PolicyService {
     /// sandboxes are suspended at their next sample once it reaches the limit.
     async fn read_spend(&mut self, limits: &[(CustomerId, Decimal)]) {
         for (customer, limit) in limits {
-            match self.store.period_spend(customer.as_str()).await {
-                Ok(Some((as_of, amount))) => {
-                    // The rater's latest period may still be last month's
-                    // for a while after the month turns: that spend does not
-                    // count against this month's limit.
-                    let month_start = Utc::now()
-                        .date_naive()
-                        .with_day(1)
-                        .and_then(|day| day.and_hms_opt(0, 0, 0))
-                        .map(|time| time.and_utc().timestamp())
-                        .unwrap_or(0);
-                    let amount = if i64::from(as_of) > month_start {
-                        amount
+            match self.store.latest_spend(customer.as_str()).await {
+                Ok(Some(spend)) => {
+                    // What the period costs so far (the bill before a
+                    // prepaid wallet pays: what alerts compare too). The
+                    // rater's latest period may still be the last one for a
+                    // while after the period turns: that spend does not
+                    // count against this period's limit.
+                    let current = self.period.start_of(Utc::now()).timestamp();
+                    let as_of = spend.as_of;
+                    let amount = if i64::from(spend.period_start) == current {
+                        spend.spend
                     } else {
                         Decimal::ZERO
                     };

@@ -39,11 +39,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::invoice::CustomerBill;
-use idlemeter_core::policy::{Policy, PolicyIdle};
+use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
 use idlemeter_core::{
-    floor_hour, report_usage, Account, BillingOptions, BillingTerms, CustomerId, IdlePolicy,
-    LineError, NumberedSample, PriceSheet, RateReport, RatingState, SessionOrConnection,
-    UsageSample,
+    floor_hour, report_usage, Account, BillingOptions, BillingTerms, CustomerId, LineError,
+    NumberedSample, PriceSheet, RateReport, RatingState, UsageSample,
 };
 use idlemeter_store::{
     ratings_checksum, to_column, AccountReader, RatedLineRow, RatingChangeRow, RatingErrorRow,
@@ -134,33 +133,6 @@ pub enum LiveSource {
 
 /// Samples for live rating, as the stream delivers them.
 pub type LiveFeed = tokio::sync::mpsc::Receiver<Vec<UsageSample>>;
-
-/// The idle classification the rater uses.
-#[derive(Debug, Clone)]
-enum Idle {
-    SessionOrConnection,
-    Policy(Box<PolicyIdle>),
-}
-
-impl IdlePolicy for Idle {
-    fn version(&self) -> &str {
-        match self {
-            Idle::SessionOrConnection => SessionOrConnection.version(),
-            Idle::Policy(policy) => policy.version(),
-        }
-    }
-
-    fn is_idle(&self, previous: &UsageSample, closing: &UsageSample) -> bool {
-        match self {
-            Idle::SessionOrConnection => SessionOrConnection.is_idle(previous, closing),
-            Idle::Policy(policy) => policy.is_idle(previous, closing),
-        }
-    }
-
-    fn is_collector_rule(&self) -> bool {
-        matches!(self, Idle::SessionOrConnection)
-    }
-}
 
 /// What one pass rated.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -254,7 +226,7 @@ pub struct Rater {
     config: RaterConfig,
     terms: BillingTerms,
     tax_rates: std::collections::BTreeMap<CustomerId, Decimal>,
-    idle: Idle,
+    idle: IdleRule,
     metrics: RaterMetrics,
     /// The state of each customer's newest final hour, kept so the next
     /// hour need not read it back: (period start, as_of, state).
@@ -287,7 +259,7 @@ impl Rater {
             config,
             terms: BillingTerms::default(),
             tax_rates: std::collections::BTreeMap::new(),
-            idle: Idle::SessionOrConnection,
+            idle: IdleRule::SessionOrConnection,
             metrics,
             finals: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -304,7 +276,7 @@ impl Rater {
         let policy = Policy::from_toml(policy_text, &self.config.idle_policy)
             .map_err(|error| Error::Sheet(error.into()))?;
         self.sheet_checksum = idlemeter_store::with_policy(&self.sheet_checksum, policy_text);
-        self.idle = Idle::Policy(Box::new(PolicyIdle::new(policy)));
+        self.idle = IdleRule::Policy(Box::new(PolicyIdle::new(policy)));
         Ok(self)
     }
 
@@ -1333,6 +1305,7 @@ fn wall_clock_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use idlemeter_core::IdlePolicy;
 
     fn rater() -> Rater {
         let store = Store::new(&idlemeter_store::ClickHouseSettings {

@@ -164,7 +164,8 @@ pub async fn policy(settings: &Settings) -> anyhow::Result<()> {
         &text,
         &registry,
     )
-    .await?;
+    .await?
+    .with_period(settings.billing.period);
     let health = Health::default();
     health.set_healthy(true);
     let listener = TcpListener::bind(&settings.metrics.listen).await?;
