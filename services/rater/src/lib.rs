@@ -138,6 +138,8 @@ pub type LiveFeed = tokio::sync::mpsc::Receiver<Vec<UsageSample>>;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RatingPass {
     pub snapshots_written: usize,
+    /// Snapshots found already written (a customer rated through the newest
+    /// closed hour counts once, whatever its hours).
     pub snapshots_present: usize,
     pub changes_recorded: usize,
     pub samples_refused: usize,
@@ -336,6 +338,17 @@ impl Rater {
                 .customers_with_samples(unix_ms(period_start), unix_ms(period_end))
                 .await?;
             for (customer, _, count) in &customers {
+                // One query for what this sheet already rated, not one per hour.
+                let rated = self
+                    .store
+                    .rated_hours(customer, unix_secs(period_start), &self.sheet_checksum)
+                    .await?;
+                if rated.contains(&unix_secs(period_end)) {
+                    // Rated through the newest closed hour: nothing is due
+                    // (late samples of a finished period: `rerate_late`).
+                    pass.snapshots_present += 1;
+                    continue;
+                }
                 // Only hours in which samples close intervals can differ from
                 // the hour before (a quiet hour's snapshot would repeat it;
                 // readers take the newest snapshot at or before a time), and
@@ -349,11 +362,6 @@ impl Rater {
                     .filter(|as_of| *as_of <= period_end)
                     .collect();
                 due.insert(period_end);
-                // One query for what this sheet already rated, not one per hour.
-                let rated = self
-                    .store
-                    .rated_hours(customer, unix_secs(period_start), &self.sheet_checksum)
-                    .await?;
                 for as_of in due {
                     if rated.contains(&unix_secs(as_of)) {
                         pass.snapshots_present += 1;

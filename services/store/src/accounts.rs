@@ -163,7 +163,7 @@ impl AccountReader<'_> {
                 &read_here
             }
             None => {
-                read_here = self.issued_adjustments(first, last, &invoices).await?;
+                read_here = self.issued_adjustments(&invoices).await?;
                 &read_here
             }
         };
@@ -249,23 +249,19 @@ impl AccountReader<'_> {
         Ok(out)
     }
 
-    /// Adjustments already billed, per (customer, period they adjust):
-    /// adjustment lines of issued invoices (a line beyond its header's count
-    /// is a crashed run's leftover and is not counted).
-    pub async fn issued_adjustments(
-        &self,
-        first: &str,
-        last: &str,
-        invoices: &[InvoiceRow],
-    ) -> Result<Adjusted> {
+    /// Adjustments already billed on `invoices`, per (customer, period they
+    /// adjust): their adjustment lines, found by number (the lines' key), a
+    /// line beyond its header's count being a crashed run's leftover.
+    pub async fn issued_adjustments(&self, invoices: &[InvoiceRow]) -> Result<Adjusted> {
         let line_counts: HashMap<(&str, u64), u16> = invoices
             .iter()
             .map(|row| ((row.customer.as_str(), row.number), row.line_count))
             .collect();
         let mut adjusted = Adjusted::new();
+        let numbers: Vec<u64> = invoices.iter().map(|row| row.number).collect();
         for (customer, number, line_no, for_period, amount) in self
             .store
-            .adjustment_lines(&self.terms.issuer, first, last)
+            .adjustment_lines_of(&self.terms.issuer, &numbers)
             .await?
         {
             let counted = line_counts

@@ -124,6 +124,31 @@ impl Store {
     }
 
     /// The highest `written_ms` of `issuer`'s lines, 0 before the first.
+    /// Adjustment lines of the invoices numbered `numbers`, as (customer,
+    /// number, line_no, for_period, amount): a read by the lines' key.
+    pub async fn adjustment_lines_of(
+        &self,
+        issuer: &str,
+        numbers: &[u64],
+    ) -> Result<Vec<(String, u64, u16, u32, i128)>> {
+        if numbers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list: Vec<String> = numbers.iter().map(u64::to_string).collect();
+        self.client
+            .query(&format!(
+                "SELECT customer, number, line_no, toUInt32(for_period), amount \
+                 FROM invoice_lines FINAL \
+                 WHERE issuer = ? AND number IN ({}) AND kind = 'adjustment' \
+                 ORDER BY customer, number, line_no",
+                list.join(", ")
+            ))
+            .bind(issuer)
+            .fetch_all()
+            .await
+            .context("adjustment lines of invoices")
+    }
+
     pub async fn last_line_version(&self, issuer: &str) -> Result<u64> {
         self.client
             .query("SELECT max(written_ms) FROM invoice_lines WHERE issuer = ?")
