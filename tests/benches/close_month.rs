@@ -252,7 +252,7 @@ async fn run(customers: u64) -> anyhow::Result<()> {
         terms,
     )?;
     let progress = |done: usize, total: usize| {
-        if done % (total / 10).max(1) == 0 {
+        if done.is_multiple_of((total / 10).max(1)) {
             eprintln!("bench-invoices:   {done}/{total} customers");
         }
     };
