@@ -313,18 +313,7 @@ fn time(value: &Value) -> DateTime<Utc> {
 
 /// Resident memory of process `pid`, bytes.
 fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib * 1024)
+    idlemeter_tests::bench::process_use(pid).rss_mib << 20
 }
 
 /// A thousand previews of one customer at once, against `idlemeter api` in

@@ -496,25 +496,7 @@ impl Rater {
         let errors = state.advance(&self.sheet, &samples, &self.idle);
         self.report_refused(customer, period_start, &samples, &errors, now)
             .await?;
-        let account = self
-            .account_reader()
-            .read(customer.as_str(), customer.as_str(), period_start, end)
-            .await?
-            .account(customer);
-        let (_, usage) = self.report(customer, &state, &account)?;
-        self.store
-            .insert_rating_state(&RatingStateRow {
-                customer: customer.to_string(),
-                period_start: unix_secs(period_start),
-                sheet_checksum: self.sheet_checksum.clone(),
-                as_of: unix_secs(end),
-                series: u32::try_from(state.series_count()).unwrap_or(u32::MAX),
-                state: state.to_json(),
-                rated_at: unix_secs(now),
-                usage,
-                samples: counted,
-                revision: wall_clock_ms(),
-            })
+        self.store_state(customer, (period_start, end), &state, counted, now)
             .await?;
         let mut finals = self.finals.lock().expect("not poisoned");
         if finals
@@ -561,27 +543,10 @@ impl Rater {
         self.report_refused(customer, period_start, &samples, &errors, now)
             .await?;
         pass.samples_refused += errors.len();
-        let account = self
-            .account_reader()
-            .read(customer.as_str(), customer.as_str(), period_start, as_of)
-            .await?
-            .account(customer);
-        let (report, usage) = self.report(customer, &state, &account)?;
         // The state first: a state without lines is found by the next pass,
         // which writes the lines from it.
-        self.store
-            .insert_rating_state(&RatingStateRow {
-                customer: customer.to_string(),
-                period_start: period_secs,
-                sheet_checksum: self.sheet_checksum.clone(),
-                as_of: as_of_secs,
-                series: u32::try_from(state.series_count()).unwrap_or(u32::MAX),
-                state: state.to_json(),
-                rated_at: unix_secs(now),
-                usage,
-                samples: counted,
-                revision: wall_clock_ms(),
-            })
+        let report = self
+            .store_state(customer, (period_start, as_of), &state, counted, now)
             .await?;
         self.finals
             .lock()
@@ -615,6 +580,40 @@ impl Rater {
             pass.changes_recorded += 1;
         }
         Ok(())
+    }
+
+    /// Bills `state` with the customer's account as at `as_of` and stores
+    /// it (with its closed quantities and, for a period-end state, the
+    /// period's sample count); returns the bill.
+    async fn store_state(
+        &self,
+        customer: &CustomerId,
+        (period_start, as_of): (DateTime<Utc>, DateTime<Utc>),
+        state: &RatingState,
+        counted: u64,
+        now: DateTime<Utc>,
+    ) -> Result<RateReport> {
+        let account = self
+            .account_reader()
+            .read(customer.as_str(), customer.as_str(), period_start, as_of)
+            .await?
+            .account(customer);
+        let (report, usage) = self.report(customer, state, &account)?;
+        self.store
+            .insert_rating_state(&RatingStateRow {
+                customer: customer.to_string(),
+                period_start: unix_secs(period_start),
+                sheet_checksum: self.sheet_checksum.clone(),
+                as_of: unix_secs(as_of),
+                series: u32::try_from(state.series_count()).unwrap_or(u32::MAX),
+                state: state.to_json(),
+                rated_at: unix_secs(now),
+                usage,
+                samples: counted,
+                revision: wall_clock_ms(),
+            })
+            .await?;
+        Ok(report)
     }
 
     /// The state to continue from to rate up to `before`: the cached final
