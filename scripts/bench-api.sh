@@ -31,7 +31,7 @@ want=$((DAYS * 86400 * SANDBOXES))
 have=$(q "SELECT count() FROM $DB.usage_samples")
 if [[ "$have" != "$want" ]]; then
     echo "loading $want samples into $DB ($have there now; truncating)"
-    for table in usage_samples usage_hourly rated_usage; do q "TRUNCATE TABLE $DB.$table"; done
+    for table in usage_samples usage_minutes usage_hours rated_usage live_usage; do q "TRUNCATE TABLE $DB.$table"; done
     began=$(date +%s)
     # The columns of migration 0001 (later ones add more, with defaults).
     sample_columns="customer, sandbox, node, epoch, seq, ts, ts_ms, state, vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes, cpu_used_usec, net_rx_bytes, net_tx_bytes, vcpu_alloc_usec, mem_alloc_kib_ms, mem_used_kib_ms, gpu_alloc_ms, disk_mib_ms, api_calls, mem_used_bytes, exec_sessions, open_conns"
@@ -90,6 +90,22 @@ if [[ "$have" != "$want" ]]; then
           FROM system.numbers LIMIT $((10 * DAYS * 24 * 4)))"
     echo "loaded in $(( $(date +%s) - began )) s"
 fi
-q "SELECT 'stored: ' || toString(count()) || ' samples, ' || toString((SELECT count() FROM $DB.usage_hourly)) || ' hourly rows, ' || toString((SELECT count() FROM $DB.rated_usage)) || ' rated lines' FROM $DB.usage_samples"
+# Usage windows read the compacted tables (migration 0010): ingest writes a
+# row per sandbox-minute, and usage_hours follows from it. The samples loaded
+# above went straight to usage_samples, so build their minute rows with the
+# migration's own backfill, a day at a time.
+minutes=$(q "SELECT count() FROM $DB.usage_minutes")
+if [[ "$minutes" == 0 ]]; then
+    echo "building minute rows (migration 0010's backfill), a day at a time"
+    began=$(date +%s)
+    backfill=$(sed -n '/^INSERT INTO usage_minutes/,$p' migrations/0010_compacted.sql | sed 's/;$//')
+    backfill=${backfill/INSERT INTO usage_minutes/INSERT INTO $DB.usage_minutes}
+    for ((day = 0; day < DAYS; day++)); do
+        from=$((START + day * 86400))
+        q "${backfill/FROM usage_samples/FROM $DB.usage_samples WHERE ts_ms >= ${from}000 AND ts_ms < $((from + 86400))000}"
+        echo "  day $((day + 1))/$DAYS ($(( $(date +%s) - began )) s)"
+    done
+fi
+q "SELECT 'stored: ' || toString(count()) || ' samples, ' || toString((SELECT count() FROM $DB.usage_minutes)) || ' minute rows, ' || toString((SELECT count() FROM $DB.rated_usage)) || ' rated lines' FROM $DB.usage_samples"
 q "SELECT 'on disk: ' || formatReadableSize(sum(bytes)) FROM system.parts WHERE active AND database = '$DB'"
 BENCH_FROM=$START BENCH_DAYS=$DAYS exec cargo bench -p idlemeter-api --bench month_by_day
