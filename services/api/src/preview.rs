@@ -74,5 +74,11 @@ pub async fn draft(
         },
     );
     draft.status = "draft".to_owned();
+    if !draft.lines_add_up() {
+        return Err(Problem::internal(format!(
+            "preview of {customer}: lines do not add up to the total {}",
+            draft.total
+        )));
+    }
     Ok(Some(draft))
 }

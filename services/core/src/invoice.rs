@@ -456,17 +456,8 @@ impl LinePricer<'_> {
     fn fee_line(&self, plan: &str, fee: Decimal) -> InvoiceLine {
         let amount = self.rule().round(fee, self.digits());
         InvoiceLine {
-            kind: LineKind::Fee,
-            resource: format!("plan.{plan}"),
-            quantity: Decimal::ONE,
-            unit: "month".to_owned(),
             unit_price: fee,
-            amount,
-            price_version: None,
-            tier: None,
-            quantity_base: None,
-            base_unit: None,
-            credit_available: None,
+            ..one_off(LineKind::Fee, format!("plan.{plan}"), "month", amount)
         }
     }
 
@@ -515,34 +506,18 @@ impl LinePricer<'_> {
 
     fn adjustment_line(&self, adjustment: &Adjustment) -> InvoiceLine {
         let amount = self.rule().round(adjustment.amount, self.digits());
+        let resource = format!("adjustment.{}", adjustment.period_start.format("%Y-%m-%d"));
         InvoiceLine {
-            kind: LineKind::Adjustment,
-            resource: format!("adjustment.{}", adjustment.period_start.format("%Y-%m-%d")),
-            quantity: Decimal::ONE,
-            unit: "adjustment".to_owned(),
-            unit_price: amount,
-            amount,
             price_version: Some(adjustment.period_start),
-            tier: None,
-            quantity_base: None,
-            base_unit: None,
-            credit_available: None,
+            ..one_off(LineKind::Adjustment, resource, "adjustment", amount)
         }
     }
 
     fn credit_line(&self, kind: CreditKind, applied: Decimal, available: Decimal) -> InvoiceLine {
+        let resource = format!("credit.{}", kind.as_str());
         InvoiceLine {
-            kind: LineKind::Credit,
-            resource: format!("credit.{}", kind.as_str()),
-            quantity: Decimal::ONE,
-            unit: "credit".to_owned(),
-            unit_price: -applied,
-            amount: -applied,
-            price_version: None,
-            tier: None,
-            quantity_base: None,
-            base_unit: None,
             credit_available: Some(available),
+            ..one_off(LineKind::Credit, resource, "credit", -applied)
         }
     }
 
@@ -585,17 +560,8 @@ impl LinePricer<'_> {
 
     fn wallet_line(&self, applied: Decimal, available: Decimal) -> InvoiceLine {
         InvoiceLine {
-            kind: LineKind::Wallet,
-            resource: "wallet".to_owned(),
-            quantity: Decimal::ONE,
-            unit: "payment".to_owned(),
-            unit_price: -applied,
-            amount: -applied,
-            price_version: None,
-            tier: None,
-            quantity_base: None,
-            base_unit: None,
             credit_available: Some(available),
+            ..one_off(LineKind::Wallet, "wallet".to_owned(), "payment", -applied)
         }
     }
 
@@ -633,6 +599,24 @@ impl LinePricer<'_> {
             });
         }
         Ok(())
+    }
+}
+
+/// A line of one unit at `amount` (already rounded): fees, adjustments,
+/// credits and wallet payments.
+fn one_off(kind: LineKind, resource: String, unit: &str, amount: Decimal) -> InvoiceLine {
+    InvoiceLine {
+        kind,
+        resource,
+        quantity: Decimal::ONE,
+        unit: unit.to_owned(),
+        unit_price: amount,
+        amount,
+        price_version: None,
+        tier: None,
+        quantity_base: None,
+        base_unit: None,
+        credit_available: None,
     }
 }
 

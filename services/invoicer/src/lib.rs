@@ -496,7 +496,7 @@ impl Invoicer {
             return Ok(None);
         }
         debug_assert_eq!(&bill.customer, customer);
-        Ok(Some(Invoice::from_bill(
+        let invoice = Invoice::from_bill(
             &self.terms.issuer,
             number,
             &bill,
@@ -507,7 +507,14 @@ impl Invoicer {
                 sheet: self.sheet_label.clone(),
                 sheet_checksum: self.sheet_checksum.clone(),
             },
-        )))
+        );
+        if !invoice.lines_add_up() {
+            return Err(Error::Amount {
+                customer: customer.to_string(),
+                reason: format!("lines do not add up to the total {}", invoice.total),
+            });
+        }
+        Ok(Some(invoice))
     }
 
     /// A customer's rated quantities of the period starting at `start`,

@@ -229,6 +229,12 @@ impl Invoice {
         })
     }
 
+    /// Whether the lines add up to `total`: checked before an invoice is
+    /// issued or shown.
+    pub fn lines_add_up(&self) -> bool {
+        self.lines.iter().map(|line| line.amount).sum::<Decimal>() == self.total
+    }
+
     /// The same invoice with every decimal normalised (for comparisons).
     pub fn normalized(&self) -> Self {
         let mut copy = self.clone();
