@@ -18,6 +18,13 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM
+# Fresh keys for this run: the command key policy and collectors share, and
+# the key the API seals alert secrets with (printed nowhere).
+random_hex() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+export IDLEMETER_POLICY__COMMAND_KEY IDLEMETER_COLLECTOR__COMMAND_KEY IDLEMETER_API__SECRETS_KEY
+IDLEMETER_POLICY__COMMAND_KEY=${IDLEMETER_POLICY__COMMAND_KEY:-$(random_hex)}
+IDLEMETER_COLLECTOR__COMMAND_KEY=$IDLEMETER_POLICY__COMMAND_KEY
+IDLEMETER_API__SECRETS_KEY=${IDLEMETER_API__SECRETS_KEY:-$(random_hex)}
 
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9464 $bin ingest 2>.run/ingest.log & pids+=($!)
 # The rater rates each closed hour; a short grace so the demo shows money soon.

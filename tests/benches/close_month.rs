@@ -185,7 +185,7 @@ async fn run(customers: u64) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "http://127.0.0.1:28123".to_owned()),
         database: database.clone(),
         user: "default".to_owned(),
-        password: String::new(),
+        password: Default::default(),
     });
     store.migrate(0).await?;
     let sheet = PriceSheet::from_toml(SHEET, SHEET_PATH)?;

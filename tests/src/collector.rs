@@ -307,6 +307,7 @@ pub fn collector_config(
         send_timeout_ms: 2_000,
         command_max_age_ms: 60_000,
         command_group_id: String::new(),
+        command_key: idlemeter_core::Secret::new(TEST_COMMAND_KEY),
         gpu: idlemeter_collector::gpu::GpuMode::Off,
     }
 }
@@ -359,9 +360,33 @@ impl RunningCollector {
     }
 }
 
-/// Produces a suspend or resume command for one sandbox on the commands topic.
+/// The command key of every test cluster (policy and collectors).
+pub const TEST_COMMAND_KEY: &str = "test-cluster-command-key";
+
+/// Produces a suspend or resume command for one sandbox on the commands
+/// topic, signed with [`TEST_COMMAND_KEY`].
 pub async fn send_command(
     env: &TestEnv,
+    node: &str,
+    customer: &str,
+    sandbox: &str,
+    action: idlemeter_proto::v1::CommandAction,
+) -> anyhow::Result<()> {
+    send_command_signed(
+        env,
+        Some(TEST_COMMAND_KEY.as_bytes()),
+        node,
+        customer,
+        sandbox,
+        action,
+    )
+    .await
+}
+
+/// Produces a command signed with `key`, or unsigned.
+pub async fn send_command_signed(
+    env: &TestEnv,
+    key: Option<&[u8]>,
     node: &str,
     customer: &str,
     sandbox: &str,
@@ -380,14 +405,24 @@ pub async fn send_command(
         policy_version: "test".to_owned(),
         issued_unix_ms: chrono::Utc::now().timestamp_millis(),
     };
+    let payload = command.encode_to_vec();
+    let signature = key.map(|key| {
+        idlemeter_proto::sign_command(key, chrono::Utc::now().timestamp(), &payload)
+    });
+    let mut record = rdkafka::producer::FutureRecord::to(&env.topics.commands)
+        .key(node)
+        .payload(&payload);
+    if let Some(signature) = &signature {
+        record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
+            rdkafka::message::Header {
+                key: idlemeter_proto::COMMAND_SIGNATURE_HEADER,
+                value: Some(signature.as_str()),
+            },
+        ));
+    }
     let producer = env.producer()?;
     producer
-        .send(
-            rdkafka::producer::FutureRecord::to(&env.topics.commands)
-                .key(node)
-                .payload(&command.encode_to_vec()),
-            Duration::from_secs(10),
-        )
+        .send(record, Duration::from_secs(10))
         .await
         .map_err(|(error, _)| anyhow::anyhow!("producing a command: {error}"))?;
     Ok(())
@@ -419,6 +454,10 @@ impl CollectorProcess {
             .env("IDLEMETER_TOPICS__COMMANDS", &env.topics.commands)
             .env("IDLEMETER_METRICS__LISTEN", "127.0.0.1:0")
             .env("IDLEMETER_COLLECTOR__NODE", &config.node)
+            .env(
+                "IDLEMETER_COLLECTOR__COMMAND_KEY",
+                config.command_key.expose(),
+            )
             .env(
                 "IDLEMETER_COLLECTOR__CGROUP_PARENT",
                 path(&config.cgroup_parent),

@@ -51,12 +51,12 @@ impl TestEnv {
                 .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned()),
             database: format!("test_{unique}"),
             user: "default".to_owned(),
-            password: String::new(),
+            password: Default::default(),
         };
         let kafka = KafkaSettings {
             brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
                 .unwrap_or_else(|_| "127.0.0.1:19092".to_owned()),
-            properties: Default::default(),
+            ..KafkaSettings::default()
         };
         let topics = Topics {
             samples: format!("{unique}.usage.samples"),
@@ -108,17 +108,31 @@ impl TestEnv {
             quiet_series_ms: 1_000,
             retry_initial_backoff_ms: 50,
             retry_max_backoff_ms: 500,
+            // The fixtures' timestamps are fixed dates: the default window
+            // (400 days) would refuse them once they age; `hardening.rs`
+            // tests the window itself.
+            max_sample_age_s: 100 * 365 * 86_400,
+            ..IngestConfig::default()
         }
     }
 
     /// Starts an in-process ingest worker; stop it with [`RunningIngest::stop`].
     pub fn start_ingest(&self, clickhouse: &ClickHouseSettings) -> anyhow::Result<RunningIngest> {
+        self.start_ingest_with(clickhouse, self.ingest_config())
+    }
+
+    /// Starts an in-process ingest worker with `config`.
+    pub fn start_ingest_with(
+        &self,
+        clickhouse: &ClickHouseSettings,
+        config: IngestConfig,
+    ) -> anyhow::Result<RunningIngest> {
         let registry = prometheus::Registry::new();
         let ingest = Ingest::build(
             &self.kafka,
             clickhouse,
             self.topics.clone(),
-            self.ingest_config(),
+            config,
             &registry,
         )?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -157,6 +171,38 @@ impl TestEnv {
             .await
             .map_err(|(error, _)| anyhow::anyhow!("produce to {}: {error}", self.topics.samples))?;
         Ok(())
+    }
+
+    /// Reads `count` messages of the dead-letter topic from its start.
+    pub async fn dead_letters(&self, count: usize) -> anyhow::Result<Vec<DeadLetterRead>> {
+        use rdkafka::consumer::Consumer as _;
+        use rdkafka::message::Headers as _;
+        use rdkafka::Message as _;
+        let consumer = self.kafka.consumer(
+            "dlq-reader",
+            &format!("{}.dlq-reader-{}", self.group_id, rand_suffix()),
+        )?;
+        consumer.subscribe(&[self.topics.samples_dead_letter.as_str()])?;
+        let mut letters = Vec::new();
+        while letters.len() < count {
+            let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;
+            let header = |name: &str| {
+                message.headers().and_then(|headers| {
+                    headers
+                        .iter()
+                        .find(|header| header.key == name)
+                        .and_then(|header| header.value)
+                        .map(|value| String::from_utf8_lossy(value).into_owned())
+                })
+            };
+            letters.push(DeadLetterRead {
+                reason: header(idlemeter_bus::DEAD_LETTER_REASON_HEADER)
+                    .ok_or_else(|| anyhow::anyhow!("dead letter without a reason header"))?,
+                omitted: header(idlemeter_bus::DEAD_LETTER_OMITTED_HEADER),
+                payload: message.payload().unwrap_or_default().to_vec(),
+            });
+        }
+        Ok(letters)
     }
 
     /// Stores samples as ingest would: compacted, with their minute rows.
@@ -566,7 +612,7 @@ impl PrivateClickHouse {
             url: self.url(),
             database: "default".to_owned(),
             user: "default".to_owned(),
-            password: String::new(),
+            password: Default::default(),
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while store.ping().await.is_err() {
@@ -823,4 +869,20 @@ pub fn period_end_states(
         });
     }
     Ok(rows)
+}
+
+/// One message read back from the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetterRead {
+    pub reason: String,
+    /// The payload's size, where it was left out.
+    pub omitted: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or(0)
 }

@@ -246,12 +246,16 @@ impl Fixture {
     }
 }
 
+/// The key alert secrets are sealed with in these tests.
+const TEST_SECRETS_KEY: &str = "5eca1ed05eca1ed05eca1ed05eca1ed05eca1ed05eca1ed05eca1ed05eca1ed0";
+
 fn test_config() -> ApiConfig {
     ApiConfig {
         listen: "127.0.0.1:0".to_owned(),
         alert_interval_s: 0,
         alert_private_targets: true,
         rate_limit_per_s: 0,
+        secrets_key: idlemeter_core::Secret::new(TEST_SECRETS_KEY),
         ..ApiConfig::default()
     }
 }
@@ -921,6 +925,7 @@ async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::
         f.env.store.clone(),
         Period::Day,
         true, // the receiver is on loopback
+        idlemeter_api::sealed::Sealer::from_key(&idlemeter_core::Secret::new(TEST_SECRETS_KEY))?,
         std::time::Duration::from_secs(1),
         &f.registry,
     );
@@ -949,6 +954,13 @@ async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::
         !list.to_string().contains(secret),
         "the secret is not listed"
     );
+    // Finding "secrets": the table holds the secret sealed, not in plain text.
+    let stored = f.env.store.spend_alerts(Some("acme")).await?;
+    assert!(!stored.is_empty());
+    for row in &stored {
+        assert!(row.webhook_secret.starts_with("sealed1:"), "{}", row.webhook_secret);
+        assert!(!row.webhook_secret.contains(&secret["whsec_".len()..]));
+    }
     let notice: Value = serde_json::from_slice(body)?;
     assert_eq!(notice["alert_id"], low["id"]);
     assert_eq!(decimal(&notice["spend"]), spend);
@@ -970,6 +982,95 @@ fn schemathesis() -> std::path::PathBuf {
 /// /openapi.json, valid and invalid, against the running API with an admin
 /// key (so generated tenant ids reach the queries): no 5xx, and every
 /// response matches its documented schema and content type.
+/// Findings "slow clients hold the API" and "fail-open revocation" (the
+/// public pages and finance links): a half-open connection is closed after
+/// the header timeout, connections past the limit are refused, anonymous
+/// pages are rate-limited, and a finance link dies with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_anonymous_pages_and_finance_links_are_bounded() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MAX_CONNECTIONS: usize = 6;
+    let f = Fixture::start(
+        "api_hardening",
+        ApiConfig {
+            header_read_timeout_ms: 1_000,
+            max_connections: MAX_CONNECTIONS as u32,
+            public_rate_limit_per_s: 1,
+            ..test_config()
+        },
+    )
+    .await?;
+
+    // A finance link made by a key works while that key does.
+    let (status, created) = f
+        .send(
+            reqwest::Method::POST,
+            &f.admin,
+            "/v1/keys",
+            Some(serde_json::json!({"name": "finance temp"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let temp = created["key"].as_str().expect("key").to_owned();
+    let (status, link) = f
+        .send(reqwest::Method::POST, &temp, "/v1/finance/link", None)
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{link}");
+    let page = format!("{}{}", f.base, link["url"].as_str().expect("url"));
+    assert_eq!(f.http.get(&page).send().await?.status(), StatusCode::OK);
+    let path = format!("/v1/keys/{}", created["key_id"].as_str().expect("id"));
+    assert_eq!(
+        f.send(reqwest::Method::DELETE, &f.admin, &path, None).await?.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        f.http.get(&page).send().await?.status(),
+        StatusCode::UNAUTHORIZED,
+        "the link died with its key"
+    );
+
+    // Anonymous pages share one bucket (1 a second, burst 2).
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(f.http.get(format!("{}/openapi.json", f.base)).send().await?.status());
+    }
+    assert!(statuses.contains(&StatusCode::OK), "{statuses:?}");
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+
+    // Pooled keep-alive connections idle past the header timeout are closed.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let address = f.base.trim_start_matches("http://").to_owned();
+
+    // Half-open: headers never finished. Closed after the timeout.
+    let mut slow = tokio::net::TcpStream::connect(&address).await?;
+    slow.write_all(b"GET /docs HTTP/1.1\r\nHost: x\r\n").await?;
+    let mut buffer = [0u8; 512];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(15), slow.read(&mut buffer))
+        .await
+        .map_err(|_| anyhow::anyhow!("a half-open connection was still open after 15 s"))?;
+    if let Ok(n) = read {
+        // Closed (0), or told so before closing; never answered the page.
+        let answer = String::from_utf8_lossy(&buffer[..n]);
+        assert!(!answer.contains("200 OK"), "{answer}");
+        if n > 0 {
+            let rest = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buffer)).await?;
+            assert!(matches!(rest, Ok(0) | Err(_)), "then closed");
+        }
+    }
+
+    // Past the limit, a new connection is answered 503 and closed.
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(&address).await?);
+    }
+    let mut extra = tokio::net::TcpStream::connect(&address).await?;
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut buffer)).await??;
+    let answer = String::from_utf8_lossy(&buffer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    drop(held);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_survives_fuzzing() -> anyhow::Result<()> {
     let binary = schemathesis();

@@ -6,6 +6,7 @@ use idlemeter_core::LifecycleState;
 use idlemeter_proto::v1::CommandAction;
 use idlemeter_tests::collector::{
     cgroup_usage_usec, collector_config, process_cpu_usec, samples_of, send_command,
+    send_command_signed,
     RunningCollector, SampleTail, ShippedSample, TestCgroups,
 };
 use idlemeter_tests::TestEnv;
@@ -49,6 +50,18 @@ async fn burner_cpu_matches_kernel_accounting_and_suspend_stops_the_counter() ->
     tail.wait_for("1.5 s of collected cpu", |samples| {
         last(samples).is_some_and(|s| s.sample.cpu_used_usec > 1_500_000)
     })
+    .await?;
+    // Finding "forged ids reach the node's filesystem": unsigned and
+    // wrongly signed commands are refused before the real one is applied.
+    send_command_signed(&env, None, &node, "acme", "burner", CommandAction::Suspend).await?;
+    send_command_signed(
+        &env,
+        Some(b"a guessed key"),
+        &node,
+        "acme",
+        "burner",
+        CommandAction::Suspend,
+    )
     .await?;
     send_command(&env, &node, "acme", "burner", CommandAction::Suspend).await?;
     tail.wait_for("three suspended samples", |samples| {
@@ -113,6 +126,11 @@ async fn burner_cpu_matches_kernel_accounting_and_suspend_stops_the_counter() ->
     assert_eq!(
         collector.metric("idlemeter_collector_commands_applied_total"),
         2
+    );
+    assert_eq!(
+        collector.metric("idlemeter_collector_commands_ignored_total"),
+        2,
+        "the unsigned and the forged suspend"
     );
     collector.stop().await?;
     Ok(())

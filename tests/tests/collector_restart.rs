@@ -132,7 +132,7 @@ async fn batches_spooled_while_kafka_is_unreachable_arrive_in_order() -> anyhow:
     // Kafka unreachable: nothing listens on port 1.
     let dead_kafka = KafkaSettings {
         brokers: "127.0.0.1:1".to_owned(),
-        properties: Default::default(),
+        ..KafkaSettings::default()
     };
     let cut_off = RunningCollector::start(config.clone(), &dead_kafka, env.topics.clone())?;
     env.eventually("eight batches spooled and a failed send", || async {
@@ -186,7 +186,7 @@ async fn full_spool_drops_the_oldest_batches_and_keeps_the_newest() -> anyhow::R
 
     let dead_kafka = KafkaSettings {
         brokers: "127.0.0.1:1".to_owned(),
-        properties: Default::default(),
+        ..KafkaSettings::default()
     };
     let cut_off = RunningCollector::start(config.clone(), &dead_kafka, env.topics.clone())?;
     env.eventually("batches dropped at the bound", || async {

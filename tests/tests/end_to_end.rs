@@ -4,14 +4,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use idlemeter_bus::GroupConsumer;
 use idlemeter_core::rollup::HourUsage;
 use idlemeter_core::{CustomerId, NodeId, UsageSample};
 use idlemeter_proto::{encode_node_batch, sample_to_wire, v1};
 use idlemeter_tests::{sample, TestEnv};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 fn at(hour: u32, minute: u32, second: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 1, hour, minute, second)
@@ -255,7 +253,12 @@ async fn malformed_messages_are_dead_lettered_and_good_samples_kept() -> anyhow:
     ingest.stop().await?;
     assert_eq!(env.raw_sample_rows().await?, 7);
 
-    let reasons = read_dead_letters(&env, 2).await?;
+    let reasons: Vec<String> = env
+        .dead_letters(2)
+        .await?
+        .into_iter()
+        .map(|letter| letter.reason)
+        .collect();
     assert!(
         reasons[0].contains("not a protobuf NodeBatch"),
         "{}",
@@ -267,27 +270,6 @@ async fn malformed_messages_are_dead_lettered_and_good_samples_kept() -> anyhow:
         reasons[1]
     );
     Ok(())
-}
-
-async fn read_dead_letters(env: &TestEnv, count: usize) -> anyhow::Result<Vec<String>> {
-    let consumer: GroupConsumer = env
-        .kafka
-        .consumer("dlq-reader", &format!("{}.dlq-reader", env.group_id))?;
-    consumer.subscribe(&[env.topics.samples_dead_letter.as_str()])?;
-    let mut reasons = Vec::new();
-    while reasons.len() < count {
-        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;
-        let headers = message
-            .headers()
-            .ok_or_else(|| anyhow::anyhow!("dead letter without headers"))?;
-        let reason = headers
-            .iter()
-            .find(|header| header.key == idlemeter_bus::DEAD_LETTER_REASON_HEADER)
-            .and_then(|header| header.value)
-            .ok_or_else(|| anyhow::anyhow!("dead letter without a reason header"))?;
-        reasons.push(String::from_utf8(reason.to_vec())?);
-    }
-    Ok(reasons)
 }
 
 /// The detail fields (GPU, pressure, peak memory, block I/O) travel the whole

@@ -95,6 +95,7 @@ async fn an_idle_sandbox_is_frozen_and_only_its_storage_bills_on() -> anyhow::Re
             file: "e2e-policy.toml".to_owned(),
             group_id: format!("{}.policy", env.group_id),
             snapshot_interval_ms: 500,
+            command_key: idlemeter_core::Secret::new(idlemeter_tests::collector::TEST_COMMAND_KEY),
             ..PolicyConfig::default()
         },
         POLICY,

@@ -91,7 +91,7 @@ async fn start_policy_with(
         group_id: format!("{}.policy", env.group_id),
         snapshot_interval_ms: 200,
         webhook_url: webhook_url.to_owned(),
-        webhook_secret: SECRET.to_owned(),
+        webhook_secret: SECRET.into(),
         // The trace is from the past: send its decisions anyway, and do not
         // forget its sandboxes for being quiet since then.
         stale_after_s: 0,

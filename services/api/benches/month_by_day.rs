@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
         url: env("IDLEMETER_CLICKHOUSE__URL", "http://127.0.0.1:18123"),
         database: env("IDLEMETER_CLICKHOUSE__DATABASE", "api_bench"),
         user: "default".to_owned(),
-        password: String::new(),
+        password: Default::default(),
     });
     let samples: u64 = store
         .client()

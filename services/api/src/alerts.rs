@@ -12,13 +12,15 @@
 //! - Webhooks to loopback, private, link-local or otherwise internal
 //!   addresses are refused (at creation for literal addresses, at delivery
 //!   after DNS resolution) unless `allow_private_targets` is set: a tenant
-//!   must not make the API POST into the operator's network. DNS can still
-//!   change between the check and the connection; an egress proxy is the
-//!   complete answer.
+//!   must not make the API POST into the operator's network. The host is
+//!   resolved once per delivery and the connection goes to the address that
+//!   was checked (with the URL's `Host` header), so DNS rebinding between
+//!   the check and the connection cannot reach an internal address.
+//! - Secrets are stored sealed (`sealed.rs`) and opened only to sign.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,8 @@ use idlemeter_store::{
     from_column, to_column, unix_seconds, AlertFiringRow, LatestSpend, SpendAlertRow, Store,
 };
 use idlemeter_webhook::WebhookSender;
+
+use crate::sealed::Sealer;
 use prometheus::{IntCounter, Registry};
 use serde::Serialize;
 
@@ -47,28 +51,84 @@ pub struct AlertNotice {
     pub as_of: DateTime<Utc>,
 }
 
-/// Whether `ip` is one a tenant's webhook must not reach.
+/// Whether `ip` is one a tenant's webhook must not reach: anything but a
+/// globally routed unicast address. IPv6 forms that carry an IPv4 address
+/// (mapped, compatible, NAT64, 6to4) are judged by that address.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                // 100.64.0.0/10, carrier-grade NAT.
-                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                // fc00::/7 unique local, fe80::/10 link local.
-                || (v6.segments()[0] & 0xfe00) == 0xfc00
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
-        }
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => is_internal_v6(v6),
     }
+}
+
+fn is_internal_v4(v4: Ipv4Addr) -> bool {
+    let [a, b, c, _] = v4.octets();
+    v4.is_loopback()
+        || v4.is_private()
+        || v4.is_link_local()
+        || v4.is_unspecified()
+        || v4.is_broadcast()
+        || v4.is_documentation()
+        || v4.is_multicast()
+        // 0.0.0.0/8, "this network".
+        || a == 0
+        // 100.64.0.0/10, carrier-grade NAT.
+        || (a == 100 && (b & 0xc0) == 64)
+        // 192.0.0.0/24, IETF protocol assignments.
+        || (a == 192 && b == 0 && c == 0)
+        // 198.18.0.0/15, benchmarking.
+        || (a == 198 && (b & 0xfe) == 18)
+        // 240.0.0.0/4, reserved (and the broadcast address in it).
+        || a >= 240
+}
+
+fn is_internal_v6(v6: Ipv6Addr) -> bool {
+    let segments = v6.segments();
+    if let Some(v4) = embedded_v4(v6) {
+        return is_internal_v4(v4);
+    }
+    v6.is_loopback()
+        || v6.is_unspecified()
+        || v6.is_multicast()
+        // fc00::/7 unique local, fe80::/10 link local, fec0::/10 site local.
+        || (segments[0] & 0xfe00) == 0xfc00
+        || (segments[0] & 0xffc0) == 0xfe80
+        || (segments[0] & 0xffc0) == 0xfec0
+        // 64:ff9b:1::/48, local-use NAT64.
+        || (segments[0] == 0x64 && segments[1] == 0xff9b && segments[2] == 1)
+        // 2001::/32 Teredo (its IPv4 is obfuscated), 2001:db8::/32 documentation.
+        || (segments[0] == 0x2001 && (segments[1] == 0 || segments[1] == 0xdb8))
+        // 100::/64, discard only.
+        || (segments[0] == 0x100 && segments[1..4] == [0, 0, 0])
+}
+
+/// The IPv4 address an IPv6 address stands for, where it is one of the
+/// forms that reach an IPv4 host: mapped (`::ffff:a.b.c.d`), compatible
+/// (`::a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`) and 6to4 (`2002:aabb:ccdd::`).
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let from = |high: u16, low: u16| {
+        Ipv4Addr::new(
+            (high >> 8) as u8,
+            high as u8,
+            (low >> 8) as u8,
+            low as u8,
+        )
+    };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    // Compatible, excluding :: and ::1 (judged as IPv6 loopback/unspecified).
+    if s[..6] == [0; 6] && (s[6] != 0 || s[7] > 1) {
+        return Some(from(s[6], s[7]));
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4] {
+        return Some(from(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return Some(from(s[1], s[2]));
+    }
+    None
 }
 
 /// The host and port of an `http://` URL.
@@ -105,25 +165,61 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Resolves the URL's host and refuses internal addresses (unless allowed).
-async fn check_target(url: &str, allow_private: bool) -> Result<(), String> {
-    check_url(url, allow_private)?;
-    if allow_private {
-        return Ok(());
+/// Name resolution for webhook targets: the system resolver in service, a
+/// scripted one in tests (a rebinding attack answers differently on the
+/// second call).
+pub trait Resolver: Send + Sync + std::fmt::Debug {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> futures::future::BoxFuture<'a, std::io::Result<Vec<SocketAddr>>>;
+}
+
+/// The operating system's resolver.
+#[derive(Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> futures::future::BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
     }
+}
+
+/// Resolves the URL's host once and returns the address to connect to:
+/// refused if any answer is internal (unless allowed). The caller connects
+/// to exactly this address, so a second resolution (DNS rebinding) never
+/// happens.
+pub async fn checked_target(
+    url: &str,
+    allow_private: bool,
+    resolver: &dyn Resolver,
+) -> Result<SocketAddr, String> {
+    check_url(url, allow_private)?;
     let (host, port) = host_port(url).ok_or_else(|| "not an http:// URL".to_owned())?;
-    let addresses = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|error| format!("resolving {host}: {error}"))?;
-    for address in addresses {
-        if is_internal(address.ip()) {
+    let addresses = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => resolver
+            .resolve(&host, port)
+            .await
+            .map_err(|error| format!("resolving {host}: {error}"))?,
+    };
+    if !allow_private {
+        if let Some(internal) = addresses.iter().find(|address| is_internal(address.ip())) {
             return Err(format!(
                 "{host} resolves to the internal address {}",
-                address.ip()
+                internal.ip()
             ));
         }
     }
-    Ok(())
+    addresses
+        .first()
+        .copied()
+        .ok_or_else(|| format!("{host} resolves to no address"))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +234,8 @@ pub struct AlertDelivery {
     store: Store,
     period: Period,
     allow_private_targets: bool,
+    resolver: Box<dyn Resolver>,
+    sealer: Sealer,
     interval: Duration,
     backoff: Mutex<HashMap<String, Backoff>>,
     fired: IntCounter,
@@ -149,6 +247,7 @@ impl AlertDelivery {
         store: Store,
         period: Period,
         allow_private_targets: bool,
+        sealer: Sealer,
         interval: Duration,
         registry: &Registry,
     ) -> Self {
@@ -168,11 +267,19 @@ impl AlertDelivery {
             store,
             period,
             allow_private_targets,
+            resolver: Box::new(SystemResolver),
+            sealer,
             interval,
             backoff: Mutex::new(HashMap::new()),
             fired,
             failed,
         }
+    }
+
+    /// Resolves webhook hosts with `resolver` instead of the system's.
+    pub fn with_resolver(mut self, resolver: Box<dyn Resolver>) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     /// One pass over every alert, judging "the current period" at `now`
@@ -253,16 +360,28 @@ impl AlertDelivery {
         };
         let body = serde_json::to_vec(&notice).expect("a notice serialises");
         let delivery_id = format!("{}:{}", alert.alert_id, spend.period_start);
-        let sent = match check_target(&alert.webhook_url, self.allow_private_targets).await {
-            Err(refused) => Err(refused),
-            Ok(()) => match WebhookSender::new(&alert.webhook_url, &alert.webhook_secret) {
-                Ok(sender) => sender
-                    .post(&delivery_id, body, now.timestamp())
-                    .await
-                    .map_err(|error| error.to_string()),
-                Err(error) => Err(error.to_string()),
-            },
-        };
+        let sent = async {
+            let target = checked_target(
+                &alert.webhook_url,
+                self.allow_private_targets,
+                self.resolver.as_ref(),
+            )
+            .await?;
+            let secret = self
+                .sealer
+                .open(
+                    &alert.webhook_secret,
+                    &crate::sealed::alert_context(&alert.customer, &alert.alert_id),
+                )
+                .map_err(|error| error.to_string())?;
+            WebhookSender::new(&alert.webhook_url, secret.expose())
+                .map_err(|error| error.to_string())?
+                .connecting_to(target)
+                .post(&delivery_id, body, now.timestamp())
+                .await
+                .map_err(|error| error.to_string())
+        }
+        .await;
         match sent {
             Ok(()) => {
                 self.store
@@ -339,5 +458,92 @@ mod tests {
             "http only"
         );
         assert!(check_url("ftp://x/", true).is_err());
+    }
+
+    /// Finding "alert webhooks can reach internal addresses": every range
+    /// that is not globally routed unicast, in every IPv6 form of an IPv4
+    /// address.
+    #[test]
+    fn internal_ranges_include_nat64_6to4_mapped_compatible_and_reserved() {
+        for internal in [
+            "0.1.2.3",
+            "198.18.0.1",
+            "198.19.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "239.1.2.3",
+            "192.0.0.8",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "ff02::1",
+            "fec0::1",
+            "2001:db8::1",
+            "2001::1",
+            "100::1",
+        ] {
+            let ip: IpAddr = internal.parse().expect("an address");
+            assert!(is_internal(ip), "{internal} must be internal");
+        }
+        for public in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "198.20.0.1",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "::ffff:8.8.8.8",
+        ] {
+            let ip: IpAddr = public.parse().expect("an address");
+            assert!(!is_internal(ip), "{public} is public");
+        }
+    }
+
+    /// Answers a public address first, then loopback: DNS rebinding.
+    #[derive(Debug, Default)]
+    struct Rebinding {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Resolver for Rebinding {
+        fn resolve<'a>(
+            &'a self,
+            _host: &'a str,
+            port: u16,
+        ) -> futures::future::BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
+            let call = self
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let ip: IpAddr = if call == 0 {
+                "93.184.216.34".parse().expect("ip")
+            } else {
+                "127.0.0.1".parse().expect("ip")
+            };
+            Box::pin(async move { Ok(vec![SocketAddr::new(ip, port)]) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rebinding_resolver_is_asked_once_and_the_checked_address_is_used() {
+        let resolver = Rebinding::default();
+        let target = checked_target("http://hooks.example.com:8080/x", false, &resolver)
+            .await
+            .expect("the first answer is public");
+        assert_eq!(target, "93.184.216.34:8080".parse().expect("addr"));
+        assert_eq!(
+            resolver.calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "resolved once: the connection goes to `target`, not to a second answer"
+        );
+        // The second answer (what a second lookup would connect to) is refused.
+        let second = checked_target("http://hooks.example.com:8080/x", false, &resolver).await;
+        assert!(second.is_err(), "{second:?}");
     }
 }

@@ -139,6 +139,11 @@ pub struct KeyCache {
     reloading: tokio::sync::Mutex<()>,
     /// When the last reload started (successful or not).
     last_attempt: Mutex<Option<Instant>>,
+    /// When the last successful reload started: the keys are as of then.
+    loaded_at: Mutex<Option<Instant>>,
+    /// Past this age the keys are not trusted (a revocation since may be
+    /// missing): requests answer 503 until a reload succeeds.
+    max_staleness: Duration,
 }
 
 impl KeyCache {
@@ -148,13 +153,45 @@ impl KeyCache {
             keys: RwLock::new(HashMap::new()),
             reloading: tokio::sync::Mutex::new(()),
             last_attempt: Mutex::new(None),
+            loaded_at: Mutex::new(None),
+            max_staleness: Duration::from_secs(60),
         }
+    }
+
+    /// Refuses every key once the last successful reload is older than
+    /// `max_staleness` (zero: never).
+    pub fn with_max_staleness(mut self, max_staleness: Duration) -> Self {
+        self.max_staleness = max_staleness;
+        self
+    }
+
+    /// Whether the keys are recent enough to be trusted.
+    fn fresh(&self) -> bool {
+        self.max_staleness.is_zero()
+            || self
+                .loaded_at
+                .lock()
+                .expect("not poisoned")
+                .is_some_and(|at| at.elapsed() <= self.max_staleness)
+    }
+
+    /// Whether `key_id` is a known, unrevoked admin key now (finance page
+    /// links live only as long as the key that made them).
+    pub async fn is_admin(&self, key_id: &str) -> bool {
+        self.fresh()
+            && self
+                .keys
+                .read()
+                .await
+                .get(key_id)
+                .is_some_and(|key| !key.revoked && key.scope == Scope::Admin)
     }
 
     /// Loads every key's latest version.
     pub async fn reload(&self) -> Result<usize, idlemeter_store::Error> {
         let _one_at_a_time = self.reloading.lock().await;
-        *self.last_attempt.lock().expect("not poisoned") = Some(Instant::now());
+        let started = Instant::now();
+        *self.last_attempt.lock().expect("not poisoned") = Some(started);
         let rows = self.store.api_keys().await?;
         let mut keys = HashMap::with_capacity(rows.len());
         for row in rows {
@@ -180,6 +217,7 @@ impl KeyCache {
         }
         let count = keys.len();
         *self.keys.write().await = keys;
+        *self.loaded_at.lock().expect("not poisoned") = Some(started);
         Ok(count)
     }
 
@@ -208,6 +246,14 @@ impl KeyCache {
                 "the Authorization header must be `Bearer <API key>`",
             ));
         };
+        if !self.fresh() {
+            // Fail closed: a key revoked since the last good reload must
+            // not keep working on this replica.
+            return Err(Problem::unavailable(format!(
+                "API keys could not be reloaded for more than {} s; requests are refused until the key store is reachable",
+                self.max_staleness.as_secs()
+            )));
+        }
         let invalid =
             || Problem::unauthorized("the API key is not valid (unknown, malformed or revoked)");
         let (key_id, secret) = parse(key.trim()).ok_or_else(invalid)?;
@@ -309,6 +355,43 @@ mod tests {
         let other = generate(None, "finance", 1);
         assert_ne!(other.row.key_id, new.row.key_id);
         assert_eq!(other.row.role, "admin");
+    }
+
+    /// Finding "fail-open revocation": when reloads keep failing, keys stop
+    /// being accepted once the last good load is older than the bound.
+    #[tokio::test]
+    async fn keys_are_refused_once_reloads_have_failed_for_longer_than_the_bound() {
+        let dead = idlemeter_store::Store::new(&idlemeter_store::ClickHouseSettings {
+            url: "http://127.0.0.1:1".to_owned(),
+            database: "none".to_owned(),
+            user: "default".to_owned(),
+            password: Default::default(),
+        });
+        let cache = KeyCache::new(dead).with_max_staleness(Duration::from_millis(300));
+        let customer = CustomerId::parse("acme").expect("id");
+        let new = generate(Some(&customer), "ci", 1);
+        let header = format!("Bearer {}", new.key);
+        // Never loaded: refused, 503, whatever the key.
+        let refused = cache.authenticate(Some(&header)).await.expect_err("stale");
+        assert_eq!(refused.status, 503);
+        // A good load (as a reload that reached the store would install).
+        cache.keys.write().await.insert(
+            new.row.key_id.clone(),
+            KnownKey {
+                scope: Scope::Customer(customer.clone()),
+                secret_sha256: new.row.secret_sha256.clone(),
+                revoked: false,
+            },
+        );
+        *cache.loaded_at.lock().expect("lock") = Some(Instant::now());
+        assert!(cache.authenticate(Some(&header)).await.is_ok());
+        // The store goes away: reloads fail, and past the bound the key
+        // that was valid is refused.
+        assert!(cache.reload().await.is_err());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(cache.reload().await.is_err());
+        let refused = cache.authenticate(Some(&header)).await.expect_err("stale");
+        assert_eq!(refused.status, 503);
     }
 
     #[test]

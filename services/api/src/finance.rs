@@ -170,28 +170,33 @@ pub fn grafana_dashboard() -> serde_json::Value {
 /// [`LINK_TTL`] on the replica that made it.
 #[derive(Debug, Default)]
 pub struct PageLinks {
-    tokens: Mutex<HashMap<String, Instant>>,
+    /// Token → (expiry, the admin key that made it).
+    tokens: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 pub const LINK_TTL: Duration = Duration::from_secs(15 * 60);
 
 impl PageLinks {
-    pub fn issue(&self) -> String {
+    /// A new link token made by the admin key `key_id`: the page it opens
+    /// works only while that key does, and counts against its limits.
+    pub fn issue(&self, key_id: &str) -> String {
         let mut bytes = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
         let token = hex::encode(bytes);
         let mut tokens = self.tokens.lock().expect("not poisoned");
         let now = Instant::now();
-        tokens.retain(|_, expires| *expires > now);
-        tokens.insert(token.clone(), now + LINK_TTL);
+        tokens.retain(|_, (expires, _)| *expires > now);
+        tokens.insert(token.clone(), (now + LINK_TTL, key_id.to_owned()));
         token
     }
 
-    pub fn valid(&self, token: &str) -> bool {
+    /// The key that made `token`, while the token has not expired.
+    pub fn key_of(&self, token: &str) -> Option<String> {
         let tokens = self.tokens.lock().expect("not poisoned");
         tokens
             .get(token)
-            .is_some_and(|expires| *expires > Instant::now())
+            .filter(|(expires, _)| *expires > Instant::now())
+            .map(|(_, key_id)| key_id.clone())
     }
 }
 

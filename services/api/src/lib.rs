@@ -21,6 +21,7 @@ pub mod live;
 mod preview;
 pub mod problem;
 pub mod routes;
+pub mod sealed;
 pub mod views;
 
 use std::collections::BTreeMap;
@@ -52,6 +53,20 @@ pub struct ApiConfig {
     pub listen: String,
     /// How often every key is reloaded (a revocation takes effect within it).
     pub key_refresh_ms: u64,
+    /// Keys are not trusted past this age: if reloads keep failing (the
+    /// store unreachable) for this long, every request answers 503 rather
+    /// than honour a key that may have been revoked since (fail closed).
+    pub key_max_staleness_ms: u64,
+    /// Requests a second, shared by every anonymous caller, to `/docs` and
+    /// `/openapi.json` (0: unlimited). `/finance` counts against the key
+    /// that made its link.
+    pub public_rate_limit_per_s: u32,
+    /// A connection that has not sent a request's headers within this is
+    /// closed (slowloris): also the limit on an idle keep-alive connection.
+    pub header_read_timeout_ms: u64,
+    /// Connections served at once; past it a new connection is answered 503
+    /// and closed at once, so held connections cannot exhaust the process.
+    pub max_connections: u32,
     /// Requests a second per key (0: unlimited), and the burst allowed.
     pub rate_limit_per_s: u32,
     pub rate_limit_burst: u32,
@@ -81,6 +96,10 @@ pub struct ApiConfig {
     pub live_state: bool,
     /// A sandbox the stream has not mentioned for this long leaves the view.
     pub live_forget_s: u64,
+    /// 64 hex digits (32 bytes): the key alert signing secrets are sealed
+    /// with in the store (`sealed.rs`). Without it alerts cannot be created.
+    /// Printed redacted; generate one with `openssl rand -hex 32`.
+    pub secrets_key: idlemeter_core::Secret,
 }
 
 impl Default for ApiConfig {
@@ -88,6 +107,10 @@ impl Default for ApiConfig {
         Self {
             listen: "127.0.0.1:8080".to_owned(),
             key_refresh_ms: 5_000,
+            key_max_staleness_ms: 60_000,
+            public_rate_limit_per_s: 20,
+            header_read_timeout_ms: 10_000,
+            max_connections: 10_000,
             rate_limit_per_s: 50,
             rate_limit_burst: 100,
             rate_limits: BTreeMap::new(),
@@ -101,6 +124,7 @@ impl Default for ApiConfig {
             sample_interval_s: 1,
             live_state: true,
             live_forget_s: 300,
+            secrets_key: idlemeter_core::Secret::default(),
         }
     }
 }
@@ -155,6 +179,14 @@ impl AppState {
         (self.clock)()
     }
 
+    /// Takes a token of the shared anonymous bucket (`/docs`,
+    /// `/openapi.json`).
+    pub(crate) fn check_public(&self) -> Result<(), Problem> {
+        self.public_limiter
+            .check(PUBLIC_BUCKET, Instant::now())
+            .map_err(Problem::too_many_requests)
+    }
+
     /// Reads accounts as the rater and the invoicer do.
     pub(crate) fn accounts(&self) -> idlemeter_store::AccountReader<'_> {
         idlemeter_store::AccountReader {
@@ -172,6 +204,7 @@ impl AppState {
 struct ApiMetrics {
     requests: IntCounterVec,
     latency: HistogramVec,
+    connections_refused: prometheus::IntCounter,
 }
 
 impl ApiMetrics {
@@ -192,14 +225,24 @@ impl ApiMetrics {
             &["route"],
         )
         .expect("valid metric");
+        let connections_refused = prometheus::IntCounter::new(
+            "idlemeter_api_connections_refused_total",
+            "Connections answered 503 and closed because max_connections were open.",
+        )
+        .expect("valid metric");
         for metric in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
+            Box::new(connections_refused.clone()),
         ] {
             // A second API in one registry (tests) keeps the first's metrics.
             let _ = registry.register(metric);
         }
-        Self { requests, latency }
+        Self {
+            requests,
+            latency,
+            connections_refused,
+        }
     }
 }
 
@@ -208,14 +251,17 @@ pub struct AppState {
     pub(crate) store: Store,
     pub(crate) keys: KeyCache,
     pub(crate) limiter: RateLimiter,
+    /// One bucket for every anonymous caller of the public pages.
+    pub(crate) public_limiter: RateLimiter,
     pub(crate) billing: Billing,
     pub(crate) config: ApiConfig,
     pub(crate) links: finance::PageLinks,
+    pub(crate) sealer: sealed::Sealer,
     /// Sandbox state from the stream, newer than the stored one (see `live`).
     pub(crate) live: Option<Arc<live::LiveView>>,
     /// What "now" is: the wall clock in service; tests pin it.
     clock: Clock,
-    in_flight: InFlight,
+    pub(crate) in_flight: InFlight,
     metrics: ApiMetrics,
 }
 
@@ -228,6 +274,71 @@ impl std::fmt::Debug for AppState {
             .finish_non_exhaustive()
     }
 }
+
+/// What one client may hold of the server.
+#[derive(Debug, Clone, Copy)]
+struct ServeLimits {
+    header_read_timeout: Duration,
+    max_connections: usize,
+}
+
+/// The accept loop: HTTP/1.1 connections with a header-read timeout (a
+/// client that opens a connection and trickles its headers, or sends none,
+/// is closed when it runs out) and at most `max_connections` at once (past
+/// it a new connection gets a 503 and is closed at once). On `shutdown` it
+/// stops accepting and lets the requests in flight finish.
+async fn serve_connections(
+    listener: TcpListener,
+    router: Router,
+    limits: ServeLimits,
+    refused: prometheus::IntCounter,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refused.inc();
+            // Best effort, never waits: the socket buffer takes it.
+            let _ = stream.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 1\r\n\r\n",
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// The rate-limit bucket of anonymous callers.
+const PUBLIC_BUCKET: &str = "anonymous";
 
 /// The API's clock (see [`Api::with_clock`]).
 pub type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
@@ -301,9 +412,12 @@ impl Api {
                 "api.max_page, api.default_page and api.max_windows must be above 0".to_owned(),
             ));
         }
+        let sealer =
+            sealed::Sealer::from_key(&config.secrets_key).map_err(|e| Error::Config(e.to_string()))?;
         // Queries stop with the request that needed them.
         let store = store.with_max_execution_time(config.request_timeout_ms.div_ceil(1000));
-        let keys = KeyCache::new(store.clone());
+        let keys = KeyCache::new(store.clone())
+            .with_max_staleness(Duration::from_millis(config.key_max_staleness_ms));
         let count = keys.reload().await?;
         tracing::info!(keys = count, "api keys loaded");
         let limiter = RateLimiter::new(
@@ -311,14 +425,21 @@ impl Api {
             config.rate_limit_burst,
             &config.rate_limits,
         );
+        let public_limiter = RateLimiter::new(
+            config.public_rate_limit_per_s,
+            config.public_rate_limit_per_s.saturating_mul(2),
+            &BTreeMap::new(),
+        );
         Ok(Self {
             state: Arc::new(AppState {
                 store,
                 keys,
                 limiter,
+                public_limiter,
                 billing,
                 config,
                 links: finance::PageLinks::default(),
+                sealer,
                 live: None,
                 clock: Arc::new(chrono::Utc::now),
                 in_flight: InFlight::default(),
@@ -427,9 +548,17 @@ impl Api {
                 }
             }
         });
-        let result = axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let result = serve_connections(
+            listener,
+            self.router(),
+            ServeLimits {
+                header_read_timeout: Duration::from_millis(self.state.config.header_read_timeout_ms),
+                max_connections: self.state.config.max_connections as usize,
+            },
+            self.state.metrics.connections_refused.clone(),
+            shutdown,
+        )
+        .await;
         refresh.abort();
         result
     }
@@ -449,6 +578,7 @@ impl Api {
             self.state.store.clone(),
             self.state.billing.terms.period,
             config.alert_private_targets,
+            self.state.sealer.clone(),
             Duration::from_secs(config.alert_interval_s),
             registry,
         );
@@ -502,7 +632,7 @@ pub(crate) struct Slot<'a> {
 
 impl InFlight {
     /// A slot for `tenant`, unless it already has `max` requests running.
-    fn enter(&self, tenant: &str, max: u32) -> Option<Slot<'_>> {
+    pub(crate) fn enter(&self, tenant: &str, max: u32) -> Option<Slot<'_>> {
         let mut running = self.running.lock().expect("not poisoned");
         let count = running.entry(tenant.to_owned()).or_default();
         if max > 0 && *count >= max {
@@ -575,12 +705,34 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
     response
 }
 
-async fn openapi_json() -> impl IntoResponse {
-    axum::Json(ApiDoc::openapi())
+/// The OpenAPI document, rendered once.
+fn openapi_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| ApiDoc::openapi().to_json().unwrap_or_default())
 }
 
-async fn docs_page() -> Html<String> {
-    Html(docs::render(&ApiDoc::openapi()))
+/// The docs page, rendered once.
+fn docs_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| docs::render(&ApiDoc::openapi()))
+}
+
+async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(problem) = state.check_public() {
+        return problem.into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_text(),
+    )
+        .into_response()
+}
+
+async fn docs_page(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(problem) = state.check_public() {
+        return problem.into_response();
+    }
+    Html(docs_text()).into_response()
 }
 
 async fn not_found() -> Problem {

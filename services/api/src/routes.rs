@@ -679,13 +679,23 @@ pub async fn create_alert(
     let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let alert_id = format!("al_{}", hex::encode(id));
+    let webhook_secret = format!("whsec_{}", hex::encode(secret));
+    // Stored sealed: the table never holds a usable secret.
+    let sealed = state
+        .sealer
+        .seal(
+            &webhook_secret,
+            &crate::sealed::alert_context(customer.as_str(), &alert_id),
+        )
+        .map_err(|error| Problem::unavailable(error.to_string()))?;
     let row = SpendAlertRow {
         customer: customer.as_str().to_owned(),
-        alert_id: format!("al_{}", hex::encode(id)),
+        alert_id,
         threshold,
         currency: String::new(),
         webhook_url: new.webhook_url,
-        webhook_secret: format!("whsec_{}", hex::encode(secret)),
+        webhook_secret: sealed,
         created_at: now_unix,
         deleted: 0,
         version: 1,
@@ -694,7 +704,7 @@ pub async fn create_alert(
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedAlert {
-            webhook_secret: row.webhook_secret.clone(),
+            webhook_secret,
             alert: alert_view(&row)?,
         }),
     ))
@@ -1175,8 +1185,11 @@ pub struct FinanceLink {
     responses((status = 201, body = FinanceLink),
         Problems),
     security(("api_key" = [])))]
-pub async fn finance_link(State(state): AppStateRef) -> (StatusCode, axum::Json<FinanceLink>) {
-    let token = state.links.issue();
+pub async fn finance_link(
+    State(state): AppStateRef,
+    Extension(principal): Extension<Principal>,
+) -> (StatusCode, axum::Json<FinanceLink>) {
+    let token = state.links.issue(&principal.key_id);
     let expires_at =
         state.now() + chrono::Duration::from_std(crate::finance::LINK_TTL).unwrap_or_default();
     (
@@ -1200,15 +1213,32 @@ pub async fn finance_page(
     State(state): AppStateRef,
     Query(query): Query<FinancePageQuery>,
 ) -> ApiResult<axum::response::Html<String>> {
-    if !query
+    let expired = || {
+        Problem::unauthorized(
+            "this finance page link is missing, wrong or expired, or the key that made it was revoked: ask for one with POST /v1/finance/link",
+        )
+    };
+    let key_id = query
         .token
         .as_deref()
-        .is_some_and(|token| state.links.valid(token))
-    {
-        return Err(Problem::unauthorized(
-            "this finance page link is missing, wrong or expired: ask for one with POST /v1/finance/link",
-        ));
+        .and_then(|token| state.links.key_of(token))
+        .ok_or_else(expired)?;
+    // Bound to its key: revoked keys' links stop, and the page counts
+    // against the key's rate limit and running requests.
+    if !state.keys.is_admin(&key_id).await {
+        return Err(expired());
     }
+    state
+        .limiter
+        .check(&key_id, std::time::Instant::now())
+        .map_err(Problem::too_many_requests)?;
+    let _slot = state
+        .in_flight
+        .enter(
+            &format!("admin key {key_id}"),
+            state.config.max_in_flight_per_tenant,
+        )
+        .ok_or_else(|| Problem::too_many_requests(1))?;
     let (from, to) = finance_range(
         &FinanceQuery {
             from: query.from,

@@ -5,6 +5,9 @@
 //! idempotent writes downstream plus committing offsets only after the sink
 //! acknowledged (see ../../shared/DESIGN.md), so consumers built here have
 //! auto-commit and auto offset store turned off.
+//!
+//! Kafka is a trust boundary: every client here takes its TLS and SASL
+//! settings from one [`KafkaSettings`] (librdkafka is built with OpenSSL).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +19,7 @@ use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
+use idlemeter_core::Secret;
 use serde::{Deserialize, Serialize};
 
 /// Errors of the Kafka adapter, with the topic or client they concern.
@@ -115,15 +119,91 @@ fn describe(partitions: &rdkafka::TopicPartitionList) -> String {
     }
 }
 
-/// How to reach the brokers. `properties` passes any librdkafka setting
-/// (SASL, TLS, compression) through unchanged.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// How to reach the brokers, and as whom. Every client idlemeter makes
+/// (producers, group and tail consumers, the admin client) is built from
+/// these, so one setting secures all of them. `properties` passes any other
+/// librdkafka setting through unchanged (and wins over everything else).
+///
+/// Security: `security_protocol` is `plaintext` (the default), `ssl`,
+/// `sasl_plaintext` or `sasl_ssl`; SASL mechanisms `PLAIN`, `SCRAM-SHA-256`
+/// and `SCRAM-SHA-512` are built in (MSK: `sasl_ssl` with SCRAM, or `ssl`
+/// with client certificates). Passwords are [`Secret`]s, and properties
+/// whose name says password, secret or key material print redacted too.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     /// Comma-separated `host:port` list.
     pub brokers: String,
     #[serde(default)]
+    pub security_protocol: String,
+    #[serde(default)]
+    pub sasl_mechanism: String,
+    #[serde(default)]
+    pub sasl_username: String,
+    #[serde(default)]
+    pub sasl_password: Secret,
+    /// PEM file of the CA that signed the brokers' certificates (empty:
+    /// the system's trust store).
+    #[serde(default)]
+    pub ssl_ca_location: String,
+    /// Client certificate and key (PEM files) for mutual TLS.
+    #[serde(default)]
+    pub ssl_certificate_location: String,
+    #[serde(default)]
+    pub ssl_key_location: String,
+    #[serde(default)]
+    pub ssl_key_password: Secret,
+    #[serde(default, serialize_with = "serialize_properties")]
     pub properties: BTreeMap<String, String>,
+}
+
+/// Whether a librdkafka property holds a secret (printed redacted).
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("password")
+        || name.contains("secret")
+        || name == "sasl.oauthbearer.config"
+        || name == "ssl.key.pem"
+        || name == "ssl_key"
+        || name == "ssl.keystore.password"
+}
+
+fn redacted_properties(properties: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    properties
+        .iter()
+        .map(|(name, value)| {
+            let shown = if is_secret_property(name) && !value.is_empty() {
+                idlemeter_core::secret::REDACTED
+            } else {
+                value.as_str()
+            };
+            (name.as_str(), shown)
+        })
+        .collect()
+}
+
+fn serialize_properties<S: serde::Serializer>(
+    properties: &BTreeMap<String, String>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    redacted_properties(properties).serialize(serializer)
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &self.sasl_password)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("ssl_key_password", &self.ssl_key_password)
+            .field("properties", &redacted_properties(&self.properties))
+            .finish()
+    }
 }
 
 /// Topic names; defaults are the production names, tests use unique ones.
@@ -169,6 +249,9 @@ impl Default for Topics {
 pub const DEAD_LETTER_REASON_HEADER: &str = "idlemeter-dlq-reason";
 /// Headers carrying where a dead-lettered message came from.
 pub const DEAD_LETTER_SOURCE_HEADER: &str = "idlemeter-dlq-source";
+/// Header of a dead letter sent without its payload (the broker refused it
+/// with it): the payload's size in bytes. The original is at the source.
+pub const DEAD_LETTER_OMITTED_HEADER: &str = "idlemeter-dlq-payload-omitted";
 
 impl KafkaSettings {
     fn client_config(&self, client_id: &str) -> ClientConfig {
@@ -176,6 +259,23 @@ impl KafkaSettings {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id);
+        for (property, value) in [
+            ("security.protocol", self.security_protocol.as_str()),
+            ("sasl.mechanism", self.sasl_mechanism.as_str()),
+            ("sasl.username", self.sasl_username.as_str()),
+            ("sasl.password", self.sasl_password.expose()),
+            ("ssl.ca.location", self.ssl_ca_location.as_str()),
+            (
+                "ssl.certificate.location",
+                self.ssl_certificate_location.as_str(),
+            ),
+            ("ssl.key.location", self.ssl_key_location.as_str()),
+            ("ssl.key.password", self.ssl_key_password.expose()),
+        ] {
+            if !value.is_empty() {
+                config.set(property, value);
+            }
+        }
         config
     }
 
@@ -298,5 +398,60 @@ impl KafkaSettings {
 fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
     for (key, value) in properties {
         config.set(key, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secured() -> KafkaSettings {
+        KafkaSettings {
+            brokers: "127.0.0.1:1".to_owned(),
+            security_protocol: "sasl_ssl".to_owned(),
+            sasl_mechanism: "SCRAM-SHA-512".to_owned(),
+            sasl_username: "ingest".to_owned(),
+            sasl_password: Secret::new("kafka-pa55word"),
+            ssl_key_password: Secret::new("key-pa55word"),
+            properties: BTreeMap::from([
+                ("sasl.oauthbearer.client.secret".to_owned(), "oauth-s3cret".to_owned()),
+                ("compression.type".to_owned(), "zstd".to_owned()),
+            ]),
+            ..KafkaSettings::default()
+        }
+    }
+
+    /// Finding "secrets": Kafka's SASL settings print redacted.
+    #[test]
+    fn kafka_passwords_and_secret_properties_print_redacted() {
+        let settings = secured();
+        let debug = format!("{settings:?}");
+        let json = serde_json::to_string(&settings).expect("serialises");
+        for printed in [&debug, &json] {
+            for secret in ["pa55word", "s3cret"] {
+                assert!(!printed.contains(secret), "{printed}");
+            }
+            assert!(printed.contains("zstd") && printed.contains("ingest"), "{printed}");
+        }
+    }
+
+    /// Finding "Kafka is a trust boundary": TLS and SASL (SCRAM) clients can
+    /// be made, of every kind. A librdkafka built without OpenSSL refuses
+    /// `sasl_ssl` here.
+    #[tokio::test]
+    async fn every_client_takes_tls_and_sasl_settings() {
+        let settings = secured();
+        for (name, made) in [
+            ("producer", settings.producer("t").map(|_| ())),
+            ("consumer", settings.consumer("t", "g").map(|_| ())),
+            ("tail consumer", settings.tail_consumer("t").map(|_| ())),
+        ] {
+            assert!(made.is_ok(), "{name}: {made:?}");
+        }
+        let config = settings.client_config("t");
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.password"), Some("kafka-pa55word"));
+        // Unset fields are not passed: librdkafka's defaults stay.
+        assert_eq!(config.get("ssl.ca.location"), None);
     }
 }

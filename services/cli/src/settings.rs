@@ -50,13 +50,13 @@ impl Default for Settings {
         Self {
             kafka: KafkaSettings {
                 brokers: "127.0.0.1:19092".to_owned(),
-                properties: Default::default(),
+                ..KafkaSettings::default()
             },
             clickhouse: ClickHouseSettings {
                 url: "http://127.0.0.1:18123".to_owned(),
                 database: "idlemeter".to_owned(),
                 user: "default".to_owned(),
-                password: String::new(),
+                password: Default::default(),
             },
             topics: Topics::default(),
             ingest: IngestConfig::default(),

@@ -10,6 +10,12 @@
 //! earliest offset) does not replay old decisions, and so are commands about
 //! another epoch of the sandbox than the current one: the sandbox restarted
 //! since the policy decided.
+//!
+//! Kafka is not trusted to say who may suspend what: a command is acted on
+//! only if its `idlemeter-signature` header verifies with the cluster's
+//! command key (see `idlemeter_proto::verify_command`), and only for a
+//! sandbox in this collector's own index, whose cgroup it found itself. The
+//! ids in a command never choose a path on their own.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +24,7 @@ use idlemeter_bus::{GroupConsumer, KafkaSettings};
 use idlemeter_core::NodeId;
 use idlemeter_proto::{decode_command, v1};
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::Headers as _;
 use rdkafka::Message;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -62,12 +69,16 @@ pub fn decide(
             Ok(key) => key,
             Err(error) => return Decision::Ignore(error.to_string()),
         };
-    let current_epoch = epochs.get(&key.cgroup_name()).copied();
-    if command.epoch != 0 && current_epoch.is_some_and(|epoch| epoch != command.epoch) {
+    // Only sandboxes this collector found: an id that names no sandbox of
+    // this node is not acted on, whatever it says.
+    let Some(current_epoch) = epochs.get(&key.cgroup_name()).copied() else {
+        return Decision::Ignore(format!("{key} is not a sandbox of this node"));
+    };
+    // Epoch 0: whichever epoch is current (a platform's request).
+    if command.epoch != 0 && command.epoch != current_epoch {
         return Decision::Ignore(format!(
-            "about epoch {} but the sandbox is in epoch {}",
-            command.epoch,
-            current_epoch.unwrap_or_default()
+            "about epoch {} but the sandbox is in epoch {current_epoch}",
+            command.epoch
         ));
     }
     match v1::CommandAction::try_from(command.action) {
@@ -80,6 +91,28 @@ pub fn decide(
     }
 }
 
+/// Whether a command's signature verifies with the node's `key`, made
+/// within the command age limit (either side of `now_ms`, for skew).
+pub fn check_signature(
+    key: &idlemeter_core::Secret,
+    signature: Option<&[u8]>,
+    payload: &[u8],
+    now_ms: i64,
+    max_age_ms: u64,
+) -> std::result::Result<(), String> {
+    if key.is_empty() {
+        return Err("collector.command_key is not set".to_owned());
+    }
+    let tolerance_s = i64::try_from(max_age_ms.div_ceil(1000)).unwrap_or(i64::MAX);
+    idlemeter_proto::verify_command(
+        key.expose().as_bytes(),
+        signature,
+        payload,
+        now_ms.div_euclid(1000),
+        tolerance_s,
+    )
+}
+
 /// Consumes commands for one node and applies them to its cgroups.
 #[derive(Debug)]
 pub struct CommandActor {
@@ -90,6 +123,8 @@ pub struct CommandActor {
     pub cgroup_parent: PathBuf,
     pub v1_freezer_parent: PathBuf,
     pub max_age_ms: u64,
+    /// The cluster's command key; empty refuses every command.
+    pub key: idlemeter_core::Secret,
     pub epochs: watch::Receiver<EpochIndex>,
     pub metrics: CollectorMetrics,
 }
@@ -108,6 +143,9 @@ impl CommandActor {
                 source,
             })?;
         tracing::info!(topic = %self.topic, group = %self.group_id, "listening for sandbox commands");
+        if self.key.is_empty() {
+            tracing::warn!("collector.command_key is not set: every command is refused");
+        }
         loop {
             let message = tokio::select! {
                 message = consumer.recv() => message,
@@ -121,14 +159,26 @@ impl CommandActor {
                     continue;
                 }
             };
-            self.act(message.payload().unwrap_or_default());
+            let signature = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|header| header.key == idlemeter_proto::COMMAND_SIGNATURE_HEADER)
+                    .and_then(|header| header.value)
+            });
+            self.act(message.payload().unwrap_or_default(), signature);
             if let Err(error) = consumer.commit_message(&message, CommitMode::Async) {
                 tracing::warn!(%error, "committing a command offset failed: it may be replayed");
             }
         }
     }
 
-    fn act(&self, payload: &[u8]) {
+    fn act(&self, payload: &[u8], signature: Option<&[u8]>) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if let Err(reason) = check_signature(&self.key, signature, payload, now_ms, self.max_age_ms) {
+            self.metrics.commands_ignored.inc();
+            tracing::warn!(%reason, "command refused: signature");
+            return;
+        }
         let command = match decode_command(payload) {
             Ok(command) => command,
             Err(error) => {
@@ -137,7 +187,6 @@ impl CommandActor {
             }
         };
         let epochs = self.epochs.borrow().clone();
-        let now_ms = chrono::Utc::now().timestamp_millis();
         match decide(&command, &self.node, &epochs, now_ms, self.max_age_ms) {
             Decision::OtherNode => {}
             Decision::Ignore(reason) => {
@@ -234,5 +283,68 @@ mod tests {
             decide(&stop, &node(), &epochs(), NOW, 60_000),
             Decision::Ignore(_)
         ));
+    }
+
+    /// Finding "forged ids reach the node's filesystem": a command whose ids
+    /// walk out of the cgroup parent, or name a sandbox this collector did
+    /// not find, is not acted on, whatever its epoch.
+    #[test]
+    fn forged_commands_never_name_a_cgroup_outside_the_index() {
+        for (customer, sandbox) in [
+            ("..", ".."),
+            ("acme", "../../system.slice"),
+            ("acme", "sbx-1/../../x"),
+            ("acme", "unknown-sbx"),
+            ("other", "sbx-1"),
+        ] {
+            for epoch in [0, 77] {
+                let mut forged = command(v1::CommandAction::Suspend, epoch, NOW);
+                forged.customer = customer.into();
+                forged.sandbox = sandbox.into();
+                assert!(
+                    matches!(
+                        decide(&forged, &node(), &epochs(), NOW, 60_000),
+                        Decision::Ignore(_)
+                    ),
+                    "{customer}.{sandbox} epoch {epoch}"
+                );
+            }
+        }
+    }
+
+    /// Finding "forged ids reach the node's filesystem": commands are signed
+    /// with the cluster key and refused unsigned, mis-signed, stale or when
+    /// the node has no key.
+    #[test]
+    fn commands_act_only_with_a_valid_signature_from_the_cluster_key() {
+        let key = idlemeter_core::Secret::new("cluster-key");
+        let payload = prost::Message::encode_to_vec(&command(v1::CommandAction::Suspend, 77, NOW));
+        let now_s = NOW / 1000;
+        let signed = idlemeter_proto::sign_command(b"cluster-key", now_s, &payload);
+        assert_eq!(
+            check_signature(&key, Some(signed.as_bytes()), &payload, NOW, 60_000),
+            Ok(())
+        );
+        let forged = idlemeter_proto::sign_command(b"guessed-key", now_s, &payload);
+        let mut tampered = payload.clone();
+        tampered[3] ^= 1;
+        let stale = idlemeter_proto::sign_command(b"cluster-key", now_s - 120, &payload);
+        for (what, signature, body, node_key) in [
+            ("unsigned", None, &payload, &key),
+            ("another key", Some(forged.as_bytes()), &payload, &key),
+            ("tampered", Some(signed.as_bytes()), &tampered, &key),
+            ("stale", Some(stale.as_bytes()), &payload, &key),
+            (
+                "no node key",
+                Some(signed.as_bytes()),
+                &payload,
+                &idlemeter_core::Secret::default(),
+            ),
+        ] {
+            assert!(
+                check_signature(node_key, signature, body, NOW, 60_000).is_err(),
+                "{what} must be refused"
+            );
+        }
     }
 }

@@ -50,6 +50,10 @@ pub struct CollectorConfig {
     /// Consumer group of `sandbox.commands`. Empty: `idlemeter-collector-<node>`,
     /// one group per node so every node sees every command.
     pub command_group_id: String,
+    /// The cluster's command key (the policy service's `command_key`): a
+    /// command is acted on only if its `idlemeter-signature` header verifies
+    /// with it. Empty: every command is refused (and the start says so).
+    pub command_key: idlemeter_core::Secret,
     /// Whether GPU utilisation is read through NVML: `"auto"` where NVML
     /// loads, `"off"`, or `"required"` (fail to start without NVML). GPU
     /// allocations bill from the label files whatever this says.
@@ -73,6 +77,7 @@ impl Default for CollectorConfig {
             send_timeout_ms: 5_000,
             command_max_age_ms: 60_000,
             command_group_id: String::new(),
+            command_key: idlemeter_core::Secret::default(),
             gpu: GpuMode::Auto,
         }
     }

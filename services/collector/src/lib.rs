@@ -164,6 +164,7 @@ impl Collector {
             cgroup_parent: self.config.cgroup_parent.clone(),
             v1_freezer_parent: self.config.cgroup_v1_freezer_parent.clone(),
             max_age_ms: self.config.command_max_age_ms,
+            key: self.config.command_key.clone(),
             epochs: self.sampler.epochs(),
             metrics: self.metrics.clone(),
         };

@@ -16,6 +16,8 @@ pub struct CollectorMetrics {
     pub spool_batches: IntGauge,
     pub spool_bytes: IntGauge,
     pub spool_dropped_batches: IntCounter,
+    pub spool_shrunk_batches: IntCounter,
+    pub spool_boundaries_lost: IntCounter,
     pub batches_sent: IntCounter,
     pub send_failures: IntCounter,
     pub commands_applied: IntCounter,
@@ -61,6 +63,16 @@ impl CollectorMetrics {
             sandboxes_stopped: counter(registry, "idlemeter_collector_sandboxes_stopped_total", "sandboxes whose cgroup vanished (final stopped sample sent)")?,
             spool_batches: gauge(registry, "idlemeter_collector_spool_batches", "node batches waiting in the spool")?,
             spool_bytes: gauge(registry, "idlemeter_collector_spool_bytes", "bytes waiting in the spool")?,
+            spool_shrunk_batches: counter(
+                registry,
+                "idlemeter_collector_spool_shrunk_batches_total",
+                "spooled batches cut down to their epoch boundaries (first and stopped samples) at the bound",
+            )?,
+            spool_boundaries_lost: counter(
+                registry,
+                "idlemeter_collector_spool_boundaries_lost_total",
+                "shrunk batches dropped at the bound all the same: epoch boundaries lost",
+            )?,
             spool_dropped_batches: counter(
                 registry,
                 "idlemeter_collector_spool_dropped_batches_total",

@@ -236,6 +236,18 @@ impl<R: UsageReader> Sampler<R> {
     fn record_spool(&self, appended: crate::spool::Appended) {
         self.metrics.spool_batches.set(appended.batches as i64);
         self.metrics.spool_bytes.set(appended.total_bytes as i64);
+        if appended.shrunk > 0 {
+            self.metrics.spool_shrunk_batches.inc_by(appended.shrunk);
+        }
+        if appended.boundaries_lost > 0 {
+            self.metrics
+                .spool_boundaries_lost
+                .inc_by(appended.boundaries_lost);
+            tracing::error!(
+                batches = appended.boundaries_lost,
+                "spool bound reached with only epoch boundaries left: first or stopped samples dropped (usage around them is lost); raise spool_max_bytes"
+            );
+        }
         if appended.dropped > 0 {
             self.metrics.spool_dropped_batches.inc_by(appended.dropped);
             tracing::warn!(

@@ -98,7 +98,7 @@ pub struct MinuteRow {
 }
 
 /// What a compactor hands to storage.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Compacted {
     pub samples: Vec<UsageSample>,
     pub minutes: Vec<MinuteRow>,

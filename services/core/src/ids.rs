@@ -2,8 +2,10 @@
 //!
 //! Ids are parsed at the edge (wire, JSONL, HTTP) into newtypes, so a value that
 //! exists is valid: non-empty, at most [`MAX_ID_LEN`] bytes, and made of
-//! printable ASCII without spaces or control characters. That keeps them safe to
-//! use as Kafka keys, ClickHouse string keys and URL path segments.
+//! printable ASCII without spaces or control characters, with no path
+//! separator (`/`, `\\`) and not a dot segment (`.`, `..`). That keeps them
+//! safe to use as Kafka keys, ClickHouse string keys, URL path segments and
+//! file or cgroup names: an id can never name a parent or another directory.
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,6 +28,14 @@ pub enum IdError {
         value: String,
         bad: char,
     },
+    #[error("{kind} {value:?} contains a path separator {bad:?}: ids name one thing, never a path")]
+    PathSeparator {
+        kind: &'static str,
+        value: String,
+        bad: char,
+    },
+    #[error("{kind} {value:?} is a dot segment: it would name a directory, not a {kind}")]
+    DotSegment { kind: &'static str, value: String },
 }
 
 fn validate_id(kind: &'static str, value: &str) -> Result<(), IdError> {
@@ -43,6 +53,19 @@ fn validate_id(kind: &'static str, value: &str) -> Result<(), IdError> {
             kind,
             value: value.to_owned(),
             bad,
+        });
+    }
+    if let Some(bad) = value.chars().find(|c| matches!(c, '/' | '\\')) {
+        return Err(IdError::PathSeparator {
+            kind,
+            value: value.to_owned(),
+            bad,
+        });
+    }
+    if value == "." || value == ".." {
+        return Err(IdError::DotSegment {
+            kind,
+            value: value.to_owned(),
         });
     }
     Ok(())
@@ -158,6 +181,31 @@ mod tests {
             SandboxId::parse("sbx-01").map(|id| id.to_string()),
             Ok("sbx-01".to_owned())
         );
+    }
+
+    /// Finding "forged ids reach the node's filesystem": an id joined into
+    /// a cgroup or file path must not leave its directory.
+    #[test]
+    fn forged_ids_with_separators_or_dot_segments_are_refused() {
+        for forged in ["../../system.slice", "a/b", "..", ".", "a\\b", "/"] {
+            assert!(
+                SandboxId::parse(forged).is_err(),
+                "{forged:?} must not be a sandbox id"
+            );
+            assert!(CustomerId::parse(forged).is_err(), "{forged:?}");
+            assert!(NodeId::parse(forged).is_err(), "{forged:?}");
+        }
+        assert!(matches!(
+            SandboxId::parse(".."),
+            Err(IdError::DotSegment { .. })
+        ));
+        assert!(matches!(
+            CustomerId::parse("acme/../x"),
+            Err(IdError::PathSeparator { bad: '/', .. })
+        ));
+        // Dots inside a name are fine: only whole dot segments name directories.
+        assert!(SandboxId::parse("sbx..1").is_ok());
+        assert!(SandboxId::parse(".hidden").is_ok());
     }
 
     #[test]

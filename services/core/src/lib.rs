@@ -29,6 +29,8 @@ pub mod rating;
 pub mod report;
 pub mod rollup;
 pub mod sample;
+pub mod secret;
+pub mod signature;
 pub mod terms;
 
 pub use compact::{
@@ -49,4 +51,5 @@ pub use rating::{
 };
 pub use report::{rate_jsonl, rate_report, report_usage, RateReport};
 pub use sample::{LifecycleState, SampleDetail, SampleError, UsageSample, VcpuMillis};
+pub use secret::Secret;
 pub use terms::{BillingTerms, TermsError};

@@ -3,15 +3,60 @@
 
 use std::time::Duration;
 
-use idlemeter_bus::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
+use idlemeter_bus::{
+    DEAD_LETTER_OMITTED_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER,
+};
 use idlemeter_core::Compacted;
 use idlemeter_proto::decode_node_batch;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 
+use crate::admission::Admission;
 use crate::partitions::Partitions;
 use crate::IngestMetrics;
+
+/// Longest reason header a dead letter carries, in bytes: brokers refuse
+/// messages over their limit (1 MB by default), and a message with a
+/// hundred thousand bad samples must still be dead-lettered.
+pub const MAX_REASON_BYTES: usize = 4_096;
+
+/// How many refused samples a reason lists one by one.
+const LISTED_REASONS: usize = 20;
+
+/// The reason of a message whose `reasons` samples were refused: the first
+/// [`LISTED_REASONS`], a count of the rest, at most [`MAX_REASON_BYTES`].
+pub fn refusal_reason(reasons: &[String]) -> String {
+    let listed = reasons.len().min(LISTED_REASONS);
+    let mut reason = format!(
+        "{} of the batch's samples refused (the others were ingested): {}",
+        reasons.len(),
+        reasons[..listed].join("; ")
+    );
+    if reasons.len() > listed {
+        reason.push_str(&format!("; and {} more", reasons.len() - listed));
+    }
+    cap_reason(reason)
+}
+
+/// `reason` cut to [`MAX_REASON_BYTES`] at a character boundary, saying so.
+pub fn cap_reason(reason: String) -> String {
+    cap_to(reason, MAX_REASON_BYTES)
+}
+
+fn cap_to(mut reason: String, max: usize) -> String {
+    const MARK: &str = " [cut]";
+    if reason.len() <= max {
+        return reason;
+    }
+    let mut end = max - MARK.len();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.truncate(end);
+    reason.push_str(MARK);
+    reason
+}
 
 /// A message that could not be used, or only partly, kept byte for byte.
 #[derive(Debug, Clone)]
@@ -22,6 +67,61 @@ pub struct DeadLetter {
     pub reason: String,
     /// `topic/partition/offset` of the original message.
     pub source: String,
+    /// Size of the payload left out because the broker refused the letter
+    /// with it (see [`Batch::send_dead_letters`]).
+    pub omitted: Option<usize>,
+}
+
+impl DeadLetter {
+    fn omit_payload(&mut self) {
+        self.omitted = Some(self.payload.len());
+        self.payload = Vec::new();
+        self.reason = cap_to(std::mem::take(&mut self.reason), 1_024);
+    }
+}
+
+/// A dead letter of one row ClickHouse refused (`row` holds one sample or
+/// one minute): the sample as JSON (the shape of `idlemeter rate`'s input),
+/// or the minute row as text.
+pub fn row_dead_letter(row: idlemeter_core::Compacted, reason: &str) -> DeadLetter {
+    let (customer, payload, table) = if let Some(sample) = row.samples.first() {
+        (
+            sample.customer.to_string(),
+            serde_json::to_vec(sample).unwrap_or_else(|_| format!("{sample:?}").into_bytes()),
+            "usage_samples",
+        )
+    } else if let Some(minute) = row.minutes.first() {
+        (
+            minute.customer.to_string(),
+            format!("{minute:?}").into_bytes(),
+            "usage_minutes",
+        )
+    } else {
+        (String::new(), Vec::new(), "none")
+    };
+    DeadLetter {
+        key: Some(customer.into_bytes()),
+        payload,
+        reason: cap_reason(reason.to_owned()),
+        source: format!("ingest/{table}"),
+        omitted: None,
+    }
+}
+
+/// Whether the broker will refuse `error` however often it is retried: the
+/// message itself is the problem, not the broker's state.
+pub fn is_permanent(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidRecord
+                | Code::MessageBatchTooLarge
+                | Code::PolicyViolation
+        )
+    )
 }
 
 /// What consecutive messages produced: rows to write and dead letters.
@@ -67,6 +167,7 @@ impl Batch {
         message: &BorrowedMessage<'_>,
         metrics: &IngestMetrics,
         partitions: &mut Partitions,
+        admission: &mut Admission,
         arrived_ms: i64,
     ) {
         metrics.messages_consumed.inc();
@@ -83,32 +184,34 @@ impl Batch {
                 metrics
                     .samples_consumed
                     .inc_by(decoded.samples.len() as u64);
-                self.samples += decoded.samples.len();
+                // The window is judged on the wall clock, not on the quiet
+                // clock (which stops while ingest is blocked).
+                let (admitted, refused) =
+                    admission.admit(decoded.samples, chrono::Utc::now().timestamp_millis());
+                self.samples += admitted.len();
                 partitions.push(
                     message.partition(),
                     message.offset(),
-                    decoded.samples,
+                    admitted,
                     arrived_ms,
                     &mut self.rows,
                 );
-                if decoded.rejected.is_empty() {
+                let reasons: Vec<String> = decoded
+                    .rejected
+                    .iter()
+                    .map(ToString::to_string)
+                    .chain(refused)
+                    .collect();
+                if reasons.is_empty() {
                     None
                 } else {
-                    metrics
-                        .samples_rejected
-                        .inc_by(decoded.rejected.len() as u64);
-                    let reasons: Vec<String> =
-                        decoded.rejected.iter().map(ToString::to_string).collect();
-                    Some(format!(
-                        "{} of the batch's samples refused (the others were ingested): {}",
-                        reasons.len(),
-                        reasons.join("; ")
-                    ))
+                    metrics.samples_rejected.inc_by(reasons.len() as u64);
+                    Some(refusal_reason(&reasons))
                 }
             }
             Err(error) => {
                 partitions.skip(message.partition(), message.offset());
-                Some(error.to_string())
+                Some(cap_reason(error.to_string()))
             }
         };
         if let Some(reason) = refusal {
@@ -118,6 +221,7 @@ impl Batch {
                 payload: payload.to_vec(),
                 reason,
                 source,
+                omitted: None,
             });
         }
         if let Some(produced_at) = message.timestamp().to_millis() {
@@ -127,44 +231,85 @@ impl Batch {
 
     /// Produces the dead letters and waits for the broker's acknowledgement.
     /// Delivered ones are removed, so a retry never sends one twice.
+    ///
+    /// A letter the broker refuses for good (too large, invalid) would be
+    /// retried forever and stall the partition for every tenant: it is sent
+    /// again without its payload (headers say where the original is, and
+    /// how large it was); if even that is refused it is dropped, logged with
+    /// its source, and counted in the returned number. Transient errors
+    /// (broker down, timeouts) are returned for the caller to retry.
     pub async fn send_dead_letters(
         &mut self,
         producer: &FutureProducer,
         topic: &str,
-    ) -> Result<(), rdkafka::error::KafkaError> {
-        let deliveries = self.dead_letters.iter().map(|letter| {
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: DEAD_LETTER_REASON_HEADER,
-                    value: Some(letter.reason.as_str()),
-                })
-                .insert(Header {
-                    key: DEAD_LETTER_SOURCE_HEADER,
-                    value: Some(letter.source.as_str()),
-                });
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-                .payload(letter.payload.as_slice())
-                .headers(headers);
-            if let Some(key) = &letter.key {
-                record = record.key(key.as_slice());
+    ) -> Result<u64, rdkafka::error::KafkaError> {
+        let mut dropped = 0;
+        // Round 1 sends as they are; round 2 sends the letters refused for
+        // good without their payloads; what round 2 refuses for good is dropped.
+        for round in 0..2 {
+            let deliveries = self.dead_letters.iter().map(|letter| {
+                let omitted = letter.omitted.map(|size| size.to_string());
+                let mut headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: DEAD_LETTER_REASON_HEADER,
+                        value: Some(letter.reason.as_str()),
+                    })
+                    .insert(Header {
+                        key: DEAD_LETTER_SOURCE_HEADER,
+                        value: Some(letter.source.as_str()),
+                    });
+                if let Some(size) = &omitted {
+                    headers = headers.insert(Header {
+                        key: DEAD_LETTER_OMITTED_HEADER,
+                        value: Some(size.as_str()),
+                    });
+                }
+                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                    .payload(letter.payload.as_slice())
+                    .headers(headers);
+                if let Some(key) = &letter.key {
+                    record = record.key(key.as_slice());
+                }
+                producer.send(record, Duration::from_secs(30))
+            });
+            let outcomes = futures::future::join_all(deliveries).await;
+            let mut transient = None;
+            let mut refused_for_good = 0;
+            let mut outcome_of_each = outcomes.into_iter();
+            self.dead_letters.retain_mut(|letter| match outcome_of_each.next() {
+                Some(Ok(_)) => false,
+                Some(Err((error, _))) if is_permanent(&error) => {
+                    if round == 0 {
+                        tracing::warn!(source = %letter.source, %error, bytes = letter.payload.len(), "dead letter refused by the broker; sending it without its payload");
+                        letter.omit_payload();
+                        refused_for_good += 1;
+                        true
+                    } else {
+                        tracing::error!(source = %letter.source, %error, reason = %letter.reason, "dead letter refused even without its payload; dropped (the original stays at its source offset until retention)");
+                        dropped += 1;
+                        false
+                    }
+                }
+                Some(Err((error, _))) => {
+                    transient.get_or_insert(error);
+                    true
+                }
+                None => true,
+            });
+            if let Some(error) = transient {
+                return Err(error);
             }
-            producer.send(record, Duration::from_secs(30))
-        });
-        let outcomes = futures::future::join_all(deliveries).await;
-        let mut first_error = None;
-        let mut outcome_of_each = outcomes.into_iter();
-        self.dead_letters.retain(|_| match outcome_of_each.next() {
-            Some(Ok(_)) => false,
-            Some(Err((error, _))) => {
-                first_error.get_or_insert(error);
-                true
+            if refused_for_good == 0 {
+                break;
             }
-            None => true,
-        });
-        match first_error {
-            None => Ok(()),
-            Some(error) => Err(error),
         }
+        Ok(dropped)
+    }
+
+    /// Adds dead letters made after the batch was closed (rows ClickHouse
+    /// refused), to be sent by the next [`Batch::send_dead_letters`].
+    pub fn push_dead_letters(&mut self, letters: Vec<DeadLetter>) {
+        self.dead_letters.extend(letters);
     }
 
     /// Records produce→durable latency of every message in the batch.

@@ -22,6 +22,7 @@
 //! bounded by the compaction state (two samples and a minute per series), two
 //! batches' rows and librdkafka's bounded prefetch.
 
+mod admission;
 mod batch;
 mod metrics;
 mod partitions;
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
-use idlemeter_core::CompactRule;
+use idlemeter_core::{CompactRule, Compacted};
 use idlemeter_store::{ClickHouseSettings, Store};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::FutureProducer;
@@ -39,7 +40,8 @@ use rdkafka::TopicPartitionList;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-pub use batch::{Batch, DeadLetter};
+pub use admission::{Admission, AllowedCustomers};
+pub use batch::{cap_reason, refusal_reason, Batch, DeadLetter, MAX_REASON_BYTES};
 pub use metrics::IngestMetrics;
 use partitions::Partitions;
 
@@ -82,6 +84,16 @@ pub struct IngestConfig {
     /// First retry delay after a failed insert; doubles up to `retry_max_backoff_ms`.
     pub retry_initial_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
+    /// Samples taken longer ago than this (by ingest's clock) are
+    /// dead-lettered: a broken clock or a forged batch cannot spread one
+    /// insert over more monthly partitions than ClickHouse accepts. The
+    /// default (400 days) keeps a year of late data.
+    pub max_sample_age_s: u64,
+    /// Samples stamped further than this in the future are dead-lettered.
+    pub max_sample_ahead_s: u64,
+    /// Which customers each node may report (see `admission.rs`); empty:
+    /// any node, any customer.
+    pub allowed_customers: AllowedCustomers,
 }
 
 impl Default for IngestConfig {
@@ -94,6 +106,9 @@ impl Default for IngestConfig {
             quiet_series_ms: 90_000,
             retry_initial_backoff_ms: 100,
             retry_max_backoff_ms: 10_000,
+            max_sample_age_s: 400 * 86_400,
+            max_sample_ahead_s: 600,
+            allowed_customers: AllowedCustomers::default(),
         }
     }
 }
@@ -180,6 +195,11 @@ impl Ingest {
             "compaction rule"
         );
         let mut partitions = Partitions::new(&self.topics.samples, rule);
+        let mut admission = Admission::new(
+            self.config.max_sample_age_s,
+            self.config.max_sample_ahead_s,
+            self.config.allowed_customers.clone(),
+        );
         // One flush runs while the next batch is consumed and compacted: the
         // two halves of the work overlap, and flushes still run one at a
         // time, in order, so a batch's offsets are committed only after every
@@ -191,7 +211,9 @@ impl Ingest {
         // quiet check stops while ingest cannot consume.
         let mut clock = QuietClock::default();
         while !stop.is_cancelled() {
-            let mut batch = this.collect_batch(&mut partitions, &clock, &stop).await;
+            let mut batch = this
+                .collect_batch(&mut partitions, &mut admission, &clock, &stop)
+                .await;
             // Offsets are committed only for partitions still owned.
             this.drop_revoked(&mut partitions);
             let quiet_since = clock.now_ms() - this.config.quiet_series_ms as i64;
@@ -226,6 +248,7 @@ impl Ingest {
     async fn collect_batch(
         &self,
         partitions: &mut Partitions,
+        admission: &mut Admission,
         clock: &QuietClock,
         stop: &CancellationToken,
     ) -> Batch {
@@ -241,7 +264,7 @@ impl Ingest {
                         // State of a partition lost since the last message
                         // goes first: its next owner rebuilds it.
                         self.drop_revoked(partitions);
-                        batch.accept(&message, &self.metrics, partitions, clock.now_ms());
+                        batch.accept(&message, &self.metrics, partitions, admission, clock.now_ms());
                     }
                     Err(error) => {
                         tracing::warn!(%error, "kafka consume error");
@@ -272,20 +295,8 @@ impl Ingest {
         );
         let _entered = span.enter();
         let dead_letter_count = batch.dead_letters().len() as u64;
-        let mut backoff = Backoff::new(&self.config);
-        loop {
-            match batch
-                .send_dead_letters(&self.dead_letter_producer, &self.topics.samples_dead_letter)
-                .await
-            {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "dead-letter produce failed, retrying");
-                    if !backoff.wait(stop).await {
-                        return false;
-                    }
-                }
-            }
+        if !self.send_dead_letters(&mut batch, stop).await {
+            return false;
         }
         self.metrics.dead_letters.inc_by(dead_letter_count);
 
@@ -302,6 +313,16 @@ impl Ingest {
                     self.metrics
                         .batch_samples
                         .observe(batch.sample_count() as f64);
+                    break;
+                }
+                Err(error) if error.is_permanent() => {
+                    // Some row cannot be stored, however often it is sent:
+                    // store everything else, dead-letter that row.
+                    self.metrics.insert_failures.inc();
+                    tracing::warn!(%error, "clickhouse refused the batch for good; splitting it to find the rows");
+                    if !self.insert_splitting(&mut batch, stop).await {
+                        return false;
+                    }
                     break;
                 }
                 Err(error) => {
@@ -332,6 +353,110 @@ impl Ingest {
         }
         true
     }
+}
+
+impl Ingest {
+    /// Sends the batch's dead letters, retrying transient errors; false if
+    /// shutdown came first.
+    async fn send_dead_letters(&self, batch: &mut Batch, stop: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new(&self.config);
+        loop {
+            match batch
+                .send_dead_letters(&self.dead_letter_producer, &self.topics.samples_dead_letter)
+                .await
+            {
+                Ok(dropped) => {
+                    self.metrics.dead_letters_dropped.inc_by(dropped);
+                    return true;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "dead-letter produce failed, retrying");
+                    if !backoff.wait(stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inserts the batch's rows in halves, and halves of halves, until each
+    /// part is stored or is one row ClickHouse refuses for good; those rows
+    /// are dead-lettered (as JSON, with ClickHouse's reason). Transient
+    /// errors on the way are retried. False if shutdown came first.
+    async fn insert_splitting(&self, batch: &mut Batch, stop: &CancellationToken) -> bool {
+        let mut pending = vec![batch.rows().clone()];
+        let mut refused = Vec::new();
+        let mut backoff = Backoff::new(&self.config);
+        while let Some(part) = pending.pop() {
+            match self.store.insert_compacted(&part).await {
+                Ok(rows) => {
+                    self.metrics.samples_inserted.inc_by(rows.samples);
+                    self.metrics.minutes_inserted.inc_by(rows.minutes);
+                }
+                Err(error) if error.is_permanent() => {
+                    self.metrics.insert_failures.inc();
+                    match split(part) {
+                        Ok((first, second)) => {
+                            pending.push(second);
+                            pending.push(first);
+                        }
+                        Err(row) => refused.push(batch::row_dead_letter(
+                            row,
+                            &format!("clickhouse refused this row for good: {error}"),
+                        )),
+                    }
+                }
+                Err(error) => {
+                    self.metrics.insert_failures.inc();
+                    tracing::warn!(%error, "clickhouse insert failed, retrying");
+                    pending.push(part);
+                    if !backoff.wait(stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        if refused.is_empty() {
+            return true;
+        }
+        let count = refused.len() as u64;
+        tracing::warn!(rows = count, "rows clickhouse refused are dead-lettered");
+        batch.push_dead_letters(refused);
+        if !self.send_dead_letters(batch, stop).await {
+            return false;
+        }
+        self.metrics.rows_dead_lettered.inc_by(count);
+        true
+    }
+}
+
+/// Two halves of `part` (samples apart from minutes first), or its one row.
+fn split(part: idlemeter_core::Compacted) -> Result<(Compacted, Compacted), Compacted> {
+    let idlemeter_core::Compacted {
+        mut samples,
+        mut minutes,
+    } = part;
+    let rows = samples.len() + minutes.len();
+    if rows <= 1 {
+        return Err(Compacted { samples, minutes });
+    }
+    if !samples.is_empty() && !minutes.is_empty() {
+        return Ok((
+            Compacted {
+                samples,
+                minutes: Vec::new(),
+            },
+            Compacted {
+                samples: Vec::new(),
+                minutes,
+            },
+        ));
+    }
+    let second = Compacted {
+        samples: samples.split_off(samples.len() / 2),
+        minutes: minutes.split_off(minutes.len() / 2),
+    };
+    Ok((Compacted { samples, minutes }, second))
 }
 
 /// Wall-clock milliseconds less the time ingest spent blocked behind a

@@ -23,6 +23,8 @@ pub struct IngestMetrics {
     pub series_ended: IntCounter,
     pub series_held: IntGauge,
     pub dead_letters: IntCounter,
+    pub dead_letters_dropped: IntCounter,
+    pub rows_dead_lettered: IntCounter,
     pub consume_errors: IntCounter,
     pub insert_failures: IntCounter,
     pub commit_failures: IntCounter,
@@ -117,6 +119,16 @@ impl IngestMetrics {
                 "idlemeter_ingest_dead_letters_total",
                 "messages sent to the dead-letter topic",
             )?,
+            dead_letters_dropped: counter(
+                registry,
+                "idlemeter_ingest_dead_letters_dropped_total",
+                "dead letters the broker refused even without their payload (logged with their source offset)",
+            )?,
+            rows_dead_lettered: counter(
+                registry,
+                "idlemeter_ingest_rows_dead_lettered_total",
+                "rows clickhouse refused for good, alone, sent to the dead-letter topic as JSON",
+            )?,
             consume_errors: counter(
                 registry,
                 "idlemeter_ingest_consume_errors_total",
@@ -125,7 +137,7 @@ impl IngestMetrics {
             insert_failures: counter(
                 registry,
                 "idlemeter_ingest_insert_failures_total",
-                "failed clickhouse inserts (retried)",
+                "failed clickhouse inserts (transient ones retried, permanent ones split)",
             )?,
             commit_failures: counter(
                 registry,

@@ -140,14 +140,14 @@ async fn service_end_to_end(
     let kafka = KafkaSettings {
         brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
             .unwrap_or_else(|_| "127.0.0.1:29092".to_owned()),
-        properties: Default::default(),
+        ..KafkaSettings::default()
     };
     let clickhouse = ClickHouseSettings {
         url: std::env::var("IDLEMETER_CLICKHOUSE__URL")
             .unwrap_or_else(|_| "http://127.0.0.1:28123".to_owned()),
         database: run.clone(),
         user: "default".to_owned(),
-        password: String::new(),
+        password: Default::default(),
     };
     let topics = Topics {
         samples: format!("{run}.samples"),

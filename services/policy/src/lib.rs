@@ -99,7 +99,12 @@ pub struct PolicyConfig {
     pub spend_poll_interval_s: u64,
     /// `http://` URL receiving signed decisions; empty for none.
     pub webhook_url: String,
-    pub webhook_secret: String,
+    pub webhook_secret: idlemeter_core::Secret,
+    /// Per-cluster key the commands on `sandbox.commands` are signed with
+    /// (HMAC-SHA256, the webhooks' format, in the `idlemeter-signature`
+    /// header); collectors refuse commands that do not verify with theirs.
+    /// Empty sends unsigned commands, which collectors refuse.
+    pub command_key: idlemeter_core::Secret,
 }
 
 impl Default for PolicyConfig {
@@ -112,7 +117,8 @@ impl Default for PolicyConfig {
             stale_after_s: 300,
             spend_poll_interval_s: 60,
             webhook_url: String::new(),
-            webhook_secret: String::new(),
+            webhook_secret: idlemeter_core::Secret::default(),
+            command_key: idlemeter_core::Secret::default(),
         }
     }
 }
@@ -262,7 +268,7 @@ impl PolicyService {
         } else {
             Some(Arc::new(WebhookSender::new(
                 &config.webhook_url,
-                &config.webhook_secret,
+                config.webhook_secret.expose(),
             )?))
         };
         let since_ms = Utc::now().timestamp_millis()
@@ -293,6 +299,9 @@ impl PolicyService {
                 spend: Vec::new(),
             },
         );
+        if config.command_key.is_empty() {
+            tracing::warn!("policy.command_key is not set: commands go out unsigned and collectors refuse them");
+        }
         let client_id = format!("idlemeter-policy-{}", std::process::id());
         let consumer = kafka.consumer(&client_id, &config.group_id)?;
         consumer
@@ -537,12 +546,26 @@ impl PolicyService {
                 let producer = self.producer.clone();
                 let topic = self.topics.commands.clone();
                 let key = decision.node.as_str().to_owned();
+                // Signed at sending: the node checks the key and the time.
+                let signature = (!self.config.command_key.is_empty()).then(|| {
+                    idlemeter_proto::sign_command(
+                        self.config.command_key.expose().as_bytes(),
+                        Utc::now().timestamp(),
+                        &payload,
+                    )
+                });
                 async move {
+                    let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                    if let Some(signature) = &signature {
+                        record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
+                            rdkafka::message::Header {
+                                key: idlemeter_proto::COMMAND_SIGNATURE_HEADER,
+                                value: Some(signature.as_str()),
+                            },
+                        ));
+                    }
                     producer
-                        .send(
-                            FutureRecord::to(&topic).key(&key).payload(&payload),
-                            Duration::from_secs(10),
-                        )
+                        .send(record, Duration::from_secs(10))
                         .await
                         .map_err(|(source, _)| Error::Kafka {
                             context: "send command",

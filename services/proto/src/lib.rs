@@ -251,6 +251,32 @@ pub fn decode_command(bytes: &[u8]) -> Result<v1::SandboxCommand, WireError> {
     }
 }
 
+/// Kafka header of a `sandbox.commands` message carrying its signature:
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256>` over `"<t>.<payload>"` with the
+/// cluster's command key (the format of [`idlemeter_core::signature`]).
+pub const COMMAND_SIGNATURE_HEADER: &str = "idlemeter-signature";
+
+/// The signature header value of an encoded command sent at `unix_seconds`.
+pub fn sign_command(key: &[u8], unix_seconds: i64, payload: &[u8]) -> String {
+    idlemeter_core::signature::sign(key, unix_seconds, payload)
+}
+
+/// Checks a received command's signature header (absent: refused) against
+/// the node's key, within `tolerance_s` of `now_unix`.
+pub fn verify_command(
+    key: &[u8],
+    header: Option<&[u8]>,
+    payload: &[u8],
+    now_unix: i64,
+    tolerance_s: i64,
+) -> Result<(), String> {
+    let header = header.ok_or_else(|| "the command is not signed".to_owned())?;
+    let header =
+        std::str::from_utf8(header).map_err(|_| "the signature is not text".to_owned())?;
+    idlemeter_core::signature::verify(key, header, payload, now_unix, tolerance_s)
+        .map_err(|error| error.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use idlemeter_core::Counter;

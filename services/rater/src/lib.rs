@@ -1319,7 +1319,7 @@ mod tests {
             url: "http://127.0.0.1:9".to_owned(),
             database: "unused".to_owned(),
             user: "default".to_owned(),
-            password: String::new(),
+            password: Default::default(),
         });
         let sheet = include_str!("../../../prices/sprites.toml");
         Rater::new(

@@ -49,8 +49,9 @@ pub struct ClickHouseSettings {
     pub database: String,
     #[serde(default = "default_user")]
     pub user: String,
+    /// Printed redacted (`idlemeter config`, logs).
     #[serde(default)]
-    pub password: String,
+    pub password: idlemeter_core::Secret,
 }
 
 fn default_user() -> String {
@@ -77,6 +78,55 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// ClickHouse error codes that mean the data itself cannot be inserted:
+/// parse and type errors, values out of range, too many partitions in one
+/// block. Retrying the same rows fails the same way.
+const PERMANENT_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO (an operator's check in a column)
+    407, // DECIMAL_OVERFLOW
+    469, // VIOLATED_CONSTRAINT
+];
+
+impl Error {
+    /// Whether retrying the same statement with the same rows can succeed:
+    /// false for errors about the data (see [`PERMANENT_CODES`], and
+    /// "Too many partitions for single INSERT block", whose code 252 is
+    /// shared with the transient "too many parts"); true for everything
+    /// else (network, timeouts, memory, a server starting or read-only).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::BadRow(_) => true,
+            Error::ChangedMigration { .. } => true,
+            Error::ClickHouse { source, .. } => match source {
+                clickhouse::error::Error::BadResponse(text) => {
+                    text.contains("Too many partitions for single INSERT block")
+                        || exception_code(text).is_some_and(|code| PERMANENT_CODES.contains(&code))
+                }
+                _ => false,
+            },
+        }
+    }
+}
+
+/// The code of a ClickHouse exception text (`Code: 252. DB::Exception: ...`).
+fn exception_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + "Code: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
 
 pub(crate) trait Context<T> {
     fn context(self, context: impl Into<String>) -> Result<T>;
@@ -123,7 +173,7 @@ impl Store {
         let server = clickhouse::Client::default()
             .with_url(&settings.url)
             .with_user(&settings.user)
-            .with_password(&settings.password)
+            .with_password(settings.password.expose())
             .with_validation(false);
         let client = server.clone().with_database(&settings.database);
         Self {
@@ -197,5 +247,44 @@ impl Store {
             .await
             .context("ping")
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(text: &str) -> Error {
+        Error::ClickHouse {
+            context: "insert".to_owned(),
+            source: clickhouse::error::Error::BadResponse(text.to_owned()),
+        }
+    }
+
+    /// Finding "poison messages stall ingest": errors about the rows are
+    /// told from errors about the server.
+    #[test]
+    fn permanent_errors_are_told_from_transient_ones() {
+        for permanent in [
+            "Code: 252, e.displayText() = DB::Exception: Too many partitions for single INSERT block (more than 100).",
+            "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). (TOO_MANY_PARTS)",
+            "Code: 53. DB::Exception: Type mismatch",
+            "Code: 407. DB::Exception: Decimal math overflow",
+        ] {
+            assert!(response(permanent).is_permanent(), "{permanent}");
+        }
+        for transient in [
+            "Code: 252. DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts",
+            "Code: 241. DB::Exception: Memory limit (total) exceeded",
+            "Code: 242. DB::Exception: Table is in readonly mode",
+            "upstream connect error",
+        ] {
+            assert!(!response(transient).is_permanent(), "{transient}");
+        }
+        let network = Error::ClickHouse {
+            context: "insert".to_owned(),
+            source: clickhouse::error::Error::TimedOut,
+        };
+        assert!(!network.is_permanent());
     }
 }

@@ -433,4 +433,23 @@ mod tests {
         assert!(to_column(too_large).is_err(), "39 digits at 12 places");
         assert!(from_column(i128::MAX).is_err());
     }
+
+    /// Finding "a value stored ten thousand times too small": a deposit of
+    /// 1e17 (`invoices deposit --amount 100000000000000000`) is stored to
+    /// the cent, and what cannot be stored exactly is refused, never
+    /// rescaled. `Decimal::rescale(12)` alone stops at 8 places for it.
+    #[test]
+    fn a_value_stored_ten_thousand_times_too_small_is_stored_exactly_or_refused() {
+        let deposit = Decimal::from(100_000_000_000_000_000u64);
+        let mut rescaled = deposit;
+        rescaled.rescale(MONEY_SCALE);
+        assert!(rescaled.scale() < MONEY_SCALE, "the trap: {}", rescaled.scale());
+        let column = to_column(deposit).expect("fits Decimal(38, 12)");
+        assert_eq!(column, 100_000_000_000_000_000 * 10i128.pow(MONEY_SCALE));
+        assert_eq!(from_column(column).expect("back"), deposit);
+        let cents: Decimal = "100000000000000000.01".parse().expect("decimal");
+        assert_eq!(from_column(to_column(cents).expect("fits")).expect("back"), cents);
+        let beyond: Decimal = "100000000000000000000000000.5".parse().expect("decimal");
+        assert!(to_column(beyond).is_err(), "39 digits are refused, not rounded");
+    }
 }

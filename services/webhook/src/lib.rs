@@ -17,84 +17,36 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use sha2::Sha256;
 
 pub const SIGNATURE_HEADER: &str = "idlemeter-signature";
 pub const DELIVERY_HEADER: &str = "idlemeter-delivery";
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// The `Idlemeter-Signature` value for `body` sent at `unix_seconds`.
-pub fn sign(secret: &[u8], unix_seconds: i64, body: &[u8]) -> String {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(unix_seconds.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!(
-        "t={unix_seconds},v1={}",
-        hex::encode(mac.finalize().into_bytes())
-    )
-}
-
-/// Why a webhook was refused by [`verify`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
-    #[error("signature header is malformed: {0}")]
-    Malformed(String),
-    #[error("signed {age_s} s ago, beyond the tolerance of {tolerance_s} s (a replay?)")]
-    Stale { age_s: i64, tolerance_s: i64 },
-    #[error("signature does not match the body")]
-    Mismatch,
-}
-
-/// Checks a received webhook: the signature matches `body` and was made
-/// within `tolerance_s` of `now_unix` (either side, for clock skew).
-pub fn verify(
-    secret: &[u8],
-    header: &str,
-    body: &[u8],
-    now_unix: i64,
-    tolerance_s: i64,
-) -> Result<(), VerifyError> {
-    let mut timestamp = None;
-    let mut signature = None;
-    for part in header.split(',') {
-        match part.split_once('=') {
-            Some(("t", value)) => timestamp = Some(value),
-            Some(("v1", value)) => signature = Some(value),
-            _ => {}
-        }
-    }
-    let timestamp: i64 = timestamp
-        .ok_or_else(|| VerifyError::Malformed("no t=".to_owned()))?
-        .parse()
-        .map_err(|_| VerifyError::Malformed("t is not an integer".to_owned()))?;
-    let signature =
-        hex::decode(signature.ok_or_else(|| VerifyError::Malformed("no v1=".to_owned()))?)
-            .map_err(|_| VerifyError::Malformed("v1 is not hex".to_owned()))?;
-    let age_s = now_unix - timestamp;
-    if age_s.abs() > tolerance_s {
-        return Err(VerifyError::Stale { age_s, tolerance_s });
-    }
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&signature)
-        .map_err(|_| VerifyError::Mismatch)
-}
+pub use idlemeter_core::signature::{sign, verify, VerifyError};
 
 /// Posts signed JSON bodies to one URL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WebhookSender {
     url: hyper::Uri,
     secret: Vec<u8>,
+    /// Connect here instead of resolving the URL's host (which still goes
+    /// in the `Host` header): the address a caller checked.
+    connect_to: Option<std::net::SocketAddr>,
     client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Shows where it posts, never the secret.
+impl std::fmt::Debug for WebhookSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSender")
+            .field("url", &self.url)
+            .field("connect_to", &self.connect_to)
+            .field("secret", &idlemeter_core::secret::REDACTED)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a delivery failed (after its retries).
@@ -121,8 +73,16 @@ impl WebhookSender {
         Ok(Self {
             url: parsed,
             secret: secret.as_bytes().to_vec(),
+            connect_to: None,
             client: Client::builder(TokioExecutor::new()).build(connector),
         })
+    }
+
+    /// Connects to `address` rather than to what the URL's host resolves to
+    /// at connection time: the caller resolved and checked it.
+    pub fn connecting_to(mut self, address: std::net::SocketAddr) -> Self {
+        self.connect_to = Some(address);
+        self
     }
 
     /// POSTs `body` once, signed now; 2xx is success.
@@ -133,7 +93,17 @@ impl WebhookSender {
         now_unix: i64,
     ) -> Result<(), DeliveryError> {
         let signature = sign(&self.secret, now_unix, &body);
-        let request = hyper::Request::post(self.url.clone())
+        let mut request = hyper::Request::post(self.url.clone());
+        if let Some(address) = self.connect_to {
+            let path = self
+                .url
+                .path_and_query()
+                .map_or("/", hyper::http::uri::PathAndQuery::as_str);
+            let host = self.url.authority().map_or("", |a| a.as_str()).to_owned();
+            request = hyper::Request::post(format!("http://{address}{path}"))
+                .header(hyper::header::HOST, host);
+        }
+        let request = request
             .header("content-type", "application/json")
             .header(SIGNATURE_HEADER, signature)
             .header(DELIVERY_HEADER, delivery_id)
@@ -195,6 +165,18 @@ mod tests {
             verify(SECRET, "v1=00", body, NOW, 300),
             Err(VerifyError::Malformed(_))
         ));
+        // A timestamp at the edge of i64 is stale, not an overflow.
+        assert!(verify(SECRET, "t=-9223372036854775808,v1=00", body, i64::MAX, 300).is_err());
+    }
+
+    /// Finding "secrets": a sender's Debug never shows its secret.
+    #[test]
+    fn a_sender_debug_shows_no_secret() {
+        let sender = WebhookSender::new("http://hooks.example.com/x", "whsec_do_not_print")
+            .expect("valid url");
+        let printed = format!("{sender:?}");
+        assert!(!printed.contains("do_not_print"), "{printed}");
+        assert!(printed.contains("hooks.example.com"), "{printed}");
     }
 
     #[test]
