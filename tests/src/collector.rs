@@ -406,9 +406,8 @@ pub async fn send_command_signed(
         issued_unix_ms: chrono::Utc::now().timestamp_millis(),
     };
     let payload = command.encode_to_vec();
-    let signature = key.map(|key| {
-        idlemeter_proto::sign_command(key, chrono::Utc::now().timestamp(), &payload)
-    });
+    let signature =
+        key.map(|key| idlemeter_proto::sign_command(key, chrono::Utc::now().timestamp(), &payload));
     let mut record = rdkafka::producer::FutureRecord::to(&env.topics.commands)
         .key(node)
         .payload(&payload);

@@ -958,7 +958,11 @@ async fn a_spend_alert_fires_once_per_period_with_a_signed_webhook() -> anyhow::
     let stored = f.env.store.spend_alerts(Some("acme")).await?;
     assert!(!stored.is_empty());
     for row in &stored {
-        assert!(row.webhook_secret.starts_with("sealed1:"), "{}", row.webhook_secret);
+        assert!(
+            row.webhook_secret.starts_with("sealed1:"),
+            "{}",
+            row.webhook_secret
+        );
         assert!(!row.webhook_secret.contains(&secret["whsec_".len()..]));
     }
     let notice: Value = serde_json::from_slice(body)?;
@@ -978,10 +982,6 @@ fn schemathesis() -> std::path::PathBuf {
         })
 }
 
-/// schemathesis (PyPI, pinned in the Makefile) generates requests from
-/// /openapi.json, valid and invalid, against the running API with an admin
-/// key (so generated tenant ids reach the queries): no 5xx, and every
-/// response matches its documented schema and content type.
 /// Findings "slow clients hold the API" and "fail-open revocation" (the
 /// public pages and finance links): a half-open connection is closed after
 /// the header timeout, connections past the limit are refused, anonymous
@@ -1020,7 +1020,9 @@ async fn slow_clients_anonymous_pages_and_finance_links_are_bounded() -> anyhow:
     assert_eq!(f.http.get(&page).send().await?.status(), StatusCode::OK);
     let path = format!("/v1/keys/{}", created["key_id"].as_str().expect("id"));
     assert_eq!(
-        f.send(reqwest::Method::DELETE, &f.admin, &path, None).await?.0,
+        f.send(reqwest::Method::DELETE, &f.admin, &path, None)
+            .await?
+            .0,
         StatusCode::NO_CONTENT
     );
     assert_eq!(
@@ -1032,10 +1034,19 @@ async fn slow_clients_anonymous_pages_and_finance_links_are_bounded() -> anyhow:
     // Anonymous pages share one bucket (1 a second, burst 2).
     let mut statuses = Vec::new();
     for _ in 0..5 {
-        statuses.push(f.http.get(format!("{}/openapi.json", f.base)).send().await?.status());
+        statuses.push(
+            f.http
+                .get(format!("{}/openapi.json", f.base))
+                .send()
+                .await?
+                .status(),
+        );
     }
     assert!(statuses.contains(&StatusCode::OK), "{statuses:?}");
-    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
 
     // Pooled keep-alive connections idle past the header timeout are closed.
     tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
@@ -1053,7 +1064,9 @@ async fn slow_clients_anonymous_pages_and_finance_links_are_bounded() -> anyhow:
         let answer = String::from_utf8_lossy(&buffer[..n]);
         assert!(!answer.contains("200 OK"), "{answer}");
         if n > 0 {
-            let rest = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buffer)).await?;
+            let rest =
+                tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buffer))
+                    .await?;
             assert!(matches!(rest, Ok(0) | Err(_)), "then closed");
         }
     }
@@ -1064,13 +1077,18 @@ async fn slow_clients_anonymous_pages_and_finance_links_are_bounded() -> anyhow:
         held.push(tokio::net::TcpStream::connect(&address).await?);
     }
     let mut extra = tokio::net::TcpStream::connect(&address).await?;
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut buffer)).await??;
+    let n =
+        tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut buffer)).await??;
     let answer = String::from_utf8_lossy(&buffer[..n]);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
     drop(held);
     Ok(())
 }
 
+/// schemathesis (PyPI, pinned in the Makefile) generates requests from
+/// /openapi.json, valid and invalid, against the running API with an admin
+/// key (so generated tenant ids reach the queries): no 5xx, and every
+/// response matches its documented schema and content type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_survives_fuzzing() -> anyhow::Result<()> {
     let binary = schemathesis();

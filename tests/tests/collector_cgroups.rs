@@ -6,8 +6,7 @@ use idlemeter_core::LifecycleState;
 use idlemeter_proto::v1::CommandAction;
 use idlemeter_tests::collector::{
     cgroup_usage_usec, collector_config, process_cpu_usec, samples_of, send_command,
-    send_command_signed,
-    RunningCollector, SampleTail, ShippedSample, TestCgroups,
+    send_command_signed, RunningCollector, SampleTail, ShippedSample, TestCgroups,
 };
 use idlemeter_tests::TestEnv;
 

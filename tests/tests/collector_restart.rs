@@ -200,12 +200,20 @@ async fn full_spool_drops_the_oldest_batches_and_keeps_the_newest() -> anyhow::R
     tail.wait_for("batches after the outage", |s| s.len() >= 4)
         .await?;
     reconnected.stop().await?;
+    // The oldest batch holds the epoch's first sample (its baseline): kept,
+    // shrunk to it; the batches after it that later samples make up for
+    // were dropped, not the newest.
     let first = &tail.samples[0];
-    assert!(
-        first.batch_seq > 1,
-        "the oldest batches were dropped, not the newest"
+    assert_eq!(
+        (first.batch_seq, first.sample.seq),
+        (1, 1),
+        "the baseline is kept"
     );
     let batch_seqs: Vec<u64> = tail.samples.iter().map(|s| s.batch_seq).collect();
+    assert!(
+        batch_seqs.windows(2).any(|w| w[1] > w[0] + 1),
+        "the oldest batches after it were dropped: {batch_seqs:?}"
+    );
     // In order; gaps are allowed: a bound this tight keeps dropping while it drains.
     assert!(batch_seqs.windows(2).all(|w| w[0] < w[1]), "{batch_seqs:?}");
     // Cumulative counters: the newest samples still carry the whole disk integral.

@@ -11,7 +11,7 @@
 //! `ALLOCATION_BASE + ALLOCATION_PER_BYTE * n` bytes in all (1 MiB + 256
 //! per input byte; counted cumulatively, so the peak is lower). A decoder
 //! that trusted a length prefix would break it. The hang bound is proptest's per-case timeout (5 s).
-//! Cases per decoder: 512 (about ten seconds in all), or
+//! Cases per decoder: 4,096 (a few seconds each), or
 //! `IDLEMETER_FUZZ_CASES`.
 
 use proptest::prelude::*;
@@ -44,7 +44,7 @@ fn config() -> ProptestConfig {
     let cases = std::env::var("IDLEMETER_FUZZ_CASES")
         .ok()
         .and_then(|cases| cases.parse().ok())
-        .unwrap_or(512);
+        .unwrap_or(4096);
     ProptestConfig {
         cases,
         timeout: 5_000,
@@ -131,7 +131,7 @@ proptest! {
 
     #[test]
     fn jsonl_lines_close_to_valid_parse_or_refuse(
-        line in mutated(br#"{"customer":"acme","node":"n1","sandbox":"s1","epoch":1,"seq":2,"ts":"2026-11-02T09:00:01Z","state":"running","vcpu":"2","mem_bytes":1024,"cpu_used_usec":5,"net_rx_bytes":0,"net_tx_bytes":0}"#.to_vec())
+        line in mutated(br#"{"ts": "2026-11-02T09:00:01Z", "customer": "acme", "node": "node-1", "sandbox": "s1", "epoch": 1, "seq": 2, "state": "running", "vcpu": 2, "mem_bytes": 1024, "gpu_model": null, "gpu_count": 0, "disk_bytes": 0, "cpu_used_usec": 5, "mem_used_bytes": 0, "net_rx_bytes": 0, "net_tx_bytes": 0, "exec_sessions": 0, "open_conns": 0}"#.to_vec())
     ) {
         let text = text(&line);
         let _ = within_bound("jsonl line", text.as_bytes(), |_| idlemeter_core::jsonl::parse_sample(&text));

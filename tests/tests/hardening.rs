@@ -55,8 +55,12 @@ async fn poison_messages_with_ts_spread_over_decades_are_dead_lettered_and_inges
         ));
     }
     samples.push(lone("future", now + Duration::days(365 * 74)));
-    env.produce(&producer, "node-1", &encode_node_batch(&node(), now, 1, &samples))
-        .await?;
+    env.produce(
+        &producer,
+        "node-1",
+        &encode_node_batch(&node(), now, 1, &samples),
+    )
+    .await?;
     // The partition goes on: a later message is stored too.
     env.produce(
         &producer,
@@ -75,7 +79,10 @@ async fn poison_messages_with_ts_spread_over_decades_are_dead_lettered_and_inges
         reason.starts_with("151 of the batch's samples refused"),
         "{reason}"
     );
-    assert!(reason.contains("field `ts`") && reason.contains("and 131 more"), "{reason}");
+    assert!(
+        reason.contains("field `ts`") && reason.contains("and 131 more"),
+        "{reason}"
+    );
     assert!(reason.len() <= MAX_REASON_BYTES);
     // The message is kept byte for byte: its samples can be replayed.
     let kept = idlemeter_proto::decode_node_batch(&letters[0].payload)?;
@@ -90,8 +97,8 @@ async fn poison_messages_whose_reason_exceeds_the_broker_limit_are_dead_lettered
     let ingest = env.start_ingest(&env.clickhouse)?;
     let producer = env.producer()?;
     let now = Utc::now();
-    // 15,000 samples without a state: the payload fits the broker's 1 MB,
-    // the reasons joined (about 50 bytes each) do not.
+    // 12,000 samples without a state: the payload fits the broker's 1 MB,
+    // with the reasons joined (about 50 bytes each) it does not.
     let good = lone("good-1", now);
     let mut batch = v1::NodeBatch {
         schema_version: idlemeter_proto::SCHEMA_VERSION,
@@ -102,7 +109,7 @@ async fn poison_messages_whose_reason_exceeds_the_broker_limit_are_dead_lettered
     };
     let mut bad = sample_to_wire(&lone("stateless", now));
     bad.state = 0;
-    batch.samples.extend(std::iter::repeat_n(bad, 15_000));
+    batch.samples.extend(std::iter::repeat_n(bad, 12_000));
     let payload = prost::Message::encode_to_vec(&batch);
     assert!(payload.len() < 900_000, "{} bytes", payload.len());
     env.produce(&producer, "node-1", &payload).await?;
@@ -121,7 +128,8 @@ async fn poison_messages_whose_reason_exceeds_the_broker_limit_are_dead_lettered
     let reason = &letters[0].reason;
     assert!(reason.len() <= MAX_REASON_BYTES, "{} bytes", reason.len());
     assert!(
-        reason.starts_with("15000 of the batch's samples refused") && reason.contains("and 14980 more"),
+        reason.starts_with("12000 of the batch's samples refused")
+            && reason.contains("and 11980 more"),
         "{reason}"
     );
     assert_eq!(letters[0].payload, payload, "kept byte for byte");
@@ -150,8 +158,12 @@ async fn rows_clickhouse_refuses_for_good_are_dead_lettered_and_the_rest_stored(
         .map(|index| lone(&format!("good-{index:02}"), now))
         .collect();
     samples.insert(4, lone("poison", now));
-    env.produce(&producer, "node-1", &encode_node_batch(&node(), now, 1, &samples))
-        .await?;
+    env.produce(
+        &producer,
+        "node-1",
+        &encode_node_batch(&node(), now, 1, &samples),
+    )
+    .await?;
     env.produce(
         &producer,
         "node-1",
@@ -165,7 +177,9 @@ async fn rows_clickhouse_refuses_for_good_are_dead_lettered_and_the_rest_stored(
     .await?;
     let letters = env.dead_letters(1).await?;
     assert!(
-        letters[0].reason.contains("clickhouse refused this row for good")
+        letters[0]
+            .reason
+            .contains("clickhouse refused this row for good")
             && letters[0].reason.contains("395"),
         "{}",
         letters[0].reason
@@ -181,8 +195,8 @@ async fn rows_clickhouse_refuses_for_good_are_dead_lettered_and_the_rest_stored(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_is_a_trust_boundary_a_node_reports_only_its_allowed_customers(
-) -> anyhow::Result<()> {
+async fn kafka_is_a_trust_boundary_a_node_reports_only_its_allowed_customers() -> anyhow::Result<()>
+{
     let env = TestEnv::new("hardening_allow_list").await?;
     let config = IngestConfig {
         allowed_customers: AllowedCustomers(BTreeMap::from([(
@@ -197,8 +211,12 @@ async fn kafka_is_a_trust_boundary_a_node_reports_only_its_allowed_customers(
     let mut claimed = lone("stolen", now);
     claimed.customer = CustomerId::parse("globex")?;
     let samples = vec![lone("mine", now), claimed];
-    env.produce(&producer, "node-1", &encode_node_batch(&node(), now, 1, &samples))
-        .await?;
+    env.produce(
+        &producer,
+        "node-1",
+        &encode_node_batch(&node(), now, 1, &samples),
+    )
+    .await?;
     let letters = env.dead_letters(1).await?;
     env.eventually("acme's sample stored", || async {
         Ok(stored_sandboxes(&env).await? == ["mine"])
@@ -213,5 +231,38 @@ async fn kafka_is_a_trust_boundary_a_node_reports_only_its_allowed_customers(
         letters[0].reason
     );
     assert_eq!(stored_sandboxes(&env).await?, ["mine"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_broker_refuses_with_its_payload_goes_without_it() -> anyhow::Result<()> {
+    let env = TestEnv::new("hardening_omitted").await?;
+    // A producer whose message limit (100 kB) is below the letter's size:
+    // librdkafka refuses it for good, as a broker with a smaller
+    // `max.message.bytes` on the dead-letter topic would.
+    let mut small = env.kafka.clone();
+    small
+        .properties
+        .insert("message.max.bytes".to_owned(), "100000".to_owned());
+    let producer = small.producer("hardening-small")?;
+    let mut batch = idlemeter_ingest::Batch::default();
+    batch.push_dead_letters(vec![idlemeter_ingest::DeadLetter {
+        key: Some(b"node-1".to_vec()),
+        payload: vec![0x5a; 200_000],
+        reason: "not a protobuf NodeBatch".to_owned(),
+        source: format!("{}/0/42", env.topics.samples),
+        omitted: None,
+    }]);
+    let dropped = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        batch.send_dead_letters(&producer, &env.topics.samples_dead_letter),
+    )
+    .await??;
+    assert_eq!(dropped, 0, "sent without its payload, not dropped");
+    assert!(batch.dead_letters().is_empty());
+    let letters = env.dead_letters(1).await?;
+    assert_eq!(letters[0].omitted.as_deref(), Some("200000"));
+    assert!(letters[0].payload.is_empty());
+    assert_eq!(letters[0].reason, "not a protobuf NodeBatch");
     Ok(())
 }

@@ -108,12 +108,7 @@ fn is_internal_v6(v6: Ipv6Addr) -> bool {
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
     let from = |high: u16, low: u16| {
-        Ipv4Addr::new(
-            (high >> 8) as u8,
-            high as u8,
-            (low >> 8) as u8,
-            low as u8,
-        )
+        Ipv4Addr::new((high >> 8) as u8, high as u8, (low >> 8) as u8, low as u8)
     };
     if let Some(v4) = v6.to_ipv4_mapped() {
         return Some(v4);
@@ -190,15 +185,15 @@ impl Resolver for SystemResolver {
     }
 }
 
-/// Resolves the URL's host once and returns the address to connect to:
-/// refused if any answer is internal (unless allowed). The caller connects
-/// to exactly this address, so a second resolution (DNS rebinding) never
-/// happens.
-pub async fn checked_target(
+/// Resolves the URL's host once and returns the addresses to connect to,
+/// in the resolver's order: refused if any answer is internal (unless
+/// allowed). The caller connects to exactly these addresses, so a second
+/// resolution (DNS rebinding) never happens.
+pub async fn checked_targets(
     url: &str,
     allow_private: bool,
     resolver: &dyn Resolver,
-) -> Result<SocketAddr, String> {
+) -> Result<Vec<SocketAddr>, String> {
     check_url(url, allow_private)?;
     let (host, port) = host_port(url).ok_or_else(|| "not an http:// URL".to_owned())?;
     let addresses = match host.parse::<IpAddr>() {
@@ -216,10 +211,10 @@ pub async fn checked_target(
             ));
         }
     }
-    addresses
-        .first()
-        .copied()
-        .ok_or_else(|| format!("{host} resolves to no address"))
+    if addresses.is_empty() {
+        return Err(format!("{host} resolves to no address"));
+    }
+    Ok(addresses)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -361,7 +356,7 @@ impl AlertDelivery {
         let body = serde_json::to_vec(&notice).expect("a notice serialises");
         let delivery_id = format!("{}:{}", alert.alert_id, spend.period_start);
         let sent = async {
-            let target = checked_target(
+            let targets = checked_targets(
                 &alert.webhook_url,
                 self.allow_private_targets,
                 self.resolver.as_ref(),
@@ -374,12 +369,25 @@ impl AlertDelivery {
                     &crate::sealed::alert_context(&alert.customer, &alert.alert_id),
                 )
                 .map_err(|error| error.to_string())?;
-            WebhookSender::new(&alert.webhook_url, secret.expose())
-                .map_err(|error| error.to_string())?
-                .connecting_to(target)
-                .post(&delivery_id, body, now.timestamp())
-                .await
-                .map_err(|error| error.to_string())
+            let sender = WebhookSender::new(&alert.webhook_url, secret.expose())
+                .map_err(|error| error.to_string())?;
+            // Each checked address in turn, until one answers.
+            let mut last = String::new();
+            for target in targets {
+                match sender
+                    .clone()
+                    .connecting_to(target)
+                    .post(&delivery_id, body.clone(), now.timestamp())
+                    .await
+                {
+                    Ok(()) => return Ok(()),
+                    Err(error @ idlemeter_webhook::DeliveryError::Transport(_)) => {
+                        last = format!("{target}: {error}");
+                    }
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+            Err(last)
         }
         .await;
         match sent {
@@ -518,9 +526,7 @@ mod tests {
             _host: &'a str,
             port: u16,
         ) -> futures::future::BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
-            let call = self
-                .calls
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let ip: IpAddr = if call == 0 {
                 "93.184.216.34".parse().expect("ip")
             } else {
@@ -533,17 +539,17 @@ mod tests {
     #[tokio::test]
     async fn a_rebinding_resolver_is_asked_once_and_the_checked_address_is_used() {
         let resolver = Rebinding::default();
-        let target = checked_target("http://hooks.example.com:8080/x", false, &resolver)
+        let targets = checked_targets("http://hooks.example.com:8080/x", false, &resolver)
             .await
             .expect("the first answer is public");
-        assert_eq!(target, "93.184.216.34:8080".parse().expect("addr"));
+        assert_eq!(targets, vec!["93.184.216.34:8080".parse().expect("addr")]);
         assert_eq!(
             resolver.calls.load(std::sync::atomic::Ordering::SeqCst),
             1,
-            "resolved once: the connection goes to `target`, not to a second answer"
+            "resolved once: the connection goes to `targets`, not to a second answer"
         );
         // The second answer (what a second lookup would connect to) is refused.
-        let second = checked_target("http://hooks.example.com:8080/x", false, &resolver).await;
+        let second = checked_targets("http://hooks.example.com:8080/x", false, &resolver).await;
         assert!(second.is_err(), "{second:?}");
     }
 }

@@ -64,8 +64,13 @@ pub struct ApiConfig {
     /// A connection that has not sent a request's headers within this is
     /// closed (slowloris): also the limit on an idle keep-alive connection.
     pub header_read_timeout_ms: u64,
-    /// Connections served at once; past it a new connection is answered 503
-    /// and closed at once, so held connections cannot exhaust the process.
+    /// A response the client does not read for this long (its socket buffer
+    /// full) closes the connection: a client that sends requests and never
+    /// reads cannot hold a connection either.
+    pub write_timeout_ms: u64,
+    /// Connections served at once (0: unlimited); past it a new connection
+    /// is answered 503 and closed at once, so held connections cannot
+    /// exhaust the process.
     pub max_connections: u32,
     /// Requests a second per key (0: unlimited), and the burst allowed.
     pub rate_limit_per_s: u32,
@@ -110,6 +115,7 @@ impl Default for ApiConfig {
             key_max_staleness_ms: 60_000,
             public_rate_limit_per_s: 20,
             header_read_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
             max_connections: 10_000,
             rate_limit_per_s: 50,
             rate_limit_burst: 100,
@@ -279,14 +285,23 @@ impl std::fmt::Debug for AppState {
 #[derive(Debug, Clone, Copy)]
 struct ServeLimits {
     header_read_timeout: Duration,
+    write_timeout: Duration,
     max_connections: usize,
 }
 
+/// Longest wait at shutdown for the requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Refused connections being told so at once, at most.
+const REFUSING: usize = 1_024;
+
 /// The accept loop: HTTP/1.1 connections with a header-read timeout (a
 /// client that opens a connection and trickles its headers, or sends none,
-/// is closed when it runs out) and at most `max_connections` at once (past
-/// it a new connection gets a 503 and is closed at once). On `shutdown` it
-/// stops accepting and lets the requests in flight finish.
+/// is closed when it runs out), a write timeout (a client that does not
+/// read its responses), and at most `max_connections` at once (past it a
+/// new connection gets a 503 and is closed at once). On `shutdown` it stops
+/// accepting and lets the requests in flight finish, for at most
+/// [`SHUTDOWN_GRACE`].
 async fn serve_connections(
     listener: TcpListener,
     router: Router,
@@ -295,6 +310,7 @@ async fn serve_connections(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -316,15 +332,17 @@ async fn serve_connections(
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             refused.inc();
-            // Best effort, never waits: the socket buffer takes it.
-            let _ = stream.try_write(
-                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 1\r\n\r\n",
-            );
+            if let Ok(telling) = Arc::clone(&refusing).try_acquire_owned() {
+                tokio::spawn(refuse(stream, telling));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.write_timeout));
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection =
+            builder.serve_connection(hyper_util::rt::TokioIo::new(Box::pin(stream)), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -333,8 +351,32 @@ async fn serve_connections(
             drop(slot);
         });
     }
-    graceful.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "connections still open at the end of the shutdown grace; closing them"
+        );
+    }
     Ok(())
+}
+
+/// Tells a connection past the limit so (503) and closes it without a
+/// reset: the write half is shut, and what the client sent is read and
+/// dropped for at most a second.
+async fn refuse(mut stream: tokio::net::TcpStream, _telling: tokio::sync::OwnedSemaphorePermit) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 1\r\n\r\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }
 
 /// The rate-limit bucket of anonymous callers.
@@ -412,8 +454,8 @@ impl Api {
                 "api.max_page, api.default_page and api.max_windows must be above 0".to_owned(),
             ));
         }
-        let sealer =
-            sealed::Sealer::from_key(&config.secrets_key).map_err(|e| Error::Config(e.to_string()))?;
+        let sealer = sealed::Sealer::from_key(&config.secrets_key)
+            .map_err(|e| Error::Config(e.to_string()))?;
         // Queries stop with the request that needed them.
         let store = store.with_max_execution_time(config.request_timeout_ms.div_ceil(1000));
         let keys = KeyCache::new(store.clone())
@@ -552,8 +594,14 @@ impl Api {
             listener,
             self.router(),
             ServeLimits {
-                header_read_timeout: Duration::from_millis(self.state.config.header_read_timeout_ms),
-                max_connections: self.state.config.max_connections as usize,
+                header_read_timeout: Duration::from_millis(
+                    self.state.config.header_read_timeout_ms,
+                ),
+                write_timeout: Duration::from_millis(self.state.config.write_timeout_ms),
+                max_connections: match self.state.config.max_connections {
+                    0 => tokio::sync::Semaphore::MAX_PERMITS,
+                    limit => limit as usize,
+                },
             },
             self.state.metrics.connections_refused.clone(),
             shutdown,
@@ -721,11 +769,7 @@ async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
     if let Err(problem) = state.check_public() {
         return problem.into_response();
     }
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        openapi_text(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], openapi_text()).into_response()
 }
 
 async fn docs_page(State(state): State<Arc<AppState>>) -> Response {

@@ -156,12 +156,11 @@ mod tests {
 
     #[test]
     fn without_a_key_nothing_is_sealed_and_bad_keys_are_refused() {
+        assert_eq!(Sealer::default().seal("x", "c"), Err(SealError::NoKey));
         assert_eq!(
-            Sealer::default().seal("x", "c"),
-            Err(SealError::NoKey)
-        );
-        assert_eq!(
-            Sealer::default().open("legacy", "c").map(|s| s.expose().to_owned()),
+            Sealer::default()
+                .open("legacy", "c")
+                .map(|s| s.expose().to_owned()),
             Ok("legacy".to_owned())
         );
         assert_eq!(

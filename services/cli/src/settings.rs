@@ -127,6 +127,35 @@ mod tests {
         });
     }
 
+    /// Finding "secrets": what `idlemeter config` prints (the settings as
+    /// JSON) holds no secret, wherever it came from; the services still get
+    /// the values.
+    #[test]
+    fn idlemeter_config_prints_every_secret_redacted() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "idlemeter.toml",
+                "[kafka]\nbrokers = \"b:9092\"\nsasl_password = \"kafka-s3cret-1\"\n[kafka.properties]\n\"ssl.key.password\" = \"kafka-s3cret-2\"\n[policy]\nwebhook_secret = \"webhook-s3cret-3\"\n",
+            )?;
+            jail.set_env("IDLEMETER_CLICKHOUSE__PASSWORD", "clickhouse-s3cret-4");
+            jail.set_env("IDLEMETER_POLICY__COMMAND_KEY", "command-s3cret-5");
+            jail.set_env("IDLEMETER_COLLECTOR__COMMAND_KEY", "command-s3cret-5");
+            jail.set_env("IDLEMETER_API__SECRETS_KEY", "api-s3cret-6");
+            let settings = Settings::load(Some(Path::new("idlemeter.toml"))).expect("loads");
+            assert_eq!(settings.clickhouse.password.expose(), "clickhouse-s3cret-4");
+            assert_eq!(settings.kafka.sasl_password.expose(), "kafka-s3cret-1");
+            assert_eq!(settings.policy.command_key.expose(), "command-s3cret-5");
+            let printed = serde_json::to_string_pretty(&settings).expect("serialises");
+            let debug = format!("{settings:?}");
+            for shown in [&printed, &debug] {
+                assert!(!shown.contains("s3cret"), "{shown}");
+            }
+            assert!(printed.contains("<redacted>"));
+            Ok(())
+        });
+    }
+
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
         figment::Jail::expect_with(|jail| {

@@ -91,6 +91,24 @@ pub fn decide(
     }
 }
 
+impl CommandActor {
+    /// Records `command_id` at `now_ms`; false if it was seen within the
+    /// age limit. Older entries are forgotten (their commands are refused
+    /// as too old anyway).
+    fn first_time(&self, command_id: &str, now_ms: i64) -> bool {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let horizon = now_ms.saturating_sub(i64::try_from(self.max_age_ms).unwrap_or(i64::MAX));
+        if seen.len() > 1_000 {
+            seen.retain(|_, at| *at >= horizon);
+        }
+        seen.insert(command_id.to_owned(), now_ms)
+            .is_none_or(|at| at < horizon)
+    }
+}
+
 /// Whether a command's signature verifies with the node's `key`, made
 /// within the command age limit (either side of `now_ms`, for skew).
 pub fn check_signature(
@@ -127,6 +145,10 @@ pub struct CommandActor {
     pub key: idlemeter_core::Secret,
     pub epochs: watch::Receiver<EpochIndex>,
     pub metrics: CollectorMetrics,
+    /// Command ids acted on within the age limit, with when: each command
+    /// is acted on once, so a signed command captured and produced again
+    /// within its age cannot undo a later one.
+    pub seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl CommandActor {
@@ -174,11 +196,6 @@ impl CommandActor {
 
     fn act(&self, payload: &[u8], signature: Option<&[u8]>) {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        if let Err(reason) = check_signature(&self.key, signature, payload, now_ms, self.max_age_ms) {
-            self.metrics.commands_ignored.inc();
-            tracing::warn!(%reason, "command refused: signature");
-            return;
-        }
         let command = match decode_command(payload) {
             Ok(command) => command,
             Err(error) => {
@@ -186,6 +203,20 @@ impl CommandActor {
                 return;
             }
         };
+        // Other nodes' commands are theirs to verify.
+        if command.node != self.node.as_str() {
+            return;
+        }
+        if let Err(reason) = check_signature(&self.key, signature, payload, now_ms, self.max_age_ms)
+        {
+            self.metrics.commands_ignored.inc();
+            tracing::warn!(command_id = %command.command_id, %reason, "command refused: signature");
+            return;
+        }
+        if !self.first_time(&command.command_id, now_ms) {
+            tracing::info!(command_id = %command.command_id, "command already acted on (a resend or a replay)");
+            return;
+        }
         let epochs = self.epochs.borrow().clone();
         match decide(&command, &self.node, &epochs, now_ms, self.max_age_ms) {
             Decision::OtherNode => {}
@@ -346,5 +377,36 @@ mod tests {
                 "{what} must be refused"
             );
         }
+    }
+
+    /// Finding "forged ids reach the node's filesystem": a signed command
+    /// produced again (a resend, or a capture replayed within its age) is
+    /// acted on once.
+    #[test]
+    fn a_command_id_is_acted_on_once_within_the_age_limit() {
+        let (_sender, epochs) = watch::channel(epochs());
+        let actor = CommandActor {
+            kafka: KafkaSettings::default(),
+            topic: "t".into(),
+            group_id: "g".into(),
+            node: node(),
+            cgroup_parent: PathBuf::from("/nonexistent"),
+            v1_freezer_parent: PathBuf::from("/nonexistent"),
+            max_age_ms: 60_000,
+            key: idlemeter_core::Secret::new("k"),
+            epochs,
+            metrics: CollectorMetrics::register(&prometheus::Registry::new()).expect("metrics"),
+            seen: Default::default(),
+        };
+        assert!(actor.first_time("c-1", NOW));
+        assert!(
+            !actor.first_time("c-1", NOW + 59_000),
+            "a replay within the age"
+        );
+        assert!(actor.first_time("c-2", NOW + 59_000));
+        assert!(
+            actor.first_time("c-1", NOW + 121_000),
+            "forgotten once too old anyway"
+        );
     }
 }

@@ -167,6 +167,7 @@ impl Collector {
             key: self.config.command_key.clone(),
             epochs: self.sampler.epochs(),
             metrics: self.metrics.clone(),
+            seen: Default::default(),
         };
         let shipper = shipper::Shipper {
             kafka: self.kafka.clone(),

@@ -118,8 +118,10 @@ impl Spool {
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // A panic while holding the lock leaves a consistent queue (every
-        // mutation is a single push or pop), so a poisoned lock is still usable.
+        // A panic while holding the lock leaves a consistent queue (each
+        // entry is pushed, removed or updated whole, and `total_bytes` at
+        // worst overstates), so a poisoned lock is still usable. The bound's
+        // file work runs under it: only when the spool is full, a rare path.
         self.queue
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -197,16 +199,22 @@ impl Spool {
     fn shrink(&self, batch_seq: u64) -> Result<Option<u64>> {
         let path = self.path_of(batch_seq);
         let payload = std::fs::read(&path).map_err(|source| io_error("reading", &path, source))?;
-        let mut batch = idlemeter_proto::v1::NodeBatch::decode(payload.as_slice()).map_err(|error| {
-            io_error(
-                "decoding",
-                &path,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, error),
-            )
-        })?;
+        let mut batch =
+            idlemeter_proto::v1::NodeBatch::decode(payload.as_slice()).map_err(|error| {
+                io_error(
+                    "decoding",
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, error),
+                )
+            })?;
+        let before = batch.samples.len();
         batch.samples.retain(is_boundary);
         if batch.samples.is_empty() {
             return Ok(None);
+        }
+        if batch.samples.len() == before {
+            // Only boundaries already (shrunk before a restart): as it is.
+            return Ok(Some(payload.len() as u64));
         }
         let shrunk = batch.encode_to_vec();
         write_atomically(&path, &shrunk)?;
@@ -319,7 +327,10 @@ mod tests {
         .encode_to_vec()
     }
 
-    fn spooled(spool: &Spool) -> Vec<(u64, Vec<(String, u64, i32)>)> {
+    /// (sandbox, seq, state) of each sample of a spooled batch.
+    type Kept = Vec<(String, u64, i32)>;
+
+    fn spooled(spool: &Spool) -> Vec<(u64, Kept)> {
         let mut seen = Vec::new();
         for batch in spool.queue().batches.clone() {
             let bytes = std::fs::read(spool.path_of(batch.batch_seq)).expect("reads");
@@ -346,15 +357,22 @@ mod tests {
         let one = node_batch(2, 50, Running).len() as u64;
         // Room for about three full batches.
         let spool = Spool::open(directory.path(), one * 3 + one / 2).expect("opens");
-        spool.append(1, &node_batch(1, 50, Running)).expect("appends");
+        spool
+            .append(1, &node_batch(1, 50, Running))
+            .expect("appends");
         for seq in 2..=5 {
-            spool.append(seq, &node_batch(seq, 50, Running)).expect("appends");
+            spool
+                .append(seq, &node_batch(seq, 50, Running))
+                .expect("appends");
         }
-        let mut stopping = v1::NodeBatch::decode(node_batch(6, 50, Running).as_slice()).expect("decodes");
+        let mut stopping =
+            v1::NodeBatch::decode(node_batch(6, 50, Running).as_slice()).expect("decodes");
         stopping.samples[7].state = Stopped as i32;
         spool.append(6, &stopping.encode_to_vec()).expect("appends");
         for seq in 7..=12 {
-            let appended = spool.append(seq, &node_batch(seq, 50, Running)).expect("appends");
+            let appended = spool
+                .append(seq, &node_batch(seq, 50, Running))
+                .expect("appends");
             assert_eq!(appended.boundaries_lost, 0);
         }
         let kept = spooled(&spool);
@@ -366,7 +384,11 @@ mod tests {
         assert_eq!(kept[1].0, 6);
         assert_eq!(kept[1].1, vec![("sbx-7".to_owned(), 6, Stopped as i32)]);
         assert!(kept.iter().all(|(seq, _)| !(2..=5).contains(seq)));
-        assert_eq!(kept.last().map(|(seq, _)| *seq), Some(12), "the newest is kept whole");
+        assert_eq!(
+            kept.last().map(|(seq, _)| *seq),
+            Some(12),
+            "the newest is kept whole"
+        );
         assert!(spool.backlog().1 <= one * 3 + one / 2);
     }
 

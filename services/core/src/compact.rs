@@ -76,8 +76,9 @@ fn minute_counters(sample: &UsageSample) -> [u64; 11] {
     ]
 }
 
-/// One sandbox-minute of one epoch: the range of its samples.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One sandbox-minute of one epoch: the range of its samples. Serialises
+/// to JSON for the dead-letter topic (a row ClickHouse refused).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MinuteRow {
     pub customer: CustomerId,
     pub sandbox: SandboxId,

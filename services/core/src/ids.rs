@@ -28,7 +28,9 @@ pub enum IdError {
         value: String,
         bad: char,
     },
-    #[error("{kind} {value:?} contains a path separator {bad:?}: ids name one thing, never a path")]
+    #[error(
+        "{kind} {value:?} contains a path separator {bad:?}: ids name one thing, never a path"
+    )]
     PathSeparator {
         kind: &'static str,
         value: String,

@@ -47,17 +47,19 @@ impl Counters {
         }
     }
 
-    /// Component-wise sum, for totals over hours or sandboxes.
+    /// Component-wise sum, for totals over hours or sandboxes. Saturating:
+    /// counters come from nodes, and a forged one near `u64::MAX` must not
+    /// panic a usage request (overflow checks are on in release builds).
     pub fn add(&self, other: &Counters) -> Counters {
         Counters {
-            cpu_used_usec: self.cpu_used_usec + other.cpu_used_usec,
-            net_rx_bytes: self.net_rx_bytes + other.net_rx_bytes,
-            net_tx_bytes: self.net_tx_bytes + other.net_tx_bytes,
-            vcpu_alloc_usec: self.vcpu_alloc_usec + other.vcpu_alloc_usec,
-            mem_alloc_kib_ms: self.mem_alloc_kib_ms + other.mem_alloc_kib_ms,
-            mem_used_kib_ms: self.mem_used_kib_ms + other.mem_used_kib_ms,
-            gpu_alloc_ms: self.gpu_alloc_ms + other.gpu_alloc_ms,
-            disk_mib_ms: self.disk_mib_ms + other.disk_mib_ms,
+            cpu_used_usec: self.cpu_used_usec.saturating_add(other.cpu_used_usec),
+            net_rx_bytes: self.net_rx_bytes.saturating_add(other.net_rx_bytes),
+            net_tx_bytes: self.net_tx_bytes.saturating_add(other.net_tx_bytes),
+            vcpu_alloc_usec: self.vcpu_alloc_usec.saturating_add(other.vcpu_alloc_usec),
+            mem_alloc_kib_ms: self.mem_alloc_kib_ms.saturating_add(other.mem_alloc_kib_ms),
+            mem_used_kib_ms: self.mem_used_kib_ms.saturating_add(other.mem_used_kib_ms),
+            gpu_alloc_ms: self.gpu_alloc_ms.saturating_add(other.gpu_alloc_ms),
+            disk_mib_ms: self.disk_mib_ms.saturating_add(other.disk_mib_ms),
         }
     }
 }

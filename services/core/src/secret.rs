@@ -14,10 +14,23 @@ use serde::{Deserialize, Serialize, Serializer};
 /// What a set secret prints as.
 pub const REDACTED: &str = "<redacted>";
 
-/// A string that prints as [`REDACTED`].
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+/// A string that prints as [`REDACTED`]. The literal [`REDACTED`] is
+/// refused when read: a configuration saved from `idlemeter config` must
+/// not start services with a publicly known key.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = String::deserialize(deserializer)?;
+        if value == REDACTED {
+            return Err(serde::de::Error::custom(format!(
+                "{REDACTED} is what `idlemeter config` prints in place of a secret, not a secret: set the real value"
+            )));
+        }
+        Ok(Self(value))
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -76,8 +89,7 @@ mod tests {
             unset: Secret,
         }
         let settings: Settings =
-            serde_json::from_str(r#"{"password": "hunter2-s3cr3t", "unset": ""}"#)
-                .expect("parses");
+            serde_json::from_str(r#"{"password": "hunter2-s3cr3t", "unset": ""}"#).expect("parses");
         assert_eq!(settings.password.expose(), "hunter2-s3cr3t");
         let debug = format!("{settings:?}");
         let json = serde_json::to_string(&settings).expect("serialises");
@@ -86,5 +98,8 @@ mod tests {
             assert!(printed.contains(REDACTED), "{printed}");
         }
         assert!(json.contains(r#""unset":"""#), "{json}");
+        // What was printed does not load back as a secret.
+        let reloaded: Result<Settings, _> = serde_json::from_str(&json);
+        assert!(reloaded.is_err_and(|error| error.to_string().contains("not a secret")));
     }
 }

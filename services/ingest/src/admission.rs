@@ -9,9 +9,12 @@
 //!   more than `max_partitions_per_insert_block` monthly partitions, for
 //!   every tenant in the batch. Samples older than `max_sample_age_s` or
 //!   more than `max_sample_ahead_s` in the future are refused.
-//! - **Who may report whom.** Kafka is a trust boundary: a node (or anyone
-//!   with produce rights) could claim any customer. With
-//!   `allowed_customers` set, a node reports only its listed customers.
+//! - **Who may report whom.** A node could claim any customer. With
+//!   `allowed_customers` set, samples naming a node report only that
+//!   node's listed customers. The node id is in the message: this stops a
+//!   misconfigured node or a confused tenant; against a producer that lies
+//!   about its node, give each node its own Kafka principal (SASL) and
+//!   restrict who may write the samples topic with the broker's ACLs.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -34,12 +37,17 @@ impl AllowedCustomers {
         let Some(patterns) = self.0.get(node.as_str()).or_else(|| self.0.get("*")) else {
             return false;
         };
-        patterns.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => customer.as_str().starts_with(prefix),
-            None => pattern == customer.as_str(),
-        })
+        patterns
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => customer.as_str().starts_with(prefix),
+                None => pattern == customer.as_str(),
+            })
     }
 }
+
+/// Most (node, customer) answers kept.
+const MAX_CACHED: usize = 100_000;
 
 /// The rules a decoded sample must pass, with the clock of this batch.
 #[derive(Debug, Clone)]
@@ -80,6 +88,14 @@ impl Admission {
                 self.max_sample_ahead_ms / 1000,
                 rfc3339(now_ms)
             ));
+        }
+        if self.allowed.0.is_empty() {
+            return None;
+        }
+        // Bounded: ids come from outside, and a stream of made-up ones must
+        // not grow ingest's memory.
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.clear();
         }
         let allowed = &self.allowed;
         let allows = *self
@@ -190,7 +206,10 @@ mod tests {
     #[test]
     fn a_node_reports_only_the_customers_it_is_allowed() {
         let allowed = AllowedCustomers(BTreeMap::from([
-            ("node-a".to_owned(), vec!["acme".to_owned(), "team-*".to_owned()]),
+            (
+                "node-a".to_owned(),
+                vec!["acme".to_owned(), "team-*".to_owned()],
+            ),
             ("*".to_owned(), vec!["shared".to_owned()]),
         ]));
         let mut admission = Admission::new(u64::MAX / 2000, 600, allowed);
@@ -205,7 +224,10 @@ mod tests {
             let refusal = admission.refusal(&sample(node, customer, NOW), NOW);
             assert_eq!(refusal.is_none(), ok, "{node} → {customer}: {refusal:?}");
             if let Some(reason) = refusal {
-                assert!(reason.contains(node) && reason.contains(customer), "{reason}");
+                assert!(
+                    reason.contains(node) && reason.contains(customer),
+                    "{reason}"
+                );
             }
         }
         let mut open = Admission::new(1_000, 600, AllowedCustomers::default());

@@ -74,36 +74,38 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     fn omit_payload(&mut self) {
-        self.omitted = Some(self.payload.len());
+        let size = self.payload.len();
+        self.omitted.get_or_insert(size);
         self.payload = Vec::new();
         self.reason = cap_to(std::mem::take(&mut self.reason), 1_024);
     }
 }
 
 /// A dead letter of one row ClickHouse refused (`row` holds one sample or
-/// one minute): the sample as JSON (the shape of `idlemeter rate`'s input),
-/// or the minute row as text.
-pub fn row_dead_letter(row: idlemeter_core::Compacted, reason: &str) -> DeadLetter {
+/// one minute row), as JSON: a sample in the shape of `idlemeter rate`'s
+/// input, a minute row with its columns. `messages` names the batch's
+/// messages the row was made from (`topic/partition/offset..offset`).
+pub fn row_dead_letter(row: idlemeter_core::Compacted, reason: &str, messages: &str) -> DeadLetter {
     let (customer, payload, table) = if let Some(sample) = row.samples.first() {
         (
             sample.customer.to_string(),
-            serde_json::to_vec(sample).unwrap_or_else(|_| format!("{sample:?}").into_bytes()),
+            serde_json::to_vec(sample),
             "usage_samples",
         )
     } else if let Some(minute) = row.minutes.first() {
         (
             minute.customer.to_string(),
-            format!("{minute:?}").into_bytes(),
+            serde_json::to_vec(minute),
             "usage_minutes",
         )
     } else {
-        (String::new(), Vec::new(), "none")
+        (String::new(), Ok(Vec::new()), "none")
     };
     DeadLetter {
         key: Some(customer.into_bytes()),
-        payload,
+        payload: payload.unwrap_or_default(),
         reason: cap_reason(reason.to_owned()),
-        source: format!("ingest/{table}"),
+        source: format!("ingest/{table} row from {messages}"),
         omitted: None,
     }
 }
@@ -133,6 +135,8 @@ pub struct Batch {
     samples: usize,
     /// Producer timestamps (Unix ms) of the messages, for end-to-end latency.
     produced_at_ms: Vec<i64>,
+    /// First and last offset taken in, per `topic/partition`.
+    offsets: std::collections::BTreeMap<String, (i64, i64)>,
 }
 
 impl Batch {
@@ -178,6 +182,10 @@ impl Batch {
             message.partition(),
             message.offset()
         );
+        self.offsets
+            .entry(format!("{}/{}", message.topic(), message.partition()))
+            .and_modify(|(_, last)| *last = message.offset())
+            .or_insert((message.offset(), message.offset()));
         let payload = message.payload().unwrap_or_default();
         let refusal = match decode_node_batch(payload) {
             Ok(decoded) => {
@@ -306,6 +314,16 @@ impl Batch {
         Ok(dropped)
     }
 
+    /// The messages taken in, as `topic/partition/first..last` ranges.
+    pub fn message_ranges(&self) -> String {
+        let ranges: Vec<String> = self
+            .offsets
+            .iter()
+            .map(|(partition, (first, last))| format!("{partition}/{first}..{last}"))
+            .collect();
+        ranges.join(", ")
+    }
+
     /// Adds dead letters made after the batch was closed (rows ClickHouse
     /// refused), to be sent by the next [`Batch::send_dead_letters`].
     pub fn push_dead_letters(&mut self, letters: Vec<DeadLetter>) {
@@ -319,5 +337,71 @@ impl Batch {
             let seconds = (now_ms - produced_at).max(0) as f64 / 1000.0;
             metrics.end_to_end_seconds.observe(seconds);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_capped_at_a_character_boundary_and_say_so() {
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let capped = cap_reason(long);
+        assert!(capped.len() <= MAX_REASON_BYTES, "{}", capped.len());
+        assert!(capped.ends_with(" [cut]"));
+        assert_eq!(cap_reason("short".to_owned()), "short");
+        let reasons: Vec<String> = (0..25).map(|i| format!("sample {i}: bad")).collect();
+        let reason = refusal_reason(&reasons);
+        assert!(
+            reason.starts_with("25 of the batch's samples refused"),
+            "{reason}"
+        );
+        assert!(reason.contains("sample 19: bad; and 5 more"), "{reason}");
+        assert!(!reason.contains("sample 20:"), "{reason}");
+    }
+
+    #[test]
+    fn messages_too_large_or_invalid_are_permanent_and_broker_trouble_is_not() {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        for code in [
+            Code::MessageSizeTooLarge,
+            Code::InvalidRecord,
+            Code::MessageBatchTooLarge,
+        ] {
+            assert!(
+                is_permanent(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::BrokerTransportFailure,
+            Code::MessageTimedOut,
+            Code::NotLeaderForPartition,
+            Code::UnknownTopicOrPartition,
+            Code::QueueFull,
+        ] {
+            assert!(
+                !is_permanent(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_letter_left_without_its_payload_keeps_its_first_size() {
+        let mut letter = DeadLetter {
+            key: None,
+            payload: vec![7; 5_000],
+            reason: "r".repeat(3_000),
+            source: "t/0/1".to_owned(),
+            omitted: None,
+        };
+        letter.omit_payload();
+        letter.omit_payload();
+        assert_eq!(letter.omitted, Some(5_000));
+        assert!(letter.payload.is_empty());
+        assert!(letter.reason.len() <= 1_024);
     }
 }

@@ -94,6 +94,11 @@ pub struct IngestConfig {
     /// Which customers each node may report (see `admission.rs`); empty:
     /// any node, any customer.
     pub allowed_customers: AllowedCustomers,
+    /// Rows of one batch ClickHouse may refuse for good, one by one, before
+    /// ingest stops dead-lettering them and retries the whole batch
+    /// instead: many refused rows mean a server or schema problem, not
+    /// poison, and must not empty the stream into the dead-letter topic.
+    pub max_refused_rows: usize,
 }
 
 impl Default for IngestConfig {
@@ -109,6 +114,7 @@ impl Default for IngestConfig {
             max_sample_age_s: 400 * 86_400,
             max_sample_ahead_s: 600,
             allowed_customers: AllowedCustomers::default(),
+            max_refused_rows: 100,
         }
     }
 }
@@ -382,7 +388,8 @@ impl Ingest {
     /// Inserts the batch's rows in halves, and halves of halves, until each
     /// part is stored or is one row ClickHouse refuses for good; those rows
     /// are dead-lettered (as JSON, with ClickHouse's reason). Transient
-    /// errors on the way are retried. False if shutdown came first.
+    /// errors on the way are retried, and so is the whole batch once more
+    /// than `max_refused_rows` rows are refused. False if shutdown came first.
     async fn insert_splitting(&self, batch: &mut Batch, stop: &CancellationToken) -> bool {
         let mut pending = vec![batch.rows().clone()];
         let mut refused = Vec::new();
@@ -392,6 +399,21 @@ impl Ingest {
                 Ok(rows) => {
                     self.metrics.samples_inserted.inc_by(rows.samples);
                     self.metrics.minutes_inserted.inc_by(rows.minutes);
+                }
+                Err(error)
+                    if error.is_permanent() && refused.len() >= self.config.max_refused_rows =>
+                {
+                    // Past a handful of rows this is not poison but the
+                    // server or the schema (a half-applied migration): keep
+                    // everything, retry, and let the alert on insert
+                    // failures bring a person.
+                    self.metrics.insert_failures.inc();
+                    tracing::error!(%error, refused = refused.len(), "clickhouse refuses many rows of one batch: treated as a server or schema problem, retrying the batch");
+                    refused.clear();
+                    pending = vec![batch.rows().clone()];
+                    if !backoff.wait(stop).await {
+                        return false;
+                    }
                 }
                 Err(error) if error.is_permanent() => {
                     self.metrics.insert_failures.inc();
@@ -403,6 +425,7 @@ impl Ingest {
                         Err(row) => refused.push(batch::row_dead_letter(
                             row,
                             &format!("clickhouse refused this row for good: {error}"),
+                            &batch.message_ranges(),
                         )),
                     }
                 }
@@ -521,5 +544,44 @@ impl Backoff {
             _ = tokio::time::sleep(delay) => true,
             _ = stop.cancelled() => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(samples: usize, minutes: usize) -> Compacted {
+        let sample = idlemeter_core::jsonl::parse_sample(SAMPLE).expect("sample");
+        let minute = idlemeter_core::compact_all([sample.clone()], CompactRule::KEEP_ALL)
+            .minutes
+            .remove(0);
+        Compacted {
+            samples: vec![sample; samples],
+            minutes: vec![minute; minutes],
+        }
+    }
+
+    const SAMPLE: &str = r#"{"ts": "2026-11-02T09:00:00Z", "customer": "acme", "node": "node-1", "sandbox": "s", "epoch": 1, "seq": 1, "state": "running", "vcpu": 2, "mem_bytes": 1024, "gpu_model": null, "gpu_count": 0, "disk_bytes": 0, "cpu_used_usec": 0, "mem_used_bytes": 0, "net_rx_bytes": 0, "net_tx_bytes": 0, "exec_sessions": 0, "open_conns": 0}"#;
+
+    /// Splitting ends at single rows and loses none on the way.
+    #[test]
+    fn splitting_a_refused_insert_reaches_every_row_once() {
+        let mut pending = vec![rows(5, 3)];
+        let mut singles = 0;
+        while let Some(part) = pending.pop() {
+            match split(part) {
+                Ok((first, second)) => {
+                    assert!(!first.is_empty() && !second.is_empty());
+                    pending.push(first);
+                    pending.push(second);
+                }
+                Err(single) => {
+                    assert_eq!(single.samples.len() + single.minutes.len(), 1);
+                    singles += 1;
+                }
+            }
+        }
+        assert_eq!(singles, 8);
     }
 }

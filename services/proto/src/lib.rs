@@ -271,8 +271,7 @@ pub fn verify_command(
     tolerance_s: i64,
 ) -> Result<(), String> {
     let header = header.ok_or_else(|| "the command is not signed".to_owned())?;
-    let header =
-        std::str::from_utf8(header).map_err(|_| "the signature is not text".to_owned())?;
+    let header = std::str::from_utf8(header).map_err(|_| "the signature is not text".to_owned())?;
     idlemeter_core::signature::verify(key, header, payload, now_unix, tolerance_s)
         .map_err(|error| error.to_string())
 }

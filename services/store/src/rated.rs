@@ -443,13 +443,23 @@ mod tests {
         let deposit = Decimal::from(100_000_000_000_000_000u64);
         let mut rescaled = deposit;
         rescaled.rescale(MONEY_SCALE);
-        assert!(rescaled.scale() < MONEY_SCALE, "the trap: {}", rescaled.scale());
+        assert!(
+            rescaled.scale() < MONEY_SCALE,
+            "the trap: {}",
+            rescaled.scale()
+        );
         let column = to_column(deposit).expect("fits Decimal(38, 12)");
         assert_eq!(column, 100_000_000_000_000_000 * 10i128.pow(MONEY_SCALE));
         assert_eq!(from_column(column).expect("back"), deposit);
         let cents: Decimal = "100000000000000000.01".parse().expect("decimal");
-        assert_eq!(from_column(to_column(cents).expect("fits")).expect("back"), cents);
+        assert_eq!(
+            from_column(to_column(cents).expect("fits")).expect("back"),
+            cents
+        );
         let beyond: Decimal = "100000000000000000000000000.5".parse().expect("decimal");
-        assert!(to_column(beyond).is_err(), "39 digits are refused, not rounded");
+        assert!(
+            to_column(beyond).is_err(),
+            "39 digits are refused, not rounded"
+        );
     }
 }

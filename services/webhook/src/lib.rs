@@ -179,6 +179,54 @@ mod tests {
         assert!(printed.contains("hooks.example.com"), "{printed}");
     }
 
+    /// Finding "alert webhooks can reach internal addresses": a sender
+    /// pinned to an address connects there (never resolving the URL's
+    /// host, here one that cannot resolve) and still says the host.
+    #[tokio::test]
+    async fn a_pinned_sender_connects_to_the_checked_address_with_the_urls_host() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let received = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buffer).await.expect("read");
+                assert!(n > 0, "closed early");
+                request.extend_from_slice(&buffer[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .expect("answer");
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        let sender = WebhookSender::new("http://hooks.invalid:8123/in?x=1", "s")
+            .expect("valid url")
+            .connecting_to(address);
+        sender
+            .post("d-1", b"{}".to_vec(), NOW)
+            .await
+            .expect("delivered");
+        let request = received.await.expect("receiver");
+        assert!(
+            request.starts_with("POST /in?x=1 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("host: hooks.invalid:8123\r\n"),
+            "{request}"
+        );
+        // Without the pin the host must resolve, and it does not.
+        let unpinned = WebhookSender::new("http://hooks.invalid:8123/in", "s").expect("valid url");
+        assert!(unpinned.post("d-2", b"{}".to_vec(), NOW).await.is_err());
+    }
+
     #[test]
     fn signature_matches_a_known_vector() {
         // Computed independently: printf '1800000000.{}' | openssl dgst -sha256 -hmac whsec-test
