@@ -28,6 +28,24 @@ fn production_window(env: &TestEnv) -> IngestConfig {
     }
 }
 
+/// Produces `payload` from node-1, then a good sample of sandbox `after`
+/// as the next message: whether the partition goes on past the payload.
+async fn produce_then(
+    env: &TestEnv,
+    producer: &rdkafka::producer::FutureProducer,
+    payload: &[u8],
+    after: &str,
+) -> anyhow::Result<()> {
+    let now = Utc::now();
+    env.produce(producer, "node-1", payload).await?;
+    env.produce(
+        producer,
+        "node-1",
+        &encode_node_batch(&node(), now, 2, &[lone(after, now)]),
+    )
+    .await
+}
+
 async fn stored_sandboxes(env: &TestEnv) -> anyhow::Result<Vec<String>> {
     Ok(env
         .store
@@ -55,17 +73,12 @@ async fn poison_messages_with_ts_spread_over_decades_are_dead_lettered_and_inges
         ));
     }
     samples.push(lone("future", now + Duration::days(365 * 74)));
-    env.produce(
-        &producer,
-        "node-1",
-        &encode_node_batch(&node(), now, 1, &samples),
-    )
-    .await?;
     // The partition goes on: a later message is stored too.
-    env.produce(
+    produce_then(
+        &env,
         &producer,
-        "node-1",
-        &encode_node_batch(&node(), now, 2, &[lone("good-2", now)]),
+        &encode_node_batch(&node(), now, 1, &samples),
+        "good-2",
     )
     .await?;
     env.eventually("both good samples stored", || async {
@@ -112,13 +125,7 @@ async fn poison_messages_whose_reason_exceeds_the_broker_limit_are_dead_lettered
     batch.samples.extend(std::iter::repeat_n(bad, 12_000));
     let payload = prost::Message::encode_to_vec(&batch);
     assert!(payload.len() < 900_000, "{} bytes", payload.len());
-    env.produce(&producer, "node-1", &payload).await?;
-    env.produce(
-        &producer,
-        "node-1",
-        &encode_node_batch(&node(), now, 2, &[lone("good-2", now)]),
-    )
-    .await?;
+    produce_then(&env, &producer, &payload, "good-2").await?;
     env.eventually("both good samples stored", || async {
         Ok(stored_sandboxes(&env).await? == ["good-1", "good-2"])
     })
@@ -158,16 +165,11 @@ async fn rows_clickhouse_refuses_for_good_are_dead_lettered_and_the_rest_stored(
         .map(|index| lone(&format!("good-{index:02}"), now))
         .collect();
     samples.insert(4, lone("poison", now));
-    env.produce(
+    produce_then(
+        &env,
         &producer,
-        "node-1",
         &encode_node_batch(&node(), now, 1, &samples),
-    )
-    .await?;
-    env.produce(
-        &producer,
-        "node-1",
-        &encode_node_batch(&node(), now, 2, &[lone("good-10", now)]),
+        "good-10",
     )
     .await?;
     let expected: Vec<String> = (0..11).map(|index| format!("good-{index:02}")).collect();

@@ -144,35 +144,12 @@ mod tests {
     use super::*;
 
     fn sample(node: &str, customer: &str, ts_ms: i64) -> UsageSample {
-        UsageSample {
-            customer: CustomerId::parse(customer).expect("id"),
-            node: NodeId::parse(node).expect("id"),
-            sandbox: idlemeter_core::SandboxId::parse("sbx").expect("id"),
-            epoch: idlemeter_core::Epoch(1),
-            seq: 1,
-            ts: DateTime::<Utc>::from_timestamp_millis(ts_ms).expect("time"),
-            state: idlemeter_core::LifecycleState::Running,
-            vcpu: idlemeter_core::VcpuMillis(1000),
-            mem_bytes: 0,
-            gpu_model: None,
-            gpu_count: 0,
-            disk_bytes: 0,
-            cpu_used_usec: 0,
-            net_rx_bytes: 0,
-            net_tx_bytes: 0,
-            vcpu_alloc_usec: 0,
-            mem_alloc_kib_ms: 0,
-            mem_used_kib_ms: 0,
-            gpu_alloc_ms: 0,
-            disk_mib_ms: 0,
-            api_calls: 0,
-            mem_used_bytes: 0,
-            exec_sessions: 0,
-            open_conns: 0,
-            detail: Default::default(),
-            state_counters: Default::default(),
-            counters_present: Default::default(),
-        }
+        let ts = DateTime::<Utc>::from_timestamp_millis(ts_ms).expect("time");
+        let line = format!(
+            r#"{{"ts": "{}", "customer": "{customer}", "node": "{node}", "sandbox": "sbx", "epoch": 1, "seq": 1, "state": "running", "vcpu": 1, "mem_bytes": 0, "gpu_model": null, "gpu_count": 0, "disk_bytes": 0, "cpu_used_usec": 0, "mem_used_bytes": 0, "net_rx_bytes": 0, "net_tx_bytes": 0, "exec_sessions": 0, "open_conns": 0}}"#,
+            ts.to_rfc3339()
+        );
+        idlemeter_core::jsonl::parse_sample(&line).expect("a valid sample")
     }
 
     const NOW: i64 = 1_796_000_000_000;
