@@ -46,6 +46,14 @@ async fn produce_then(
     .await
 }
 
+/// Waits until the stored sandboxes are exactly `expected`.
+async fn await_stored(env: &TestEnv, what: &str, expected: &[String]) -> anyhow::Result<()> {
+    env.eventually(what, || async {
+        Ok(stored_sandboxes(env).await? == expected)
+    })
+    .await
+}
+
 async fn stored_sandboxes(env: &TestEnv) -> anyhow::Result<Vec<String>> {
     Ok(env
         .store
@@ -81,9 +89,11 @@ async fn poison_messages_with_ts_spread_over_decades_are_dead_lettered_and_inges
         "good-2",
     )
     .await?;
-    env.eventually("both good samples stored", || async {
-        Ok(stored_sandboxes(&env).await? == ["good-1", "good-2"])
-    })
+    await_stored(
+        &env,
+        "both good samples stored",
+        &["good-1".into(), "good-2".into()],
+    )
     .await?;
     let letters = env.dead_letters(1).await?;
     ingest.stop().await?;
@@ -126,9 +136,11 @@ async fn poison_messages_whose_reason_exceeds_the_broker_limit_are_dead_lettered
     let payload = prost::Message::encode_to_vec(&batch);
     assert!(payload.len() < 900_000, "{} bytes", payload.len());
     produce_then(&env, &producer, &payload, "good-2").await?;
-    env.eventually("both good samples stored", || async {
-        Ok(stored_sandboxes(&env).await? == ["good-1", "good-2"])
-    })
+    await_stored(
+        &env,
+        "both good samples stored",
+        &["good-1".into(), "good-2".into()],
+    )
     .await?;
     let letters = env.dead_letters(1).await?;
     ingest.stop().await?;
@@ -173,10 +185,7 @@ async fn rows_clickhouse_refuses_for_good_are_dead_lettered_and_the_rest_stored(
     )
     .await?;
     let expected: Vec<String> = (0..11).map(|index| format!("good-{index:02}")).collect();
-    env.eventually("every good sample stored", || async {
-        Ok(stored_sandboxes(&env).await? == expected)
-    })
-    .await?;
+    await_stored(&env, "every good sample stored", &expected).await?;
     let letters = env.dead_letters(1).await?;
     assert!(
         letters[0]
@@ -220,10 +229,7 @@ async fn kafka_is_a_trust_boundary_a_node_reports_only_its_allowed_customers() -
     )
     .await?;
     let letters = env.dead_letters(1).await?;
-    env.eventually("acme's sample stored", || async {
-        Ok(stored_sandboxes(&env).await? == ["mine"])
-    })
-    .await?;
+    await_stored(&env, "acme's sample stored", &["mine".into()]).await?;
     ingest.stop().await?;
     assert!(
         letters[0]

@@ -164,7 +164,6 @@ pub fn is_secret_property(name: &str) -> bool {
         || name.contains("secret")
         || name == "sasl.oauthbearer.config"
         || name == "ssl.key.pem"
-        || name == "ssl_key"
         || name == "ssl.keystore.password"
 }
 

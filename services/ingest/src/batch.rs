@@ -135,8 +135,10 @@ pub struct Batch {
     samples: usize,
     /// Producer timestamps (Unix ms) of the messages, for end-to-end latency.
     produced_at_ms: Vec<i64>,
-    /// First and last offset taken in, per `topic/partition`.
-    offsets: std::collections::BTreeMap<String, (i64, i64)>,
+    /// The topic the messages came from (ingest reads one).
+    topic: String,
+    /// First and last offset taken in, per partition.
+    offsets: std::collections::BTreeMap<i32, (i64, i64)>,
 }
 
 impl Batch {
@@ -182,8 +184,11 @@ impl Batch {
             message.partition(),
             message.offset()
         );
+        if self.topic.is_empty() {
+            message.topic().clone_into(&mut self.topic);
+        }
         self.offsets
-            .entry(format!("{}/{}", message.topic(), message.partition()))
+            .entry(message.partition())
             .and_modify(|(_, last)| *last = message.offset())
             .or_insert((message.offset(), message.offset()));
         let payload = message.payload().unwrap_or_default();
@@ -319,7 +324,7 @@ impl Batch {
         let ranges: Vec<String> = self
             .offsets
             .iter()
-            .map(|(partition, (first, last))| format!("{partition}/{first}..{last}"))
+            .map(|(partition, (first, last))| format!("{}/{partition}/{first}..{last}", self.topic))
             .collect();
         ranges.join(", ")
     }
