@@ -388,7 +388,7 @@ async fn a_customer_at_their_spend_limit_has_every_running_sandbox_suspended() -
             as_of,
             sheet: "prices/sprites.toml".to_owned(),
             sheet_checksum: "c".to_owned(),
-            idle_policy: "session-or-connection/v1".to_owned(),
+            idle_policy: "session-or-connection/v2".to_owned(),
             currency: "USD".to_owned(),
             line_no,
             kind: "usage".to_owned(),

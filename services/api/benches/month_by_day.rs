@@ -202,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
             as_of: (month_end + 1) as u32,
             sheet: "bench.toml".to_owned(),
             sheet_checksum: checksum.clone(),
-            idle_policy: "session-or-connection/v1".to_owned(),
+            idle_policy: "session-or-connection/v2".to_owned(),
             currency: "USD".to_owned(),
             line_no: 0,
             kind: "usage".to_owned(),

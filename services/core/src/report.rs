@@ -5,7 +5,7 @@
 //!
 //! ```json
 //! {"currency": "USD", "sheet": "prices/e2b.toml", "platform": "e2b",
-//!  "line_rounding": "half_up", "idle_policy": "session-or-connection/v1",
+//!  "line_rounding": "half_up", "idle_policy": "session-or-connection/v2",
 //!  "customers": [{"customer": "acme", "plan": "hobby",
 //!    "lines": [{"kind": "usage", "resource": "vcpu", "quantity": "7200",
 //!               "unit": "vcpu-second", "unit_price": "0.000014", "amount": "0.10", ...}],

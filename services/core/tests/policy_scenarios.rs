@@ -7,7 +7,10 @@
 //! (`[rules...]`, `[plans...]`, `[customers...]`), and describes one sandbox as
 //! consecutive segments of samples taken every `interval_s` seconds:
 //! `state`, `exec_sessions`, `open_conns`, `cpu_percent` (of the allocation),
-//! `net_bytes_per_s`, `api_calls_per_sample`. `[[lease]]` entries take a
+//! `net_bytes_per_s`, `api_calls_per_sample`. A segment with `missing =
+//! "collector"` is time the collector did not sample (time passes, seq does
+//! not); `missing = "transit"` was sampled but lost on the way (time and seq
+//! pass, nothing arrives). Counters move through both. `[[lease]]` entries take a
 //! keep-alive lease at `at_s` until `until_s`; `[[spend]]` entries report the
 //! customer's spend so far (`amount`) at `at_s`. `[[expect]]` lists every
 //! decision, with its exact time in seconds from the start.
@@ -79,6 +82,17 @@ struct Segment {
     net_bytes_per_s: u64,
     #[serde(default)]
     api_calls_per_sample: u64,
+    #[serde(default)]
+    missing: Option<Missing>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Missing {
+    /// The collector took no sample (it was down or stalled).
+    Collector,
+    /// Samples were taken and lost in transit.
+    Transit,
 }
 
 fn running() -> LifecycleState {
@@ -201,7 +215,15 @@ fn trace(scenario: &Scenario) -> Vec<Input> {
                 net += segment.net_bytes_per_s * u64::try_from(interval).expect("positive");
                 api += segment.api_calls_per_sample;
             }
+            if segment.missing == Some(Missing::Collector) {
+                t += interval;
+                continue;
+            }
             seq += 1;
+            if segment.missing == Some(Missing::Transit) {
+                t += interval;
+                continue;
+            }
             inputs.push(Input::Sample(UsageSample {
                 customer: customer.clone(),
                 node: NodeId::parse("node-1").expect("id"),

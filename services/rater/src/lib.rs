@@ -1334,7 +1334,7 @@ mod tests {
     #[test]
     fn an_idle_policy_changes_the_classification_and_the_checksum() {
         let plain = rater();
-        assert_eq!(plain.idle.version(), "session-or-connection/v1");
+        assert_eq!(plain.idle.version(), "session-or-connection/v2");
         let policy = include_str!("../../../policies/sprites.toml");
         let with_policy = rater().with_idle_policy(policy).expect("policy loads");
         assert_eq!(with_policy.idle.version(), "sprites/2026-11-01");

@@ -11,6 +11,10 @@
 //! - an interval is *active* when any enabled signal says so: an exec session
 //!   or inbound connection open at its end, an API call during it, network or
 //!   CPU above the thresholds. A resume or start counts as activity.
+//! - missing data is not idle: an interval with samples lost within it (a seq
+//!   jump) or longer than `gap_after_s` (the collector went quiet) counts as
+//!   active, so the idle streak starts again at the first sample after the
+//!   gap, from what was observed.
 //! - the idle streak starts at the end of the last active interval, or at the
 //!   expiry of a keep-alive lease if that is later. When the streak reaches the
 //!   idle window, the engine decides `idle_window` with the policy's action.
@@ -31,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{CustomerId, Epoch, NodeId, SandboxId};
 use crate::policy::file::{Action, Policy, Rules};
-use crate::rating::IdlePolicy;
+use crate::rating::{is_gap, is_gap_after, IdlePolicy};
 use crate::sample::{LifecycleState, UsageSample};
 
 /// Why a decision was taken.
@@ -308,6 +312,7 @@ impl Engine {
         };
         let first_of_epoch = sample.epoch != state.epoch || state.seq == 0;
         let measured = Measured::between(state, sample, first_of_epoch);
+        let gap = !first_of_epoch && is_gap_after(state.seq, state.ts, sample, rules.gap_after_s);
         let was_running = state.state == LifecycleState::Running && !first_of_epoch;
         if first_of_epoch {
             state.flaps = 0;
@@ -349,7 +354,7 @@ impl Engine {
             state.active_at = Some(sample.ts);
             state.pending = None;
             state.notified.clear();
-        } else if measured.active(&rules) {
+        } else if gap || measured.active(&rules) {
             state.active_at = Some(sample.ts);
             if state
                 .pending
@@ -614,7 +619,8 @@ impl IdlePolicy for PolicyIdle {
             previous.api_calls,
             closing,
         );
-        !measured.active(self.policy.rules_for(&closing.customer))
+        let rules = self.policy.rules_for(&closing.customer);
+        !is_gap(previous, closing, rules.gap_after_s) && !measured.active(rules)
     }
 }
 
@@ -699,6 +705,27 @@ mod tests {
         assert!(idle_under(CPU_20, &before, &quiet));
         let version = PolicyIdle::new(Policy::from_toml(CPU_20, "p.toml").expect("valid"));
         assert_eq!(version.version(), "c/1");
+    }
+
+    #[test]
+    fn the_rater_never_calls_missing_data_idle() {
+        let before = sample(1, 0, 5, 0);
+        let next = sample(2, 0, 5, 0);
+        assert!(idle_under(SESSIONS, &before, &next), "10 s without activity");
+        assert!(crate::rating::SessionOrConnection.is_idle(&before, &next));
+        // Sample 2 lost: seq jumps from 1 to 3.
+        let after_loss = sample(3, 0, 5, 0);
+        assert!(!idle_under(SESSIONS, &before, &after_loss));
+        assert!(!crate::rating::SessionOrConnection.is_idle(&before, &after_loss));
+        // The collector quiet for 11 s, longer than the default 10 s. The
+        // collector's rule knows no cadence for samples without counters.
+        let mut late = sample(2, 0, 5, 0);
+        late.ts = before.ts + chrono::Duration::seconds(11);
+        assert!(!idle_under(SESSIONS, &before, &late));
+        assert!(crate::rating::SessionOrConnection.is_idle(&before, &late));
+        // A policy that expects samples a minute apart says so.
+        let minute = "[policy]\nname = \"m\"\nversion = \"1\"\n[rules]\ngap_after_s = 60\n";
+        assert!(idle_under(minute, &before, &late));
     }
 }
 

@@ -11,6 +11,7 @@
 //! max_session_s = 86400       # optional cap on one continuous running span
 //! max_session_action = "stop"
 //! reissue_after_s = 30        # send the command again if the sandbox still runs
+//! gap_after_s = 10            # a longer interval between samples is missing data, never idle
 //!
 //! [rules.activity]            # which signals keep a sandbox awake
 //! exec_sessions = true
@@ -103,8 +104,16 @@ pub struct Rules {
     pub max_session_s: Option<u64>,
     pub max_session_action: Action,
     pub reissue_after_s: u64,
+    /// An interval longer than this (or with samples lost within it) is a
+    /// gap: missing data, never idle time.
+    #[serde(default = "default_gap_after_s")]
+    pub gap_after_s: u64,
     pub hysteresis: Hysteresis,
     pub spend_limit: Option<Decimal>,
+}
+
+fn default_gap_after_s() -> u64 {
+    crate::rating::DEFAULT_GAP_AFTER_S
 }
 
 impl Rules {
@@ -262,6 +271,7 @@ impl Default for Rules {
             max_session_s: None,
             max_session_action: Action::Stop,
             reissue_after_s: 30,
+            gap_after_s: crate::rating::DEFAULT_GAP_AFTER_S,
             hysteresis: Hysteresis {
                 short_run_s: 120,
                 backoff_factor: 2,
@@ -323,6 +333,9 @@ fn resolve(
     }
     if let Some(value) = &overrides.reissue_after_s {
         rules.reissue_after_s = positive(value, "reissue_after_s")?;
+    }
+    if let Some(value) = &overrides.gap_after_s {
+        rules.gap_after_s = positive(value, "gap_after_s")?;
     }
     if let Some(activity) = &overrides.activity {
         let signals = &mut rules.activity;
@@ -407,6 +420,7 @@ struct RawRules {
     max_session_s: Option<Spanned<u64>>,
     max_session_action: Option<Action>,
     reissue_after_s: Option<Spanned<u64>>,
+    gap_after_s: Option<Spanned<u64>>,
     activity: Option<RawActivity>,
     hysteresis: Option<RawHysteresis>,
 }
