@@ -201,6 +201,84 @@ async fn a_vanished_sandbox_gets_one_final_stopped_sample_that_bills_nothing_mor
     Ok(())
 }
 
+/// Issue "Idle policy", actions on the node: a stop command ends every
+/// process of the sandbox, frozen ones included, removes its cgroup, and the
+/// collector sends the final stopped sample; the sandbox beside it runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_command_ends_the_sandboxs_processes_and_sends_its_final_stopped_sample(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new("collector_stop_command").await?;
+    env.kafka
+        .ensure_topics(&[(env.topics.commands.as_str(), 1)])
+        .await?;
+    let mut cgroups = TestCgroups::new("stopcmd")?;
+    let doomed = cgroups.add_sandbox("acme.doomed")?;
+    let neighbour = cgroups.add_sandbox("acme.neighbour")?;
+    let pids = [
+        cgroups.spawn_burner(&doomed)?,
+        cgroups.spawn_joined(&doomed, "sleep 600")?,
+    ];
+    let neighbour_pid = cgroups.spawn_joined(&neighbour, "sleep 600")?;
+    let work = tempfile::tempdir()?;
+    std::fs::create_dir_all(work.path().join("labels"))?;
+    let node = format!("node-stopcmd-{}", std::process::id());
+    let collector = RunningCollector::start(
+        collector_config(&cgroups.parent, work.path(), &node),
+        &env.kafka,
+        env.topics.clone(),
+    )?;
+    let mut tail = SampleTail::new(&env)?;
+    let of = samples_of;
+    // Suspended first: a frozen sandbox must be stoppable too.
+    send_command(&env, &node, "acme", "doomed", CommandAction::Suspend).await?;
+    tail.wait_for("the doomed sandbox suspended", |samples| {
+        of(samples, "doomed")
+            .iter()
+            .any(|s| s.state == LifecycleState::Suspended)
+    })
+    .await?;
+    send_command(&env, &node, "acme", "doomed", CommandAction::Stop).await?;
+    tail.wait_for("the final stopped sample, then two more ticks", |samples| {
+        let doomed = of(samples, "doomed");
+        doomed.iter().any(|s| s.state == LifecycleState::Stopped)
+            && of(samples, "neighbour").len() >= doomed.len() + 2
+    })
+    .await?;
+    let doomed_samples = of(&tail.samples, "doomed");
+    let last = doomed_samples.last().expect("waited for it");
+    assert_eq!(last.state, LifecycleState::Stopped, "{doomed_samples:?}");
+    assert_eq!(
+        doomed_samples
+            .iter()
+            .filter(|s| s.state == LifecycleState::Stopped)
+            .count(),
+        1,
+        "one final sample, nothing after it"
+    );
+    for pid in pids {
+        assert!(
+            !alive(pid),
+            "process {pid} of the stopped sandbox still runs"
+        );
+    }
+    assert!(!doomed.exists(), "the stopped sandbox's cgroup is removed");
+    assert!(alive(neighbour_pid), "the neighbour runs on");
+    assert_eq!(
+        collector.metric("idlemeter_collector_commands_applied_total"),
+        2
+    );
+    collector.stop().await?;
+    Ok(())
+}
+
+/// True while `pid` runs (a zombie, killed but not yet reaped, does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
 /// Network bytes from a sandbox's own network namespace: a process in the
 /// sandbox cgroup with its own namespace and a veth pair to the host receives
 /// a known number of bytes, and the collector's `net_rx_bytes` rises by at
@@ -378,10 +456,11 @@ fn sandboxes_created_and_removed_on_cgroupfs_are_noticed_at_the_next_read() -> a
 
 /// A host without cgroup v2 (simulated on this hybrid host by discovering in
 /// the v1 cpuacct hierarchy): CPU from `cpuacct.usage`, frozen from and
-/// suspend through the v1 freezer, on real v1 cgroups with a real burner.
+/// suspend through the v1 freezer, stop by signals, on real v1 cgroups with a
+/// real burner.
 #[test]
 fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()> {
-    use idlemeter_collector::cgroup::set_frozen;
+    use idlemeter_collector::cgroup::{set_frozen, stop_sandbox};
     use idlemeter_collector::reader::UsageReader;
     use idlemeter_collector::sandbox::SandboxKey;
     use idlemeter_collector::{CgroupLayout, CgroupReader};
@@ -408,7 +487,7 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
     v1.burner = Some(burner);
 
     let work = tempfile::tempdir()?;
-    let mut reader = CgroupReader::new(CgroupLayout {
+    let layout = CgroupLayout {
         v2_parent: cpuacct.clone(),
         v1_memory_parent: work.path().join("no-v1"),
         v1_cpuacct_parent: cpuacct.clone(),
@@ -416,7 +495,8 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
         v1_blkio_parent: work.path().join("no-v1"),
         labels_dir: work.path().join("labels"),
         activity_dir: work.path().join("activity"),
-    });
+    };
+    let mut reader = CgroupReader::new(layout.clone());
     let mut readings = Vec::new();
     let kernel_usec = || -> anyhow::Result<u64> {
         let text = std::fs::read_to_string(cpuacct.join(name).join("cpuacct.usage"))?;
@@ -462,6 +542,23 @@ fn cgroup_v1_cpuacct_and_freezer_serve_a_host_without_v2() -> anyhow::Result<()>
         reader.read_node(&mut readings)?;
         Ok(!readings[0].frozen && readings[0].cpu_usage_usec > frozen_at + 50_000)
     })?;
+
+    // Stop on v1, frozen first: no cgroup.kill, so each pid is killed and
+    // the freezer thawed for the kill to land; then the directories go.
+    set_frozen(&work.path().join("no-v2"), &freezer, &key, true)?;
+    let pid = v1
+        .burner
+        .as_ref()
+        .map(std::process::Child::id)
+        .expect("spawned");
+    stop_sandbox(&layout, &key, std::time::Duration::from_secs(10))?;
+    assert!(!alive(pid), "the burner outlived stop");
+    assert!(!cpuacct.join(name).exists() && !freezer.join(name).exists());
+    reader.read_node(&mut readings)?;
+    assert!(
+        readings.is_empty(),
+        "the stopped sandbox is gone from discovery"
+    );
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Acting on `sandbox.commands`: suspend freezes a sandbox's cgroup, resume
-//! thaws it (`cgroup.freeze` on v2). The acknowledgement is the state change in
-//! the next samples (`suspended` / `running`), which the policy reads anyway.
+//! thaws it (`cgroup.freeze` on v2), stop ends its processes and removes its
+//! cgroup ([`crate::cgroup::stop_sandbox`]). The acknowledgement is the state
+//! change in the next samples (`suspended` / `running` / the final
+//! `stopped`), which the policy reads anyway.
 //!
 //! Each node has its own consumer group, so every node sees every command and
 //! acts only on those naming it. An offset is committed after the command was
@@ -17,7 +19,6 @@
 //! sandbox in this collector's own index, whose cgroup it found itself. The
 //! ids in a command never choose a path on their own.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use idlemeter_bus::{GroupConsumer, KafkaSettings};
@@ -29,7 +30,7 @@ use rdkafka::Message;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cgroup::set_frozen;
+use crate::cgroup::{set_frozen, stop_sandbox, CgroupLayout};
 use crate::metrics::CollectorMetrics;
 use crate::sampler::EpochIndex;
 use crate::sandbox::SandboxKey;
@@ -40,6 +41,8 @@ use crate::{Error, Result};
 pub enum Decision {
     /// Freeze (`true`) or thaw (`false`) this sandbox.
     Freeze { key: SandboxKey, frozen: bool },
+    /// End its processes and remove its cgroup.
+    Stop { key: SandboxKey },
     /// For another node: not ours to judge.
     OtherNode,
     /// Ours, but not applied, and why.
@@ -84,6 +87,7 @@ pub fn decide(
     match v1::CommandAction::try_from(command.action) {
         Ok(v1::CommandAction::Suspend) => Decision::Freeze { key, frozen: true },
         Ok(v1::CommandAction::Resume) => Decision::Freeze { key, frozen: false },
+        Ok(v1::CommandAction::Stop) => Decision::Stop { key },
         _ => Decision::Ignore(format!(
             "action {} is not supported by the collector",
             command.action
@@ -138,8 +142,8 @@ pub struct CommandActor {
     pub topic: String,
     pub group_id: String,
     pub node: NodeId,
-    pub cgroup_parent: PathBuf,
-    pub v1_freezer_parent: PathBuf,
+    /// Where the sandboxes' cgroups are (the sampler's layout).
+    pub layout: CgroupLayout,
     pub max_age_ms: u64,
     /// The cluster's command key; empty refuses every command.
     pub key: idlemeter_core::Secret,
@@ -187,14 +191,15 @@ impl CommandActor {
                     .find(|header| header.key == idlemeter_proto::COMMAND_SIGNATURE_HEADER)
                     .and_then(|header| header.value)
             });
-            self.act(message.payload().unwrap_or_default(), signature);
+            self.act(message.payload().unwrap_or_default(), signature)
+                .await;
             if let Err(error) = consumer.commit_message(&message, CommitMode::Async) {
                 tracing::warn!(%error, "committing a command offset failed: it may be replayed");
             }
         }
     }
 
-    fn act(&self, payload: &[u8], signature: Option<&[u8]>) {
+    async fn act(&self, payload: &[u8], signature: Option<&[u8]>) {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let command = match decode_command(payload) {
             Ok(command) => command,
@@ -225,20 +230,55 @@ impl CommandActor {
                 tracing::warn!(command_id = %command.command_id, sandbox = %command.sandbox, %reason, "command ignored");
             }
             Decision::Freeze { key, frozen } => {
-                match set_frozen(&self.cgroup_parent, &self.v1_freezer_parent, &key, frozen) {
-                    Ok(()) => {
-                        self.metrics.commands_applied.inc();
-                        tracing::info!(command_id = %command.command_id, sandbox = %key, frozen, reason = %command.reason, "command applied");
-                    }
-                    Err(error) => {
-                        self.metrics.commands_ignored.inc();
-                        tracing::warn!(command_id = %command.command_id, sandbox = %key, %error, "command could not be applied");
-                    }
-                }
+                let applied = set_frozen(
+                    &self.layout.v2_parent,
+                    &self.layout.v1_freezer_parent,
+                    &key,
+                    frozen,
+                );
+                self.report(
+                    &command,
+                    &key,
+                    if frozen { "suspend" } else { "resume" },
+                    applied,
+                );
+            }
+            Decision::Stop { key } => {
+                // Killing waits for the processes to go: off the async workers.
+                let layout = self.layout.clone();
+                let stopping = key.clone();
+                let stopped = tokio::task::spawn_blocking(move || {
+                    stop_sandbox(&layout, &stopping, STOP_WAIT)
+                })
+                .await
+                .unwrap_or_else(|error| Err(Error::Config(format!("stop task failed: {error}"))));
+                self.report(&command, &key, "stop", stopped);
+            }
+        }
+    }
+
+    fn report(
+        &self,
+        command: &v1::SandboxCommand,
+        key: &SandboxKey,
+        action: &str,
+        result: Result<()>,
+    ) {
+        match result {
+            Ok(()) => {
+                self.metrics.commands_applied.inc();
+                tracing::info!(command_id = %command.command_id, sandbox = %key, action, reason = %command.reason, "command applied");
+            }
+            Err(error) => {
+                self.metrics.commands_ignored.inc();
+                tracing::warn!(command_id = %command.command_id, sandbox = %key, action, %error, "command could not be applied");
             }
         }
     }
 }
+
+/// How long a stop waits for the sandbox's processes to exit.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
@@ -312,6 +352,11 @@ mod tests {
         let stop = command(v1::CommandAction::Stop, 77, NOW);
         assert!(matches!(
             decide(&stop, &node(), &epochs(), NOW, 60_000),
+            Decision::Stop { key } if key.cgroup_name() == "acme.sbx-1"
+        ));
+        let stale_stop = command(v1::CommandAction::Stop, 76, NOW);
+        assert!(matches!(
+            decide(&stale_stop, &node(), &epochs(), NOW, 60_000),
             Decision::Ignore(_)
         ));
     }
@@ -390,8 +435,7 @@ mod tests {
             topic: "t".into(),
             group_id: "g".into(),
             node: node(),
-            cgroup_parent: PathBuf::from("/nonexistent"),
-            v1_freezer_parent: PathBuf::from("/nonexistent"),
+            layout: crate::config::CollectorConfig::default().layout(),
             max_age_ms: 60_000,
             key: idlemeter_core::Secret::new("k"),
             epochs,

@@ -84,6 +84,19 @@ impl Default for CollectorConfig {
 }
 
 impl CollectorConfig {
+    /// Where the sandboxes' cgroups and the platform's files are.
+    pub fn layout(&self) -> crate::cgroup::CgroupLayout {
+        crate::cgroup::CgroupLayout {
+            v2_parent: self.cgroup_parent.clone(),
+            v1_memory_parent: self.cgroup_v1_memory_parent.clone(),
+            v1_cpuacct_parent: self.cgroup_v1_cpuacct_parent.clone(),
+            v1_freezer_parent: self.cgroup_v1_freezer_parent.clone(),
+            v1_blkio_parent: self.cgroup_v1_blkio_parent.clone(),
+            labels_dir: self.labels_dir.clone(),
+            activity_dir: self.activity_dir.clone(),
+        }
+    }
+
     /// The file that carries counters across restarts.
     pub fn state_file(&self) -> PathBuf {
         self.state_dir.join("counters.state")

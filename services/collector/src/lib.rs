@@ -115,16 +115,7 @@ impl Collector {
             &config.spool_dir(),
             config.spool_max_bytes,
         )?);
-        let reader = CgroupReader::new(CgroupLayout {
-            v2_parent: config.cgroup_parent.clone(),
-            v1_memory_parent: config.cgroup_v1_memory_parent.clone(),
-            v1_cpuacct_parent: config.cgroup_v1_cpuacct_parent.clone(),
-            v1_freezer_parent: config.cgroup_v1_freezer_parent.clone(),
-            v1_blkio_parent: config.cgroup_v1_blkio_parent.clone(),
-            labels_dir: config.labels_dir.clone(),
-            activity_dir: config.activity_dir.clone(),
-        })
-        .with_gpu(gpu::open_gpu_reader(config.gpu)?);
+        let reader = CgroupReader::new(config.layout()).with_gpu(gpu::open_gpu_reader(config.gpu)?);
         let sampler = Sampler::new(
             reader,
             node.clone(),
@@ -161,8 +152,7 @@ impl Collector {
             topic: self.topics.commands.clone(),
             group_id: command_group,
             node: self.node.clone(),
-            cgroup_parent: self.config.cgroup_parent.clone(),
-            v1_freezer_parent: self.config.cgroup_v1_freezer_parent.clone(),
+            layout: self.config.layout(),
             max_age_ms: self.config.command_max_age_ms,
             key: self.config.command_key.clone(),
             epochs: self.sampler.epochs(),

@@ -711,7 +711,10 @@ mod tests {
     fn the_rater_never_calls_missing_data_idle() {
         let before = sample(1, 0, 5, 0);
         let next = sample(2, 0, 5, 0);
-        assert!(idle_under(SESSIONS, &before, &next), "10 s without activity");
+        assert!(
+            idle_under(SESSIONS, &before, &next),
+            "10 s without activity"
+        );
         assert!(crate::rating::SessionOrConnection.is_idle(&before, &next));
         // Sample 2 lost: seq jumps from 1 to 3.
         let after_loss = sample(3, 0, 5, 0);

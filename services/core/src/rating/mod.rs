@@ -16,7 +16,9 @@ mod usage;
 use std::collections::HashMap;
 
 pub use carried::{RatingState, StateError};
-pub use idle::{is_gap, is_gap_after, IdlePolicy, NeverIdle, SessionOrConnection, DEFAULT_GAP_AFTER_S};
+pub use idle::{
+    is_gap, is_gap_after, IdlePolicy, NeverIdle, SessionOrConnection, DEFAULT_GAP_AFTER_S,
+};
 pub(crate) use interval::interval_is_refused;
 
 use crate::error::LineError;
