@@ -173,6 +173,33 @@ impl TestEnv {
         Ok(())
     }
 
+    /// Produces a keep-alive lease (JSON, keyed by sandbox) to the leases
+    /// topic: the platform's wake request while the sandbox is suspended.
+    pub async fn produce_lease(
+        &self,
+        producer: &FutureProducer,
+        customer: &str,
+        sandbox: &str,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<()> {
+        let lease = serde_json::json!({
+            "customer": customer,
+            "sandbox": sandbox,
+            "until": until.to_rfc3339(),
+            "holder": "platform",
+        });
+        producer
+            .send(
+                FutureRecord::to(&self.topics.leases)
+                    .key(&format!("{customer}/{sandbox}"))
+                    .payload(&serde_json::to_vec(&lease)?),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(error, _)| anyhow::anyhow!("produce to {}: {error}", self.topics.leases))?;
+        Ok(())
+    }
+
     /// Reads `count` messages of the dead-letter topic from its start.
     pub async fn dead_letters(&self, count: usize) -> anyhow::Result<Vec<DeadLetterRead>> {
         use rdkafka::consumer::Consumer as _;

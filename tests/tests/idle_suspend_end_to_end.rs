@@ -2,7 +2,9 @@
 //! activity is CPU (a burner, no session, no connection) is idle under the
 //! policy; the policy service decides to suspend it, the collector freezes its
 //! cgroup on the command, and from then on its compute bill stops while its
-//! storage bill goes on. Real broker, real ClickHouse, real cgroup v2 freeze.
+//! storage bill goes on. Then the platform asks for it (a lease): the policy
+//! decides a wake, the collector thaws it and its CPU moves again. Real
+//! broker, real ClickHouse, real cgroup v2 freeze.
 
 use std::time::Duration;
 
@@ -117,9 +119,38 @@ async fn an_idle_sandbox_is_frozen_and_only_its_storage_bills_on() -> anyhow::Re
             >= 10
     })
     .await?;
+    let before_wake = tail.samples.len();
+
+    // The platform's wake request: a lease while suspended.
+    env.produce_lease(
+        &env.producer()?,
+        "acme",
+        "worker",
+        chrono::Utc::now() + chrono::Duration::seconds(120),
+    )
+    .await?;
+    let suspended_cpu = tail.samples[before_wake - 1].sample.cpu_used_usec;
+    tail.wait_for("running again with CPU moving", |samples| {
+        samples[before_wake..].iter().any(|shipped| {
+            shipped.sample.state == LifecycleState::Running
+                && shipped.sample.cpu_used_usec > suspended_cpu + 100_000
+        })
+    })
+    .await?;
     let _ = stop_policy.send(());
     policy_task.await??;
     collector.stop().await?;
+    let wakes: Vec<_> = env
+        .store
+        .decisions_of("acme")
+        .await?
+        .into_iter()
+        .filter(|row| row.rule == "wake")
+        .collect();
+    assert_eq!(wakes.len(), 1, "{wakes:?}");
+    assert_eq!(wakes[0].action, "resume");
+    assert!(wakes[0].reason.contains("platform"), "{}", wakes[0].reason);
+    tail.samples.truncate(before_wake);
 
     // The trail: one idle_window decision, before the first frozen sample.
     let decisions = env.store.decisions_of("acme").await?;

@@ -199,6 +199,7 @@ fn trace(scenario: &Scenario) -> Vec<Input> {
                     sandbox: sandbox.clone(),
                     until: start() + Duration::seconds(lease.until_s),
                     holder: lease.holder.clone(),
+                    at: Some(start() + Duration::seconds(lease.at_s)),
                 }));
             }
             while spends.first().is_some_and(|spend| spend.at_s <= t) {

@@ -457,8 +457,15 @@ impl PolicyService {
         let payload = message.payload().unwrap_or_default();
         if message.topic() == topics.leases {
             return match decode_lease(payload) {
-                Ok(lease) => {
+                Ok(mut lease) => {
                     metrics.leases_observed.inc();
+                    // A wake's event time: when the lease was produced.
+                    if lease.at.is_none() {
+                        lease.at = message
+                            .timestamp()
+                            .to_millis()
+                            .and_then(chrono::DateTime::from_timestamp_millis);
+                    }
                     vec![Input::Lease(lease)]
                 }
                 Err(reason) => {
@@ -717,6 +724,7 @@ pub fn command_of(decision: &Decision) -> v1::SandboxCommand {
     let action = match decision.action {
         Action::Suspend => v1::CommandAction::Suspend,
         Action::Stop => v1::CommandAction::Stop,
+        Action::Resume => v1::CommandAction::Resume,
         Action::Notify => v1::CommandAction::Unspecified,
     };
     v1::SandboxCommand {

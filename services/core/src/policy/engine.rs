@@ -26,6 +26,10 @@
 //!   `reissue_after_s` later, it is issued again (attempt 2, ...).
 //! - hysteresis: a span shorter than `short_run_s` that ended by an idle
 //!   suspend is a flap; each consecutive flap multiplies the window.
+//! - a keep-alive lease that arrives while the sandbox is suspended wakes it:
+//!   `wake` with action `resume`, at the lease's time (`at`). A platform's
+//!   wake request is such a lease. It is re-issued like the others while the
+//!   sandbox stays suspended and the lease holds.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -45,6 +49,8 @@ pub enum Rule {
     IdleWindow,
     MaxSession,
     BudgetCap,
+    /// A lease (or a platform's wake request) for a suspended sandbox.
+    Wake,
 }
 
 impl Rule {
@@ -53,6 +59,7 @@ impl Rule {
             Rule::IdleWindow => "idle_window",
             Rule::MaxSession => "max_session",
             Rule::BudgetCap => "budget_cap",
+            Rule::Wake => "wake",
         }
     }
 }
@@ -66,6 +73,10 @@ pub struct Lease {
     pub until: DateTime<Utc>,
     /// Who holds it (`customer`, `platform`, a user id), for the trail.
     pub holder: String,
+    /// When it was taken: the event time of a wake. The service fills it
+    /// from the Kafka message's timestamp when the sender did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// A customer's spend so far in the period, as the rater reported it at `at`.
@@ -266,11 +277,16 @@ impl Engine {
             Input::Sample(sample) => self.observe_sample(sample).into_iter().collect(),
             Input::Lease(lease) => {
                 let key = (lease.customer.clone(), lease.sandbox.clone());
-                self.sandboxes
+                let state = self
+                    .sandboxes
                     .entry(key)
-                    .or_insert_with(|| SandboxState::placeholder(lease))
-                    .lease = Some(lease.clone());
-                Vec::new()
+                    .or_insert_with(|| SandboxState::placeholder(lease));
+                state.lease = Some(lease.clone());
+                let at = lease.at.unwrap_or(state.ts).max(state.ts);
+                let reissue_after_s = self.policy.rules_for(&lease.customer).reissue_after_s;
+                wake(&self.version, state, at, reissue_after_s)
+                    .into_iter()
+                    .collect()
             }
             Input::Spend(spend) => {
                 self.spend.insert(spend.customer.clone(), spend.clone());
@@ -345,8 +361,13 @@ impl Engine {
             }
             state.running_since = None;
             state.active_at = None;
-            state.pending = None;
             state.notified.clear();
+            // A wake waits for the sandbox to run; any other decision is done.
+            state.pending.take_if(|pending| pending.rule == Rule::Wake);
+            if state.pending.is_some() {
+                return wake(&self.version, state, sample.ts, rules.reissue_after_s);
+            }
+            state.pending = None;
             return None;
         }
         if !was_running {
@@ -546,44 +567,117 @@ fn decide(
         break;
     }
     let (rule, action, reason, attempt) = chosen?;
+    let signals = Signals {
+        running_since,
+        idle_since,
+        window_s,
+        flaps: state.flaps,
+        exec_sessions: measured.exec_sessions,
+        open_conns: measured.open_conns,
+        net_bytes_per_s: measured.net_bytes_per_s,
+        cpu_percent: measured.cpu_percent,
+        lease_until,
+        spend,
+    };
+    Some(issue(
+        version,
+        state,
+        now,
+        (rule, action, attempt),
+        reason,
+        signals,
+    ))
+}
+
+/// Records `rule` as pending and builds its decision at `at`.
+fn issue(
+    version: &str,
+    state: &mut SandboxState,
+    at: DateTime<Utc>,
+    (rule, action, attempt): (Rule, Action, u32),
+    reason: String,
+    signals: Signals,
+) -> Decision {
     state.pending = Some(Pending {
         rule,
         action,
-        at: now,
+        at,
         attempt,
     });
-    Some(Decision {
+    Decision {
         id: format!(
             "{}:{}:{}:{}:{}",
             state.customer,
             state.sandbox,
             state.epoch.0,
             rule.as_str(),
-            now.timestamp_millis()
+            at.timestamp_millis()
         ),
         customer: state.customer.clone(),
         sandbox: state.sandbox.clone(),
         node: state.node.clone(),
         epoch: state.epoch,
-        at: now,
+        at,
         rule,
         action,
         attempt,
         policy_version: version.to_owned(),
         reason,
-        signals: Signals {
-            running_since,
-            idle_since,
-            window_s,
-            flaps: state.flaps,
-            exec_sessions: measured.exec_sessions,
-            open_conns: measured.open_conns,
-            net_bytes_per_s: measured.net_bytes_per_s,
-            cpu_percent: measured.cpu_percent,
-            lease_until,
-            spend,
-        },
-    })
+        signals,
+    }
+}
+
+/// A resume for a suspended sandbox whose lease holds at `at`: the first
+/// one, or a re-issue once `reissue_after_s` passed since the last. None
+/// while running, stopped, or without a lease that holds.
+fn wake(
+    version: &str,
+    state: &mut SandboxState,
+    at: DateTime<Utc>,
+    reissue_after_s: u64,
+) -> Option<Decision> {
+    let until = state.lease.as_ref().map(|lease| lease.until)?;
+    if state.state != LifecycleState::Suspended || state.seq == 0 || until <= at {
+        return None;
+    }
+    let attempt = match &state.pending {
+        Some(pending) if pending.rule == Rule::Wake => {
+            if seconds_between(pending.at, at) < reissue_after_s {
+                return None;
+            }
+            pending.attempt + 1
+        }
+        _ => 1,
+    };
+    let holder = state
+        .lease
+        .as_ref()
+        .map(|lease| lease.holder.clone())
+        .unwrap_or_default();
+    let reason = format!(
+        "lease held by {holder} until {} while suspended",
+        until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    let signals = Signals {
+        running_since: at,
+        idle_since: at,
+        window_s: 0,
+        flaps: state.flaps,
+        exec_sessions: 0,
+        open_conns: 0,
+        net_bytes_per_s: 0,
+        cpu_percent: Decimal::ZERO,
+        lease_until: Some(until),
+        spend: None,
+    };
+    Some(issue(
+        version,
+        state,
+        at,
+        (Rule::Wake, Action::Resume, attempt),
+        reason,
+        signals,
+    ))
 }
 
 /// The policy's definition of activity as the rater's [`IdlePolicy`]: a

@@ -59,6 +59,9 @@ pub enum Action {
     Stop,
     /// Only tell the platform (webhook and decisions table); no command.
     Notify,
+    /// Thaw a suspended sandbox (a keep-alive lease or a platform's wake
+    /// request while it is suspended). Not an action a rule may choose.
+    Resume,
 }
 
 impl Action {
@@ -67,6 +70,7 @@ impl Action {
             Action::Suspend => "suspend",
             Action::Stop => "stop",
             Action::Notify => "notify",
+            Action::Resume => "resume",
         }
     }
 }
@@ -322,14 +326,24 @@ fn resolve(
     if let Some(value) = &overrides.idle_window_s {
         rules.idle_window_s = positive(value, "idle_window_s")?;
     }
+    let ending = |action: Action, key: &str| -> Result<Action, SheetError> {
+        if action == Action::Resume {
+            return Err(located.error_at(
+                None,
+                format!("{table}.{key}"),
+                "must be suspend, stop or notify (resume wakes a sandbox, it ends nothing)",
+            ));
+        }
+        Ok(action)
+    };
     if let Some(action) = overrides.idle_action {
-        rules.idle_action = action;
+        rules.idle_action = ending(action, "idle_action")?;
     }
     if let Some(value) = &overrides.max_session_s {
         rules.max_session_s = Some(positive(value, "max_session_s")?);
     }
     if let Some(action) = overrides.max_session_action {
-        rules.max_session_action = action;
+        rules.max_session_action = ending(action, "max_session_action")?;
     }
     if let Some(value) = &overrides.reissue_after_s {
         rules.reissue_after_s = positive(value, "reissue_after_s")?;
