@@ -36,8 +36,9 @@ enum Command {
     Ingest,
     /// Run the online rater: rate closed hours of stored usage into rated_usage.
     Rater,
-    /// Run the idle-suspend policy service: samples in, suspend commands and decisions out.
-    Policy,
+    /// Run the idle-suspend policy service (samples in, commands and decisions
+    /// out), or replay and what-if a policy offline.
+    Policy(commands::policy::PolicyArgs),
     /// Run the invoicing scheduler: close each ended billing period into invoices.
     Invoicer,
     /// Run the customer usage API (HTTP; docs at /docs, schema at /openapi.json).
@@ -74,17 +75,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Rate(args) = &cli.command {
         return commands::rate::run(args);
     }
+    if let Command::Policy(commands::policy::PolicyArgs {
+        tool: Some(commands::policy::PolicyTool::Replay(args)),
+    }) = &cli.command
+    {
+        return commands::policy::replay_command(args);
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Command::Policy(commands::policy::PolicyArgs {
+        tool: Some(commands::policy::PolicyTool::Whatif(args)),
+    }) = &cli.command
+    {
+        return runtime.block_on(commands::whatif::run(&settings, args));
+    }
     runtime.block_on(async move {
         match cli.command {
             Command::Migrate => commands::migrate(&settings).await,
             Command::Ingest => commands::ingest(&settings).await,
             Command::Rater => commands::rater(&settings).await,
             Command::Collector => commands::collector(&settings).await,
-            Command::Policy => commands::policy(&settings).await,
+            Command::Policy(_) => commands::policy(&settings).await,
             Command::Invoicer => commands::invoices::service(&settings).await,
             Command::Api => commands::api::serve(&settings).await,
             Command::Keys(args) => commands::api::keys(&settings, args).await,

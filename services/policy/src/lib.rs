@@ -21,6 +21,8 @@
 
 pub use idlemeter_webhook as webhook;
 
+pub mod whatif;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;

@@ -2,8 +2,10 @@
 
 pub mod api;
 pub mod invoices;
+pub mod policy;
 pub mod rate;
 pub mod simulate;
+pub mod whatif;
 
 use anyhow::Context;
 use idlemeter_collector::Collector;

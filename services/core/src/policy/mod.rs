@@ -6,9 +6,11 @@
 
 pub mod engine;
 pub mod file;
+pub mod replay;
 
 pub use engine::{
     decide_all, Decision, Engine, IdleRule, Input, Lease, PolicyIdle, Rule, SandboxState, Signals,
     Snapshot, Spend,
 };
 pub use file::{Action, ActivitySignals, Hysteresis, Policy, Rules};
+pub use replay::{parse_leases, replay, replay_order};
