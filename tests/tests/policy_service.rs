@@ -525,3 +525,124 @@ async fn a_budget_cap_suspends_on_live_spend_before_the_hour_closes() -> anyhow:
     policy.task.await??;
     Ok(())
 }
+
+/// Issue "Idle policy": `idlemeter policy replay` on a file of the samples
+/// the service read (shuffled, a third duplicated) decides exactly what the
+/// service decided: same instants, sandboxes, rules, actions and reasons.
+/// The stream has an idle sandbox, a collector gap that hides the end of a
+/// session, and samples lost in transit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_offline_decides_what_the_service_decided() -> anyhow::Result<()> {
+    let env = TestEnv::new("policy_replay_equal").await?;
+    ensure_topics(&env).await?;
+    let policy = start_policy(&env, "").await?;
+    let node = NodeId::parse("node-1")?;
+    let producer = env.producer()?;
+    // (sandbox, tick, seq, session open)
+    let mut plan: Vec<(&str, u64, u64, bool)> = Vec::new();
+    for tick in 0..130u64 {
+        plan.push(("sbx-idle", tick, tick + 1, false));
+        // A session until 10, no sample 11..=70, idle from 71: decided at 101.
+        if !(11..=70).contains(&tick) {
+            let seq = if tick <= 10 { tick + 1 } else { tick - 59 };
+            plan.push(("sbx-gap", tick, seq, tick <= 10));
+        }
+        // Idle, samples 20..=24 lost in transit (seq jumps): decided at 55.
+        if !(20..=24).contains(&tick) {
+            plan.push(("sbx-lost", tick, tick + 1, false));
+        }
+    }
+    let mut all = Vec::new();
+    for tick in 0..130u64 {
+        let ts = start() + chrono::Duration::seconds(tick as i64);
+        let batch: Vec<_> = plan
+            .iter()
+            .filter(|(_, at, _, _)| *at == tick)
+            .map(|(sandbox, _, seq, busy)| {
+                let mut sample = sample(sandbox, 1, *seq, ts, 1000 * seq, 0);
+                sample.exec_sessions = u32::from(*busy);
+                sample
+            })
+            .collect();
+        env.produce(
+            &producer,
+            node.as_str(),
+            &encode_node_batch(&node, Utc::now(), tick, &batch),
+        )
+        .await?;
+        all.extend(batch);
+    }
+    env.eventually(
+        "every sample observed and three decisions stored",
+        || async {
+            Ok(
+                policy.counter("idlemeter_policy_samples_observed_total") >= all.len() as u64
+                    && policy.counter("idlemeter_policy_decisions_total") >= 3,
+            )
+        },
+    )
+    .await?;
+    policy.stop.send(()).ok();
+    policy.task.await??;
+    let mut served: Vec<(i64, String, String, String, String)> = env
+        .store
+        .decisions_of("acme")
+        .await?
+        .into_iter()
+        .map(|row| (row.at_ms, row.sandbox, row.rule, row.action, row.reason))
+        .collect();
+    served.sort();
+    let at = |second: i64| (start() + chrono::Duration::seconds(second)).timestamp_millis();
+    assert_eq!(
+        served
+            .iter()
+            .map(|(at_ms, sandbox, ..)| (*at_ms, sandbox.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (at(30), "sbx-idle"),
+            (at(55), "sbx-lost"),
+            (at(101), "sbx-gap")
+        ]
+    );
+
+    let mut lines: Vec<String> = all.iter().map(idlemeter_core::jsonl::to_line).collect();
+    let duplicates: Vec<String> = lines.iter().step_by(3).cloned().collect();
+    lines.extend(duplicates);
+    lines.reverse();
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("policy.toml"), POLICY)?;
+    std::fs::write(dir.path().join("samples.jsonl"), lines.join("\n"))?;
+    let output = std::process::Command::new(idlemeter_tests::collector::idlemeter_binary()?)
+        .args(["policy", "replay", "--policy"])
+        .arg(dir.path().join("policy.toml"))
+        .arg("--samples")
+        .arg(dir.path().join("samples.jsonl"))
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let document: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let mut replayed: Vec<(i64, String, String, String, String)> = document["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .map(|decision| {
+            let text = |key: &str| decision[key].as_str().unwrap_or_default().to_owned();
+            let at_ms = DateTime::parse_from_rfc3339(&text("at"))
+                .map(|at| at.timestamp_millis())
+                .unwrap_or_default();
+            (
+                at_ms,
+                text("sandbox"),
+                text("rule"),
+                text("action"),
+                text("reason"),
+            )
+        })
+        .collect();
+    replayed.sort();
+    assert_eq!(replayed, served);
+    Ok(())
+}

@@ -385,7 +385,7 @@ pub fn to_line(sample: &UsageSample) -> String {
     if sample.detail != SampleDetail::default() {
         put(
             "detail",
-            serde_json::to_value(&sample.detail).unwrap_or(serde_json::Value::Null),
+            serde_json::to_value(sample.detail).unwrap_or(serde_json::Value::Null),
         );
     }
     serde_json::Value::Object(line).to_string()

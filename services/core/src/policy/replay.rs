@@ -16,13 +16,22 @@ use crate::sample::UsageSample;
 /// The engine's inputs in replay order (see the module doc).
 pub fn replay_order(mut samples: Vec<UsageSample>, mut leases: Vec<Lease>) -> Vec<Input> {
     samples.sort_by(|a, b| {
-        (a.ts, &a.customer, &a.sandbox, a.epoch, a.seq)
-            .cmp(&(b.ts, &b.customer, &b.sandbox, b.epoch, b.seq))
+        (a.ts, &a.customer, &a.sandbox, a.epoch, a.seq).cmp(&(
+            b.ts,
+            &b.customer,
+            &b.sandbox,
+            b.epoch,
+            b.seq,
+        ))
     });
     let lease_time = |lease: &Lease| lease.at.unwrap_or(DateTime::<Utc>::MIN_UTC);
     leases.sort_by(|a, b| {
-        (lease_time(a), &a.customer, &a.sandbox, a.until)
-            .cmp(&(lease_time(b), &b.customer, &b.sandbox, b.until))
+        (lease_time(a), &a.customer, &a.sandbox, a.until).cmp(&(
+            lease_time(b),
+            &b.customer,
+            &b.sandbox,
+            b.until,
+        ))
     });
     let mut inputs = Vec::with_capacity(samples.len() + leases.len());
     let mut leases = leases.into_iter().peekable();
@@ -94,7 +103,11 @@ mod tests {
         let policy = Policy::from_toml(POLICY, "p.toml").expect("valid");
         let ordered = replay(&policy, samples(20), Vec::new());
         assert_eq!(ordered.len(), 1);
-        assert_eq!(ordered[0].at.timestamp() % 60, 5, "window 5 s from the start");
+        assert_eq!(
+            ordered[0].at.timestamp() % 60,
+            5,
+            "window 5 s from the start"
+        );
         let mut messy = samples(20);
         messy.extend(samples(20));
         messy.reverse();
@@ -109,11 +122,18 @@ mod tests {
         let (leases, errors) = parse_leases(text);
         assert_eq!(leases.len(), 1);
         assert_eq!(
-            errors.iter().map(|e| (e.line, e.field.as_str())).collect::<Vec<_>>(),
+            errors
+                .iter()
+                .map(|e| (e.line, e.field.as_str()))
+                .collect::<Vec<_>>(),
             [(3, "at"), (4, "json")]
         );
         let decided = replay(&policy, samples(25), leases);
         assert_eq!(decided.len(), 1);
-        assert_eq!(decided[0].at.timestamp() % 60, 20, "held until 15, then 5 s");
+        assert_eq!(
+            decided[0].at.timestamp() % 60,
+            20,
+            "held until 15, then 5 s"
+        );
     }
 }
