@@ -13,7 +13,7 @@ SCHEMATHESIS_VERSION ?= 4.32.5
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
 
-.PHONY: durable-broker bench bench-slow-clients bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+.PHONY: durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
 ## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
 run: build
@@ -88,6 +88,12 @@ bench: build test-services-start
 bench-slow-clients: test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench slow_clients
+
+## Wake time on a real cgroup: resume command (or lease) -> running sample
+## with CPU moving (root, cgroup v2; not a test).
+bench-wake: test-services-start
+	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		RUST_LOG=warn cargo bench -p idlemeter-tests --bench wake_time
 
 bench-latency: build test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \

@@ -225,9 +225,10 @@ impl std::fmt::Debug for SampleTail {
 
 impl SampleTail {
     pub fn new(env: &TestEnv) -> anyhow::Result<Self> {
+        // Prompt: the wake-time bench reads arrival times from it.
         let consumer = env
             .kafka
-            .consumer("idlemeter-test-tail", &format!("{}.tail", env.group_id))?;
+            .prompt_consumer("idlemeter-test-tail", &format!("{}.tail", env.group_id))?;
         consumer.subscribe(&[env.topics.samples.as_str()])?;
         Ok(Self {
             consumer,

@@ -158,7 +158,7 @@ pub struct CommandActor {
 impl CommandActor {
     /// Runs until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) -> Result<()> {
-        let consumer: GroupConsumer = self.kafka.consumer(
+        let consumer: GroupConsumer = self.kafka.prompt_consumer(
             &format!("idlemeter-collector-{}", self.node),
             &self.group_id,
         )?;

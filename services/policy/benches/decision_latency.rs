@@ -182,7 +182,8 @@ async fn service_end_to_end(
     let service = tokio::spawn(service.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    let reader = kafka.consumer("bench-reader", &format!("{run}.reader"))?;
+    // Read as a collector reads its commands.
+    let reader = kafka.prompt_consumer("bench-reader", &format!("{run}.reader"))?;
     reader.subscribe(&[topics.commands.as_str()])?;
     let collect = tokio::spawn(async move {
         let mut delays_ms = Vec::new();

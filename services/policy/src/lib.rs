@@ -305,7 +305,7 @@ impl PolicyService {
             tracing::warn!("policy.command_key is not set: commands go out unsigned and collectors refuse them");
         }
         let client_id = format!("idlemeter-policy-{}", std::process::id());
-        let consumer = kafka.consumer(&client_id, &config.group_id)?;
+        let consumer = kafka.prompt_consumer(&client_id, &config.group_id)?;
         consumer
             .subscribe(&[topics.samples.as_str(), topics.leases.as_str()])
             .map_err(|source| Error::Kafka {
