@@ -2,7 +2,8 @@
 # `make bench-policy`: the idle policy's engine throughput and its
 # sample -> command latency through the real broker and ClickHouse.
 #
-#   SANDBOXES=100000 NODES=100 WINDOW_S=10 TICKS=25 scripts/bench-policy.sh
+#   SANDBOXES=100000,1000000 WINDOW_S=10 TICKS=25 scripts/bench-policy.sh
+#   (NODES defaults to a thousand sandboxes a node)
 #
 # Uses the test servers (ports 28123 / 29092, memory broker) and a fresh
 # database and topics per run.

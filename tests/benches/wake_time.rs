@@ -29,8 +29,8 @@ use idlemeter_tests::collector::{
 };
 use idlemeter_tests::TestEnv;
 
-/// Idle after a day, so only commands and leases move the sandbox.
-const POLICY: &str = "[policy]\nname = \"wake\"\nversion = \"1\"\n[rules]\nidle_window_s = 86400\nreissue_after_s = 3600\n";
+/// Idle after half an hour, so only commands and leases move the sandbox.
+const POLICY: &str = "[policy]\nname = \"wake\"\nversion = \"1\"\n[rules]\nidle_window_s = 1800\nreissue_after_s = 3600\n";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wake {

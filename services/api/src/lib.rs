@@ -158,6 +158,8 @@ pub struct Billing {
     pub(crate) sheet: idlemeter_core::PriceSheet,
     pub(crate) sheet_label: String,
     pub(crate) sheet_checksum: String,
+    /// The version of the idle rule the rater classifies with.
+    pub(crate) idle_policy: String,
     pub(crate) terms: idlemeter_core::BillingTerms,
     pub(crate) tax_rates:
         std::collections::BTreeMap<idlemeter_core::CustomerId, rust_decimal::Decimal>,
@@ -174,6 +176,7 @@ impl Billing {
             sheet: idlemeter_core::PriceSheet::from_toml(source.sheet_text, source.sheet_label)?,
             sheet_label: source.sheet_label.to_owned(),
             sheet_checksum: source.checksum(),
+            idle_policy: source.idle_version()?,
             tax_rates: terms.tax_rates()?,
             terms,
         })

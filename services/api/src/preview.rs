@@ -71,6 +71,7 @@ pub async fn draft(
             currency: billing.sheet.currency.code().to_owned(),
             sheet: billing.sheet_label.clone(),
             sheet_checksum: billing.sheet_checksum.clone(),
+            idle_policy: billing.idle_policy.clone(),
         },
     );
     draft.status = "draft".to_owned();

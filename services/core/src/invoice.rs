@@ -62,6 +62,10 @@ pub enum LineKind {
     Tax,
     /// A payment from the customer's prepaid wallet (a negative amount).
     Wallet,
+    /// Running time the idle rule classified idle, on a resource billed only
+    /// while active: in seconds, not billed (amount zero). One per such
+    /// resource and price version, after its usage lines.
+    Idle,
 }
 
 impl LineKind {
@@ -75,6 +79,7 @@ impl LineKind {
             LineKind::Adjustment => "adjustment",
             LineKind::Tax => "tax",
             LineKind::Wallet => "wallet",
+            LineKind::Idle => "idle",
         }
     }
 }
@@ -370,9 +375,16 @@ impl LinePricer<'_> {
             for (slot_index, published) in version.resources.iter().enumerate() {
                 let slot = ResourceSlot(slot_index);
                 let quantity = usage.quantity(version_index, slot);
-                let Some(published) = published.as_ref().filter(|_| quantity > 0) else {
+                let Some(published) = published.as_ref() else {
                     continue;
                 };
+                let idle_ms = usage.idle_ms(version_index);
+                let idle_line = (published.bills_only_active_time() && idle_ms > 0)
+                    .then(|| self.idle_line(slot, version.effective_from, idle_ms));
+                if quantity == 0 {
+                    lines.extend(idle_line);
+                    continue;
+                }
                 let left = included_left.entry(slot).or_default();
                 let included = quantity.min(*left);
                 *left -= included;
@@ -399,9 +411,33 @@ impl LinePricer<'_> {
                 for band in price.bands(quantity - included) {
                     lines.push(self.usage_line(&context, &band, false)?);
                 }
+                lines.extend(idle_line);
             }
         }
         Ok(lines)
+    }
+
+    /// The idle line of a resource billed only while active: the version's
+    /// idle time in seconds (exact to the millisecond), at zero.
+    fn idle_line(
+        &self,
+        slot: ResourceSlot,
+        effective_from: DateTime<Utc>,
+        idle_ms: u64,
+    ) -> InvoiceLine {
+        InvoiceLine {
+            kind: LineKind::Idle,
+            resource: self.sheet.slot_name(slot),
+            quantity: Decimal::from(idle_ms) / Decimal::ONE_THOUSAND,
+            unit: "second".to_owned(),
+            unit_price: Decimal::ZERO,
+            amount: Decimal::new(0, self.digits()),
+            price_version: Some(effective_from),
+            tier: None,
+            quantity_base: Some(idle_ms.to_string()),
+            base_unit: Some("ms"),
+            credit_available: None,
+        }
     }
 
     fn usage_line(

@@ -24,10 +24,11 @@ fn bill<'a>(report: &'a RateReport, customer: &str) -> &'a CustomerBill {
         .expect("customer billed")
 }
 
+/// The priced lines of a resource (its idle line, which bills nothing, aside).
 fn lines<'a>(bill: &'a CustomerBill, resource: &str) -> Vec<&'a InvoiceLine> {
     bill.lines
         .iter()
-        .filter(|line| line.resource == resource)
+        .filter(|line| line.resource == resource && line.kind != LineKind::Idle)
         .collect()
 }
 
@@ -152,6 +153,31 @@ fn sprites_bill_compute_only_while_a_session_or_connection_is_open() {
     assert_eq!(disk.quantity_base.as_deref(), Some("108000000000000000"));
     // No plan: the total is the usage.
     assert_eq!(money(acme), ["0.65", "0.00", "0.00", "0.65"]);
+    // The idle hour is on the bill: an idle line, at zero, for each resource
+    // billed only while active (vCPU and memory), none for disk.
+    let idle: Vec<(&str, String, String, String)> = acme
+        .lines
+        .iter()
+        .filter(|line| line.kind == LineKind::Idle)
+        .map(|line| {
+            (
+                line.resource.as_str(),
+                line.quantity.to_string(),
+                line.unit.clone(),
+                line.amount.to_string(),
+            )
+        })
+        .collect();
+    let second = |resource| {
+        (
+            resource,
+            "3600".to_owned(),
+            "second".to_owned(),
+            "0.00".to_owned(),
+        )
+    };
+    assert_eq!(idle, [second("vcpu"), second("memory")]);
+    assert_eq!(report.idle_policy, "session-or-connection/v2");
 }
 
 #[test]

@@ -73,3 +73,59 @@ proptest! {
         prop_assert_eq!(read_back, usage);
     }
 }
+
+/// Issue "Idle policy", idle on the bill: the idle time of a Sprites bill
+/// survives every form its quantities are kept in (the stored text, the
+/// bill's lines, a carried rating state), so a figure read back still says
+/// how many seconds were idle.
+#[test]
+fn idle_time_survives_text_lines_and_carried_state() {
+    use idlemeter_core::{jsonl::parse_samples, RatingState, SessionOrConnection};
+    let sheet = PriceSheet::from_toml(SHEETS[4].1, "sprites.toml").expect("sheet");
+    let samples = parse_samples(include_str!("fixtures/sprites_idle.jsonl"));
+    let mut state = RatingState::new(&sheet);
+    let refused = state.advance(&sheet, &samples.samples, &SessionOrConnection);
+    assert!(refused.is_empty(), "{refused:?}");
+    let rated = state.usage(&sheet, &SessionOrConnection);
+    let usage = rated.customers[0].clone();
+    assert_eq!(usage.idle_ms(0), 3_600_000, "hour 2 was idle");
+
+    let customer = CustomerId::parse("acme").expect("id");
+    let text = usage.to_text();
+    assert!(text.ends_with(" i0=3600000"), "{text}");
+    assert_eq!(
+        CustomerUsage::from_text(&text, customer.clone(), &sheet).expect("text"),
+        usage
+    );
+
+    let billed = bill(&sheet, &usage, &Account::default()).expect("billed");
+    let lines: Vec<(&str, &str, String, String)> = billed
+        .lines
+        .iter()
+        .map(|line| {
+            (
+                line.kind.as_str(),
+                line.resource.as_str(),
+                line.price_version
+                    .map(|v| v.to_rfc3339())
+                    .unwrap_or_default(),
+                line.quantity_base.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let read_back = CustomerUsage::from_lines(
+        customer,
+        &sheet,
+        lines.iter().map(|(kind, resource, version, quantity)| {
+            (*kind, *resource, version.as_str(), quantity.as_str())
+        }),
+    )
+    .expect("lines");
+    assert_eq!(read_back, usage);
+
+    let restored = RatingState::from_json(&state.to_json(), &sheet).expect("state");
+    assert_eq!(
+        restored.usage(&sheet, &SessionOrConnection).customers[0],
+        usage
+    );
+}

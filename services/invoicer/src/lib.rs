@@ -506,6 +506,7 @@ impl Invoicer {
                 currency: self.sheet.currency.code().to_owned(),
                 sheet: self.sheet_label.clone(),
                 sheet_checksum: self.sheet_checksum.clone(),
+                idle_policy: idlemeter_core::IdlePolicy::version(&self.idle).to_owned(),
             },
         );
         if !invoice.lines_add_up() {

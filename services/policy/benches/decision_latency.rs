@@ -11,6 +11,10 @@
 //!    that closed the window (which is also when it was produced). Prints p50,
 //!    p99 and max.
 //!
+//! `SANDBOXES` is a comma-separated list of fleet sizes (default
+//! `100000,1000000`), each run in turn. Last line:
+//! `bench: policy sample -> command readable: <n> sandboxes p50 <a> ms p99 <b> ms, ...`
+//!
 //!   scripts/bench-policy.sh        (starts the test servers, then this)
 //!   SANDBOXES=100000 NODES=100 WINDOW_S=10 TICKS=25 cargo bench -p idlemeter-policy --bench decision_latency
 
@@ -88,9 +92,11 @@ fn engine_alone(sandboxes: u64, window_s: u64) {
         .single()
         .expect("time");
     let ticks = 2 * window_s + 2;
-    let inputs: Vec<Input> = (0..ticks)
-        .flat_map(|tick| {
-            (0..sandboxes).map(move |index| {
+    // One tick's samples at a time (a million sandboxes' whole run would not
+    // fit in memory); only `observe` is timed.
+    let tick_inputs = |tick: u64| -> Vec<Input> {
+        (0..sandboxes)
+            .map(|index| {
                 Input::Sample(sample(
                     index,
                     100,
@@ -99,24 +105,28 @@ fn engine_alone(sandboxes: u64, window_s: u64) {
                     start + chrono::Duration::seconds(tick as i64),
                 ))
             })
-        })
-        .collect();
+            .collect()
+    };
     let mut rates = Vec::new();
     for _ in 0..3 {
         let mut engine = Engine::new(policy.clone());
-        let began = Instant::now();
+        let mut observing = Duration::ZERO;
         let mut decisions = 0usize;
-        for input in &inputs {
-            decisions += engine.observe(input).len();
+        for tick in 0..ticks {
+            let inputs = tick_inputs(tick);
+            let began = Instant::now();
+            for input in &inputs {
+                decisions += engine.observe(input).len();
+            }
+            observing += began.elapsed();
         }
-        let elapsed = began.elapsed().as_secs_f64();
         assert_eq!(decisions as u64, sandboxes, "one decision per sandbox");
-        rates.push(inputs.len() as f64 / elapsed);
+        rates.push((ticks * sandboxes) as f64 / observing.as_secs_f64());
     }
     rates.sort_by(f64::total_cmp);
     println!(
         "engine: {} samples of {sandboxes} sandboxes, median of 3 runs: {:.0} samples/s ({:.2} µs/sample)",
-        inputs.len(),
+        ticks * sandboxes,
         rates[1],
         1e6 / rates[1]
     );
@@ -135,8 +145,8 @@ async fn service_end_to_end(
     nodes: u64,
     window_s: u64,
     ticks: u64,
-) -> anyhow::Result<()> {
-    let run = format!("bench_policy_{}", std::process::id());
+) -> anyhow::Result<(i64, i64)> {
+    let run = format!("bench_policy_{}_{sandboxes}", std::process::id());
     let kafka = KafkaSettings {
         brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
             .unwrap_or_else(|_| "127.0.0.1:29092".to_owned()),
@@ -272,20 +282,38 @@ async fn service_end_to_end(
         quantile(&delays, 0.99),
         delays.last().copied().unwrap_or(0)
     );
-    Ok(())
+    Ok((quantile(&delays, 0.5), quantile(&delays, 0.99)))
 }
 
 fn main() -> anyhow::Result<()> {
-    let sandboxes = env_or("SANDBOXES", 100_000);
-    let nodes = env_or("NODES", 100);
+    let fleets: Vec<u64> = std::env::var("SANDBOXES")
+        .unwrap_or_else(|_| "100000,1000000".to_owned())
+        .split(',')
+        .map(|count| count.trim().parse())
+        .collect::<Result<_, _>>()?;
+    // Default: a thousand sandboxes a node.
+    let nodes_setting = env_or("NODES", 0);
     let window_s = env_or("WINDOW_S", 10);
     let ticks = env_or("TICKS", 25);
-    engine_alone(sandboxes, window_s);
-    if std::env::var("ENGINE_ONLY").is_ok() {
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(service_end_to_end(sandboxes, nodes, window_s, ticks))
+        .build()?;
+    let mut summary = Vec::new();
+    for sandboxes in fleets {
+        engine_alone(sandboxes, window_s);
+        if std::env::var("ENGINE_ONLY").is_ok() {
+            continue;
+        }
+        let nodes = match nodes_setting {
+            0 => (sandboxes / 1000).max(1),
+            nodes => nodes,
+        };
+        let (p50, p99) = runtime.block_on(service_end_to_end(sandboxes, nodes, window_s, ticks))?;
+        summary.push(format!("{sandboxes} sandboxes p50 {p50} ms p99 {p99} ms"));
+    }
+    println!(
+        "bench: policy sample -> command readable: {}",
+        summary.join(", ")
+    );
+    Ok(())
 }

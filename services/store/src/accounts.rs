@@ -54,6 +54,17 @@ impl SheetSource<'_> {
     pub fn checksum(&self) -> String {
         ratings_checksum(self.sheet_text, self.policy.map(|(text, _)| text))
     }
+
+    /// The version label of the idle rule ratings under this source carry.
+    pub fn idle_version(&self) -> std::result::Result<String, idlemeter_core::SheetError> {
+        use idlemeter_core::IdlePolicy as _;
+        Ok(match self.policy {
+            Some((text, label)) => {
+                idlemeter_core::policy::Policy::from_toml(text, label)?.version_label()
+            }
+            None => idlemeter_core::SessionOrConnection.version().to_owned(),
+        })
+    }
 }
 
 /// A sheet's checksum combined with an idle policy's text.

@@ -17,6 +17,8 @@ pub struct BillContext {
     pub currency: String,
     pub sheet: String,
     pub sheet_checksum: String,
+    /// The idle rule's version, noted on idle lines.
+    pub idle_policy: String,
 }
 
 fn column(value: Decimal) -> Result<i128> {
@@ -94,6 +96,7 @@ impl Invoice {
                     _ => context.start,
                 },
                 note: match (line.kind, line.credit_available) {
+                    (LineKind::Idle, _) => format!("idle under {}", context.idle_policy),
                     (LineKind::Wallet, Some(balance)) => {
                         format!("prepaid balance before: {balance}")
                     }

@@ -157,6 +157,15 @@ pub struct ResourcePrice {
 }
 
 impl ResourcePrice {
+    /// True when running time bills only while active (`idle = "free"`):
+    /// the resources whose money the idle rule decides.
+    pub fn bills_only_active_time(&self) -> bool {
+        self.idle == IdleBilling::Free
+            && self
+                .bills_while
+                .contains(crate::sample::LifecycleState::Running)
+    }
+
     /// The flat unit price, when the resource is not tiered.
     pub fn flat_unit_price(&self) -> Option<Decimal> {
         match &self.price {

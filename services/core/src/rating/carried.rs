@@ -280,9 +280,24 @@ impl RatingState {
             ));
         }
         let mut accumulator = Accumulator::new(stored.versions, slots);
+        if !stored.idle_ms.is_empty()
+            && (stored.idle_ms.len() != stored.customers.len()
+                || stored
+                    .idle_ms
+                    .iter()
+                    .any(|row| row.len() != stored.versions))
+        {
+            return Err(StateError::Format(
+                "one row of idle ms per customer, one per price version".to_owned(),
+            ));
+        }
+        let mut idle_rows = stored.idle_ms.into_iter();
         for (customer, row) in stored.customers.into_iter().zip(stored.quantities) {
             let index = accumulator.row_of(&customer);
             accumulator.rows[index] = row;
+            if let Some(idle) = idle_rows.next() {
+                accumulator.idle[index] = idle;
+            }
         }
         let mut series = SeriesMap::default();
         for carried in stored.series {
@@ -326,16 +341,18 @@ impl RatingState {
     }
 
     fn stored(&self) -> StoredState {
-        let mut rows: Vec<(&CustomerId, &Vec<u128>)> = self
+        let mut rows: Vec<(&CustomerId, &Vec<u128>, &Vec<u64>)> = self
             .accumulator
             .customers
             .iter()
             .zip(&self.accumulator.rows)
+            .zip(&self.accumulator.idle)
+            .map(|((customer, row), idle)| (customer, row, idle))
             .collect();
         rows.sort_by(|left, right| left.0.cmp(right.0));
         // Spans name accumulator rows; stored rows are in customer order.
         let mut renumber = vec![0usize; rows.len()];
-        for (stored_index, (customer, _)) in rows.iter().enumerate() {
+        for (stored_index, (customer, _, _)) in rows.iter().enumerate() {
             renumber[self.accumulator.row_index[*customer]] = stored_index;
         }
         let mut series: Vec<StoredSeries> = self
@@ -372,9 +389,10 @@ impl RatingState {
             slots: self.accumulator.slot_count,
             customers: rows
                 .iter()
-                .map(|(customer, _)| (*customer).clone())
+                .map(|(customer, _, _)| (*customer).clone())
                 .collect(),
-            quantities: rows.iter().map(|(_, row)| (*row).clone()).collect(),
+            quantities: rows.iter().map(|(_, row, _)| (*row).clone()).collect(),
+            idle_ms: rows.iter().map(|(_, _, idle)| (*idle).clone()).collect(),
             series,
         }
     }
@@ -389,6 +407,10 @@ struct StoredState {
     slots: usize,
     customers: Vec<CustomerId>,
     quantities: Vec<Vec<u128>>,
+    /// Per customer, per price version: idle running ms (absent in states
+    /// written before idle lines: zero).
+    #[serde(default)]
+    idle_ms: Vec<Vec<u64>>,
     series: Vec<StoredSeries>,
 }
 

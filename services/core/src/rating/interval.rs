@@ -44,6 +44,9 @@ pub(super) struct SeriesRater<'a, P> {
     pub accumulator: &'a mut Accumulator,
     pub errors: &'a mut Vec<LineError>,
     spans: Vec<OpenSpan>,
+    /// Per price version: whether a resource bills only active time, so
+    /// that idle time is worth reporting on the bill.
+    idle_reported: Vec<bool>,
 }
 
 impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
@@ -54,12 +57,24 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
         errors: &'a mut Vec<LineError>,
     ) -> Self {
         let spans = vec![OpenSpan::default(); sheet.slot_count()];
+        let idle_reported = sheet
+            .versions()
+            .iter()
+            .map(|version| {
+                version
+                    .resources
+                    .iter()
+                    .flatten()
+                    .any(ResourcePrice::bills_only_active_time)
+            })
+            .collect();
         Self {
             sheet,
             policy,
             accumulator,
             errors,
             spans,
+            idle_reported,
         }
     }
 
@@ -201,6 +216,16 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
     }
 
     fn rate_segment(&mut self, segment: &Segment<'_>, row: usize, gpu_slot: Option<ResourceSlot>) {
+        if self.idle_reported[segment.version] {
+            let usage = segment.usage;
+            let idle =
+                usage.ms[Class::Running as usize].saturating_sub(usage.ms[Class::Active as usize]);
+            self.accumulator.add_idle(
+                row,
+                segment.version,
+                u64::try_from(idle).unwrap_or(u64::MAX),
+            );
+        }
         let prices = &self.sheet.versions()[segment.version].resources;
         for (slot, price) in prices.iter().enumerate() {
             let Some(price) = price else {

@@ -42,6 +42,10 @@ pub struct CustomerUsage {
     slot_count: usize,
     /// Version-major: `quantities[version * slot_count + slot]`.
     quantities: Vec<u128>,
+    /// Per price version: running milliseconds the idle rule classified
+    /// idle, kept for versions with a resource billed only while active
+    /// (`idle = "free"`): the seconds its idle lines report.
+    idle_ms: Vec<u64>,
 }
 
 impl CustomerUsage {
@@ -51,7 +55,14 @@ impl CustomerUsage {
             customer,
             slot_count: sheet.slot_count(),
             quantities: vec![0; sheet.versions().len() * sheet.slot_count()],
+            idle_ms: vec![0; sheet.versions().len()],
         }
+    }
+
+    /// Running milliseconds classified idle under a price version (zero for
+    /// versions whose resources bill idle time like any other).
+    pub fn idle_ms(&self, version: usize) -> u64 {
+        self.idle_ms.get(version).copied().unwrap_or(0)
     }
 
     /// Base-unit quantity rated for a resource under a price version.
@@ -64,8 +75,9 @@ impl CustomerUsage {
 
     /// The quantities as stored beside a rating state: `versions x slots`,
     /// then `version.slot=quantity` for each quantity that is not zero,
-    /// e.g. `2x7 0.1=3600000 1.1=120`. Exact (integers in base units) and
-    /// small: what closing a period reads per customer.
+    /// e.g. `2x7 0.1=3600000 1.1=120`, then `i<version>=<ms>` for each idle
+    /// tally that is not zero. Exact (integers in base units) and small:
+    /// what closing a period reads per customer.
     pub fn to_text(&self) -> String {
         use std::fmt::Write;
         let versions = self.quantities.len() / self.slot_count.max(1);
@@ -74,6 +86,11 @@ impl CustomerUsage {
             if *quantity > 0 {
                 let (version, slot) = (index / self.slot_count, index % self.slot_count);
                 let _ = write!(text, " {version}.{slot}={quantity}");
+            }
+        }
+        for (version, idle_ms) in self.idle_ms.iter().enumerate() {
+            if *idle_ms > 0 {
+                let _ = write!(text, " i{version}={idle_ms}");
             }
         }
         text
@@ -100,6 +117,18 @@ impl CustomerUsage {
             )));
         }
         for part in parts {
+            if let Some(idle) = part.strip_prefix('i') {
+                let parsed = idle.split_once('=').and_then(|(version, ms)| {
+                    Some((version.parse::<usize>().ok()?, ms.parse::<u64>().ok()?))
+                });
+                match parsed {
+                    Some((version, ms)) if version < usage.idle_ms.len() => {
+                        usage.idle_ms[version] = ms;
+                        continue;
+                    }
+                    _ => return Err(invalid(format!("{part:?} is not i<version>=<ms>"))),
+                }
+            }
             let parsed = part.split_once('=').and_then(|(key, quantity)| {
                 let (version, slot) = key.split_once('.')?;
                 Some((
@@ -121,11 +150,12 @@ impl CustomerUsage {
 }
 
 impl CustomerUsage {
-    /// The quantities a bill's usage and included lines price, read back
-    /// from those lines as (kind, resource, price version as RFC 3339,
-    /// quantity in base units): the exact inverse of the usage lines of
-    /// [`crate::invoice::bill`], which split a quantity into included and
-    /// priced bands without losing any. Other kinds are skipped.
+    /// The quantities a bill's usage and included lines price (and the idle
+    /// tallies its idle lines report), read back from those lines as (kind,
+    /// resource, price version as RFC 3339, quantity in base units): the
+    /// exact inverse of the usage lines of [`crate::invoice::bill`], which
+    /// split a quantity into included and priced bands without losing any.
+    /// Other kinds are skipped.
     pub fn from_lines<'a>(
         customer: CustomerId,
         sheet: &PriceSheet,
@@ -133,7 +163,7 @@ impl CustomerUsage {
     ) -> Result<Self, UsageTextError> {
         let mut usage = Self::nothing(customer, sheet);
         for (kind, resource, version, quantity) in lines {
-            if kind != "usage" && kind != "included" {
+            if kind != "usage" && kind != "included" && kind != "idle" {
                 continue;
             }
             let invalid = |reason: &str| UsageTextError {
@@ -151,6 +181,12 @@ impl CustomerUsage {
             let quantity: u128 = quantity
                 .parse()
                 .map_err(|_| invalid("quantity is not an integer in base units"))?;
+            if kind == "idle" {
+                // Every idle line of a version reports the same tally.
+                let ms = u64::try_from(quantity).map_err(|_| invalid("idle ms overflow"))?;
+                usage.idle_ms[version] = usage.idle_ms[version].max(ms);
+                continue;
+            }
             let cell = &mut usage.quantities[version * usage.slot_count + slot.0];
             *cell = cell
                 .checked_add(quantity)
@@ -205,10 +241,13 @@ pub fn rate_samples<P: IdlePolicy>(
 #[derive(Debug, Clone)]
 pub(crate) struct Accumulator {
     slot_count: usize,
+    version_count: usize,
     row_len: usize,
     row_index: HashMap<CustomerId, usize>,
     customers: Vec<CustomerId>,
     rows: Vec<Vec<u128>>,
+    /// Per row, per price version: idle running milliseconds.
+    idle: Vec<Vec<u64>>,
     last_row: Option<usize>,
 }
 
@@ -216,10 +255,12 @@ impl Accumulator {
     fn new(version_count: usize, slot_count: usize) -> Self {
         Self {
             slot_count,
+            version_count,
             row_len: version_count * slot_count,
             row_index: HashMap::new(),
             customers: Vec::new(),
             rows: Vec::new(),
+            idle: Vec::new(),
             last_row: None,
         }
     }
@@ -236,6 +277,7 @@ impl Accumulator {
             None => {
                 self.customers.push(customer.clone());
                 self.rows.push(vec![0; self.row_len]);
+                self.idle.push(vec![0; self.version_count]);
                 self.row_index.insert(customer.clone(), self.rows.len() - 1);
                 self.rows.len() - 1
             }
@@ -251,16 +293,24 @@ impl Accumulator {
         *cell = cell.saturating_add(quantity);
     }
 
+    fn add_idle(&mut self, row: usize, version: usize, ms: u64) {
+        if let Some(cell) = self.idle[row].get_mut(version) {
+            *cell = cell.saturating_add(ms);
+        }
+    }
+
     fn into_customers(self) -> Vec<CustomerUsage> {
         let slot_count = self.slot_count;
         let mut customers: Vec<CustomerUsage> = self
             .customers
             .into_iter()
             .zip(self.rows)
-            .map(|(customer, quantities)| CustomerUsage {
+            .zip(self.idle)
+            .map(|((customer, quantities), idle_ms)| CustomerUsage {
                 customer,
                 slot_count,
                 quantities,
+                idle_ms,
             })
             .collect();
         customers.sort_by(|left, right| left.customer.cmp(&right.customer));
