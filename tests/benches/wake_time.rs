@@ -9,9 +9,10 @@
 //! Wake time is from the moment the command (or lease) is produced to the
 //! `ts` of the first sample that shows the sandbox running with its CPU
 //! moving (taken by the collector; the reader's hop is not part of it). The
-//! collector samples every `TICK_MS` (1000, the production default), so the
-//! tick bounds the figure: the thaw itself takes microseconds, the sample
-//! that shows it comes at the next tick.
+//! collector samples every `TICK_MS` (1000, the production default); after
+//! it applies a command it samples again 100 ms later instead of at the next
+//! tick, so the figure is the command's way there plus that delay. Wakes
+//! are issued at phases spread over the tick.
 //!
 //! `make bench-wake` (root, cgroup v2 at /sys/fs/cgroup/unified, the test
 //! servers). Not a test. Last line:
@@ -51,6 +52,8 @@ async fn round(env: &TestEnv, tail: &mut SampleTail, node: &str, how: Wake) -> a
     })
     .await?;
     let frozen_cpu = tail.samples[tail.samples.len() - 1].sample.cpu_used_usec;
+    // Wakes at spread phases of the tick, not right after one.
+    tokio::time::sleep(phase).await;
     let asleep = tail.samples.len();
     let issued = Utc::now();
     match how {
@@ -128,7 +131,8 @@ async fn run() -> anyhow::Result<()> {
     for how in [Wake::Command, Wake::Lease] {
         let mut millis = Vec::new();
         for done in 0..rounds {
-            millis.push(round(&env, &mut tail, &node, how).await?);
+            let phase = Duration::from_millis((done as u64 * 397) % tick_ms);
+            millis.push(round(&env, &mut tail, &node, how, phase).await?);
             eprintln!(
                 "bench: {} wake {}/{rounds}: {:.0} ms",
                 if how == Wake::Command {

@@ -761,7 +761,9 @@ async fn a_third_of_the_batches_lost_changes_no_bill() -> anyhow::Result<()> {
                 assert_eq!(
                     (&whole_line.resource, whole_line.amount),
                     (&lost_line.resource, lost_line.amount),
-                    "{name}, round {round}"
+                    "{name}, round {round}: {:?} vs {:?}",
+                    whole.lines,
+                    lost.lines
                 );
             }
         }

@@ -153,6 +153,9 @@ pub struct CommandActor {
     /// is acted on once, so a signed command captured and produced again
     /// within its age cannot undo a later one.
     pub seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// The sampler thread, told to sample soon after a command changed a
+    /// sandbox, so the change shows within [`ACKNOWLEDGE_AFTER`].
+    pub sampler: Option<std::sync::mpsc::Sender<crate::sampler::SamplerControl>>,
 }
 
 impl CommandActor {
@@ -266,6 +269,11 @@ impl CommandActor {
     ) {
         match result {
             Ok(()) => {
+                if let Some(sampler) = &self.sampler {
+                    let _ = sampler.send(crate::sampler::SamplerControl::SampleAfter(
+                        ACKNOWLEDGE_AFTER,
+                    ));
+                }
                 self.metrics.commands_applied.inc();
                 tracing::info!(command_id = %command.command_id, sandbox = %key, action, reason = %command.reason, "command applied");
             }
@@ -279,6 +287,10 @@ impl CommandActor {
 
 /// How long a stop waits for the sandbox's processes to exit.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// After a command changed a sandbox, its next sample comes this soon
+/// (long enough for a thawed sandbox's CPU to move) rather than at the tick.
+pub const ACKNOWLEDGE_AFTER: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
@@ -441,6 +453,7 @@ mod tests {
             epochs,
             metrics: CollectorMetrics::register(&prometheus::Registry::new()).expect("metrics"),
             seen: Default::default(),
+            sampler: None,
         };
         assert!(actor.first_time("c-1", NOW));
         assert!(

@@ -147,6 +147,7 @@ impl Collector {
         } else {
             self.config.command_group_id.clone()
         };
+        let (control, controlled) = std::sync::mpsc::channel();
         let actor = commands::CommandActor {
             kafka: self.kafka.clone(),
             topic: self.topics.commands.clone(),
@@ -158,6 +159,7 @@ impl Collector {
             epochs: self.sampler.epochs(),
             metrics: self.metrics.clone(),
             seen: Default::default(),
+            sampler: Some(control.clone()),
         };
         let shipper = shipper::Shipper {
             kafka: self.kafka.clone(),
@@ -168,12 +170,11 @@ impl Collector {
             spooled: Arc::clone(&spooled),
             metrics: self.metrics.clone(),
         };
-        let (stop_sampler, sampler_stopped) = std::sync::mpsc::channel();
         let interval = Duration::from_millis(self.config.interval_ms);
         let sampler = self.sampler;
         let sampler_thread = std::thread::Builder::new()
             .name("idlemeter-sampler".to_owned())
-            .spawn(move || sampler::run_sampler(sampler, interval, sampler_stopped, spooled))
+            .spawn(move || sampler::run_sampler(sampler, interval, controlled, spooled))
             .map_err(|source| Error::Io {
                 context: "starting the sampler thread".to_owned(),
                 source,
@@ -183,7 +184,7 @@ impl Collector {
         tracing::info!(node = %self.node, parent = %self.config.cgroup_parent.display(), interval_ms = self.config.interval_ms, "collector started");
         shutdown.await;
         stop.cancel();
-        let _ = stop_sampler.send(());
+        let _ = control.send(sampler::SamplerControl::Stop);
         let sampler_result = tokio::task::spawn_blocking(move || sampler_thread.join()).await;
         if !matches!(sampler_result, Ok(Ok(()))) {
             tracing::error!("sampler thread panicked");

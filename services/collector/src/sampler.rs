@@ -260,12 +260,23 @@ impl<R: UsageReader> Sampler<R> {
     }
 }
 
-/// Samples every `interval` until `stop` receives (or its sender is dropped),
-/// waking the shipper after each spooled batch.
+/// What the sampler thread is told between ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerControl {
+    /// Take a sample this soon instead of waiting for the tick (a command
+    /// changed a sandbox: its next sample acknowledges it within this
+    /// delay, not a whole interval later). The ticks go on from there.
+    SampleAfter(Duration),
+    Stop,
+}
+
+/// Samples every `interval` until told to stop (or the sender is dropped),
+/// waking the shipper after each spooled batch; a
+/// [`SamplerControl::SampleAfter`] brings the next tick forward.
 pub fn run_sampler<R: UsageReader>(
     mut sampler: Sampler<R>,
     interval: Duration,
-    stop: Receiver<()>,
+    control: Receiver<SamplerControl>,
     spooled: Arc<Notify>,
 ) {
     let mut next_tick = Instant::now();
@@ -293,12 +304,20 @@ pub fn run_sampler<R: UsageReader>(
             // Fell behind (a slow disk, a suspended VM): skip, do not burst.
             next_tick = now + interval;
         }
-        match stop.recv_timeout(next_tick - now) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match control.recv_timeout(wait) {
+                Err(RecvTimeoutError::Timeout) => break,
+                Ok(SamplerControl::SampleAfter(delay)) => {
+                    next_tick = next_tick.min(Instant::now() + delay);
+                }
+                Ok(SamplerControl::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    tracing::info!("sampler stopped");
+                    return;
+                }
+            }
         }
     }
-    tracing::info!("sampler stopped");
 }
 
 #[cfg(test)]

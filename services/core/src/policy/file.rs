@@ -549,6 +549,14 @@ idle_window_s = 600
                 POLICY.replace("idle_window_s = 30", "idle_windows = 30"),
                 "p.toml:8: field `rules.idle_windows`: unknown field",
             ),
+            (
+                POLICY.replace("idle_window_s = 30", "idle_window_s = 30\nidle_action = \"resume\""),
+                "p.toml: field `rules.idle_action`: must be suspend, stop or notify",
+            ),
+            (
+                POLICY.replace("idle_window_s = 30", "gap_after_s = 0"),
+                "p.toml:8: field `rules.gap_after_s`: must be at least 1 second",
+            ),
         ];
         for (text, expected) in cases {
             let error = Policy::from_toml(&text, "p.toml").expect_err("must be refused");
