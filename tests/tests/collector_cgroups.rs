@@ -643,14 +643,13 @@ async fn a_third_of_the_batches_lost_changes_no_bill() -> anyhow::Result<()> {
         env.topics.clone(),
     )?;
     let mut tail = SampleTail::new(&env)?;
-    let mut seen = 0;
-    let mut more = async |tail: &mut SampleTail, what: &str, count: usize| {
-        let want = seen + count;
-        let result = tail
-            .wait_for(what, |samples| samples_of(samples, "lossy").len() >= want)
-            .await;
-        seen = samples_of(&tail.samples, "lossy").len();
-        result
+    // `count` more samples after those read so far: each phase lasts that
+    // long whatever the waits before it read (the last one must, for the
+    // bill's last span to end on samples of its own allocation).
+    let more = async |tail: &mut SampleTail, what: &str, count: usize| {
+        let want = samples_of(&tail.samples, "lossy").len() + count;
+        tail.wait_for(what, |samples| samples_of(samples, "lossy").len() >= want)
+            .await
     };
     more(&mut tail, "running at 2 vCPU", 10).await?;
     labels(4000, 8)?;
@@ -755,6 +754,7 @@ async fn a_third_of_the_batches_lost_changes_no_bill() -> anyhow::Result<()> {
             let sheet = PriceSheet::from_toml(text, name)?;
             let whole = rate(&sheet, full.clone());
             let lost = rate(&sheet, lossy.clone());
+
             assert_eq!(whole.total, lost.total, "{name}, round {round}");
             assert_eq!(whole.lines.len(), lost.lines.len(), "{name}, round {round}");
             for (whole_line, lost_line) in whole.lines.iter().zip(&lost.lines) {
