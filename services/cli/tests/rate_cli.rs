@@ -142,7 +142,17 @@ fn an_idle_policy_file_decides_which_running_seconds_are_idle() {
         [line(1, 10, 0), line(2, 11, 0), line(3, 12, 1)].concat(),
     )
     .expect("write");
-    let vcpu_quantity = |policy: Option<&str>| -> Decimal {
+    let sprites = std::fs::read_to_string(repo().join("policies/sprites.toml")).expect("policy");
+    // The samples are an hour apart: a policy must say so, or its hour-long
+    // intervals are missing data (never idle).
+    let hourly = dir.path().join("sprites-hourly.toml");
+    std::fs::write(
+        &hourly,
+        sprites.replace("[rules]\n", "[rules]\ngap_after_s = 3600\n"),
+    )
+    .expect("write");
+    // (vCPU usage quantity, idle seconds on the vCPU's idle line)
+    let vcpu = |policy: Option<&std::path::Path>| -> (Decimal, Decimal) {
         let mut command = Command::new(env!("CARGO_BIN_EXE_idlemeter"));
         command
             .args(["rate", "--prices"])
@@ -150,7 +160,7 @@ fn an_idle_policy_file_decides_which_running_seconds_are_idle() {
             .arg("--samples")
             .arg(&samples);
         if let Some(policy) = policy {
-            command.arg("--policy").arg(repo().join(policy));
+            command.arg("--policy").arg(policy);
         }
         let output = command.output().expect("idlemeter runs");
         assert!(
@@ -159,17 +169,22 @@ fn an_idle_policy_file_decides_which_running_seconds_are_idle() {
             String::from_utf8_lossy(&output.stderr)
         );
         let report: Value = serde_json::from_slice(&output.stdout).expect("json");
-        report["customers"][0]["lines"]
-            .as_array()
-            .expect("lines")
-            .iter()
-            .filter(|line| line["resource"] == "vcpu")
-            .map(|line| decimal(&line["quantity"]))
-            .sum()
+        let lines = report["customers"][0]["lines"].as_array().expect("lines");
+        let sum = |kind: &str| -> Decimal {
+            lines
+                .iter()
+                .filter(|line| line["resource"] == "vcpu" && line["kind"] == kind)
+                .map(|line| decimal(&line["quantity"]))
+                .sum()
+        };
+        (sum("usage"), sum("idle"))
     };
-    assert_eq!(vcpu_quantity(None), Decimal::ZERO);
-    assert_eq!(
-        vcpu_quantity(Some("policies/sprites.toml")),
-        Decimal::from(2)
-    );
+    // The collector's rule: no session, no connection: both hours idle.
+    assert_eq!(vcpu(None), (Decimal::ZERO, Decimal::from(7200)));
+    // Sprites' policy counts API calls: the second hour is active.
+    assert_eq!(vcpu(Some(&hourly)), (Decimal::from(2), Decimal::from(3600)));
+    // As shipped (a sample expected every second), hour-long intervals are
+    // gaps: missing data is billed, never idle.
+    let shipped = repo().join("policies/sprites.toml");
+    assert_eq!(vcpu(Some(&shipped)), (Decimal::from(4), Decimal::ZERO));
 }
