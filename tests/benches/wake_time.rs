@@ -42,7 +42,13 @@ enum Wake {
 /// Suspends the sandbox and waits for a suspended sample; then wakes it and
 /// returns ms from the wake's production to the first running sample with
 /// its CPU moving.
-async fn round(env: &TestEnv, tail: &mut SampleTail, node: &str, how: Wake) -> anyhow::Result<f64> {
+async fn round(
+    env: &TestEnv,
+    tail: &mut SampleTail,
+    node: &str,
+    how: Wake,
+    phase: Duration,
+) -> anyhow::Result<f64> {
     send_command(env, node, "acme", "sleeper", CommandAction::Suspend).await?;
     let from = tail.samples.len();
     tail.wait_for("a suspended sample", |samples| {
