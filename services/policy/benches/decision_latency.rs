@@ -132,6 +132,14 @@ fn engine_alone(sandboxes: u64, window_s: u64) {
     );
 }
 
+/// Sandbox `index` goes idle at tick `index % window_s` and is decided once
+/// it has been idle for `window_s` ticks, if the run lasts that long.
+fn expected_commands(sandboxes: u64, window_s: u64, ticks: u64) -> usize {
+    (0..sandboxes)
+        .filter(|index| index % window_s + window_s < ticks)
+        .count()
+}
+
 fn quantile(sorted: &[i64], q: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
@@ -195,13 +203,23 @@ async fn service_end_to_end(
     // Read as a collector reads its commands.
     let reader = kafka.prompt_consumer("bench-reader", &format!("{run}.reader"))?;
     reader.subscribe(&[topics.commands.as_str()])?;
+    // A saturated service (a million sandboxes on two cores) sends its first
+    // command long after the first sample: read until every expected command
+    // arrived, giving up only after two minutes without one.
+    let expected = expected_commands(sandboxes, window_s, ticks);
     let collect = tokio::spawn(async move {
         let mut delays_ms = Vec::new();
-        while let Ok(Ok(message)) =
-            tokio::time::timeout(Duration::from_secs(15), reader.recv()).await
-        {
+        while delays_ms.len() < expected {
+            let Ok(Ok(message)) =
+                tokio::time::timeout(Duration::from_secs(120), reader.recv()).await
+            else {
+                break;
+            };
             let command = decode_command(message.payload().unwrap_or_default()).expect("a command");
             delays_ms.push(Utc::now().timestamp_millis() - command.issued_unix_ms);
+            if delays_ms.len() % 10_000 == 0 {
+                eprintln!("bench: {} of {expected} commands read", delays_ms.len());
+            }
         }
         delays_ms
     });
@@ -272,9 +290,7 @@ async fn service_end_to_end(
     println!(
         "service: {sandboxes} sandboxes on {nodes} nodes, window {window_s} s, {ticks} ticks: {} commands ({} expected)",
         delays.len(),
-        (0..sandboxes)
-            .filter(|index| index % window_s + window_s < ticks)
-            .count()
+        expected
     );
     println!(
         "service: sample -> command readable on Kafka: p50 {} ms, p99 {} ms, max {} ms; {late_ticks} ticks took longer than 1 s to produce",
