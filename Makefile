@@ -13,14 +13,14 @@ SCHEMATHESIS_VERSION ?= 4.32.5
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
 
-.PHONY: durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+.PHONY: prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
 ## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
 run: build
 	scripts/run.sh
 
 ## Everything, against real servers: unit, property, integration and chDB tests.
-test: test-services-start durable-broker chdb-venv schemathesis-venv chromium
+test: test-services-start durable-broker chdb-venv schemathesis-venv chromium prometheus
 	@# The collector's fault tests run (and SIGKILL) the real binary; cargo does
 	@# not build another package's binary for a test, so build it first.
 	cargo build -p idlemeter-cli --bin idlemeter
@@ -68,6 +68,10 @@ $(SCHEMATHESIS_VENV)/.schemathesis-$(SCHEMATHESIS_VERSION):
 ## tansu with sqlite storage, for the tests that kill and restart a broker of their own.
 durable-broker:
 	@scripts/services.sh durable-broker >/dev/null
+
+## Debian's prometheus (and promtool), for the alert rules' tests and the scrape test.
+prometheus:
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 ## Debian's chromium, for the finance page's headless-browser test.
 chromium:

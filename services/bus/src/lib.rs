@@ -384,6 +384,19 @@ impl KafkaSettings {
             })
     }
 
+    /// A client for readiness checks ([`BrokerProbe::check`]).
+    pub fn probe(&self, client_id: &str) -> Result<BrokerProbe> {
+        let mut config = self.client_config(client_id);
+        apply_overrides(&mut config, &self.properties);
+        config
+            .create()
+            .map(BrokerProbe)
+            .map_err(|source| Error::Kafka {
+                context: format!("probe {client_id}"),
+                source,
+            })
+    }
+
     /// Creates the topics that do not exist yet; existing ones are left alone.
     pub async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<()> {
         let mut config = self.client_config("idlemeter-admin");
@@ -420,6 +433,54 @@ fn apply_overrides(config: &mut ClientConfig, properties: &BTreeMap<String, Stri
     for (key, value) in properties {
         config.set(key, value);
     }
+}
+
+/// Asks the brokers for their metadata: whether a service can reach Kafka
+/// with its own settings (addresses, TLS, SASL).
+pub struct BrokerProbe(BaseConsumer);
+
+impl std::fmt::Debug for BrokerProbe {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("BrokerProbe")
+    }
+}
+
+impl BrokerProbe {
+    /// Blocks up to `limit`: run it off the async threads.
+    pub fn check(&self, limit: Duration) -> std::result::Result<(), String> {
+        use rdkafka::consumer::Consumer;
+        self.0
+            .fetch_metadata(None, limit)
+            .map(|_| ())
+            .map_err(|error| format!("kafka brokers unreachable: {error}"))
+    }
+}
+
+/// Messages not yet committed on the partitions `consumer` owns: high
+/// watermark minus the group's committed offset (the low watermark before
+/// the first commit). `None` when the broker did not answer within 2 s.
+/// Blocks: run it off the async threads.
+pub fn group_lag(consumer: &GroupConsumer) -> Option<i64> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::Offset;
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let assignment = consumer.assignment().ok()?;
+    if assignment.count() == 0 {
+        return Some(0);
+    }
+    let committed = consumer.committed_offsets(assignment, TIMEOUT).ok()?;
+    let mut lag = 0;
+    for element in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(element.topic(), element.partition(), TIMEOUT)
+            .ok()?;
+        let from = match element.offset() {
+            Offset::Offset(offset) => offset,
+            _ => low,
+        };
+        lag += (high - from).max(0);
+    }
+    Some(lag)
 }
 
 #[cfg(test)]

@@ -43,6 +43,21 @@ pub struct Settings {
 pub struct MetricsSettings {
     /// `host:port`; port 0 picks a free one (logged at start).
     pub listen: String,
+    /// `/health` answers 503 while a consuming service (ingest, policy) is
+    /// more than this many messages behind its topics.
+    #[serde(default = "default_ready_max_lag")]
+    pub ready_max_lag_messages: i64,
+    /// How often the readiness checks run, in seconds.
+    #[serde(default = "default_ready_every")]
+    pub ready_check_every_s: u64,
+}
+
+fn default_ready_max_lag() -> i64 {
+    100_000
+}
+
+fn default_ready_every() -> u64 {
+    5
 }
 
 impl Default for Settings {
@@ -68,6 +83,8 @@ impl Default for Settings {
             api: ApiConfig::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
+                ready_max_lag_messages: default_ready_max_lag(),
+                ready_check_every_s: default_ready_every(),
             },
         }
     }

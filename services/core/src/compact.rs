@@ -118,6 +118,10 @@ pub struct CompactStats {
     pub samples_kept: u64,
     pub duplicates: u64,
     pub late: u64,
+    /// Samples a seq jump skipped when the next one arrived (lost on the
+    /// node or in transit); one that arrives later still counts here, and
+    /// in `late`.
+    pub missing: u64,
     pub refused: u64,
     pub series_ended: u64,
 }
@@ -128,6 +132,7 @@ impl std::ops::AddAssign for CompactStats {
         self.samples_kept += other.samples_kept;
         self.duplicates += other.duplicates;
         self.late += other.late;
+        self.missing += other.missing;
         self.refused += other.refused;
         self.series_ended += other.series_ended;
     }
@@ -592,6 +597,7 @@ impl<P: Copy + Ord> Window<P> {
             out.samples.push(sample);
             return None;
         }
+        stats.missing += sample.seq - newest_seq - 1;
         let closing = NumberedSample { line: 0, sample };
         let newer = &self.newer.sample;
         let in_same_minute = self.minute.contains(&closing.sample);

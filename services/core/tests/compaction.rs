@@ -386,3 +386,39 @@ fn a_run_of_refused_samples_restarts_the_series() {
         assert!(kept.contains(&seq), "refused sample {seq} kept: {kept:?}");
     }
 }
+
+/// Seq jumps count the samples they skipped; one that arrives after its
+/// successor counts as late, and duplicates as duplicates.
+#[test]
+fn seq_jumps_count_the_samples_they_skipped() {
+    let plan = common::EpochPlan {
+        phases: vec![common::Phase {
+            ticks: 30,
+            running: true,
+            vcpu: 1000,
+            mem_mib: 512,
+            cpu_permille: 100,
+            session: true,
+        }],
+        gpus: 0,
+        disk_gib: 1,
+    };
+    let all = stream(&[plan], &[0], 0, 0, 0);
+    // Seqs 1-5, then 9 (6-8 skipped), 7 late, 9 again, then 10-20 and 25.
+    let mut input: Vec<UsageSample> = all[..5].to_vec();
+    input.push(all[8].clone());
+    input.push(all[6].clone());
+    input.push(all[8].clone());
+    input.extend(all[9..20].iter().cloned());
+    input.push(all[24].clone());
+    assert_eq!(input[5].seq, 9, "the stream numbers samples from 1");
+    let mut compactor = Compactor::<usize>::with_rule(CompactRule::EVERY_SHEET);
+    let mut out = Compacted::default();
+    for (position, sample) in input.iter().enumerate() {
+        compactor.push(sample.clone(), position, 0, &mut out);
+    }
+    let stats = compactor.stats();
+    assert_eq!(stats.missing, 3 + 4, "6-8 and 21-24");
+    assert_eq!(stats.late, 1);
+    assert_eq!(stats.duplicates, 1);
+}

@@ -514,6 +514,7 @@ impl Ingest {
         let stats = partitions.take_stats();
         self.metrics.compact_duplicates.inc_by(stats.duplicates);
         self.metrics.compact_late.inc_by(stats.late);
+        self.metrics.samples_missing.inc_by(stats.missing);
         self.metrics.compact_refused.inc_by(stats.refused);
         self.metrics.series_ended.inc_by(stats.series_ended);
         self.metrics

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use idlemeter_bus::GroupConsumer;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
-use rdkafka::consumer::Consumer;
-use rdkafka::Offset;
 use tokio_util::sync::CancellationToken;
 
 /// Every metric ingest exports.
@@ -18,6 +16,7 @@ pub struct IngestMetrics {
     pub samples_inserted: IntCounter,
     pub minutes_inserted: IntCounter,
     pub compact_duplicates: IntCounter,
+    pub samples_missing: IntCounter,
     pub compact_late: IntCounter,
     pub compact_refused: IntCounter,
     pub series_ended: IntCounter,
@@ -83,6 +82,11 @@ impl IngestMetrics {
                 registry,
                 "idlemeter_ingest_compact_late_total",
                 "samples older than their series' newest (kept as they are)",
+            )?,
+            samples_missing: counter(
+                registry,
+                "idlemeter_ingest_samples_missing_total",
+                "samples a seq jump skipped when the next arrived (lost on the node or in transit; one arriving later also counts as late)",
             )?,
             compact_refused: counter(
                 registry,
@@ -174,48 +178,15 @@ impl IngestMetrics {
     /// Refreshes the lag gauge every 5 s until `stop`: for each partition this
     /// process owns, high watermark minus the group's committed offset (the low
     /// watermark before the first commit). A consumed message whose insert is
-    /// still being retried counts as lag. It runs in its own blocking task,
-    /// beside the consuming loop, so it keeps reporting during a sink outage and
-    /// its broker round trips never delay a batch.
+    /// still being retried counts as lag. Its broker round trips run on the
+    /// blocking pool, beside the consuming loop, so it keeps reporting during a
+    /// sink outage and never delays a batch.
     pub fn follow_lag(&self, consumer: Arc<GroupConsumer>, stop: CancellationToken) {
-        let gauge = self.lag_messages.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    _ = stop.cancelled() => break,
-                }
-                let consumer = Arc::clone(&consumer);
-                if let Ok(Some(lag)) =
-                    tokio::task::spawn_blocking(move || group_lag(&consumer)).await
-                {
-                    gauge.set(lag);
-                }
-            }
-        });
+        idlemeter_telemetry::follow_gauge(
+            self.lag_messages.clone(),
+            Duration::from_secs(5),
+            move || idlemeter_bus::group_lag(&consumer),
+            stop.cancelled_owned(),
+        );
     }
-}
-
-/// Uncommitted messages on the partitions `consumer` owns; `None` when the
-/// broker did not answer in time (the gauge then keeps its last value).
-fn group_lag(consumer: &GroupConsumer) -> Option<i64> {
-    const TIMEOUT: Duration = Duration::from_secs(2);
-    let assignment = consumer.assignment().ok()?;
-    if assignment.count() == 0 {
-        return Some(0);
-    }
-    let committed = consumer.committed_offsets(assignment, TIMEOUT).ok()?;
-    let mut lag = 0;
-    for element in committed.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(element.topic(), element.partition(), TIMEOUT)
-            .ok()?;
-        let from = match element.offset() {
-            Offset::Offset(offset) => offset,
-            _ => low,
-        };
-        lag += (high - from).max(0);
-    }
-    Some(lag)
 }

@@ -64,6 +64,8 @@ pub enum Error {
         "schedule {schedule:?} is not a cron expression (sec min hour day month weekday): {reason}"
     )]
     Schedule { schedule: String, reason: String },
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("lock {path}: {reason}")]
     Lock { path: String, reason: String },
     #[error("invoice of {customer}: {reason}")]
@@ -169,6 +171,79 @@ pub struct Invoicer {
     config: InvoicerConfig,
     terms: BillingTerms,
     tax_rates: BTreeMap<CustomerId, Decimal>,
+    metrics: Option<InvoicerMetrics>,
+}
+
+/// What the scheduler exports: whether its runs succeed, and what they issue.
+#[derive(Debug, Clone)]
+struct InvoicerMetrics {
+    runs: prometheus::IntCounterVec,
+    last_run_succeeded: prometheus::IntGauge,
+    last_success: prometheus::IntGauge,
+    customers_failed: prometheus::IntCounter,
+    invoices_issued: prometheus::IntCounter,
+}
+
+impl InvoicerMetrics {
+    fn register(registry: &prometheus::Registry) -> Result<Self> {
+        use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+        let runs = IntCounterVec::new(
+            Opts::new(
+                "idlemeter_invoicer_runs_total",
+                "scheduled closes by outcome (ok, failed)",
+            ),
+            &["outcome"],
+        )?;
+        let last_run_succeeded = IntGauge::new(
+            "idlemeter_invoicer_last_run_succeeded",
+            "1 unless the last scheduled close failed as a whole",
+        )?;
+        let last_success = IntGauge::new(
+            "idlemeter_invoicer_last_success_timestamp_seconds",
+            "when the last scheduled close succeeded (the process start before the first)",
+        )?;
+        let customers_failed = IntCounter::new(
+            "idlemeter_invoicer_customers_failed_total",
+            "customers a close could not invoice (reported in rating_errors, retried next run)",
+        )?;
+        let invoices_issued = IntCounter::new(
+            "idlemeter_invoicer_invoices_issued_total",
+            "invoices issued by scheduled closes",
+        )?;
+        registry.register(Box::new(runs.clone()))?;
+        registry.register(Box::new(last_run_succeeded.clone()))?;
+        registry.register(Box::new(last_success.clone()))?;
+        registry.register(Box::new(customers_failed.clone()))?;
+        registry.register(Box::new(invoices_issued.clone()))?;
+        for outcome in ["ok", "failed"] {
+            runs.with_label_values(&[outcome]);
+        }
+        last_run_succeeded.set(1);
+        last_success.set(Utc::now().timestamp());
+        Ok(Self {
+            runs,
+            last_run_succeeded,
+            last_success,
+            customers_failed,
+            invoices_issued,
+        })
+    }
+
+    fn observe(&self, outcome: &Result<CloseOutcome>) {
+        match outcome {
+            Ok(outcome) => {
+                self.runs.with_label_values(&["ok"]).inc();
+                self.last_run_succeeded.set(1);
+                self.last_success.set(Utc::now().timestamp());
+                self.customers_failed.inc_by(outcome.failed.len() as u64);
+                self.invoices_issued.inc_by(outcome.issued_count as u64);
+            }
+            Err(_) => {
+                self.runs.with_label_values(&["failed"]).inc();
+                self.last_run_succeeded.set(0);
+            }
+        }
+    }
 }
 
 impl Invoicer {
@@ -197,7 +272,14 @@ impl Invoicer {
             config,
             terms,
             tax_rates,
+            metrics: None,
         })
+    }
+
+    /// Exports the scheduler's runs to `registry` (`idlemeter_invoicer_*`).
+    pub fn with_metrics(mut self, registry: &prometheus::Registry) -> Result<Self> {
+        self.metrics = Some(InvoicerMetrics::register(registry)?);
+        Ok(self)
     }
 
     pub fn config(&self) -> &InvoicerConfig {
@@ -625,7 +707,17 @@ impl Invoicer {
             let grace = chrono::Duration::seconds(self.config.grace_seconds as i64);
             let (current, _) = self.period_of(now - grace);
             let previous = self.terms.period.previous(current);
-            match self.close_period(previous, now, false, &|_, _| {}).await {
+            let outcome = self.close_period(previous, now, false, &|_, _| {}).await;
+            if let Some(metrics) = &self.metrics {
+                metrics.observe(&outcome);
+            }
+            match outcome {
+                Ok(outcome) if !outcome.failed.is_empty() => tracing::warn!(
+                    period = %previous,
+                    issued = outcome.issued_count,
+                    failed = outcome.failed.len(),
+                    "scheduled close left customers uninvoiced (see rating_errors); retrying them at the next firing"
+                ),
                 Ok(outcome) => tracing::info!(
                     period = %previous,
                     issued = outcome.issued_count,

@@ -148,6 +148,7 @@ pub struct PolicyMetrics {
     pub decision_delay_seconds: Histogram,
     /// Wall clock at consumption minus the message's Kafka timestamp.
     pub consume_delay_seconds: Histogram,
+    pub lag_messages: IntGauge,
 }
 
 impl PolicyMetrics {
@@ -170,6 +171,11 @@ impl PolicyMetrics {
             "sandboxes in the engine's state",
         )?;
         registry.register(Box::new(sandboxes_tracked.clone()))?;
+        let lag_messages = IntGauge::new(
+            "idlemeter_policy_lag_messages",
+            "messages not yet committed on the partitions this process owns (samples and leases)",
+        )?;
+        registry.register(Box::new(lag_messages.clone()))?;
         let decision_delay_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "idlemeter_policy_decision_delay_seconds",
@@ -219,6 +225,7 @@ impl PolicyMetrics {
             )?,
             decision_delay_seconds,
             consume_delay_seconds,
+            lag_messages,
         })
     }
 }
@@ -227,7 +234,7 @@ impl PolicyMetrics {
 pub struct PolicyService {
     engine: Engine,
     policy: Policy,
-    consumer: GroupConsumer,
+    consumer: Arc<GroupConsumer>,
     producer: FutureProducer,
     store: Store,
     topics: Topics,
@@ -315,7 +322,7 @@ impl PolicyService {
         Ok(Self {
             engine,
             policy,
-            consumer,
+            consumer: Arc::new(consumer),
             producer: kafka.producer(&client_id)?,
             store,
             topics,
@@ -346,6 +353,13 @@ impl PolicyService {
             shutdown.await;
             stop_on_shutdown.cancel();
         });
+        let consumer = Arc::clone(&self.consumer);
+        idlemeter_telemetry::follow_gauge(
+            self.metrics.lag_messages.clone(),
+            Duration::from_secs(5),
+            move || idlemeter_bus::group_lag(&consumer),
+            stop.clone().cancelled_owned(),
+        );
         tracing::info!(
             policy = %self.engine.policy_version(),
             samples = %self.topics.samples,

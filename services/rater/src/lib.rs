@@ -184,6 +184,7 @@ struct RaterMetrics {
     customers_failed: prometheus::IntCounter,
     samples_refused: prometheus::IntCounter,
     samples_read: prometheus::IntCounter,
+    passes_failed: prometheus::IntCounter,
 }
 
 impl RaterMetrics {
@@ -213,6 +214,10 @@ impl RaterMetrics {
             samples_read: counter(
                 "idlemeter_rater_samples_read_total",
                 "samples read from the store by rating passes",
+            )?,
+            passes_failed: counter(
+                "idlemeter_rater_pass_failures_total",
+                "closed-hour or live rating passes that failed as a whole (retried at the next tick)",
             )?,
         })
     }
@@ -1226,7 +1231,10 @@ impl Rater {
                             tracing::info!(?pass, "rated closed hours")
                         }
                         Ok(_) => {}
-                        Err(error) => tracing::warn!(%error, "rating pass failed; retrying next tick"),
+                        Err(error) => {
+                            self.metrics.passes_failed.inc();
+                            tracing::warn!(%error, "rating pass failed; retrying next tick")
+                        }
                     }
                 }
                 _ = live_ticker.tick(), if live_every > 0 => {
@@ -1243,7 +1251,10 @@ impl Rater {
                     };
                     match result {
                         Ok(pass) => tracing::debug!(?pass, elapsed_ms = live_started.elapsed().as_millis() as u64, "rated the open hour"),
-                        Err(error) => tracing::warn!(%error, "live rating pass failed; retrying next tick"),
+                        Err(error) => {
+                            self.metrics.passes_failed.inc();
+                            tracing::warn!(%error, "live rating pass failed; retrying next tick")
+                        }
                     }
                 }
                 _ = &mut shutdown => return Ok(()),

@@ -5,7 +5,6 @@ use clap::{Args, Subcommand};
 use idlemeter_api::{auth, Api};
 use idlemeter_core::CustomerId;
 use idlemeter_store::Store;
-use idlemeter_telemetry::{serve_metrics, Health};
 use tokio::net::TcpListener;
 
 use crate::settings::Settings;
@@ -36,16 +35,16 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding api.listen {}", settings.api.listen))?;
     tracing::info!(address = %listener.local_addr()?, "usage api served (docs at /docs)");
-    let health = Health::default();
-    health.set_healthy(true);
-    let metrics_listener = TcpListener::bind(&settings.metrics.listen).await?;
-    tracing::info!(address = %metrics_listener.local_addr()?, "metrics and health served");
-    let metrics = tokio::spawn(serve_metrics(
-        metrics_listener,
-        registry.clone(),
-        health,
-        super::shutdown_signal(),
-    ));
+    let ready = super::readiness(
+        settings,
+        &registry,
+        super::Needs {
+            kafka: settings.api.live_state,
+            clickhouse: true,
+            lag_gauge: None,
+        },
+    )?;
+    let metrics = super::expose(settings, registry.clone(), ready).await?;
     let alerts = {
         let api = api.clone();
         let registry = registry.clone();

@@ -233,7 +233,18 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
 }
 
 pub async fn service(settings: &Settings) -> anyhow::Result<()> {
-    let invoicer = invoicer(settings)?;
+    let registry = prometheus::Registry::new();
+    let invoicer = invoicer(settings)?.with_metrics(&registry)?;
+    let ready = super::readiness(
+        settings,
+        &registry,
+        super::Needs {
+            clickhouse: true,
+            ..super::Needs::default()
+        },
+    )?;
+    let metrics = super::expose(settings, registry, ready).await?;
     invoicer.run_until_stopped(super::shutdown_signal()).await?;
+    metrics.await??;
     Ok(())
 }

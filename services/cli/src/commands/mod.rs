@@ -13,8 +13,9 @@ use idlemeter_ingest::Ingest;
 use idlemeter_policy::PolicyService;
 use idlemeter_rater::Rater;
 use idlemeter_store::Store;
-use idlemeter_telemetry::{serve_metrics, Health};
+use idlemeter_telemetry::{serve_metrics, Health, Readiness};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use crate::settings::Settings;
 
@@ -36,6 +37,100 @@ pub async fn shutdown_signal() {
         let _ = interrupt.await;
     }
     tracing::info!("shutdown requested");
+}
+
+/// What a service needs to work, for its `/health`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    pub kafka: bool,
+    pub clickhouse: bool,
+    /// A gauge of messages behind (checked against `[metrics]
+    /// ready_max_lag_messages`).
+    pub lag_gauge: Option<&'static str>,
+}
+
+/// The readiness checks of a service that needs `needs`: the brokers answer
+/// a metadata request, ClickHouse answers `SELECT 1`, the lag is bounded.
+pub fn readiness(
+    settings: &Settings,
+    registry: &prometheus::Registry,
+    needs: Needs,
+) -> anyhow::Result<Readiness> {
+    let mut readiness = Readiness::new().every(std::time::Duration::from_secs(
+        settings.metrics.ready_check_every_s.max(1),
+    ));
+    if needs.kafka {
+        let probe = std::sync::Arc::new(settings.kafka.probe("idlemeter-readiness")?);
+        readiness = readiness.check("kafka", move || {
+            let probe = std::sync::Arc::clone(&probe);
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    probe.check(std::time::Duration::from_millis(1500))
+                })
+                .await
+                .unwrap_or_else(|error| Err(format!("kafka probe panicked: {error}")))
+            }
+        });
+    }
+    if needs.clickhouse {
+        let store = Store::new(&settings.clickhouse);
+        readiness = readiness.check("clickhouse", move || {
+            let store = store.clone();
+            async move {
+                store
+                    .ping()
+                    .await
+                    .map_err(|error| format!("clickhouse unreachable: {error}"))
+            }
+        });
+    }
+    if let Some(name) = needs.lag_gauge {
+        let registry = registry.clone();
+        let max = settings.metrics.ready_max_lag_messages;
+        readiness = readiness.check("lag", move || {
+            let lag = gauge_value(&registry, name);
+            async move {
+                match lag {
+                    Some(lag) if lag > max => Err(format!(
+                        "{lag} messages behind (more than [metrics] ready_max_lag_messages = {max})"
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        });
+    }
+    Ok(readiness)
+}
+
+fn gauge_value(registry: &prometheus::Registry, name: &str) -> Option<i64> {
+    registry
+        .gather()
+        .iter()
+        .find(|family| family.name() == name)
+        .and_then(|family| family.get_metric().first())
+        .map(|metric| metric.get_gauge().get_value() as i64)
+}
+
+/// Serves `/metrics`, `/health` (readiness: `readiness`'s checks) and
+/// `/live` on `[metrics] listen` until shutdown.
+pub async fn expose(
+    settings: &Settings,
+    registry: prometheus::Registry,
+    readiness: Readiness,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    let health = Health::default();
+    health.set_healthy(true);
+    readiness.spawn(health.clone(), &registry, shutdown_signal())?;
+    let listener = TcpListener::bind(&settings.metrics.listen)
+        .await
+        .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "metrics, /health and /live served");
+    Ok(tokio::spawn(serve_metrics(
+        listener,
+        registry,
+        health,
+        shutdown_signal(),
+    )))
 }
 
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
@@ -97,11 +192,16 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
         &registry,
     )?
     .compact_rule(compact_rule(&settings.rater));
-    let health = Health::default();
-    health.set_healthy(true);
-    let listener = TcpListener::bind(&settings.metrics.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "metrics and health served");
-    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    let ready = readiness(
+        settings,
+        &registry,
+        Needs {
+            kafka: true,
+            clickhouse: true,
+            lag_gauge: Some("idlemeter_ingest_lag_messages"),
+        },
+    )?;
+    let metrics = expose(settings, registry, ready).await?;
     ingest.run_until_stopped(shutdown_signal()).await?;
     metrics.await??;
     Ok(())
@@ -135,11 +235,17 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
         rater = rater.with_live_feed(feed);
     }
     tracing::info!(sheet = %sheet_path, checksum = rater.sheet_checksum(), "rater started");
-    let health = Health::default();
-    health.set_healthy(true);
-    let listener = TcpListener::bind(&settings.metrics.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "metrics and health served");
-    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    let ready = readiness(
+        settings,
+        &registry,
+        Needs {
+            kafka: live.live_interval_seconds > 0
+                && live.live_source == idlemeter_rater::LiveSource::Kafka,
+            clickhouse: true,
+            lag_gauge: None,
+        },
+    )?;
+    let metrics = expose(settings, registry, ready).await?;
     rater.run_until_stopped(shutdown_signal()).await?;
     metrics.await??;
     Ok(())
@@ -168,11 +274,16 @@ pub async fn policy(settings: &Settings) -> anyhow::Result<()> {
     )
     .await?
     .with_period(settings.billing.period);
-    let health = Health::default();
-    health.set_healthy(true);
-    let listener = TcpListener::bind(&settings.metrics.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "metrics and health served");
-    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    let ready = readiness(
+        settings,
+        &registry,
+        Needs {
+            kafka: true,
+            clickhouse: true,
+            lag_gauge: Some("idlemeter_policy_lag_messages"),
+        },
+    )?;
+    let metrics = expose(settings, registry, ready).await?;
     service.run_until_stopped(shutdown_signal()).await?;
     metrics.await??;
     Ok(())
@@ -197,11 +308,18 @@ pub async fn collector(settings: &Settings) -> anyhow::Result<()> {
         settings.topics.clone(),
         &registry,
     )?;
-    let health = Health::default();
-    health.set_healthy(true);
-    let listener = TcpListener::bind(&settings.metrics.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, node = %collector.node(), "metrics and health served");
-    let metrics = tokio::spawn(serve_metrics(listener, registry, health, shutdown_signal()));
+    tracing::info!(node = %collector.node(), "collector built");
+    // The collector samples and spools while Kafka is down: ready means it
+    // can ship.
+    let ready = readiness(
+        settings,
+        &registry,
+        Needs {
+            kafka: true,
+            ..Needs::default()
+        },
+    )?;
+    let metrics = expose(settings, registry, ready).await?;
     collector.run_until_stopped(shutdown_signal()).await?;
     metrics.await??;
     Ok(())
