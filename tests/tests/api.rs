@@ -469,13 +469,20 @@ async fn each_endpoint_answers_its_tenant_with_the_numbers_stored() -> anyhow::R
     let csv = csv.text().await?;
     assert!(csv.starts_with("issuer,number,customer"), "{csv}");
     assert!(csv.contains(",acme,"), "{csv}");
+    // The draft is the rater's newest figure of the open period: in the
+    // first hour of a day none exists yet, and the answer says so.
     let (status, draft) = f.get(&f.acme, "/v1/customers/acme/invoice-preview").await?;
-    assert_eq!(status, StatusCode::OK, "{draft}");
-    assert_eq!(
-        (draft["status"].as_str(), draft["customer"].as_str()),
-        (Some("draft"), Some("acme"))
-    );
-    assert!(decimal(&draft["total"]) > Decimal::ZERO);
+    if latest.period_start == today {
+        assert_eq!(status, StatusCode::OK, "{draft}");
+        assert_eq!(
+            (draft["status"].as_str(), draft["customer"].as_str()),
+            (Some("draft"), Some("acme"))
+        );
+        assert!(decimal(&draft["total"]) > Decimal::ZERO);
+    } else {
+        assert_eq!(status, StatusCode::NOT_FOUND, "{draft}");
+        assert_eq!(draft["type"], "urn:idlemeter:problem:nothing-to-bill");
+    }
 
     // Alerts: create, list, delete, gone.
     let body = serde_json::json!({"threshold": "5.50", "webhook_url": "http://127.0.0.1:9/hook"});
