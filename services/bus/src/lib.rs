@@ -456,6 +456,13 @@ impl BrokerProbe {
     }
 }
 
+/// [`group_lag`] for a gauge follower that must not keep the consumer
+/// alive: `None` once the consumer is dropped, `Some(None)` when the broker
+/// did not answer.
+pub fn group_lag_of(consumer: &std::sync::Weak<GroupConsumer>) -> Option<Option<i64>> {
+    consumer.upgrade().map(|consumer| group_lag(&consumer))
+}
+
 /// Messages not yet committed on the partitions `consumer` owns: high
 /// watermark minus the group's committed offset (the low watermark before
 /// the first commit). `None` when the broker did not answer within 2 s.

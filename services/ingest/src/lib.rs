@@ -188,8 +188,7 @@ impl Ingest {
             stop_on_shutdown.cancel();
         });
         tracing::info!(topic = %self.topics.samples, group = %self.config.group_id, "ingest started");
-        self.metrics
-            .follow_lag(Arc::clone(&self.consumer), stop.clone());
+        self.metrics.follow_lag(&self.consumer, stop.clone());
         let rule = if self.config.compact {
             self.rule
         } else {

@@ -353,11 +353,15 @@ impl PolicyService {
             shutdown.await;
             stop_on_shutdown.cancel();
         });
-        let consumer = Arc::clone(&self.consumer);
+        let consumer = Arc::downgrade(&self.consumer);
         idlemeter_telemetry::follow_gauge(
             self.metrics.lag_messages.clone(),
             Duration::from_secs(5),
-            move || idlemeter_bus::group_lag(&consumer),
+            move || match idlemeter_bus::group_lag_of(&consumer) {
+                Some(Some(lag)) => idlemeter_telemetry::Reading::Value(lag),
+                Some(None) => idlemeter_telemetry::Reading::Unknown,
+                None => idlemeter_telemetry::Reading::Gone,
+            },
             stop.clone().cancelled_owned(),
         );
         tracing::info!(

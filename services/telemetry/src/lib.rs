@@ -217,13 +217,25 @@ impl Readiness {
     }
 }
 
-/// Sets `gauge` every `every` from `read` until `stop`. `read` may block (a
-/// broker round trip): it runs on the blocking pool, so it never delays the
-/// service's own work; `None` keeps the last value.
+/// What a [`follow_gauge`] read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    Value(i64),
+    /// Not known this time (the gauge keeps its last value).
+    Unknown,
+    /// What was read is gone (its owner dropped it): stop following.
+    Gone,
+}
+
+/// Sets `gauge` every `every` from `read` until `stop` or until `read`
+/// reports [`Reading::Gone`]. `read` may block (a broker round trip): it
+/// runs on the blocking pool, so it never delays the service's own work. A
+/// follower must not keep what it reads alive (hold a `Weak`): a consumer
+/// kept alive past its service stays in its group and holds partitions.
 pub fn follow_gauge(
     gauge: IntGauge,
     every: Duration,
-    read: impl Fn() -> Option<i64> + Send + Sync + 'static,
+    read: impl Fn() -> Reading + Send + Sync + 'static,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let read = Arc::new(read);
@@ -237,8 +249,10 @@ pub fn follow_gauge(
                 _ = every.tick() => {}
             }
             let read = Arc::clone(&read);
-            if let Ok(Some(value)) = tokio::task::spawn_blocking(move || read()).await {
-                gauge.set(value);
+            match tokio::task::spawn_blocking(move || read()).await {
+                Ok(Reading::Value(value)) => gauge.set(value),
+                Ok(Reading::Unknown) | Err(_) => {}
+                Ok(Reading::Gone) => return,
             }
         }
     })
