@@ -66,7 +66,9 @@ if [[ "$have" != "$want" ]]; then
             toUInt32(0) AS open_conns
         FROM (SELECT number AS n, intDiv(number, $SANDBOXES) + $day * 86400 AS t
               FROM system.numbers LIMIT $((86400 * SANDBOXES)))"
-        echo "  day $((day + 1))/$DAYS loaded ($(( $(date +%s) - began )) s)"
+        elapsed=$(( $(date +%s) - began )); done_days=$((day + 1))
+        per_day=$(( elapsed / done_days ))
+        echo "  day $done_days/$DAYS loaded: $((done_days * 86400 * SANDBOXES)) samples in ${elapsed} s, $(( done_days * 86400 * SANDBOXES / (elapsed > 0 ? elapsed : 1) )) samples/s, about $(( per_day * (DAYS - done_days) )) s left"
     done
     # One snapshot per customer and closed hour: vcpu, memory, disk and gpu
     # usage lines, cumulative over the period (as the rater writes them).

@@ -51,15 +51,26 @@ idlemeter is running.
   ingest metrics http://127.0.0.1:9464/metrics   (health: /health)
   rater metrics  http://127.0.0.1:9465/metrics   (rated_usage fills as each hour closes)
   policy metrics http://127.0.0.1:9466/metrics
+  api metrics    http://127.0.0.1:9467/metrics   (every service: /health says what it waits for)
   decisions      curl -s '$ch/?query=SELECT+sandbox,rule,action,reason+FROM+idlemeter.policy_decisions+ORDER+BY+at_ms+DESC+LIMIT+5'
-  money so far   curl -s '$ch/?query=SELECT+customer,sum(amount)+FROM+idlemeter.rated_usage+FINAL+GROUP+BY+customer'
+  money so far   curl -s -H 'Authorization: Bearer $admin_key' 'http://127.0.0.1:8080/v1/customers/cust-00000/cost'
+                 (live: the rater rates the open hour every 5 s; closed hours land in rated_usage)
   usage API      http://127.0.0.1:8080/docs   (admin key: $admin_key)
                  curl -s -H 'Authorization: Bearer $admin_key' 'http://127.0.0.1:8080/v1/customers/cust-00000/sandboxes'
   logs           .run/ingest.log .run/rater.log .run/policy.log .run/api.log .run/simulate.log .run/*.log
 Ctrl-C stops the services and the simulator.
 
 INFO
+# Usage billed so far in the open period, over every customer: each
+# customer's newest live figure (the rater refreshes it every 5 s).
+money_sql="SELECT count(), sum(usage) FROM (SELECT customer, argMax(usage, as_of) AS usage FROM (SELECT customer, as_of, sum(amount) AS usage FROM idlemeter.live_usage FINAL WHERE kind = 'usage' AND period_start = (SELECT max(period_start) FROM idlemeter.live_usage) GROUP BY customer, as_of) GROUP BY customer)"
+started=$SECONDS
+first_samples="" first_money=""
 while sleep 5; do
     rows=$(curl -s "$ch/?query=SELECT+count()+FROM+idlemeter.usage_samples" || echo "?")
-    echo "run: $rows samples in ClickHouse"
+    money=$(curl -s --data-binary "$money_sql" "$ch/" | tr '\t' ' ' || echo "? ?")
+    read -r customers amount <<<"$money"
+    [ -z "$first_samples" ] && [ "${rows:-0}" != "0" ] && [ "$rows" != "?" ] && first_samples=$((SECONDS - started))
+    [ -z "$first_money" ] && [ "${customers:-0}" != "0" ] && [ "$customers" != "?" ] && first_money=$((SECONDS - started))
+    echo "run: ${rows} samples in ClickHouse; usage billed so far: ${amount:-0} over ${customers:-0} customers (live)${first_money:+; first money after ${first_money} s}"
 done

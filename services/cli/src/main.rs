@@ -2,6 +2,7 @@
 //! wiring only: parse arguments and configuration, build, run, shut down.
 
 mod commands;
+mod progress;
 mod settings;
 
 use std::path::PathBuf;

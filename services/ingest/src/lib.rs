@@ -128,6 +128,7 @@ pub struct Ingest {
     config: IngestConfig,
     metrics: IngestMetrics,
     rule: CompactRule,
+    lag_reader: Option<idlemeter_bus::LagReader>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -150,6 +151,7 @@ impl Ingest {
     ) -> Result<Self> {
         let client_id = format!("idlemeter-ingest-{}", std::process::id());
         let consumer = kafka.consumer(&client_id, &config.group_id)?;
+        let lag_reader = kafka.lag_reader(&config.group_id)?;
         consumer
             .subscribe(&[topics.samples.as_str()])
             .map_err(|source| Error::Kafka {
@@ -164,6 +166,7 @@ impl Ingest {
             config,
             metrics: IngestMetrics::register(registry)?,
             rule: CompactRule::default(),
+            lag_reader: Some(lag_reader),
         })
     }
 
@@ -178,7 +181,7 @@ impl Ingest {
     /// Consumes, inserts and commits until `shutdown` completes. A batch caught
     /// half-way by shutdown is left uncommitted and will be replayed.
     pub async fn run_until_stopped(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let stop = CancellationToken::new();
@@ -188,7 +191,9 @@ impl Ingest {
             stop_on_shutdown.cancel();
         });
         tracing::info!(topic = %self.topics.samples, group = %self.config.group_id, "ingest started");
-        self.metrics.follow_lag(&self.consumer, stop.clone());
+        if let Some(lag) = self.lag_reader.take() {
+            self.metrics.follow_lag(&self.consumer, lag, stop.clone());
+        }
         let rule = if self.config.compact {
             self.rule
         } else {

@@ -181,12 +181,17 @@ impl IngestMetrics {
     /// still being retried counts as lag. Its broker round trips run on the
     /// blocking pool, beside the consuming loop, so it keeps reporting during a
     /// sink outage and never delays a batch.
-    pub fn follow_lag(&self, consumer: &Arc<GroupConsumer>, stop: CancellationToken) {
+    pub fn follow_lag(
+        &self,
+        consumer: &Arc<GroupConsumer>,
+        lag: idlemeter_bus::LagReader,
+        stop: CancellationToken,
+    ) {
         let consumer = Arc::downgrade(consumer);
         idlemeter_telemetry::follow_gauge(
             self.lag_messages.clone(),
             Duration::from_secs(5),
-            move || match idlemeter_bus::group_lag_of(&consumer) {
+            move || match lag.lag_of(&consumer) {
                 Some(Some(lag)) => idlemeter_telemetry::Reading::Value(lag),
                 Some(None) => idlemeter_telemetry::Reading::Unknown,
                 None => idlemeter_telemetry::Reading::Gone,

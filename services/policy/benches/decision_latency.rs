@@ -172,6 +172,7 @@ async fn service_end_to_end(
         samples_dead_letter: format!("{run}.dlq"),
         commands: format!("{run}.commands"),
         leases: format!("{run}.leases"),
+        events: format!("{run}.events"),
     };
     let store = Store::new(&clickhouse);
     store.migrate(0).await?;

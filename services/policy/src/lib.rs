@@ -235,6 +235,7 @@ pub struct PolicyService {
     engine: Engine,
     policy: Policy,
     consumer: Arc<GroupConsumer>,
+    lag_reader: Option<idlemeter_bus::LagReader>,
     producer: FutureProducer,
     store: Store,
     topics: Topics,
@@ -323,6 +324,7 @@ impl PolicyService {
             engine,
             policy,
             consumer: Arc::new(consumer),
+            lag_reader: Some(kafka.lag_reader(&config.group_id)?),
             producer: kafka.producer(&client_id)?,
             store,
             topics,
@@ -354,10 +356,11 @@ impl PolicyService {
             stop_on_shutdown.cancel();
         });
         let consumer = Arc::downgrade(&self.consumer);
+        let lag = self.lag_reader.take();
         idlemeter_telemetry::follow_gauge(
             self.metrics.lag_messages.clone(),
             Duration::from_secs(5),
-            move || match idlemeter_bus::group_lag_of(&consumer) {
+            move || match lag.as_ref().and_then(|lag| lag.lag_of(&consumer)) {
                 Some(Some(lag)) => idlemeter_telemetry::Reading::Value(lag),
                 Some(None) => idlemeter_telemetry::Reading::Unknown,
                 None => idlemeter_telemetry::Reading::Gone,

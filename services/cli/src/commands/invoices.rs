@@ -3,8 +3,6 @@
 //! already issued ones would differ now); `show` prints one invoice as JSON,
 //! CSV or HTML; `preview` prints a draft of a customer's open period.
 
-use std::io::Write;
-
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use idlemeter_invoicer::{to_csv, to_html, to_json, Invoice, Invoicer};
@@ -130,21 +128,18 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
         InvoicesCommand::Close { period, dry_run } => {
             let invoicer = invoicer(settings)?;
             let start = parse_period(&period)?;
-            let step = std::sync::atomic::AtomicUsize::new(0);
+            let bar = std::sync::OnceLock::new();
             let progress = |done: usize, total: usize| {
-                // About a hundred updates whatever the size.
-                let every = (total / 100).max(1);
-                if done.is_multiple_of(every) || done == total {
-                    step.store(done, std::sync::atomic::Ordering::Relaxed);
-                    eprint!("\rinvoices: {done}/{total} customers computed");
-                    let _ = std::io::stderr().flush();
-                }
+                bar.get_or_init(|| {
+                    crate::progress::Progress::new("invoices", total as u64, "customers")
+                })
+                .set(done as u64);
             };
             let outcome = invoicer
                 .close_period(start, Utc::now(), dry_run, &progress)
                 .await?;
-            if step.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-                eprintln!();
+            if let Some(bar) = bar.get() {
+                bar.finish();
             }
             let verb = if dry_run { "would issue" } else { "issued" };
             eprintln!(

@@ -27,6 +27,7 @@ use idlemeter_store::Store;
 use serde::Serialize;
 
 use crate::commands::policy::{load_policy, report_refused, FileError};
+use crate::progress::Progress;
 use crate::settings::Settings;
 
 #[derive(Debug, clap::Args)]
@@ -122,9 +123,12 @@ pub async fn run(settings: &Settings, args: &WhatifArgs) -> anyhow::Result<ExitC
                     .push(numbered.sample);
             }
             let mut customers = Vec::new();
+            let bar = Progress::new("whatif", by_customer.len() as u64, "customers");
             for (customer, samples) in by_customer {
                 customers.push(measure(&whatif, customer, samples)?);
+                bar.add(1);
             }
+            bar.finish();
             (path.display().to_string(), customers)
         }
         None => {
@@ -132,11 +136,13 @@ pub async fn run(settings: &Settings, args: &WhatifArgs) -> anyhow::Result<ExitC
             let (from_ms, to_ms) = (millis(args.from)?, millis(args.to)?);
             let listed = store.customers_with_samples(from_ms, to_ms).await?;
             let mut customers = Vec::new();
-            for (done, (customer, _, _)) in listed.iter().enumerate() {
+            let bar = Progress::new("whatif", listed.len() as u64, "customers");
+            for (customer, _, _) in &listed {
                 let samples = store.samples_for_rating(customer, from_ms, to_ms).await?;
                 customers.push(measure(&whatif, customer.clone(), samples)?);
-                eprintln!("whatif: {}/{} customers", done + 1, listed.len());
+                bar.add(1);
             }
+            bar.finish();
             ("clickhouse".to_owned(), customers)
         }
     };
