@@ -797,6 +797,25 @@ impl Drop for PrivateBroker {
 }
 
 /// A sheet (and no idle policy) as the services that bill take it.
+/// A price sheet of $1 per allocated vCPU-second, idle or not, and nothing
+/// else: amounts in tests are then seconds times vCPUs.
+pub const ONE_DOLLAR_A_VCPU_SECOND: &str = r#"
+[sheet]
+platform = "whatif"
+currency = "USD"
+line_rounding = "half_up"
+
+[[versions]]
+effective_from = 2020-01-01T00:00:00Z
+
+[versions.resources.vcpu]
+unit = "vcpu-second"
+unit_price = "1"
+basis = "allocated"
+increment_seconds = 1
+idle = "billed"
+"#;
+
 pub fn sheet_source<'a>(sheet: &'a str, path: &'a str) -> idlemeter_store::SheetSource<'a> {
     idlemeter_store::SheetSource {
         sheet_text: sheet,

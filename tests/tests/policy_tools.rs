@@ -148,22 +148,7 @@ fn replay_decides_on_shuffled_duplicated_input_as_on_the_stream() -> anyhow::Res
 }
 
 /// $1 per allocated vCPU-second, idle or not; nothing else.
-const SHEET: &str = r#"
-[sheet]
-platform = "whatif"
-currency = "USD"
-line_rounding = "half_up"
-
-[[versions]]
-effective_from = 2020-01-01T00:00:00Z
-
-[versions.resources.vcpu]
-unit = "vcpu-second"
-unit_price = "1"
-basis = "allocated"
-increment_seconds = 1
-idle = "billed"
-"#;
+const SHEET: &str = idlemeter_tests::ONE_DOLLAR_A_VCPU_SECOND;
 
 const CANDIDATE: &str = "[policy]\nname = \"candidate\"\nversion = \"1\"\n[rules]\nidle_window_s = 10\nreissue_after_s = 3600\n";
 

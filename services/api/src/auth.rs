@@ -27,6 +27,9 @@ const PREFIX: &str = "imk_";
 pub enum Scope {
     Admin,
     Customer(CustomerId),
+    /// Sends usage events (`POST /api/v1/events`) and reads nothing: for one
+    /// customer's subjects, or for every customer's (None).
+    Ingest(Option<CustomerId>),
 }
 
 /// The authenticated caller of a request.
@@ -45,7 +48,7 @@ impl Principal {
         match &self.scope {
             Scope::Admin => Ok(id),
             Scope::Customer(own) if *own == id => Ok(id),
-            Scope::Customer(_) => Err(Problem::not_found("customer", customer)),
+            Scope::Customer(_) | Scope::Ingest(_) => Err(Problem::not_found("customer", customer)),
         }
     }
 
@@ -95,6 +98,14 @@ pub fn generate(customer: Option<&CustomerId>, name: &str, now_unix: u32) -> New
             version: 1,
         },
     }
+}
+
+/// Makes an ingest key: it sends usage events for `customer`'s subjects
+/// (every customer's when `None`) and reads nothing.
+pub fn generate_ingest(customer: Option<&CustomerId>, name: &str, now_unix: u32) -> NewKey {
+    let mut key = generate(customer, name, now_unix);
+    key.row.role = "ingest".to_owned();
+    key
 }
 
 /// `row` revoked at `now_unix`, as the next version.
@@ -197,6 +208,16 @@ impl KeyCache {
         for row in rows {
             let scope = if row.role == "admin" {
                 Scope::Admin
+            } else if row.role == "ingest" && row.customer.is_empty() {
+                Scope::Ingest(None)
+            } else if row.role == "ingest" {
+                match CustomerId::parse(row.customer.clone()) {
+                    Ok(customer) => Scope::Ingest(Some(customer)),
+                    Err(error) => {
+                        tracing::warn!(key_id = %row.key_id, %error, "ingest key with an invalid customer ignored");
+                        continue;
+                    }
+                }
             } else {
                 match CustomerId::parse(row.customer.clone()) {
                     Ok(customer) => Scope::Customer(customer),

@@ -16,6 +16,7 @@
 pub mod alerts;
 pub mod auth;
 mod docs;
+pub mod events;
 pub mod finance;
 pub mod live;
 mod preview;
@@ -268,6 +269,9 @@ pub struct AppState {
     pub(crate) sealer: sealed::Sealer,
     /// Sandbox state from the stream, newer than the stored one (see `live`).
     pub(crate) live: Option<Arc<live::LiveView>>,
+    /// Where `POST /api/v1/events` publishes, and the meters (None: the
+    /// endpoint answers 404).
+    pub(crate) events: Option<events::EventSink>,
     /// What "now" is: the wall clock in service; tests pin it.
     clock: Clock,
     pub(crate) in_flight: InFlight,
@@ -413,6 +417,9 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
         routes::revoke_key,
         routes::finance_panels,
         routes::finance_link,
+        events::ingest_events,
+        events::list_meters,
+        events::query_meter,
     ),
     // Referenced only by query parameters, which do not collect their schemas.
     components(schemas(problem::Problem, routes::InvoiceFormat, views::WindowWidth, views::Resource)),
@@ -486,6 +493,7 @@ impl Api {
                 links: finance::PageLinks::default(),
                 sealer,
                 live: None,
+                events: None,
                 clock: Arc::new(chrono::Utc::now),
                 in_flight: InFlight::default(),
                 metrics: ApiMetrics::new(registry),
@@ -502,6 +510,15 @@ impl Api {
     pub fn with_live(mut self, live: Arc<live::LiveView>) -> Self {
         if let Some(state) = Arc::get_mut(&mut self.state) {
             state.live = Some(live);
+        }
+        self
+    }
+
+    /// Takes usage events (`POST /api/v1/events`) into `sink` and reads
+    /// its meters. Call before [`Api::serve`] or [`Api::router`].
+    pub fn with_events(mut self, sink: events::EventSink) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.events = Some(sink);
         }
         self
     }
@@ -543,6 +560,9 @@ impl Api {
                 "/v1/customers/{customer}/alerts/{alert_id}",
                 delete(routes::delete_alert),
             )
+            .route("/api/v1/events", axum::routing::post(events::ingest_events))
+            .route("/api/v1/meters", get(events::list_meters))
+            .route("/api/v1/meters/{slug}/query", get(events::query_meter))
             .route("/v1/customers/{customer}/sandboxes", get(routes::sandboxes))
             .route(
                 "/v1/customers/{customer}/sandboxes/{sandbox}",
@@ -658,6 +678,7 @@ async fn authenticate(
     let tenant = match &principal.scope {
         auth::Scope::Customer(customer) => customer.as_str().to_owned(),
         auth::Scope::Admin => format!("admin key {}", principal.key_id),
+        auth::Scope::Ingest(_) => format!("ingest key {}", principal.key_id),
     };
     let Some(_slot) = state
         .in_flight

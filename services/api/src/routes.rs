@@ -120,6 +120,7 @@ pub async fn me(Extension(principal): Extension<Principal>) -> axum::Json<Me> {
     let (role, customer) = match &principal.scope {
         Scope::Admin => ("admin", None),
         Scope::Customer(customer) => ("customer", Some(customer.as_str().to_owned())),
+        Scope::Ingest(customer) => ("ingest", customer.as_ref().map(|c| c.as_str().to_owned())),
     };
     axum::Json(Me {
         key_id: principal.key_id,

@@ -464,6 +464,59 @@ impl BrokerProbe {
     }
 }
 
+/// Publishes keyed messages to one topic and resolves once the brokers
+/// acknowledged every one (or with the first error).
+pub type Publisher = std::sync::Arc<
+    dyn Fn(
+            Vec<(String, Vec<u8>)>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+impl KafkaSettings {
+    /// A [`Publisher`] to `topic` over an idempotent producer: a message
+    /// retried by the producer is not duplicated in the log.
+    pub fn publisher(&self, client_id: &str, topic: &str) -> Result<Publisher> {
+        let producer = self.producer(client_id)?;
+        let topic = topic.to_owned();
+        Ok(std::sync::Arc::new(
+            move |messages: Vec<(String, Vec<u8>)>| {
+                // Enqueue every message now, then wait for each acknowledgement.
+                let mut deliveries = Vec::with_capacity(messages.len());
+                let mut refused = None;
+                for (key, payload) in &messages {
+                    match producer.send_result(
+                        rdkafka::producer::FutureRecord::to(&topic)
+                            .key(key)
+                            .payload(payload),
+                    ) {
+                        Ok(delivery) => deliveries.push(delivery),
+                        Err((error, _)) => {
+                            refused = Some(error.to_string());
+                            break;
+                        }
+                    }
+                }
+                Box::pin(async move {
+                    if let Some(error) = refused {
+                        return Err(error);
+                    }
+                    for delivery in deliveries {
+                        match delivery.await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err((error, _))) => return Err(error.to_string()),
+                            Err(_) => return Err("the producer was dropped".to_owned()),
+                        }
+                    }
+                    Ok(())
+                })
+            },
+        ))
+    }
+}
+
 /// Reads a group's lag on its own connections, so that its requests
 /// (offset fetches, list offsets) never queue ahead of the consumer's own
 /// fetches: on a broker that answers one request at a time per connection,

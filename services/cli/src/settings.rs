@@ -35,6 +35,41 @@ pub struct Settings {
     pub invoicer: InvoicerConfig,
     pub api: ApiConfig,
     pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub events: EventsSettings,
+}
+
+/// Usage events (OpenMeter-compatible): the meters over them and limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSettings {
+    /// A TOML file of `[[meters]]` (OpenMeter's meter keys); "" for none
+    /// (events are stored, nothing is metered). The API and ingest read
+    /// the same file.
+    pub meters: String,
+    /// Events one `POST /api/v1/events` may carry.
+    pub max_events_per_request: usize,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        Self {
+            meters: String::new(),
+            max_events_per_request: 1000,
+        }
+    }
+}
+
+impl EventsSettings {
+    /// The meters of `meters`, checked; none when it is "".
+    pub fn load_meters(&self) -> anyhow::Result<idlemeter_core::events::Meters> {
+        if self.meters.is_empty() {
+            return Ok(Default::default());
+        }
+        let text = std::fs::read_to_string(&self.meters)
+            .map_err(|error| anyhow::anyhow!("reading meters {}: {error}", self.meters))?;
+        idlemeter_core::events::Meters::from_toml(&text, &self.meters).map_err(anyhow::Error::msg)
+    }
 }
 
 /// Where a long-running service serves `/metrics` and `/health`.
@@ -81,6 +116,7 @@ impl Default for Settings {
             policy: PolicyConfig::default(),
             invoicer: InvoicerConfig::default(),
             api: ApiConfig::default(),
+            events: EventsSettings::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
                 ready_max_lag_messages: default_ready_max_lag(),

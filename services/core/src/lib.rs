@@ -18,6 +18,7 @@
 pub mod compact;
 pub mod counters;
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod invoice;
 pub mod jsonl;

@@ -24,6 +24,7 @@
 
 mod admission;
 mod batch;
+pub mod events;
 mod metrics;
 mod partitions;
 

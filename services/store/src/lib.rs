@@ -11,6 +11,7 @@
 mod accounts;
 mod api;
 pub mod document;
+mod events;
 mod invoices;
 mod migrate;
 mod minutes;
@@ -29,6 +30,7 @@ pub use api::{
     USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
 pub use document::{BillContext, Invoice, Line};
+pub use events::{EventRow, MeterQuery, MeterValueRow, MeterWindowRow};
 pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
 pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;

@@ -50,6 +50,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0009_rating_state.sql"),
     migration!("0010_compacted.sql"),
     migration!("0011_rated_quantities.sql"),
+    migration!("0012_usage_events.sql"),
 ];
 
 impl Migration {

@@ -31,6 +31,7 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         ));
         api = api.with_live(view);
     }
+    api = api.with_events(event_sink(settings).await?);
     let listener = TcpListener::bind(&settings.api.listen)
         .await
         .with_context(|| format!("binding api.listen {}", settings.api.listen))?;
@@ -69,12 +70,16 @@ pub struct KeysArgs {
 enum KeysCommand {
     /// Create a key; prints it once (only its hash is stored).
     Create {
-        /// The tenant the key sees.
-        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        /// The tenant the key sees (with --ingest: whose events it may send).
+        #[arg(long, conflicts_with = "admin", required_unless_present_any = ["admin", "ingest"])]
         customer: Option<String>,
         /// An admin key (finance): sees every tenant.
         #[arg(long)]
         admin: bool,
+        /// An ingest key: sends usage events (`POST /api/v1/events`) for
+        /// --customer's subjects, or every customer's without it; reads nothing.
+        #[arg(long, conflicts_with = "admin")]
+        ingest: bool,
         /// A label: who holds the key, what for.
         #[arg(long, default_value = "")]
         name: String,
@@ -95,12 +100,17 @@ pub async fn keys(settings: &Settings, args: KeysArgs) -> anyhow::Result<()> {
         KeysCommand::Create {
             customer,
             admin: _,
+            ingest,
             name,
         } => {
             let customer = customer
                 .map(|c| CustomerId::parse(c).context("--customer"))
                 .transpose()?;
-            let created = auth::generate(customer.as_ref(), &name, now_unix());
+            let created = if ingest {
+                auth::generate_ingest(customer.as_ref(), &name, now_unix())
+            } else {
+                auth::generate(customer.as_ref(), &name, now_unix())
+            };
             store.insert_api_key(&created.row).await?;
             eprintln!(
                 "created {} key {} (shown once; store it now)",
@@ -144,4 +154,19 @@ pub async fn keys(settings: &Settings, args: KeysArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Events accepted by `POST /api/v1/events` go to the events topic, keyed
+/// by subject, each acknowledged by the brokers (idempotent producer).
+async fn event_sink(settings: &Settings) -> anyhow::Result<idlemeter_api::events::EventSink> {
+    let topic = settings.topics.events.as_str();
+    if let Err(error) = settings.kafka.ensure_topics(&[(topic, 8)]).await {
+        // The API serves reads while Kafka is down; events wait for it.
+        tracing::warn!(%error, %topic, "could not ensure the events topic; continuing");
+    }
+    Ok(idlemeter_api::events::EventSink {
+        publish: settings.kafka.publisher("idlemeter-api-events", topic)?,
+        meters: std::sync::Arc::new(settings.events.load_meters()?),
+        max_events: settings.events.max_events_per_request,
+    })
 }

@@ -181,9 +181,19 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
         .ensure_topics(&[
             (settings.topics.samples.as_str(), 8),
             (settings.topics.samples_dead_letter.as_str(), 1),
+            (settings.topics.events.as_str(), 8),
         ])
         .await?;
     let registry = prometheus::Registry::new();
+    let events = idlemeter_ingest::events::EventIngest::build(
+        &settings.kafka,
+        Store::new(&settings.clickhouse),
+        settings.topics.clone(),
+        settings.ingest.clone(),
+        settings.events.load_meters()?,
+        &registry,
+    )?;
+    let events = tokio::spawn(events.run_until_stopped(shutdown_signal()));
     let ingest = Ingest::build(
         &settings.kafka,
         &settings.clickhouse,
@@ -203,6 +213,7 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
     )?;
     let metrics = expose(settings, registry, ready).await?;
     ingest.run_until_stopped(shutdown_signal()).await?;
+    events.await??;
     metrics.await??;
     Ok(())
 }

@@ -1,0 +1,192 @@
+//! Usage events and meter values (migration 0012), and meters read back
+//! with OpenMeter's aggregations.
+
+use idlemeter_core::events::{Aggregation, Meter, MeterValue, UsageEvent};
+
+use crate::{Context, Result, Store};
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct EventRow {
+    pub customer: String,
+    pub subject: String,
+    pub source: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub time_ms: u64,
+    pub received_ms: u64,
+    pub data: String,
+}
+
+impl EventRow {
+    pub fn of(event: &UsageEvent) -> Self {
+        Self {
+            customer: event.customer.as_str().to_owned(),
+            subject: event.subject.clone(),
+            source: event.source.clone(),
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            time_ms: u64::try_from(event.time_ms).unwrap_or(0),
+            received_ms: u64::try_from(event.received_ms).unwrap_or(0),
+            data: event.data.to_string(),
+        }
+    }
+}
+
+/// What one meter took of one event.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct MeterValueRow {
+    pub customer: String,
+    pub meter: String,
+    pub subject: String,
+    pub source: String,
+    pub id: String,
+    pub time_ms: u64,
+    /// Decimal(38, 12): the value times 10^12.
+    pub value: i128,
+    pub value_text: String,
+    pub group_keys: Vec<String>,
+    pub group_values: Vec<String>,
+    pub received_ms: u64,
+}
+
+impl MeterValueRow {
+    /// Fails for a value Decimal(38, 12) cannot hold exactly (the API
+    /// refuses such events first; see `idlemeter_core::events`).
+    pub fn of(event: &UsageEvent, meter: &Meter, value: MeterValue) -> Result<Self> {
+        let (group_keys, group_values) = value.groups.into_iter().unzip();
+        Ok(Self {
+            customer: event.customer.as_str().to_owned(),
+            meter: meter.slug.clone(),
+            subject: event.subject.clone(),
+            source: event.source.clone(),
+            id: event.id.clone(),
+            time_ms: u64::try_from(event.time_ms).unwrap_or(0),
+            value: crate::rated::to_column(value.value)?,
+            value_text: value.text,
+            group_keys,
+            group_values,
+            received_ms: u64::try_from(event.received_ms).unwrap_or(0),
+        })
+    }
+}
+
+/// A meter read over a range: which rows, grouped how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterQuery<'a> {
+    pub customer: &'a str,
+    /// Only this subject's events, when set.
+    pub subject: Option<&'a str>,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// Window length; 0: one window over the whole range.
+    pub window_ms: u64,
+    /// groupBy keys of the meter to group by, in this order.
+    pub group_by: &'a [String],
+    /// Also group by subject.
+    pub by_subject: bool,
+}
+
+/// One window (and group) of a meter's aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Deserialize)]
+pub struct MeterWindowRow {
+    pub window_start_ms: u64,
+    /// The subject, when grouped by it ("" otherwise).
+    pub subject_group: String,
+    pub groups: Vec<String>,
+    /// The aggregate as a decimal text.
+    pub value: String,
+}
+
+impl Store {
+    /// Stores events and their meter values; duplicates of (source, id)
+    /// collapse (ReplacingMergeTree), so a replayed batch changes nothing.
+    pub async fn insert_events(&self, events: &[EventRow], values: &[MeterValueRow]) -> Result<()> {
+        self.insert_rows("usage_events", events).await?;
+        self.insert_rows("meter_values", values).await
+    }
+
+    /// Every stored event of a customer, oldest first (tests, audits).
+    pub async fn events_of(&self, customer: &str) -> Result<Vec<EventRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM usage_events FINAL WHERE customer = ? \
+                 ORDER BY time_ms, source, id",
+            )
+            .bind(customer)
+            .fetch_all()
+            .await
+            .context(format!("events of {customer}"))
+    }
+
+    /// `meter` aggregated per window (and group) over the query's range,
+    /// windows in order. Duplicated events count once (FINAL).
+    pub async fn query_meter(
+        &self,
+        meter: &Meter,
+        query: &MeterQuery<'_>,
+    ) -> Result<Vec<MeterWindowRow>> {
+        let aggregate = match meter.aggregation {
+            Aggregation::Sum => "toString(sum(value))",
+            Aggregation::Count => "toString(count())",
+            Aggregation::Max => "toString(max(value))",
+            Aggregation::UniqueCount => "toString(uniqExact(value_text))",
+            Aggregation::Latest => "toString(argMax(value, time_ms))",
+        };
+        let window = if query.window_ms == 0 {
+            "toUInt64(?)".to_owned()
+        } else {
+            "intDiv(time_ms - ?, ?) * ? + ?".to_owned()
+        };
+        // One `group_values[indexOf(group_keys, ?)]` per requested key.
+        let groups = if query.group_by.is_empty() {
+            "emptyArrayString()".to_owned()
+        } else {
+            let picks: Vec<&str> = query
+                .group_by
+                .iter()
+                .map(|_| "group_values[indexOf(group_keys, ?)]")
+                .collect();
+            format!("[{}]", picks.join(", "))
+        };
+        let subject = if query.by_subject { "subject" } else { "''" };
+        let filter = if query.subject.is_some() {
+            " AND subject = ?"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {window} AS window_start_ms, {subject} AS subject_group, {groups} AS groups, \
+             {aggregate} AS value FROM meter_values FINAL \
+             WHERE customer = ? AND meter = ? AND time_ms >= ? AND time_ms < ?{filter} \
+             GROUP BY window_start_ms, subject_group, groups \
+             ORDER BY window_start_ms, subject_group, groups"
+        );
+        let mut statement = self.client.query(&sql);
+        statement = if query.window_ms == 0 {
+            statement.bind(query.from_ms)
+        } else {
+            statement
+                .bind(query.from_ms)
+                .bind(query.window_ms)
+                .bind(query.window_ms)
+                .bind(query.from_ms)
+        };
+        for key in query.group_by {
+            statement = statement.bind(key.as_str());
+        }
+        statement = statement
+            .bind(query.customer)
+            .bind(meter.slug.as_str())
+            .bind(query.from_ms)
+            .bind(query.to_ms);
+        if let Some(subject) = query.subject {
+            statement = statement.bind(subject);
+        }
+        statement
+            .fetch_all::<MeterWindowRow>()
+            .await
+            .context(format!("meter {} of {}", meter.slug, query.customer))
+    }
+}

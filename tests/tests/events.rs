@@ -1,0 +1,452 @@
+//! OpenMeter-compatible events, end to end on the real broker and ClickHouse:
+//! an OpenMeter client's requests (its published event shapes, its content
+//! types, a bearer token) against the API, through Kafka and ingest into
+//! ClickHouse, read back with OpenMeter's meter query.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idlemeter_api::auth::{generate, generate_ingest};
+use idlemeter_api::events::EventSink;
+use idlemeter_api::Api;
+use idlemeter_core::events::Meters;
+use idlemeter_core::CustomerId;
+use idlemeter_ingest::events::EventIngest;
+use idlemeter_tests::TestEnv;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// OpenMeter's quickstart meters, in its keys, plus one meter of each other
+/// aggregation.
+const METERS: &str = r#"
+[[meters]]
+slug = "tokens_total"
+description = "AI Token Usage"
+eventType = "prompt"
+aggregation = "SUM"
+valueProperty = "$.tokens"
+groupBy = { model = "$.model", type = "$.type" }
+
+[[meters]]
+slug = "api_requests_total"
+description = "API Requests"
+eventType = "request"
+aggregation = "COUNT"
+groupBy = { method = "$.method", route = "$.route" }
+
+[[meters]]
+slug = "largest_prompt"
+eventType = "prompt"
+aggregation = "MAX"
+valueProperty = "$.tokens"
+
+[[meters]]
+slug = "models_used"
+eventType = "prompt"
+aggregation = "UNIQUE_COUNT"
+valueProperty = "$.model"
+
+[[meters]]
+slug = "storage_bytes"
+eventType = "storage"
+aggregation = "LATEST"
+valueProperty = "$.bytes"
+"#;
+
+/// An OpenMeter "prompt" event, as its quickstart sends one.
+fn prompt(id: &str, subject: &str, time: &str, tokens: &str, model: &str, kind: &str) -> Value {
+    json!({
+        "specversion": "1.0",
+        "type": "prompt",
+        "id": id,
+        "time": time,
+        "source": "chat-app",
+        "subject": subject,
+        "data": {"tokens": tokens, "model": model, "type": kind}
+    })
+}
+
+fn request(id: &str, subject: &str, time: &str, method: &str, route: &str) -> Value {
+    json!({
+        "specversion": "1.0",
+        "type": "request",
+        "id": id,
+        "time": time,
+        "source": "service-0",
+        "subject": subject,
+        "data": {"method": method, "route": route}
+    })
+}
+
+struct Stack {
+    base: String,
+    http: reqwest::Client,
+    env: TestEnv,
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Stack {
+    /// The API (with `keys` stored before it loads them) and event ingest.
+    async fn start(keys: &[&idlemeter_api::auth::NewKey]) -> anyhow::Result<Self> {
+        let env = TestEnv::new("events").await?;
+        for key in keys {
+            env.store.insert_api_key(&key.row).await?;
+        }
+        env.kafka
+            .ensure_topics(&[(env.topics.events.as_str(), 3)])
+            .await?;
+        let meters = Meters::from_toml(METERS, "meters.toml").map_err(anyhow::Error::msg)?;
+        let registry = prometheus::Registry::new();
+        let billing = idlemeter_api::Billing::new(
+            idlemeter_tests::sheet_source(idlemeter_tests::ONE_DOLLAR_A_VCPU_SECOND, "test.toml"),
+            idlemeter_tests::terms(idlemeter_core::Period::Month),
+        )?;
+        let api = Api::new(
+            env.store.clone(),
+            billing,
+            idlemeter_api::ApiConfig::default(),
+            &registry,
+        )
+        .await?
+        .with_events(EventSink {
+            publish: env.kafka.publisher("test-events", &env.topics.events)?,
+            meters: Arc::new(meters.clone()),
+            max_events: 100,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(api.serve(listener, async move {
+            let _ = api_stopped.await;
+        }));
+        let ingest = EventIngest::build(
+            &env.kafka,
+            env.store.clone(),
+            env.topics.clone(),
+            env.ingest_config(),
+            meters,
+            &registry,
+        )?;
+        let (ingest_stop, ingest_stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(ingest.run_until_stopped(async move {
+            let _ = ingest_stopped.await;
+        }));
+        Ok(Self {
+            base,
+            http: reqwest::Client::new(),
+            env,
+            stop: vec![api_stop, ingest_stop],
+        })
+    }
+
+    async fn post(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: &Value,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/api/v1/events", self.base))
+            .bearer_auth(key)
+            .header("content-type", content_type)
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    async fn query(&self, key: &str, meter: &str, query: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/meters/{meter}/query?{query}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        anyhow::ensure!(status == StatusCode::OK, "{status}: {body}");
+        Ok(body)
+    }
+}
+
+const RANGE: &str = "from=2023-01-01T00:00:00Z&to=2023-01-02T00:00:00Z";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openmeter_client_pointed_at_idlemeter_is_metered_once_per_event() -> anyhow::Result<()>
+{
+    let customer = CustomerId::parse("customer-1")?;
+    let keys = [
+        generate_ingest(Some(&customer), "chat-app", 1),
+        generate_ingest(None, "platform", 1),
+        generate(Some(&customer), "customer-1 reads", 1),
+        generate(Some(&CustomerId::parse("customer-2")?), "c2", 1),
+    ];
+    let stack = Stack::start(&keys.iter().collect::<Vec<_>>()).await?;
+    let env = &stack.env;
+    let [ingest_key, platform_key, reader, other_reader] = keys.map(|key| key.key);
+
+    // OpenMeter's single-event request, then its batch request.
+    let first = prompt(
+        "00001",
+        "customer-1",
+        "2023-01-01T00:00:00.001Z",
+        "123456",
+        "gpt4-turbo",
+        "input",
+    );
+    let (status, body) = stack
+        .post(&ingest_key, "application/cloudevents+json", &first)
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let batch = json!([
+        prompt("00002", "customer-1", "2023-01-01T00:10:00Z", "1000", "gpt4-turbo", "output"),
+        prompt("00003", "customer-1", "2023-01-01T01:05:00Z", "500", "gpt-3.5", "input"),
+        request("00001", "customer-1", "2023-01-01T00:00:00.001Z", "GET", "/hello"),
+        request("00002", "customer-1/sbx-7", "2023-01-01T00:30:00Z", "POST", "/hello"),
+        {"specversion": "1.0", "type": "storage", "id": "s1", "source": "disk", "subject": "customer-1",
+         "time": "2023-01-01T00:00:00Z", "data": {"bytes": 100}},
+        {"specversion": "1.0", "type": "storage", "id": "s2", "source": "disk", "subject": "customer-1",
+         "time": "2023-01-01T02:00:00Z", "data": {"bytes": 40}},
+    ]);
+    let (status, body) = stack
+        .post(&ingest_key, "application/cloudevents-batch+json", &batch)
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    // The client retries both requests (a timeout it did not see answered),
+    // and a platform-wide key sends the first event again: nothing doubles.
+    for (key, content_type, body) in [
+        (&ingest_key, "application/cloudevents+json", &first),
+        (&ingest_key, "application/cloudevents-batch+json", &batch),
+        (&platform_key, "application/json", &first),
+    ] {
+        let (status, answer) = stack.post(key, content_type, body).await?;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    }
+
+    // Stored once each: 7 distinct (source, id).
+    let mut stored = 0;
+    for _ in 0..100 {
+        stored = env.store.events_of("customer-1").await?.len();
+        if stored >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored, 7);
+
+    let tokens = stack
+        .query(
+            &reader,
+            "tokens_total",
+            &format!("{RANGE}&windowSize=HOUR&groupBy=model"),
+        )
+        .await?;
+    let rows: Vec<(String, String, f64)> = tokens["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|row| {
+            (
+                row["windowStart"].as_str().unwrap_or_default().to_owned(),
+                row["groupBy"]["model"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                row["value"].as_f64().unwrap_or(-1.0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "2023-01-01T00:00:00Z".to_owned(),
+                "gpt4-turbo".to_owned(),
+                124_456.0
+            ),
+            (
+                "2023-01-01T01:00:00Z".to_owned(),
+                "gpt-3.5".to_owned(),
+                500.0
+            ),
+        ],
+        "{tokens}"
+    );
+    assert_eq!(tokens["data"][0]["valueDecimal"], "124456.000000000000");
+    let total = |body: &Value| body["data"][0]["value"].as_f64();
+    assert_eq!(
+        total(&stack.query(&reader, "tokens_total", RANGE).await?),
+        Some(124_956.0)
+    );
+    assert_eq!(
+        total(&stack.query(&reader, "api_requests_total", RANGE).await?),
+        Some(2.0)
+    );
+    assert_eq!(
+        total(&stack.query(&reader, "largest_prompt", RANGE).await?),
+        Some(123_456.0)
+    );
+    assert_eq!(
+        total(&stack.query(&reader, "models_used", RANGE).await?),
+        Some(2.0)
+    );
+    assert_eq!(
+        total(&stack.query(&reader, "storage_bytes", RANGE).await?),
+        Some(40.0)
+    );
+    // By subject: the sandbox-level subject is its own group.
+    let by_subject = stack
+        .query(
+            &reader,
+            "api_requests_total",
+            &format!("{RANGE}&groupBy=subject,method"),
+        )
+        .await?;
+    let groups: Vec<(String, String, f64)> = by_subject["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|row| {
+            (
+                row["subject"].as_str().unwrap_or_default().to_owned(),
+                row["groupBy"]["method"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                row["value"].as_f64().unwrap_or(-1.0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            ("customer-1".to_owned(), "GET".to_owned(), 1.0),
+            ("customer-1/sbx-7".to_owned(), "POST".to_owned(), 1.0),
+        ]
+    );
+    // Another tenant sees none of it.
+    let response = stack
+        .http
+        .get(format!(
+            "{}/api/v1/meters/tokens_total/query?{RANGE}&customer=customer-1",
+            stack.base
+        ))
+        .bearer_auth(&other_reader)
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    for stop in stack.stop {
+        let _ = stop.send(());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_are_named_and_the_good_ones_in_their_batch_kept() -> anyhow::Result<()> {
+    let customer = CustomerId::parse("customer-1")?;
+    let keys = [
+        generate_ingest(Some(&customer), "chat-app", 1),
+        generate(Some(&customer), "reads", 1),
+    ];
+    let stack = Stack::start(&keys.iter().collect::<Vec<_>>()).await?;
+    let env = &stack.env;
+    let [ingest_key, reader] = keys.map(|key| key.key);
+
+    let batch = json!([
+        prompt("g1", "customer-1", "2023-01-01T00:00:00Z", "10", "m", "input"),
+        prompt("b1", "customer-1", "the first of January", "10", "m", "input"),
+        prompt("b2", "customer-1", "2023-01-01T00:00:00Z", "ten", "m", "input"),
+        prompt("b3", "customer-2", "2023-01-01T00:00:00Z", "10", "m", "input"),
+        {"type": "prompt", "id": "b4", "source": "chat-app", "subject": "customer-1"},
+        prompt("g2", "customer-1/user-9", "2023-01-01T00:05:00Z", "5", "m", "output"),
+    ]);
+    let (status, problem) = stack
+        .post(&ingest_key, "application/cloudevents-batch+json", &batch)
+        .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    assert_eq!(problem["type"], "urn:idlemeter:problem:invalid-events");
+    assert_eq!(problem["accepted"], 2);
+    let named: Vec<(u64, String, String)> = problem["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|error| {
+            (
+                error["index"].as_u64().unwrap_or(99),
+                error["id"].as_str().unwrap_or_default().to_owned(),
+                error["field"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        vec![
+            (1, "b1".to_owned(), "time".to_owned()),
+            (2, "b2".to_owned(), "data.tokens".to_owned()),
+            (3, "b3".to_owned(), "subject".to_owned()),
+            (4, "b4".to_owned(), "specversion".to_owned()),
+        ],
+        "{problem}"
+    );
+    let other_tenant = problem["errors"][2]["reason"].as_str().unwrap_or_default();
+    assert!(other_tenant.contains("customer-2"), "{other_tenant}");
+
+    // The good ones were kept; the other tenant got nothing.
+    let mut value = None;
+    for _ in 0..100 {
+        let body = stack.query(&reader, "tokens_total", RANGE).await?;
+        value = body["data"][0]["value"].as_f64();
+        if value == Some(15.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(value, Some(15.0));
+    assert!(env.store.events_of("customer-2").await?.is_empty());
+
+    // Not JSON, the wrong content type, a read key, no key.
+    let response = stack
+        .http
+        .post(format!("{}/api/v1/events", stack.base))
+        .bearer_auth(&ingest_key)
+        .header("content-type", "application/cloudevents+json")
+        .body("{\"specversion\": ")
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await?;
+    assert!(
+        body["errors"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not JSON"),
+        "{body}"
+    );
+    let one = prompt("x", "customer-1", "2023-01-01T00:00:00Z", "1", "m", "input");
+    assert_eq!(
+        stack.post(&ingest_key, "text/plain", &one).await?.0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    assert_eq!(
+        stack
+            .post(&reader, "application/cloudevents+json", &one)
+            .await?
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let response = stack
+        .http
+        .post(format!("{}/api/v1/events", stack.base))
+        .header("content-type", "application/cloudevents+json")
+        .body(one.to_string())
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    for stop in stack.stop {
+        let _ = stop.send(());
+    }
+    Ok(())
+}
