@@ -479,6 +479,58 @@ def run_checks(query) -> int:
         if not check_query(name, label, params, expected):
             return 1
     print(f"ok  {name}")
+    return check_meter_windows(query)
+
+
+def check_meter_windows(query) -> int:
+    """meter_windows.sql filled as Store::query_meter fills it, for every
+    aggregation, one window or hourly windows, with and without groups, over
+    events of which one is stored twice (a replay)."""
+    template = (QUERIES / "meter_windows.sql").read_text()
+    start, day = 1672531200000, 86400000
+    rows = [
+        # customer, meter, subject, source, id, time_ms, value (x 10^12), text, model, received_ms
+        ("c1", "tokens", "c1", "app", "1", start + 1, 123456, "123456", "gpt4", 1),
+        ("c1", "tokens", "c1", "app", "1", start + 1, 123456, "123456", "gpt4", 2),
+        ("c1", "tokens", "c1/u9", "app", "2", start + 3600000, 1000, "1000", "gpt3", 1),
+        ("c1", "tokens", "c1", "app", "3", start + 3700000, 500, "500", "gpt4", 1),
+        ("c2", "tokens", "c2", "app", "1", start + 1, 7, "7", "gpt4", 1),
+    ]
+    values = ",".join(
+        f"('{c}','{m}','{s}','{src}','{i}',{t},toDecimal128({v}, 12),'{text}',['model'],['{model}'],{r})"
+        for c, m, s, src, i, t, v, text, model, r in rows
+    )
+    query(f"INSERT INTO meter_values VALUES {values}")
+    aggregates = {
+        "sum": ("toString(sum(value))", ["123456", "1500"], "124956"),
+        "count": ("toString(count())", ["1", "2"], "3"),
+        "max": ("toString(max(value))", ["123456", "1000"], "123456"),
+        "unique": ("toString(uniqExact(value_text))", ["1", "2"], "3"),
+        "latest": ("toString(argMax(value, time_ms))", ["123456", "500"], "500"),
+    }
+    for label, (aggregate, hourly, total) in aggregates.items():
+        one = (template.replace("{window}", "toUInt64(?)").replace("{subject}", "''")
+               .replace("{groups}", "emptyArrayString()").replace("{aggregate}", aggregate)
+               .replace("{filter}", ""))
+        got = parse(query(bind(one, (start, "c1", "tokens", start, start + day))))
+        if [[cell for cell in row[3:]] for row in got] != [[total]]:
+            print(f"FAIL meter_windows.sql ({label}, one window): {got}")
+            return 1
+        hours = (template.replace("{window}", "intDiv(time_ms - ?, ?) * ? + ?").replace("{subject}", "''")
+                 .replace("{groups}", "emptyArrayString()").replace("{aggregate}", aggregate)
+                 .replace("{filter}", ""))
+        got = parse(query(bind(hours, (start, 3600000, 3600000, start, "c1", "tokens", start, start + day))))
+        if [row[3] for row in got] != hourly or [row[0] for row in got] != [str(start), str(start + 3600000)]:
+            print(f"FAIL meter_windows.sql ({label}, hourly): {got}")
+            return 1
+    grouped = (template.replace("{window}", "toUInt64(?)").replace("{subject}", "subject")
+               .replace("{groups}", "[group_values[indexOf(group_keys, ?)]]")
+               .replace("{aggregate}", "toString(sum(value))").replace("{filter}", " AND subject = ?"))
+    got = parse(query(bind(grouped, (start, "model", "c1", "tokens", start, start + day, "c1"))))
+    if [row[1:] for row in got] != [["c1", "['gpt4']", "123956"]]:
+        print(f"FAIL meter_windows.sql (by subject and model, one subject): {got}")
+        return 1
+    print("ok  meter_windows.sql")
     return 0
 
 

@@ -5,6 +5,9 @@ use idlemeter_core::events::{Aggregation, Meter, MeterValue, UsageEvent};
 
 use crate::{Context, Result, Store};
 
+/// The meter query's template (see the file for its parts).
+pub const METER_WINDOWS_SQL: &str = include_str!("queries/meter_windows.sql");
+
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
 pub struct EventRow {
@@ -156,13 +159,12 @@ impl Store {
         } else {
             ""
         };
-        let sql = format!(
-            "SELECT {window} AS window_start_ms, {subject} AS subject_group, {groups} AS groups, \
-             {aggregate} AS value FROM meter_values FINAL \
-             WHERE customer = ? AND meter = ? AND time_ms >= ? AND time_ms < ?{filter} \
-             GROUP BY window_start_ms, subject_group, groups \
-             ORDER BY window_start_ms, subject_group, groups"
-        );
+        let sql = METER_WINDOWS_SQL
+            .replace("{window}", &window)
+            .replace("{subject}", subject)
+            .replace("{groups}", &groups)
+            .replace("{aggregate}", aggregate)
+            .replace("{filter}", filter);
         let mut statement = self.client.query(&sql);
         statement = if query.window_ms == 0 {
             statement.bind(query.from_ms)
