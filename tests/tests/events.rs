@@ -172,6 +172,27 @@ impl Stack {
     }
 }
 
+/// Each row of a meter query's answer: `column`, the `group` value, the value.
+fn rows_of(answer: &Value, column: &str, group: &str) -> Vec<(String, String, f64)> {
+    answer["data"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|row| {
+                    (
+                        row[column].as_str().unwrap_or_default().to_owned(),
+                        row["groupBy"][group]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        row["value"].as_f64().unwrap_or(-1.0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 const RANGE: &str = "from=2023-01-01T00:00:00Z&to=2023-01-02T00:00:00Z";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,21 +265,7 @@ async fn an_openmeter_client_pointed_at_idlemeter_is_metered_once_per_event() ->
             &format!("{RANGE}&windowSize=HOUR&groupBy=model"),
         )
         .await?;
-    let rows: Vec<(String, String, f64)> = tokens["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|row| {
-            (
-                row["windowStart"].as_str().unwrap_or_default().to_owned(),
-                row["groupBy"]["model"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                row["value"].as_f64().unwrap_or(-1.0),
-            )
-        })
-        .collect();
+    let rows = rows_of(&tokens, "windowStart", "model");
     assert_eq!(
         rows,
         vec![
@@ -305,21 +312,7 @@ async fn an_openmeter_client_pointed_at_idlemeter_is_metered_once_per_event() ->
             &format!("{RANGE}&groupBy=subject,method"),
         )
         .await?;
-    let groups: Vec<(String, String, f64)> = by_subject["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|row| {
-            (
-                row["subject"].as_str().unwrap_or_default().to_owned(),
-                row["groupBy"]["method"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                row["value"].as_f64().unwrap_or(-1.0),
-            )
-        })
-        .collect();
+    let groups = rows_of(&by_subject, "subject", "method");
     assert_eq!(
         groups,
         vec![
