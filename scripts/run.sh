@@ -26,6 +26,8 @@ IDLEMETER_POLICY__COMMAND_KEY=${IDLEMETER_POLICY__COMMAND_KEY:-$(random_hex)}
 IDLEMETER_COLLECTOR__COMMAND_KEY=$IDLEMETER_POLICY__COMMAND_KEY
 IDLEMETER_API__SECRETS_KEY=${IDLEMETER_API__SECRETS_KEY:-$(random_hex)}
 
+# Meters over usage events (POST /api/v1/events), read by ingest and the API.
+export IDLEMETER_EVENTS__METERS=${METERS:-meters/openmeter-quickstart.toml}
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9464 $bin ingest 2>.run/ingest.log & pids+=($!)
 # The rater rates each closed hour; a short grace so the demo shows money soon.
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9465 IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} \
@@ -35,6 +37,7 @@ IDLEMETER_METRICS__LISTEN=127.0.0.1:9466 IDLEMETER_POLICY__FILE=${POLICY:-polici
     $bin policy 2>.run/policy.log & pids+=($!)
 # The usage API, with a fresh admin key for this run (shown once, below).
 admin_key=$($bin keys create --admin --name "make run" 2>/dev/null)
+ingest_key=$($bin keys create --ingest --name "make run events" 2>/dev/null)
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9467 IDLEMETER_API__LISTEN=127.0.0.1:8080 \
     IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} $bin api 2>.run/api.log & pids+=($!)
 # The simulator stands in for node collectors (`idlemeter collector` needs one
@@ -57,6 +60,10 @@ idlemeter is running.
                  (live: the rater rates the open hour every 5 s; closed hours land in rated_usage)
   usage API      http://127.0.0.1:8080/docs   (admin key: $admin_key)
                  curl -s -H 'Authorization: Bearer $admin_key' 'http://127.0.0.1:8080/v1/customers/cust-00000/sandboxes'
+  an event       curl -s -H 'Authorization: Bearer $ingest_key' -H 'Content-Type: application/cloudevents+json' \\
+                   -d '{"specversion":"1.0","type":"prompt","id":"1","source":"demo","subject":"cust-00000","data":{"tokens":42,"model":"m1","type":"input"}}' \\
+                   http://127.0.0.1:8080/api/v1/events
+                 curl -s -H 'Authorization: Bearer $admin_key' 'http://127.0.0.1:8080/api/v1/meters/tokens_total/query?customer=cust-00000&from=2020-01-01T00:00:00Z&to=2100-01-01T00:00:00Z'
   logs           .run/ingest.log .run/rater.log .run/policy.log .run/api.log .run/simulate.log .run/*.log
 Ctrl-C stops the services and the simulator.
 

@@ -443,3 +443,20 @@ async fn bad_events_are_named_and_the_good_ones_in_their_batch_kept() -> anyhow:
     }
     Ok(())
 }
+
+/// The meters shipped in `meters/` load (`make run` uses them).
+#[test]
+fn the_shipped_meters_load() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../meters");
+    let mut loaded = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        let meters = Meters::from_toml(&text, &path.display().to_string())
+            .map_err(anyhow::Error::msg)?;
+        assert!(!meters.meters.is_empty(), "{}", path.display());
+        loaded += 1;
+    }
+    assert!(loaded >= 1);
+    Ok(())
+}
