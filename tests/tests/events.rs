@@ -452,11 +452,130 @@ fn the_shipped_meters_load() -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let text = std::fs::read_to_string(&path)?;
-        let meters = Meters::from_toml(&text, &path.display().to_string())
-            .map_err(anyhow::Error::msg)?;
+        let meters =
+            Meters::from_toml(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?;
         assert!(!meters.meters.is_empty(), "{}", path.display());
         loaded += 1;
     }
     assert!(loaded >= 1);
+    Ok(())
+}
+
+/// Exactly once through a crash: events published straight to the topic (as
+/// the API does), an ingest aborted mid-stream without committing, a second
+/// one replaying from the committed offsets: every event stored once and
+/// the meter's sum exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_an_ingest_crash_once_each() -> anyhow::Result<()> {
+    let env = TestEnv::new("events_crash").await?;
+    env.kafka
+        .ensure_topics(&[(env.topics.events.as_str(), 3)])
+        .await?;
+    let meters = Meters::from_toml(METERS, "meters.toml").map_err(anyhow::Error::msg)?;
+    let publish = env.kafka.publisher("test-events", &env.topics.events)?;
+    let received = chrono::Utc::now();
+    let customer = |subject: &str| idlemeter_api::events::customer_of_subject(subject);
+    let mut expected = rust_decimal::Decimal::ZERO;
+    let send = |from: usize, to: usize| {
+        let events: Vec<Value> = (from..to)
+            .map(|n| {
+                prompt(
+                    &format!("e{n}"),
+                    &format!("customer-{}", n % 3),
+                    "2023-01-01T00:00:00Z",
+                    &(n + 1).to_string(),
+                    "m",
+                    "input",
+                )
+            })
+            .collect();
+        let parsed = idlemeter_core::events::parse_events(
+            Value::Array(events).to_string().as_bytes(),
+            idlemeter_core::events::Framing::Batch,
+            received,
+            &customer,
+            &meters.meters,
+        );
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        parsed
+            .events
+            .iter()
+            .map(|event| {
+                (
+                    event.subject.clone(),
+                    serde_json::to_vec(event).expect("json"),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for n in 0..3000 {
+        if n % 3 == 1 {
+            expected += rust_decimal::Decimal::from(n + 1);
+        }
+    }
+    publish(send(0, 1500)).await.map_err(anyhow::Error::msg)?;
+    let start = |registry: &prometheus::Registry| -> anyhow::Result<_> {
+        let ingest = EventIngest::build(
+            &env.kafka,
+            env.store.clone(),
+            env.topics.clone(),
+            env.ingest_config(),
+            meters.clone(),
+            registry,
+        )?;
+        Ok(tokio::spawn(
+            ingest.run_until_stopped(std::future::pending()),
+        ))
+    };
+    let first_registry = prometheus::Registry::new();
+    let first = start(&first_registry)?;
+    // Let it store part of the stream, then crash it (no shutdown path).
+    for _ in 0..200 {
+        if idlemeter_tests::counter_in(&first_registry, "idlemeter_ingest_events_stored_total") > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publish(send(1500, 3000))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    first.abort();
+    let _ = first.await;
+    let second_registry = prometheus::Registry::new();
+    let second = start(&second_registry)?;
+    // And the whole stream once more, as a client retrying everything would.
+    publish(send(0, 3000)).await.map_err(anyhow::Error::msg)?;
+    let mut stored = 0;
+    for _ in 0..300 {
+        stored = 0;
+        for c in 0..3 {
+            stored += env.store.events_of(&format!("customer-{c}")).await?.len();
+        }
+        if stored >= 3000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored, 3000, "every event once");
+    let meter = meters.get("tokens_total").expect("meter").clone();
+    let rows = env
+        .store
+        .query_meter(
+            &meter,
+            &idlemeter_store::MeterQuery {
+                customer: "customer-1",
+                subject: None,
+                from_ms: 1_672_531_200_000,
+                to_ms: 1_672_617_600_000,
+                window_ms: 0,
+                group_by: &[],
+                by_subject: false,
+            },
+        )
+        .await?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].value.parse::<rust_decimal::Decimal>()?, expected);
+    second.abort();
     Ok(())
 }
