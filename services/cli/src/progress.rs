@@ -143,7 +143,7 @@ mod tests {
         );
         assert_eq!(
             render("load", "samples", 1, 7200, Duration::from_secs(1)),
-            "load [--------------------] 1/7200 samples 1/s, 2 h 0 min left"
+            "load [--------------------] 1/7200 samples 1/s, 1 h 59 min left"
         );
         // Nothing to do is done.
         assert_eq!(
