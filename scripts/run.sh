@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/release/idlemeter
+# Logs go where the servers' state goes (scripts/services.sh's run directory).
+logs=${IDLEMETER_RUN_DIR:-$PWD/.run}
+mkdir -p "$logs"
 eval "$(scripts/services.sh start)"
 export IDLEMETER_CLICKHOUSE__URL IDLEMETER_KAFKA__BROKERS
 $bin migrate
@@ -28,21 +31,21 @@ IDLEMETER_API__SECRETS_KEY=${IDLEMETER_API__SECRETS_KEY:-$(random_hex)}
 
 # Meters over usage events (POST /api/v1/events), read by ingest and the API.
 export IDLEMETER_EVENTS__METERS=${METERS:-meters/openmeter-quickstart.toml}
-IDLEMETER_METRICS__LISTEN=127.0.0.1:9464 $bin ingest 2>.run/ingest.log & pids+=($!)
+IDLEMETER_METRICS__LISTEN=127.0.0.1:9464 $bin ingest 2>"$logs"/ingest.log & pids+=($!)
 # The rater rates each closed hour; a short grace so the demo shows money soon.
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9465 IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} \
-    IDLEMETER_RATER__GRACE_SECONDS=60 $bin rater 2>.run/rater.log & pids+=($!)
+    IDLEMETER_RATER__GRACE_SECONDS=60 $bin rater 2>"$logs"/rater.log & pids+=($!)
 # The idle policy decides suspends (no collector acts on them in this demo).
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9466 IDLEMETER_POLICY__FILE=${POLICY:-policies/sprites.toml} \
-    $bin policy 2>.run/policy.log & pids+=($!)
+    $bin policy 2>"$logs"/policy.log & pids+=($!)
 # The usage API, with a fresh admin key for this run (shown once, below).
 admin_key=$($bin keys create --admin --name "make run" 2>/dev/null)
 ingest_key=$($bin keys create --ingest --name "make run events" 2>/dev/null)
 IDLEMETER_METRICS__LISTEN=127.0.0.1:9467 IDLEMETER_API__LISTEN=127.0.0.1:8080 \
-    IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} $bin api 2>.run/api.log & pids+=($!)
+    IDLEMETER_RATER__SHEET=${SHEET:-prices/northflank.toml} $bin api 2>"$logs"/api.log & pids+=($!)
 # The simulator stands in for node collectors (`idlemeter collector` needs one
 # cgroup per sandbox on a real node).
-$bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>.run/simulate.log & pids+=($!)
+$bin simulate --sandboxes "${SANDBOXES:-500}" --nodes "${NODES:-5}" 2>"$logs"/simulate.log & pids+=($!)
 
 ch=$IDLEMETER_CLICKHOUSE__URL
 cat <<INFO
@@ -64,7 +67,7 @@ idlemeter is running.
                    -d '{"specversion":"1.0","type":"prompt","id":"1","source":"demo","subject":"cust-00000","data":{"tokens":42,"model":"m1","type":"input"}}' \\
                    http://127.0.0.1:8080/api/v1/events
                  curl -s -H 'Authorization: Bearer $admin_key' 'http://127.0.0.1:8080/api/v1/meters/tokens_total/query?customer=cust-00000&from=2020-01-01T00:00:00Z&to=2100-01-01T00:00:00Z'
-  logs           .run/ingest.log .run/rater.log .run/policy.log .run/api.log .run/simulate.log .run/*.log
+  logs           $logs/ingest.log rater.log policy.log api.log simulate.log (and the servers' logs beside them)
 Ctrl-C stops the services and the simulator.
 
 INFO
