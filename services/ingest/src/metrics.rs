@@ -191,11 +191,7 @@ impl IngestMetrics {
         idlemeter_telemetry::follow_gauge(
             self.lag_messages.clone(),
             Duration::from_secs(5),
-            move || match lag.lag_of(&consumer) {
-                Some(Some(lag)) => idlemeter_telemetry::Reading::Value(lag),
-                Some(None) => idlemeter_telemetry::Reading::Unknown,
-                None => idlemeter_telemetry::Reading::Gone,
-            },
+            move || lag.lag_of(&consumer).into(),
             stop.cancelled_owned(),
         );
     }

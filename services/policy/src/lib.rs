@@ -355,18 +355,15 @@ impl PolicyService {
             shutdown.await;
             stop_on_shutdown.cancel();
         });
-        let consumer = Arc::downgrade(&self.consumer);
-        let lag = self.lag_reader.take();
-        idlemeter_telemetry::follow_gauge(
-            self.metrics.lag_messages.clone(),
-            Duration::from_secs(5),
-            move || match lag.as_ref().and_then(|lag| lag.lag_of(&consumer)) {
-                Some(Some(lag)) => idlemeter_telemetry::Reading::Value(lag),
-                Some(None) => idlemeter_telemetry::Reading::Unknown,
-                None => idlemeter_telemetry::Reading::Gone,
-            },
-            stop.clone().cancelled_owned(),
-        );
+        if let Some(lag) = self.lag_reader.take() {
+            let consumer = Arc::downgrade(&self.consumer);
+            idlemeter_telemetry::follow_gauge(
+                self.metrics.lag_messages.clone(),
+                Duration::from_secs(5),
+                move || lag.lag_of(&consumer).into(),
+                stop.clone().cancelled_owned(),
+            );
+        }
         tracing::info!(
             policy = %self.engine.policy_version(),
             samples = %self.topics.samples,

@@ -227,6 +227,18 @@ pub enum Reading {
     Gone,
 }
 
+/// From an optional read of something that may be gone: `None` (gone),
+/// `Some(None)` (not known this time), `Some(Some(value))`.
+impl From<Option<Option<i64>>> for Reading {
+    fn from(read: Option<Option<i64>>) -> Self {
+        match read {
+            Some(Some(value)) => Self::Value(value),
+            Some(None) => Self::Unknown,
+            None => Self::Gone,
+        }
+    }
+}
+
 /// Sets `gauge` every `every` from `read` until `stop` or until `read`
 /// reports [`Reading::Gone`]. `read` may block (a broker round trip): it
 /// runs on the blocking pool, so it never delays the service's own work. A
