@@ -217,13 +217,7 @@ impl EventIngest {
     /// Dead letters, insert, commit; each retried until it succeeds or
     /// shutdown comes (false: nothing committed, the batch replays).
     async fn flush(&self, batch: EventBatch, stop: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(self.config.retry_initial_backoff_ms);
-        let max = Duration::from_millis(self.config.retry_max_backoff_ms);
-        let mut backoff = || {
-            let wait = delay;
-            delay = (delay * 2).min(max);
-            wait
-        };
+        let mut backoff = crate::Backoff::new(&self.config);
         for (topic, partition, offset, payload, reason) in &batch.dead {
             let source = format!("{topic}/{partition}/{offset}");
             loop {
@@ -247,9 +241,8 @@ impl EventIngest {
                     }
                     Err((error, _)) => {
                         tracing::warn!(%error, "dead letter failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff()) => {}
-                            _ = stop.cancelled() => return false,
+                        if !backoff.wait(stop).await {
+                            return false;
                         }
                     }
                 }
@@ -261,9 +254,8 @@ impl EventIngest {
                 Err(error) => {
                     self.metrics.insert_failures.inc();
                     tracing::warn!(%error, events = batch.events.len(), "event insert failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff()) => {}
-                        _ = stop.cancelled() => return false,
+                    if !backoff.wait(stop).await {
+                        return false;
                     }
                 }
             }

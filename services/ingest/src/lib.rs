@@ -529,13 +529,13 @@ impl Ingest {
 }
 
 /// Exponential backoff between retries of one step, cut short by shutdown.
-struct Backoff {
+pub(crate) struct Backoff {
     delay: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    fn new(config: &IngestConfig) -> Self {
+    pub(crate) fn new(config: &IngestConfig) -> Self {
         Self {
             delay: Duration::from_millis(config.retry_initial_backoff_ms),
             max: Duration::from_millis(config.retry_max_backoff_ms),
@@ -543,7 +543,7 @@ impl Backoff {
     }
 
     /// Sleeps the current delay and doubles it; false if shutdown came first.
-    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+    pub(crate) async fn wait(&mut self, stop: &CancellationToken) -> bool {
         let delay = self.delay;
         self.delay = (self.delay * 2).min(self.max);
         tokio::select! {
