@@ -22,6 +22,7 @@ pub mod events;
 pub mod ids;
 pub mod invoice;
 pub mod jsonl;
+pub mod metering;
 pub mod money;
 pub mod period;
 pub mod policy;

@@ -37,6 +37,10 @@ pub enum ResourceKind {
     Gpu,
     Disk,
     Egress,
+    /// A meter of usage events (`[[meters]]`, OpenMeter's definition),
+    /// priced per unit of its aggregate over the price version's part of the
+    /// period.
+    Meter,
 }
 
 impl ResourceKind {
@@ -47,17 +51,18 @@ impl ResourceKind {
             ResourceKind::Gpu => "gpu",
             ResourceKind::Disk => "disk",
             ResourceKind::Egress => "egress",
+            ResourceKind::Meter => "meter",
         }
     }
 
     /// Whether usage is a time integral (and so has increments and states).
     pub fn is_time_based(self) -> bool {
-        self != ResourceKind::Egress
+        !matches!(self, ResourceKind::Egress | ResourceKind::Meter)
     }
 }
 
 /// Index of a priced resource within one sheet: vCPU, memory, each GPU model
-/// in name order, disk, egress.
+/// in name order, disk, egress, each meter in slug order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ResourceSlot(pub usize);
 

@@ -88,6 +88,9 @@ pub(super) struct RawResources {
     pub gpu: BTreeMap<String, RawResource>,
     pub disk: Option<RawResource>,
     pub egress: Option<RawResource>,
+    /// Meters of usage events by slug (`[versions.resources.meters.<slug>]`).
+    #[serde(default)]
+    pub meters: BTreeMap<String, RawResource>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,6 +38,8 @@ pub struct PriceSheet {
     pub currency: Currency,
     pub line_rounding: RoundingRule,
     gpu_models: Vec<String>,
+    /// Slugs of the meters any version prices, in order.
+    meters: Vec<String>,
     versions: Vec<PriceVersion>,
     plans: BTreeMap<String, Plan>,
     default_plan: Option<String>,
@@ -63,9 +65,10 @@ impl PriceSheet {
         &self.versions
     }
 
-    /// Number of resource slots: vCPU, memory, each GPU model, disk, egress.
+    /// Number of resource slots: vCPU, memory, each GPU model, disk, egress,
+    /// each meter.
     pub fn slot_count(&self) -> usize {
-        self.gpu_models.len() + 4
+        self.gpu_models.len() + 4 + self.meters.len()
     }
 
     pub fn slot_kind(&self, slot: ResourceSlot) -> ResourceKind {
@@ -75,14 +78,17 @@ impl PriceSheet {
             1 => ResourceKind::Memory,
             index if index < 2 + gpus => ResourceKind::Gpu,
             index if index == 2 + gpus => ResourceKind::Disk,
-            _ => ResourceKind::Egress,
+            index if index == 3 + gpus => ResourceKind::Egress,
+            _ => ResourceKind::Meter,
         }
     }
 
-    /// The name of a slot as lines and sheets write it: `vcpu`, `gpu.H100`.
+    /// The name of a slot as lines and sheets write it: `vcpu`, `gpu.H100`,
+    /// `meter.tokens_total`.
     pub fn slot_name(&self, slot: ResourceSlot) -> String {
         match self.slot_kind(slot) {
             ResourceKind::Gpu => format!("gpu.{}", self.gpu_models[slot.0 - 2]),
+            ResourceKind::Meter => format!("meter.{}", self.meter_slug(slot)),
             kind => kind.as_str().to_owned(),
         }
     }
@@ -92,6 +98,23 @@ impl PriceSheet {
         (0..self.slot_count())
             .map(ResourceSlot)
             .find(|slot| self.slot_name(*slot) == name)
+    }
+
+    /// The slug of a meter slot (empty for other slots).
+    pub fn meter_slug(&self, slot: ResourceSlot) -> &str {
+        slot.0
+            .checked_sub(self.gpu_models.len() + 4)
+            .and_then(|index| self.meters.get(index))
+            .map_or("", String::as_str)
+    }
+
+    /// The meters some version prices, with their slots, in slug order.
+    pub fn priced_meters(&self) -> impl Iterator<Item = (ResourceSlot, &str)> + '_ {
+        let first = self.gpu_models.len() + 4;
+        self.meters
+            .iter()
+            .enumerate()
+            .map(move |(index, slug)| (ResourceSlot(first + index), slug.as_str()))
     }
 
     /// The slot of a GPU model, if any version prices it.
@@ -165,12 +188,21 @@ impl SheetBuilder<'_> {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        let meters: Vec<String> = self
+            .raw
+            .versions
+            .iter()
+            .flat_map(|version| version.resources.meters.keys().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let mut sheet = PriceSheet {
             label: self.sheet_text.path.to_owned(),
             platform: header.platform.clone(),
             currency,
             line_rounding: header.line_rounding,
             gpu_models,
+            meters,
             versions: Vec::new(),
             plans: BTreeMap::new(),
             default_plan: None,
@@ -255,6 +287,7 @@ impl SheetBuilder<'_> {
             ResourceKind::Disk => resources.disk.as_ref(),
             ResourceKind::Egress => resources.egress.as_ref(),
             ResourceKind::Gpu => resources.gpu.get(&sheet.gpu_models[slot.0 - 2]),
+            ResourceKind::Meter => resources.meters.get(sheet.meter_slug(slot)),
         };
         let field = format!("versions.resources.{}", sheet.slot_name(slot));
         raw.map(|raw| self.build_resource(raw, kind, &field))
@@ -281,7 +314,7 @@ impl SheetBuilder<'_> {
             price,
             basis,
             increment_ms,
-            idle: raw.idle.unwrap_or(IdleBilling::Billed),
+            idle: self.check_idle(raw, kind, field)?,
             bills_while,
             minimum_per_ms,
         })
@@ -322,7 +355,7 @@ impl SheetBuilder<'_> {
 
     fn check_basis(&self, raw: &RawResource, kind: ResourceKind, field: &str) -> Built<Basis> {
         let default = match kind {
-            ResourceKind::Egress => Basis::Used,
+            ResourceKind::Egress | ResourceKind::Meter => Basis::Used,
             _ => Basis::Allocated,
         };
         let Some(basis) = &raw.basis else {
@@ -330,7 +363,7 @@ impl SheetBuilder<'_> {
         };
         let allowed = match kind {
             ResourceKind::Vcpu | ResourceKind::Memory => true,
-            ResourceKind::Gpu | ResourceKind::Disk | ResourceKind::Egress => {
+            ResourceKind::Gpu | ResourceKind::Disk | ResourceKind::Egress | ResourceKind::Meter => {
                 *basis.get_ref() == default
             }
         };
@@ -348,13 +381,30 @@ impl SheetBuilder<'_> {
         Ok(*basis.get_ref())
     }
 
+    fn check_idle(&self, raw: &RawResource, kind: ResourceKind, field: &str) -> Built<IdleBilling> {
+        match raw.idle {
+            Some(IdleBilling::Free) if !kind.is_time_based() => Err(self.error(
+                &raw.unit,
+                &format!("{field}.idle"),
+                format!(
+                    "{} is a count, not running time: idle time cannot be free for it",
+                    kind.as_str()
+                ),
+            )),
+            idle => Ok(idle.unwrap_or(IdleBilling::Billed)),
+        }
+    }
+
     fn check_increment(&self, raw: &RawResource, kind: ResourceKind, field: &str) -> Built<u64> {
         match &raw.increment_seconds {
             None => Ok(1_000),
             Some(seconds) if !kind.is_time_based() => Err(self.error(
                 seconds,
                 &format!("{field}.increment_seconds"),
-                "egress is a byte count: it has no time increment",
+                format!(
+                    "{} is a count, not a time: it has no time increment",
+                    kind.as_str()
+                ),
             )),
             Some(seconds) if *seconds.get_ref() == 0 => Err(self.error(
                 seconds,
@@ -373,7 +423,7 @@ impl SheetBuilder<'_> {
     ) -> Built<StateSet> {
         let default = match kind {
             ResourceKind::Disk => vec![LifecycleState::Running, LifecycleState::Suspended],
-            ResourceKind::Egress => vec![
+            ResourceKind::Egress | ResourceKind::Meter => vec![
                 LifecycleState::Running,
                 LifecycleState::Suspended,
                 LifecycleState::Stopped,
@@ -385,7 +435,10 @@ impl SheetBuilder<'_> {
             Some(states) if !kind.is_time_based() => Err(self.error(
                 states,
                 &format!("{field}.bills_while"),
-                "egress bills when bytes are sent, in any state",
+                format!(
+                    "{} bills what was counted, in any state of a sandbox",
+                    kind.as_str()
+                ),
             )),
             Some(states) => Ok(StateSet::from_states(states.get_ref())),
         }

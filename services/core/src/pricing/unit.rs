@@ -109,6 +109,9 @@ impl BillingUnit {
     /// `GB-month`) for time-integrated resources, or a bare byte measure (`GB`)
     /// for network egress, checking that it fits the resource kind.
     pub fn parse(text: &str, kind: ResourceKind, month_hours: Option<u32>) -> Result<Self, String> {
+        if kind == ResourceKind::Meter {
+            return Self::parse_count(text);
+        }
         let (measure_text, time_text) = match text.split_once('-') {
             Some((measure, time)) => (measure, Some(time)),
             None => (text, None),
@@ -141,6 +144,37 @@ impl BillingUnit {
             text: text.to_owned(),
             divisor: measure.base() * time_millis,
             measure_base: measure.base(),
+        })
+    }
+
+    /// A meter's unit: a label (`"token"`), or a count and a label
+    /// (`"1000000 tokens"`), the price being per that many of the meter's
+    /// units. The base is 10^-12 of a unit, the scale meter values are
+    /// stored at ([`crate::events::VALUE_SCALE`]).
+    fn parse_count(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim();
+        let (count, label) = match trimmed.split_once(' ') {
+            Some((count, label)) if count.bytes().all(|byte| byte.is_ascii_digit()) => {
+                let count: u128 = count
+                    .parse()
+                    .map_err(|_| format!("{text:?}: {count:?} is not a whole number"))?;
+                (count, label.trim())
+            }
+            _ => (1, trimmed),
+        };
+        if label.is_empty() {
+            return Err(format!(
+                "{text:?}: a meter's unit names what it counts, e.g. \"token\" or \"1000000 tokens\""
+            ));
+        }
+        if count == 0 || count > 1_000_000_000_000_000 {
+            return Err(format!("{text:?}: the count must be from 1 to 10^18 units"));
+        }
+        let base = 10u128.pow(crate::events::VALUE_SCALE);
+        Ok(Self {
+            text: text.to_owned(),
+            divisor: count * base,
+            measure_base: base,
         })
     }
 
@@ -189,6 +223,7 @@ pub fn base_unit_name(kind: ResourceKind) -> &'static str {
         ResourceKind::Memory | ResourceKind::Disk => "byte-millisecond",
         ResourceKind::Gpu => "gpu-millisecond",
         ResourceKind::Egress => "byte",
+        ResourceKind::Meter => "picounit",
     }
 }
 
@@ -228,5 +263,12 @@ mod tests {
         assert!(divisor("Gb-hour", ResourceKind::Memory).is_err());
         assert!(divisor("GB-fortnight", ResourceKind::Memory).is_err());
         assert!(BillingUnit::parse("GB-month", ResourceKind::Disk, None).is_err());
+        assert_eq!(divisor("token", ResourceKind::Meter), Ok(1_000_000_000_000));
+        assert_eq!(
+            divisor("1000000 tokens", ResourceKind::Meter),
+            Ok(1_000_000_000_000_000_000)
+        );
+        assert!(divisor("0 tokens", ResourceKind::Meter).is_err());
+        assert!(divisor("  ", ResourceKind::Meter).is_err());
     }
 }

@@ -232,6 +232,10 @@ impl<'a, P: IdlePolicy> SeriesRater<'a, P> {
                 self.close_span(slot);
                 continue;
             };
+            if price.kind == ResourceKind::Meter {
+                // Metered from usage events, not from samples.
+                continue;
+            }
             if price.kind == ResourceKind::Egress {
                 self.accumulator.add(
                     row,
@@ -384,7 +388,7 @@ fn class_quantity(
             usage.mem_used[class],
         ),
         ResourceKind::Gpu if gpu_slot == Some(slot) => return usage.gpu_alloc[class],
-        ResourceKind::Gpu | ResourceKind::Egress => return 0,
+        ResourceKind::Gpu | ResourceKind::Egress | ResourceKind::Meter => return 0,
         ResourceKind::Disk => return usage.disk[class],
     };
     let measured = match price.basis {

@@ -73,6 +73,17 @@ impl CustomerUsage {
             .unwrap_or(0)
     }
 
+    /// Sets the quantity of a resource under a price version: how metered
+    /// usage (a meter's aggregate, which samples do not carry) joins the
+    /// quantities rated from samples. Out of the sheet's range does nothing.
+    pub fn set_quantity(&mut self, version: usize, slot: ResourceSlot, quantity: u128) {
+        if slot.0 < self.slot_count {
+            if let Some(cell) = self.quantities.get_mut(version * self.slot_count + slot.0) {
+                *cell = quantity;
+            }
+        }
+    }
+
     /// The quantities as stored beside a rating state: `versions x slots`,
     /// then `version.slot=quantity` for each quantity that is not zero,
     /// e.g. `2x7 0.1=3600000 1.1=120`, then `i<version>=<ms>` for each idle
