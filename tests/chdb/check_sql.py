@@ -531,6 +531,19 @@ def check_meter_windows(query) -> int:
         print(f"FAIL meter_windows.sql (by subject and model, one subject): {got}")
         return 1
     print("ok  meter_windows.sql")
+    totals = (QUERIES / "meter_totals.sql").read_text()
+    cases = [
+        ("sum, every customer", "toString(sum(value))", ("a", "z"), [["c1", "124956"], ["c2", "7"]]),
+        ("count, one customer", "toString(count())", ("c2", "c2"), [["c2", "1"]]),
+        ("latest, every customer", "toString(argMax(value, time_ms))", ("a", "z"), [["c1", "500"], ["c2", "7"]]),
+    ]
+    for label, aggregate, (first, last), expected in cases:
+        sql = totals.replace("{aggregate}", aggregate)
+        got = parse(query(bind(sql, (first, last, "tokens", start, start + day))))
+        if [[row[0], format(decimal.Decimal(row[1]).normalize(), "f")] for row in got] != expected:
+            print(f"FAIL meter_totals.sql ({label}): {got}")
+            return 1
+    print("ok  meter_totals.sql")
     return 0
 
 

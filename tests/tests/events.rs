@@ -88,6 +88,16 @@ struct Stack {
 impl Stack {
     /// The API (with `keys` stored before it loads them) and event ingest.
     async fn start(keys: &[&idlemeter_api::auth::NewKey]) -> anyhow::Result<Self> {
+        Self::start_with(keys, idlemeter_tests::ONE_DOLLAR_A_VCPU_SECOND, None).await
+    }
+
+    /// [`Self::start`], the API billing with `sheet` (as `test.toml`) and
+    /// answering as if it were always `now`, when given.
+    async fn start_with(
+        keys: &[&idlemeter_api::auth::NewKey],
+        sheet: &str,
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> anyhow::Result<Self> {
         let env = TestEnv::new("events").await?;
         for key in keys {
             env.store.insert_api_key(&key.row).await?;
@@ -98,17 +108,20 @@ impl Stack {
         let meters = Meters::from_toml(METERS, "meters.toml").map_err(anyhow::Error::msg)?;
         let registry = prometheus::Registry::new();
         let billing = idlemeter_api::Billing::new(
-            idlemeter_tests::sheet_source(idlemeter_tests::ONE_DOLLAR_A_VCPU_SECOND, "test.toml"),
+            idlemeter_tests::sheet_source(sheet, "test.toml"),
             idlemeter_tests::terms(idlemeter_core::Period::Month),
         )?;
-        let api = Api::new(
+        let mut api = Api::new(
             env.store.clone(),
             billing,
             idlemeter_api::ApiConfig::default(),
             &registry,
         )
-        .await?
-        .with_events(EventSink {
+        .await?;
+        if let Some(now) = now {
+            api = api.with_clock(Arc::new(move || now));
+        }
+        let api = api.with_events(EventSink {
             publish: env.kafka.publisher("test-events", &env.topics.events)?,
             meters: Arc::new(meters.clone()),
             max_events: 100,
@@ -577,5 +590,298 @@ async fn events_survive_an_ingest_crash_once_each() -> anyhow::Result<()> {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].value.parse::<rust_decimal::Decimal>()?, expected);
     second.abort();
+    Ok(())
+}
+
+/// A sheet pricing three of [`METERS`]: tokens and requests from 2020,
+/// tokens cheaper and stored bytes priced from 01:00 on 2023-01-01.
+const METERED_SHEET: &str = r#"
+[sheet]
+platform = "events"
+currency = "USD"
+line_rounding = "half_up"
+
+[[versions]]
+effective_from = 2020-01-01T00:00:00Z
+[versions.resources.vcpu]
+unit = "vcpu-second"
+unit_price = "1"
+[versions.resources.meters.tokens_total]
+unit = "1000000 tokens"
+unit_price = "2.00"
+[versions.resources.meters.api_requests_total]
+unit = "request"
+unit_price = "0.01"
+
+[[versions]]
+effective_from = 2023-01-01T01:00:00Z
+[versions.resources.vcpu]
+unit = "vcpu-second"
+unit_price = "1"
+[versions.resources.meters.tokens_total]
+unit = "1000000 tokens"
+unit_price = "1.50"
+[versions.resources.meters.api_requests_total]
+unit = "request"
+unit_price = "0.01"
+[versions.resources.meters.storage_bytes]
+unit = "1000000000 bytes"
+unit_price = "0.10"
+"#;
+
+fn storage(id: &str, subject: &str, time: &str, bytes: u64) -> Value {
+    json!({"specversion": "1.0", "type": "storage", "id": id, "source": "disk",
+           "subject": subject, "time": time, "data": {"bytes": bytes}})
+}
+
+/// (kind resource, quantity, unit, amount) of each usage line of `lines`
+/// (API cost lines or invoice lines, as JSON).
+fn metered_lines(lines: &Value) -> Vec<(String, String, String, String)> {
+    lines
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|line| {
+            line["resource"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("meter."))
+        })
+        .map(|line| {
+            let decimal = |field: &str| {
+                line[field]
+                    .as_str()
+                    .and_then(|text| text.parse::<rust_decimal::Decimal>().ok())
+                    .map(|value| value.normalize().to_string())
+                    .unwrap_or_default()
+            };
+            (
+                format!(
+                    "{} {}",
+                    line["kind"].as_str().unwrap_or(""),
+                    line["resource"].as_str().unwrap_or("")
+                ),
+                decimal("quantity"),
+                line["unit"].as_str().unwrap_or("").to_owned(),
+                decimal("amount"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metered_events_are_priced_per_version_on_the_figure_and_the_invoice() -> anyhow::Result<()>
+{
+    use chrono::{TimeZone, Utc};
+    let customer = CustomerId::parse("customer-1")?;
+    let keys = [
+        generate_ingest(None, "platform", 1),
+        generate(Some(&customer), "customer-1 reads", 1),
+    ];
+    let at = |day: u32, hour: u32| Utc.with_ymd_and_hms(2023, 1, day, hour, 0, 0).unwrap();
+    let stack = Stack::start_with(
+        &keys.iter().collect::<Vec<_>>(),
+        METERED_SHEET,
+        Some(at(1, 6) + chrono::Duration::minutes(30)),
+    )
+    .await?;
+    let env = &stack.env;
+    let [platform_key, reader] = keys.map(|key| key.key);
+    let meters = Meters::from_toml(METERS, "meters.toml").map_err(anyhow::Error::msg)?;
+
+    // customer-1: 1.5M tokens and 2 requests before 01:00 (first prices),
+    // 2M tokens, 1 request and stored bytes after (second prices); the
+    // LATEST of the bytes is 2.5 GB. customer-2 has events only; customer-3
+    // a negative token count, which no price can bill.
+    let batch = json!([
+        prompt(
+            "p1",
+            "customer-1",
+            "2023-01-01T00:00:00.001Z",
+            "600000",
+            "gpt4",
+            "input"
+        ),
+        prompt(
+            "p2",
+            "customer-1",
+            "2023-01-01T00:10:00Z",
+            "900000",
+            "gpt4",
+            "output"
+        ),
+        prompt(
+            "p3",
+            "customer-1",
+            "2023-01-01T01:05:00Z",
+            "2000000",
+            "gpt4",
+            "input"
+        ),
+        request("r1", "customer-1", "2023-01-01T00:30:00Z", "GET", "/a"),
+        request("r2", "customer-1", "2023-01-01T00:40:00Z", "GET", "/a"),
+        request("r3", "customer-1", "2023-01-01T02:00:00Z", "POST", "/b"),
+        storage("s1", "customer-1", "2023-01-01T00:20:00Z", 5_000_000_000),
+        storage("s2", "customer-1", "2023-01-01T02:00:00Z", 3_000_000_000),
+        storage("s3", "customer-1", "2023-01-01T03:00:00Z", 2_500_000_000),
+        prompt(
+            "p1",
+            "customer-2",
+            "2023-01-01T05:00:00Z",
+            "1000000",
+            "gpt4",
+            "input"
+        ),
+        prompt(
+            "p9",
+            "customer-3",
+            "2023-01-01T05:00:00Z",
+            "-5",
+            "gpt4",
+            "input"
+        ),
+    ]);
+    // Sent twice: collapses.
+    for _ in 0..2 {
+        let (status, body) = stack
+            .post(&platform_key, "application/cloudevents-batch+json", &batch)
+            .await?;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    let wait_for = |customer: &'static str, count: usize| async move {
+        for _ in 0..100 {
+            if env.store.events_of(customer).await?.len() >= count {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("{customer}'s events did not arrive")
+    };
+    wait_for("customer-1", 9).await?;
+    wait_for("customer-2", 1).await?;
+    wait_for("customer-3", 1).await?;
+
+    // The rater's hourly figure, at 06:00: customers found by their events.
+    let registry = prometheus::Registry::new();
+    let rater = idlemeter_rater::Rater::new(
+        env.store.clone(),
+        METERED_SHEET,
+        idlemeter_rater::RaterConfig {
+            sheet: "test.toml".to_owned(),
+            grace_seconds: 0,
+            ..idlemeter_rater::RaterConfig::default()
+        },
+        &registry,
+    )?
+    .with_terms(idlemeter_tests::terms(idlemeter_core::Period::Month))?
+    .with_meters(&meters)?;
+    let pass = rater.rate_closed_hours(at(1, 6)).await?;
+    assert_eq!(
+        pass.customers_failed, 1,
+        "customer-3's negative sum: {pass:?}"
+    );
+    let answer: Value = stack
+        .http
+        .get(format!("{}/v1/customers/customer-1/cost", stack.base))
+        .bearer_auth(&reader)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let line = |kind: &str, quantity: &str, unit: &str, amount: &str| {
+        (
+            kind.to_owned(),
+            quantity.to_owned(),
+            unit.to_owned(),
+            amount.to_owned(),
+        )
+    };
+    // Meters in slug order within each price version.
+    let first_figure = vec![
+        // Before 01:00: 2 requests at 0.01, 1.5M tokens at 2.00 per million.
+        line("usage meter.api_requests_total", "2", "request", "0.02"),
+        line("usage meter.tokens_total", "1.5", "1000000 tokens", "3"),
+        // After: 1 request; the latest bytes, 2.5 GB at 0.10; 2M tokens at 1.50.
+        line("usage meter.api_requests_total", "1", "request", "0.01"),
+        line(
+            "usage meter.storage_bytes",
+            "2.5",
+            "1000000000 bytes",
+            "0.25",
+        ),
+        line("usage meter.tokens_total", "2", "1000000 tokens", "3"),
+    ];
+    assert_eq!(metered_lines(&answer["lines"]), first_figure, "{answer}");
+    assert_eq!(answer["total"], "6.28", "{answer}");
+    let rows = env.store.rating_errors_of("customer-3").await?;
+    assert!(
+        rows.iter()
+            .any(|row| row.reason.contains("tokens_total") && row.reason.contains("below zero")),
+        "{rows:?}"
+    );
+
+    // An event of the period arriving after the rater's figure is on the
+    // invoice: the close aggregates the period again.
+    let late = prompt(
+        "p4",
+        "customer-1",
+        "2023-01-20T00:00:00Z",
+        "1000000",
+        "gpt4",
+        "input",
+    );
+    let (status, body) = stack
+        .post(&platform_key, "application/cloudevents+json", &late)
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    wait_for("customer-1", 10).await?;
+    let lock = tempfile::tempdir()?;
+    let invoicer = idlemeter_invoicer::Invoicer::new(
+        env.store.clone(),
+        idlemeter_tests::sheet_source(METERED_SHEET, "test.toml"),
+        idlemeter_invoicer::InvoicerConfig {
+            lock_file: lock.path().join("lock").display().to_string(),
+            ..idlemeter_invoicer::InvoicerConfig::default()
+        },
+        idlemeter_tests::terms(idlemeter_core::Period::Month),
+    )?
+    .with_meters(&meters)?;
+    let closed = invoicer
+        .close_period(
+            at(1, 0),
+            Utc.with_ymd_and_hms(2023, 2, 2, 0, 0, 0).unwrap(),
+            false,
+            &|_, _| {},
+        )
+        .await?;
+    let failed: Vec<&str> = closed
+        .failed
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(failed, vec!["customer-3"], "{:?}", closed.failed);
+    let issued: std::collections::BTreeMap<&str, &idlemeter_invoicer::Invoice> = closed
+        .issued
+        .iter()
+        .map(|invoice| (invoice.customer.as_str(), invoice))
+        .collect();
+    let first = serde_json::to_value(&issued["customer-1"].lines)?;
+    let mut expected = first_figure.clone();
+    expected[4] = line("usage meter.tokens_total", "3", "1000000 tokens", "4.5");
+    assert_eq!(metered_lines(&first), expected);
+    assert_eq!(issued["customer-1"].total.to_string(), "7.78");
+    let second = serde_json::to_value(&issued["customer-2"].lines)?;
+    assert_eq!(
+        metered_lines(&second),
+        vec![line(
+            "usage meter.tokens_total",
+            "1",
+            "1000000 tokens",
+            "1.5"
+        )]
+    );
+    assert_eq!(issued["customer-2"].total.to_string(), "1.50");
+    for stop in stack.stop {
+        let _ = stop.send(());
+    }
     Ok(())
 }

@@ -154,10 +154,19 @@ pub fn base_quantity(aggregate: &str) -> Result<u128, String> {
         .ok_or_else(|| format!("aggregate {value} is too large"))
 }
 
-/// Sets a customer's metered quantities on their usage rated from samples.
-pub fn apply(usage: &mut CustomerUsage, metered: &[Metered]) {
-    for quantity in metered {
-        usage.set_quantity(quantity.version, quantity.slot, quantity.quantity);
+impl PricedMeters {
+    /// Sets a customer's metered quantities on their usage rated from
+    /// samples, in place of whatever it held for the priced meters (a
+    /// stored figure read back is replaced, not added to).
+    pub fn apply(&self, sheet: &PriceSheet, usage: &mut CustomerUsage, metered: &[Metered]) {
+        for priced in &self.meters {
+            for version in 0..sheet.versions().len() {
+                usage.set_quantity(version, priced.slot, 0);
+            }
+        }
+        for quantity in metered {
+            usage.set_quantity(quantity.version, quantity.slot, quantity.quantity);
+        }
     }
 }
 
@@ -260,7 +269,7 @@ aggregation = "COUNT"
             .map(|(window, aggregate)| window.metered(aggregate).expect("billable"))
             .collect();
         let mut usage = CustomerUsage::nothing(customer, &sheet);
-        apply(&mut usage, &metered);
+        priced.apply(&sheet, &mut usage, &metered);
         let bill = crate::invoice::bill(&sheet, &usage, &crate::invoice::Account::default())
             .expect("bills");
         let lines: Vec<(String, String, String, String)> = bill

@@ -30,11 +30,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use idlemeter_core::events::Meters;
+use idlemeter_core::metering::PricedMeters;
 use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
 use idlemeter_core::rating::{CustomerUsage, NumberedSample};
 use idlemeter_core::{bill, Account, BillingTerms, CustomerId, PriceSheet, RatingState};
 use idlemeter_store::{
-    AccountReader, Accounts, Adjusted, BillContext, RatedQuantities, SheetSource, Store,
+    AccountReader, Accounts, Adjusted, BillContext, MeteredRange, RatedQuantities, SheetSource,
+    Store,
 };
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -74,6 +77,9 @@ pub enum Error {
     Quantities { customer: String, reason: String },
     #[error("writing invoices: {0}")]
     Write(String),
+    /// The sheet prices a meter the meters file does not define.
+    #[error("{0}")]
+    Meters(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -171,6 +177,8 @@ pub struct Invoicer {
     config: InvoicerConfig,
     terms: BillingTerms,
     tax_rates: BTreeMap<CustomerId, Decimal>,
+    /// The meters the sheet prices (none unless [`Invoicer::with_meters`]).
+    meters: PricedMeters,
     metrics: Option<InvoicerMetrics>,
 }
 
@@ -272,8 +280,43 @@ impl Invoicer {
             config,
             terms,
             tax_rates,
+            meters: PricedMeters::default(),
             metrics: None,
         })
+    }
+
+    /// Bills the meters the sheet prices with their definitions in
+    /// `meters` (`[events] meters`), as the rater does; fails naming a
+    /// priced meter it lacks. A close aggregates each meter over the whole
+    /// period again, so events that arrived after the rater's last hour
+    /// and within the grace are on the invoice.
+    pub fn with_meters(mut self, meters: &Meters) -> Result<Self> {
+        self.meters =
+            PricedMeters::new(&self.sheet, meters).map_err(|reason| Error::Meters(reason))?;
+        Ok(self)
+    }
+
+    /// The metered quantities of the customers `first..=last` over
+    /// `[start, until)`; nothing when the sheet prices no meter.
+    async fn metered_in(
+        &self,
+        (first, last): (&str, &str),
+        start: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<MeteredRange> {
+        if self.meters.is_empty() {
+            return Ok(MeteredRange::default());
+        }
+        Ok(self
+            .store
+            .metered(
+                &self.sheet,
+                &self.meters,
+                (first, last),
+                unix_ms(start),
+                unix_ms(until),
+            )
+            .await?)
     }
 
     /// Exports the scheduler's runs to `registry` (`idlemeter_invoicer_*`).
@@ -341,6 +384,13 @@ impl Invoicer {
             .into_iter()
             .collect();
         customers.extend(self.store.invoiced_customers(issuer).await?);
+        // And everyone with metered usage in the period (events only).
+        customers.extend(
+            self.metered_in(("", "\u{10ffff}"), start, end)
+                .await?
+                .names()
+                .cloned(),
+        );
         let customers: Vec<String> = customers.into_iter().collect();
         let adjusted = self.accounts(None).all_issued_adjustments().await?;
         let mut outcome = CloseOutcome::default();
@@ -361,9 +411,10 @@ impl Invoicer {
             };
             let reading = std::time::Instant::now();
             let reader = self.accounts(Some(&adjusted));
-            let (accounts, rated) = tokio::try_join!(
+            let (accounts, rated, metered) = tokio::try_join!(
                 async { Ok::<_, Error>(reader.read(first, last, start, end).await?) },
                 self.rated_in(first, last, start_s),
+                self.metered_in((first, last), start, end),
             )?;
             outcome.timings.read += reading.elapsed();
             let billing = std::time::Instant::now();
@@ -383,7 +434,13 @@ impl Invoicer {
                     continue;
                 }
                 match self
-                    .invoice_of(customer, start, end, &accounts, rated.get(customer), next)
+                    .invoice_of(
+                        customer,
+                        (start, end),
+                        &accounts,
+                        (rated.get(customer), &metered),
+                        next,
+                    )
                     .await
                 {
                     Ok((Some(invoice), caught_up)) => {
@@ -416,7 +473,7 @@ impl Invoicer {
             }
             outcome.timings.bill += billing.elapsed();
             if dry_run {
-                self.compare_issued(&mut outcome, start, end, &accounts, &rated)
+                self.compare_issued(&mut outcome, (start, end), &accounts, (&rated, &metered))
                     .await?;
             } else {
                 let rows = chunk_rows(&chunk_issued, unix_secs(now), written_ms)?;
@@ -488,19 +545,17 @@ impl Invoicer {
     async fn compare_issued(
         &self,
         outcome: &mut CloseOutcome,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
+        period: (DateTime<Utc>, DateTime<Utc>),
         accounts: &Accounts,
-        rated: &HashMap<String, RatedQuantities>,
+        (rated, metered): (&HashMap<String, RatedQuantities>, &MeteredRange),
     ) -> Result<()> {
         for (customer, header) in &accounts.invoiced_now {
             if let (Some(recomputed), _) = self
                 .invoice_of(
                     customer,
-                    start,
-                    end,
+                    period,
                     accounts,
-                    rated.get(customer),
+                    (rated.get(customer), metered),
                     header.number,
                 )
                 .await?
@@ -544,17 +599,17 @@ impl Invoicer {
     async fn invoice_of(
         &self,
         customer: &str,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
         accounts: &Accounts,
-        rated: Option<&RatedQuantities>,
+        (rated, metered): (Option<&RatedQuantities>, &MeteredRange),
         number: u64,
     ) -> Result<(Option<Invoice>, bool)> {
         let id = CustomerId::parse(customer.to_owned()).map_err(|error| Error::Quantities {
             customer: customer.to_owned(),
             reason: error.to_string(),
         })?;
-        let (usage, caught_up) = self.usage_at(&id, start, end, rated).await?;
+        let (mut usage, caught_up) = self.usage_at(&id, start, end, rated).await?;
+        self.apply_metered(&mut usage, metered)?;
         let account = accounts.account(&id);
         Ok((
             self.invoice(&id, &usage, &account, start, end, number)?,
@@ -598,6 +653,23 @@ impl Invoicer {
             });
         }
         Ok(Some(invoice))
+    }
+
+    /// Puts a customer's metered quantities of `metered` on `usage`, in
+    /// place of what the rater's figure held for them.
+    fn apply_metered(&self, usage: &mut CustomerUsage, metered: &MeteredRange) -> Result<()> {
+        if self.meters.is_empty() {
+            return Ok(());
+        }
+        let quantities =
+            metered
+                .of(usage.customer.as_str())
+                .map_err(|reason| Error::Quantities {
+                    customer: usage.customer.to_string(),
+                    reason: reason.to_owned(),
+                })?;
+        self.meters.apply(&self.sheet, usage, quantities);
+        Ok(())
     }
 
     /// A customer's rated quantities of the period starting at `start`,
@@ -746,7 +818,9 @@ impl Invoicer {
             customer: customer.to_owned(),
             reason: error.to_string(),
         })?;
-        let (usage, _) = self.usage_at(&id, start, now, rated.get(customer)).await?;
+        let (mut usage, _) = self.usage_at(&id, start, now, rated.get(customer)).await?;
+        let metered = self.metered_in((customer, customer), start, now).await?;
+        self.apply_metered(&mut usage, &metered)?;
         let mut draft = self.invoice(&id, &usage, &accounts.account(&id), start, end, 0)?;
         if let Some(invoice) = &mut draft {
             invoice.status = "draft".to_owned();

@@ -38,15 +38,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use idlemeter_core::events::Meters;
 use idlemeter_core::invoice::CustomerBill;
+use idlemeter_core::metering::{Metered, PricedMeters};
 use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
 use idlemeter_core::{
     floor_hour, report_usage, Account, BillingOptions, BillingTerms, CustomerId, LineError,
     NumberedSample, PriceSheet, RateReport, RatingState, UsageSample,
 };
 use idlemeter_store::{
-    ratings_checksum, to_column, AccountReader, RatedLineRow, RatingChangeRow, RatingErrorRow,
-    RatingStateRow, Store,
+    ratings_checksum, to_column, AccountReader, MeteredRange, RatedLineRow, RatingChangeRow,
+    RatingErrorRow, RatingStateRow, Store,
 };
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -68,6 +70,13 @@ pub enum Error {
     /// not the store's.
     #[error("{0}")]
     Amount(String),
+    /// The sheet prices a meter the meters file does not define.
+    #[error("{0}")]
+    Meters(String),
+    /// A customer's metered usage that cannot be billed (an aggregate
+    /// below zero): this customer's problem.
+    #[error("customer {customer}: {reason}")]
+    Metered { customer: String, reason: String },
 }
 
 /// A decimal as its column, a refusal being the customer's problem.
@@ -171,6 +180,20 @@ struct LiveState {
     /// to be read before the next figure).
     account: Account,
     account_read: Option<std::time::Instant>,
+    /// Metered quantities of the period, read with the account.
+    metered: Vec<Metered>,
+}
+
+/// A customer's metered quantities for a live figure: a refusal is logged
+/// and leaves them out (the hourly pass records it against the customer).
+fn live_metered(range: &MeteredRange, customer: &CustomerId) -> Vec<Metered> {
+    match range.of(customer.as_str()) {
+        Ok(metered) => metered.to_vec(),
+        Err(reason) => {
+            tracing::warn!(%customer, %reason, "metered usage left out of the live figure");
+            Vec::new()
+        }
+    }
 }
 
 /// A customer's state at its newest final hour: (period start, as_of, state).
@@ -234,6 +257,8 @@ pub struct Rater {
     terms: BillingTerms,
     tax_rates: std::collections::BTreeMap<CustomerId, Decimal>,
     idle: IdleRule,
+    /// The meters the sheet prices (none unless [`Self::with_meters`]).
+    meters: PricedMeters,
     metrics: RaterMetrics,
     /// The state of each customer's newest final hour, kept so the next
     /// hour need not read it back: (period start, as_of, state).
@@ -267,6 +292,7 @@ impl Rater {
             terms: BillingTerms::default(),
             tax_rates: std::collections::BTreeMap::new(),
             idle: IdleRule::SessionOrConnection,
+            meters: PricedMeters::default(),
             metrics,
             finals: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -284,6 +310,16 @@ impl Rater {
             .map_err(|error| Error::Sheet(error.into()))?;
         self.sheet_checksum = idlemeter_store::with_policy(&self.sheet_checksum, policy_text);
         self.idle = IdleRule::Policy(Box::new(PolicyIdle::new(policy)));
+        Ok(self)
+    }
+
+    /// Bills the meters the sheet prices with their definitions in
+    /// `meters` (`[events] meters`); fails naming a priced meter it lacks.
+    /// A meter's quantity is aggregated again from the period's start for
+    /// every figure (see `idlemeter_core::metering`), so it is not part of
+    /// the carried state, and the sheet checksum does not cover it.
+    pub fn with_meters(mut self, meters: &Meters) -> Result<Self> {
+        self.meters = PricedMeters::new(&self.sheet, meters).map_err(Error::Meters)?;
         Ok(self)
     }
 
@@ -338,9 +374,11 @@ impl Rater {
         for period_start in [previous, current] {
             let full_end = self.period().next(period_start);
             let period_end = full_end.min(closed_until);
-            let customers = self
+            let mut customers = self
                 .store
                 .customers_with_samples(unix_ms(period_start), unix_ms(period_end))
+                .await?;
+            self.add_metered_customers(&mut customers, period_start, period_end)
                 .await?;
             for (customer, _, count) in &customers {
                 // One query for what this sheet already rated, not one per hour.
@@ -603,7 +641,16 @@ impl Rater {
             .read(customer.as_str(), customer.as_str(), period_start, as_of)
             .await?
             .account(customer);
-        let (report, usage) = self.report(customer, state, &account)?;
+        let metered = self
+            .metered_range((customer.as_str(), customer.as_str()), period_start, as_of)
+            .await?;
+        let metered = metered
+            .of(customer.as_str())
+            .map_err(|reason| Error::Metered {
+                customer: customer.to_string(),
+                reason: reason.to_owned(),
+            })?;
+        let (report, usage) = self.report(customer, state, &account, metered)?;
         self.store
             .insert_rating_state(&RatingStateRow {
                 customer: customer.to_string(),
@@ -666,6 +713,57 @@ impl Rater {
         }
     }
 
+    /// The metered quantities of the customers `first..=last` over
+    /// `[period_start, until)`; nothing when the sheet prices no meter.
+    async fn metered_range(
+        &self,
+        customers: (&str, &str),
+        period_start: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<MeteredRange> {
+        if self.meters.is_empty() {
+            return Ok(MeteredRange::default());
+        }
+        Ok(self
+            .store
+            .metered(
+                &self.sheet,
+                &self.meters,
+                customers,
+                unix_ms(period_start),
+                unix_ms(until),
+            )
+            .await?)
+    }
+
+    /// Adds to `customers` (sorted, from the samples) those with only
+    /// metered usage in `[period_start, until)`, without samples counted.
+    async fn add_metered_customers(
+        &self,
+        customers: &mut Vec<(CustomerId, u64, u64)>,
+        period_start: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<()> {
+        if self.meters.is_empty() {
+            return Ok(());
+        }
+        let metered = self
+            .metered_range(("", "\u{10ffff}"), period_start, until)
+            .await?;
+        let known: BTreeSet<CustomerId> = customers.iter().map(|(id, _, _)| id.clone()).collect();
+        for name in metered.names() {
+            match CustomerId::parse(name.clone()) {
+                Ok(id) if !known.contains(&id) => customers.push((id, 0, 0)),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(customer = %name, %error, "metered usage of an invalid customer id is not rated")
+                }
+            }
+        }
+        customers.sort_by(|left, right| left.0.cmp(&right.0));
+        Ok(())
+    }
+
     /// A customer's samples closing intervals in `[from_ms, to_ms)`, with
     /// each series' baseline, numbered by position.
     async fn read_samples(
@@ -692,6 +790,7 @@ impl Rater {
         customer: &CustomerId,
         state: &RatingState,
         account: &Account,
+        metered: &[Metered],
     ) -> Result<(RateReport, String)> {
         let mut usage = state.usage(&self.sheet, &self.idle);
         // A customer with nothing rated yet still has fees and adjustments.
@@ -706,6 +805,13 @@ impl Rater {
                     customer.clone(),
                     &self.sheet,
                 ));
+        }
+        if let Some(rated) = usage
+            .customers
+            .iter_mut()
+            .find(|rated| &rated.customer == customer)
+        {
+            self.meters.apply(&self.sheet, rated, metered);
         }
         let text = usage
             .customers
@@ -913,6 +1019,9 @@ impl Rater {
                 .account_reader()
                 .read(first.as_str(), last.as_str(), period_start, now)
                 .await?;
+            let metered = self
+                .metered_range((first.as_str(), last.as_str()), period_start, now)
+                .await?;
             let from_ms = chunk
                 .iter()
                 .map(|customer| {
@@ -954,6 +1063,7 @@ impl Rater {
                         newest_ms,
                         account: accounts.account(customer),
                         account_read: Some(std::time::Instant::now()),
+                        metered: live_metered(&metered, customer),
                     },
                 );
             }
@@ -995,10 +1105,14 @@ impl Rater {
                 .account_reader()
                 .read(first.as_str(), last.as_str(), period_start, now)
                 .await?;
+            let metered = self
+                .metered_range((first.as_str(), last.as_str()), period_start, now)
+                .await?;
             let mut live = self.live.lock().expect("not poisoned");
             for customer in chunk {
                 if let Some(state) = live.get_mut(customer) {
                     state.account = accounts.account(customer);
+                    state.metered = live_metered(&metered, customer);
                     state.account_read = Some(std::time::Instant::now());
                 }
             }
@@ -1032,6 +1146,7 @@ impl Rater {
                     newest_ms: unix_ms(period_start),
                     account: Account::default(),
                     account_read: None,
+                    metered: Vec::new(),
                 };
                 (next, Cow::Owned(new))
             }
@@ -1062,9 +1177,13 @@ impl Rater {
                 .read(customer.as_str(), customer.as_str(), period_start, now)
                 .await?
                 .account(customer);
+            let metered = self
+                .metered_range((customer.as_str(), customer.as_str()), period_start, now)
+                .await?;
+            live.metered = live_metered(&metered, customer);
             live.account_read = Some(std::time::Instant::now());
         }
-        let (report, _) = self.report(customer, &live.state, &live.account)?;
+        let (report, _) = self.report(customer, &live.state, &live.account, &live.metered)?;
         let as_of_secs = u32::try_from(live.newest_ms / 1000).unwrap_or(u32::MAX);
         let rows = match report
             .customers

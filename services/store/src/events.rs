@@ -1,12 +1,55 @@
 //! Usage events and meter values (migration 0012), and meters read back
 //! with OpenMeter's aggregations.
 
+use std::collections::BTreeMap;
+
 use idlemeter_core::events::{Aggregation, Meter, MeterValue, UsageEvent};
+use idlemeter_core::metering::{Metered, PricedMeters};
+use idlemeter_core::PriceSheet;
 
 use crate::{Context, Result, Store};
 
 /// The meter query's template (see the file for its parts).
 pub const METER_WINDOWS_SQL: &str = include_str!("queries/meter_windows.sql");
+
+/// The metered quantities query's template (see the file).
+pub const METER_TOTALS_SQL: &str = include_str!("queries/meter_totals.sql");
+
+/// The metered quantities of a range of customers over a time range.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeteredRange {
+    /// Per customer with events, their quantities per (version, meter).
+    pub customers: BTreeMap<String, Vec<Metered>>,
+    /// Customers whose aggregate cannot be billed, and why (they are not
+    /// in `customers`).
+    pub refused: BTreeMap<String, String>,
+}
+
+impl MeteredRange {
+    /// Everyone with metered usage, billable or not.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.customers.keys().chain(self.refused.keys())
+    }
+
+    /// A customer's quantities, or why they cannot be billed.
+    pub fn of(&self, customer: &str) -> std::result::Result<&[Metered], &str> {
+        match self.refused.get(customer) {
+            Some(reason) => Err(reason),
+            None => Ok(self.customers.get(customer).map_or(&[], Vec::as_slice)),
+        }
+    }
+}
+
+/// The aggregate of a meter in SQL, as text.
+fn aggregate_sql(aggregation: Aggregation) -> &'static str {
+    match aggregation {
+        Aggregation::Sum => "toString(sum(value))",
+        Aggregation::Count => "toString(count())",
+        Aggregation::Max => "toString(max(value))",
+        Aggregation::UniqueCount => "toString(uniqExact(value_text))",
+        Aggregation::Latest => "toString(argMax(value, time_ms))",
+    }
+}
 
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
@@ -130,13 +173,7 @@ impl Store {
         meter: &Meter,
         query: &MeterQuery<'_>,
     ) -> Result<Vec<MeterWindowRow>> {
-        let aggregate = match meter.aggregation {
-            Aggregation::Sum => "toString(sum(value))",
-            Aggregation::Count => "toString(count())",
-            Aggregation::Max => "toString(max(value))",
-            Aggregation::UniqueCount => "toString(uniqExact(value_text))",
-            Aggregation::Latest => "toString(argMax(value, time_ms))",
-        };
+        let aggregate = aggregate_sql(meter.aggregation);
         let window = if query.window_ms == 0 {
             "toUInt64(?)".to_owned()
         } else {
@@ -190,5 +227,67 @@ impl Store {
             .fetch_all::<MeterWindowRow>()
             .await
             .context(format!("meter {} of {}", meter.slug, query.customer))
+    }
+
+    /// One meter's aggregate per customer of `first..=last` over
+    /// `[from_ms, to_ms)`, as decimal text, customers in order.
+    pub async fn meter_totals(
+        &self,
+        meter: &Meter,
+        (first, last): (&str, &str),
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<(String, String)>> {
+        let sql = METER_TOTALS_SQL.replace("{aggregate}", aggregate_sql(meter.aggregation));
+        self.client
+            .query(&sql)
+            .bind(first)
+            .bind(last)
+            .bind(meter.slug.as_str())
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all()
+            .await
+            .context(format!("meter {} totals {first}..={last}", meter.slug))
+    }
+
+    /// The metered quantities of the customers `first..=last` over
+    /// `[from_ms, to_ms)` under `sheet`: one query per priced meter and
+    /// price version window (see `idlemeter_core::metering` for the rule).
+    pub async fn metered(
+        &self,
+        sheet: &PriceSheet,
+        priced: &PricedMeters,
+        (first, last): (&str, &str),
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<MeteredRange> {
+        let mut range = MeteredRange::default();
+        let (from, to) = (
+            i64::try_from(from_ms).unwrap_or(i64::MAX),
+            i64::try_from(to_ms).unwrap_or(i64::MAX),
+        );
+        for window in priced.windows(sheet, from, to) {
+            let rows = self
+                .meter_totals(
+                    window.meter,
+                    (first, last),
+                    u64::try_from(window.from_ms).unwrap_or(0),
+                    u64::try_from(window.to_ms).unwrap_or(0),
+                )
+                .await?;
+            for (customer, aggregate) in rows {
+                match window.metered(&aggregate) {
+                    Ok(metered) => range.customers.entry(customer).or_default().push(metered),
+                    Err(reason) => {
+                        range.refused.entry(customer).or_insert(reason);
+                    }
+                }
+            }
+        }
+        for customer in range.refused.keys() {
+            range.customers.remove(customer);
+        }
+        Ok(range)
     }
 }

@@ -30,7 +30,10 @@ pub use api::{
     USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
 pub use document::{BillContext, Invoice, Line};
-pub use events::{EventRow, MeterQuery, MeterValueRow, MeterWindowRow};
+pub use events::{
+    EventRow, MeterQuery, MeterValueRow, MeterWindowRow, MeteredRange, METER_TOTALS_SQL,
+    METER_WINDOWS_SQL,
+};
 pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
 pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;

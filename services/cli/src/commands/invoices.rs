@@ -119,7 +119,8 @@ pub(crate) fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
         files.source(settings),
         settings.invoicer.clone(),
         settings.billing.clone(),
-    )?)
+    )?
+    .with_meters(&settings.events.load_meters()?)?)
 }
 
 pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> {

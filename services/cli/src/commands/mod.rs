@@ -229,7 +229,8 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
         settings.rater.clone(),
         &registry,
     )?
-    .with_terms(settings.billing.clone())?;
+    .with_terms(settings.billing.clone())?
+    .with_meters(&settings.events.load_meters()?)?;
     let policy_path = &settings.rater.idle_policy;
     if !policy_path.is_empty() {
         let text = std::fs::read_to_string(policy_path)
