@@ -312,7 +312,7 @@ aggregation = "COUNT"
     #[test]
     fn an_undefined_priced_meter_is_named() {
         let sheet = PriceSheet::from_toml(SHEET, "sheet").expect("sheet parses");
-        let error = PricedMeters::new(&sheet, &Meters::default()).unwrap_err();
+        let error = PricedMeters::new(&sheet, &Meters::default()).expect_err("snapshots undefined");
         assert!(error.contains("\"snapshots\""), "{error}");
     }
 
@@ -322,7 +322,9 @@ aggregation = "COUNT"
         assert_eq!(base_quantity("0.000000000001"), Ok(1));
         assert_eq!(base_quantity("12.500000000000"), Ok(12_500_000_000_000));
         assert_eq!(base_quantity("0"), Ok(0));
-        assert!(base_quantity("-3").unwrap_err().contains("below zero"));
+        assert!(base_quantity("-3")
+            .expect_err("negative")
+            .contains("below zero"));
         assert!(base_quantity("0.0000000000001").is_err());
         assert!(base_quantity("tokens").is_err());
     }

@@ -291,8 +291,7 @@ impl Invoicer {
     /// period again, so events that arrived after the rater's last hour
     /// and within the grace are on the invoice.
     pub fn with_meters(mut self, meters: &Meters) -> Result<Self> {
-        self.meters =
-            PricedMeters::new(&self.sheet, meters).map_err(|reason| Error::Meters(reason))?;
+        self.meters = PricedMeters::new(&self.sheet, meters).map_err(Error::Meters)?;
         Ok(self)
     }
 
