@@ -11,7 +11,8 @@ SCHEMATHESIS_VERSION ?= 4.32.5
 # Tests get their own servers (ports, state directory) so they never touch the
 # stack `make run` started. Memory storage: every run starts clean.
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
-	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory
+	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory \
+	IDLEMETER_PG_PORT=25432
 
 .PHONY: prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
@@ -29,10 +30,12 @@ test: durable-broker test-services-start chdb-venv schemathesis-venv chromium pr
 	cargo build -p idlemeter-cli --bin idlemeter
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python \
 		IDLEMETER_SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis cargo nextest run --workspace --no-fail-fast; \
 	else \
 		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python \
 		IDLEMETER_SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis cargo test --workspace --no-fail-fast; \
 	fi
@@ -88,28 +91,33 @@ bench-api: build
 ## ingest -> ClickHouse, with an exactness check (not a test).
 bench: build test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench ingest_throughput
 
 ## Sample taken -> shown by the usage API (live view), 100k sandboxes at 1 Hz.
 # A normal client's p99 while 1,000 half-open connections are held.
 bench-slow-clients: test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench slow_clients
 
 ## Wake time on a real cgroup: resume command (or lease) -> running sample
 ## with CPU moving (root, cgroup v2; not a test).
 bench-wake: test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench wake_time
 
 bench-latency: build test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench api_latency
 
 ## Live cost: sample taken -> the cost that includes it in /cost, with the
 ## simulated fleet at 100k samples/s through ingest, rater and API (not a test).
 bench-live: test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench live_cost
 
 ## The idle policy: engine throughput and sample -> command latency (not a test).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts and stops the real servers idlemeter needs, on loopback, for tests and
-# `make run`: a ClickHouse server (Debian's clickhouse-server) and a tansu
-# Kafka-protocol broker. Everything lives under $IDLEMETER_RUN_DIR (default
+# `make run`: a ClickHouse server (Debian's clickhouse-server), a tansu
+# Kafka-protocol broker and a PostgreSQL server (Debian's postgresql, the
+# billing entities' transactional store). Everything lives under $IDLEMETER_RUN_DIR (default
 # .run/ in the repository): configs, data, logs and pid files. `stop` only ever
 # signals processes whose pid file this script wrote and whose command line still
 # matches, so it never touches a server it did not start.
@@ -13,6 +14,7 @@
 #   IDLEMETER_CH_HTTP_PORT     ClickHouse HTTP port       (18123)
 #   IDLEMETER_CH_TCP_PORT      ClickHouse native port     (19000)
 #   IDLEMETER_KAFKA_PORT       broker port                (19092)
+#   IDLEMETER_PG_PORT          PostgreSQL port            (15432)
 #   IDLEMETER_KAFKA_STORAGE    sqlite (durable) | memory  (sqlite; memory, with
 #                              a prebuilt broker, until the durable one is built)
 #   IDLEMETER_BUILD_BROKER     1: build the durable broker now if it is absent
@@ -25,6 +27,7 @@ run_dir=${IDLEMETER_RUN_DIR:-$repo_root/.run}
 ch_http_port=${IDLEMETER_CH_HTTP_PORT:-18123}
 ch_tcp_port=${IDLEMETER_CH_TCP_PORT:-19000}
 kafka_port=${IDLEMETER_KAFKA_PORT:-19092}
+pg_port=${IDLEMETER_PG_PORT:-15432}
 kafka_storage=${IDLEMETER_KAFKA_STORAGE:-sqlite}
 cache_dir=${IDLEMETER_CACHE_DIR:-$HOME/.cache/idlemeter}
 tansu_version=0.6.0
@@ -43,6 +46,24 @@ ensure_clickhouse() {
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq clickhouse-server clickhouse-client >/dev/null
     log "clickhouse-server installed in $((SECONDS - started)) s"
+}
+
+ensure_postgres() {
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+    if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/postgres" ]; then
+        log "installing postgresql from Debian (first run only)"
+        local started=$SECONDS
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql >/dev/null
+        pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+        log "postgresql installed in $((SECONDS - started)) s"
+    fi
+}
+
+# PostgreSQL refuses to run as root: as root, its directory belongs to the
+# postgres user the Debian package creates, and it runs as that user.
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
 # The broker binary. Durable (sqlite) storage needs tansu built from crates.io
@@ -172,6 +193,37 @@ start_clickhouse() {
     log "clickhouse ready on http://127.0.0.1:$ch_http_port in $((SECONDS - started)) s"
 }
 
+start_postgres() {
+    local dir=$run_dir/postgres
+    if [ -f "$dir/data/postmaster.pid" ] && as_pg "$pg_bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+        log "postgres already running"; return
+    fi
+    require_free_port "$pg_port" IDLEMETER_PG_PORT
+    local started=$SECONDS
+    mkdir -p "$dir"
+    [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+        as_pg "$pg_bin/initdb" -D "$dir/data" -U postgres --auth=trust --encoding=UTF8 \
+            --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || die "initdb failed: see $dir/initdb.log"
+    fi
+    # Loopback only, its socket in its own directory, fsync on: a crash
+    # test must see what a real server keeps.
+    as_pg "$pg_bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+        -o "-p $pg_port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null \
+        || die "postgres did not start: see $dir/postgres.log"
+    as_pg "$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = 'idlemeter'" | grep -q 1 \
+        || as_pg "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres idlemeter
+    log "postgres ready on 127.0.0.1:$pg_port in $((SECONDS - started)) s"
+}
+
+stop_postgres() {
+    local dir=$run_dir/postgres
+    [ -f "$dir/data/postmaster.pid" ] || return 0
+    ensure_postgres
+    as_pg "$pg_bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 && log "postgres stopped" || true
+}
+
 start_broker() {
     if is_ours tansu tansu; then log "broker already running (pid $(cat "$run_dir/tansu.pid"))"; return; fi
     resolve_tansu
@@ -216,15 +268,17 @@ stop_one() {
 print_env() {
     echo "export IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:$ch_http_port"
     echo "export IDLEMETER_KAFKA__BROKERS=127.0.0.1:$kafka_port"
+    echo "export IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:$pg_port/idlemeter"
 }
 
 mkdir -p "$run_dir"
 case ${1:-} in
-    start) start_clickhouse; start_broker; print_env ;;
-    stop) stop_one tansu tansu; stop_one clickhouse clickhouse-server ;;
+    start) start_clickhouse; start_broker; ensure_postgres; start_postgres; print_env ;;
+    stop) stop_one tansu tansu; stop_one clickhouse clickhouse-server; stop_postgres ;;
     status)
         is_ours clickhouse clickhouse-server && echo "clickhouse: running (pid $(cat "$run_dir/clickhouse.pid"))" || echo "clickhouse: stopped"
-        is_ours tansu tansu && echo "broker: running (pid $(cat "$run_dir/tansu.pid"))" || echo "broker: stopped" ;;
+        is_ours tansu tansu && echo "broker: running (pid $(cat "$run_dir/tansu.pid"))" || echo "broker: stopped"
+        [ -f "$run_dir/postgres/data/postmaster.pid" ] && echo "postgres: running" || echo "postgres: stopped" ;;
     env) print_env ;;
     # The durable (sqlite) tansu build the broker-restart and Kafka-cut tests
     # run privately; built once into the cache (10-30 min cold), then reused.
