@@ -35,6 +35,8 @@ pub struct TestEnv {
     pub topics: Topics,
     pub group_id: String,
     pub store: Store,
+    /// This test's ledger: its own schema of the test PostgreSQL database.
+    pub ledger_settings: idlemeter_ledger::LedgerSettings,
 }
 
 impl TestEnv {
@@ -76,13 +78,32 @@ impl TestEnv {
                 (topics.samples_dead_letter.as_str(), 1),
             ])
             .await?;
+        let ledger_settings = idlemeter_ledger::LedgerSettings {
+            url: std::env::var("IDLEMETER_LEDGER__URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/idlemeter".to_owned()),
+            schema: format!("test_{}", unique.to_ascii_lowercase()),
+            ..idlemeter_ledger::LedgerSettings::default()
+        };
         Ok(Self {
             kafka,
             clickhouse,
             topics,
             group_id: format!("{unique}.ingest"),
             store,
+            ledger_settings,
         })
+    }
+
+    /// This test's ledger (PostgreSQL), migrated.
+    pub async fn ledger(&self) -> anyhow::Result<idlemeter_ledger::Ledger> {
+        let ledger = idlemeter_ledger::Ledger::connect(&self.ledger_settings).await?;
+        ledger.migrate().await.map_err(|error| {
+            anyhow::anyhow!(
+                "ledger at {} ({error}); start it with `scripts/services.sh start`",
+                self.ledger_settings.url
+            )
+        })?;
+        Ok(ledger)
     }
 
     /// Moves this test's Kafka side to another broker (a [`PrivateBroker`])

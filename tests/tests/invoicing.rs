@@ -59,7 +59,9 @@ fn sample(
     }
 }
 
-fn invoicer(
+/// An invoicer issuing through the test's ledger (PostgreSQL), as a
+/// deployment with `[ledger] url` does.
+async fn invoicer(
     env: &TestEnv,
     sheet_path: &str,
     sheet: &str,
@@ -77,7 +79,8 @@ fn invoicer(
             period: Period::Month,
             ..idlemeter_core::BillingTerms::default()
         },
-    )?)
+    )?
+    .with_ledger(env.ledger().await?))
 }
 
 fn terms() -> idlemeter_core::BillingTerms {
@@ -139,7 +142,7 @@ async fn e2b_hobby_credit_is_consumed_across_months_and_never_goes_negative() ->
     env.store.insert_samples(&samples).await?;
     let sheet =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../prices/e2b.toml"))?;
-    let invoicer = invoicer(&env, "prices/e2b.toml", &sheet, &lock.path().join("lock"))?;
+    let invoicer = invoicer(&env, "prices/e2b.toml", &sheet, &lock.path().join("lock")).await?;
 
     let mut invoices = Vec::new();
     for month in [10, 11, 12] {
@@ -212,7 +215,7 @@ async fn modal_monthly_credit_resets_every_month() -> anyhow::Result<()> {
     env.store.insert_samples(&samples).await?;
     let sheet =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../prices/modal.toml"))?;
-    let invoicer = invoicer(&env, "prices/modal.toml", &sheet, &lock.path().join("lock"))?;
+    let invoicer = invoicer(&env, "prices/modal.toml", &sheet, &lock.path().join("lock")).await?;
     for month in [10, 11] {
         rate_month(&env, &sheet, month).await?;
         let outcome = invoicer
@@ -245,7 +248,7 @@ async fn late_usage_is_an_adjustment_on_the_next_invoice_and_the_issued_one_neve
             sample("late-1", "sbx", 1, 2, at(2026, 10, 11), 1000),
         ])
         .await?;
-    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
     rate_month(&env, SIMPLE_SHEET, 10).await?;
     let october = invoicer
         .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
@@ -354,8 +357,8 @@ async fn concurrent_and_repeated_runs_issue_each_invoice_once_without_gaps() -> 
         .collect();
     env.store.insert_samples(&samples).await?;
     rate_month(&env, SIMPLE_SHEET, 10).await?;
-    let one = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
-    let two = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let one = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
+    let two = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
     let (first, second) = tokio::join!(
         one.close_period(at(2026, 10, 1), NOW(), false, &never_billed),
         two.close_period(at(2026, 10, 1), NOW(), false, &never_billed),
@@ -427,7 +430,7 @@ async fn lines_left_by_a_crashed_run_never_leak_into_issued_invoices() -> anyhow
             orphan(2, "z-cust", 1)?,
         ])
         .await?;
-    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
     rate_month(&env, SIMPLE_SHEET, 10).await?;
     let outcome = invoicer
         .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
@@ -571,7 +574,7 @@ async fn a_prepaid_wallet_pays_invoices_until_it_is_empty() -> anyhow::Result<()
     env.store
         .insert_wallet_deposit(&deposit("d-2", 500, at(2026, 12, 5))?)
         .await?;
-    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock"))?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
     let mut issued = Vec::new();
     for month in [10, 11] {
         rate_month(&env, SIMPLE_SHEET, month).await?;
@@ -632,7 +635,7 @@ async fn late_usage_is_netted_of_its_own_periods_monthly_credit() -> anyhow::Res
             ),
         ])
         .await?;
-    let invoicer = invoicer(&env, "test.toml", &sheet, &lock.path().join("lock"))?;
+    let invoicer = invoicer(&env, "test.toml", &sheet, &lock.path().join("lock")).await?;
     rate_month(&env, &sheet, 10).await?;
     let october = invoicer
         .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
@@ -677,5 +680,116 @@ async fn late_usage_is_netted_of_its_own_periods_monthly_credit() -> anyhow::Res
         "November's own credit, on November"
     );
     assert_eq!(november.total, Decimal::from(15), "40 - 30 + 5");
+    Ok(())
+}
+
+/// Two `idlemeter invoices close` processes with their own lock files (two
+/// hosts sharing only ClickHouse and the ledger), small chunks so that
+/// their transactions interleave, and a third one SIGKILLed mid-run: every
+/// customer is invoiced once, numbers run 1..=N without a gap, and the
+/// ClickHouse copy (through the outbox) is the ledger's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoicer_processes_sharing_no_lock_never_share_or_skip_a_number() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_processes").await?;
+    let customers: u64 = 60;
+    let samples: Vec<UsageSample> = (0..customers)
+        .flat_map(|index| {
+            let customer = format!("cust-{index:03}");
+            [
+                sample(&customer, "sbx", 1, 1, at(2026, 10, 1), 1000),
+                sample(
+                    &customer,
+                    "sbx",
+                    1,
+                    2,
+                    at(2026, 10, 2) + chrono::Duration::hours(index as i64),
+                    1000,
+                ),
+            ]
+        })
+        .collect();
+    env.store.insert_samples(&samples).await?;
+    rate_month(&env, SIMPLE_SHEET, 10).await?;
+    let ledger = env.ledger().await?;
+    let work = tempfile::tempdir()?;
+    let sheet_path = work.path().join("test.toml");
+    std::fs::write(&sheet_path, SIMPLE_SHEET)?;
+    let close = |host: &str| -> anyhow::Result<std::process::Child> {
+        Ok(
+            std::process::Command::new(idlemeter_tests::collector::idlemeter_binary()?)
+                .args(["invoices", "close", "--period", "2026-10"])
+                .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
+                .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+                .env("IDLEMETER_LEDGER__URL", &env.ledger_settings.url)
+                .env("IDLEMETER_LEDGER__SCHEMA", &env.ledger_settings.schema)
+                .env("IDLEMETER_RATER__SHEET", &sheet_path)
+                .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
+                .env("IDLEMETER_BILLING__PERIOD", "month")
+                .env("IDLEMETER_INVOICER__CHUNK_CUSTOMERS", "3")
+                .env(
+                    "IDLEMETER_INVOICER__LOCK_FILE",
+                    work.path().join(host).join("invoicer.lock"),
+                )
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?,
+        )
+    };
+    let mut killed = close("host-c")?;
+    let (mut one, mut two) = (close("host-a")?, close("host-b")?);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    killed.kill()?; // SIGKILL
+    killed.wait()?;
+    eprintln!(
+        "invoices issued when one run was killed: {}",
+        ledger.invoice_numbers("acme-cloud").await?.len()
+    );
+    for child in [&mut one, &mut two] {
+        let output = tokio::task::block_in_place(|| {
+            let status = child.wait()?;
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut pipe, &mut stderr)?;
+            }
+            anyhow::Ok((status, stderr))
+        })?;
+        anyhow::ensure!(output.0.success(), "close failed: {}", output.1);
+    }
+    // Whatever the killed run left queued is copied by the next run.
+    let rerun = invoicer(&env, "test.toml", SIMPLE_SHEET, &work.path().join("lock"))
+        .await?
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?;
+    assert_eq!(rerun.issued_count, 0, "everyone was invoiced already");
+    assert_eq!(
+        ledger.invoice_numbers("acme-cloud").await?,
+        (1..=customers).collect::<Vec<_>>(),
+        "one number each, none shared or skipped"
+    );
+    assert_eq!(
+        ledger
+            .next_number("acme-cloud", idlemeter_ledger::Series::Invoice)
+            .await?,
+        customers + 1
+    );
+    assert!(ledger
+        .pending(idlemeter_ledger::INVOICES_TOPIC, 10)
+        .await?
+        .is_empty());
+    let stored = env.store.invoices("acme-cloud").await?;
+    let mut numbers: Vec<u64> = stored.iter().map(|row| row.number).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=customers).collect::<Vec<_>>());
+    let mut invoiced: Vec<&str> = stored.iter().map(|row| row.customer.as_str()).collect();
+    invoiced.sort_unstable();
+    invoiced.dedup();
+    assert_eq!(invoiced.len() as u64, customers, "each customer once");
+    for row in &stored {
+        let index: i64 = row.customer["cust-".len()..].parse()?;
+        assert_eq!(
+            read_back(&env, row.number).await?.total,
+            Decimal::from(24 + index)
+        );
+    }
     Ok(())
 }

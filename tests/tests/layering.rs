@@ -13,6 +13,7 @@ use std::process::Command;
 const LIBRARIES: &[&str] = &[
     "idlemeter-core",
     "idlemeter-store",
+    "idlemeter-ledger",
     "idlemeter-bus",
     "idlemeter-proto",
     "idlemeter-telemetry",

@@ -37,6 +37,11 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     #[serde(default)]
     pub events: EventsSettings,
+    /// PostgreSQL, where billing entities change under transactions
+    /// (`IDLEMETER_LEDGER__URL`); "" for none: invoices are then numbered
+    /// in ClickHouse under the invoicer's lock file (one host only).
+    #[serde(default)]
+    pub ledger: idlemeter_ledger::LedgerSettings,
 }
 
 /// Usage events (OpenMeter-compatible): the meters over them and limits.
@@ -117,6 +122,7 @@ impl Default for Settings {
             invoicer: InvoicerConfig::default(),
             api: ApiConfig::default(),
             events: EventsSettings::default(),
+            ledger: idlemeter_ledger::LedgerSettings::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),
                 ready_max_lag_messages: default_ready_max_lag(),

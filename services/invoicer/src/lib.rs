@@ -77,6 +77,8 @@ pub enum Error {
     Quantities { customer: String, reason: String },
     #[error("writing invoices: {0}")]
     Write(String),
+    #[error(transparent)]
+    Ledger(#[from] idlemeter_ledger::Error),
     /// The sheet prices a meter the meters file does not define.
     #[error("{0}")]
     Meters(String),
@@ -179,6 +181,9 @@ pub struct Invoicer {
     tax_rates: BTreeMap<CustomerId, Decimal>,
     /// The meters the sheet prices (none unless [`Invoicer::with_meters`]).
     meters: PricedMeters,
+    /// Where numbers are claimed and invoices issued, when configured
+    /// ([`Invoicer::with_ledger`]); else ClickHouse under the lock file.
+    ledger: Option<idlemeter_ledger::Ledger>,
     metrics: Option<InvoicerMetrics>,
 }
 
@@ -281,8 +286,103 @@ impl Invoicer {
             terms,
             tax_rates,
             meters: PricedMeters::default(),
+            ledger: None,
             metrics: None,
         })
+    }
+
+    /// Issues through `ledger` (PostgreSQL): each chunk's numbers are
+    /// claimed and its invoices written in one transaction, then copied to
+    /// ClickHouse through the outbox. Two invoicers sharing only the
+    /// database never share or skip a number; the lock file is then only
+    /// a courtesy between runs on one host.
+    pub fn with_ledger(mut self, ledger: idlemeter_ledger::Ledger) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Copies every issued invoice the outbox still holds into ClickHouse,
+    /// then marks it delivered; returns how many. A copy repeated after a
+    /// crash collapses in ClickHouse (same rows, same version).
+    pub async fn relay_outbox(&self) -> Result<usize> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(0);
+        };
+        let mut relayed = 0;
+        loop {
+            let items = ledger
+                .pending(idlemeter_ledger::INVOICES_TOPIC, RELAY_BATCH)
+                .await?;
+            if items.is_empty() {
+                return Ok(relayed);
+            }
+            let mut rows: ChunkRows = (Vec::new(), Vec::new());
+            for item in &items {
+                let document: IssuedRows =
+                    serde_json::from_value(item.payload.clone()).map_err(|error| {
+                        Error::Write(format!("outbox item {} ({}): {error}", item.id, item.key))
+                    })?;
+                rows.0.push(document.header);
+                rows.1.extend(document.lines);
+            }
+            write_rows(&self.store, rows).await?;
+            let ids: Vec<i64> = items.iter().map(|item| item.id).collect();
+            ledger.delivered(&ids).await?;
+            relayed += items.len();
+        }
+    }
+
+    /// Issues a chunk's invoices through the ledger (see
+    /// [`Self::with_ledger`]) and relays them; returns (issued, already
+    /// issued by another run).
+    async fn issue_in_ledger(
+        &self,
+        ledger: &idlemeter_ledger::Ledger,
+        start: DateTime<Utc>,
+        mut drafts: Vec<Invoice>,
+        issued_at: u32,
+        written_ms: u64,
+    ) -> Result<(Vec<Invoice>, Vec<Invoice>)> {
+        let done = ledger
+            .issue(
+                &self.terms.issuer,
+                start,
+                &mut drafts,
+                |invoice| invoice.customer.as_str(),
+                |invoice, number| {
+                    invoice.number = number;
+                    let (header, lines) = invoice
+                        .to_rows(issued_at, written_ms)
+                        .map_err(|error| error.to_string())?;
+                    let document = serde_json::to_value(IssuedRows { header, lines })
+                        .map_err(|error| error.to_string())?;
+                    Ok(idlemeter_ledger::InvoiceRecord {
+                        customer: invoice.customer.clone(),
+                        period_start: invoice.period_start,
+                        period_end: invoice.period_end,
+                        currency: invoice.currency.clone(),
+                        total: invoice.total,
+                        document,
+                    })
+                },
+            )
+            .await?;
+        self.relay_outbox().await?;
+        let mut already = Vec::with_capacity(done.already.len());
+        for (_, document) in done.already {
+            let rows: IssuedRows = serde_json::from_value(document)
+                .map_err(|error| Error::Write(format!("an issued invoice's document: {error}")))?;
+            already.push(Invoice::from_rows(&rows.header, &rows.lines)?);
+        }
+        let numbered: std::collections::HashSet<usize> =
+            done.numbered.iter().map(|(index, _)| *index).collect();
+        let issued = drafts
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| numbered.contains(index))
+            .map(|(_, invoice)| invoice)
+            .collect();
+        Ok((issued, already))
     }
 
     /// Bills the meters the sheet prices with their definitions in
@@ -373,6 +473,17 @@ impl Invoicer {
         };
         let issuer = &self.terms.issuer;
         let start_s = unix_secs(start);
+        if !dry_run {
+            // Invoices a crashed run issued but did not copy: copied first,
+            // so the accounts read below see them.
+            let relayed = self.relay_outbox().await?;
+            if relayed > 0 {
+                tracing::info!(
+                    relayed,
+                    "copied invoices a previous run issued to ClickHouse"
+                );
+            }
+        }
         // Who to bill: everyone the rater rated in the period, and everyone
         // invoiced before (plan fees, adjustments). Names only; the rest is
         // read chunk by chunk.
@@ -474,6 +585,14 @@ impl Invoicer {
             if dry_run {
                 self.compare_issued(&mut outcome, (start, end), &accounts, (&rated, &metered))
                     .await?;
+            } else if let Some(ledger) = &self.ledger {
+                let waiting = std::time::Instant::now();
+                let (issued, already) = self
+                    .issue_in_ledger(ledger, start, chunk_issued, unix_secs(now), written_ms)
+                    .await?;
+                outcome.timings.write_wait += waiting.elapsed();
+                outcome.already_issued.extend(already);
+                chunk_issued = issued;
             } else {
                 let rows = chunk_rows(&chunk_issued, unix_secs(now), written_ms)?;
                 let waiting = std::time::Instant::now();
@@ -826,6 +945,17 @@ impl Invoicer {
         }
         Ok(draft)
     }
+}
+
+/// Outbox items relayed to ClickHouse per round.
+const RELAY_BATCH: i64 = 500;
+
+/// An issued invoice as its rows: what the ledger keeps and the outbox
+/// carries to ClickHouse.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IssuedRows {
+    header: idlemeter_store::InvoiceRow,
+    lines: Vec<idlemeter_store::InvoiceLineRow>,
 }
 
 /// A chunk's invoices as rows: (headers, lines).

@@ -112,22 +112,26 @@ impl SheetFiles {
     }
 }
 
-pub(crate) fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
+pub(crate) async fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
     let files = SheetFiles::read(settings)?;
-    Ok(Invoicer::new(
+    let mut invoicer = Invoicer::new(
         Store::new(&settings.clickhouse),
         files.source(settings),
         settings.invoicer.clone(),
         settings.billing.clone(),
     )?
-    .with_meters(&settings.events.load_meters()?)?)
+    .with_meters(&settings.events.load_meters()?)?;
+    if let Some(ledger) = super::ledger(settings).await? {
+        invoicer = invoicer.with_ledger(ledger);
+    }
+    Ok(invoicer)
 }
 
 pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> {
     // `show` and `deposit` need no price sheet.
     match args.command {
         InvoicesCommand::Close { period, dry_run } => {
-            let invoicer = invoicer(settings)?;
+            let invoicer = invoicer(settings).await?;
             let start = parse_period(&period)?;
             let bar = std::sync::OnceLock::new();
             let progress = |done: usize, total: usize| {
@@ -219,7 +223,11 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             eprintln!("invoices: deposit {id} of {value} recorded for {customer}");
         }
         InvoicesCommand::Preview { customer, format } => {
-            match invoicer(settings)?.preview(&customer, Utc::now()).await? {
+            match invoicer(settings)
+                .await?
+                .preview(&customer, Utc::now())
+                .await?
+            {
                 Some(invoice) => print!("{}", render(&invoice, format)),
                 None => eprintln!("invoices: nothing to bill for {customer} in the open period"),
             }
@@ -230,7 +238,7 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
 
 pub async fn service(settings: &Settings) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
-    let invoicer = invoicer(settings)?.with_metrics(&registry)?;
+    let invoicer = invoicer(settings).await?.with_metrics(&registry)?;
     let ready = super::readiness(
         settings,
         &registry,

@@ -149,7 +149,31 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         report.applied.len(),
         report.already_applied.len()
     );
+    if !settings.ledger.url.is_empty() {
+        let ledger = idlemeter_ledger::Ledger::connect(&settings.ledger).await?;
+        let applied = ledger.migrate().await?;
+        for name in &applied {
+            println!("applied          ledger {name}");
+        }
+        println!(
+            "ledger schema {}: {} applied now",
+            settings.ledger.schema,
+            applied.len()
+        );
+    }
     Ok(())
+}
+
+/// The ledger of `settings`, migrated, when one is configured.
+pub(crate) async fn ledger(
+    settings: &Settings,
+) -> anyhow::Result<Option<idlemeter_ledger::Ledger>> {
+    if settings.ledger.url.is_empty() {
+        return Ok(None);
+    }
+    let ledger = idlemeter_ledger::Ledger::connect(&settings.ledger).await?;
+    ledger.migrate().await?;
+    Ok(Some(ledger))
 }
 
 /// What ingest must keep for the rater's sheet and idle policy: every

@@ -1,0 +1,460 @@
+//! PostgreSQL adapter of idlemeter: the billing entities that change and
+//! must never be half-written. Usage stays in ClickHouse; here an invoice
+//! number is claimed, its invoice written and its copy for ClickHouse
+//! queued in one transaction ([`Ledger::issue`]), so two invoicers on two
+//! hosts, sharing nothing but this database, never share or skip a number.
+//!
+//! The dashboards keep reading ClickHouse: every issued document is also an
+//! [`outbox`](Ledger::pending) row, which the issuer copies into ClickHouse
+//! (idempotently: ClickHouse collapses a repeated copy) and then marks
+//! delivered. A crash between the two leaves the row pending, and the next
+//! run copies it again.
+//!
+//! Migrations are SQL files in `migrations/`, applied in name order, each in
+//! its own transaction under an advisory lock, with a checksum that refuses
+//! an applied file that changed (as the ClickHouse migrations do).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_postgres::NoTls;
+
+/// Where the ledger lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSettings {
+    /// `postgres://user[:password]@host:port/database`; "" for none.
+    pub url: String,
+    /// The schema the tables live in (created if absent): one database can
+    /// hold several ledgers (tests give each its own).
+    pub schema: String,
+    /// Connections kept open.
+    pub pool_size: usize,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            schema: "public".to_owned(),
+            pool_size: 8,
+        }
+    }
+}
+
+/// Errors of the ledger, with what they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ledger settings: {0}")]
+    Settings(String),
+    #[error("postgres {context}: {source}")]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("postgres connection pool: {0}")]
+    Pool(String),
+    #[error("ledger migration {name} was changed after it was applied (applied checksum {applied}, file checksum {current}); add a new migration instead")]
+    ChangedMigration {
+        name: String,
+        applied: String,
+        current: String,
+    },
+    /// The caller refused a document while numbering it: nothing of the
+    /// transaction was written.
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+trait Context<T> {
+    fn context(self, context: impl Into<String>) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, tokio_postgres::Error> {
+    fn context(self, context: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::Postgres {
+            context: context.into(),
+            source,
+        })
+    }
+}
+
+/// The ledger's migrations, in order: (name, SQL).
+pub const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_invoices",
+    include_str!("../migrations/0001_invoices.sql"),
+)];
+
+/// A series of document numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Series {
+    Invoice,
+    CreditNote,
+}
+
+impl Series {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Series::Invoice => "invoice",
+            Series::CreditNote => "credit_note",
+        }
+    }
+}
+
+/// An invoice as the ledger keeps it, made by the caller once its number is
+/// known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvoiceRecord {
+    pub customer: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub currency: String,
+    pub total: Decimal,
+    /// The whole document, as the caller reads it back: kept here and
+    /// carried by the outbox to ClickHouse.
+    pub document: serde_json::Value,
+}
+
+/// What [`Ledger::issue`] did with each draft, by index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Issued {
+    /// Drafts numbered and written, with their numbers, in order.
+    pub numbered: Vec<(usize, u64)>,
+    /// Drafts whose customer already had an invoice of the period (another
+    /// run issued it), with that invoice's document: not written.
+    pub already: Vec<(usize, serde_json::Value)>,
+}
+
+/// One queued copy for ClickHouse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub key: String,
+    pub payload: serde_json::Value,
+}
+
+/// The outbox topic of issued invoices.
+pub const INVOICES_TOPIC: &str = "invoices";
+
+/// A connection pool to the ledger's database and schema.
+#[derive(Clone)]
+pub struct Ledger {
+    pool: Pool,
+    schema: String,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Connects (lazily: the first query opens a connection) to `settings`,
+    /// creating its schema if absent.
+    pub async fn connect(settings: &LedgerSettings) -> Result<Self> {
+        if settings.url.is_empty() {
+            return Err(Error::Settings(
+                "[ledger] url is empty: give postgres://user@host:port/database".to_owned(),
+            ));
+        }
+        let schema = settings.schema.clone();
+        let schema_ok = !schema.is_empty()
+            && schema.len() <= 63
+            && schema
+                .bytes()
+                .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_');
+        if !schema_ok {
+            return Err(Error::Settings(format!(
+                "[ledger] schema {schema:?} must be 1-63 of a-z, 0-9 and '_'"
+            )));
+        }
+        let mut config = tokio_postgres::Config::from_str(&settings.url)
+            .map_err(|error| Error::Settings(format!("[ledger] url: {error}")))?;
+        config.options(format!("-c search_path={schema}"));
+        config.application_name("idlemeter");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size.max(1))
+            .build()
+            .map_err(|error| Error::Pool(error.to_string()))?;
+        let ledger = Self { pool, schema };
+        let client = ledger.client().await?;
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ledger.schema))
+            .await
+            .context(format!("creating schema {}", ledger.schema))?;
+        Ok(ledger)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|error| Error::Pool(error.to_string()))
+    }
+
+    /// Applies the migrations not applied yet; returns their names.
+    pub async fn migrate(&self) -> Result<Vec<String>> {
+        let mut client = self.client().await?;
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS ledger_migrations (
+                     name TEXT PRIMARY KEY,
+                     checksum TEXT NOT NULL,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            )
+            .await
+            .context("creating ledger_migrations")?;
+        let mut applied = Vec::new();
+        for (name, sql) in MIGRATIONS {
+            let checksum = hex(&Sha256::digest(sql.as_bytes()));
+            let tx = client.transaction().await.context("begin")?;
+            // One migrator at a time per schema; the others wait, then find
+            // the migration applied.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.ledger_migrations'))",
+                &[],
+            )
+            .await
+            .context("migration lock")?;
+            let existing = tx
+                .query_opt(
+                    "SELECT checksum FROM ledger_migrations WHERE name = $1",
+                    &[name],
+                )
+                .await
+                .context(format!("reading migration {name}"))?;
+            match existing {
+                Some(row) => {
+                    let stored: String = row.get(0);
+                    if stored != checksum {
+                        return Err(Error::ChangedMigration {
+                            name: (*name).to_owned(),
+                            applied: stored,
+                            current: checksum,
+                        });
+                    }
+                }
+                None => {
+                    tx.batch_execute(sql)
+                        .await
+                        .context(format!("applying migration {name}"))?;
+                    tx.execute(
+                        "INSERT INTO ledger_migrations (name, checksum) VALUES ($1, $2)",
+                        &[name, &checksum],
+                    )
+                    .await
+                    .context(format!("recording migration {name}"))?;
+                    applied.push((*name).to_owned());
+                }
+            }
+            tx.commit().await.context(format!("committing {name}"))?;
+        }
+        Ok(applied)
+    }
+
+    /// Numbers and writes invoices of `issuer` for the period starting at
+    /// `period_start`, in one transaction: the series row is locked first
+    /// (a concurrent issuer waits for this commit), drafts of customers the
+    /// period already invoiced are skipped, the others get the next numbers
+    /// in order; `record(draft, number)` makes each one's record (and may
+    /// renumber the caller's document). Any error writes nothing.
+    pub async fn issue<T>(
+        &self,
+        issuer: &str,
+        period_start: DateTime<Utc>,
+        drafts: &mut [T],
+        customer_of: impl Fn(&T) -> &str,
+        mut record: impl FnMut(&mut T, u64) -> std::result::Result<InvoiceRecord, String>,
+    ) -> Result<Issued> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.context("begin")?;
+        let mut next = claim_series(&tx, issuer, Series::Invoice).await?;
+        let customers: Vec<String> = drafts
+            .iter()
+            .map(|draft| customer_of(draft).to_owned())
+            .collect();
+        let mut invoiced: std::collections::HashMap<String, serde_json::Value> = tx
+            .query(
+                "SELECT customer, document FROM invoices \
+                 WHERE issuer = $1 AND period_start = $2 AND customer = ANY($3)",
+                &[&issuer, &period_start, &customers],
+            )
+            .await
+            .context("invoiced customers")?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let mut issued = Issued::default();
+        let now = Utc::now();
+        for (index, draft) in drafts.iter_mut().enumerate() {
+            if let Some(document) = invoiced.remove(&customers[index]) {
+                issued.already.push((index, document));
+                continue;
+            }
+            let number = next;
+            let made = record(draft, number).map_err(Error::Refused)?;
+            let number_sql = i64::try_from(number)
+                .map_err(|_| Error::Refused(format!("invoice number {number} overflows")))?;
+            tx.execute(
+                "INSERT INTO invoices (issuer, number, customer, period_start, period_end, \
+                 currency, total, issued_at, document) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &issuer,
+                    &number_sql,
+                    &made.customer,
+                    &made.period_start,
+                    &made.period_end,
+                    &made.currency,
+                    &made.total,
+                    &now,
+                    &made.document,
+                ],
+            )
+            .await
+            .context(format!("writing invoice {number} of {issuer}"))?;
+            tx.execute(
+                "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
+                &[
+                    &INVOICES_TOPIC,
+                    &format!("{issuer}/{number}"),
+                    &made.document,
+                ],
+            )
+            .await
+            .context("queueing the invoice for ClickHouse")?;
+            issued.numbered.push((index, number));
+            next += 1;
+        }
+        store_series(&tx, issuer, Series::Invoice, next).await?;
+        tx.commit().await.context("committing issued invoices")?;
+        Ok(issued)
+    }
+
+    /// The next number of a series (what the next document would get).
+    pub async fn next_number(&self, issuer: &str, series: Series) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT next_number FROM invoice_series WHERE issuer = $1 AND series = $2",
+                &[&issuer, &series.as_str()],
+            )
+            .await
+            .context("next number")?;
+        Ok(row.map_or(1, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(1)))
+    }
+
+    /// Issued invoice numbers of `issuer`, ascending.
+    pub async fn invoice_numbers(&self, issuer: &str) -> Result<Vec<u64>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT number FROM invoices WHERE issuer = $1 ORDER BY number",
+                &[&issuer],
+            )
+            .await
+            .context("invoice numbers")?;
+        Ok(rows
+            .iter()
+            .map(|row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+            .collect())
+    }
+
+    /// Up to `limit` undelivered outbox items of `topic`, oldest first.
+    pub async fn pending(&self, topic: &str, limit: i64) -> Result<Vec<OutboxItem>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, key, payload FROM outbox \
+                 WHERE topic = $1 AND delivered_at IS NULL ORDER BY id LIMIT $2",
+                &[&topic, &limit],
+            )
+            .await
+            .context(format!("pending outbox of {topic}"))?;
+        Ok(rows
+            .iter()
+            .map(|row| OutboxItem {
+                id: row.get(0),
+                key: row.get(1),
+                payload: row.get(2),
+            })
+            .collect())
+    }
+
+    /// Marks outbox items delivered (after their copy was written).
+    pub async fn delivered(&self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE outbox SET delivered_at = now() WHERE id = ANY($1) AND delivered_at IS NULL",
+                &[&ids],
+            )
+            .await
+            .context("marking the outbox delivered")?;
+        Ok(())
+    }
+}
+
+/// Locks a series' row (creating it at 1) and returns its next number.
+async fn claim_series(
+    tx: &deadpool_postgres::Transaction<'_>,
+    issuer: &str,
+    series: Series,
+) -> Result<u64> {
+    tx.execute(
+        "INSERT INTO invoice_series (issuer, series, next_number) VALUES ($1, $2, 1) \
+         ON CONFLICT DO NOTHING",
+        &[&issuer, &series.as_str()],
+    )
+    .await
+    .context("creating the series")?;
+    let row = tx
+        .query_one(
+            "SELECT next_number FROM invoice_series WHERE issuer = $1 AND series = $2 FOR UPDATE",
+            &[&issuer, &series.as_str()],
+        )
+        .await
+        .context("locking the series")?;
+    u64::try_from(row.get::<_, i64>(0))
+        .map_err(|_| Error::Settings("a series' next number is below 1".to_owned()))
+}
+
+async fn store_series(
+    tx: &deadpool_postgres::Transaction<'_>,
+    issuer: &str,
+    series: Series,
+    next: u64,
+) -> Result<()> {
+    let next = i64::try_from(next)
+        .map_err(|_| Error::Refused(format!("{} number {next} overflows", series.as_str())))?;
+    tx.execute(
+        "UPDATE invoice_series SET next_number = $3 WHERE issuer = $1 AND series = $2",
+        &[&issuer, &series.as_str(), &next],
+    )
+    .await
+    .context("advancing the series")?;
+    Ok(())
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
