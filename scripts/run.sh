@@ -10,7 +10,7 @@ bin=target/release/idlemeter
 logs=${IDLEMETER_RUN_DIR:-$PWD/.run}
 mkdir -p "$logs"
 eval "$(scripts/services.sh start)"
-export IDLEMETER_CLICKHOUSE__URL IDLEMETER_KAFKA__BROKERS
+export IDLEMETER_CLICKHOUSE__URL IDLEMETER_KAFKA__BROKERS IDLEMETER_LEDGER__URL
 $bin migrate
 
 pids=()

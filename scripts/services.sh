@@ -15,6 +15,7 @@
 #   IDLEMETER_CH_TCP_PORT      ClickHouse native port     (19000)
 #   IDLEMETER_KAFKA_PORT       broker port                (19092)
 #   IDLEMETER_PG_PORT          PostgreSQL port            (15432)
+#   IDLEMETER_PG_EPHEMERAL     1: a fresh PostgreSQL data directory at each start
 #   IDLEMETER_KAFKA_STORAGE    sqlite (durable) | memory  (sqlite; memory, with
 #                              a prebuilt broker, until the durable one is built)
 #   IDLEMETER_BUILD_BROKER     1: build the durable broker now if it is absent
@@ -202,6 +203,8 @@ start_postgres() {
     local started=$SECONDS
     mkdir -p "$dir"
     [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+    # Tests start from an empty database each time (as the memory broker does).
+    [ "${IDLEMETER_PG_EPHEMERAL:-0}" = 1 ] && rm -rf "$dir/data"
     if [ ! -f "$dir/data/PG_VERSION" ]; then
         as_pg "$pg_bin/initdb" -D "$dir/data" -U postgres --auth=trust --encoding=UTF8 \
             --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || die "initdb failed: see $dir/initdb.log"

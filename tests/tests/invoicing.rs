@@ -793,3 +793,84 @@ async fn invoicer_processes_sharing_no_lock_never_share_or_skip_a_number() -> an
     }
     Ok(())
 }
+
+/// Invoices issued before the ledger existed (ClickHouse only) move into it
+/// under their own numbers, a second import changes nothing, and the next
+/// close continues the series without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_invoices_import_into_the_ledger_and_the_series_continues() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("invoice_import").await?;
+    let lock = tempfile::tempdir()?;
+    let mut samples = Vec::new();
+    for customer in ["a-cust", "b-cust", "c-cust"] {
+        for month in [10, 11] {
+            samples.push(sample(
+                customer,
+                "sbx",
+                month,
+                1,
+                at(2026, month as u32, 1),
+                1000,
+            ));
+            samples.push(sample(
+                customer,
+                "sbx",
+                month,
+                2,
+                at(2026, month as u32, 2),
+                1000,
+            ));
+        }
+    }
+    env.store.insert_samples(&samples).await?;
+    rate_month(&env, SIMPLE_SHEET, 10).await?;
+    rate_month(&env, SIMPLE_SHEET, 11).await?;
+    // October, issued the old way: ClickHouse under the lock file.
+    let before = Invoicer::new(
+        env.store.clone(),
+        idlemeter_tests::sheet_source(SIMPLE_SHEET, "test.toml"),
+        InvoicerConfig {
+            lock_file: lock.path().join("lock").display().to_string(),
+            ..InvoicerConfig::default()
+        },
+        terms(),
+    )?;
+    let october = before
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?;
+    assert_eq!(october.issued_count, 3);
+    let ledger = env.ledger().await?;
+    let after = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
+    let first = after.import_to_ledger(&never_billed).await?;
+    assert_eq!((first.imported, first.present), (3, 0), "{first:?}");
+    assert!(first.conflicts.is_empty());
+    let again = after.import_to_ledger(&never_billed).await?;
+    assert_eq!((again.imported, again.present), (0, 3), "{again:?}");
+    assert_eq!(ledger.invoice_numbers("acme-cloud").await?, vec![1, 2, 3]);
+    // Closing October again through the ledger finds them issued.
+    let rerun = after
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?;
+    assert_eq!(rerun.issued_count, 0);
+    let november = after
+        .close_period(at(2026, 11, 1), NOW(), false, &never_billed)
+        .await?;
+    let mut numbers: Vec<u64> = november.issued.iter().map(|i| i.number).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, vec![4, 5, 6]);
+    assert_eq!(
+        ledger.invoice_numbers("acme-cloud").await?,
+        (1..=6).collect::<Vec<_>>()
+    );
+    let mut stored: Vec<u64> = env
+        .store
+        .invoices("acme-cloud")
+        .await?
+        .iter()
+        .map(|row| row.number)
+        .collect();
+    stored.sort_unstable();
+    assert_eq!(stored, (1..=6).collect::<Vec<_>>());
+    Ok(())
+}

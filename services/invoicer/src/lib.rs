@@ -332,6 +332,53 @@ impl Invoicer {
         }
     }
 
+    /// Copies the invoices of this issuer that ClickHouse holds into the
+    /// ledger, under their own numbers (the move to PostgreSQL); the
+    /// series then continues after the highest. `progress(done, total)`
+    /// as invoices are read. Safe to run again: present ones are counted,
+    /// conflicting ones reported and skipped.
+    pub async fn import_to_ledger(
+        &self,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<LedgerImport> {
+        let Some(ledger) = &self.ledger else {
+            return Err(Error::Ledger(idlemeter_ledger::Error::Settings(
+                "no ledger configured: set [ledger] url".to_owned(),
+            )));
+        };
+        let headers = self.store.invoices(&self.terms.issuer).await?;
+        let mut report = LedgerImport::default();
+        for (done, header) in headers.iter().enumerate() {
+            let lines = self.store.invoice_lines(header).await?;
+            let invoice = Invoice::from_rows(header, &lines)?;
+            let document = serde_json::to_value(IssuedRows {
+                header: header.clone(),
+                lines,
+            })
+            .map_err(|error| Error::Write(error.to_string()))?;
+            let issued_at = DateTime::from_timestamp(i64::from(header.issued_at), 0)
+                .unwrap_or(invoice.period_end);
+            let record = idlemeter_ledger::InvoiceRecord {
+                customer: invoice.customer.clone(),
+                period_start: invoice.period_start,
+                period_end: invoice.period_end,
+                currency: invoice.currency.clone(),
+                total: invoice.total,
+                document,
+            };
+            match ledger
+                .import_invoice(&self.terms.issuer, invoice.number, issued_at, &record)
+                .await?
+            {
+                idlemeter_ledger::Imported::Inserted => report.imported += 1,
+                idlemeter_ledger::Imported::Present => report.present += 1,
+                idlemeter_ledger::Imported::Conflict(reason) => report.conflicts.push(reason),
+            }
+            progress(done + 1, headers.len());
+        }
+        Ok(report)
+    }
+
     /// Issues a chunk's invoices through the ledger (see
     /// [`Self::with_ledger`]) and relays them; returns (issued, already
     /// issued by another run).
@@ -945,6 +992,16 @@ impl Invoicer {
         }
         Ok(draft)
     }
+}
+
+/// What [`Invoicer::import_to_ledger`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LedgerImport {
+    pub imported: usize,
+    /// Already in the ledger, identical.
+    pub present: usize,
+    /// Invoices whose number or period the ledger holds differently.
+    pub conflicts: Vec<String>,
 }
 
 /// Outbox items relayed to ClickHouse per round.

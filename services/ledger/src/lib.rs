@@ -132,6 +132,17 @@ pub struct Issued {
     pub already: Vec<(usize, serde_json::Value)>,
 }
 
+/// What importing one invoice did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    Inserted,
+    /// The same invoice (number, customer, period) is already there.
+    Present,
+    /// The number or the customer's period is taken by another invoice:
+    /// nothing written, and why.
+    Conflict(String),
+}
+
 /// One queued copy for ClickHouse.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxItem {
@@ -345,6 +356,68 @@ impl Ledger {
         store_series(&tx, issuer, Series::Invoice, next).await?;
         tx.commit().await.context("committing issued invoices")?;
         Ok(issued)
+    }
+
+    /// Brings one invoice issued before the ledger (in ClickHouse) into it
+    /// under its own number, and raises the series past it; nothing is
+    /// queued for ClickHouse, which has it. Running it twice is harmless.
+    pub async fn import_invoice(
+        &self,
+        issuer: &str,
+        number: u64,
+        issued_at: DateTime<Utc>,
+        record: &InvoiceRecord,
+    ) -> Result<Imported> {
+        let number_sql = i64::try_from(number)
+            .map_err(|_| Error::Refused(format!("invoice number {number} overflows")))?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.context("begin")?;
+        let next = claim_series(&tx, issuer, Series::Invoice).await?;
+        let existing = tx
+            .query(
+                "SELECT number, customer, period_start FROM invoices WHERE issuer = $1 \
+                 AND (number = $2 OR (customer = $3 AND period_start = $4))",
+                &[&issuer, &number_sql, &record.customer, &record.period_start],
+            )
+            .await
+            .context("existing invoices")?;
+        if let Some(row) = existing.first() {
+            let (found, customer, start): (i64, String, DateTime<Utc>) =
+                (row.get(0), row.get(1), row.get(2));
+            return Ok(
+                if found == number_sql
+                    && customer == record.customer
+                    && start == record.period_start
+                {
+                    Imported::Present
+                } else {
+                    Imported::Conflict(format!(
+                        "invoice {number} of {issuer} ({} from {}) meets the ledger's invoice {found} ({customer} from {start})",
+                        record.customer, record.period_start
+                    ))
+                },
+            );
+        }
+        tx.execute(
+            "INSERT INTO invoices (issuer, number, customer, period_start, period_end, \
+             currency, total, issued_at, document) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &issuer,
+                &number_sql,
+                &record.customer,
+                &record.period_start,
+                &record.period_end,
+                &record.currency,
+                &record.total,
+                &issued_at,
+                &record.document,
+            ],
+        )
+        .await
+        .context(format!("importing invoice {number} of {issuer}"))?;
+        store_series(&tx, issuer, Series::Invoice, next.max(number + 1)).await?;
+        tx.commit().await.context("committing the import")?;
+        Ok(Imported::Inserted)
     }
 
     /// The next number of a series (what the next document would get).

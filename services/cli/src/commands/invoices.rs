@@ -46,6 +46,9 @@ enum InvoicesCommand {
         #[arg(long)]
         at: Option<DateTime<Utc>>,
     },
+    /// Copy the invoices ClickHouse holds into the ledger (`[ledger] url`)
+    /// under their own numbers: the move of invoicing to PostgreSQL.
+    ImportToLedger,
     /// Print a draft of a customer's open period (never stored).
     Preview {
         #[arg(long)]
@@ -130,6 +133,30 @@ pub(crate) async fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
 pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> {
     // `show` and `deposit` need no price sheet.
     match args.command {
+        InvoicesCommand::ImportToLedger => {
+            let invoicer = invoicer(settings).await?;
+            let bar = std::sync::OnceLock::new();
+            let progress = |done: usize, total: usize| {
+                bar.get_or_init(|| {
+                    crate::progress::Progress::new("import", total as u64, "invoices")
+                })
+                .set(done as u64);
+            };
+            let report = invoicer.import_to_ledger(&progress).await?;
+            if let Some(bar) = bar.get() {
+                bar.finish();
+            }
+            for conflict in &report.conflicts {
+                eprintln!("invoices: not imported: {conflict}");
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.conflicts.is_empty() {
+                anyhow::bail!(
+                    "{} invoices conflict with the ledger",
+                    report.conflicts.len()
+                );
+            }
+        }
         InvoicesCommand::Close { period, dry_run } => {
             let invoicer = invoicer(settings).await?;
             let start = parse_period(&period)?;
