@@ -528,20 +528,22 @@ pub async fn invoices(
 pub enum InvoiceFormat {
     Json,
     Csv,
+    Pdf,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct InvoiceQuery {
-    /// `json` (default) or `csv`; `Accept: text/csv` also selects CSV.
+    /// `json` (default), `csv` or `pdf`; `Accept: text/csv` or
+    /// `application/pdf` also selects it.
     pub format: Option<InvoiceFormat>,
 }
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/invoices/{number}", tag = "invoices",
-    summary = "One issued invoice, as JSON or CSV",
+    summary = "One issued invoice, as JSON, CSV or PDF",
     params(("customer" = String, Path, description = "Customer id"),
         ("number" = u64, Path, description = "Invoice number"), InvoiceQuery),
-    responses((status = 200, description = "The invoice", content((Invoice = "application/json"), (String = "text/csv"))),
+    responses((status = 200, description = "The invoice", content((Invoice = "application/json"), (String = "text/csv"), (Vec<u8> = "application/pdf"))),
         QueryProblems),
     security(("api_key" = [])))]
 pub async fn invoice(
@@ -560,13 +562,29 @@ pub async fn invoice(
         .ok_or_else(not_found)?;
     let lines = state.store.invoice_lines(&header).await?;
     let invoice = Invoice::from_rows(&header, &lines).map_err(Problem::internal)?;
-    let wants_csv = query.format == Some(InvoiceFormat::Csv)
-        || (query.format.is_none()
-            && headers
-                .get(header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|accept| accept.contains("text/csv")));
-    if wants_csv {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let format = query.format.unwrap_or(if accept.contains("text/csv") {
+        InvoiceFormat::Csv
+    } else if accept.contains("application/pdf") {
+        InvoiceFormat::Pdf
+    } else {
+        InvoiceFormat::Json
+    });
+    if format == InvoiceFormat::Pdf {
+        let parties = idlemeter_store::pdf::Parties {
+            seller: state.billing.terms.seller.clone(),
+            buyer: vec![invoice.customer.clone()],
+        };
+        return Ok((
+            [(header::CONTENT_TYPE, "application/pdf")],
+            idlemeter_store::pdf::to_pdf(&invoice, &parties),
+        )
+            .into_response());
+    }
+    if format == InvoiceFormat::Csv {
         Ok((
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
             idlemeter_store::document::to_csv(&invoice),

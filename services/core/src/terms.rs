@@ -25,6 +25,9 @@ pub struct BillingTerms {
     /// Tax rate per customer as a decimal string ("0.2" for 20 %); 0 for
     /// customers not listed.
     pub tax_rates: BTreeMap<String, String>,
+    /// The seller as invoice documents print it, one line each (name,
+    /// address, tax id); the issuer's name when empty.
+    pub seller: Vec<String>,
 }
 
 impl Default for BillingTerms {
@@ -34,6 +37,7 @@ impl Default for BillingTerms {
             period: Period::Month,
             adjust_lookback_periods: 3,
             tax_rates: BTreeMap::new(),
+            seller: Vec::new(),
         }
     }
 }

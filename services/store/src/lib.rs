@@ -15,6 +15,7 @@ mod events;
 mod invoices;
 mod migrate;
 mod minutes;
+pub mod pdf;
 mod policy;
 mod rated;
 mod samples;

@@ -63,14 +63,28 @@ enum Format {
     Json,
     Csv,
     Html,
+    /// Binary: redirect stdout to a file.
+    Pdf,
 }
 
-fn render(invoice: &Invoice, format: Format) -> String {
-    match format {
-        Format::Json => to_json(invoice),
-        Format::Csv => to_csv(invoice),
-        Format::Html => to_html(invoice),
-    }
+/// Writes `invoice` to stdout in `format`; a PDF prints the seller of
+/// `[billing] seller`.
+fn print_invoice(invoice: &Invoice, format: Format, settings: &Settings) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let bytes = match format {
+        Format::Json => to_json(invoice).into_bytes(),
+        Format::Csv => to_csv(invoice).into_bytes(),
+        Format::Html => to_html(invoice).into_bytes(),
+        Format::Pdf => idlemeter_store::pdf::to_pdf(
+            invoice,
+            &idlemeter_store::pdf::Parties {
+                seller: settings.billing.seller.clone(),
+                buyer: vec![invoice.customer.clone()],
+            },
+        ),
+    };
+    std::io::stdout().write_all(&bytes)?;
+    Ok(())
 }
 
 fn parse_period(text: &str) -> anyhow::Result<DateTime<Utc>> {
@@ -220,7 +234,7 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
                 .find(|row| row.number == number)
                 .with_context(|| format!("no invoice {number} from {issuer}"))?;
             let lines = store.invoice_lines(&header).await?;
-            print!("{}", render(&Invoice::from_rows(&header, &lines)?, format));
+            print_invoice(&Invoice::from_rows(&header, &lines)?, format, settings)?;
         }
         InvoicesCommand::Deposit {
             customer,
@@ -255,7 +269,7 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
                 .preview(&customer, Utc::now())
                 .await?
             {
-                Some(invoice) => print!("{}", render(&invoice, format)),
+                Some(invoice) => print_invoice(&invoice, format, settings)?,
                 None => eprintln!("invoices: nothing to bill for {customer} in the open period"),
             }
         }
