@@ -1,7 +1,7 @@
 //! `idlemeter invoices close` SIGKILLed at eight points of a run, then run
 //! to completion, issues exactly the invoices (numbers, customers, lines,
 //! totals) that an uninterrupted run issues on the same data. Real process
-//! deaths, real ClickHouse.
+//! deaths, real ClickHouse and PostgreSQL (the ledger).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -78,6 +78,10 @@ fn close_command(env: &TestEnv, dir: &std::path::Path) -> Command {
         .args(["invoices", "close", "--period", "2026-10"])
         .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
         .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+        // On the ledger (PostgreSQL), each run of its own schema, as
+        // deployments issue; the numbers are then claimed there.
+        .env("IDLEMETER_LEDGER__URL", &env.ledger_settings.url)
+        .env("IDLEMETER_LEDGER__SCHEMA", &env.ledger_settings.schema)
         .env("IDLEMETER_RATER__SHEET", dir.join("sheet.toml"))
         .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
         .env(
