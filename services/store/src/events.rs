@@ -148,9 +148,11 @@ pub struct MeterWindowRow {
 impl Store {
     /// Stores events and their meter values; duplicates of (source, id)
     /// collapse (ReplacingMergeTree), so a replayed batch changes nothing.
+    /// Values first: whoever sees an event stored also sees what it
+    /// metered.
     pub async fn insert_events(&self, events: &[EventRow], values: &[MeterValueRow]) -> Result<()> {
-        self.insert_rows("usage_events", events).await?;
-        self.insert_rows("meter_values", values).await
+        self.insert_rows("meter_values", values).await?;
+        self.insert_rows("usage_events", events).await
     }
 
     /// Every stored event of a customer, oldest first (tests, audits).
