@@ -25,6 +25,8 @@
 //! runs at once on one host are serialised by a lock file; run the scheduler
 //! in one place.
 
+pub mod events;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -106,6 +108,16 @@ pub struct InvoicerConfig {
     /// Issued invoices a close returns in full (for the CLI and tests);
     /// beyond it only their count and totals.
     pub keep_issued: usize,
+    /// Billing events (`invoice.issued`), with a ledger: POSTed signed to
+    /// this URL ("" for none) ...
+    pub events_webhook_url: String,
+    /// ... with this HMAC key (`Idlemeter-Signature`, as alerts are signed),
+    pub events_webhook_secret: idlemeter_core::Secret,
+    /// ... and/or published to this Kafka topic ("" for none), keyed by
+    /// delivery id.
+    pub events_topic: String,
+    /// Longest wait between delivery attempts of one event (backoff from 1 s).
+    pub events_retry_max_s: u64,
 }
 
 impl Default for InvoicerConfig {
@@ -121,6 +133,10 @@ impl Default for InvoicerConfig {
                 .to_string(),
             chunk_customers: 20_000,
             keep_issued: 10_000,
+            events_webhook_url: String::new(),
+            events_webhook_secret: idlemeter_core::Secret::default(),
+            events_topic: String::new(),
+            events_retry_max_s: 300,
         }
     }
 }

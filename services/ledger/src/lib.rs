@@ -87,10 +87,16 @@ impl<T> Context<T> for std::result::Result<T, tokio_postgres::Error> {
 }
 
 /// The ledger's migrations, in order: (name, SQL).
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_invoices",
-    include_str!("../migrations/0001_invoices.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_invoices",
+        include_str!("../migrations/0001_invoices.sql"),
+    ),
+    (
+        "0002_outbox_delivery",
+        include_str!("../migrations/0002_outbox_delivery.sql"),
+    ),
+];
 
 /// A series of document numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,8 +157,47 @@ pub struct OutboxItem {
     pub payload: serde_json::Value,
 }
 
-/// The outbox topic of issued invoices.
+/// The outbox topic of issued invoices (their copy for ClickHouse).
 pub const INVOICES_TOPIC: &str = "invoices";
+
+/// The outbox topic of billing events for the platform (webhooks, Kafka).
+pub const BILLING_EVENTS_TOPIC: &str = "billing_events";
+
+/// A billing event as the platform receives it: `id` is the delivery id
+/// (the same on every retry), `type` what happened, `data` its facts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BillingEvent {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub created_at: DateTime<Utc>,
+    pub data: serde_json::Value,
+}
+
+impl BillingEvent {
+    /// `invoice.issued` of one invoice.
+    pub fn invoice_issued(
+        issuer: &str,
+        number: u64,
+        record: &InvoiceRecord,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id: format!("invoice.issued:{issuer}:{number}"),
+            event_type: "invoice.issued".to_owned(),
+            created_at: at,
+            data: serde_json::json!({
+                "issuer": issuer,
+                "number": number,
+                "customer": record.customer,
+                "period_start": record.period_start,
+                "period_end": record.period_end,
+                "currency": record.currency,
+                "total": record.total.to_string(),
+            }),
+        }
+    }
+}
 
 /// A connection pool to the ledger's database and schema.
 #[derive(Clone)]
@@ -350,6 +395,8 @@ impl Ledger {
             )
             .await
             .context("queueing the invoice for ClickHouse")?;
+            let event = BillingEvent::invoice_issued(issuer, number, &made, now);
+            queue_event(&tx, &event).await?;
             issued.numbered.push((index, number));
             next += 1;
         }
@@ -470,6 +517,52 @@ impl Ledger {
             .collect())
     }
 
+    /// Up to `limit` undelivered items of `topic` whose next attempt is
+    /// due, oldest first.
+    pub async fn due(&self, topic: &str, limit: i64) -> Result<Vec<OutboxItem>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, key, payload FROM outbox WHERE topic = $1 \
+                 AND delivered_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT $2",
+                &[&topic, &limit],
+            )
+            .await
+            .context(format!("due outbox of {topic}"))?;
+        Ok(rows
+            .iter()
+            .map(|row| OutboxItem {
+                id: row.get(0),
+                key: row.get(1),
+                payload: row.get(2),
+            })
+            .collect())
+    }
+
+    /// Records a failed attempt of an item: the next one is due after
+    /// `initial x 2^(failed attempts before)`, at most `max`. Returns the
+    /// attempts so far.
+    pub async fn attempt_failed(
+        &self,
+        id: i64,
+        error: &str,
+        (initial, max): (std::time::Duration, std::time::Duration),
+    ) -> Result<i32> {
+        let client = self.client().await?;
+        let (initial, max) = (initial.as_secs_f64(), max.as_secs_f64());
+        let row = client
+            .query_one(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, \
+                 next_attempt_at = now() + make_interval(secs => \
+                     least($4::float8, $3::float8 * power(2, least(attempts, 30)))) \
+                 WHERE id = $1 RETURNING attempts",
+                &[&id, &error, &initial, &max],
+            )
+            .await
+            .context("recording a failed delivery")?;
+        Ok(row.get(0))
+    }
+
     /// Marks outbox items delivered (after their copy was written).
     pub async fn delivered(&self, ids: &[i64]) -> Result<()> {
         if ids.is_empty() {
@@ -485,6 +578,19 @@ impl Ledger {
             .context("marking the outbox delivered")?;
         Ok(())
     }
+}
+
+/// Queues a billing event in the transaction that made it happen.
+async fn queue_event(tx: &deadpool_postgres::Transaction<'_>, event: &BillingEvent) -> Result<()> {
+    let payload = serde_json::to_value(event)
+        .map_err(|error| Error::Refused(format!("billing event {}: {error}", event.id)))?;
+    tx.execute(
+        "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
+        &[&BILLING_EVENTS_TOPIC, &event.id, &payload],
+    )
+    .await
+    .context("queueing a billing event")?;
+    Ok(())
 }
 
 /// Locks a series' row (creating it at 1) and returns its next number.

@@ -289,7 +289,56 @@ pub async fn service(settings: &Settings) -> anyhow::Result<()> {
         },
     )?;
     let metrics = super::expose(settings, registry, ready).await?;
+    let events = billing_events(settings).await?;
+    let delivering = events.map(|delivery| {
+        tokio::spawn(
+            delivery.run_until_stopped(std::time::Duration::from_secs(1), super::shutdown_signal()),
+        )
+    });
     invoicer.run_until_stopped(super::shutdown_signal()).await?;
+    if let Some(delivering) = delivering {
+        delivering.await?;
+    }
     metrics.await??;
     Ok(())
+}
+
+/// The delivery of billing events the settings ask for: a ledger and a
+/// webhook URL or a topic.
+async fn billing_events(
+    settings: &Settings,
+) -> anyhow::Result<Option<idlemeter_invoicer::events::EventDelivery>> {
+    let config = &settings.invoicer;
+    if config.events_webhook_url.is_empty() && config.events_topic.is_empty() {
+        return Ok(None);
+    }
+    let Some(ledger) = super::ledger(settings).await? else {
+        anyhow::bail!(
+            "[invoicer] events_webhook_url / events_topic need a ledger: billing events are queued in it ([ledger] url)"
+        );
+    };
+    let mut delivery = idlemeter_invoicer::events::EventDelivery::new(ledger).with_retry(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(config.events_retry_max_s.max(1)),
+    );
+    if !config.events_webhook_url.is_empty() {
+        let secret = config.events_webhook_secret.expose();
+        anyhow::ensure!(
+            !secret.is_empty(),
+            "[invoicer] events_webhook_secret is empty: billing webhooks are always signed"
+        );
+        delivery = delivery.with_webhook(idlemeter_webhook::WebhookSender::new(
+            &config.events_webhook_url,
+            secret,
+        )?);
+    }
+    if !config.events_topic.is_empty() {
+        delivery = delivery.with_publisher(
+            settings
+                .kafka
+                .publisher("idlemeter-billing-events", &config.events_topic)?,
+        );
+    }
+    tracing::info!(?delivery, "delivering billing events");
+    Ok(Some(delivery))
 }
