@@ -462,22 +462,14 @@ impl Invoicer {
     /// `[start, until)`; nothing when the sheet prices no meter.
     async fn metered_in(
         &self,
-        (first, last): (&str, &str),
+        customers: (&str, &str),
         start: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<MeteredRange> {
-        if self.meters.is_empty() {
-            return Ok(MeteredRange::default());
-        }
+        let (from, to) = (unix_ms(start), unix_ms(until));
         Ok(self
             .store
-            .metered(
-                &self.sheet,
-                &self.meters,
-                (first, last),
-                unix_ms(start),
-                unix_ms(until),
-            )
+            .metered(&self.sheet, &self.meters, customers, from, to)
             .await?)
     }
 

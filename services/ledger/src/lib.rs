@@ -498,37 +498,30 @@ impl Ledger {
 
     /// Up to `limit` undelivered outbox items of `topic`, oldest first.
     pub async fn pending(&self, topic: &str, limit: i64) -> Result<Vec<OutboxItem>> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT id, key, payload FROM outbox \
-                 WHERE topic = $1 AND delivered_at IS NULL ORDER BY id LIMIT $2",
-                &[&topic, &limit],
-            )
-            .await
-            .context(format!("pending outbox of {topic}"))?;
-        Ok(rows
-            .iter()
-            .map(|row| OutboxItem {
-                id: row.get(0),
-                key: row.get(1),
-                payload: row.get(2),
-            })
-            .collect())
+        self.outbox_items(topic, limit, false).await
     }
 
     /// Up to `limit` undelivered items of `topic` whose next attempt is
     /// due, oldest first.
     pub async fn due(&self, topic: &str, limit: i64) -> Result<Vec<OutboxItem>> {
+        self.outbox_items(topic, limit, true).await
+    }
+
+    async fn outbox_items(
+        &self,
+        topic: &str,
+        limit: i64,
+        only_due: bool,
+    ) -> Result<Vec<OutboxItem>> {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, key, payload FROM outbox WHERE topic = $1 \
-                 AND delivered_at IS NULL AND next_attempt_at <= now() ORDER BY id LIMIT $2",
-                &[&topic, &limit],
+                "SELECT id, key, payload FROM outbox WHERE topic = $1 AND delivered_at IS NULL \
+                 AND (NOT $3 OR next_attempt_at <= now()) ORDER BY id LIMIT $2",
+                &[&topic, &limit, &only_due],
             )
             .await
-            .context(format!("due outbox of {topic}"))?;
+            .context(format!("outbox of {topic}"))?;
         Ok(rows
             .iter()
             .map(|row| OutboxItem {

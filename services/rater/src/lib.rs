@@ -721,18 +721,10 @@ impl Rater {
         period_start: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<MeteredRange> {
-        if self.meters.is_empty() {
-            return Ok(MeteredRange::default());
-        }
+        let range = (unix_ms(period_start), unix_ms(until));
         Ok(self
             .store
-            .metered(
-                &self.sheet,
-                &self.meters,
-                customers,
-                unix_ms(period_start),
-                unix_ms(until),
-            )
+            .metered(&self.sheet, &self.meters, customers, range.0, range.1)
             .await?)
     }
 

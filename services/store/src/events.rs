@@ -255,7 +255,8 @@ impl Store {
 
     /// The metered quantities of the customers `first..=last` over
     /// `[from_ms, to_ms)` under `sheet`: one query per priced meter and
-    /// price version window (see `idlemeter_core::metering` for the rule).
+    /// price version window (see `idlemeter_core::metering` for the rule);
+    /// no query when the sheet prices no meter.
     pub async fn metered(
         &self,
         sheet: &PriceSheet,
@@ -265,6 +266,9 @@ impl Store {
         to_ms: u64,
     ) -> Result<MeteredRange> {
         let mut range = MeteredRange::default();
+        if priced.is_empty() {
+            return Ok(range);
+        }
         let (from, to) = (
             i64::try_from(from_ms).unwrap_or(i64::MAX),
             i64::try_from(to_ms).unwrap_or(i64::MAX),
