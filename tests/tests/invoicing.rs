@@ -564,17 +564,24 @@ async fn a_prepaid_wallet_pays_invoices_until_it_is_empty() -> anyhow::Result<()
                 deposited_at: when.timestamp() as u32,
             })
         };
-    // $100 before October, recorded twice (one deposit); $500 after November.
-    env.store
-        .insert_wallet_deposit(&deposit("d-1", 100, at(2026, 9, 30))?)
-        .await?;
-    env.store
-        .insert_wallet_deposit(&deposit("d-1", 100, at(2026, 9, 30))?)
-        .await?;
-    env.store
-        .insert_wallet_deposit(&deposit("d-2", 500, at(2026, 12, 5))?)
-        .await?;
+    // $100 before October, recorded twice (one deposit); $500 after
+    // November; in the ledger, which copies them to ClickHouse.
     let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
+    assert!(
+        invoicer
+            .deposit(&deposit("d-1", 100, at(2026, 9, 30))?)
+            .await?
+    );
+    assert!(
+        !invoicer
+            .deposit(&deposit("d-1", 100, at(2026, 9, 30))?)
+            .await?
+    );
+    assert!(
+        invoicer
+            .deposit(&deposit("d-2", 500, at(2026, 12, 5))?)
+            .await?
+    );
     let mut issued = Vec::new();
     for month in [10, 11] {
         rate_month(&env, SIMPLE_SHEET, month).await?;
@@ -594,6 +601,12 @@ async fn a_prepaid_wallet_pays_invoices_until_it_is_empty() -> anyhow::Result<()
         "what was left of the $100"
     );
     assert_eq!(november.total, Decimal::from(30));
+    // The ledger's wallet: 100 + 500 deposited, 60 + 40 drawn.
+    let ledger = env.ledger().await?;
+    assert_eq!(
+        ledger.wallet_balance("acme-cloud", "wallet-1").await?,
+        Decimal::from(500)
+    );
     for invoice in &issued {
         let lines: Decimal = invoice.lines.iter().map(|line| line.amount).sum();
         assert_eq!(lines, invoice.total);

@@ -14,6 +14,7 @@ fn record(customer: &str) -> InvoiceRecord {
         period_end: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
         currency: "USD".to_owned(),
         total: Decimal::new(1234, 2),
+        wallet_applied: Decimal::ZERO,
         document: serde_json::json!({ "customer": customer }),
     }
 }
@@ -46,15 +47,62 @@ async fn issued_invoices_are_numbered_once_immutable_and_queued() -> anyhow::Res
     assert!(ledger.invoice_numbers("acme").await?.is_empty());
     assert_eq!(ledger.next_number("acme", Series::Invoice).await?, 1);
 
+    // A draw on a wallet the ledger does not hold: refused, nothing used.
+    let overdrawn = ledger
+        .issue(
+            "acme",
+            start,
+            &mut drafts,
+            |d| d.as_str(),
+            |draft, _| {
+                Ok(InvoiceRecord {
+                    wallet_applied: Decimal::new(100, 2),
+                    ..record(draft)
+                })
+            },
+        )
+        .await
+        .expect_err("no deposit covers it");
+    assert!(
+        overdrawn.to_string().contains("wallet holding 0"),
+        "{overdrawn}"
+    );
+    assert_eq!(ledger.next_number("acme", Series::Invoice).await?, 1);
+    // With a deposit of 1.50, a-cust's 1.00 draw passes.
+    assert!(
+        ledger
+            .deposit(
+                "acme",
+                "a-cust",
+                "dep-1",
+                Decimal::new(150, 2),
+                start,
+                &serde_json::json!({})
+            )
+            .await?
+    );
     let issued = ledger
         .issue(
             "acme",
             start,
             &mut drafts,
             |d| d.as_str(),
-            |draft, _| Ok(record(draft)),
+            |draft, _| {
+                Ok(InvoiceRecord {
+                    wallet_applied: if draft == "a-cust" {
+                        Decimal::ONE
+                    } else {
+                        Decimal::ZERO
+                    },
+                    ..record(draft)
+                })
+            },
         )
         .await?;
+    assert_eq!(
+        ledger.wallet_balance("acme", "a-cust").await?,
+        Decimal::new(50, 2)
+    );
     assert_eq!(issued.numbered, vec![(0, 1), (1, 2)]);
     // The same customers again: already invoiced, nothing new.
     let again = ledger

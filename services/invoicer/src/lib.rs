@@ -321,31 +321,17 @@ impl Invoicer {
     /// then marks it delivered; returns how many. A copy repeated after a
     /// crash collapses in ClickHouse (same rows, same version).
     pub async fn relay_outbox(&self) -> Result<usize> {
-        let Some(ledger) = &self.ledger else {
-            return Ok(0);
-        };
-        let mut relayed = 0;
-        loop {
-            let items = ledger
-                .pending(idlemeter_ledger::INVOICES_TOPIC, RELAY_BATCH)
-                .await?;
-            if items.is_empty() {
-                return Ok(relayed);
-            }
-            let mut rows: ChunkRows = (Vec::new(), Vec::new());
-            for item in &items {
-                let document: IssuedRows =
-                    serde_json::from_value(item.payload.clone()).map_err(|error| {
-                        Error::Write(format!("outbox item {} ({}): {error}", item.id, item.key))
-                    })?;
-                rows.0.push(document.header);
-                rows.1.extend(document.lines);
-            }
-            write_rows(&self.store, rows).await?;
-            let ids: Vec<i64> = items.iter().map(|item| item.id).collect();
-            ledger.delivered(&ids).await?;
-            relayed += items.len();
+        match &self.ledger {
+            Some(ledger) => relay_outbox(ledger, &self.store).await,
+            None => Ok(0),
         }
+    }
+
+    /// Records a prepaid wallet deposit: in the ledger (copied to
+    /// ClickHouse) when there is one, else in ClickHouse. `false` when the
+    /// same deposit id was recorded before.
+    pub async fn deposit(&self, row: &idlemeter_store::WalletDepositRow) -> Result<bool> {
+        record_deposit(self.ledger.as_ref(), &self.store, row).await
     }
 
     /// Copies the invoices of this issuer that ClickHouse holds into the
@@ -362,8 +348,31 @@ impl Invoicer {
                 "no ledger configured: set [ledger] url".to_owned(),
             )));
         };
-        let headers = self.store.invoices(&self.terms.issuer).await?;
         let mut report = LedgerImport::default();
+        // Deposits first, so the ledger's wallets hold what the imported
+        // invoices drew.
+        for row in self.store.wallet_deposit_rows(&self.terms.issuer).await? {
+            let amount = idlemeter_store::from_column(row.amount)?;
+            let at = DateTime::from_timestamp(i64::from(row.deposited_at), 0).unwrap_or_default();
+            let payload =
+                serde_json::to_value(&row).map_err(|error| Error::Write(error.to_string()))?;
+            if ledger
+                .deposit(
+                    &row.issuer,
+                    &row.customer,
+                    &row.deposit_id,
+                    amount,
+                    at,
+                    &payload,
+                )
+                .await?
+            {
+                report.deposits += 1;
+            }
+        }
+        // Their copies for ClickHouse repeat rows it has (they collapse).
+        relay_outbox(ledger, &self.store).await?;
+        let headers = self.store.invoices(&self.terms.issuer).await?;
         for (done, header) in headers.iter().enumerate() {
             let lines = self.store.invoice_lines(header).await?;
             let invoice = Invoice::from_rows(header, &lines)?;
@@ -380,6 +389,7 @@ impl Invoicer {
                 period_end: invoice.period_end,
                 currency: invoice.currency.clone(),
                 total: invoice.total,
+                wallet_applied: invoice.wallet_applied,
                 document,
             };
             match ledger
@@ -425,6 +435,7 @@ impl Invoicer {
                         period_end: invoice.period_end,
                         currency: invoice.currency.clone(),
                         total: invoice.total,
+                        wallet_applied: invoice.wallet_applied,
                         document,
                     })
                 },
@@ -1005,11 +1016,83 @@ impl Invoicer {
 /// What [`Invoicer::import_to_ledger`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LedgerImport {
+    /// Wallet deposits copied.
+    pub deposits: usize,
     pub imported: usize,
     /// Already in the ledger, identical.
     pub present: usize,
     /// Invoices whose number or period the ledger holds differently.
     pub conflicts: Vec<String>,
+}
+
+/// Copies what the ledger's outbox holds for ClickHouse (issued invoices,
+/// wallet deposits) into it, then marks it delivered; returns how many. A
+/// copy repeated after a crash collapses in ClickHouse (same rows, same
+/// version).
+pub async fn relay_outbox(ledger: &idlemeter_ledger::Ledger, store: &Store) -> Result<usize> {
+    let mut relayed = 0;
+    let bad = |item: &idlemeter_ledger::OutboxItem, error: serde_json::Error| {
+        Error::Write(format!("outbox item {} ({}): {error}", item.id, item.key))
+    };
+    loop {
+        let items = ledger
+            .pending(idlemeter_ledger::INVOICES_TOPIC, RELAY_BATCH)
+            .await?;
+        let deposits = ledger
+            .pending(idlemeter_ledger::WALLET_DEPOSITS_TOPIC, RELAY_BATCH)
+            .await?;
+        if items.is_empty() && deposits.is_empty() {
+            return Ok(relayed);
+        }
+        let mut rows: ChunkRows = (Vec::new(), Vec::new());
+        for item in &items {
+            let document: IssuedRows =
+                serde_json::from_value(item.payload.clone()).map_err(|error| bad(item, error))?;
+            rows.0.push(document.header);
+            rows.1.extend(document.lines);
+        }
+        let deposit_rows = deposits
+            .iter()
+            .map(|item| {
+                serde_json::from_value(item.payload.clone()).map_err(|error| bad(item, error))
+            })
+            .collect::<Result<Vec<idlemeter_store::WalletDepositRow>>>()?;
+        if !deposit_rows.is_empty() {
+            store.insert_wallet_deposits(&deposit_rows).await?;
+        }
+        write_rows(store, rows).await?;
+        let ids: Vec<i64> = items.iter().chain(&deposits).map(|item| item.id).collect();
+        ledger.delivered(&ids).await?;
+        relayed += ids.len();
+    }
+}
+
+/// Records a deposit in the ledger (then relays it) or, without one, in
+/// ClickHouse; `false` when the ledger had it already.
+pub async fn record_deposit(
+    ledger: Option<&idlemeter_ledger::Ledger>,
+    store: &Store,
+    row: &idlemeter_store::WalletDepositRow,
+) -> Result<bool> {
+    let Some(ledger) = ledger else {
+        store.insert_wallet_deposit(row).await?;
+        return Ok(true);
+    };
+    let amount = idlemeter_store::from_column(row.amount)?;
+    let at = DateTime::from_timestamp(i64::from(row.deposited_at), 0).unwrap_or_default();
+    let payload = serde_json::to_value(row).map_err(|error| Error::Write(error.to_string()))?;
+    let new = ledger
+        .deposit(
+            &row.issuer,
+            &row.customer,
+            &row.deposit_id,
+            amount,
+            at,
+            &payload,
+        )
+        .await?;
+    relay_outbox(ledger, store).await?;
+    Ok(new)
 }
 
 /// Outbox items relayed to ClickHouse per round.

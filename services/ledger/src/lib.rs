@@ -96,6 +96,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_outbox_delivery",
         include_str!("../migrations/0002_outbox_delivery.sql"),
     ),
+    (
+        "0003_wallets",
+        include_str!("../migrations/0003_wallets.sql"),
+    ),
 ];
 
 /// A series of document numbers.
@@ -123,6 +127,8 @@ pub struct InvoiceRecord {
     pub period_end: DateTime<Utc>,
     pub currency: String,
     pub total: Decimal,
+    /// What it draws from the customer's prepaid wallet (zero or more).
+    pub wallet_applied: Decimal,
     /// The whole document, as the caller reads it back: kept here and
     /// carried by the outbox to ClickHouse.
     pub document: serde_json::Value,
@@ -159,6 +165,9 @@ pub struct OutboxItem {
 
 /// The outbox topic of issued invoices (their copy for ClickHouse).
 pub const INVOICES_TOPIC: &str = "invoices";
+
+/// The outbox topic of wallet deposits (their copy for ClickHouse).
+pub const WALLET_DEPOSITS_TOPIC: &str = "wallet_deposits";
 
 /// The outbox topic of billing events for the platform (webhooks, Kafka).
 pub const BILLING_EVENTS_TOPIC: &str = "billing_events";
@@ -215,8 +224,7 @@ impl std::fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    /// Connects (lazily: the first query opens a connection) to `settings`,
-    /// creating its schema if absent.
+    /// Connects to `settings` ([`Ledger::migrate`] creates the schema).
     pub async fn connect(settings: &LedgerSettings) -> Result<Self> {
         if settings.url.is_empty() {
             return Err(Error::Settings(
@@ -250,11 +258,8 @@ impl Ledger {
             .build()
             .map_err(|error| Error::Pool(error.to_string()))?;
         let ledger = Self { pool, schema };
-        let client = ledger.client().await?;
-        client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ledger.schema))
-            .await
-            .context(format!("creating schema {}", ledger.schema))?;
+        // Reachable now, not at the first document.
+        drop(ledger.client().await?);
         Ok(ledger)
     }
 
@@ -268,27 +273,32 @@ impl Ledger {
     /// Applies the migrations not applied yet; returns their names.
     pub async fn migrate(&self) -> Result<Vec<String>> {
         let mut client = self.client().await?;
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS ledger_migrations (
-                     name TEXT PRIMARY KEY,
-                     checksum TEXT NOT NULL,
-                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-            )
+        // One migrator at a time per schema (services starting together):
+        // PostgreSQL's `IF NOT EXISTS` is not safe against a concurrent
+        // creator, the lock is. The others wait, then find it all applied.
+        let lock_key = format!("idlemeter-ledger:{}", self.schema);
+        let tx = client.transaction().await.context("begin")?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key])
             .await
-            .context("creating ledger_migrations")?;
+            .context("migration lock")?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.ledger_migrations (
+                 name TEXT PRIMARY KEY,
+                 checksum TEXT NOT NULL,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            schema = self.schema
+        ))
+        .await
+        .context("creating the schema and ledger_migrations")?;
+        tx.commit().await.context("committing ledger_migrations")?;
         let mut applied = Vec::new();
         for (name, sql) in MIGRATIONS {
             let checksum = hex(&Sha256::digest(sql.as_bytes()));
             let tx = client.transaction().await.context("begin")?;
-            // One migrator at a time per schema; the others wait, then find
-            // the migration applied.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.ledger_migrations'))",
-                &[],
-            )
-            .await
-            .context("migration lock")?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key])
+                .await
+                .context("migration lock")?;
             let existing = tx
                 .query_opt(
                     "SELECT checksum FROM ledger_migrations WHERE name = $1",
@@ -366,25 +376,12 @@ impl Ledger {
             }
             let number = next;
             let made = record(draft, number).map_err(Error::Refused)?;
+            if made.wallet_applied > Decimal::ZERO {
+                check_wallet(&tx, issuer, &made).await?;
+            }
             let number_sql = i64::try_from(number)
                 .map_err(|_| Error::Refused(format!("invoice number {number} overflows")))?;
-            tx.execute(
-                "INSERT INTO invoices (issuer, number, customer, period_start, period_end, \
-                 currency, total, issued_at, document) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                &[
-                    &issuer,
-                    &number_sql,
-                    &made.customer,
-                    &made.period_start,
-                    &made.period_end,
-                    &made.currency,
-                    &made.total,
-                    &now,
-                    &made.document,
-                ],
-            )
-            .await
-            .context(format!("writing invoice {number} of {issuer}"))?;
+            insert_invoice(&tx, issuer, number_sql, now, &made).await?;
             tx.execute(
                 "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
                 &[
@@ -445,26 +442,64 @@ impl Ledger {
                 },
             );
         }
-        tx.execute(
-            "INSERT INTO invoices (issuer, number, customer, period_start, period_end, \
-             currency, total, issued_at, document) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[
-                &issuer,
-                &number_sql,
-                &record.customer,
-                &record.period_start,
-                &record.period_end,
-                &record.currency,
-                &record.total,
-                &issued_at,
-                &record.document,
-            ],
-        )
-        .await
-        .context(format!("importing invoice {number} of {issuer}"))?;
+        insert_invoice(&tx, issuer, number_sql, issued_at, record).await?;
         store_series(&tx, issuer, Series::Invoice, next.max(number + 1)).await?;
         tx.commit().await.context("committing the import")?;
         Ok(Imported::Inserted)
+    }
+
+    /// Records a prepaid wallet deposit (once per `deposit_id` and
+    /// customer: `false` when it was already recorded) and queues
+    /// `outbox` (its copy for ClickHouse) in the same transaction.
+    pub async fn deposit(
+        &self,
+        issuer: &str,
+        customer: &str,
+        deposit_id: &str,
+        amount: Decimal,
+        deposited_at: DateTime<Utc>,
+        outbox: &serde_json::Value,
+    ) -> Result<bool> {
+        if amount <= Decimal::ZERO {
+            return Err(Error::Refused(format!(
+                "deposit {deposit_id}: amount {amount} must be above zero"
+            )));
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.context("begin")?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO wallet_deposits (issuer, customer, deposit_id, amount, deposited_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&issuer, &customer, &deposit_id, &amount, &deposited_at],
+            )
+            .await
+            .context(format!("recording deposit {deposit_id}"))?;
+        if inserted == 1 {
+            tx.execute(
+                "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
+                &[
+                    &WALLET_DEPOSITS_TOPIC,
+                    &format!("{issuer}/{customer}/{deposit_id}"),
+                    outbox,
+                ],
+            )
+            .await
+            .context("queueing the deposit for ClickHouse")?;
+        }
+        tx.commit().await.context("committing the deposit")?;
+        Ok(inserted == 1)
+    }
+
+    /// A customer's wallet balance in the ledger: deposits less what
+    /// issued invoices drew.
+    pub async fn wallet_balance(&self, issuer: &str, customer: &str) -> Result<Decimal> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(WALLET_BALANCE_SQL, &[&issuer, &customer])
+            .await
+            .context("reading a wallet")?;
+        Ok(row.get(0))
     }
 
     /// The next number of a series (what the next document would get).
@@ -571,6 +606,69 @@ impl Ledger {
             .context("marking the outbox delivered")?;
         Ok(())
     }
+}
+
+/// Writes one invoice row.
+async fn insert_invoice(
+    tx: &deadpool_postgres::Transaction<'_>,
+    issuer: &str,
+    number: i64,
+    issued_at: DateTime<Utc>,
+    record: &InvoiceRecord,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO invoices (issuer, number, customer, period_start, period_end, \
+         currency, total, wallet_applied, issued_at, document) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            &issuer,
+            &number,
+            &record.customer,
+            &record.period_start,
+            &record.period_end,
+            &record.currency,
+            &record.total,
+            &record.wallet_applied,
+            &issued_at,
+            &record.document,
+        ],
+    )
+    .await
+    .context(format!("writing invoice {number} of {issuer}"))?;
+    Ok(())
+}
+
+/// A wallet's balance: deposits less what issued invoices drew.
+const WALLET_BALANCE_SQL: &str = "SELECT \
+     (SELECT COALESCE(sum(amount), 0) FROM wallet_deposits WHERE issuer = $1 AND customer = $2) \
+     - (SELECT COALESCE(sum(wallet_applied), 0) FROM invoices WHERE issuer = $1 AND customer = $2)";
+
+/// Refuses an invoice drawing more than the customer's wallet holds now:
+/// deposits less what their issued invoices drew, under a lock on the
+/// wallet so that two issuers cannot both spend the same balance.
+async fn check_wallet(
+    tx: &deadpool_postgres::Transaction<'_>,
+    issuer: &str,
+    record: &InvoiceRecord,
+) -> Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('wallet:' || $1 || ':' || $2))",
+        &[&issuer, &record.customer],
+    )
+    .await
+    .context("locking the wallet")?;
+    let row = tx
+        .query_one(WALLET_BALANCE_SQL, &[&issuer, &record.customer])
+        .await
+        .context("reading the wallet")?;
+    let balance: Decimal = row.get(0);
+    if record.wallet_applied > balance {
+        return Err(Error::Refused(format!(
+            "the invoice of {} draws {} from a wallet holding {balance}: refused; the next run bills with the wallet as it is then",
+            record.customer, record.wallet_applied
+        )));
+    }
+    Ok(())
 }
 
 /// Queues a billing event in the transaction that made it happen.

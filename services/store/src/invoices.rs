@@ -75,6 +75,19 @@ impl Store {
         self.insert_rows("wallet_deposits", rows).await
     }
 
+    /// Every deposit of an issuer, one row each (the move to the ledger).
+    pub async fn wallet_deposit_rows(&self, issuer: &str) -> Result<Vec<WalletDepositRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM wallet_deposits FINAL WHERE issuer = ? \
+                 ORDER BY customer, deposit_id",
+            )
+            .bind(issuer)
+            .fetch_all()
+            .await
+            .context("wallet deposit rows")
+    }
+
     /// Each customer's deposits made before `before` (Unix seconds), summed
     /// (mantissas), for customers from `first` to `last`.
     pub async fn wallet_deposits(

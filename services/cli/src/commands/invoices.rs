@@ -252,16 +252,26 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             idlemeter_core::CustomerId::parse(customer.clone())
                 .with_context(|| format!("--customer {customer:?}"))?;
             let at = at.unwrap_or_else(Utc::now);
-            Store::new(&settings.clickhouse)
-                .insert_wallet_deposit(&idlemeter_store::WalletDepositRow {
-                    issuer: settings.billing.issuer.clone(),
-                    customer: customer.clone(),
-                    deposit_id: id.clone(),
-                    amount: idlemeter_store::to_column(value)?,
-                    deposited_at: u32::try_from(at.timestamp()).context("--at before 1970")?,
-                })
-                .await?;
-            eprintln!("invoices: deposit {id} of {value} recorded for {customer}");
+            let row = idlemeter_store::WalletDepositRow {
+                issuer: settings.billing.issuer.clone(),
+                customer: customer.clone(),
+                deposit_id: id.clone(),
+                amount: idlemeter_store::to_column(value)?,
+                deposited_at: u32::try_from(at.timestamp()).context("--at before 1970")?,
+            };
+            // In the ledger (and copied to ClickHouse) when there is one.
+            let ledger = super::ledger(settings).await?;
+            let new = idlemeter_invoicer::record_deposit(
+                ledger.as_ref(),
+                &Store::new(&settings.clickhouse),
+                &row,
+            )
+            .await?;
+            if new {
+                eprintln!("invoices: deposit {id} of {value} recorded for {customer}");
+            } else {
+                eprintln!("invoices: deposit {id} of {customer} was recorded before; unchanged");
+            }
         }
         InvoicesCommand::Preview { customer, format } => {
             match invoicer(settings)
