@@ -887,3 +887,51 @@ async fn clickhouse_invoices_import_into_the_ledger_and_the_series_continues() -
     assert_eq!(stored, (1..=6).collect::<Vec<_>>());
     Ok(())
 }
+
+/// A wallet balance the ledger does not hold (a deposit written to
+/// ClickHouse behind its back) is not spent: that customer's invoice is
+/// refused and reported, the others are issued, and no number is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draw_the_ledgers_wallet_cannot_cover_fails_only_that_customer() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_overdraw").await?;
+    let lock = tempfile::tempdir()?;
+    let mut samples = Vec::new();
+    for customer in ["a-cust", "b-cust", "c-cust"] {
+        samples.push(sample(customer, "sbx", 1, 1, at(2026, 10, 1), 1000));
+        samples.push(sample(customer, "sbx", 1, 2, at(2026, 10, 2), 1000));
+    }
+    env.store.insert_samples(&samples).await?;
+    env.store
+        .insert_wallet_deposit(&WalletDepositRow {
+            issuer: "acme-cloud".to_owned(),
+            customer: "b-cust".to_owned(),
+            deposit_id: "behind-the-ledger".to_owned(),
+            amount: to_column(Decimal::from(10))?,
+            deposited_at: at(2026, 9, 1).timestamp() as u32,
+        })
+        .await?;
+    rate_month(&env, SIMPLE_SHEET, 10).await?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
+    let outcome = invoicer
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?;
+    let customers: Vec<(&str, u64)> = outcome
+        .issued
+        .iter()
+        .map(|invoice| (invoice.customer.as_str(), invoice.number))
+        .collect();
+    assert_eq!(customers, vec![("a-cust", 1), ("c-cust", 2)]);
+    assert_eq!(outcome.failed.len(), 1, "{:?}", outcome.failed);
+    assert_eq!(outcome.failed[0].0, "b-cust");
+    assert!(
+        outcome.failed[0].1.contains("wallet holding 0"),
+        "{:?}",
+        outcome.failed
+    );
+    let errors = env.store.rating_errors_of("b-cust").await?;
+    assert!(
+        errors.iter().any(|row| row.reason.contains("wallet")),
+        "{errors:?}"
+    );
+    Ok(())
+}

@@ -128,8 +128,8 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
         idlemeter_tests::period_end_states(SHEET, &data, idlemeter_core::Period::Month, october)?;
     reference.store.insert_rating_states(&states).await?;
     crashed.store.insert_rating_states(&states).await?;
-    // cust-0001 prepaid 0.25 before October, recorded through the CLI (twice:
-    // the same id is one deposit).
+    // cust-0001 prepaid 0.25 before October, recorded through the CLI in
+    // the ledger (twice: the same id is one deposit).
     for env in [&reference, &crashed, &crashed] {
         let output = Command::new(env!("CARGO_BIN_EXE_idlemeter"))
             .args([
@@ -143,6 +143,8 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
             .args(["--id", "dep-1", "--at", "2026-09-30T00:00:00Z"])
             .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
             .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
+            .env("IDLEMETER_LEDGER__URL", &env.ledger_settings.url)
+            .env("IDLEMETER_LEDGER__SCHEMA", &env.ledger_settings.schema)
             .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
             .output()?;
         anyhow::ensure!(

@@ -407,7 +407,7 @@ impl Invoicer {
 
     /// Issues a chunk's invoices through the ledger (see
     /// [`Self::with_ledger`]) and relays them; returns (issued, already
-    /// issued by another run).
+    /// issued by another run, refused with why).
     async fn issue_in_ledger(
         &self,
         ledger: &idlemeter_ledger::Ledger,
@@ -415,7 +415,7 @@ impl Invoicer {
         mut drafts: Vec<Invoice>,
         issued_at: u32,
         written_ms: u64,
-    ) -> Result<(Vec<Invoice>, Vec<Invoice>)> {
+    ) -> Result<(Vec<Invoice>, Vec<Invoice>, Vec<(String, String)>)> {
         let done = ledger
             .issue(
                 &self.terms.issuer,
@@ -448,6 +448,11 @@ impl Invoicer {
                 .map_err(|error| Error::Write(format!("an issued invoice's document: {error}")))?;
             already.push(Invoice::from_rows(&rows.header, &rows.lines)?);
         }
+        let refused = done
+            .refused
+            .iter()
+            .map(|(index, reason)| (drafts[*index].customer.clone(), reason.clone()))
+            .collect();
         let numbered: std::collections::HashSet<usize> =
             done.numbered.iter().map(|(index, _)| *index).collect();
         let issued = drafts
@@ -456,7 +461,7 @@ impl Invoicer {
             .filter(|(index, _)| numbered.contains(index))
             .map(|(_, invoice)| invoice)
             .collect();
-        Ok((issued, already))
+        Ok((issued, already, refused))
     }
 
     /// Bills the meters the sheet prices with their definitions in
@@ -653,11 +658,19 @@ impl Invoicer {
                     .await?;
             } else if let Some(ledger) = &self.ledger {
                 let waiting = std::time::Instant::now();
-                let (issued, already) = self
+                let (issued, already, refused) = self
                     .issue_in_ledger(ledger, start, chunk_issued, unix_secs(now), written_ms)
                     .await?;
                 outcome.timings.write_wait += waiting.elapsed();
                 outcome.already_issued.extend(already);
+                for (customer, reason) in refused {
+                    let error = Error::Amount {
+                        customer: customer.clone(),
+                        reason,
+                    };
+                    self.failed(&customer, start_s, now, dry_run, error, &mut outcome)
+                        .await;
+                }
                 chunk_issued = issued;
             } else {
                 let rows = chunk_rows(&chunk_issued, unix_secs(now), written_ms)?;

@@ -142,6 +142,9 @@ pub struct Issued {
     /// Drafts whose customer already had an invoice of the period (another
     /// run issued it), with that invoice's document: not written.
     pub already: Vec<(usize, serde_json::Value)>,
+    /// Drafts refused (a wallet draw larger than the wallet holds), and
+    /// why: not written, no number used; the others are issued.
+    pub refused: Vec<(usize, String)>,
 }
 
 /// What importing one invoice did.
@@ -377,7 +380,10 @@ impl Ledger {
             let number = next;
             let made = record(draft, number).map_err(Error::Refused)?;
             if made.wallet_applied > Decimal::ZERO {
-                check_wallet(&tx, issuer, &made).await?;
+                if let Err(reason) = check_wallet(&tx, issuer, &made).await? {
+                    issued.refused.push((index, reason));
+                    continue;
+                }
             }
             let number_sql = i64::try_from(number)
                 .map_err(|_| Error::Refused(format!("invoice number {number} overflows")))?;
@@ -643,14 +649,15 @@ const WALLET_BALANCE_SQL: &str = "SELECT \
      (SELECT COALESCE(sum(amount), 0) FROM wallet_deposits WHERE issuer = $1 AND customer = $2) \
      - (SELECT COALESCE(sum(wallet_applied), 0) FROM invoices WHERE issuer = $1 AND customer = $2)";
 
-/// Refuses an invoice drawing more than the customer's wallet holds now:
-/// deposits less what their issued invoices drew, under a lock on the
-/// wallet so that two issuers cannot both spend the same balance.
+/// Refuses (the inner error, saying why) an invoice drawing more than the
+/// customer's wallet holds now: deposits less what their issued invoices
+/// drew, under a lock on the wallet so that two issuers cannot both spend
+/// the same balance.
 async fn check_wallet(
     tx: &deadpool_postgres::Transaction<'_>,
     issuer: &str,
     record: &InvoiceRecord,
-) -> Result<()> {
+) -> Result<std::result::Result<(), String>> {
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('wallet:' || $1 || ':' || $2))",
         &[&issuer, &record.customer],
@@ -663,12 +670,12 @@ async fn check_wallet(
         .context("reading the wallet")?;
     let balance: Decimal = row.get(0);
     if record.wallet_applied > balance {
-        return Err(Error::Refused(format!(
+        return Ok(Err(format!(
             "the invoice of {} draws {} from a wallet holding {balance}: refused; the next run bills with the wallet as it is then",
             record.customer, record.wallet_applied
         )));
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Queues a billing event in the transaction that made it happen.
