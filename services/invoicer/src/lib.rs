@@ -352,21 +352,7 @@ impl Invoicer {
         // Deposits first, so the ledger's wallets hold what the imported
         // invoices drew.
         for row in self.store.wallet_deposit_rows(&self.terms.issuer).await? {
-            let amount = idlemeter_store::from_column(row.amount)?;
-            let at = DateTime::from_timestamp(i64::from(row.deposited_at), 0).unwrap_or_default();
-            let payload =
-                serde_json::to_value(&row).map_err(|error| Error::Write(error.to_string()))?;
-            if ledger
-                .deposit(
-                    &row.issuer,
-                    &row.customer,
-                    &row.deposit_id,
-                    amount,
-                    at,
-                    &payload,
-                )
-                .await?
-            {
+            if deposit_in_ledger(ledger, &row).await? {
                 report.deposits += 1;
             }
         }
@@ -1091,10 +1077,20 @@ pub async fn record_deposit(
         store.insert_wallet_deposit(row).await?;
         return Ok(true);
     };
+    let new = deposit_in_ledger(ledger, row).await?;
+    relay_outbox(ledger, store).await?;
+    Ok(new)
+}
+
+/// Records a deposit row in the ledger with the row as its ClickHouse copy.
+async fn deposit_in_ledger(
+    ledger: &idlemeter_ledger::Ledger,
+    row: &idlemeter_store::WalletDepositRow,
+) -> Result<bool> {
     let amount = idlemeter_store::from_column(row.amount)?;
     let at = DateTime::from_timestamp(i64::from(row.deposited_at), 0).unwrap_or_default();
     let payload = serde_json::to_value(row).map_err(|error| Error::Write(error.to_string()))?;
-    let new = ledger
+    Ok(ledger
         .deposit(
             &row.issuer,
             &row.customer,
@@ -1103,9 +1099,7 @@ pub async fn record_deposit(
             at,
             &payload,
         )
-        .await?;
-    relay_outbox(ledger, store).await?;
-    Ok(new)
+        .await?)
 }
 
 /// Outbox items relayed to ClickHouse per round.
