@@ -417,7 +417,7 @@ def run_checks(query) -> int:
     query("INSERT INTO invoice_lines VALUES ('i', 1, 1, 'acme', 'usage', 'vcpu', '1', 'h', '1', '5', 0, '', 2)")
     query(
         "INSERT INTO invoices VALUES ('i', 1, 'acme', 0, 2678400, 'USD', '', 's', 'c', "
-        "'5', '0', '0', '0', '0', '0', '0', '5', '-1', 1, '0', 1)"
+        "'5', '0', '0', '0', '0', '0', '0', '5', '-1', 1, '0', 1, '0', '0')"
     )
     last = query("SELECT max(number) FROM invoices WHERE issuer = 'i'").strip()
     lines = query(
@@ -435,6 +435,24 @@ def run_checks(query) -> int:
     ).strip()
     if wallet not in ('"acme",100', '"acme",100.000000000000'):
         print(f"FAIL wallet deposits: {wallet}")
+        return 1
+    # Credit notes settled to the next invoice, issued before the instant,
+    # summed per customer (Store::credit_note_balances); a wallet note and a
+    # later one are not.
+    query(
+        "INSERT INTO credit_notes VALUES ('i', 1, 'acme', 1, 0, 'USD', '25', '5', '30', "
+        "'next_invoice', 'outage', 1, 10), ('i', 2, 'acme', 1, 0, 'USD', '1', '0', '1', "
+        "'wallet', 'w', 1, 10), ('i', 3, 'acme', 1, 0, 'USD', '2', '0', '2', "
+        "'next_invoice', 'late', 1, 99999)"
+    )
+    query("INSERT INTO credit_note_lines VALUES ('i', 1, 1, 'acme', 1, 1, 'vcpu', '25')")
+    balance = query(
+        "SELECT customer, sum(total) FROM credit_notes FINAL WHERE issuer = 'i' AND customer >= 'a' "
+        "AND customer <= 'z' AND settlement = 'next_invoice' AND issued_at < toDateTime(1000) "
+        "GROUP BY customer ORDER BY customer"
+    ).strip()
+    if balance not in ('"acme",30', '"acme",30.000000000000'):
+        print(f"FAIL credit note balances: {balance}")
         return 1
     print("ok  invoice tables")
     final = query("SELECT count() FROM usage_samples FINAL").strip()

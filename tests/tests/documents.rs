@@ -73,6 +73,8 @@ fn invoice_of(lines: u16, step: i64) -> Invoice {
         tax_rate: Decimal::new(2, 1),
         tax,
         wallet_applied: wallet,
+        balance_applied: Decimal::new(0, 2),
+        balance_carried: Decimal::new(0, 2),
         total,
         one_time_credit_left: Decimal::NEGATIVE_ONE,
     }

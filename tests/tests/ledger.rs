@@ -15,6 +15,8 @@ fn record(customer: &str) -> InvoiceRecord {
         currency: "USD".to_owned(),
         total: Decimal::new(1234, 2),
         wallet_applied: Decimal::ZERO,
+        balance_applied: Decimal::ZERO,
+        balance_carried: Decimal::ZERO,
         document: serde_json::json!({ "customer": customer }),
     }
 }
@@ -68,6 +70,28 @@ async fn issued_invoices_are_numbered_once_immutable_and_queued() -> anyhow::Res
         overdrawn.refused[0].1.contains("wallet holding 0"),
         "{:?}",
         overdrawn.refused
+    );
+    assert_eq!(ledger.next_number("acme", Series::Invoice).await?, 1);
+    // Nor may an invoice take a credit balance the customer does not have.
+    let no_balance = ledger
+        .issue(
+            "acme",
+            start,
+            &mut drafts,
+            |d| d.as_str(),
+            |draft, _| {
+                Ok(InvoiceRecord {
+                    balance_applied: Decimal::new(100, 2),
+                    ..record(draft)
+                })
+            },
+        )
+        .await?;
+    assert_eq!(no_balance.refused.len(), 2);
+    assert!(
+        no_balance.refused[0].1.contains("credit balance holding 0"),
+        "{:?}",
+        no_balance.refused
     );
     assert_eq!(ledger.next_number("acme", Series::Invoice).await?, 1);
     // With a deposit of 1.50, a-cust's 1.00 draw passes.

@@ -19,10 +19,16 @@
 //!    more than is payable (`credits`, zero or negative);
 //! 3. tax at the account's rate on what is payable after credits (`tax`);
 //!    `spend` is what the period costs: everything so far;
-//! 4. the prepaid wallet pays the spend, up to its balance, in whole minor
-//!    units (`wallet_applied`); `total` is what is left due.
+//! 4. the customer's credit balance (credit notes settled to the next
+//!    invoice, negative totals carried forward) pays the spend, up to its
+//!    balance (`balance_applied`); a negative spend is not issued as a
+//!    negative total: it is carried to the balance (`balance_carried`) and
+//!    the total is zero;
+//! 5. the prepaid wallet pays what is left, up to its balance, in whole
+//!    minor units (`wallet_applied`); `total` is what is left due.
 //!
-//! `total` is the sum of every line; `spend = total + wallet_applied`.
+//! `total` is the sum of every line, never negative, and
+//! `spend = total + wallet_applied + balance_applied - balance_carried`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -66,6 +72,10 @@ pub enum LineKind {
     /// while active: in seconds, not billed (amount zero). One per such
     /// resource and price version, after its usage lines.
     Idle,
+    /// The customer's credit balance: `balance.applied` pays part of the
+    /// spend (a negative amount); `balance.carried` moves a negative spend
+    /// to the balance (a positive amount, the total being zero).
+    Balance,
 }
 
 impl LineKind {
@@ -80,6 +90,7 @@ impl LineKind {
             LineKind::Tax => "tax",
             LineKind::Wallet => "wallet",
             LineKind::Idle => "idle",
+            LineKind::Balance => "balance",
         }
     }
 }
@@ -137,11 +148,16 @@ pub struct CustomerBill {
     /// What the period costs: `subtotal + fees + adjustments + credits +
     /// tax`. Spend alerts and budget caps compare this.
     pub spend: Decimal,
+    /// Credit balance available before this bill, what it paid, and the
+    /// negative spend this bill carried to it (each zero or positive).
+    pub credit_balance: Decimal,
+    pub balance_applied: Decimal,
+    pub balance_carried: Decimal,
     /// Prepaid balance available before this bill, and what it paid.
     pub wallet_balance: Decimal,
     pub wallet_applied: Decimal,
-    /// The sum of every line: `spend - wallet_applied`, what is due. Never
-    /// negative unless a negative adjustment exceeds every charge.
+    /// The sum of every line: `spend - balance_applied + balance_carried -
+    /// wallet_applied`, what is due. Never negative.
     pub total: Decimal,
     /// One-time credit left after this bill; `None` when the plan has none.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,6 +201,10 @@ pub struct Account {
     /// Prepaid money available: deposits so far less what earlier invoices
     /// drew. Paid out in whole minor units, never below zero.
     pub wallet_balance: Decimal,
+    /// Credit owed to the customer: credit notes settled to the next
+    /// invoice and negative totals carried forward, less what earlier
+    /// invoices applied. Applied before the wallet, in whole minor units.
+    pub credit_balance: Decimal,
 }
 
 /// Accounts by customer, for billing many customers at once; a customer not
@@ -262,21 +282,54 @@ pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Res
         .map_or(Decimal::new(0, pricer.digits()), |line| line.amount);
     let spend = pricer.add(after_credits, tax)?;
     lines.extend(tax_line);
+    let zero = Decimal::new(0, pricer.digits());
+    let credit_balance = pricer.wallet_available(account.credit_balance);
+    // Zeros at the currency's scale (never `-0`), so amounts print alike.
+    let or_zero = |amount: Decimal| if amount.is_zero() { zero } else { amount };
+    let (balance_applied, balance_carried) = if spend.is_sign_negative() && !spend.is_zero() {
+        (zero, -spend)
+    } else {
+        (or_zero(credit_balance.min(spend)), zero)
+    };
+    if !balance_applied.is_zero() {
+        lines.push(InvoiceLine {
+            credit_available: Some(credit_balance),
+            ..one_off(
+                LineKind::Balance,
+                BALANCE_APPLIED.to_owned(),
+                "credit",
+                -balance_applied,
+            )
+        });
+    }
+    if !balance_carried.is_zero() {
+        lines.push(one_off(
+            LineKind::Balance,
+            BALANCE_CARRIED.to_owned(),
+            "credit",
+            balance_carried,
+        ));
+    }
+    let mut due = spend;
+    if !balance_applied.is_zero() || !balance_carried.is_zero() {
+        due = pricer.add(pricer.add(spend, -balance_applied)?, balance_carried)?;
+    }
     let wallet_balance = pricer.wallet_available(account.wallet_balance);
-    let wallet_applied = wallet_balance.min(spend.max(Decimal::ZERO));
+    let wallet_applied = or_zero(wallet_balance.min(due));
+    let mut total = due;
     if !wallet_applied.is_zero() {
         lines.push(pricer.wallet_line(wallet_applied, wallet_balance));
+        total = pricer.add(due, -wallet_applied)?;
     }
-    let total = if wallet_applied.is_zero() {
-        spend
-    } else {
-        pricer.add(spend, -wallet_applied)?
-    };
     pricer.check_sum("total", pricer.sum(&lines)?, total)?;
-    debug_assert!(
-        !total.is_sign_negative() || total.is_zero() || adjustments.is_sign_negative(),
-        "credits never exceed the payable amount"
-    );
+    if total.is_sign_negative() && !total.is_zero() {
+        return Err(Error::SumMismatch {
+            customer: usage.customer.to_string(),
+            total_name: "total (never negative)",
+            lines: total.to_string(),
+            stated: zero.to_string(),
+        });
+    }
     Ok(CustomerBill {
         customer: usage.customer.clone(),
         plan: plan.map(|plan| plan.name.clone()),
@@ -289,6 +342,9 @@ pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Res
         tax_rate: account.tax_rate,
         tax,
         spend,
+        credit_balance,
+        balance_applied,
+        balance_carried,
         wallet_balance,
         wallet_applied,
         total,
@@ -347,6 +403,10 @@ pub fn adjustment_for(
 }
 
 const MONTHLY_CREDIT: &str = "credit.monthly";
+/// The line of what the credit balance paid.
+pub const BALANCE_APPLIED: &str = "balance.applied";
+/// The line that carries a negative spend to the credit balance.
+pub const BALANCE_CARRIED: &str = "balance.carried";
 const ONE_TIME_CREDIT: &str = "credit.one_time";
 
 struct LinePricer<'a> {

@@ -17,6 +17,7 @@
 
 pub mod compact;
 pub mod counters;
+pub mod credit_note;
 pub mod error;
 pub mod events;
 pub mod ids;

@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use idlemeter_core::credit_note::{CreditRequest, CreditableLine, CreditedInvoice, Settlement};
 use idlemeter_core::events::Meters;
 use idlemeter_core::metering::PricedMeters;
 use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
@@ -45,7 +46,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 pub use idlemeter_store::document::{to_csv, to_html, to_json};
-pub use idlemeter_store::{Invoice, Line};
+pub use idlemeter_store::{CreditNote, CreditNoteLine, Invoice, Line};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -84,6 +85,9 @@ pub enum Error {
     /// The sheet prices a meter the meters file does not define.
     #[error("{0}")]
     Meters(String),
+    /// A credit note refused, and why.
+    #[error("{0}")]
+    Credit(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -334,6 +338,160 @@ impl Invoicer {
         record_deposit(self.ledger.as_ref(), &self.store, row).await
     }
 
+    /// Issues a credit note on invoice `number` (see
+    /// [`idlemeter_core::credit_note`] for what may be credited), numbered
+    /// in the credit-note series, settled to the customer's credit balance
+    /// or wallet, then copied to ClickHouse. Needs the ledger.
+    pub async fn credit_note(
+        &self,
+        number: u64,
+        request: &CreditRequest,
+        settlement: Settlement,
+        reason: &str,
+    ) -> Result<CreditNote> {
+        let Some(ledger) = &self.ledger else {
+            return Err(Error::Ledger(idlemeter_ledger::Error::Settings(
+                "credit notes are issued in the ledger: set [ledger] url".to_owned(),
+            )));
+        };
+        if reason.trim().is_empty() {
+            return Err(Error::Credit(
+                "a credit note needs a reason (it is printed on the note)".to_owned(),
+            ));
+        }
+        let issuer = self.terms.issuer.clone();
+        let (_, record) = ledger
+            .credit(&issuer, number, |credited, note_number| {
+                let note = self
+                    .draft_credit_note(credited, request, settlement, reason)
+                    .map_err(|error| format!("credit note on invoice {number}: {error}"))?;
+                let note = CreditNote {
+                    number: note_number,
+                    ..note
+                };
+                let (header, lines) = note.to_rows().map_err(|error| error.to_string())?;
+                let deposit_copy = (settlement == Settlement::Wallet)
+                    .then(|| {
+                        serde_json::to_value(idlemeter_store::WalletDepositRow {
+                            issuer: issuer.clone(),
+                            customer: note.customer.clone(),
+                            deposit_id: format!("credit_note:{note_number}"),
+                            amount: header.total,
+                            deposited_at: header.issued_at,
+                        })
+                    })
+                    .transpose()
+                    .map_err(|error| error.to_string())?;
+                Ok(idlemeter_ledger::CreditNoteRecord {
+                    customer: note.customer.clone(),
+                    invoice_number: number,
+                    currency: note.currency.clone(),
+                    net: note.net,
+                    tax: note.tax,
+                    total: note.total,
+                    settlement: settlement.as_str().to_owned(),
+                    reason: reason.to_owned(),
+                    document: serde_json::to_value(CreditNoteRows { header, lines })
+                        .map_err(|error| error.to_string())?,
+                    deposit_copy,
+                })
+            })
+            .await?;
+        self.relay_outbox().await?;
+        let rows: CreditNoteRows = serde_json::from_value(record.document)
+            .map_err(|error| Error::Write(format!("the credit note's document: {error}")))?;
+        Ok(CreditNote::from_rows(&rows.header, &rows.lines)?)
+    }
+
+    /// A credit note's figures from the invoice and its earlier notes, not
+    /// yet numbered.
+    fn draft_credit_note(
+        &self,
+        credited: &idlemeter_ledger::Credited,
+        request: &CreditRequest,
+        settlement: Settlement,
+        reason: &str,
+    ) -> Result<CreditNote> {
+        let rows: IssuedRows = serde_json::from_value(credited.invoice_document.clone())
+            .map_err(|error| Error::Write(format!("the invoice's document: {error}")))?;
+        let invoice = Invoice::from_rows(&rows.header, &rows.lines)?;
+        let mut credited_lines: BTreeMap<u16, Decimal> = BTreeMap::new();
+        let (mut credited_net, mut credited_tax) = (Decimal::ZERO, Decimal::ZERO);
+        for document in &credited.earlier_notes {
+            let earlier: CreditNoteRows = serde_json::from_value(document.clone())
+                .map_err(|error| Error::Write(format!("an earlier credit note: {error}")))?;
+            let earlier = CreditNote::from_rows(&earlier.header, &earlier.lines)?;
+            for line in &earlier.lines {
+                *credited_lines.entry(line.invoice_line_no).or_default() += line.amount;
+            }
+            credited_net += earlier.net;
+            credited_tax += earlier.tax;
+        }
+        let currency = if invoice.currency == self.sheet.currency.code() {
+            self.sheet.currency
+        } else {
+            idlemeter_core::Currency::parse(&invoice.currency, None).map_err(Error::Credit)?
+        };
+        let lines: Vec<CreditableLine> = invoice
+            .lines
+            .iter()
+            .map(|line| CreditableLine {
+                line_no: line.line_no,
+                kind: line.kind.clone(),
+                resource: line.resource.clone(),
+                amount: line.amount,
+            })
+            .collect();
+        let draft = idlemeter_core::credit_note::credit_note(
+            &CreditedInvoice {
+                lines: &lines,
+                payable: invoice.subtotal + invoice.fees + invoice.adjustments + invoice.credits,
+                tax_rate: invoice.tax_rate,
+                tax: invoice.tax,
+                credited_lines: &credited_lines,
+                credited_net,
+                credited_tax,
+                minor_digits: currency.minor_digits(),
+                rounding: self.sheet.line_rounding,
+            },
+            request,
+        )
+        .map_err(|error| Error::Credit(error.to_string()))?;
+        let note = CreditNote {
+            issuer: invoice.issuer.clone(),
+            number: 0,
+            customer: invoice.customer.clone(),
+            invoice_number: invoice.number,
+            period_start: invoice.period_start,
+            currency: invoice.currency.clone(),
+            settlement: settlement.as_str().to_owned(),
+            reason: reason.to_owned(),
+            lines: draft
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(index, line)| CreditNoteLine {
+                    line_no: index as u16 + 1,
+                    invoice_line_no: line.invoice_line_no,
+                    resource: line.resource.clone(),
+                    amount: line.amount,
+                })
+                .collect(),
+            net: draft.net,
+            tax: draft.tax,
+            total: draft.total,
+            issued_at: Utc::now(),
+        };
+        let summed: Decimal = note.lines.iter().map(|line| line.amount).sum();
+        if summed != note.net || note.net + note.tax != note.total {
+            return Err(Error::Credit(format!(
+                "credit note lines sum to {summed}, net {} + tax {} stated as {}: refused",
+                note.net, note.tax, note.total
+            )));
+        }
+        Ok(note)
+    }
+
     /// Copies the invoices of this issuer that ClickHouse holds into the
     /// ledger, under their own numbers (the move to PostgreSQL); the
     /// series then continues after the highest. `progress(done, total)`
@@ -376,6 +534,8 @@ impl Invoicer {
                 currency: invoice.currency.clone(),
                 total: invoice.total,
                 wallet_applied: invoice.wallet_applied,
+                balance_applied: invoice.balance_applied,
+                balance_carried: invoice.balance_carried,
                 document,
             };
             match ledger
@@ -422,6 +582,8 @@ impl Invoicer {
                         currency: invoice.currency.clone(),
                         total: invoice.total,
                         wallet_applied: invoice.wallet_applied,
+                        balance_applied: invoice.balance_applied,
+                        balance_carried: invoice.balance_carried,
                         document,
                     })
                 },
@@ -1025,7 +1187,7 @@ pub struct LedgerImport {
 }
 
 /// Copies what the ledger's outbox holds for ClickHouse (issued invoices,
-/// wallet deposits) into it, then marks it delivered; returns how many. A
+/// wallet deposits, credit notes) into it, then marks it delivered; returns how many. A
 /// copy repeated after a crash collapses in ClickHouse (same rows, same
 /// version).
 pub async fn relay_outbox(ledger: &idlemeter_ledger::Ledger, store: &Store) -> Result<usize> {
@@ -1040,8 +1202,18 @@ pub async fn relay_outbox(ledger: &idlemeter_ledger::Ledger, store: &Store) -> R
         let deposits = ledger
             .pending(idlemeter_ledger::WALLET_DEPOSITS_TOPIC, RELAY_BATCH)
             .await?;
-        if items.is_empty() && deposits.is_empty() {
+        let notes = ledger
+            .pending(idlemeter_ledger::CREDIT_NOTES_TOPIC, RELAY_BATCH)
+            .await?;
+        if items.is_empty() && deposits.is_empty() && notes.is_empty() {
             return Ok(relayed);
+        }
+        let mut note_rows = (Vec::new(), Vec::new());
+        for item in &notes {
+            let document: CreditNoteRows =
+                serde_json::from_value(item.payload.clone()).map_err(|error| bad(item, error))?;
+            note_rows.0.push(document.header);
+            note_rows.1.extend(document.lines);
         }
         let mut rows: ChunkRows = (Vec::new(), Vec::new());
         for item in &items {
@@ -1060,7 +1232,15 @@ pub async fn relay_outbox(ledger: &idlemeter_ledger::Ledger, store: &Store) -> R
             store.insert_wallet_deposits(&deposit_rows).await?;
         }
         write_rows(store, rows).await?;
-        let ids: Vec<i64> = items.iter().chain(&deposits).map(|item| item.id).collect();
+        store
+            .insert_credit_notes(&note_rows.0, &note_rows.1)
+            .await?;
+        let ids: Vec<i64> = items
+            .iter()
+            .chain(&deposits)
+            .chain(&notes)
+            .map(|item| item.id)
+            .collect();
         ledger.delivered(&ids).await?;
         relayed += ids.len();
     }
@@ -1111,6 +1291,14 @@ const RELAY_BATCH: i64 = 500;
 struct IssuedRows {
     header: idlemeter_store::InvoiceRow,
     lines: Vec<idlemeter_store::InvoiceLineRow>,
+}
+
+/// An issued credit note as its rows (the ledger's document and outbox
+/// payload).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CreditNoteRows {
+    header: idlemeter_store::CreditNoteRow,
+    lines: Vec<idlemeter_store::CreditNoteLineRow>,
 }
 
 /// A chunk's invoices as rows: (headers, lines).

@@ -100,6 +100,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_wallets",
         include_str!("../migrations/0003_wallets.sql"),
     ),
+    (
+        "0004_credit_notes",
+        include_str!("../migrations/0004_credit_notes.sql"),
+    ),
 ];
 
 /// A series of document numbers.
@@ -129,6 +133,10 @@ pub struct InvoiceRecord {
     pub total: Decimal,
     /// What it draws from the customer's prepaid wallet (zero or more).
     pub wallet_applied: Decimal,
+    /// What it takes from the customer's credit balance, and the negative
+    /// spend it carries to it (each zero or more).
+    pub balance_applied: Decimal,
+    pub balance_carried: Decimal,
     /// The whole document, as the caller reads it back: kept here and
     /// carried by the outbox to ClickHouse.
     pub document: serde_json::Value,
@@ -172,6 +180,9 @@ pub const INVOICES_TOPIC: &str = "invoices";
 /// The outbox topic of wallet deposits (their copy for ClickHouse).
 pub const WALLET_DEPOSITS_TOPIC: &str = "wallet_deposits";
 
+/// The outbox topic of issued credit notes (their copy for ClickHouse).
+pub const CREDIT_NOTES_TOPIC: &str = "credit_notes";
+
 /// The outbox topic of billing events for the platform (webhooks, Kafka).
 pub const BILLING_EVENTS_TOPIC: &str = "billing_events";
 
@@ -209,6 +220,64 @@ impl BillingEvent {
             }),
         }
     }
+}
+
+impl BillingEvent {
+    /// `credit_note.issued` of one credit note.
+    pub fn credit_note_issued(
+        issuer: &str,
+        number: u64,
+        record: &CreditNoteRecord,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id: format!("credit_note.issued:{issuer}:{number}"),
+            event_type: "credit_note.issued".to_owned(),
+            created_at: at,
+            data: serde_json::json!({
+                "issuer": issuer,
+                "number": number,
+                "customer": record.customer,
+                "invoice_number": record.invoice_number,
+                "currency": record.currency,
+                "net": record.net.to_string(),
+                "tax": record.tax.to_string(),
+                "total": record.total.to_string(),
+                "settlement": record.settlement,
+                "reason": record.reason,
+            }),
+        }
+    }
+}
+
+/// A credit note as the ledger keeps it, made by the caller once its
+/// number is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreditNoteRecord {
+    pub customer: String,
+    pub invoice_number: u64,
+    pub currency: String,
+    pub net: Decimal,
+    pub tax: Decimal,
+    pub total: Decimal,
+    /// `next_invoice` or `wallet`.
+    pub settlement: String,
+    pub reason: String,
+    /// The whole note as the caller reads it back, carried by the outbox to
+    /// ClickHouse.
+    pub document: serde_json::Value,
+    /// For a note settled to the wallet: the deposit's copy for ClickHouse
+    /// (the deposit `credit_note:N` itself is written here).
+    pub deposit_copy: Option<serde_json::Value>,
+}
+
+/// An issued invoice and the credit notes already issued on it, as a
+/// credit note's maker reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Credited {
+    pub customer: String,
+    pub invoice_document: serde_json::Value,
+    pub earlier_notes: Vec<serde_json::Value>,
 }
 
 /// A connection pool to the ledger's database and schema.
@@ -385,6 +454,12 @@ impl Ledger {
                     continue;
                 }
             }
+            if made.balance_applied > Decimal::ZERO {
+                if let Err(reason) = check_balance(&tx, issuer, &made).await? {
+                    issued.refused.push((index, reason));
+                    continue;
+                }
+            }
             let number_sql = i64::try_from(number)
                 .map_err(|_| Error::Refused(format!("invoice number {number} overflows")))?;
             insert_invoice(&tx, issuer, number_sql, now, &made).await?;
@@ -495,6 +570,134 @@ impl Ledger {
         }
         tx.commit().await.context("committing the deposit")?;
         Ok(inserted == 1)
+    }
+
+    /// Issues a credit note on invoice `invoice_number` of `issuer`, in one
+    /// transaction: the invoice's notes are locked (a concurrent note on it
+    /// waits), `make` computes the note from the invoice and its earlier
+    /// notes with the next credit-note number, and the note, its copy for
+    /// ClickHouse, its wallet deposit (settled to the wallet) and its
+    /// `credit_note.issued` event are written. `make`'s refusal writes
+    /// nothing and uses no number.
+    pub async fn credit(
+        &self,
+        issuer: &str,
+        invoice_number: u64,
+        make: impl FnOnce(&Credited, u64) -> std::result::Result<CreditNoteRecord, String>,
+    ) -> Result<(u64, CreditNoteRecord)> {
+        let invoice_sql = i64::try_from(invoice_number)
+            .map_err(|_| Error::Refused(format!("invoice number {invoice_number} overflows")))?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.context("begin")?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('credit:' || $1 || ':' || ($2::bigint)::text))",
+            &[&issuer, &invoice_sql],
+        )
+        .await
+        .context("locking the invoice's credit notes")?;
+        let invoice = tx
+            .query_opt(
+                "SELECT customer, document FROM invoices WHERE issuer = $1 AND number = $2",
+                &[&issuer, &invoice_sql],
+            )
+            .await
+            .context("reading the credited invoice")?
+            .ok_or_else(|| {
+                Error::Refused(format!(
+                    "invoice {invoice_number} of {issuer} is not in the ledger"
+                ))
+            })?;
+        let earlier_notes = tx
+            .query(
+                "SELECT document FROM credit_notes WHERE issuer = $1 AND invoice_number = $2 \
+                 ORDER BY number",
+                &[&issuer, &invoice_sql],
+            )
+            .await
+            .context("reading earlier credit notes")?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let credited = Credited {
+            customer: invoice.get(0),
+            invoice_document: invoice.get(1),
+            earlier_notes,
+        };
+        let number = claim_series(&tx, issuer, Series::CreditNote).await?;
+        let made = make(&credited, number).map_err(Error::Refused)?;
+        let number_sql = i64::try_from(number)
+            .map_err(|_| Error::Refused(format!("credit note number {number} overflows")))?;
+        let now = Utc::now();
+        tx.execute(
+            "INSERT INTO credit_notes (issuer, number, customer, invoice_number, currency, \
+             net, tax, total, settlement, reason, issued_at, document) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            &[
+                &issuer,
+                &number_sql,
+                &credited.customer,
+                &invoice_sql,
+                &made.currency,
+                &made.net,
+                &made.tax,
+                &made.total,
+                &made.settlement,
+                &made.reason,
+                &now,
+                &made.document,
+            ],
+        )
+        .await
+        .context(format!("writing credit note {number} of {issuer}"))?;
+        tx.execute(
+            "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
+            &[
+                &CREDIT_NOTES_TOPIC,
+                &format!("{issuer}/{number}"),
+                &made.document,
+            ],
+        )
+        .await
+        .context("queueing the credit note for ClickHouse")?;
+        if let Some(copy) = &made.deposit_copy {
+            let deposit_id = format!("credit_note:{number}");
+            tx.execute(
+                "INSERT INTO wallet_deposits (issuer, customer, deposit_id, amount, deposited_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&issuer, &credited.customer, &deposit_id, &made.total, &now],
+            )
+            .await
+            .context(format!("recording deposit {deposit_id}"))?;
+            tx.execute(
+                "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
+                &[
+                    &WALLET_DEPOSITS_TOPIC,
+                    &format!("{issuer}/{}/{deposit_id}", credited.customer),
+                    copy,
+                ],
+            )
+            .await
+            .context("queueing the deposit for ClickHouse")?;
+        }
+        queue_event(
+            &tx,
+            &BillingEvent::credit_note_issued(issuer, number, &made, now),
+        )
+        .await?;
+        store_series(&tx, issuer, Series::CreditNote, number + 1).await?;
+        tx.commit().await.context("committing the credit note")?;
+        Ok((number, made))
+    }
+
+    /// A customer's credit balance in the ledger: notes settled to the next
+    /// invoice and negative totals carried, less what invoices applied.
+    pub async fn credit_balance(&self, issuer: &str, customer: &str) -> Result<Decimal> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(CREDIT_BALANCE_SQL, &[&issuer, &customer])
+            .await
+            .context("reading a credit balance")?;
+        Ok(row.get(0))
     }
 
     /// A customer's wallet balance in the ledger: deposits less what
@@ -624,8 +827,8 @@ async fn insert_invoice(
 ) -> Result<()> {
     tx.execute(
         "INSERT INTO invoices (issuer, number, customer, period_start, period_end, \
-         currency, total, wallet_applied, issued_at, document) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         currency, total, wallet_applied, issued_at, document, balance_applied, balance_carried) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         &[
             &issuer,
             &number,
@@ -637,6 +840,8 @@ async fn insert_invoice(
             &record.wallet_applied,
             &issued_at,
             &record.document,
+            &record.balance_applied,
+            &record.balance_carried,
         ],
     )
     .await
@@ -673,6 +878,42 @@ async fn check_wallet(
         return Ok(Err(format!(
             "the invoice of {} draws {} from a wallet holding {balance}: refused; the next run bills with the wallet as it is then",
             record.customer, record.wallet_applied
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// A credit balance: notes settled to the next invoice, plus negative
+/// totals carried, less what invoices applied.
+const CREDIT_BALANCE_SQL: &str = "SELECT \
+     (SELECT COALESCE(sum(total), 0) FROM credit_notes \
+      WHERE issuer = $1 AND customer = $2 AND settlement = 'next_invoice') \
+     + (SELECT COALESCE(sum(balance_carried - balance_applied), 0) FROM invoices \
+        WHERE issuer = $1 AND customer = $2)";
+
+/// Refuses (the inner error, saying why) an invoice taking more from the
+/// customer's credit balance than it holds now, under a lock on the
+/// balance (as [`check_wallet`] does for the wallet).
+async fn check_balance(
+    tx: &deadpool_postgres::Transaction<'_>,
+    issuer: &str,
+    record: &InvoiceRecord,
+) -> Result<std::result::Result<(), String>> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('balance:' || $1 || ':' || $2))",
+        &[&issuer, &record.customer],
+    )
+    .await
+    .context("locking the credit balance")?;
+    let row = tx
+        .query_one(CREDIT_BALANCE_SQL, &[&issuer, &record.customer])
+        .await
+        .context("reading the credit balance")?;
+    let balance: Decimal = row.get(0);
+    if record.balance_applied > balance {
+        return Ok(Err(format!(
+            "the invoice of {} takes {} from a credit balance holding {balance}: refused; the next run bills with the balance as it is then",
+            record.customer, record.balance_applied
         )));
     }
     Ok(Ok(()))

@@ -7,6 +7,9 @@
 //! - the one-time credit left after the customer's latest invoice before `P`;
 //! - the prepaid wallet: deposits made before `at`, less what invoices before
 //!   `P` drew from it;
+//! - the credit balance: credit notes settled to the next invoice issued
+//!   before `at`, plus what invoices before `P` carried to it, less what
+//!   they applied of it;
 //! - the tax rate of `[billing] tax_rates`;
 //! - an adjustment for each of the latest `adjust_lookback_periods` invoiced
 //!   periods rated under the same sheet and policy, whose rated quantities
@@ -133,12 +136,14 @@ impl AccountReader<'_> {
         let issuer = self.terms.issuer.as_str();
         let period = unix(period_start);
         let mut out = Accounts::default();
-        let (invoices, deposits) = futures::future::join(
+        let (invoices, deposits, credit_notes) = futures::future::join3(
             self.store.invoices_between(issuer, first, last),
             self.store.wallet_deposits(issuer, first, last, unix(at)),
+            self.store
+                .credit_note_balances(issuer, first, last, unix(at)),
         )
         .await;
-        let (invoices, deposits) = (invoices?, deposits?);
+        let (invoices, deposits, credit_notes) = (invoices?, deposits?, credit_notes?);
         let mut earlier: HashMap<&str, Vec<&InvoiceRow>> = HashMap::new();
         for row in &invoices {
             match row.period_start.cmp(&period) {
@@ -154,6 +159,7 @@ impl AccountReader<'_> {
             }
         }
         let deposits: HashMap<String, i128> = deposits.into_iter().collect();
+        let credit_notes: HashMap<String, i128> = credit_notes.into_iter().collect();
         // Which earlier periods each customer may be adjusted for.
         let mut lookback: BTreeMap<u32, Vec<&InvoiceRow>> = BTreeMap::new();
         for rows in earlier.values_mut() {
@@ -219,6 +225,7 @@ impl AccountReader<'_> {
         }
         let mut customers: BTreeSet<&str> = earlier.keys().copied().collect();
         customers.extend(deposits.keys().map(String::as_str));
+        customers.extend(credit_notes.keys().map(String::as_str));
         let mut with_tax: Vec<&CustomerId> = self
             .tax_rates
             .keys()
@@ -239,8 +246,15 @@ impl AccountReader<'_> {
                 .map(|amount| from_column(*amount))
                 .transpose()?
                 .unwrap_or_default();
+            let mut credit_balance = credit_notes
+                .get(customer)
+                .map(|amount| from_column(*amount))
+                .transpose()?
+                .unwrap_or_default();
             for row in rows {
                 wallet_balance -= from_column(row.wallet_applied)?;
+                credit_balance +=
+                    from_column(row.balance_carried)? - from_column(row.balance_applied)?;
             }
             let mut account_adjustments = adjustments.remove(customer).unwrap_or_default();
             account_adjustments.sort_by_key(|adjustment| adjustment.period_start);
@@ -254,6 +268,7 @@ impl AccountReader<'_> {
                     adjustments: account_adjustments,
                     tax_rate: self.tax_rates.get(&id).copied().unwrap_or_default(),
                     wallet_balance,
+                    credit_balance,
                 },
             );
         }

@@ -1,13 +1,15 @@
 //! An invoice as a document: built from a bill or read back from its rows,
-//! and rendered as JSON, CSV and HTML (no PDF: no pure-Rust renderer good
-//! enough for invoices; print the HTML).
+//! and rendered as JSON, CSV and HTML (PDF: [`crate::pdf`]). A credit note
+//! as a document: [`CreditNote`].
 
 use chrono::{DateTime, Utc};
 use idlemeter_core::{CustomerBill, LineKind};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::{from_column, to_column, InvoiceLineRow, InvoiceRow, Result};
+use crate::{
+    from_column, to_column, CreditNoteLineRow, CreditNoteRow, InvoiceLineRow, InvoiceRow, Result,
+};
 
 /// What an invoice adds to its bill: its period and the sheet that priced it.
 #[derive(Debug, Clone)]
@@ -65,6 +67,10 @@ pub struct Invoice {
     /// Paid from the customer's prepaid wallet (a positive amount; the wallet
     /// line carries it negated).
     pub wallet_applied: Decimal,
+    /// Paid by the customer's credit balance, and a negative spend carried
+    /// to it (both zero or positive; their lines carry them signed).
+    pub balance_applied: Decimal,
+    pub balance_carried: Decimal,
     /// The sum of every line, tax included and wallet payment deducted: what
     /// is due.
     pub total: Decimal,
@@ -124,6 +130,8 @@ impl Invoice {
             tax_rate: bill.tax_rate,
             tax: bill.tax,
             wallet_applied: bill.wallet_applied,
+            balance_applied: bill.balance_applied,
+            balance_carried: bill.balance_carried,
             total: bill.total,
             one_time_credit_left: bill.one_time_credit_left.unwrap_or(Decimal::NEGATIVE_ONE),
         }
@@ -164,6 +172,8 @@ impl Invoice {
             line_count: u16::try_from(self.lines.len()).unwrap_or(u16::MAX),
             wallet_applied: column(self.wallet_applied)?,
             issued_at,
+            balance_applied: column(self.balance_applied)?,
+            balance_carried: column(self.balance_carried)?,
         };
         let lines = self
             .lines
@@ -227,6 +237,8 @@ impl Invoice {
             tax_rate: money(header.tax_rate)?,
             tax: money(header.tax)?,
             wallet_applied: money(header.wallet_applied)?,
+            balance_applied: money(header.balance_applied)?,
+            balance_carried: money(header.balance_carried)?,
             total: money(header.total)?,
             one_time_credit_left: money(header.one_time_credit_left)?,
         })
@@ -254,6 +266,8 @@ impl Invoice {
             &mut copy.tax_rate,
             &mut copy.tax,
             &mut copy.wallet_applied,
+            &mut copy.balance_applied,
+            &mut copy.balance_carried,
             &mut copy.total,
             &mut copy.one_time_credit_left,
         ] {
@@ -346,4 +360,103 @@ pub fn to_html(invoice: &Invoice) -> String {
         sheet = html_escape(&invoice.sheet),
         checksum = &invoice.sheet_checksum[..invoice.sheet_checksum.len().min(12)],
     )
+}
+
+/// A credit note: what it credits of an issued invoice, and where its total
+/// goes. Money serializes as decimal strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CreditNote {
+    pub issuer: String,
+    pub number: u64,
+    pub customer: String,
+    /// The credited invoice, and its period.
+    pub invoice_number: u64,
+    pub period_start: DateTime<Utc>,
+    pub currency: String,
+    /// `next_invoice` (the customer's credit balance) or `wallet`.
+    pub settlement: String,
+    pub reason: String,
+    pub lines: Vec<CreditNoteLine>,
+    /// Sum of the lines; `total = net + tax`.
+    pub net: Decimal,
+    pub tax: Decimal,
+    pub total: Decimal,
+    pub issued_at: DateTime<Utc>,
+}
+
+/// One line of a credit note: a positive amount credited of an invoice line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CreditNoteLine {
+    pub line_no: u16,
+    pub invoice_line_no: u16,
+    pub resource: String,
+    pub amount: Decimal,
+}
+
+impl CreditNote {
+    /// The note's stored rows: its header and its lines.
+    pub fn to_rows(&self) -> Result<(CreditNoteRow, Vec<CreditNoteLineRow>)> {
+        let header = CreditNoteRow {
+            issuer: self.issuer.clone(),
+            number: self.number,
+            customer: self.customer.clone(),
+            invoice_number: self.invoice_number,
+            period_start: self.period_start.timestamp() as u32,
+            currency: self.currency.clone(),
+            net: column(self.net)?,
+            tax: column(self.tax)?,
+            total: column(self.total)?,
+            settlement: self.settlement.clone(),
+            reason: self.reason.clone(),
+            line_count: u16::try_from(self.lines.len()).unwrap_or(u16::MAX),
+            issued_at: self.issued_at.timestamp() as u32,
+        };
+        let lines = self
+            .lines
+            .iter()
+            .map(|line| {
+                Ok(CreditNoteLineRow {
+                    issuer: self.issuer.clone(),
+                    number: self.number,
+                    line_no: line.line_no,
+                    customer: self.customer.clone(),
+                    invoice_number: self.invoice_number,
+                    invoice_line_no: line.invoice_line_no,
+                    resource: line.resource.clone(),
+                    amount: column(line.amount)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((header, lines))
+    }
+
+    /// A note as stored, amounts normalised.
+    pub fn from_rows(header: &CreditNoteRow, lines: &[CreditNoteLineRow]) -> Result<Self> {
+        let money = |mantissa: i128| -> Result<Decimal> { Ok(from_column(mantissa)?.normalize()) };
+        Ok(Self {
+            issuer: header.issuer.clone(),
+            number: header.number,
+            customer: header.customer.clone(),
+            invoice_number: header.invoice_number,
+            period_start: time(header.period_start),
+            currency: header.currency.clone(),
+            settlement: header.settlement.clone(),
+            reason: header.reason.clone(),
+            lines: lines
+                .iter()
+                .map(|line| {
+                    Ok(CreditNoteLine {
+                        line_no: line.line_no,
+                        invoice_line_no: line.invoice_line_no,
+                        resource: line.resource.clone(),
+                        amount: money(line.amount)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            net: money(header.net)?,
+            tax: money(header.tax)?,
+            total: money(header.total)?,
+            issued_at: time(header.issued_at),
+        })
+    }
 }

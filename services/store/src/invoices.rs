@@ -31,6 +31,47 @@ pub struct InvoiceRow {
     /// Paid from the prepaid wallet (positive mantissa).
     pub wallet_applied: i128,
     pub issued_at: u32,
+    /// Paid by the customer's credit balance (positive mantissa; migration
+    /// 0013: absent from documents issued before it).
+    #[serde(default)]
+    pub balance_applied: i128,
+    /// A negative spend carried to the credit balance (positive mantissa).
+    #[serde(default)]
+    pub balance_carried: i128,
+}
+
+/// One row of `credit_notes` (migration 0013).
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct CreditNoteRow {
+    pub issuer: String,
+    pub number: u64,
+    pub customer: String,
+    pub invoice_number: u64,
+    /// Unix seconds: the credited invoice's period.
+    pub period_start: u32,
+    pub currency: String,
+    /// `Decimal(38, 12)` mantissas.
+    pub net: i128,
+    pub tax: i128,
+    pub total: i128,
+    /// `next_invoice` or `wallet`.
+    pub settlement: String,
+    pub reason: String,
+    pub line_count: u16,
+    pub issued_at: u32,
+}
+
+/// One row of `credit_note_lines`.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct CreditNoteLineRow {
+    pub issuer: String,
+    pub number: u64,
+    pub line_no: u16,
+    pub customer: String,
+    pub invoice_number: u64,
+    pub invoice_line_no: u16,
+    pub resource: String,
+    pub amount: i128,
 }
 
 /// One row of `invoice_lines`.
@@ -110,6 +151,85 @@ impl Store {
             .fetch_all()
             .await
             .context("wallet deposits")
+    }
+
+    /// Credit notes: lines first, then the headers (a header is the note's
+    /// commit marker, as an invoice's is).
+    pub async fn insert_credit_notes(
+        &self,
+        headers: &[CreditNoteRow],
+        lines: &[CreditNoteLineRow],
+    ) -> Result<()> {
+        if headers.is_empty() {
+            return Ok(());
+        }
+        self.insert_rows("credit_note_lines", lines).await?;
+        self.insert_rows("credit_notes", headers).await
+    }
+
+    /// Credit notes of an issuer's customer, by number.
+    pub async fn credit_notes_of(
+        &self,
+        issuer: &str,
+        customer: &str,
+    ) -> Result<Vec<CreditNoteRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM credit_notes FINAL WHERE issuer = ? AND customer = ? \
+                 ORDER BY number",
+            )
+            .bind(issuer)
+            .bind(customer)
+            .fetch_all()
+            .await
+            .context(format!("credit notes of {customer}"))
+    }
+
+    /// The lines of a credit note, in order.
+    pub async fn credit_note_lines(
+        &self,
+        header: &CreditNoteRow,
+    ) -> Result<Vec<CreditNoteLineRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM credit_note_lines FINAL WHERE issuer = ? AND number = ? \
+                 AND line_no <= ? ORDER BY line_no",
+            )
+            .bind(&header.issuer)
+            .bind(header.number)
+            .bind(header.line_count)
+            .fetch_all()
+            .await
+            .context(format!(
+                "lines of credit note {}-{}",
+                header.issuer, header.number
+            ))
+    }
+
+    /// Each customer's credit notes settled to the next invoice and issued
+    /// before `before` (Unix seconds), summed (mantissas), for customers
+    /// from `first` to `last`.
+    pub async fn credit_note_balances(
+        &self,
+        issuer: &str,
+        first: &str,
+        last: &str,
+        before: u32,
+    ) -> Result<Vec<(String, i128)>> {
+        self.client
+            .query(
+                "SELECT customer, sum(total) FROM credit_notes FINAL \
+                 WHERE issuer = ? AND customer >= ? AND customer <= ? \
+                 AND settlement = 'next_invoice' AND issued_at < toDateTime(?) \
+                 GROUP BY customer ORDER BY customer",
+            )
+            .bind(issuer)
+            .bind(first)
+            .bind(last)
+            .bind(before)
+            .fetch_all()
+            .await
+            .context("credit note balances")
     }
 
     /// Adjustment lines of customers `first..=last`, as (customer, number,

@@ -30,12 +30,14 @@ pub use api::{
     SnapshotLine, SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL,
     USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
-pub use document::{BillContext, Invoice, Line};
+pub use document::{BillContext, CreditNote, CreditNoteLine, Invoice, Line};
 pub use events::{
     EventRow, MeterQuery, MeterValueRow, MeterWindowRow, MeteredRange, METER_TOTALS_SQL,
     METER_WINDOWS_SQL,
 };
-pub use invoices::{InvoiceLineRow, InvoiceRow, WalletDepositRow};
+pub use invoices::{
+    CreditNoteLineRow, CreditNoteRow, InvoiceLineRow, InvoiceRow, WalletDepositRow,
+};
 pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;
 pub use policy::{DecisionRow, PolicyStateRow};

@@ -51,6 +51,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0010_compacted.sql"),
     migration!("0011_rated_quantities.sql"),
     migration!("0012_usage_events.sql"),
+    migration!("0013_credit_notes.sql"),
 ];
 
 impl Migration {

@@ -46,6 +46,24 @@ enum InvoicesCommand {
         #[arg(long)]
         at: Option<DateTime<Utc>>,
     },
+    /// Issue a credit note on an issued invoice (needs the ledger): every
+    /// charge line still creditable, or the lines named with `--line`.
+    CreditNote {
+        /// The credited invoice's number.
+        #[arg(long)]
+        number: u64,
+        /// `N` credits what is left of line N; `N=AMOUNT` that amount of it.
+        /// Repeat for several lines; none credits the whole invoice.
+        #[arg(long = "line")]
+        lines: Vec<String>,
+        /// `next-invoice` (the customer's credit balance, applied to their
+        /// next invoice before the wallet) or `wallet` (a deposit).
+        #[arg(long, default_value = "next-invoice")]
+        settle: String,
+        /// Why: printed on the note.
+        #[arg(long)]
+        reason: String,
+    },
     /// Copy the invoices ClickHouse holds into the ledger (`[ledger] url`)
     /// under their own numbers: the move of invoicing to PostgreSQL.
     ImportToLedger,
@@ -85,6 +103,33 @@ fn print_invoice(invoice: &Invoice, format: Format, settings: &Settings) -> anyh
     };
     std::io::stdout().write_all(&bytes)?;
     Ok(())
+}
+
+/// `--line N` or `--line N=AMOUNT`, repeated; none is the whole invoice.
+fn credit_request(lines: &[String]) -> anyhow::Result<idlemeter_core::credit_note::CreditRequest> {
+    use idlemeter_core::credit_note::CreditRequest;
+    if lines.is_empty() {
+        return Ok(CreditRequest::Full);
+    }
+    let parsed = lines
+        .iter()
+        .map(|text| {
+            let (number, amount) = match text.split_once('=') {
+                Some((number, amount)) => (number, Some(amount)),
+                None => (text.as_str(), None),
+            };
+            let number: u16 = number
+                .trim()
+                .parse()
+                .with_context(|| format!("--line {text:?}: expected N or N=AMOUNT"))?;
+            let amount = amount
+                .map(|amount| amount.trim().parse::<rust_decimal::Decimal>())
+                .transpose()
+                .with_context(|| format!("--line {text:?}: the amount is not a decimal"))?;
+            Ok((number, amount))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(CreditRequest::Lines(parsed))
 }
 
 fn parse_period(text: &str) -> anyhow::Result<DateTime<Utc>> {
@@ -147,6 +192,25 @@ pub(crate) async fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
 pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> {
     // `show` and `deposit` need no price sheet.
     match args.command {
+        InvoicesCommand::CreditNote {
+            number,
+            lines,
+            settle,
+            reason,
+        } => {
+            let request = credit_request(&lines)?;
+            let settlement = idlemeter_core::credit_note::Settlement::parse(&settle)
+                .map_err(|reason| anyhow::anyhow!("--settle: {reason}"))?;
+            let note = invoicer(settings)
+                .await?
+                .credit_note(number, &request, settlement, &reason)
+                .await?;
+            eprintln!(
+                "invoices: credit note {} of {} {} on invoice {number} for {}, settled to {}",
+                note.number, note.total, note.currency, note.customer, note.settlement
+            );
+            println!("{}", serde_json::to_string_pretty(&note)?);
+        }
         InvoicesCommand::ImportToLedger => {
             let invoicer = invoicer(settings).await?;
             let bar = std::sync::OnceLock::new();
