@@ -500,6 +500,33 @@ pub fn sample(
     }
 }
 
+/// Two samples of `customer`'s sandbox `sbx` running with `vcpu_milli`
+/// and `mem_bytes` allocated from `from` for `hours` (allocation-based
+/// sheets bill allocation x time; the counters only need to rise).
+pub fn running_span(
+    customer: &str,
+    epoch: u64,
+    from: DateTime<Utc>,
+    hours: i64,
+    vcpu_milli: u32,
+    mem_bytes: u64,
+) -> Vec<UsageSample> {
+    [(1, from), (2, from + chrono::Duration::hours(hours))]
+        .into_iter()
+        .map(|(seq, ts)| UsageSample {
+            customer: CustomerId::parse(customer).expect("valid id"),
+            vcpu: VcpuMillis(vcpu_milli),
+            mem_bytes,
+            disk_bytes: 0,
+            cpu_used_usec: seq * 1_000,
+            net_tx_bytes: 0,
+            vcpu_alloc_usec: seq * 1_000_000,
+            mem_used_bytes: 0,
+            ..sample("sbx", epoch, seq, ts, 0, 0)
+        })
+        .collect()
+}
+
 /// [`sample`] with the full set of counters, as a collector of today sends
 /// it: a running, active sandbox with a constant allocation, sampled every
 /// second from seq 1, so compaction keeps only what rating needs.

@@ -5,9 +5,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use idlemeter_core::credit_note::{CreditRequest, Settlement};
-use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
-};
+use idlemeter_core::UsageSample;
 use idlemeter_invoicer::{Invoice, Invoicer, InvoicerConfig};
 use idlemeter_ledger::{Series, BILLING_EVENTS_TOPIC};
 use idlemeter_rater::Period;
@@ -30,41 +28,7 @@ fn dec(text: &str) -> Decimal {
 /// One vCPU allocated from `from` for `hours`: `hours` dollars on
 /// [`SIMPLE_SHEET`].
 fn running(customer: &str, epoch: u64, from: DateTime<Utc>, hours: i64) -> Vec<UsageSample> {
-    (1..=2)
-        .map(|seq| UsageSample {
-            customer: CustomerId::parse(customer).expect("id"),
-            node: NodeId::parse("node-1").expect("id"),
-            sandbox: SandboxId::parse("sbx").expect("id"),
-            epoch: Epoch(epoch),
-            seq,
-            ts: if seq == 1 {
-                from
-            } else {
-                from + chrono::Duration::hours(hours)
-            },
-            state: LifecycleState::Running,
-            vcpu: VcpuMillis(1000),
-            mem_bytes: 0,
-            gpu_model: None,
-            gpu_count: 0,
-            disk_bytes: 0,
-            cpu_used_usec: seq * 1_000,
-            net_rx_bytes: 0,
-            net_tx_bytes: 0,
-            vcpu_alloc_usec: seq * 1_000_000,
-            mem_alloc_kib_ms: 0,
-            mem_used_kib_ms: 0,
-            gpu_alloc_ms: 0,
-            disk_mib_ms: 0,
-            api_calls: 0,
-            mem_used_bytes: 0,
-            exec_sessions: 1,
-            open_conns: 0,
-            detail: Default::default(),
-            state_counters: Default::default(),
-            counters_present: Default::default(),
-        })
-        .collect()
+    idlemeter_tests::running_span(customer, epoch, from, hours, 1000, 0)
 }
 
 fn terms(tax: &[(&str, &str)]) -> idlemeter_core::BillingTerms {

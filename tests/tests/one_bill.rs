@@ -278,7 +278,7 @@ async fn cost_preview_spend_and_the_invoice_are_one_bill_at_every_rated_hour() -
                     adjustments: Vec::new(),
                     tax_rate: Decimal::new(2, 1),
                     wallet_balance: Decimal::new(500, 2),
-                    credit_balance: Decimal::ZERO,
+                    ..Account::default()
                 },
             )]
             .into(),

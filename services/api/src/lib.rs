@@ -197,16 +197,42 @@ impl AppState {
             .map_err(Problem::too_many_requests)
     }
 
-    /// Reads accounts as the rater and the invoicer do.
-    pub(crate) fn accounts(&self) -> idlemeter_store::AccountReader<'_> {
+    /// Reads accounts under `billing` as the rater and the invoicer do.
+    pub(crate) fn accounts<'a>(
+        &'a self,
+        billing: &'a Billing,
+    ) -> idlemeter_store::AccountReader<'a> {
         idlemeter_store::AccountReader {
             store: &self.store,
-            terms: &self.billing.terms,
-            tax_rates: &self.billing.tax_rates,
-            sheet: &self.billing.sheet,
-            sheet_checksum: &self.billing.sheet_checksum,
+            terms: &billing.terms,
+            tax_rates: &billing.tax_rates,
+            sheet: &billing.sheet,
+            sheet_checksum: &billing.sheet_checksum,
             adjusted: None,
         }
+    }
+
+    /// The sheet that bills `customer`: that of their record's currency
+    /// (`[rater] currency_sheets`), else the primary.
+    pub(crate) async fn billing_of(
+        &self,
+        customer: &str,
+    ) -> Result<&Billing, idlemeter_store::Error> {
+        if self.currency_billing.is_empty() {
+            return Ok(&self.billing);
+        }
+        let record = self
+            .store
+            .customers_between(&self.billing.terms.issuer, customer, customer)
+            .await?;
+        Ok(record
+            .first()
+            .and_then(|record| {
+                self.currency_billing
+                    .iter()
+                    .find(|billing| billing.sheet.currency.code() == record.currency)
+            })
+            .unwrap_or(&self.billing))
     }
 }
 
@@ -264,6 +290,8 @@ pub struct AppState {
     /// One bucket for every anonymous caller of the public pages.
     pub(crate) public_limiter: RateLimiter,
     pub(crate) billing: Billing,
+    /// The sheets of further currencies (`[rater] currency_sheets`).
+    pub(crate) currency_billing: Vec<Billing>,
     pub(crate) config: ApiConfig,
     pub(crate) links: finance::PageLinks,
     pub(crate) sealer: sealed::Sealer,
@@ -489,6 +517,7 @@ impl Api {
                 limiter,
                 public_limiter,
                 billing,
+                currency_billing: Vec::new(),
                 config,
                 links: finance::PageLinks::default(),
                 sealer,
@@ -503,6 +532,16 @@ impl Api {
 
     pub fn config(&self) -> &ApiConfig {
         &self.state.config
+    }
+
+    /// Bills customers of further currencies with their sheets (one per
+    /// currency, `[rater] currency_sheets`). Call before [`Api::serve`] or
+    /// [`Api::router`].
+    pub fn with_currency_sheets(mut self, billing: Vec<Billing>) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.currency_billing = billing;
+        }
+        self
     }
 
     /// Serves sandbox state from `live` where it is newer than the stored

@@ -22,7 +22,7 @@ pub async fn draft(
     customer: &CustomerId,
     now: DateTime<Utc>,
 ) -> Result<Option<Invoice>, Problem> {
-    let billing = &state.billing;
+    let billing = state.billing_of(customer.as_str()).await?;
     let (start, end) = billing.terms.period.bounds(now);
     let figure = state.store.latest_spend(customer.as_str()).await?;
     let lines = match &figure {
@@ -53,7 +53,7 @@ pub async fn draft(
     )
     .map_err(Problem::internal)?;
     let account = state
-        .accounts()
+        .accounts(billing)
         .read(customer.as_str(), customer.as_str(), start, now)
         .await?
         .account(customer);

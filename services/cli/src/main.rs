@@ -48,6 +48,8 @@ enum Command {
     Keys(commands::api::KeysArgs),
     /// Close a period, show or preview invoices (finance's tools).
     Invoices(commands::invoices::InvoicesArgs),
+    /// Customer records and plan changes, in the ledger.
+    Customers(commands::customers::CustomersArgs),
     /// Run the node collector: sample sandbox cgroups, ship node batches, act on commands.
     Collector,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
@@ -103,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Api => commands::api::serve(&settings).await,
             Command::Keys(args) => commands::api::keys(&settings, args).await,
             Command::Invoices(args) => commands::invoices::run(&settings, args).await,
+            Command::Customers(args) => commands::customers::run(&settings, args).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
                 println!("{}", serde_json::to_string_pretty(&settings)?);

@@ -14,6 +14,24 @@ pub enum Error {
     /// A quantity times a price left the exact integer range (about 3.4e38).
     #[error("customer {customer}: the amount of {resource} is too large to compute exactly")]
     AmountOverflow { customer: String, resource: String },
+    /// The customer is billed in a currency the sheet does not price in:
+    /// nothing is converted, ever.
+    #[error(
+        "customer {customer} is billed in {currency}; sheet {sheet} prices in {sheet_currency}"
+    )]
+    Currency {
+        customer: String,
+        currency: String,
+        sheet: String,
+        sheet_currency: String,
+    },
+    /// A subscription names a plan the sheet does not define.
+    #[error("customer {customer}: plan {plan:?} of their subscription is not in sheet {sheet}")]
+    UnknownPlan {
+        customer: String,
+        plan: String,
+        sheet: String,
+    },
     /// Money summed two ways disagreed: a bug, refused rather than billed.
     #[error("customer {customer}: lines sum to {lines} but the {total_name} is {stated}")]
     SumMismatch {

@@ -14,6 +14,14 @@
 //! Order of the lines and of the arithmetic:
 //! 1. usage and included lines (`subtotal`), the plan fee (`fees`) and
 //!    adjustments of earlier periods (`adjustments`);
+//!
+//!    A customer whose plan changed during the period (a [`Subscription`])
+//!    is billed each plan **per second**: a plan's monthly fee, included
+//!    usage and monthly credit count for the share of the period's seconds
+//!    the customer was on it. Each plan's fee is its own line, rounded
+//!    once; the allowances of the plans are pooled (each share rounded down
+//!    to a whole base unit) and consumed in the usual order; the one-time
+//!    credit is that of the first plan in the period that grants one;
 //! 2. credits: monthly ones first, on this period's charges only, then the
 //!    one-time balance on what is still payable, adjustments included; never
 //!    more than is payable (`credits`, zero or negative);
@@ -205,6 +213,31 @@ pub struct Account {
     /// invoice and negative totals carried forward, less what earlier
     /// invoices applied. Applied before the wallet, in whole minor units.
     pub credit_balance: Decimal,
+    /// The plans the customer was on during the period, from their
+    /// subscription; `None`: the sheet's plan for them, all period.
+    pub subscription: Option<Subscription>,
+    /// The currency the customer is billed in, from their record; `None`
+    /// for the sheet's. A sheet in another currency refuses to bill them.
+    pub currency: Option<String>,
+}
+
+/// The plans a customer was on during one period, in order: each counts
+/// for its share of the period's seconds (see [`bill`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub spans: Vec<PlanSpan>,
+    /// Seconds in the period.
+    pub period_seconds: u64,
+}
+
+/// A plan and how long, within the period, the customer was on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanSpan {
+    pub plan: String,
+    /// When the span starts (the plan's effective date, or the period's
+    /// start).
+    pub from: DateTime<Utc>,
+    pub seconds: u64,
 }
 
 /// Accounts by customer, for billing many customers at once; a customer not
@@ -237,14 +270,29 @@ pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Res
     let pricer = LinePricer {
         sheet,
         customer: &usage.customer,
+        plans: &[],
+    };
+    if let Some(currency) = &account.currency {
+        if currency != sheet.currency.code() {
+            return Err(Error::Currency {
+                customer: usage.customer.to_string(),
+                currency: currency.clone(),
+                sheet: sheet.label.clone(),
+                sheet_currency: sheet.currency.code().to_owned(),
+            });
+        }
+    }
+    let plans = plans_of(sheet, &usage.customer, account.subscription.as_ref())?;
+    let pricer = LinePricer {
+        plans: &plans,
+        ..pricer
     };
     let mut lines = pricer.usage_lines(usage)?;
     let subtotal = pricer.sum(&lines)?;
-    let plan = sheet.plan_for(&usage.customer);
-    let fee_lines: Vec<InvoiceLine> = plan
-        .filter(|plan| !plan.monthly_fee.is_zero())
-        .map(|plan| pricer.fee_line(&plan.name, plan.monthly_fee))
-        .into_iter()
+    let fee_lines: Vec<InvoiceLine> = plans
+        .iter()
+        .filter(|share| !share.plan.monthly_fee.is_zero())
+        .map(|share| pricer.fee_line(share))
         .collect();
     let fees = pricer.sum(&fee_lines)?;
     let adjustment_lines: Vec<InvoiceLine> = account
@@ -332,7 +380,7 @@ pub fn bill(sheet: &PriceSheet, usage: &CustomerUsage, account: &Account) -> Res
     }
     Ok(CustomerBill {
         customer: usage.customer.clone(),
-        plan: plan.map(|plan| plan.name.clone()),
+        plan: plans.last().map(|share| share.plan.name.clone()),
         lines,
         subtotal,
         fees,
@@ -363,6 +411,8 @@ pub struct InvoicedPeriod {
     pub monthly_credits: Decimal,
     /// Adjustments of this period already billed on later invoices.
     pub adjusted: Decimal,
+    /// The plans of that period, when the customer's subscription set them.
+    pub subscription: Option<Subscription>,
 }
 
 /// What an invoiced period owes now beyond what was billed for it, from its
@@ -377,6 +427,7 @@ pub fn adjustment_for(
 ) -> Result<Option<Adjustment>> {
     let no_one_time = Account {
         one_time_credit_left: Some(Decimal::ZERO),
+        subscription: invoiced.subscription.clone(),
         ..Account::default()
     };
     let rebilled = bill(sheet, usage, &no_one_time)?;
@@ -412,6 +463,84 @@ const ONE_TIME_CREDIT: &str = "credit.one_time";
 struct LinePricer<'a> {
     sheet: &'a PriceSheet,
     customer: &'a CustomerId,
+    /// The plans of the period with their shares (empty: no plan).
+    plans: &'a [PlanShare<'a>],
+}
+
+/// A plan and the share of the period it counts for: `seconds /
+/// period_seconds` (1/1 for the whole period).
+#[derive(Debug, Clone)]
+struct PlanShare<'a> {
+    plan: &'a crate::pricing::Plan,
+    from: Option<DateTime<Utc>>,
+    seconds: u64,
+    period_seconds: u64,
+}
+
+impl PlanShare<'_> {
+    fn whole(&self) -> bool {
+        self.seconds == self.period_seconds
+    }
+
+    /// `amount x seconds / period_seconds`, exact before any rounding.
+    fn of(&self, amount: Decimal) -> Decimal {
+        if self.whole() {
+            return amount;
+        }
+        amount * Decimal::from(self.seconds) / Decimal::from(self.period_seconds)
+    }
+
+    /// `base x seconds / period_seconds`, rounded down to a base unit.
+    fn of_base(&self, base: u128) -> u128 {
+        if self.whole() {
+            return base;
+        }
+        base.checked_mul(u128::from(self.seconds)).map_or(
+            base / u128::from(self.period_seconds) * u128::from(self.seconds),
+            |product| product / u128::from(self.period_seconds),
+        )
+    }
+}
+
+/// The plans a bill applies: the subscription's spans, or the sheet's plan
+/// for the customer over the whole period.
+fn plans_of<'a>(
+    sheet: &'a PriceSheet,
+    customer: &CustomerId,
+    subscription: Option<&Subscription>,
+) -> Result<Vec<PlanShare<'a>>> {
+    let Some(subscription) = subscription else {
+        return Ok(sheet
+            .plan_for(customer)
+            .map(|plan| PlanShare {
+                plan,
+                from: None,
+                seconds: 1,
+                period_seconds: 1,
+            })
+            .into_iter()
+            .collect());
+    };
+    subscription
+        .spans
+        .iter()
+        .filter(|span| span.seconds > 0)
+        .map(|span| {
+            let plan = sheet
+                .plan_named(&span.plan)
+                .ok_or_else(|| Error::UnknownPlan {
+                    customer: customer.to_string(),
+                    plan: span.plan.clone(),
+                    sheet: sheet.label.clone(),
+                })?;
+            Ok(PlanShare {
+                plan,
+                from: Some(span.from),
+                seconds: span.seconds.min(subscription.period_seconds),
+                period_seconds: subscription.period_seconds.max(1),
+            })
+        })
+        .collect()
 }
 
 impl LinePricer<'_> {
@@ -425,11 +554,12 @@ impl LinePricer<'_> {
 
     /// Included then priced lines, by version then resource then tier.
     fn usage_lines(&self, usage: &CustomerUsage) -> Result<Vec<InvoiceLine>> {
-        let mut included_left: BTreeMap<ResourceSlot, u128> = self
-            .sheet
-            .plan_for(self.customer)
-            .map(|plan| plan.included_base.clone())
-            .unwrap_or_default();
+        let mut included_left: BTreeMap<ResourceSlot, u128> = BTreeMap::new();
+        for share in self.plans {
+            for (slot, base) in &share.plan.included_base {
+                *included_left.entry(*slot).or_default() += share.of_base(*base);
+            }
+        }
         let mut lines = Vec::new();
         for (version_index, version) in self.sheet.versions().iter().enumerate() {
             for (slot_index, published) in version.resources.iter().enumerate() {
@@ -549,11 +679,23 @@ impl LinePricer<'_> {
         Decimal::try_from_i128_with_scale(i128::try_from(minor_units).ok()?, self.digits()).ok()
     }
 
-    fn fee_line(&self, plan: &str, fee: Decimal) -> InvoiceLine {
-        let amount = self.rule().round(fee, self.digits());
+    /// A plan's fee for its share of the period: the quantity is the
+    /// share (1 for the whole period, shown to 6 places), the amount the
+    /// exact share of the fee rounded once.
+    fn fee_line(&self, share: &PlanShare<'_>) -> InvoiceLine {
+        let fee = share.plan.monthly_fee;
+        let amount = self.rule().round(share.of(fee), self.digits());
+        let quantity = share.of(Decimal::ONE).round_dp(6).normalize();
         InvoiceLine {
+            quantity,
             unit_price: fee,
-            ..one_off(LineKind::Fee, format!("plan.{plan}"), "month", amount)
+            price_version: if share.whole() { None } else { share.from },
+            ..one_off(
+                LineKind::Fee,
+                format!("plan.{}", share.plan.name),
+                "month",
+                amount,
+            )
         }
     }
 
@@ -567,17 +709,44 @@ impl LinePricer<'_> {
         adjustments: Decimal,
         account: &Account,
     ) -> Result<Vec<InvoiceLine>> {
-        let Some(plan) = self.sheet.plan_for(self.customer) else {
-            return Ok(Vec::new());
-        };
         let granted = |kind: CreditKind| -> Decimal {
-            plan.credits
-                .iter()
-                .filter(|credit| credit.kind == kind)
-                .map(|credit| credit.amount)
-                .sum()
+            match kind {
+                // Each plan's monthly credit for its share of the period.
+                CreditKind::Monthly => self
+                    .plans
+                    .iter()
+                    .map(|share| {
+                        share.of(share
+                            .plan
+                            .credits
+                            .iter()
+                            .filter(|credit| credit.kind == kind)
+                            .map(|credit| credit.amount)
+                            .sum())
+                    })
+                    .sum(),
+                // The first plan's that grants one, whole.
+                CreditKind::OneTime => self
+                    .plans
+                    .iter()
+                    .find(|share| share.plan.credits.iter().any(|credit| credit.kind == kind))
+                    .map(|share| {
+                        share
+                            .plan
+                            .credits
+                            .iter()
+                            .filter(|credit| credit.kind == kind)
+                            .map(|credit| credit.amount)
+                            .sum()
+                    })
+                    .unwrap_or_default(),
+            }
         };
-        let has_kind = |kind: CreditKind| plan.credits.iter().any(|credit| credit.kind == kind);
+        let has_kind = |kind: CreditKind| {
+            self.plans
+                .iter()
+                .any(|share| share.plan.credits.iter().any(|credit| credit.kind == kind))
+        };
         let one_time_left = account.one_time_credit_left;
         let mut still_payable = this_period.max(Decimal::ZERO);
         let mut lines = Vec::new();

@@ -44,7 +44,7 @@ pub use error::{Error, LineError, Result};
 pub use ids::{CustomerId, Epoch, IdError, NodeId, SandboxId};
 pub use invoice::{
     adjustment_for, bill, Account, Adjustment, BillingOptions, CustomerBill, InvoiceLine,
-    InvoicedPeriod, LineKind,
+    InvoicedPeriod, LineKind, PlanSpan, Subscription,
 };
 pub use money::{Currency, Money, RoundingRule};
 pub use period::{floor_hour, Period};

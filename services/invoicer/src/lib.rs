@@ -39,8 +39,8 @@ use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
 use idlemeter_core::rating::{CustomerUsage, NumberedSample};
 use idlemeter_core::{bill, Account, BillingTerms, CustomerId, PriceSheet, RatingState};
 use idlemeter_store::{
-    AccountReader, Accounts, Adjusted, BillContext, MeteredRange, RatedQuantities, SheetSource,
-    Store,
+    AccountReader, Accounts, Adjusted, BillContext, CreditNoteRows, IssuedRows, MeteredRange,
+    RatedQuantities, SheetSource, Store,
 };
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -205,6 +205,8 @@ pub struct Invoicer {
     /// ([`Invoicer::with_ledger`]); else ClickHouse under the lock file.
     ledger: Option<idlemeter_ledger::Ledger>,
     metrics: Option<InvoicerMetrics>,
+    /// The customers this sheet closes, when one runs per currency.
+    lane: Option<idlemeter_store::CurrencyLane>,
 }
 
 /// What the scheduler exports: whether its runs succeed, and what they issue.
@@ -218,31 +220,36 @@ struct InvoicerMetrics {
 }
 
 impl InvoicerMetrics {
-    fn register(registry: &prometheus::Registry) -> Result<Self> {
-        use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+    /// Registers the invoicer's metrics labelled with its sheet's currency
+    /// (one invoicer runs per currency's sheet).
+    fn register(registry: &prometheus::Registry, currency: &str) -> Result<Self> {
+        use prometheus::{IntCounter, IntCounterVec, IntGauge};
+        let opts = |name: &str, help: &str| {
+            prometheus::Opts::new(name, help).const_label("currency", currency)
+        };
         let runs = IntCounterVec::new(
-            Opts::new(
+            opts(
                 "idlemeter_invoicer_runs_total",
                 "scheduled closes by outcome (ok, failed)",
             ),
             &["outcome"],
         )?;
-        let last_run_succeeded = IntGauge::new(
+        let last_run_succeeded = IntGauge::with_opts(opts(
             "idlemeter_invoicer_last_run_succeeded",
             "1 unless the last scheduled close failed as a whole",
-        )?;
-        let last_success = IntGauge::new(
+        ))?;
+        let last_success = IntGauge::with_opts(opts(
             "idlemeter_invoicer_last_success_timestamp_seconds",
             "when the last scheduled close succeeded (the process start before the first)",
-        )?;
-        let customers_failed = IntCounter::new(
+        ))?;
+        let customers_failed = IntCounter::with_opts(opts(
             "idlemeter_invoicer_customers_failed_total",
             "customers a close could not invoice (reported in rating_errors, retried next run)",
-        )?;
-        let invoices_issued = IntCounter::new(
+        ))?;
+        let invoices_issued = IntCounter::with_opts(opts(
             "idlemeter_invoicer_invoices_issued_total",
             "invoices issued by scheduled closes",
-        )?;
+        ))?;
         registry.register(Box::new(runs.clone()))?;
         registry.register(Box::new(last_run_succeeded.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
@@ -300,6 +307,7 @@ impl Invoicer {
             store,
             sheet,
             sheet_label: source.sheet_label.to_owned(),
+            lane: None,
             sheet_checksum: source.checksum(),
             idle,
             config,
@@ -316,6 +324,27 @@ impl Invoicer {
     /// ClickHouse through the outbox. Two invoicers sharing only the
     /// database never share or skip a number; the lock file is then only
     /// a courtesy between runs on one host.
+    /// Closes only the customers of `lane` (those billed in this sheet's
+    /// currency; see [`idlemeter_store::CurrencyLane`]): a deployment with
+    /// a sheet per currency runs one invoicer per sheet.
+    pub fn with_lane(mut self, lane: idlemeter_store::CurrencyLane) -> Result<Self> {
+        if lane.currency != self.sheet.currency.code() {
+            return Err(Error::Credit(format!(
+                "sheet {} prices in {}, not in its lane's {}",
+                self.sheet_label,
+                self.sheet.currency.code(),
+                lane.currency
+            )));
+        }
+        self.lane = Some(lane);
+        Ok(self)
+    }
+
+    /// The sheet's currency.
+    pub fn currency(&self) -> &str {
+        self.sheet.currency.code()
+    }
+
     pub fn with_ledger(mut self, ledger: idlemeter_ledger::Ledger) -> Self {
         self.ledger = Some(ledger);
         self
@@ -326,7 +355,7 @@ impl Invoicer {
     /// crash collapses in ClickHouse (same rows, same version).
     pub async fn relay_outbox(&self) -> Result<usize> {
         match &self.ledger {
-            Some(ledger) => relay_outbox(ledger, &self.store).await,
+            Some(ledger) => Ok(ledger.relay(&self.store).await?),
             None => Ok(0),
         }
     }
@@ -515,7 +544,7 @@ impl Invoicer {
             }
         }
         // Their copies for ClickHouse repeat rows it has (they collapse).
-        relay_outbox(ledger, &self.store).await?;
+        ledger.relay(&self.store).await?;
         let headers = self.store.invoices(&self.terms.issuer).await?;
         for (done, header) in headers.iter().enumerate() {
             let lines = self.store.invoice_lines(header).await?;
@@ -639,7 +668,10 @@ impl Invoicer {
 
     /// Exports the scheduler's runs to `registry` (`idlemeter_invoicer_*`).
     pub fn with_metrics(mut self, registry: &prometheus::Registry) -> Result<Self> {
-        self.metrics = Some(InvoicerMetrics::register(registry)?);
+        self.metrics = Some(InvoicerMetrics::register(
+            registry,
+            self.sheet.currency.code(),
+        )?);
         Ok(self)
     }
 
@@ -720,7 +752,16 @@ impl Invoicer {
                 .names()
                 .cloned(),
         );
-        let customers: Vec<String> = customers.into_iter().collect();
+        // And everyone on a plan of their subscription (fees), and everyone
+        // with a record (a record the sheet cannot bill, in another
+        // currency, is then reported, not skipped in silence).
+        customers.extend(self.store.subscribed_customers(issuer).await?);
+        let currencies = self.store.customer_currencies(issuer).await?;
+        customers.extend(currencies.keys().cloned());
+        let mut customers: Vec<String> = customers.into_iter().collect();
+        if let Some(lane) = &self.lane {
+            customers.retain(|customer| lane.admits(customer, &currencies));
+        }
         let adjusted = self.accounts(None).all_issued_adjustments().await?;
         let mut outcome = CloseOutcome::default();
         let mut next = self.store.last_invoice_number(issuer).await? + 1;
@@ -1186,66 +1227,6 @@ pub struct LedgerImport {
     pub conflicts: Vec<String>,
 }
 
-/// Copies what the ledger's outbox holds for ClickHouse (issued invoices,
-/// wallet deposits, credit notes) into it, then marks it delivered; returns how many. A
-/// copy repeated after a crash collapses in ClickHouse (same rows, same
-/// version).
-pub async fn relay_outbox(ledger: &idlemeter_ledger::Ledger, store: &Store) -> Result<usize> {
-    let mut relayed = 0;
-    let bad = |item: &idlemeter_ledger::OutboxItem, error: serde_json::Error| {
-        Error::Write(format!("outbox item {} ({}): {error}", item.id, item.key))
-    };
-    loop {
-        let items = ledger
-            .pending(idlemeter_ledger::INVOICES_TOPIC, RELAY_BATCH)
-            .await?;
-        let deposits = ledger
-            .pending(idlemeter_ledger::WALLET_DEPOSITS_TOPIC, RELAY_BATCH)
-            .await?;
-        let notes = ledger
-            .pending(idlemeter_ledger::CREDIT_NOTES_TOPIC, RELAY_BATCH)
-            .await?;
-        if items.is_empty() && deposits.is_empty() && notes.is_empty() {
-            return Ok(relayed);
-        }
-        let mut note_rows = (Vec::new(), Vec::new());
-        for item in &notes {
-            let document: CreditNoteRows =
-                serde_json::from_value(item.payload.clone()).map_err(|error| bad(item, error))?;
-            note_rows.0.push(document.header);
-            note_rows.1.extend(document.lines);
-        }
-        let mut rows: ChunkRows = (Vec::new(), Vec::new());
-        for item in &items {
-            let document: IssuedRows =
-                serde_json::from_value(item.payload.clone()).map_err(|error| bad(item, error))?;
-            rows.0.push(document.header);
-            rows.1.extend(document.lines);
-        }
-        let deposit_rows = deposits
-            .iter()
-            .map(|item| {
-                serde_json::from_value(item.payload.clone()).map_err(|error| bad(item, error))
-            })
-            .collect::<Result<Vec<idlemeter_store::WalletDepositRow>>>()?;
-        if !deposit_rows.is_empty() {
-            store.insert_wallet_deposits(&deposit_rows).await?;
-        }
-        write_rows(store, rows).await?;
-        store
-            .insert_credit_notes(&note_rows.0, &note_rows.1)
-            .await?;
-        let ids: Vec<i64> = items
-            .iter()
-            .chain(&deposits)
-            .chain(&notes)
-            .map(|item| item.id)
-            .collect();
-        ledger.delivered(&ids).await?;
-        relayed += ids.len();
-    }
-}
-
 /// Records a deposit in the ledger (then relays it) or, without one, in
 /// ClickHouse; `false` when the ledger had it already.
 pub async fn record_deposit(
@@ -1258,7 +1239,7 @@ pub async fn record_deposit(
         return Ok(true);
     };
     let new = deposit_in_ledger(ledger, row).await?;
-    relay_outbox(ledger, store).await?;
+    ledger.relay(store).await?;
     Ok(new)
 }
 
@@ -1280,25 +1261,6 @@ async fn deposit_in_ledger(
             &payload,
         )
         .await?)
-}
-
-/// Outbox items relayed to ClickHouse per round.
-const RELAY_BATCH: i64 = 500;
-
-/// An issued invoice as its rows: what the ledger keeps and the outbox
-/// carries to ClickHouse.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct IssuedRows {
-    header: idlemeter_store::InvoiceRow,
-    lines: Vec<idlemeter_store::InvoiceLineRow>,
-}
-
-/// An issued credit note as its rows (the ledger's document and outbox
-/// payload).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CreditNoteRows {
-    header: idlemeter_store::CreditNoteRow,
-    lines: Vec<idlemeter_store::CreditNoteLineRow>,
 }
 
 /// A chunk's invoices as rows: (headers, lines).

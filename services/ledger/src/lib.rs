@@ -14,6 +14,14 @@
 //! its own transaction under an advisory lock, with a checksum that refuses
 //! an applied file that changed (as the ClickHouse migrations do).
 
+mod customers;
+mod relay;
+
+pub use customers::{
+    CustomerRecord, CustomerSaved, Subscribed, SubscriptionRecord, CUSTOMERS_TOPIC,
+    SUBSCRIPTIONS_TOPIC,
+};
+
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
@@ -69,6 +77,9 @@ pub enum Error {
     /// transaction was written.
     #[error("{0}")]
     Refused(String),
+    /// Copying the outbox to ClickHouse failed (the items stay pending).
+    #[error("relaying the outbox to ClickHouse: {0}")]
+    Relay(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -103,6 +114,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_credit_notes",
         include_str!("../migrations/0004_credit_notes.sql"),
+    ),
+    (
+        "0005_customers",
+        include_str!("../migrations/0005_customers.sql"),
     ),
 ];
 
@@ -335,7 +350,7 @@ impl Ledger {
         Ok(ledger)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool
             .get()
             .await

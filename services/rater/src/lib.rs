@@ -34,7 +34,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -47,8 +47,8 @@ use idlemeter_core::{
     NumberedSample, PriceSheet, RateReport, RatingState, UsageSample,
 };
 use idlemeter_store::{
-    ratings_checksum, to_column, AccountReader, MeteredRange, RatedLineRow, RatingChangeRow,
-    RatingErrorRow, RatingStateRow, Store,
+    ratings_checksum, to_column, AccountReader, Currencies, CurrencyLane, MeteredRange,
+    RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow, Store,
 };
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -73,6 +73,9 @@ pub enum Error {
     /// The sheet prices a meter the meters file does not define.
     #[error("{0}")]
     Meters(String),
+    /// A sheet given the lane of another currency.
+    #[error("{0}")]
+    Lane(String),
     /// A customer's metered usage that cannot be billed (an aggregate
     /// below zero): this customer's problem.
     #[error("customer {customer}: {reason}")]
@@ -90,8 +93,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaterConfig {
-    /// The price sheet every customer is rated with.
+    /// The price sheet customers are rated with: everyone's, or, with
+    /// `currency_sheets`, that of the customers billed in its currency and
+    /// of those without a customer record.
     pub sheet: String,
+    /// One more sheet per further currency (EUR beside USD): a customer
+    /// whose record names a currency is rated, billed and invoiced by the
+    /// sheet of that currency only. Amounts are never converted.
+    pub currency_sheets: Vec<String>,
     /// How long after an hour ends before it is rated (late samples).
     pub grace_seconds: u64,
     /// How often to look for newly closed hours.
@@ -121,6 +130,7 @@ impl Default for RaterConfig {
     fn default() -> Self {
         Self {
             sheet: "prices/northflank.toml".to_owned(),
+            currency_sheets: Vec::new(),
             grace_seconds: 300,
             interval_seconds: 60,
             idle_policy: String::new(),
@@ -211,9 +221,13 @@ struct RaterMetrics {
 }
 
 impl RaterMetrics {
-    fn new(registry: &prometheus::Registry) -> Result<Self> {
+    /// Registers the rater's counters labelled with its sheet's currency
+    /// (one rater runs per currency's sheet).
+    fn new(registry: &prometheus::Registry, currency: &str) -> Result<Self> {
         let counter = |name: &str, help: &str| -> Result<prometheus::IntCounter> {
-            let counter = prometheus::IntCounter::new(name, help)?;
+            let counter = prometheus::IntCounter::with_opts(
+                prometheus::Opts::new(name, help).const_label("currency", currency),
+            )?;
             registry.register(Box::new(counter.clone()))?;
             Ok(counter)
         };
@@ -269,7 +283,17 @@ pub struct Rater {
     feed: Option<LiveFeed>,
     /// The closed hour older periods were last looked at for late samples.
     lookback_checked: Mutex<Option<DateTime<Utc>>>,
+    /// The customers this sheet rates, when one rater runs per currency
+    /// (see [`Self::with_lane`]), and their currencies as last read.
+    lane: Option<(CurrencyLane, LaneCache)>,
 }
+
+/// Customers' currencies as last read, and when.
+type LaneCache = Mutex<Option<(std::time::Instant, Arc<Currencies>)>>;
+
+/// How long the live path trusts customers' currencies before reading them
+/// again (the hourly pass reads them every time).
+const LANE_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Rater {
     /// Loads and checks the sheet (file, line and field on error).
@@ -282,7 +306,7 @@ impl Rater {
         let sheet = PriceSheet::from_toml(sheet_text, &config.sheet)
             .map_err(|error| Error::Sheet(error.into()))?;
         let sheet_checksum = ratings_checksum(sheet_text, None);
-        let metrics = RaterMetrics::new(registry)?;
+        let metrics = RaterMetrics::new(registry, sheet.currency.code())?;
         Ok(Self {
             store,
             sheet,
@@ -298,7 +322,53 @@ impl Rater {
             live: Mutex::new(HashMap::new()),
             feed: None,
             lookback_checked: Mutex::new(None),
+            lane: None,
         })
+    }
+
+    /// Rates only the customers of `lane`: those billed in this sheet's
+    /// currency (and, for the primary sheet, those without a record). A
+    /// deployment with a sheet per currency runs one rater per sheet.
+    pub fn with_lane(mut self, lane: CurrencyLane) -> Result<Self> {
+        if lane.currency != self.sheet.currency.code() {
+            return Err(Error::Lane(format!(
+                "sheet {} prices in {}, not in its lane's {}",
+                self.sheet_label,
+                self.sheet.currency.code(),
+                lane.currency
+            )));
+        }
+        self.lane = Some((lane, Mutex::new(None)));
+        Ok(self)
+    }
+
+    /// Keeps the customers of this rater's lane (all without one).
+    async fn keep_lane<T>(
+        &self,
+        items: &mut Vec<T>,
+        customer: impl Fn(&T) -> &str,
+        max_age: std::time::Duration,
+    ) -> Result<()> {
+        let Some((lane, cache)) = &self.lane else {
+            return Ok(());
+        };
+        let cached = cache
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .filter(|(read, _)| read.elapsed() < max_age)
+            .map(|(_, currencies)| Arc::clone(currencies));
+        let currencies = match cached {
+            Some(currencies) => currencies,
+            None => {
+                let read = Arc::new(self.store.customer_currencies(&self.terms.issuer).await?);
+                *cache.lock().expect("not poisoned") =
+                    Some((std::time::Instant::now(), Arc::clone(&read)));
+                read
+            }
+        };
+        items.retain(|item| lane.admits(customer(item), &currencies));
+        Ok(())
     }
 
     /// Classifies idle seconds with `policy_text` (the file named by
@@ -380,6 +450,12 @@ impl Rater {
                 .await?;
             self.add_metered_customers(&mut customers, period_start, period_end)
                 .await?;
+            self.keep_lane(
+                &mut customers,
+                |(customer, _, _)| customer.as_str(),
+                std::time::Duration::ZERO,
+            )
+            .await?;
             for (customer, _, count) in &customers {
                 // One query for what this sheet already rated, not one per hour.
                 let rated = self
@@ -447,13 +523,19 @@ impl Rater {
             let mut period_start = previous;
             for _ in 1..self.terms.adjust_lookback_periods {
                 period_start = self.period().previous(period_start);
-                let customers = self
+                let mut customers = self
                     .store
                     .customers_with_samples(
                         unix_ms(period_start),
                         unix_ms(self.period().next(period_start)),
                     )
                     .await?;
+                self.keep_lane(
+                    &mut customers,
+                    |(customer, _, _)| customer.as_str(),
+                    std::time::Duration::ZERO,
+                )
+                .await?;
                 self.rerate_late(period_start, &customers, now, &mut pass)
                     .await?;
             }
@@ -935,6 +1017,8 @@ impl Rater {
             }
         }
         let mut customers: Vec<&CustomerId> = by_customer.keys().collect();
+        self.keep_lane(&mut customers, |customer| customer.as_str(), LANE_REFRESH)
+            .await?;
         customers.sort();
         self.resume_live(&customers, period_start, now, &mut pass)
             .await?;

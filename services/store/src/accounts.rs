@@ -24,12 +24,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use idlemeter_core::rating::CustomerUsage;
 use idlemeter_core::{
-    adjustment_for, Account, BillingTerms, CustomerId, InvoicedPeriod, PriceSheet,
+    adjustment_for, Account, BillingTerms, CustomerId, InvoicedPeriod, PlanSpan, PriceSheet,
+    Subscription,
 };
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
-use crate::{from_column, Context, Error, InvoiceRow, Result, Store};
+use crate::{from_column, Context, CustomerRow, Error, InvoiceRow, Result, Store, SubscriptionRow};
 
 /// The checksum rated figures, states and invoices are keyed by: the sheet's
 /// text and, when an idle policy classifies idle time, the policy's.
@@ -136,14 +137,29 @@ impl AccountReader<'_> {
         let issuer = self.terms.issuer.as_str();
         let period = unix(period_start);
         let mut out = Accounts::default();
-        let (invoices, deposits, credit_notes) = futures::future::join3(
+        let period_end = self.terms.period.next(period_start);
+        let (invoices, deposits, credit_notes, records, subscriptions) = futures::future::join5(
             self.store.invoices_between(issuer, first, last),
             self.store.wallet_deposits(issuer, first, last, unix(at)),
             self.store
                 .credit_note_balances(issuer, first, last, unix(at)),
+            self.store.customers_between(issuer, first, last),
+            self.store
+                .subscriptions_between(issuer, first, last, unix(period_end)),
         )
         .await;
         let (invoices, deposits, credit_notes) = (invoices?, deposits?, credit_notes?);
+        let records: HashMap<String, CustomerRow> = records?
+            .into_iter()
+            .map(|row| (row.id.clone(), row))
+            .collect();
+        let mut plan_changes: HashMap<String, Vec<SubscriptionRow>> = HashMap::new();
+        for row in subscriptions? {
+            plan_changes
+                .entry(row.customer.clone())
+                .or_default()
+                .push(row);
+        }
         let mut earlier: HashMap<&str, Vec<&InvoiceRow>> = HashMap::new();
         for row in &invoices {
             match row.period_start.cmp(&period) {
@@ -201,10 +217,19 @@ impl AccountReader<'_> {
                     continue;
                 };
                 let customer = customer_id(&row.customer)?;
-                let usage = CustomerUsage::from_text(&quantities.usage, customer, self.sheet)
-                    .map_err(|error| Error::BadRow(error.to_string()))?;
+                let usage =
+                    CustomerUsage::from_text(&quantities.usage, customer.clone(), self.sheet)
+                        .map_err(|error| Error::BadRow(error.to_string()))?;
+                let earlier_start = time(row.period_start);
                 let invoiced = InvoicedPeriod {
-                    period_start: time(row.period_start),
+                    subscription: subscription(
+                        self.sheet,
+                        &customer,
+                        plan_changes.get(&row.customer).map(Vec::as_slice),
+                        earlier_start,
+                        self.terms.period.next(earlier_start),
+                    ),
+                    period_start: earlier_start,
                     subtotal: from_column(row.subtotal)?,
                     fees: from_column(row.fees)?,
                     monthly_credits: from_column(row.monthly_credits)?,
@@ -226,6 +251,8 @@ impl AccountReader<'_> {
         let mut customers: BTreeSet<&str> = earlier.keys().copied().collect();
         customers.extend(deposits.keys().map(String::as_str));
         customers.extend(credit_notes.keys().map(String::as_str));
+        customers.extend(records.keys().map(String::as_str));
+        customers.extend(plan_changes.keys().map(String::as_str));
         let mut with_tax: Vec<&CustomerId> = self
             .tax_rates
             .keys()
@@ -261,14 +288,30 @@ impl AccountReader<'_> {
             if !rows.is_empty() {
                 out.invoiced_before.insert(customer.to_owned());
             }
+            let record = records.get(customer);
+            // The customer's record decides their tax rate and currency;
+            // without one, `[billing] tax_rates` and the sheet's currency.
+            let tax_rate = match record {
+                Some(record) => from_column(record.tax_rate)?,
+                None => self.tax_rates.get(&id).copied().unwrap_or_default(),
+            };
+            let subscription = subscription(
+                self.sheet,
+                &id,
+                plan_changes.get(customer).map(Vec::as_slice),
+                period_start,
+                period_end,
+            );
             out.accounts.insert(
                 id.clone(),
                 Account {
                     one_time_credit_left,
                     adjustments: account_adjustments,
-                    tax_rate: self.tax_rates.get(&id).copied().unwrap_or_default(),
+                    tax_rate,
                     wallet_balance,
                     credit_balance,
+                    subscription,
+                    currency: record.map(|record| record.currency.clone()),
                 },
             );
         }
@@ -388,6 +431,60 @@ impl Store {
             .await
             .context(format!("invoices of {first} .. {last}"))
     }
+}
+
+/// The plans a customer was on from `start` to `end`, from their plan
+/// changes (effective before `end`, in date order): the plan in force at
+/// `start` (the last change at or before it, else the sheet's plan for
+/// them), then each change within. `None` without any change: the sheet's
+/// plan applies as it always did.
+pub fn subscription(
+    sheet: &PriceSheet,
+    customer: &CustomerId,
+    changes: Option<&[SubscriptionRow]>,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Option<Subscription> {
+    let changes = changes.filter(|changes| !changes.is_empty())?;
+    let (start_s, end_s) = (start.timestamp(), end.timestamp());
+    let mut current: Option<String> = sheet.plan_for(customer).map(|plan| plan.name.clone());
+    let mut cursor = start_s;
+    let mut spans: Vec<PlanSpan> = Vec::new();
+    let close = |plan: &Option<String>, from: i64, to: i64, spans: &mut Vec<PlanSpan>| {
+        let Some(plan) = plan else { return };
+        if to <= from {
+            return;
+        }
+        let seconds = (to - from) as u64;
+        match spans.last_mut() {
+            Some(last) if &last.plan == plan => last.seconds += seconds,
+            _ => spans.push(PlanSpan {
+                plan: plan.clone(),
+                from: time_s(from),
+                seconds,
+            }),
+        }
+    };
+    for change in changes {
+        let at = i64::from(change.effective_from);
+        if at >= end_s {
+            break;
+        }
+        if at > cursor {
+            close(&current, cursor, at, &mut spans);
+            cursor = at;
+        }
+        current = Some(change.plan.clone());
+    }
+    close(&current, cursor, end_s, &mut spans);
+    Some(Subscription {
+        spans,
+        period_seconds: u64::try_from(end_s - start_s).unwrap_or(0),
+    })
+}
+
+fn time_s(unix: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(unix, 0).unwrap_or_default()
 }
 
 fn customer_id(name: &str) -> Result<CustomerId> {

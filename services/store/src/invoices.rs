@@ -40,6 +40,22 @@ pub struct InvoiceRow {
     pub balance_carried: i128,
 }
 
+/// An issued invoice as its rows: what the ledger keeps and its outbox
+/// carries to ClickHouse.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IssuedRows {
+    pub header: InvoiceRow,
+    pub lines: Vec<InvoiceLineRow>,
+}
+
+/// An issued credit note as its rows (the ledger's document and outbox
+/// payload).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CreditNoteRows {
+    pub header: CreditNoteRow,
+    pub lines: Vec<CreditNoteLineRow>,
+}
+
 /// One row of `credit_notes` (migration 0013).
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
 pub struct CreditNoteRow {

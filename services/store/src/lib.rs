@@ -10,6 +10,7 @@
 
 mod accounts;
 mod api;
+mod customers;
 pub mod document;
 mod events;
 mod invoices;
@@ -30,13 +31,15 @@ pub use api::{
     SnapshotLine, SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL,
     USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
+pub use customers::{Currencies, CurrencyLane, CustomerRow, SubscriptionRow};
 pub use document::{BillContext, CreditNote, CreditNoteLine, Invoice, Line};
 pub use events::{
     EventRow, MeterQuery, MeterValueRow, MeterWindowRow, MeteredRange, METER_TOTALS_SQL,
     METER_WINDOWS_SQL,
 };
 pub use invoices::{
-    CreditNoteLineRow, CreditNoteRow, InvoiceLineRow, InvoiceRow, WalletDepositRow,
+    CreditNoteLineRow, CreditNoteRow, CreditNoteRows, InvoiceLineRow, InvoiceRow, IssuedRows,
+    WalletDepositRow,
 };
 pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;

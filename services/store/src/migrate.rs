@@ -52,6 +52,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0011_rated_quantities.sql"),
     migration!("0012_usage_events.sql"),
     migration!("0013_credit_notes.sql"),
+    migration!("0014_customers.sql"),
 ];
 
 impl Migration {

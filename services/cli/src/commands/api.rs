@@ -14,7 +14,25 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let store = Store::new(&settings.clickhouse);
     let files = super::invoices::SheetFiles::read(settings)?;
     let billing = idlemeter_api::Billing::new(files.source(settings), settings.billing.clone())?;
-    let mut api = Api::new(store, billing, settings.api.clone(), &registry).await?;
+    // One billing per further currency's sheet, beside the primary's.
+    let mut currency_billing = Vec::new();
+    for (path, lane) in super::sheet_lanes(settings)?.into_iter().skip(1) {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading price sheet {path}"))?;
+        let source = idlemeter_store::SheetSource {
+            sheet_text: &text,
+            sheet_label: &path,
+            ..files.source(settings)
+        };
+        debug_assert!(lane.is_some(), "further sheets have lanes");
+        currency_billing.push(idlemeter_api::Billing::new(
+            source,
+            settings.billing.clone(),
+        )?);
+    }
+    let mut api = Api::new(store, billing, settings.api.clone(), &registry)
+        .await?
+        .with_currency_sheets(currency_billing);
     if settings.api.live_state {
         // Sandbox state within a second: the stream's newest samples, read
         // from the topic's end by this replica alone (never committed).

@@ -105,6 +105,58 @@ fn print_invoice(invoice: &Invoice, format: Format, settings: &Settings) -> anyh
     Ok(())
 }
 
+/// Closes one sheet's period, reporting on stderr; returns the issued
+/// invoices' summaries and how many customers were left out.
+async fn close(
+    invoicer: &Invoicer,
+    start: DateTime<Utc>,
+    dry_run: bool,
+) -> anyhow::Result<(Vec<serde_json::Value>, usize)> {
+    let bar = std::sync::OnceLock::new();
+    let progress = |done: usize, total: usize| {
+        bar.get_or_init(|| crate::progress::Progress::new("invoices", total as u64, "customers"))
+            .set(done as u64);
+    };
+    let outcome = invoicer
+        .close_period(start, Utc::now(), dry_run, &progress)
+        .await?;
+    if let Some(bar) = bar.get() {
+        bar.finish();
+    }
+    let verb = if dry_run { "would issue" } else { "issued" };
+    eprintln!(
+        "invoices ({}): {verb} {}, {} already issued, {} customers with nothing to bill, {} caught up from samples",
+        invoicer.currency(),
+        outcome.issued_count,
+        outcome.already_issued.len(),
+        outcome.nothing_to_bill,
+        outcome.caught_up
+    );
+    for (customer, reason) in &outcome.failed {
+        eprintln!(
+            "invoices: {customer} not invoiced: {reason} (in rating_errors; the next run retries)"
+        );
+    }
+    for (number, customer, issued, now) in &outcome.differences {
+        eprintln!(
+            "invoices: #{number} ({customer}) was issued at {issued}; re-rated now it would be {now}: the next invoice carries the difference as an adjustment"
+        );
+    }
+    let summary = outcome
+        .issued
+        .iter()
+        .map(|invoice| {
+            serde_json::json!({
+                "number": invoice.number,
+                "customer": invoice.customer,
+                "total": invoice.total.to_string(),
+                "currency": invoice.currency,
+            })
+        })
+        .collect();
+    Ok((summary, outcome.failed.len()))
+}
+
 /// `--line N` or `--line N=AMOUNT`, repeated; none is the whole invoice.
 fn credit_request(lines: &[String]) -> anyhow::Result<idlemeter_core::credit_note::CreditRequest> {
     use idlemeter_core::credit_note::CreditRequest;
@@ -174,19 +226,60 @@ impl SheetFiles {
     }
 }
 
+/// The invoicer of the primary sheet (`[rater] sheet`).
 pub(crate) async fn invoicer(settings: &Settings) -> anyhow::Result<Invoicer> {
+    let mut all = invoicers(settings).await?;
+    Ok(all.remove(0))
+}
+
+/// One invoicer per sheet, the primary's first, each closing its
+/// currency's customers (see `[rater] currency_sheets`).
+pub(crate) async fn invoicers(settings: &Settings) -> anyhow::Result<Vec<Invoicer>> {
+    let ledger = super::ledger(settings).await?;
+    let meters = settings.events.load_meters()?;
     let files = SheetFiles::read(settings)?;
-    let mut invoicer = Invoicer::new(
-        Store::new(&settings.clickhouse),
-        files.source(settings),
-        settings.invoicer.clone(),
-        settings.billing.clone(),
-    )?
-    .with_meters(&settings.events.load_meters()?)?;
-    if let Some(ledger) = super::ledger(settings).await? {
-        invoicer = invoicer.with_ledger(ledger);
+    let mut invoicers = Vec::new();
+    for (path, lane) in super::sheet_lanes(settings)? {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading price sheet {path}"))?;
+        let source = idlemeter_store::SheetSource {
+            sheet_text: &text,
+            sheet_label: &path,
+            ..files.source(settings)
+        };
+        let mut invoicer = Invoicer::new(
+            Store::new(&settings.clickhouse),
+            source,
+            settings.invoicer.clone(),
+            settings.billing.clone(),
+        )?
+        .with_meters(&meters)?;
+        if let Some(lane) = lane {
+            invoicer = invoicer.with_lane(lane)?;
+        }
+        if let Some(ledger) = &ledger {
+            invoicer = invoicer.with_ledger(ledger.clone());
+        }
+        invoicers.push(invoicer);
     }
-    Ok(invoicer)
+    Ok(invoicers)
+}
+
+/// The invoicer billing `customer`: the sheet of their record's currency,
+/// else the primary.
+async fn invoicer_of(settings: &Settings, customer: &str) -> anyhow::Result<Invoicer> {
+    let currencies = Store::new(&settings.clickhouse)
+        .customer_currencies(&settings.billing.issuer)
+        .await?;
+    let mut all = invoicers(settings).await?;
+    let index = currencies
+        .get(customer)
+        .and_then(|currency| {
+            all.iter()
+                .position(|invoicer| invoicer.currency() == currency)
+        })
+        .unwrap_or(0);
+    Ok(all.swap_remove(index))
 }
 
 pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> {
@@ -236,56 +329,21 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             }
         }
         InvoicesCommand::Close { period, dry_run } => {
-            let invoicer = invoicer(settings).await?;
             let start = parse_period(&period)?;
-            let bar = std::sync::OnceLock::new();
-            let progress = |done: usize, total: usize| {
-                bar.get_or_init(|| {
-                    crate::progress::Progress::new("invoices", total as u64, "customers")
-                })
-                .set(done as u64);
-            };
-            let outcome = invoicer
-                .close_period(start, Utc::now(), dry_run, &progress)
-                .await?;
-            if let Some(bar) = bar.get() {
-                bar.finish();
+            let mut summary: Vec<serde_json::Value> = Vec::new();
+            let mut failed = 0;
+            // Each sheet closes its currency's customers.
+            for invoicer in invoicers(settings).await? {
+                let (issued, left_out) = close(&invoicer, start, dry_run).await?;
+                summary.extend(issued);
+                failed += left_out;
             }
-            let verb = if dry_run { "would issue" } else { "issued" };
-            eprintln!(
-                "invoices: {verb} {}, {} already issued, {} customers with nothing to bill, {} caught up from samples",
-                outcome.issued_count,
-                outcome.already_issued.len(),
-                outcome.nothing_to_bill,
-                outcome.caught_up
-            );
-            for (customer, reason) in &outcome.failed {
-                eprintln!("invoices: {customer} not invoiced: {reason} (in rating_errors; the next run retries)");
-            }
-            for (number, customer, issued, now) in &outcome.differences {
-                eprintln!(
-                    "invoices: #{number} ({customer}) was issued at {issued}; re-rated now it would be {now}: the next invoice carries the difference as an adjustment"
-                );
-            }
-            let summary: Vec<serde_json::Value> = outcome
-                .issued
-                .iter()
-                .map(|invoice| {
-                    serde_json::json!({
-                        "number": invoice.number,
-                        "customer": invoice.customer,
-                        "total": invoice.total.to_string(),
-                        "currency": invoice.currency,
-                    })
-                })
-                .collect();
             println!("{}", serde_json::to_string_pretty(&summary)?);
             // Everyone else is invoiced; the run still fails, so a scheduler
             // or an operator sees the customers left out.
             anyhow::ensure!(
-                outcome.failed.is_empty(),
-                "{} customers not invoiced (see above and rating_errors)",
-                outcome.failed.len()
+                failed == 0,
+                "{failed} customers not invoiced (see above and rating_errors)"
             );
         }
         InvoicesCommand::Show { number, format } => {
@@ -338,7 +396,7 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             }
         }
         InvoicesCommand::Preview { customer, format } => {
-            match invoicer(settings)
+            match invoicer_of(settings, &customer)
                 .await?
                 .preview(&customer, Utc::now())
                 .await?
@@ -353,7 +411,11 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
 
 pub async fn service(settings: &Settings) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
-    let invoicer = invoicer(settings).await?.with_metrics(&registry)?;
+    let invoicers = invoicers(settings)
+        .await?
+        .into_iter()
+        .map(|invoicer| invoicer.with_metrics(&registry))
+        .collect::<Result<Vec<_>, _>>()?;
     let ready = super::readiness(
         settings,
         &registry,
@@ -369,7 +431,14 @@ pub async fn service(settings: &Settings) -> anyhow::Result<()> {
             delivery.run_until_stopped(std::time::Duration::from_secs(1), super::shutdown_signal()),
         )
     });
-    invoicer.run_until_stopped(super::shutdown_signal()).await?;
+    // One shutdown signal stops every sheet's invoicer.
+    let shutdown = futures::FutureExt::shared(super::shutdown_signal());
+    futures::future::try_join_all(
+        invoicers
+            .into_iter()
+            .map(|invoicer| invoicer.run_until_stopped(shutdown.clone())),
+    )
+    .await?;
     if let Some(delivering) = delivering {
         delivering.await?;
     }

@@ -1,6 +1,7 @@
 //! Subcommand bodies. Each builds what it needs from [`Settings`] and runs it.
 
 pub mod api;
+pub mod customers;
 pub mod invoices;
 pub mod policy;
 pub mod rate;
@@ -242,19 +243,31 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
-    let sheet_path = &settings.rater.sheet;
+/// The rater of one sheet: the primary `[rater] sheet` or one of
+/// `[rater] currency_sheets`, each in its currency's lane when there are
+/// several.
+fn build_rater(
+    settings: &Settings,
+    sheet_path: &str,
+    lane: Option<idlemeter_store::CurrencyLane>,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Rater> {
     let sheet = std::fs::read_to_string(sheet_path)
         .with_context(|| format!("reading price sheet {sheet_path}"))?;
-    let registry = prometheus::Registry::new();
     let mut rater = Rater::new(
         Store::new(&settings.clickhouse),
         &sheet,
-        settings.rater.clone(),
-        &registry,
+        idlemeter_rater::RaterConfig {
+            sheet: sheet_path.to_owned(),
+            ..settings.rater.clone()
+        },
+        registry,
     )?
     .with_terms(settings.billing.clone())?
     .with_meters(&settings.events.load_meters()?)?;
+    if let Some(lane) = lane {
+        rater = rater.with_lane(lane)?;
+    }
     let policy_path = &settings.rater.idle_policy;
     if !policy_path.is_empty() {
         let text = std::fs::read_to_string(policy_path)
@@ -271,6 +284,54 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
         rater = rater.with_live_feed(feed);
     }
     tracing::info!(sheet = %sheet_path, checksum = rater.sheet_checksum(), "rater started");
+    Ok(rater)
+}
+
+/// Each sheet of `settings` (the primary first) with its lane: none when
+/// there is one sheet; else each sheet's currency, the primary's also
+/// taking customers without a record. Refuses two sheets of one currency.
+pub(crate) fn sheet_lanes(
+    settings: &Settings,
+) -> anyhow::Result<Vec<(String, Option<idlemeter_store::CurrencyLane>)>> {
+    let rater = &settings.rater;
+    if rater.currency_sheets.is_empty() {
+        return Ok(vec![(rater.sheet.clone(), None)]);
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    let mut lanes = Vec::new();
+    for (index, path) in std::iter::once(&rater.sheet)
+        .chain(&rater.currency_sheets)
+        .enumerate()
+    {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading price sheet {path}"))?;
+        let currency = idlemeter_core::PriceSheet::from_toml(&text, path)?
+            .currency
+            .code()
+            .to_owned();
+        if let Some(other) = seen.insert(currency.clone(), path.clone()) {
+            anyhow::bail!(
+                "sheets {other} and {path} both price in {currency}: [rater] currency_sheets takes one sheet per further currency"
+            );
+        }
+        lanes.push((
+            path.clone(),
+            Some(idlemeter_store::CurrencyLane {
+                currency,
+                primary: index == 0,
+            }),
+        ));
+    }
+    Ok(lanes)
+}
+
+pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let raters = sheet_lanes(settings)?
+        .into_iter()
+        .map(|(path, lane)| build_rater(settings, &path, lane, &registry))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let live = &settings.rater;
     let ready = readiness(
         settings,
         &registry,
@@ -282,7 +343,14 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
         },
     )?;
     let metrics = expose(settings, registry, ready).await?;
-    rater.run_until_stopped(shutdown_signal()).await?;
+    // One shutdown signal stops every sheet's rater.
+    let shutdown = futures::FutureExt::shared(shutdown_signal());
+    futures::future::try_join_all(
+        raters
+            .into_iter()
+            .map(|rater| rater.run_until_stopped(shutdown.clone())),
+    )
+    .await?;
     metrics.await??;
     Ok(())
 }

@@ -132,6 +132,18 @@ impl PriceSheet {
             .checked_sub(1)
     }
 
+    /// The customers the sheet puts on a plan of their own, with it.
+    pub fn customer_plans(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.customers.iter().filter_map(|(customer, terms)| {
+            terms.plan.as_deref().map(|plan| (customer.as_str(), plan))
+        })
+    }
+
+    /// A plan by name.
+    pub fn plan_named(&self, name: &str) -> Option<&Plan> {
+        self.plans.get(name)
+    }
+
     /// The plan a customer is on: their own, else the sheet's default.
     pub fn plan_for(&self, customer: &CustomerId) -> Option<&Plan> {
         let name = self
