@@ -46,10 +46,11 @@ def unix(text: str) -> int:
 def main() -> int:
     expected = json.loads((DASHBOARDS / "fixture" / "expected.json").read_text())
     panels = tomllib.loads((DASHBOARDS / "panels.toml").read_text())["panels"]
-    fragment = "\n".join(
-        l for l in (DASHBOARDS / "queries" / "revenue_lines.sql").read_text().splitlines()
-        if not l.lstrip().startswith("--")
-    )
+    def fragment(name):
+        return "\n".join(
+            l for l in (DASHBOARDS / "queries" / f"{name}.sql").read_text().splitlines()
+            if not l.lstrip().startswith("--")
+        )
     start, end = unix(expected["from"]), unix(expected["to"])
     with tempfile.TemporaryDirectory() as path:
         db = session.Session(path)
@@ -67,7 +68,9 @@ def main() -> int:
         failed = 0
         for panel in panels:
             sql = (
-                panel["sql"].replace("{revenue_lines}", fragment)
+                panel["sql"].replace("{sandbox_margin}", fragment("sandbox_margin"))
+                .replace("{sandbox_costs}", fragment("sandbox_costs"))
+                .replace("{revenue_lines}", fragment("revenue_lines"))
                 .replace("{from}", str(start)).replace("{to}", str(end)).replace("{interval_s}", "1")
             )
             out = db.query(sql, "TabSeparated").bytes().decode()

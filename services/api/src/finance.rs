@@ -16,6 +16,10 @@ use utoipa::ToSchema;
 
 const PANELS_TOML: &str = include_str!("../../../dashboards/panels.toml");
 const REVENUE_LINES_SQL: &str = include_str!("../../../dashboards/queries/revenue_lines.sql");
+const SANDBOX_COSTS_SQL: &str = include_str!("../../../dashboards/queries/sandbox_costs.sql");
+/// Margin per sandbox and per customer (the admin route's query and the
+/// margin panel's fragment).
+pub const SANDBOX_MARGIN_SQL: &str = include_str!("../../../dashboards/queries/sandbox_margin.sql");
 
 /// How a panel is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -59,8 +63,10 @@ fn without_comments(sql: &str) -> String {
 
 /// The panel's SQL with its placeholders filled: `from`/`to` and the
 /// interval as given (numbers, or Grafana macros).
-fn fill(sql: &str, from: &str, to: &str, interval_s: &str) -> String {
-    sql.replace("{revenue_lines}", &without_comments(REVENUE_LINES_SQL))
+pub(crate) fn fill(sql: &str, from: &str, to: &str, interval_s: &str) -> String {
+    sql.replace("{sandbox_margin}", &without_comments(SANDBOX_MARGIN_SQL))
+        .replace("{sandbox_costs}", &without_comments(SANDBOX_COSTS_SQL))
+        .replace("{revenue_lines}", &without_comments(REVENUE_LINES_SQL))
         .replace("{from}", from)
         .replace("{to}", to)
         .replace("{interval_s}", interval_s)

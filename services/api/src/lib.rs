@@ -445,6 +445,7 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
         routes::revoke_key,
         routes::finance_panels,
         routes::finance_link,
+        routes::margin,
         events::ingest_events,
         events::list_meters,
         events::query_meter,
@@ -614,6 +615,7 @@ impl Api {
                     .route("/v1/keys", axum::routing::post(routes::create_key))
                     .route("/v1/keys/{key_id}", delete(routes::revoke_key))
                     .route("/v1/finance/panels", get(routes::finance_panels))
+                    .route("/v1/admin/margin", get(routes::margin))
                     .route(
                         "/v1/finance/link",
                         axum::routing::post(routes::finance_link),

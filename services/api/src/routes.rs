@@ -1191,6 +1191,68 @@ pub async fn finance_panels(
     Ok(axum::Json(run_panels(&state, from, to).await?))
 }
 
+/// Margin in a range: a row per sandbox and one per customer (sandbox
+/// `""`), as `dashboards/queries/sandbox_margin.sql` computes it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MarginRow {
+    pub customer: String,
+    /// `""` on the customer's own row (all their revenue and cost).
+    pub sandbox: String,
+    pub currency: String,
+    /// The node type the sandbox's cost came from (most of it).
+    pub node_type: String,
+    /// Decimal strings: revenue (a sandbox's: its share of its customer's
+    /// vCPU, memory and GPU usage lines), allocated node cost, and their
+    /// difference.
+    pub revenue: String,
+    pub cost: String,
+    pub margin: String,
+}
+
+#[utoipa::path(get, path = "/v1/admin/margin", tag = "finance",
+    summary = "Revenue, allocated node cost and margin per customer and sandbox for a range (admin keys only)",
+    description = "Node cost is allocated to sandboxes by their share of each node's capacity (GPU-seconds on GPU nodes, vCPU-seconds on others) under the loaded node cost sheet; customers billed in another currency than the cost sheet's are left out. See idlemeter_core::margin.",
+    params(FinanceQuery),
+    responses((status = 200, body = Vec<MarginRow>),
+        QueryProblems),
+    security(("api_key" = [])))]
+pub async fn margin(
+    State(state): AppStateRef,
+    Query(query): Query<FinanceQuery>,
+) -> ApiResult<axum::Json<Vec<MarginRow>>> {
+    let (from, to) = finance_range(&query, state.now())?;
+    let sql = crate::finance::fill(
+        "SELECT customer, sandbox, currency, node_type, toString(revenue), toString(cost), \
+         toString(margin) FROM ({sandbox_margin}) ORDER BY customer, sandbox",
+        &from.to_string(),
+        &to.to_string(),
+        "1",
+    );
+    let mut rows = state.store.query_rows(&sql).await?;
+    if !rows.is_empty() {
+        rows.remove(0);
+    }
+    let money = |text: &str| {
+        text.parse::<rust_decimal::Decimal>()
+            .map(|value| value.normalize().to_string())
+            .unwrap_or_else(|_| text.to_owned())
+    };
+    Ok(axum::Json(
+        rows.into_iter()
+            .filter(|row| row.len() == 7)
+            .map(|row| MarginRow {
+                customer: row[0].clone(),
+                sandbox: row[1].clone(),
+                currency: row[2].clone(),
+                node_type: row[3].clone(),
+                revenue: money(&row[4]),
+                cost: money(&row[5]),
+                margin: money(&row[6]),
+            })
+            .collect(),
+    ))
+}
+
 /// A link to the built-in finance page.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FinanceLink {

@@ -50,6 +50,8 @@ enum Command {
     Invoices(commands::invoices::InvoicesArgs),
     /// Customer records and plan changes, in the ledger.
     Customers(commands::customers::CustomersArgs),
+    /// Load the node cost sheet (`[margin] node_costs`) for margin.
+    MarginLoad,
     /// Run the node collector: sample sandbox cgroups, ship node batches, act on commands.
     Collector,
     /// Produce usage from a simulated fleet of sandboxes to Kafka.
@@ -106,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Keys(args) => commands::api::keys(&settings, args).await,
             Command::Invoices(args) => commands::invoices::run(&settings, args).await,
             Command::Customers(args) => commands::customers::run(&settings, args).await,
+            Command::MarginLoad => commands::margin_load(&settings).await,
             Command::Simulate(args) => commands::simulate::run(&settings, args).await,
             Command::Config => {
                 println!("{}", serde_json::to_string_pretty(&settings)?);

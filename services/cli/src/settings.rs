@@ -42,6 +42,33 @@ pub struct Settings {
     /// in ClickHouse under the invoicer's lock file (one host only).
     #[serde(default)]
     pub ledger: idlemeter_ledger::LedgerSettings,
+    #[serde(default)]
+    pub margin: MarginSettings,
+}
+
+/// Margin: what nodes cost (see `idlemeter_core::margin`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MarginSettings {
+    /// A node cost sheet (TOML: `[sheet] currency`, `[[types]]` with
+    /// `nodes`, `cost_per_hour`, capacities); "" for none. The API loads
+    /// it into ClickHouse at start (`idlemeter margin load` does too).
+    pub node_costs: String,
+}
+
+impl MarginSettings {
+    /// The node cost sheet, read and checked; `None` when not configured.
+    pub fn load(&self) -> anyhow::Result<Option<idlemeter_core::margin::NodeCosts>> {
+        if self.node_costs.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.node_costs).map_err(|error| {
+            anyhow::anyhow!("reading node cost sheet {}: {error}", self.node_costs)
+        })?;
+        idlemeter_core::margin::NodeCosts::from_toml(&text, &self.node_costs)
+            .map(Some)
+            .map_err(|error| anyhow::anyhow!(error))
+    }
 }
 
 /// Usage events (OpenMeter-compatible): the meters over them and limits.
@@ -122,6 +149,7 @@ impl Default for Settings {
             invoicer: InvoicerConfig::default(),
             api: ApiConfig::default(),
             events: EventsSettings::default(),
+            margin: MarginSettings::default(),
             ledger: idlemeter_ledger::LedgerSettings::default(),
             metrics: MetricsSettings {
                 listen: "127.0.0.1:9464".to_owned(),

@@ -23,6 +23,7 @@ pub mod events;
 pub mod ids;
 pub mod invoice;
 pub mod jsonl;
+pub mod margin;
 pub mod metering;
 pub mod money;
 pub mod period;

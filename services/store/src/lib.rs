@@ -14,6 +14,7 @@ mod customers;
 pub mod document;
 mod events;
 mod invoices;
+mod margin;
 mod migrate;
 mod minutes;
 pub mod pdf;
@@ -41,6 +42,7 @@ pub use invoices::{
     CreditNoteLineRow, CreditNoteRow, CreditNoteRows, InvoiceLineRow, InvoiceRow, IssuedRows,
     WalletDepositRow,
 };
+pub use margin::NodeCostRow;
 pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;
 pub use policy::{DecisionRow, PolicyStateRow};

@@ -53,6 +53,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0012_usage_events.sql"),
     migration!("0013_credit_notes.sql"),
     migration!("0014_customers.sql"),
+    migration!("0015_node_costs.sql"),
 ];
 
 impl Migration {

@@ -14,6 +14,11 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let store = Store::new(&settings.clickhouse);
     let files = super::invoices::SheetFiles::read(settings)?;
     let billing = idlemeter_api::Billing::new(files.source(settings), settings.billing.clone())?;
+    // The node cost sheet, when configured, is what margin reads.
+    if let Some(costs) = settings.margin.load()? {
+        let version = store.load_node_costs(&costs).await?;
+        tracing::info!(sheet = %settings.margin.node_costs, version, "node costs loaded");
+    }
     // One billing per further currency's sheet, beside the primary's.
     let mut currency_billing = Vec::new();
     for (path, lane) in super::sheet_lanes(settings)?.into_iter().skip(1) {

@@ -165,6 +165,24 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads `[margin] node_costs` into ClickHouse, where the margin panel
+/// and route read it.
+pub async fn margin_load(settings: &Settings) -> anyhow::Result<()> {
+    let costs = settings
+        .margin
+        .load()?
+        .context("[margin] node_costs is empty: name a node cost sheet")?;
+    let version = Store::new(&settings.clickhouse)
+        .load_node_costs(&costs)
+        .await?;
+    eprintln!(
+        "margin: {} node types from {} loaded as version {version}",
+        costs.types.len(),
+        settings.margin.node_costs
+    );
+    Ok(())
+}
+
 /// The ledger of `settings`, migrated, when one is configured.
 pub(crate) async fn ledger(
     settings: &Settings,
