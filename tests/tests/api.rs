@@ -184,7 +184,10 @@ impl Fixture {
             idlemeter_tests::sheet_source(SHEET, "test.toml"),
             terms(),
         )?;
-        let api = Api::new(env.store.clone(), billing, config, &registry).await?;
+        // With a ledger: the admin customer routes are exercised too.
+        let api = Api::new(env.store.clone(), billing, config, &registry)
+            .await?
+            .with_ledger(env.ledger().await?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

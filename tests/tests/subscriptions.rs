@@ -243,3 +243,96 @@ async fn customer_records_refuse_what_could_not_bill() -> anyhow::Result<()> {
     assert!(ledger.customer_ids(ISSUER).await?.is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_manage_customers_and_plans_through_the_ledger() -> anyhow::Result<()> {
+    let env = TestEnv::new("customer_routes").await?;
+    let admin = idlemeter_api::auth::generate(None, "finance", 0);
+    env.store.insert_api_key(&admin.row).await?;
+    let billing =
+        || idlemeter_api::Billing::new(idlemeter_tests::sheet_source(E2B, "e2b.toml"), terms());
+    let serve = |api: idlemeter_api::Api| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(api.serve(listener, std::future::pending()));
+        Ok::<_, anyhow::Error>(base)
+    };
+    let config = idlemeter_api::ApiConfig {
+        alert_interval_s: 0,
+        ..idlemeter_api::ApiConfig::default()
+    };
+    let registry = prometheus::Registry::new();
+    let with_ledger = serve(
+        idlemeter_api::Api::new(env.store.clone(), billing()?, config.clone(), &registry)
+            .await?
+            .with_ledger(env.ledger().await?),
+    )
+    .await?;
+    let without =
+        serve(idlemeter_api::Api::new(env.store.clone(), billing()?, config, &registry).await?)
+            .await?;
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({
+        "name": "Route Co",
+        "currency": "USD",
+        "tax_rate": "0.2",
+        "billing_email": "ap@route.test",
+        "spend_limit": "250",
+        "metadata": { "crm": "42" }
+    });
+    let put = |base: &str| {
+        http.put(format!("{base}/v1/admin/customers/route-co"))
+            .bearer_auth(&admin.key)
+            .json(&body)
+    };
+    assert_eq!(put(&without).send().await?.status(), 503);
+    let saved: serde_json::Value = put(&with_ledger)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(saved, serde_json::json!({ "version": 1, "created": true }));
+    let bad = http
+        .put(format!("{with_ledger}/v1/admin/customers/route-co"))
+        .bearer_auth(&admin.key)
+        .json(&serde_json::json!({ "currency": "USD", "tax_rate": "2" }))
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
+    let plan = |name: &str| {
+        http.post(format!(
+            "{with_ledger}/v1/admin/customers/route-co/subscriptions"
+        ))
+        .bearer_auth(&admin.key)
+        .json(&serde_json::json!({ "plan": name, "effective_from": "2026-11-14T00:00:00Z" }))
+    };
+    assert_eq!(plan("platinum").send().await?.status(), 400);
+    assert_eq!(plan("pro").send().await?.status(), 201);
+    let view: serde_json::Value = http
+        .get(format!("{with_ledger}/v1/admin/customers/route-co"))
+        .bearer_auth(&admin.key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(view["customer"]["tax_rate"], "0.2");
+    assert_eq!(view["customer"]["spend_limit"], "250");
+    assert_eq!(view["subscriptions"][0]["plan"], "pro");
+    // Copied to ClickHouse before the answer: the next bill reads it.
+    let rows = env
+        .store
+        .subscriptions_between(ISSUER, "route-co", "route-co", u32::MAX)
+        .await?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        http.get(format!("{with_ledger}/v1/admin/customers/nobody"))
+            .bearer_auth(&admin.key)
+            .send()
+            .await?
+            .status(),
+        404
+    );
+    Ok(())
+}

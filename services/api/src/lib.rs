@@ -15,6 +15,7 @@
 
 pub mod alerts;
 pub mod auth;
+pub mod customers;
 mod docs;
 pub mod events;
 pub mod finance;
@@ -292,6 +293,9 @@ pub struct AppState {
     pub(crate) billing: Billing,
     /// The sheets of further currencies (`[rater] currency_sheets`).
     pub(crate) currency_billing: Vec<Billing>,
+    /// Where customers and plans live (`[ledger] url`): the admin customer
+    /// routes answer 503 without it.
+    pub(crate) ledger: Option<idlemeter_ledger::Ledger>,
     pub(crate) config: ApiConfig,
     pub(crate) links: finance::PageLinks,
     pub(crate) sealer: sealed::Sealer,
@@ -446,6 +450,9 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
         routes::finance_panels,
         routes::finance_link,
         routes::margin,
+        customers::put_customer,
+        customers::get_customer,
+        customers::post_subscription,
         events::ingest_events,
         events::list_meters,
         events::query_meter,
@@ -519,6 +526,7 @@ impl Api {
                 public_limiter,
                 billing,
                 currency_billing: Vec::new(),
+                ledger: None,
                 config,
                 links: finance::PageLinks::default(),
                 sealer,
@@ -533,6 +541,15 @@ impl Api {
 
     pub fn config(&self) -> &ApiConfig {
         &self.state.config
+    }
+
+    /// Manages customers and plans in `ledger` (the admin customer
+    /// routes). Call before [`Api::serve`] or [`Api::router`].
+    pub fn with_ledger(mut self, ledger: idlemeter_ledger::Ledger) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.ledger = Some(ledger);
+        }
+        self
     }
 
     /// Bills customers of further currencies with their sheets (one per
@@ -616,6 +633,14 @@ impl Api {
                     .route("/v1/keys/{key_id}", delete(routes::revoke_key))
                     .route("/v1/finance/panels", get(routes::finance_panels))
                     .route("/v1/admin/margin", get(routes::margin))
+                    .route(
+                        "/v1/admin/customers/{customer}",
+                        get(customers::get_customer).put(customers::put_customer),
+                    )
+                    .route(
+                        "/v1/admin/customers/{customer}/subscriptions",
+                        axum::routing::post(customers::post_subscription),
+                    )
                     .route(
                         "/v1/finance/link",
                         axum::routing::post(routes::finance_link),

@@ -173,7 +173,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
 }
 
 /// The problem answers an operation documents, by status.
-fn problem_responses(
+pub(crate) fn problem_responses(
     statuses: &[(u16, &str)],
 ) -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
     statuses

@@ -29,8 +29,8 @@ use crate::views::{
 };
 use crate::AppState;
 
-type ApiResult<T> = Result<T, Problem>;
-type AppStateRef = State<Arc<AppState>>;
+pub(crate) type ApiResult<T> = Result<T, Problem>;
+pub(crate) type AppStateRef = State<Arc<AppState>>;
 
 /// Most windows (all sandboxes together) one usage page holds.
 const MAX_PAGE_WINDOWS: u32 = 100_000;

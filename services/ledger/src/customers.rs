@@ -52,6 +52,25 @@ impl CustomerRecord {
     pub fn validate(&self) -> Result<()> {
         let refuse =
             |reason: String| Err(Error::Refused(format!("customer {:?}: {reason}", self.id)));
+        // PostgreSQL stores no NUL in text or JSONB.
+        let texts = [
+            &self.name,
+            &self.tax_id,
+            &self.billing_email,
+            &self.currency,
+        ];
+        if texts.iter().any(|text| text.contains('\0'))
+            || serde_json::Value::Object(self.metadata.clone())
+                .to_string()
+                .contains("\\u0000")
+        {
+            return refuse("a text field or metadata holds a NUL character".to_owned());
+        }
+        if self.name.len() > 1024 || self.tax_id.len() > 256 || self.billing_email.len() > 320 {
+            return refuse(
+                "name (1024), tax_id (256) or billing_email (320 bytes) is too long".to_owned(),
+            );
+        }
         if let Err(error) = idlemeter_core::CustomerId::parse(self.id.clone()) {
             return refuse(format!("id: {error}"));
         }

@@ -38,6 +38,9 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let mut api = Api::new(store, billing, settings.api.clone(), &registry)
         .await?
         .with_currency_sheets(currency_billing);
+    if let Some(ledger) = super::ledger(settings).await? {
+        api = api.with_ledger(ledger);
+    }
     if settings.api.live_state {
         // Sandbox state within a second: the stream's newest samples, read
         // from the topic's end by this replica alone (never committed).
