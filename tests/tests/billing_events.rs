@@ -189,3 +189,62 @@ async fn invoice_issued_is_signed_retried_and_accepted_once_per_delivery_id() ->
     assert_eq!(keys, totals.keys().cloned().collect::<Vec<_>>());
     Ok(())
 }
+
+/// `customer.spend_limit_reached`: queued once per customer and period when
+/// the newest figure's spend reaches the record's limit, never for one
+/// below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_limit_reached_is_an_event_once_per_period() -> anyhow::Result<()> {
+    let env = TestEnv::new("spend_limits").await?;
+    let ledger = env.ledger().await?;
+    let start = Utc
+        .with_ymd_and_hms(2026, 10, 5, 0, 0, 0)
+        .single()
+        .expect("a date");
+    // $10 each on the one-dollar-a-vCPU-hour sheet.
+    let mut samples = idlemeter_tests::running_span("big-spender", 1, start, 10, 1000, 0);
+    samples.extend(idlemeter_tests::running_span(
+        "careful", 1, start, 10, 1000, 0,
+    ));
+    env.store.insert_samples(&samples).await?;
+    for (id, limit) in [("big-spender", "5"), ("careful", "50")] {
+        ledger
+            .save_customer(
+                "",
+                &idlemeter_ledger::CustomerRecord {
+                    id: id.to_owned(),
+                    name: String::new(),
+                    currency: "USD".to_owned(),
+                    tax_rate: rust_decimal::Decimal::ZERO,
+                    tax_id: String::new(),
+                    billing_email: String::new(),
+                    spend_limit: Some(limit.parse()?),
+                    metadata: serde_json::Map::new(),
+                },
+            )
+            .await?;
+    }
+    ledger.relay(&env.store).await?;
+    idlemeter_tests::rater_pass(
+        &env,
+        SIMPLE_SHEET,
+        "t.toml",
+        idlemeter_core::BillingTerms::default(),
+        start + chrono::Duration::hours(12),
+    )
+    .await?;
+    let now = start + chrono::Duration::hours(12);
+    let check = || idlemeter_invoicer::events::check_spend_limits(&ledger, &env.store, "", now);
+    assert_eq!(check().await?, 1);
+    assert_eq!(check().await?, 0, "once per period");
+    let events = ledger
+        .pending(idlemeter_ledger::BILLING_EVENTS_TOPIC, 10)
+        .await?;
+    assert_eq!(events.len(), 1);
+    let event: idlemeter_ledger::BillingEvent = serde_json::from_value(events[0].payload.clone())?;
+    assert_eq!(event.event_type, "customer.spend_limit_reached");
+    assert_eq!(event.data["customer"], "big-spender");
+    assert_eq!(event.data["spend"], "10");
+    assert_eq!(event.data["spend_limit"], "5");
+    Ok(())
+}

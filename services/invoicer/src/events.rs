@@ -151,3 +151,43 @@ impl EventDelivery {
         }
     }
 }
+
+/// Queues `customer.spend_limit_reached` for every customer whose record
+/// has a spend limit and whose spend in their latest rated period (the
+/// newest figure, final or live: what spend alerts compare) reached it,
+/// once per customer and period. Returns how many were queued now.
+pub async fn check_spend_limits(
+    ledger: &idlemeter_ledger::Ledger,
+    store: &idlemeter_store::Store,
+    issuer: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<usize, crate::Error> {
+    let mut queued = 0;
+    for record in store.customers_with_spend_limits(issuer).await? {
+        let limit = idlemeter_store::from_column(record.spend_limit)?;
+        let Some(figure) = store.latest_spend(&record.id).await? else {
+            continue;
+        };
+        if figure.spend < limit {
+            continue;
+        }
+        let period_start =
+            chrono::DateTime::from_timestamp(i64::from(figure.period_start), 0).unwrap_or_default();
+        let event = idlemeter_ledger::BillingEvent::spend_limit_reached(
+            issuer,
+            &record.id,
+            period_start,
+            (
+                figure.spend.normalize(),
+                limit.normalize(),
+                &record.currency,
+            ),
+            now,
+        );
+        if ledger.queue_event_once(&event).await? {
+            tracing::info!(customer = %record.id, spend = %figure.spend, %limit, "spend limit reached");
+            queued += 1;
+        }
+    }
+    Ok(queued)
+}

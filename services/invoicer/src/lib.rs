@@ -122,6 +122,9 @@ pub struct InvoicerConfig {
     pub events_topic: String,
     /// Longest wait between delivery attempts of one event (backoff from 1 s).
     pub events_retry_max_s: u64,
+    /// How often, with a ledger, customers' spend is compared with their
+    /// records' spend limits (`customer.spend_limit_reached`); 0 never.
+    pub spend_limit_check_s: u64,
 }
 
 impl Default for InvoicerConfig {
@@ -141,6 +144,7 @@ impl Default for InvoicerConfig {
             events_webhook_secret: idlemeter_core::Secret::default(),
             events_topic: String::new(),
             events_retry_max_s: 300,
+            spend_limit_check_s: 60,
         }
     }
 }

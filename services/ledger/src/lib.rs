@@ -265,6 +265,36 @@ impl BillingEvent {
     }
 }
 
+impl BillingEvent {
+    /// `customer.spend_limit_reached`: the customer's spend in the period
+    /// starting at `period_start` reached their record's limit. Once per
+    /// customer and period (the id names both).
+    pub fn spend_limit_reached(
+        issuer: &str,
+        customer: &str,
+        period_start: DateTime<Utc>,
+        (spend, limit, currency): (Decimal, Decimal, &str),
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id: format!(
+                "customer.spend_limit_reached:{issuer}:{customer}:{}",
+                period_start.timestamp()
+            ),
+            event_type: "customer.spend_limit_reached".to_owned(),
+            created_at: at,
+            data: serde_json::json!({
+                "issuer": issuer,
+                "customer": customer,
+                "period_start": period_start,
+                "spend": spend.to_string(),
+                "spend_limit": limit.to_string(),
+                "currency": currency,
+            }),
+        }
+    }
+}
+
 /// A credit note as the ledger keeps it, made by the caller once its
 /// number is known.
 #[derive(Debug, Clone, PartialEq)]
@@ -702,6 +732,33 @@ impl Ledger {
         store_series(&tx, issuer, Series::CreditNote, number + 1).await?;
         tx.commit().await.context("committing the credit note")?;
         Ok((number, made))
+    }
+
+    /// Queues `event` unless an event with its id was queued before (in
+    /// any state): `false` then. For events detected by polling, such as
+    /// `customer.spend_limit_reached`, whose id names what happened once.
+    pub async fn queue_event_once(&self, event: &BillingEvent) -> Result<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.context("begin")?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('event:' || $1))",
+            &[&event.id],
+        )
+        .await
+        .context("locking the event id")?;
+        let queued = tx
+            .query_opt(
+                "SELECT 1 FROM outbox WHERE topic = $1 AND key = $2",
+                &[&BILLING_EVENTS_TOPIC, &event.id],
+            )
+            .await
+            .context("looking for the event")?
+            .is_some();
+        if !queued {
+            queue_event(&tx, event).await?;
+        }
+        tx.commit().await.context("committing the event")?;
+        Ok(!queued)
     }
 
     /// A customer's credit balance in the ledger: notes settled to the next

@@ -71,6 +71,19 @@ impl Store {
             .collect())
     }
 
+    /// Records with a spend limit (above zero).
+    pub async fn customers_with_spend_limits(&self, issuer: &str) -> Result<Vec<CustomerRow>> {
+        self.client
+            .query(
+                "SELECT ?fields FROM customers FINAL WHERE issuer = ? AND spend_limit > 0 \
+                 ORDER BY id",
+            )
+            .bind(issuer)
+            .fetch_all()
+            .await
+            .context("customers with spend limits")
+    }
+
     /// Customers with a plan change recorded (their fees are due even
     /// without usage).
     pub async fn subscribed_customers(&self, issuer: &str) -> Result<Vec<String>> {

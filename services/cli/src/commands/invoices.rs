@@ -433,6 +433,15 @@ pub async fn service(settings: &Settings) -> anyhow::Result<()> {
     });
     // One shutdown signal stops every sheet's invoicer.
     let shutdown = futures::FutureExt::shared(super::shutdown_signal());
+    let limits = spend_limits(settings).await?.map(|watch| {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = watch => {}
+                () = stop => {}
+            }
+        })
+    });
     futures::future::try_join_all(
         invoicers
             .into_iter()
@@ -442,8 +451,39 @@ pub async fn service(settings: &Settings) -> anyhow::Result<()> {
     if let Some(delivering) = delivering {
         delivering.await?;
     }
+    if let Some(limits) = limits {
+        limits.await?;
+    }
     metrics.await??;
     Ok(())
+}
+
+/// With a ledger, compares customers' spend with their spend limits every
+/// `[invoicer] spend_limit_check_s` (a future that runs until dropped).
+async fn spend_limits(
+    settings: &Settings,
+) -> anyhow::Result<Option<impl std::future::Future<Output = ()>>> {
+    let every = settings.invoicer.spend_limit_check_s;
+    let Some(ledger) = super::ledger(settings).await? else {
+        return Ok(None);
+    };
+    if every == 0 {
+        return Ok(None);
+    }
+    let store = Store::new(&settings.clickhouse);
+    let issuer = settings.billing.issuer.clone();
+    Ok(Some(async move {
+        let mut ticker = tokio::time::interval(std::time::Duration::from_secs(every));
+        loop {
+            ticker.tick().await;
+            if let Err(error) =
+                idlemeter_invoicer::events::check_spend_limits(&ledger, &store, &issuer, Utc::now())
+                    .await
+            {
+                tracing::warn!(%error, "checking spend limits failed; retrying next tick");
+            }
+        }
+    }))
 }
 
 /// The delivery of billing events the settings ask for: a ledger and a

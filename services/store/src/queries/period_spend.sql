@@ -3,15 +3,16 @@
 -- was rated under several sheet checksums (a re-rating), the checksum rated
 -- most recently in the period wins, the same rule as snapshot_lines.sql and
 -- the dashboards' revenue_lines.sql. total is what is due (every line);
--- spend is what the period costs, before a prepaid wallet paid part of it
--- (what spend alerts and budget caps compare). Parameters: customer, customer,
+-- spend is what the period costs, before a prepaid wallet or the credit
+-- balance paid part of it (what spend alerts, budget caps and spend
+-- limits compare). Parameters: customer, customer,
 -- customer.
 SELECT
     toUInt32(period_start) AS period_start_unix,
     sheet_checksum,
     toUInt32(as_of) AS as_of_unix,
     sum(amount) AS total,
-    sumIf(amount, kind != 'wallet') AS spend
+    sumIf(amount, kind NOT IN ('wallet', 'balance')) AS spend
 FROM rated_usage FINAL
 WHERE customer = ?
   AND (period_start, sheet_checksum) IN (
