@@ -80,7 +80,9 @@ impl TestEnv {
             .await?;
         let ledger_settings = idlemeter_ledger::LedgerSettings {
             url: std::env::var("IDLEMETER_LEDGER__URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/idlemeter".to_owned()),
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/idlemeter".to_owned())
+                .as_str()
+                .into(),
             schema: format!("test_{}", unique.to_ascii_lowercase()),
             ..idlemeter_ledger::LedgerSettings::default()
         };
@@ -100,7 +102,7 @@ impl TestEnv {
         ledger.migrate().await.map_err(|error| {
             anyhow::anyhow!(
                 "ledger at {} ({error}); start it with `scripts/services.sh start`",
-                self.ledger_settings.url
+                self.ledger_settings.url.expose()
             )
         })?;
         Ok(ledger)

@@ -239,7 +239,8 @@ async fn a_credit_note_is_carried_into_the_next_invoice_and_a_full_one_refunds_t
             "{events:?}"
         );
     }
-    let client = tokio_postgres::connect(&env.ledger_settings.url, tokio_postgres::NoTls).await?;
+    let client =
+        tokio_postgres::connect(env.ledger_settings.url.expose(), tokio_postgres::NoTls).await?;
     let (client, connection) = client;
     tokio::spawn(connection);
     let changed = client

@@ -733,7 +733,7 @@ async fn invoicer_processes_sharing_no_lock_never_share_or_skip_a_number() -> an
                 .args(["invoices", "close", "--period", "2026-10"])
                 .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
                 .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
-                .env("IDLEMETER_LEDGER__URL", &env.ledger_settings.url)
+                .env("IDLEMETER_LEDGER__URL", env.ledger_settings.url.expose())
                 .env("IDLEMETER_LEDGER__SCHEMA", &env.ledger_settings.schema)
                 .env("IDLEMETER_RATER__SHEET", &sheet_path)
                 .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")

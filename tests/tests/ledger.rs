@@ -146,7 +146,7 @@ async fn issued_invoices_are_numbered_once_immutable_and_queued() -> anyhow::Res
     assert_eq!(ledger.pending(INVOICES_TOPIC, 10).await?.len(), 2);
 
     // Nobody changes an issued invoice, not even with SQL.
-    let mut config: tokio_postgres::Config = env.ledger_settings.url.parse()?;
+    let mut config: tokio_postgres::Config = env.ledger_settings.url.expose().parse()?;
     config.options(format!("-c search_path={}", env.ledger_settings.schema));
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(connection);

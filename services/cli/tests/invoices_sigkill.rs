@@ -80,7 +80,7 @@ fn close_command(env: &TestEnv, dir: &std::path::Path) -> Command {
         .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
         // On the ledger (PostgreSQL), each run of its own schema, as
         // deployments issue; the numbers are then claimed there.
-        .env("IDLEMETER_LEDGER__URL", &env.ledger_settings.url)
+        .env("IDLEMETER_LEDGER__URL", env.ledger_settings.url.expose())
         .env("IDLEMETER_LEDGER__SCHEMA", &env.ledger_settings.schema)
         .env("IDLEMETER_RATER__SHEET", dir.join("sheet.toml"))
         .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
@@ -143,7 +143,7 @@ async fn a_sigkilled_close_rerun_issues_the_same_invoices_as_an_uninterrupted_on
             .args(["--id", "dep-1", "--at", "2026-09-30T00:00:00Z"])
             .env("IDLEMETER_CLICKHOUSE__URL", &env.clickhouse.url)
             .env("IDLEMETER_CLICKHOUSE__DATABASE", &env.clickhouse.database)
-            .env("IDLEMETER_LEDGER__URL", &env.ledger_settings.url)
+            .env("IDLEMETER_LEDGER__URL", env.ledger_settings.url.expose())
             .env("IDLEMETER_LEDGER__SCHEMA", &env.ledger_settings.schema)
             .env("IDLEMETER_BILLING__ISSUER", "acme-cloud")
             .output()?;

@@ -35,8 +35,10 @@ use tokio_postgres::NoTls;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerSettings {
-    /// `postgres://user[:password]@host:port/database`; "" for none.
-    pub url: String,
+    /// `postgres://user[:password]@host:port/database`; "" for none. A
+    /// secret: it may hold a password (`idlemeter config` prints it
+    /// redacted).
+    pub url: idlemeter_core::Secret,
     /// The schema the tables live in (created if absent): one database can
     /// hold several ledgers (tests give each its own).
     pub schema: String,
@@ -47,7 +49,7 @@ pub struct LedgerSettings {
 impl Default for LedgerSettings {
     fn default() -> Self {
         Self {
-            url: String::new(),
+            url: idlemeter_core::Secret::default(),
             schema: "public".to_owned(),
             pool_size: 8,
         }
@@ -359,7 +361,7 @@ impl Ledger {
                 "[ledger] schema {schema:?} must be 1-63 of a-z, 0-9 and '_'"
             )));
         }
-        let mut config = tokio_postgres::Config::from_str(&settings.url)
+        let mut config = tokio_postgres::Config::from_str(settings.url.expose())
             .map_err(|error| Error::Settings(format!("[ledger] url: {error}")))?;
         config.options(format!("-c search_path={schema}"));
         config.application_name("idlemeter");
