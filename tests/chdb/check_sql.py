@@ -417,7 +417,7 @@ def run_checks(query) -> int:
     query("INSERT INTO invoice_lines VALUES ('i', 1, 1, 'acme', 'usage', 'vcpu', '1', 'h', '1', '5', 0, '', 2)")
     query(
         "INSERT INTO invoices VALUES ('i', 1, 'acme', 0, 2678400, 'USD', '', 's', 'c', "
-        "'5', '0', '0', '0', '0', '0', '0', '5', '-1', 1, '0', 1, '0', '0')"
+        "'5', '0', '0', '0', '0', '0', '0', '5', '-1', 1, '0', 1, '0', '0', '')"
     )
     last = query("SELECT max(number) FROM invoices WHERE issuer = 'i'").strip()
     lines = query(

@@ -316,6 +316,7 @@ async fn a_negative_total_is_carried_forward_and_pays_the_next_invoice() -> anyh
             issued_at: at(2026, 11, 2).timestamp() as u32,
             balance_applied: 0,
             balance_carried: 0,
+            buyer: String::new(),
         }])
         .await?;
     let invoicer = invoicer(&env, terms.clone(), &lock.path().join("lock")).await?;

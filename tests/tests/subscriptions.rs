@@ -122,6 +122,16 @@ async fn an_e2b_upgrade_from_hobby_to_pro_mid_month_is_prorated_per_second() -> 
         .iter()
         .all(|line| line.resource != "plan.hobby"));
     assert_eq!(invoice.plan, "pro");
+    // The buyer as issued: the record's name, id, tax id and email.
+    assert_eq!(
+        invoice.buyer,
+        [
+            "Upgrader Inc.",
+            "Customer upgrader",
+            "Tax ID US-123",
+            "billing@upgrader.test"
+        ]
+    );
     // Hobby's $100 one-time credit, granted in the period, pays the
     // $87.18: $12.82 of it is left for December.
     assert_eq!(line(invoice, "credit.one_time").amount, dec("-87.18"));

@@ -574,10 +574,7 @@ pub async fn invoice(
         InvoiceFormat::Json
     });
     if format == InvoiceFormat::Pdf {
-        let parties = idlemeter_store::pdf::Parties {
-            seller: state.billing.terms.seller.clone(),
-            buyer: vec![invoice.customer.clone()],
-        };
+        let parties = idlemeter_store::pdf::Parties::of(&invoice, &state.billing.terms.seller);
         return Ok((
             [(header::CONTENT_TYPE, "application/pdf")],
             idlemeter_store::pdf::to_pdf(&invoice, &parties),

@@ -1001,10 +1001,11 @@ impl Invoicer {
         let (mut usage, caught_up) = self.usage_at(&id, start, end, rated).await?;
         self.apply_metered(&mut usage, metered)?;
         let account = accounts.account(&id);
-        Ok((
-            self.invoice(&id, &usage, &account, start, end, number)?,
-            caught_up,
-        ))
+        let mut invoice = self.invoice(&id, &usage, &account, start, end, number)?;
+        if let Some(invoice) = &mut invoice {
+            invoice.buyer = accounts.buyers.get(customer).cloned().unwrap_or_default();
+        }
+        Ok((invoice, caught_up))
     }
 
     /// The bill of `usage` with `account`, as an invoice; `None` when
@@ -1214,6 +1215,7 @@ impl Invoicer {
         let mut draft = self.invoice(&id, &usage, &accounts.account(&id), start, end, 0)?;
         if let Some(invoice) = &mut draft {
             invoice.status = "draft".to_owned();
+            invoice.buyer = accounts.buyers.get(customer).cloned().unwrap_or_default();
         }
         Ok(draft)
     }

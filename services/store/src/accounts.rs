@@ -116,6 +116,9 @@ pub struct Accounts {
     /// Invoiced periods that could not be compared for an adjustment (no
     /// rated quantities of that period under this sheet): (customer, period).
     pub not_adjustable: Vec<(String, u32)>,
+    /// The buyer details of customers with a record (name, tax id, billing
+    /// email), frozen on the invoices issued now.
+    pub buyers: BTreeMap<String, Vec<String>>,
 }
 
 impl Accounts {
@@ -289,6 +292,9 @@ impl AccountReader<'_> {
                 out.invoiced_before.insert(customer.to_owned());
             }
             let record = records.get(customer);
+            if let Some(record) = record {
+                out.buyers.insert(customer.to_owned(), buyer_lines(record));
+            }
             // The customer's record decides their tax rate and currency;
             // without one, `[billing] tax_rates` and the sheet's currency.
             let tax_rate = match record {
@@ -431,6 +437,24 @@ impl Store {
             .await
             .context(format!("invoices of {first} .. {last}"))
     }
+}
+
+/// A customer record as an invoice's buyer block: name, the id, tax id and
+/// billing email, the empty ones left out.
+fn buyer_lines(record: &CustomerRow) -> Vec<String> {
+    [
+        record.name.clone(),
+        format!("Customer {}", record.id),
+        if record.tax_id.is_empty() {
+            String::new()
+        } else {
+            format!("Tax ID {}", record.tax_id)
+        },
+        record.billing_email.clone(),
+    ]
+    .into_iter()
+    .filter(|line| !line.is_empty())
+    .collect()
 }
 
 /// The plans a customer was on from `start` to `end`, from their plan

@@ -71,6 +71,9 @@ pub struct Invoice {
     /// to it (both zero or positive; their lines carry them signed).
     pub balance_applied: Decimal,
     pub balance_carried: Decimal,
+    /// The buyer as the invoice was issued: the customer record's name,
+    /// tax id and billing email (empty without a record).
+    pub buyer: Vec<String>,
     /// The sum of every line, tax included and wallet payment deducted: what
     /// is due.
     pub total: Decimal,
@@ -132,6 +135,7 @@ impl Invoice {
             wallet_applied: bill.wallet_applied,
             balance_applied: bill.balance_applied,
             balance_carried: bill.balance_carried,
+            buyer: Vec::new(),
             total: bill.total,
             one_time_credit_left: bill.one_time_credit_left.unwrap_or(Decimal::NEGATIVE_ONE),
         }
@@ -174,6 +178,7 @@ impl Invoice {
             issued_at,
             balance_applied: column(self.balance_applied)?,
             balance_carried: column(self.balance_carried)?,
+            buyer: self.buyer.join("\n"),
         };
         let lines = self
             .lines
@@ -239,6 +244,12 @@ impl Invoice {
             wallet_applied: money(header.wallet_applied)?,
             balance_applied: money(header.balance_applied)?,
             balance_carried: money(header.balance_carried)?,
+            buyer: header
+                .buyer
+                .lines()
+                .filter(|line| !line.is_empty())
+                .map(str::to_owned)
+                .collect(),
             total: money(header.total)?,
             one_time_credit_left: money(header.one_time_credit_left)?,
         })

@@ -38,6 +38,9 @@ pub struct InvoiceRow {
     /// A negative spend carried to the credit balance (positive mantissa).
     #[serde(default)]
     pub balance_carried: i128,
+    /// The buyer's details at issue, one per line (migration 0016).
+    #[serde(default)]
+    pub buyer: String,
 }
 
 /// An issued invoice as its rows: what the ledger keeps and its outbox

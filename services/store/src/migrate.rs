@@ -54,6 +54,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0013_credit_notes.sql"),
     migration!("0014_customers.sql"),
     migration!("0015_node_costs.sql"),
+    migration!("0016_invoice_buyer.sql"),
 ];
 
 impl Migration {

@@ -18,6 +18,21 @@ pub struct Parties {
     pub buyer: Vec<String>,
 }
 
+impl Parties {
+    /// `seller` (`[billing] seller`) and the invoice's buyer as it was
+    /// issued (its customer id when it has no buyer details).
+    pub fn of(invoice: &crate::Invoice, seller: &[String]) -> Self {
+        Self {
+            seller: seller.to_vec(),
+            buyer: if invoice.buyer.is_empty() {
+                vec![invoice.customer.clone()]
+            } else {
+                invoice.buyer.clone()
+            },
+        }
+    }
+}
+
 const PAGE_WIDTH: f32 = 595.0;
 const PAGE_HEIGHT: f32 = 842.0;
 const MARGIN: f32 = 50.0;

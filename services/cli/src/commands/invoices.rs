@@ -95,10 +95,7 @@ fn print_invoice(invoice: &Invoice, format: Format, settings: &Settings) -> anyh
         Format::Html => to_html(invoice).into_bytes(),
         Format::Pdf => idlemeter_store::pdf::to_pdf(
             invoice,
-            &idlemeter_store::pdf::Parties {
-                seller: settings.billing.seller.clone(),
-                buyer: vec![invoice.customer.clone()],
-            },
+            &idlemeter_store::pdf::Parties::of(invoice, &settings.billing.seller),
         ),
     };
     std::io::stdout().write_all(&bytes)?;
