@@ -450,6 +450,7 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
         routes::finance_panels,
         routes::finance_link,
         routes::margin,
+        routes::credit_notes,
         customers::put_customer,
         customers::get_customer,
         customers::post_subscription,
@@ -621,6 +622,10 @@ impl Api {
             .route("/api/v1/meters", get(events::list_meters))
             .route("/api/v1/meters/{slug}/query", get(events::query_meter))
             .route("/v1/customers/{customer}/sandboxes", get(routes::sandboxes))
+            .route(
+                "/v1/customers/{customer}/credit-notes",
+                get(routes::credit_notes),
+            )
             .route(
                 "/v1/customers/{customer}/sandboxes/{sandbox}",
                 get(routes::sandbox),

@@ -467,6 +467,31 @@ pub struct InvoiceList {
     pub next_cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/customers/{customer}/credit-notes", tag = "invoices",
+    summary = "Credit notes on the customer's invoices, oldest first",
+    description = "Each note credits amounts of one issued invoice (which never changes) and says where its total went: `next_invoice` (the credit balance, applied by the next invoice's `balance.applied` line) or `wallet` (a deposit).",
+    params(("customer" = String, Path, description = "Customer id")),
+    responses((status = 200, body = Vec<idlemeter_store::CreditNote>),
+        QueryProblems),
+    security(("api_key" = [])))]
+pub async fn credit_notes(
+    State(state): AppStateRef,
+    Extension(principal): Extension<Principal>,
+    Path(customer): Path<String>,
+) -> ApiResult<axum::Json<Vec<idlemeter_store::CreditNote>>> {
+    let customer = principal.tenant(&customer)?;
+    let headers = state
+        .store
+        .credit_notes_of(&state.billing.terms.issuer, customer.as_str())
+        .await?;
+    let mut notes = Vec::with_capacity(headers.len());
+    for header in &headers {
+        let lines = state.store.credit_note_lines(header).await?;
+        notes.push(idlemeter_store::CreditNote::from_rows(header, &lines)?);
+    }
+    Ok(axum::Json(notes))
+}
+
 #[utoipa::path(get, path = "/v1/customers/{customer}/invoices", tag = "invoices",
     summary = "Issued invoices, newest first",
     params(("customer" = String, Path, description = "Customer id"), PageQuery),
