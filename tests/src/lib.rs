@@ -882,6 +882,34 @@ pub fn terms(period: idlemeter_core::Period) -> idlemeter_core::BillingTerms {
     }
 }
 
+/// Serves `api` on a loopback port for the rest of the test; returns its
+/// base URL (`http://127.0.0.1:port`).
+pub async fn serve(api: idlemeter_api::Api) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(api.serve(listener, std::future::pending()));
+    Ok(base)
+}
+
+/// An API over `env`'s store billing with `sheet` under `terms`, alerts
+/// off (the tests that need them start their own).
+pub async fn api(
+    env: &TestEnv,
+    sheet: &str,
+    terms: idlemeter_core::BillingTerms,
+) -> anyhow::Result<idlemeter_api::Api> {
+    Ok(idlemeter_api::Api::new(
+        env.store.clone(),
+        idlemeter_api::Billing::new(sheet_source(sheet, "test.toml"), terms)?,
+        idlemeter_api::ApiConfig {
+            alert_interval_s: 0,
+            ..idlemeter_api::ApiConfig::default()
+        },
+        &prometheus::Registry::new(),
+    )
+    .await?)
+}
+
 /// One pass of the rater at `now`, as `idlemeter rater` runs them every
 /// minute (default grace): the closed hours of `now`'s period and of the one
 /// before, and finished periods that received samples since they were rated.

@@ -229,22 +229,9 @@ async fn a_credit_note_is_carried_into_the_next_invoice_and_a_full_one_refunds_t
     // The customer sees both notes over the API.
     let reader = idlemeter_api::auth::generate(None, "finance", 0);
     env.store.insert_api_key(&reader.row).await?;
-    let api = idlemeter_api::Api::new(
-        env.store.clone(),
-        idlemeter_api::Billing::new(
-            idlemeter_tests::sheet_source(SIMPLE_SHEET, "test.toml"),
-            terms.clone(),
-        )?,
-        idlemeter_api::ApiConfig {
-            alert_interval_s: 0,
-            ..idlemeter_api::ApiConfig::default()
-        },
-        &prometheus::Registry::new(),
-    )
-    .await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(api.serve(listener, std::future::pending()));
+    let base =
+        idlemeter_tests::serve(idlemeter_tests::api(&env, SIMPLE_SHEET, terms.clone()).await?)
+            .await?;
     let listed: serde_json::Value = reqwest::Client::new()
         .get(format!("{base}/v1/customers/credit-1/credit-notes"))
         .bearer_auth(&reader.key)

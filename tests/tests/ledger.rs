@@ -166,3 +166,68 @@ async fn issued_invoices_are_numbered_once_immutable_and_queued() -> anyhow::Res
     assert_eq!(ledger.invoice_numbers("acme").await?, vec![1, 2]);
     Ok(())
 }
+
+/// API keys created and revoked through an API with a ledger are recorded
+/// there, one immutable row per version, and reach ClickHouse (where keys
+/// are checked) before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_versions_in_the_ledger() -> anyhow::Result<()> {
+    let env = idlemeter_tests::TestEnv::new("ledger_keys").await?;
+    let ledger = env.ledger().await?;
+    let admin = idlemeter_api::auth::generate(None, "root", 0);
+    env.store.insert_api_key(&admin.row).await?;
+    let base = idlemeter_tests::serve(
+        idlemeter_tests::api(
+            &env,
+            idlemeter_tests::SIMPLE_SHEET,
+            idlemeter_core::BillingTerms::default(),
+        )
+        .await?
+        .with_ledger(ledger.clone()),
+    )
+    .await?;
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{base}/v1/keys"))
+        .bearer_auth(&admin.key)
+        .json(&serde_json::json!({ "customer": "acme", "name": "ci" }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let key_id = created["key_id"].as_str().expect("a key id").to_owned();
+    assert_eq!(
+        http.delete(format!("{base}/v1/keys/{key_id}"))
+            .bearer_auth(&admin.key)
+            .send()
+            .await?
+            .status(),
+        204
+    );
+    let mut config: tokio_postgres::Config = env.ledger_settings.url.expose().parse()?;
+    config.options(format!("-c search_path={}", env.ledger_settings.schema));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let versions: Vec<(i64, i64)> = client
+        .query(
+            "SELECT version, revoked_at FROM api_keys WHERE key_id = $1 ORDER BY version",
+            &[&key_id],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    assert_eq!(versions[0].1, 0);
+    assert!(versions[1].1 > 0, "the second version revokes");
+    let stored = env.store.api_keys().await?;
+    assert!(stored
+        .iter()
+        .any(|row| row.key_id == key_id && row.revoked_at > 0));
+    let changed = client
+        .execute("DELETE FROM api_keys WHERE key_id = $1", &[&key_id])
+        .await;
+    assert!(changed.is_err(), "key versions are immutable");
+    Ok(())
+}

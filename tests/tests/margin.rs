@@ -4,7 +4,6 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use idlemeter_api::auth::generate;
-use idlemeter_api::{Api, ApiConfig};
 use idlemeter_core::margin::NodeCosts;
 use idlemeter_core::{NodeId, UsageSample, VcpuMillis};
 use idlemeter_tests::TestEnv;
@@ -113,22 +112,8 @@ async fn the_margin_of_sandboxes_on_nodes_of_known_cost() -> anyhow::Result<()> 
     let tenant = idlemeter_core::CustomerId::parse("m-1")?;
     let customer = generate(Some(&tenant), "m", 0);
     env.store.insert_api_key(&customer.row).await?;
-    let api = Api::new(
-        env.store.clone(),
-        idlemeter_api::Billing::new(
-            idlemeter_tests::sheet_source(SHEET, "margin.toml"),
-            idlemeter_core::BillingTerms::default(),
-        )?,
-        ApiConfig {
-            alert_interval_s: 0,
-            ..ApiConfig::default()
-        },
-        &prometheus::Registry::new(),
-    )
-    .await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(api.serve(listener, std::future::pending()));
+    let api = idlemeter_tests::api(&env, SHEET, idlemeter_core::BillingTerms::default()).await?;
+    let base = idlemeter_tests::serve(api).await?;
     let rows: Vec<Value> = reqwest::Client::new()
         .get(format!(
             "{base}/v1/admin/margin?from=2026-10-01T00:00:00Z&to=2026-10-08T00:00:00Z"

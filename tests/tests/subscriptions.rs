@@ -259,28 +259,13 @@ async fn admin_routes_manage_customers_and_plans_through_the_ledger() -> anyhow:
     let env = TestEnv::new("customer_routes").await?;
     let admin = idlemeter_api::auth::generate(None, "finance", 0);
     env.store.insert_api_key(&admin.row).await?;
-    let billing =
-        || idlemeter_api::Billing::new(idlemeter_tests::sheet_source(E2B, "e2b.toml"), terms());
-    let serve = |api: idlemeter_api::Api| async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(api.serve(listener, std::future::pending()));
-        Ok::<_, anyhow::Error>(base)
-    };
-    let config = idlemeter_api::ApiConfig {
-        alert_interval_s: 0,
-        ..idlemeter_api::ApiConfig::default()
-    };
-    let registry = prometheus::Registry::new();
-    let with_ledger = serve(
-        idlemeter_api::Api::new(env.store.clone(), billing()?, config.clone(), &registry)
+    let with_ledger = idlemeter_tests::serve(
+        idlemeter_tests::api(&env, E2B, terms())
             .await?
             .with_ledger(env.ledger().await?),
     )
     .await?;
-    let without =
-        serve(idlemeter_api::Api::new(env.store.clone(), billing()?, config, &registry).await?)
-            .await?;
+    let without = idlemeter_tests::serve(idlemeter_tests::api(&env, E2B, terms()).await?).await?;
     let http = reqwest::Client::new();
     let body = serde_json::json!({
         "name": "Route Co",

@@ -1098,7 +1098,9 @@ pub async fn create_key(
         return Err(Problem::bad_request("name is longer than 256 bytes"));
     }
     let created = auth::generate(customer.as_ref(), &new.name, unix_seconds(state.now()));
-    state.store.insert_api_key(&created.row).await?;
+    idlemeter_ledger::record_api_key(state.ledger.as_ref(), &state.store, &created.row)
+        .await
+        .map_err(Problem::internal)?;
     state.keys.reload().await?;
     Ok((
         StatusCode::CREATED,
@@ -1131,10 +1133,10 @@ pub async fn revoke_key(
         .into_iter()
         .find(|row| row.key_id == key_id && row.revoked_at == 0)
         .ok_or_else(|| Problem::not_found("key", &key_id))?;
-    state
-        .store
-        .insert_api_key(&auth::revoked(&row, unix_seconds(state.now())))
-        .await?;
+    let revoked = auth::revoked(&row, unix_seconds(state.now()));
+    idlemeter_ledger::record_api_key(state.ledger.as_ref(), &state.store, &revoked)
+        .await
+        .map_err(Problem::internal)?;
     state.keys.reload().await?;
     Ok(StatusCode::NO_CONTENT)
 }

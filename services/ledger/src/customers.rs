@@ -391,7 +391,7 @@ impl Ledger {
     }
 
     /// Queues a row's copy for ClickHouse in the caller's transaction.
-    async fn queue_copy<T: Serialize>(
+    pub(crate) async fn queue_copy<T: Serialize>(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         topic: &str,

@@ -15,12 +15,14 @@
 //! an applied file that changed (as the ClickHouse migrations do).
 
 mod customers;
+mod keys;
 mod relay;
 
 pub use customers::{
     CustomerRecord, CustomerSaved, Subscribed, SubscriptionRecord, CUSTOMERS_TOPIC,
     SUBSCRIPTIONS_TOPIC,
 };
+pub use keys::{record_api_key, API_KEYS_TOPIC};
 
 use std::str::FromStr;
 
@@ -120,6 +122,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0005_customers",
         include_str!("../migrations/0005_customers.sql"),
+    ),
+    (
+        "0006_api_keys",
+        include_str!("../migrations/0006_api_keys.sql"),
     ),
 ];
 

@@ -1,18 +1,18 @@
 //! The outbox's copy to ClickHouse: every row the ledger wrote for the
 //! dashboards, the rater and the API (issued invoices, credit notes, wallet
 //! deposits, customers, subscriptions) is inserted there, then marked
-//! delivered. A crash between the two leaves the items pending and the next
+//! delivered (API key versions too). A crash between the two leaves the items pending and the next
 //! relay copies them again; ClickHouse collapses the repeat (same keys,
 //! same versions).
 
 use idlemeter_store::{
-    CreditNoteRows, CustomerRow, IssuedRows, Store, SubscriptionRow, WalletDepositRow,
+    ApiKeyRow, CreditNoteRows, CustomerRow, IssuedRows, Store, SubscriptionRow, WalletDepositRow,
 };
 use serde::de::DeserializeOwned;
 
 use crate::{
-    Error, Ledger, OutboxItem, Result, CREDIT_NOTES_TOPIC, CUSTOMERS_TOPIC, INVOICES_TOPIC,
-    SUBSCRIPTIONS_TOPIC, WALLET_DEPOSITS_TOPIC,
+    Error, Ledger, OutboxItem, Result, API_KEYS_TOPIC, CREDIT_NOTES_TOPIC, CUSTOMERS_TOPIC,
+    INVOICES_TOPIC, SUBSCRIPTIONS_TOPIC, WALLET_DEPOSITS_TOPIC,
 };
 
 /// Outbox items relayed per topic and round.
@@ -44,7 +44,15 @@ impl Ledger {
             let deposits = self.pending(WALLET_DEPOSITS_TOPIC, RELAY_BATCH).await?;
             let invoices = self.pending(INVOICES_TOPIC, RELAY_BATCH).await?;
             let notes = self.pending(CREDIT_NOTES_TOPIC, RELAY_BATCH).await?;
-            let items = [&customers, &subscriptions, &deposits, &invoices, &notes];
+            let keys = self.pending(API_KEYS_TOPIC, RELAY_BATCH).await?;
+            let items = [
+                &customers,
+                &subscriptions,
+                &deposits,
+                &invoices,
+                &notes,
+                &keys,
+            ];
             if items.iter().all(|items| items.is_empty()) {
                 return Ok(relayed);
             }
@@ -55,6 +63,9 @@ impl Ledger {
             let subscription_rows: Vec<SubscriptionRow> = parse(&subscriptions)?;
             if !subscription_rows.is_empty() {
                 stored(store.insert_subscriptions(&subscription_rows).await)?;
+            }
+            for key in parse::<ApiKeyRow>(&keys)? {
+                stored(store.insert_api_key(&key).await)?;
             }
             let deposit_rows: Vec<WalletDepositRow> = parse(&deposits)?;
             if !deposit_rows.is_empty() {

@@ -21,17 +21,9 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     }
     // One billing per further currency's sheet, beside the primary's.
     let mut currency_billing = Vec::new();
-    for (path, lane) in super::sheet_lanes(settings)?.into_iter().skip(1) {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading price sheet {path}"))?;
-        let source = idlemeter_store::SheetSource {
-            sheet_text: &text,
-            sheet_label: &path,
-            ..files.source(settings)
-        };
-        debug_assert!(lane.is_some(), "further sheets have lanes");
+    for sheet in super::sheet_lanes(settings)?.iter().skip(1) {
         currency_billing.push(idlemeter_api::Billing::new(
-            source,
+            sheet.source(&files, settings),
             settings.billing.clone(),
         )?);
     }
@@ -137,7 +129,9 @@ pub async fn keys(settings: &Settings, args: KeysArgs) -> anyhow::Result<()> {
             } else {
                 auth::generate(customer.as_ref(), &name, now_unix())
             };
-            store.insert_api_key(&created.row).await?;
+            // In the ledger (copied to ClickHouse) when there is one.
+            let ledger = super::ledger(settings).await?;
+            idlemeter_ledger::record_api_key(ledger.as_ref(), &store, &created.row).await?;
             eprintln!(
                 "created {} key {} (shown once; store it now)",
                 created.row.role, created.row.key_id
@@ -173,9 +167,13 @@ pub async fn keys(settings: &Settings, args: KeysArgs) -> anyhow::Result<()> {
                 .find(|row| row.key_id == key_id)
                 .with_context(|| format!("no key {key_id:?}"))?;
             anyhow::ensure!(row.revoked_at == 0, "key {key_id} is already revoked");
-            store
-                .insert_api_key(&auth::revoked(&row, now_unix()))
-                .await?;
+            let ledger = super::ledger(settings).await?;
+            idlemeter_ledger::record_api_key(
+                ledger.as_ref(),
+                &store,
+                &auth::revoked(&row, now_unix()),
+            )
+            .await?;
             println!("revoked {key_id}");
         }
     }

@@ -64,7 +64,7 @@ enum InvoicesCommand {
         #[arg(long)]
         reason: String,
     },
-    /// Copy the invoices ClickHouse holds into the ledger (`[ledger] url`)
+    /// Copy the invoices, wallet deposits and API keys ClickHouse holds into the ledger (`[ledger] url`)
     /// under their own numbers: the move of invoicing to PostgreSQL.
     ImportToLedger,
     /// Print a draft of a customer's open period (never stored).
@@ -236,22 +236,15 @@ pub(crate) async fn invoicers(settings: &Settings) -> anyhow::Result<Vec<Invoice
     let meters = settings.events.load_meters()?;
     let files = SheetFiles::read(settings)?;
     let mut invoicers = Vec::new();
-    for (path, lane) in super::sheet_lanes(settings)? {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading price sheet {path}"))?;
-        let source = idlemeter_store::SheetSource {
-            sheet_text: &text,
-            sheet_label: &path,
-            ..files.source(settings)
-        };
+    for sheet in super::sheet_lanes(settings)? {
         let mut invoicer = Invoicer::new(
             Store::new(&settings.clickhouse),
-            source,
+            sheet.source(&files, settings),
             settings.invoicer.clone(),
             settings.billing.clone(),
         )?
         .with_meters(&meters)?;
-        if let Some(lane) = lane {
+        if let Some(lane) = sheet.lane {
             invoicer = invoicer.with_lane(lane)?;
         }
         if let Some(ledger) = &ledger {
@@ -313,6 +306,15 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
             let report = invoicer.import_to_ledger(&progress).await?;
             if let Some(bar) = bar.get() {
                 bar.finish();
+            }
+            // The API keys too: the ledger keeps every key from now on.
+            if let Some(ledger) = super::ledger(settings).await? {
+                let keys = Store::new(&settings.clickhouse).api_keys().await?;
+                let imported = ledger.import_api_keys(&keys).await?;
+                eprintln!(
+                    "invoices: {imported} of {} API keys copied to the ledger",
+                    keys.len()
+                );
             }
             for conflict in &report.conflicts {
                 eprintln!("invoices: not imported: {conflict}");

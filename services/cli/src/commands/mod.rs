@@ -266,24 +266,22 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
 /// several.
 fn build_rater(
     settings: &Settings,
-    sheet_path: &str,
-    lane: Option<idlemeter_store::CurrencyLane>,
+    sheet: SheetLane,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<Rater> {
-    let sheet = std::fs::read_to_string(sheet_path)
-        .with_context(|| format!("reading price sheet {sheet_path}"))?;
+    let sheet_path = &sheet.path;
     let mut rater = Rater::new(
         Store::new(&settings.clickhouse),
-        &sheet,
+        &sheet.text,
         idlemeter_rater::RaterConfig {
-            sheet: sheet_path.to_owned(),
+            sheet: sheet_path.clone(),
             ..settings.rater.clone()
         },
         registry,
     )?
     .with_terms(settings.billing.clone())?
     .with_meters(&settings.events.load_meters()?)?;
-    if let Some(lane) = lane {
+    if let Some(lane) = sheet.lane {
         rater = rater.with_lane(lane)?;
     }
     let policy_path = &settings.rater.idle_policy;
@@ -305,15 +303,43 @@ fn build_rater(
     Ok(rater)
 }
 
+/// One price sheet of `settings`, read, with the customers it bills.
+pub(crate) struct SheetLane {
+    pub path: String,
+    pub text: String,
+    /// `None` when it is the only sheet (it bills everyone).
+    pub lane: Option<idlemeter_store::CurrencyLane>,
+}
+
+impl SheetLane {
+    /// The sheet with the idle policy of `files` (shared by every sheet).
+    pub fn source<'a>(
+        &'a self,
+        files: &'a invoices::SheetFiles,
+        settings: &'a Settings,
+    ) -> idlemeter_store::SheetSource<'a> {
+        idlemeter_store::SheetSource {
+            sheet_text: &self.text,
+            sheet_label: &self.path,
+            ..files.source(settings)
+        }
+    }
+}
+
 /// Each sheet of `settings` (the primary first) with its lane: none when
 /// there is one sheet; else each sheet's currency, the primary's also
 /// taking customers without a record. Refuses two sheets of one currency.
-pub(crate) fn sheet_lanes(
-    settings: &Settings,
-) -> anyhow::Result<Vec<(String, Option<idlemeter_store::CurrencyLane>)>> {
+pub(crate) fn sheet_lanes(settings: &Settings) -> anyhow::Result<Vec<SheetLane>> {
     let rater = &settings.rater;
+    let read = |path: &String| {
+        std::fs::read_to_string(path).with_context(|| format!("reading price sheet {path}"))
+    };
     if rater.currency_sheets.is_empty() {
-        return Ok(vec![(rater.sheet.clone(), None)]);
+        return Ok(vec![SheetLane {
+            path: rater.sheet.clone(),
+            text: read(&rater.sheet)?,
+            lane: None,
+        }]);
     }
     let mut seen = std::collections::BTreeMap::new();
     let mut lanes = Vec::new();
@@ -321,8 +347,7 @@ pub(crate) fn sheet_lanes(
         .chain(&rater.currency_sheets)
         .enumerate()
     {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading price sheet {path}"))?;
+        let text = read(path)?;
         let currency = idlemeter_core::PriceSheet::from_toml(&text, path)?
             .currency
             .code()
@@ -332,13 +357,14 @@ pub(crate) fn sheet_lanes(
                 "sheets {other} and {path} both price in {currency}: [rater] currency_sheets takes one sheet per further currency"
             );
         }
-        lanes.push((
-            path.clone(),
-            Some(idlemeter_store::CurrencyLane {
+        lanes.push(SheetLane {
+            path: path.clone(),
+            text,
+            lane: Some(idlemeter_store::CurrencyLane {
                 currency,
                 primary: index == 0,
             }),
-        ));
+        });
     }
     Ok(lanes)
 }
@@ -347,7 +373,7 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let raters = sheet_lanes(settings)?
         .into_iter()
-        .map(|(path, lane)| build_rater(settings, &path, lane, &registry))
+        .map(|sheet| build_rater(settings, sheet, &registry))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let live = &settings.rater;
     let ready = readiness(
