@@ -28,9 +28,20 @@ FROM
         ) AS sandboxes
         ANY INNER JOIN
         (
-            SELECT customer, sum(vcpu_usec) AS customer_vcpu_usec, sum(mem_kib_ms) AS customer_mem_kib_ms,
-                   sum(gpu_ms) AS customer_gpu_ms
-            FROM ({sandbox_costs})
+            -- Every sandbox of the customer, costed or not: a sandbox on a
+            -- node no type prices still holds its share of the revenue.
+            SELECT customer, sum(epoch_vcpu_usec) AS customer_vcpu_usec,
+                   sum(epoch_mem_kib_ms) AS customer_mem_kib_ms, sum(epoch_gpu_ms) AS customer_gpu_ms
+            FROM
+            (
+                SELECT customer, sandbox, epoch,
+                       max(vcpu_alloc_usec_hi) - min(vcpu_alloc_usec_lo) AS epoch_vcpu_usec,
+                       max(mem_alloc_kib_ms_hi) - min(mem_alloc_kib_ms_lo) AS epoch_mem_kib_ms,
+                       max(gpu_alloc_ms_hi) - min(gpu_alloc_ms_lo) AS epoch_gpu_ms
+                FROM usage_minutes
+                WHERE minute >= toDateTime({from}) AND minute < toDateTime({to})
+                GROUP BY customer, sandbox, epoch
+            )
             GROUP BY customer
         ) AS customers
         USING customer

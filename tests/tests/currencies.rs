@@ -196,6 +196,25 @@ async fn a_eur_customer_is_billed_by_the_eur_sheet_beside_a_usd_one() -> anyhow:
             Decimal::new(1071, 2)
         )
     );
+    // usd-1, invoiced in dollars before having a record, cannot be given
+    // one in euros: its money is dollars.
+    let moved = ledger
+        .save_customer(
+            ISSUER,
+            &CustomerRecord {
+                id: "usd-1".to_owned(),
+                name: String::new(),
+                currency: "EUR".to_owned(),
+                tax_rate: Decimal::ZERO,
+                tax_id: String::new(),
+                billing_email: String::new(),
+                spend_limit: None,
+                metadata: serde_json::Map::new(),
+            },
+        )
+        .await
+        .expect_err("invoiced in USD");
+    assert!(moved.to_string().contains("invoiced in USD"), "{moved}");
     // One gapless series per issuer, across currencies.
     let mut numbers = vec![dollars.number, euros.number];
     numbers.sort_unstable();

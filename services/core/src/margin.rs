@@ -22,8 +22,11 @@
 //! adjustments, without tax or wallet payments). A sandbox's revenue is its
 //! share of its customer's usage lines of the resource each line bills:
 //! vCPU lines by allocated vCPU-seconds, memory lines by allocated
-//! GiB-seconds, GPU lines by allocated GPU-seconds. Fees, credits, disk,
-//! egress and meters stay with the customer. Margin is revenue less cost,
+//! GiB-seconds, GPU lines by allocated GPU-seconds (the lines of every GPU
+//! model together: a customer running two models on two sandboxes shares
+//! their sum, an approximation). The shares are of all the customer's
+//! sandboxes, including those on nodes no type prices. Fees, credits,
+//! disk, egress and meters stay with the customer. Margin is revenue less cost,
 //! and exists only where both are in one currency: nothing is converted.
 
 use rust_decimal::Decimal;

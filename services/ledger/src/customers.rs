@@ -138,6 +138,14 @@ impl Ledger {
         record.validate()?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.context("begin")?;
+        // Two first saves of one customer wait for each other (no row to
+        // lock yet), so versions never repeat.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('customer:' || $1 || ':' || $2))",
+            &[&issuer, &record.id],
+        )
+        .await
+        .context("locking the customer")?;
         let existing = tx
             .query_opt(
                 "SELECT currency, version FROM customers WHERE issuer = $1 AND id = $2 FOR UPDATE",
@@ -145,29 +153,29 @@ impl Ledger {
             )
             .await
             .context("reading the customer")?;
-        let version: i64 = match &existing {
-            Some(row) => {
-                let currency: String = row.get(0);
-                if currency != record.currency {
-                    let invoiced: i64 = tx
-                        .query_one(
-                            "SELECT count(*) FROM invoices WHERE issuer = $1 AND customer = $2",
-                            &[&issuer, &record.id],
-                        )
-                        .await
-                        .context("counting the customer's invoices")?
-                        .get(0);
-                    if invoiced > 0 {
-                        return Err(Error::Refused(format!(
-                            "customer {:?} has {invoiced} invoices in {currency}: their currency cannot change to {}",
-                            record.id, record.currency
-                        )));
-                    }
-                }
-                row.get::<_, i64>(1) + 1
-            }
-            None => 1,
-        };
+        // Invoiced in another currency (with a record or before having
+        // one): the currency is fixed, or their wallet and credit balance
+        // would be spent in another money.
+        let invoiced_in: Vec<String> = tx
+            .query(
+                "SELECT DISTINCT currency FROM invoices WHERE issuer = $1 AND customer = $2 \
+                 AND currency <> $3",
+                &[&issuer, &record.id, &record.currency],
+            )
+            .await
+            .context("reading the customer's invoiced currencies")?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if !invoiced_in.is_empty() {
+            return Err(Error::Refused(format!(
+                "customer {:?} is invoiced in {}: their currency cannot change to {}",
+                record.id,
+                invoiced_in.join(", "),
+                record.currency
+            )));
+        }
+        let version: i64 = existing.as_ref().map_or(1, |row| row.get::<_, i64>(1) + 1);
         let now = Utc::now();
         let metadata = serde_json::Value::Object(record.metadata.clone());
         tx.execute(
