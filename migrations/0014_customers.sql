@@ -4,7 +4,8 @@
 -- one customer alike, and panels can join them.
 --
 -- customers: the newest version of each customer's record wins. tax_rate
--- and spend_limit are exact decimals; spend_limit is -1 when there is none.
+-- and spend_limit are exact decimals, -1 when the record has none (the
+-- tax rate is then [billing] tax_rates').
 -- metadata is the record's JSON object, as text.
 CREATE TABLE IF NOT EXISTS customers
 (

@@ -215,7 +215,7 @@ async fn a_spend_limit_reached_is_an_event_once_per_period() -> anyhow::Result<(
                     id: id.to_owned(),
                     name: String::new(),
                     currency: "USD".to_owned(),
-                    tax_rate: rust_decimal::Decimal::ZERO,
+                    tax_rate: None,
                     tax_id: String::new(),
                     billing_email: String::new(),
                     spend_limit: Some(limit.parse()?),

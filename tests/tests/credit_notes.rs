@@ -180,6 +180,24 @@ async fn a_credit_note_is_carried_into_the_next_invoice_and_a_full_one_refunds_t
     assert!(refused.to_string().contains("not a charge"), "{refused}");
     assert_eq!(ledger.next_number(ISSUER, Series::CreditNote).await?, 2);
 
+    // A record that gives only an email (no tax rate) leaves the 20 % of
+    // [billing] tax_rates in force.
+    ledger
+        .save_customer(
+            ISSUER,
+            &idlemeter_ledger::CustomerRecord {
+                id: "credit-1".to_owned(),
+                name: "Credit One".to_owned(),
+                currency: "USD".to_owned(),
+                tax_rate: None,
+                tax_id: String::new(),
+                billing_email: "ap@credit.test".to_owned(),
+                spend_limit: None,
+                metadata: serde_json::Map::new(),
+            },
+        )
+        .await?;
+    ledger.relay(&env.store).await?;
     // Month 2: $70.00 + $14.00 tax = $84.00; the $30.00 balance pays
     // first: $54.00 due, and the balance is spent.
     rate_month(&env, terms.clone(), m2).await?;

@@ -43,7 +43,7 @@ fn record(id: &str) -> CustomerRecord {
         id: id.to_owned(),
         name: "Upgrader Inc.".to_owned(),
         currency: "USD".to_owned(),
-        tax_rate: Decimal::ZERO,
+        tax_rate: None,
         tax_id: "US-123".to_owned(),
         billing_email: "billing@upgrader.test".to_owned(),
         spend_limit: Some(dec("500")),
@@ -205,7 +205,7 @@ async fn customer_records_refuse_what_could_not_bill() -> anyhow::Result<()> {
     for (bad, field) in [
         (
             CustomerRecord {
-                tax_rate: dec("1.5"),
+                tax_rate: Some(dec("1.5")),
                 ..record("c-1")
             },
             "tax_rate",

@@ -35,9 +35,9 @@ pub struct CustomerBody {
     pub name: String,
     /// ISO 4217 code; the customer is billed by the sheet of this currency.
     pub currency: String,
-    /// In [0, 1): "0.2" is 20 %.
-    #[serde(default = "zero")]
-    pub tax_rate: String,
+    /// In [0, 1): "0.2" is 20 %. Absent: the API's `[billing] tax_rates`.
+    #[serde(default)]
+    pub tax_rate: Option<String>,
     #[serde(default)]
     pub tax_id: String,
     #[serde(default)]
@@ -49,10 +49,6 @@ pub struct CustomerBody {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
-}
-
-fn zero() -> String {
-    "0".to_owned()
 }
 
 /// A customer, its version and its plan changes.
@@ -155,7 +151,11 @@ pub async fn put_customer(
         id: id.as_str().to_owned(),
         name: body.name,
         currency: body.currency,
-        tax_rate: decimal("tax_rate", &body.tax_rate)?,
+        tax_rate: body
+            .tax_rate
+            .as_deref()
+            .map(|rate| decimal("tax_rate", rate))
+            .transpose()?,
         tax_id: body.tax_id,
         billing_email: body.billing_email,
         spend_limit: body
@@ -203,7 +203,7 @@ pub async fn get_customer(
         customer: CustomerBody {
             name: record.name,
             currency: record.currency,
-            tax_rate: record.tax_rate.normalize().to_string(),
+            tax_rate: record.tax_rate.map(|rate| rate.normalize().to_string()),
             tax_id: record.tax_id,
             billing_email: record.billing_email,
             spend_limit: record

@@ -9,7 +9,8 @@ CREATE TABLE customers (
     id TEXT NOT NULL,
     name TEXT NOT NULL,
     currency TEXT NOT NULL,
-    tax_rate NUMERIC NOT NULL CHECK (tax_rate >= 0 AND tax_rate < 1),
+    -- NULL: the rate of [billing] tax_rates (or none).
+    tax_rate NUMERIC CHECK (tax_rate IS NULL OR (tax_rate >= 0 AND tax_rate < 1)),
     tax_id TEXT NOT NULL,
     billing_email TEXT NOT NULL,
     spend_limit NUMERIC CHECK (spend_limit IS NULL OR spend_limit > 0),

@@ -31,9 +31,10 @@ pub struct CustomerRecord {
     pub name: String,
     /// ISO 4217 code; the customer is billed by the sheet of this currency.
     pub currency: String,
-    /// In [0, 1): 0.2 is 20 %.
+    /// In [0, 1): 0.2 is 20 %. Absent: `[billing] tax_rates` decides, as
+    /// for customers without a record.
     #[serde(default)]
-    pub tax_rate: Decimal,
+    pub tax_rate: Option<Decimal>,
     #[serde(default)]
     pub tax_id: String,
     #[serde(default)]
@@ -83,11 +84,11 @@ impl CustomerRecord {
                 self.currency
             ));
         }
-        if self.tax_rate.is_sign_negative() || self.tax_rate >= Decimal::ONE {
-            return refuse(format!(
-                "tax_rate {} is not in [0, 1) (0.2 is 20 %)",
-                self.tax_rate
-            ));
+        if let Some(rate) = self
+            .tax_rate
+            .filter(|rate| rate.is_sign_negative() || *rate >= Decimal::ONE)
+        {
+            return refuse(format!("tax_rate {rate} is not in [0, 1) (0.2 is 20 %)"));
         }
         if self.spend_limit.is_some_and(|limit| limit <= Decimal::ZERO) {
             return refuse("spend_limit must be above zero (leave it out for none)".to_owned());
@@ -206,7 +207,7 @@ impl Ledger {
             id: record.id.clone(),
             name: record.name.clone(),
             currency: record.currency.clone(),
-            tax_rate: money(record.tax_rate)?,
+            tax_rate: money(record.tax_rate.unwrap_or(Decimal::NEGATIVE_ONE))?,
             tax_id: record.tax_id.clone(),
             billing_email: record.billing_email.clone(),
             spend_limit: money(record.spend_limit.unwrap_or(Decimal::NEGATIVE_ONE))?,

@@ -295,10 +295,14 @@ impl AccountReader<'_> {
             if let Some(record) = record {
                 out.buyers.insert(customer.to_owned(), buyer_lines(record));
             }
-            // The customer's record decides their tax rate and currency;
-            // without one, `[billing] tax_rates` and the sheet's currency.
-            let tax_rate = match record {
-                Some(record) => from_column(record.tax_rate)?,
+            // The customer's record decides their tax rate (when it has
+            // one) and currency; else `[billing] tax_rates` and the sheet's.
+            let recorded_rate = record
+                .map(|record| from_column(record.tax_rate))
+                .transpose()?
+                .filter(|rate| !rate.is_sign_negative());
+            let tax_rate = match recorded_rate {
+                Some(rate) => rate,
                 None => self.tax_rates.get(&id).copied().unwrap_or_default(),
             };
             let subscription = subscription(

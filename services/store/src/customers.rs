@@ -10,7 +10,8 @@ pub struct CustomerRow {
     pub id: String,
     pub name: String,
     pub currency: String,
-    /// `Decimal(38, 12)` mantissas.
+    /// `Decimal(38, 12)` mantissas; -1 (as a decimal) when the record has
+    /// no tax rate.
     pub tax_rate: i128,
     pub tax_id: String,
     pub billing_email: String,

@@ -31,9 +31,9 @@ enum CustomersCommand {
         currency: Option<String>,
         #[arg(long, default_value = "")]
         name: String,
-        /// 0.2 is 20 %.
-        #[arg(long, default_value = "0")]
-        tax_rate: Decimal,
+        /// 0.2 is 20 %; absent: `[billing] tax_rates` decides.
+        #[arg(long)]
+        tax_rate: Option<Decimal>,
         #[arg(long, default_value = "")]
         tax_id: String,
         #[arg(long, default_value = "")]
@@ -79,8 +79,7 @@ struct ImportedCustomer {
     #[serde(default)]
     name: String,
     currency: Option<String>,
-    #[serde(default)]
-    tax_rate: Decimal,
+    tax_rate: Option<Decimal>,
     #[serde(default)]
     tax_id: String,
     #[serde(default)]
@@ -290,7 +289,7 @@ fn from_config_customers(
     let blank = || ImportedCustomer {
         name: String::new(),
         currency: None,
-        tax_rate: Decimal::ZERO,
+        tax_rate: None,
         tax_id: String::new(),
         billing_email: String::new(),
         spend_limit: None,
@@ -302,9 +301,10 @@ fn from_config_customers(
         customers.entry(id.to_owned()).or_insert_with(blank).plan = Some(plan.to_owned());
     }
     for (id, rate) in &settings.billing.tax_rates {
-        customers.entry(id.clone()).or_insert_with(blank).tax_rate = rate
-            .parse()
-            .with_context(|| format!("[billing] tax_rates.{id} = {rate:?}"))?;
+        customers.entry(id.clone()).or_insert_with(blank).tax_rate = Some(
+            rate.parse()
+                .with_context(|| format!("[billing] tax_rates.{id} = {rate:?}"))?,
+        );
     }
     Ok(customers)
 }
