@@ -88,6 +88,9 @@ pub enum Error {
     /// A credit note refused, and why.
     #[error("{0}")]
     Credit(String),
+    /// A sheet given the lane of another currency.
+    #[error("{0}")]
+    Lane(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -333,7 +336,7 @@ impl Invoicer {
     /// a sheet per currency runs one invoicer per sheet.
     pub fn with_lane(mut self, lane: idlemeter_store::CurrencyLane) -> Result<Self> {
         if lane.currency != self.sheet.currency.code() {
-            return Err(Error::Credit(format!(
+            return Err(Error::Lane(format!(
                 "sheet {} prices in {}, not in its lane's {}",
                 self.sheet_label,
                 self.sheet.currency.code(),
