@@ -8,6 +8,7 @@
 # matches, so it never touches a server it did not start.
 #
 #   scripts/services.sh start|stop|status|env
+#   scripts/services.sh start-cluster|stop-cluster|stop-replica N|start-replica N
 #
 # Environment (all optional):
 #   IDLEMETER_RUN_DIR          state directory            (.run)
@@ -21,6 +22,7 @@
 #   IDLEMETER_BUILD_BROKER     1: build the durable broker now if it is absent
 #   IDLEMETER_TANSU_BIN        a tansu binary to use instead of the cached build
 #   IDLEMETER_CACHE_DIR        where the tansu build is cached (~/.cache/idlemeter)
+#   IDLEMETER_CLUSTER_PORT     first port of the local cluster (18200; see below)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -129,11 +131,14 @@ wait_until() {
     die "$what did not become ready; see $run_dir/*.log"
 }
 
+# write_clickhouse_config DIR HTTP_PORT TCP_PORT [EXTRA_XML]: one server's
+# config under DIR; EXTRA_XML (the cluster's ZooKeeper, macros and shards) is
+# placed inside <yandex>.
 write_clickhouse_config() {
-    local dir=$run_dir/clickhouse
+    local dir=$1 http_port=$2 tcp_port=$3 extra=${4:-}
     mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/log"
     cat >"$dir/config.xml" <<XML
-<yandex>
+<yandex>$extra
     <logger>
         <level>warning</level>
         <log>$dir/log/server.log</log>
@@ -141,8 +146,8 @@ write_clickhouse_config() {
         <size>100M</size>
         <count>2</count>
     </logger>
-    <http_port>$ch_http_port</http_port>
-    <tcp_port>$ch_tcp_port</tcp_port>
+    <http_port>$http_port</http_port>
+    <tcp_port>$tcp_port</tcp_port>
     <listen_host>127.0.0.1</listen_host>
     <max_connections>1024</max_connections>
     <keep_alive_timeout>10</keep_alive_timeout>
@@ -185,7 +190,7 @@ start_clickhouse() {
     ensure_clickhouse
     require_free_port "$ch_http_port" IDLEMETER_CH_HTTP_PORT
     require_free_port "$ch_tcp_port" IDLEMETER_CH_TCP_PORT
-    write_clickhouse_config
+    write_clickhouse_config "$run_dir/clickhouse" "$ch_http_port" "$ch_tcp_port"
     local started=$SECONDS
     setsid clickhouse-server --config-file="$run_dir/clickhouse/config.xml" \
         >"$run_dir/clickhouse.log" 2>&1 </dev/null &
@@ -247,6 +252,104 @@ start_broker() {
     log "broker ready on 127.0.0.1:$kafka_port ($kafka_storage storage)"
 }
 
+# The local cluster (`start-cluster`, for the scale-out test and `make run
+# CLUSTER=1`): one ZooKeeper (Debian's `zookeeper`) and three ClickHouse servers
+# forming cluster `idlemeter` of two shards: shard 01 has replicas ch1 and ch2,
+# shard 02 has ch3. Ports from IDLEMETER_CLUSTER_PORT (P, default 18200):
+# ZooKeeper P, server N's HTTP P+10N+1, native P+10N+2, interserver P+10N+3.
+cluster_port=${IDLEMETER_CLUSTER_PORT:-18200}
+cluster_name=idlemeter
+cluster_layout="1:01 2:01 3:02" # server:shard
+
+ensure_zookeeper() {
+    [ -x /usr/share/zookeeper/bin/zkServer.sh ] && return
+    log "installing zookeeper from Debian (first run only)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq zookeeper >/dev/null
+}
+
+start_zookeeper() {
+    if is_ours zookeeper zookeeper; then log "zookeeper already running"; return; fi
+    ensure_zookeeper
+    require_free_port "$cluster_port" IDLEMETER_CLUSTER_PORT
+    local dir=$run_dir/zookeeper
+    rm -rf "$dir"; mkdir -p "$dir/data"
+    cat >"$dir/zoo.cfg" <<CFG
+tickTime=500
+initLimit=10
+syncLimit=5
+dataDir=$dir/data
+clientPort=$cluster_port
+clientPortAddress=127.0.0.1
+admin.enableServer=false
+maxClientCnxns=0
+4lw.commands.whitelist=srvr,ruok
+CFG
+    (cd "$dir" && ZOO_LOG_DIR=$dir exec setsid /usr/share/zookeeper/bin/zkServer.sh \
+        start-foreground "$dir/zoo.cfg" >"$run_dir/zookeeper.log" 2>&1 </dev/null) &
+    echo $! >"$run_dir/zookeeper.pid"
+    wait_until "zookeeper on :$cluster_port" 300 bash -c \
+        "exec 3<>/dev/tcp/127.0.0.1/$cluster_port; echo ruok >&3; grep -q imok <&3"
+    log "zookeeper ready on 127.0.0.1:$cluster_port"
+}
+
+cluster_xml() {
+    local server=$1 shard=$2 shards="" current="" entry n s
+    for entry in $cluster_layout; do
+        n=${entry%%:*}; s=${entry#*:}
+        if [ "$s" != "$current" ]; then
+            [ -n "$current" ] && shards+="</shard>"
+            shards+="<shard><internal_replication>true</internal_replication>"
+            current=$s
+        fi
+        shards+="<replica><host>127.0.0.1</host><port>$((cluster_port + 10 * n + 2))</port></replica>"
+    done
+    shards+="</shard>"
+    cat <<XML
+
+    <zookeeper><node><host>127.0.0.1</host><port>$cluster_port</port></node><session_timeout_ms>10000</session_timeout_ms></zookeeper>
+    <macros><shard>$shard</shard><replica>ch$server</replica></macros>
+    <remote_servers><$cluster_name>$shards</$cluster_name></remote_servers>
+    <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+    <interserver_http_port>$((cluster_port + 10 * server + 3))</interserver_http_port>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+XML
+}
+
+# start_replica N: server N of the cluster (also used to restart a stopped one).
+start_replica() {
+    local server=$1 entry shard=""
+    for entry in $cluster_layout; do [ "${entry%%:*}" = "$server" ] && shard=${entry#*:}; done
+    [ -n "$shard" ] || die "no server $server in the cluster layout ($cluster_layout)"
+    if is_ours "ch$server" clickhouse-server; then log "ch$server already running"; return; fi
+    local http=$((cluster_port + 10 * server + 1)) tcp=$((cluster_port + 10 * server + 2))
+    require_free_port "$http" IDLEMETER_CLUSTER_PORT
+    write_clickhouse_config "$run_dir/ch$server" "$http" "$tcp" "$(cluster_xml "$server" "$shard")"
+    setsid clickhouse-server --config-file="$run_dir/ch$server/config.xml" \
+        >"$run_dir/ch$server.log" 2>&1 </dev/null &
+    echo $! >"$run_dir/ch$server.pid"
+    wait_until "ch$server on :$http" 300 curl -sf "http://127.0.0.1:$http/ping"
+    log "ch$server (shard $shard) ready on http://127.0.0.1:$http"
+}
+
+start_cluster() {
+    ensure_clickhouse
+    start_zookeeper
+    local entry
+    for entry in $cluster_layout; do start_replica "${entry%%:*}"; done
+}
+
+stop_cluster() {
+    local entry
+    for entry in $cluster_layout; do stop_one "ch${entry%%:*}" clickhouse-server; done
+    stop_one zookeeper zookeeper
+}
+
+print_cluster_env() {
+    echo "export IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:$((cluster_port + 11))"
+    echo "export IDLEMETER_CLICKHOUSE__CLUSTER=$cluster_name"
+}
+
 # port_free PORT: nothing listens on 127.0.0.1:PORT. Starting on a taken port
 # would mistake someone else's server for ours.
 port_free() {
@@ -283,10 +386,15 @@ case ${1:-} in
         is_ours tansu tansu && echo "broker: running (pid $(cat "$run_dir/tansu.pid"))" || echo "broker: stopped"
         [ -f "$run_dir/postgres/data/postmaster.pid" ] && echo "postgres: running" || echo "postgres: stopped" ;;
     env) print_env ;;
+    start-cluster) start_cluster; print_cluster_env ;;
+    stop-cluster) stop_cluster ;;
+    # stop-replica N / start-replica N: one server of the cluster, for fault tests.
+    stop-replica) stop_one "ch${2:?server number}" clickhouse-server ;;
+    start-replica) ensure_clickhouse; start_replica "${2:?server number}" ;;
     # The durable (sqlite) tansu build the broker-restart and Kafka-cut tests
     # run privately; built once into the cache (10-30 min cold), then reused.
     durable-broker)
         [ -x "$tansu_root/bin/tansu" ] || build_tansu
         echo "$tansu_root/bin/tansu" ;;
-    *) echo "usage: $0 start|stop|status|env|durable-broker" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop|status|env|durable-broker|start-cluster|stop-cluster|stop-replica N|start-replica N" >&2; exit 2 ;;
 esac

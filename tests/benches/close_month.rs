@@ -186,6 +186,7 @@ async fn run(customers: u64) -> anyhow::Result<()> {
         database: database.clone(),
         user: "default".to_owned(),
         password: Default::default(),
+        cluster: None,
     });
     store.migrate(0).await?;
     let sheet = PriceSheet::from_toml(SHEET, SHEET_PATH)?;

@@ -54,6 +54,7 @@ impl TestEnv {
             database: format!("test_{unique}"),
             user: "default".to_owned(),
             password: Default::default(),
+            cluster: std::env::var("IDLEMETER_CLICKHOUSE__CLUSTER").ok(),
         };
         let kafka = KafkaSettings {
             brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
@@ -691,6 +692,7 @@ impl PrivateClickHouse {
             database: "default".to_owned(),
             user: "default".to_owned(),
             password: Default::default(),
+            cluster: None,
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while store.ping().await.is_err() {

@@ -72,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         database: env("IDLEMETER_CLICKHOUSE__DATABASE", "api_bench"),
         user: "default".to_owned(),
         password: Default::default(),
+        cluster: None,
     });
     let samples: u64 = store
         .client()

@@ -387,6 +387,7 @@ mod tests {
             database: "none".to_owned(),
             user: "default".to_owned(),
             password: Default::default(),
+            cluster: None,
         });
         let cache = KeyCache::new(dead).with_max_staleness(Duration::from_millis(300));
         let customer = CustomerId::parse("acme").expect("id");

@@ -139,6 +139,7 @@ impl Default for Settings {
                 database: "idlemeter".to_owned(),
                 user: "default".to_owned(),
                 password: Default::default(),
+                cluster: None,
             },
             topics: Topics::default(),
             ingest: IngestConfig::default(),

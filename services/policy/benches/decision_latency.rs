@@ -166,6 +166,7 @@ async fn service_end_to_end(
         database: run.clone(),
         user: "default".to_owned(),
         password: Default::default(),
+        cluster: None,
     };
     let topics = Topics {
         samples: format!("{run}.samples"),

@@ -1526,6 +1526,7 @@ mod tests {
             database: "unused".to_owned(),
             user: "default".to_owned(),
             password: Default::default(),
+            cluster: None,
         });
         let sheet = include_str!("../../../prices/sprites.toml");
         Rater::new(

@@ -10,6 +10,7 @@
 
 mod accounts;
 mod api;
+pub mod cluster;
 mod customers;
 pub mod document;
 mod events;
@@ -65,6 +66,11 @@ pub struct ClickHouseSettings {
     /// Printed redacted (`idlemeter config`, logs).
     #[serde(default)]
     pub password: idlemeter_core::Secret,
+    /// The ClickHouse cluster (a `remote_servers` name) to run on: migrations
+    /// then create replicated tables sharded by customer and distributed
+    /// tables over them (see [`cluster`]). Unset: one server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 fn default_user() -> String {
@@ -161,6 +167,7 @@ pub struct Store {
     /// Same server, no database selected: for `CREATE DATABASE`.
     server: clickhouse::Client,
     database: String,
+    cluster: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -188,12 +195,30 @@ impl Store {
             .with_user(&settings.user)
             .with_password(settings.password.expose())
             .with_validation(false);
-        let client = server.clone().with_database(&settings.database);
+        let mut client = server.clone().with_database(&settings.database);
+        if settings.cluster.is_some() {
+            // An insert returns once every shard has its rows (the ingest
+            // commits its offsets after that); a subquery over a distributed
+            // table inside a distributed query reads each shard's own rows,
+            // which is whole because tables are sharded by customer; reads and
+            // writes prefer the first live replica of each shard, so a reader
+            // sees what was just written while that replica is up.
+            client = client
+                .with_setting("insert_distributed_sync", "1")
+                .with_setting("distributed_product_mode", "local")
+                .with_setting("load_balancing", "in_order");
+        }
         Self {
             client,
             server,
             database: settings.database.clone(),
+            cluster: settings.cluster.clone(),
         }
+    }
+
+    /// The cluster this store runs on (`[clickhouse] cluster`), if any.
+    pub fn cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
     }
 
     pub fn database(&self) -> &str {

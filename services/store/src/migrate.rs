@@ -9,6 +9,7 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::cluster::ClusterDdl;
 use crate::{Context, Error, Result, Store};
 
 /// One migration file.
@@ -105,21 +106,30 @@ struct AppliedInsert<'a> {
 impl Store {
     /// Creates the database if needed and applies every pending migration.
     pub async fn migrate(&self, now_unix: u32) -> Result<MigrationReport> {
-        let create_database = format!("CREATE DATABASE IF NOT EXISTS {}", self.database_ident()?);
+        let database = self.database_ident()?;
+        let cluster = match self.cluster() {
+            Some(cluster) => Some(ClusterDdl::new(cluster, database)?),
+            None => None,
+        };
+        let create_database = match &cluster {
+            Some(cluster) => cluster.create_database(),
+            None => format!("CREATE DATABASE IF NOT EXISTS {database}"),
+        };
         self.server
             .query(&create_database)
             .execute()
             .await
             .context(create_database.clone())?;
-        self.client
-            .query(
-                "CREATE TABLE IF NOT EXISTS schema_migrations \
-                 (name String, checksum String, applied_at DateTime) \
-                 ENGINE = MergeTree ORDER BY name",
-            )
-            .execute()
-            .await
-            .context("create schema_migrations")?;
+        let create_record = "CREATE TABLE IF NOT EXISTS schema_migrations \
+             (name String, checksum String, applied_at DateTime) \
+             ENGINE = MergeTree ORDER BY name";
+        for statement in translated(cluster.as_ref(), create_record)? {
+            self.client
+                .query(&statement)
+                .execute()
+                .await
+                .context("create schema_migrations")?;
+        }
         let applied: Vec<AppliedRow> = self
             .client
             .query("SELECT name, checksum FROM schema_migrations ORDER BY name")
@@ -141,31 +151,40 @@ impl Store {
                 report.already_applied.push(migration.name);
                 continue;
             }
-            self.apply(migration, &checksum, now_unix).await?;
+            self.apply(migration, cluster.as_ref(), &checksum, now_unix)
+                .await?;
             report.applied.push(migration.name);
         }
         Ok(report)
     }
 
-    async fn apply(&self, migration: &Migration, checksum: &str, now_unix: u32) -> Result<()> {
-        for (index, statement) in migration.statements().iter().enumerate() {
-            match self.client.query(statement).execute().await {
-                Ok(()) => {}
-                // A rerun after a crash between an ADD COLUMN and its record
-                // (18.16 has no IF NOT EXISTS there): the columns are in place.
-                Err(error) if adds_columns(statement) && column_exists(&error) => {
-                    tracing::info!(
-                        migration = migration.name,
-                        statement = index + 1,
-                        "columns already added by an earlier, unrecorded run"
-                    );
-                }
-                Err(error) => {
-                    return Err(error).context(format!(
-                        "{} statement {}",
-                        migration.name,
-                        index + 1
-                    ))
+    async fn apply(
+        &self,
+        migration: &Migration,
+        cluster: Option<&ClusterDdl>,
+        checksum: &str,
+        now_unix: u32,
+    ) -> Result<()> {
+        for (index, written) in migration.statements().iter().enumerate() {
+            for statement in translated(cluster, written)? {
+                match self.client.query(&statement).execute().await {
+                    Ok(()) => {}
+                    // A rerun after a crash between an ADD COLUMN and its record
+                    // (18.16 has no IF NOT EXISTS there): the columns are in place.
+                    Err(error) if adds_columns(&statement) && column_exists(&error) => {
+                        tracing::info!(
+                            migration = migration.name,
+                            statement = index + 1,
+                            "columns already added by an earlier, unrecorded run"
+                        );
+                    }
+                    Err(error) => {
+                        return Err(error).context(format!(
+                            "{} statement {}",
+                            migration.name,
+                            index + 1
+                        ))
+                    }
                 }
             }
         }
@@ -203,6 +222,15 @@ impl Store {
                 self.database
             )))
         }
+    }
+}
+
+/// The statements to run for one written statement: itself on one server,
+/// its cluster translation on a cluster.
+fn translated(cluster: Option<&ClusterDdl>, statement: &str) -> Result<Vec<String>> {
+    match cluster {
+        Some(cluster) => cluster.translate(statement),
+        None => Ok(vec![statement.to_owned()]),
     }
 }
 
