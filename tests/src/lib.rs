@@ -67,6 +67,7 @@ impl TestEnv {
             commands: format!("{unique}.sandbox.commands"),
             leases: format!("{unique}.sandbox.leases"),
             events: format!("{unique}.usage.events"),
+            ..Topics::default()
         };
         let store = Store::new(&clickhouse);
         store.ping().await.map_err(|error| {

@@ -235,6 +235,7 @@ pub struct AlertDelivery {
     backoff: Mutex<HashMap<String, Backoff>>,
     fired: IntCounter,
     failed: IntCounter,
+    owns: idlemeter_core::Share,
 }
 
 impl AlertDelivery {
@@ -268,7 +269,17 @@ impl AlertDelivery {
             backoff: Mutex::new(HashMap::new()),
             fired,
             failed,
+            owns: idlemeter_core::Share::everyone(),
         }
+    }
+
+    /// Delivers only the alerts of the customers `owns` admits: with two or
+    /// more API replicas, each customer's alerts are checked and delivered
+    /// by the one replica that holds the customer's shard, so a crossed
+    /// threshold is announced once, not once per replica.
+    pub fn with_share(mut self, owns: idlemeter_core::Share) -> Self {
+        self.owns = owns;
+        self
     }
 
     /// Resolves webhook hosts with `resolver` instead of the system's.
@@ -291,7 +302,10 @@ impl AlertDelivery {
             .collect();
         let mut spend_of: HashMap<String, Option<LatestSpend>> = HashMap::new();
         let mut due = Vec::new();
-        for alert in alerts.into_iter().filter(|alert| alert.deleted == 0) {
+        let live = alerts
+            .into_iter()
+            .filter(|alert| alert.deleted == 0 && self.owns.admits(&alert.customer));
+        for alert in live {
             if self
                 .backoff
                 .lock()

@@ -91,8 +91,13 @@ pub struct ApiConfig {
     /// what bounds the API's memory under one tenant's burst.
     pub max_in_flight_per_tenant: u32,
     /// How often spend alerts are checked; 0 disables delivery (alerts can
-    /// still be managed). Run delivery on one replica only.
+    /// still be managed).
     pub alert_interval_s: u64,
+    /// Replicas divide the customers whose alerts they deliver (on the
+    /// `[topics] shares` coordination topic), so each alert fires once
+    /// across them. Off: this replica delivers every alert (run one, or
+    /// set `alert_interval_s = 0` on the others).
+    pub divide_alerts: bool,
     /// Let alert webhooks call loopback and private addresses (tests, or a
     /// platform whose receivers live inside its network). Off by default.
     pub alert_private_targets: bool,
@@ -128,6 +133,7 @@ impl Default for ApiConfig {
             request_timeout_ms: 10_000,
             max_in_flight_per_tenant: 8,
             alert_interval_s: 60,
+            divide_alerts: false,
             alert_private_targets: false,
             sample_interval_s: 1,
             live_state: true,
@@ -710,6 +716,7 @@ impl Api {
     pub async fn deliver_alerts_until_stopped(
         &self,
         registry: &Registry,
+        owns: Option<idlemeter_core::Share>,
         shutdown: impl Future<Output = ()>,
     ) {
         let config = &self.state.config;
@@ -724,6 +731,10 @@ impl Api {
             Duration::from_secs(config.alert_interval_s),
             registry,
         );
+        let delivery = match owns {
+            Some(owns) => delivery.with_share(owns),
+            None => delivery,
+        };
         delivery.run_until_stopped(shutdown).await;
     }
 }

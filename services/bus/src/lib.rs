@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use idlemeter_core::Secret;
+
+pub mod shares;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
@@ -21,6 +23,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
+pub use shares::{shard_of, CustomerShares};
 
 /// Errors of the Kafka adapter, with the topic or client they concern.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub enum Error {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("kafka settings: {0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,7 +56,11 @@ pub type GroupConsumer = StreamConsumer<GroupContext>;
 pub struct GroupContext {
     group_id: String,
     revoked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+    assigned: Assigned,
 }
+
+/// The partitions a group consumer holds now, kept by its context.
+pub type Assigned = std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(String, i32)>>>;
 
 impl GroupContext {
     /// Partitions revoked since the last call. The revocation is recorded
@@ -64,6 +73,12 @@ impl GroupContext {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::mem::take(&mut *revoked)
+    }
+
+    /// The partitions held now, updated at every rebalance (revocations
+    /// before, assignments after).
+    pub fn assigned_handle(&self) -> Assigned {
+        std::sync::Arc::clone(&self.assigned)
     }
 }
 
@@ -78,15 +93,23 @@ impl ConsumerContext for GroupContext {
                     partitions = %describe(partitions),
                     "partitions revoked"
                 );
+                let revoked: Vec<(String, i32)> = partitions
+                    .elements()
+                    .iter()
+                    .map(|element| (element.topic().to_owned(), element.partition()))
+                    .collect();
+                let mut assigned = self
+                    .assigned
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for partition in &revoked {
+                    assigned.remove(partition);
+                }
+                drop(assigned);
                 self.revoked
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .extend(
-                        partitions
-                            .elements()
-                            .iter()
-                            .map(|element| (element.topic().to_owned(), element.partition())),
-                    );
+                    .extend(revoked);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(error) => {
@@ -97,6 +120,15 @@ impl ConsumerContext for GroupContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
+            self.assigned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(
+                    partitions
+                        .elements()
+                        .iter()
+                        .map(|element| (element.topic().to_owned(), element.partition())),
+                );
             tracing::info!(
                 group = %self.group_id,
                 partitions = %describe(partitions),
@@ -129,7 +161,7 @@ fn describe(partitions: &rdkafka::TopicPartitionList) -> String {
 /// and `SCRAM-SHA-512` are built in (MSK: `sasl_ssl` with SCRAM, or `ssl`
 /// with client certificates). Passwords are [`Secret`]s, and properties
 /// whose name says password, secret or key material print redacted too.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     /// Comma-separated `host:port` list.
@@ -155,6 +187,19 @@ pub struct KafkaSettings {
     pub ssl_key_password: Secret,
     #[serde(default, serialize_with = "serialize_properties")]
     pub properties: BTreeMap<String, String>,
+    /// Replicas of each topic idlemeter creates (1: a single broker, as in
+    /// development; 3 on a production Apache Kafka, Redpanda or MSK cluster).
+    /// Topics that exist are left as they are.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Topic-level configuration for the topics idlemeter creates, e.g.
+    /// `min.insync.replicas = "2"` beside a replication factor of 3.
+    #[serde(default)]
+    pub topic_config: BTreeMap<String, String>,
+}
+
+fn default_replication_factor() -> i32 {
+    1
 }
 
 /// Whether a librdkafka property holds a secret (printed redacted).
@@ -188,6 +233,25 @@ fn serialize_properties<S: serde::Serializer>(
     redacted_properties(properties).serialize(serializer)
 }
 
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            security_protocol: String::new(),
+            sasl_mechanism: String::new(),
+            sasl_username: String::new(),
+            sasl_password: Secret::default(),
+            ssl_ca_location: String::new(),
+            ssl_certificate_location: String::new(),
+            ssl_key_location: String::new(),
+            ssl_key_password: Secret::default(),
+            properties: BTreeMap::new(),
+            replication_factor: default_replication_factor(),
+            topic_config: BTreeMap::new(),
+        }
+    }
+}
+
 impl std::fmt::Debug for KafkaSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSettings")
@@ -201,6 +265,8 @@ impl std::fmt::Debug for KafkaSettings {
             .field("ssl_key_location", &self.ssl_key_location)
             .field("ssl_key_password", &self.ssl_key_password)
             .field("properties", &redacted_properties(&self.properties))
+            .field("replication_factor", &self.replication_factor)
+            .field("topic_config", &self.topic_config)
             .finish()
     }
 }
@@ -222,6 +288,44 @@ pub struct Topics {
     /// OpenMeter-compatible endpoint, for ingest.
     #[serde(default = "default_events_topic")]
     pub events: String,
+    /// Partitions of each topic idlemeter creates (the dead-letter topic has
+    /// one). They bound how many replicas of ingest and policy share the
+    /// work; samples and leases must have the same count, since the policy
+    /// pairs partition i of both. Existing topics keep theirs.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// The coordination topic replicas divide customers on (no messages;
+    /// one partition per shard; see [`shares`]). Each service that divides
+    /// customers joins its own group on it, named after the topic.
+    #[serde(default = "default_shares_topic")]
+    pub shares: String,
+    /// Its partitions: the most replicas that can share a service's work.
+    #[serde(default = "default_shares_partitions")]
+    pub shares_partitions: i32,
+}
+
+fn default_shares_topic() -> String {
+    "idlemeter.shares".to_owned()
+}
+fn default_shares_partitions() -> i32 {
+    64
+}
+
+impl Topics {
+    /// Joins the replicas of `service` (e.g. `rater.USD`) in dividing the
+    /// customers.
+    pub async fn share_customers(
+        &self,
+        kafka: &KafkaSettings,
+        service: &str,
+    ) -> Result<CustomerShares> {
+        let group = format!("{}.{service}", self.shares);
+        CustomerShares::join(kafka, &self.shares, &group, self.shares_partitions).await
+    }
+}
+
+fn default_partitions() -> i32 {
+    8
 }
 
 fn default_samples_topic() -> String {
@@ -248,6 +352,9 @@ impl Default for Topics {
             commands: default_commands_topic(),
             leases: default_leases_topic(),
             events: default_events_topic(),
+            partitions: default_partitions(),
+            shares: default_shares_topic(),
+            shares_partitions: default_shares_partitions(),
         }
     }
 }
@@ -345,6 +452,7 @@ impl KafkaSettings {
         let context = GroupContext {
             group_id: group_id.to_owned(),
             revoked: Default::default(),
+            assigned: Default::default(),
         };
         config
             .create_with_context(context)
@@ -385,6 +493,7 @@ impl KafkaSettings {
             .create_with_context(GroupContext {
                 group_id: group_id.clone(),
                 revoked: Default::default(),
+                assigned: Default::default(),
             })
             .map_err(|source| Error::Kafka {
                 context: format!("tail consumer {client_id} ({group_id})"),
@@ -416,7 +525,13 @@ impl KafkaSettings {
             })?;
         let new_topics: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .map(|(name, partitions)| {
+                let replication = TopicReplication::Fixed(self.replication_factor);
+                self.topic_config.iter().fold(
+                    NewTopic::new(name, *partitions, replication),
+                    |topic, (key, value)| topic.set(key, value),
+                )
+            })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin

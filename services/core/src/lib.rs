@@ -34,6 +34,7 @@ pub mod report;
 pub mod rollup;
 pub mod sample;
 pub mod secret;
+pub mod share;
 pub mod signature;
 pub mod terms;
 
@@ -56,4 +57,5 @@ pub use rating::{
 pub use report::{rate_jsonl, rate_report, report_usage, RateReport};
 pub use sample::{LifecycleState, SampleDetail, SampleError, UsageSample, VcpuMillis};
 pub use secret::Secret;
+pub use share::Share;
 pub use terms::{BillingTerms, TermsError};

@@ -128,6 +128,11 @@ pub struct InvoicerConfig {
     /// How often, with a ledger, customers' spend is compared with their
     /// records' spend limits (`customer.spend_limit_reached`); 0 never.
     pub spend_limit_check_s: u64,
+    /// The scheduler runs as one of several replicas that divide the
+    /// customers (on the `[topics] shares` coordination topic); needs a
+    /// ledger (`[ledger] url`), where numbers are claimed. `invoices close`
+    /// from the command line always closes everyone.
+    pub divide_customers: bool,
 }
 
 impl Default for InvoicerConfig {
@@ -148,6 +153,7 @@ impl Default for InvoicerConfig {
             events_topic: String::new(),
             events_retry_max_s: 300,
             spend_limit_check_s: 60,
+            divide_customers: false,
         }
     }
 }
@@ -214,6 +220,8 @@ pub struct Invoicer {
     metrics: Option<InvoicerMetrics>,
     /// The customers this sheet closes, when one runs per currency.
     lane: Option<idlemeter_store::CurrencyLane>,
+    /// This replica's customers, when replicas divide them.
+    share: idlemeter_core::Share,
 }
 
 /// What the scheduler exports: whether its runs succeed, and what they issue.
@@ -315,6 +323,7 @@ impl Invoicer {
             sheet,
             sheet_label: source.sheet_label.to_owned(),
             lane: None,
+            share: idlemeter_core::Share::everyone(),
             sheet_checksum: source.checksum(),
             idle,
             config,
@@ -331,6 +340,17 @@ impl Invoicer {
     /// ClickHouse through the outbox. Two invoicers sharing only the
     /// database never share or skip a number; the lock file is then only
     /// a courtesy between runs on one host.
+    /// Closes only the customers `share` admits: two or more invoicer
+    /// replicas divide the customers, each closing its own (numbers are
+    /// claimed in the ledger, so they stay unique and gapless across them).
+    /// A replica that dies mid-close leaves its customers to the one that
+    /// takes its shards, at that one's next firing: every firing closes the
+    /// previous period again and skips what is already invoiced.
+    pub fn with_share(mut self, share: idlemeter_core::Share) -> Self {
+        self.share = share;
+        self
+    }
+
     /// Closes only the customers of `lane` (those billed in this sheet's
     /// currency; see [`idlemeter_store::CurrencyLane`]): a deployment with
     /// a sheet per currency runs one invoicer per sheet.
@@ -769,6 +789,7 @@ impl Invoicer {
         if let Some(lane) = &self.lane {
             customers.retain(|customer| lane.admits(customer, &currencies));
         }
+        customers.retain(|customer| self.share.admits(customer));
         let adjusted = self.accounts(None).all_issued_adjustments().await?;
         let mut outcome = CloseOutcome::default();
         let mut next = self.store.last_invoice_number(issuer).await? + 1;

@@ -174,6 +174,7 @@ async fn service_end_to_end(
         commands: format!("{run}.commands"),
         leases: format!("{run}.leases"),
         events: format!("{run}.events"),
+        ..Topics::default()
     };
     let store = Store::new(&clickhouse);
     store.migrate(0).await?;

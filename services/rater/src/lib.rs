@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use idlemeter_bus::CustomerShares;
 use idlemeter_core::events::Meters;
 use idlemeter_core::invoice::CustomerBill;
 use idlemeter_core::metering::{Metered, PricedMeters};
@@ -124,6 +125,12 @@ pub struct RaterConfig {
     /// wallet, adjustments) before reading it again. Hourly figures always
     /// read it.
     pub account_refresh_seconds: u64,
+    /// Run as one of several replicas that divide the customers between
+    /// them (on the `[topics] shares` coordination topic), each customer
+    /// rated by one. Off: this rater rates everyone (one replica; two
+    /// would both rate everyone, which collapses to the same rows but
+    /// doubles the work).
+    pub divide_customers: bool,
 }
 
 impl Default for RaterConfig {
@@ -138,6 +145,7 @@ impl Default for RaterConfig {
             live_source: LiveSource::Kafka,
             live_lateness_seconds: 10,
             account_refresh_seconds: 60,
+            divide_customers: false,
         }
     }
 }
@@ -286,6 +294,11 @@ pub struct Rater {
     /// The customers this sheet rates, when one rater runs per currency
     /// (see [`Self::with_lane`]), and their currencies as last read.
     lane: Option<(CurrencyLane, LaneCache)>,
+    /// This replica's share of the customers (all of them unless
+    /// [`Self::with_shares`]), and the share's generation the caches above
+    /// were built under.
+    shares: CustomerShares,
+    shares_seen: Mutex<u64>,
 }
 
 /// Customers' currencies as last read, and when.
@@ -323,7 +336,33 @@ impl Rater {
             feed: None,
             lookback_checked: Mutex::new(None),
             lane: None,
+            shares: CustomerShares::all(),
+            shares_seen: Mutex::new(0),
         })
+    }
+
+    /// Rates only the customers of the shards this replica holds (see
+    /// [`idlemeter_bus::shares`]): two or more raters then divide the
+    /// customers, each rated by one of them, and a dead replica's customers
+    /// are rated by the one that takes its shards.
+    pub fn with_shares(mut self, shares: CustomerShares) -> Self {
+        self.shares = shares;
+        self
+    }
+
+    /// Customers came or went since the last pass: forget the caches kept
+    /// for them (another replica may have rated them meanwhile) and look at
+    /// older periods again for the newcomers.
+    fn follow_shares(&self) {
+        let generation = self.shares.generation();
+        let mut seen = self.shares_seen.lock().expect("not poisoned");
+        if *seen != generation {
+            *seen = generation;
+            self.finals.lock().expect("not poisoned").clear();
+            self.live.lock().expect("not poisoned").clear();
+            *self.lookback_checked.lock().expect("not poisoned") = None;
+            tracing::info!(shards = ?self.shares.held(), "customer shards changed");
+        }
     }
 
     /// Rates only the customers of `lane`: those billed in this sheet's
@@ -342,13 +381,15 @@ impl Rater {
         Ok(self)
     }
 
-    /// Keeps the customers of this rater's lane (all without one).
-    async fn keep_lane<T>(
+    /// Keeps the customers this rater rates: those of its shards (all
+    /// without shares) and of its lane (all without one).
+    async fn keep_mine<T>(
         &self,
         items: &mut Vec<T>,
         customer: impl Fn(&T) -> &str,
         max_age: std::time::Duration,
     ) -> Result<()> {
+        items.retain(|item| self.shares.owns(customer(item)));
         let Some((lane, cache)) = &self.lane else {
             return Ok(());
         };
@@ -413,6 +454,11 @@ impl Rater {
         &self.sheet_checksum
     }
 
+    /// The currency of this rater's sheet.
+    pub fn currency(&self) -> &str {
+        self.sheet.currency.code()
+    }
+
     fn period(&self) -> Period {
         self.terms.period
     }
@@ -435,6 +481,7 @@ impl Rater {
     /// received samples since their last hour was rated. Idempotent: a second
     /// call with the same `now` writes nothing.
     pub async fn rate_closed_hours(&self, now: DateTime<Utc>) -> Result<RatingPass> {
+        self.follow_shares();
         let closed_until =
             floor_hour(now - chrono::Duration::seconds(self.config.grace_seconds as i64));
         let last_hour_start = closed_until - chrono::Duration::hours(1);
@@ -450,7 +497,7 @@ impl Rater {
                 .await?;
             self.add_metered_customers(&mut customers, period_start, period_end)
                 .await?;
-            self.keep_lane(
+            self.keep_mine(
                 &mut customers,
                 |(customer, _, _)| customer.as_str(),
                 std::time::Duration::ZERO,
@@ -530,7 +577,7 @@ impl Rater {
                         unix_ms(self.period().next(period_start)),
                     )
                     .await?;
-                self.keep_lane(
+                self.keep_mine(
                     &mut customers,
                     |(customer, _, _)| customer.as_str(),
                     std::time::Duration::ZERO,
@@ -999,6 +1046,7 @@ impl Rater {
         now: DateTime<Utc>,
         recent: Vec<UsageSample>,
     ) -> Result<LivePass> {
+        self.follow_shares();
         let period_start = self.period().start_of(now);
         let mut pass = LivePass {
             samples_read: recent.len(),
@@ -1017,7 +1065,7 @@ impl Rater {
             }
         }
         let mut customers: Vec<&CustomerId> = by_customer.keys().collect();
-        self.keep_lane(&mut customers, |customer| customer.as_str(), LANE_REFRESH)
+        self.keep_mine(&mut customers, |customer| customer.as_str(), LANE_REFRESH)
             .await?;
         customers.sort();
         self.resume_live(&customers, period_start, now, &mut pass)

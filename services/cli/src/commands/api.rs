@@ -64,11 +64,21 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         },
     )?;
     let metrics = super::expose(settings, registry.clone(), ready).await?;
+    let owns: Option<idlemeter_core::Share> =
+        if settings.api.divide_alerts && settings.api.alert_interval_s > 0 {
+            let shares = settings
+                .topics
+                .share_customers(&settings.kafka, "api.alerts")
+                .await?;
+            Some(shares.share())
+        } else {
+            None
+        };
     let alerts = {
         let api = api.clone();
         let registry = registry.clone();
         tokio::spawn(async move {
-            api.deliver_alerts_until_stopped(&registry, super::shutdown_signal())
+            api.deliver_alerts_until_stopped(&registry, owns, super::shutdown_signal())
                 .await
         })
     };
@@ -184,7 +194,11 @@ pub async fn keys(settings: &Settings, args: KeysArgs) -> anyhow::Result<()> {
 /// by subject, each acknowledged by the brokers (idempotent producer).
 async fn event_sink(settings: &Settings) -> anyhow::Result<idlemeter_api::events::EventSink> {
     let topic = settings.topics.events.as_str();
-    if let Err(error) = settings.kafka.ensure_topics(&[(topic, 8)]).await {
+    if let Err(error) = settings
+        .kafka
+        .ensure_topics(&[(topic, settings.topics.partitions)])
+        .await
+    {
         // The API serves reads while Kafka is down; events wait for it.
         tracing::warn!(%error, %topic, "could not ensure the events topic; continuing");
     }

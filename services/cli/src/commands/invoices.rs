@@ -410,10 +410,23 @@ pub async fn run(settings: &Settings, args: InvoicesArgs) -> anyhow::Result<()> 
 
 pub async fn service(settings: &Settings) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
+    let share = if settings.invoicer.divide_customers {
+        anyhow::ensure!(
+            !settings.ledger.url.expose().is_empty(),
+            "[invoicer] divide_customers needs [ledger] url: replicas claim invoice numbers there"
+        );
+        let shares = settings
+            .topics
+            .share_customers(&settings.kafka, "invoicer")
+            .await?;
+        shares.share()
+    } else {
+        idlemeter_core::Share::everyone()
+    };
     let invoicers = invoicers(settings)
         .await?
         .into_iter()
-        .map(|invoicer| invoicer.with_metrics(&registry))
+        .map(|invoicer| invoicer.with_share(share.clone()).with_metrics(&registry))
         .collect::<Result<Vec<_>, _>>()?;
     let ready = super::readiness(
         settings,

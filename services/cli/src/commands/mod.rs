@@ -222,9 +222,9 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
     settings
         .kafka
         .ensure_topics(&[
-            (settings.topics.samples.as_str(), 8),
+            (settings.topics.samples.as_str(), settings.topics.partitions),
             (settings.topics.samples_dead_letter.as_str(), 1),
-            (settings.topics.events.as_str(), 8),
+            (settings.topics.events.as_str(), settings.topics.partitions),
         ])
         .await?;
     let registry = prometheus::Registry::new();
@@ -264,7 +264,7 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
 /// The rater of one sheet: the primary `[rater] sheet` or one of
 /// `[rater] currency_sheets`, each in its currency's lane when there are
 /// several.
-fn build_rater(
+async fn build_rater(
     settings: &Settings,
     sheet: SheetLane,
     registry: &prometheus::Registry,
@@ -281,8 +281,16 @@ fn build_rater(
     )?
     .with_terms(settings.billing.clone())?
     .with_meters(&settings.events.load_meters()?)?;
+    let currency = rater.currency().to_owned();
     if let Some(lane) = sheet.lane {
         rater = rater.with_lane(lane)?;
+    }
+    if settings.rater.divide_customers {
+        let shares = settings
+            .topics
+            .share_customers(&settings.kafka, &format!("rater.{currency}"))
+            .await?;
+        rater = rater.with_shares(shares);
     }
     let policy_path = &settings.rater.idle_policy;
     if !policy_path.is_empty() {
@@ -371,10 +379,10 @@ pub(crate) fn sheet_lanes(settings: &Settings) -> anyhow::Result<Vec<SheetLane>>
 
 pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
-    let raters = sheet_lanes(settings)?
-        .into_iter()
-        .map(|sheet| build_rater(settings, sheet, &registry))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut raters = Vec::new();
+    for sheet in sheet_lanes(settings)? {
+        raters.push(build_rater(settings, sheet, &registry).await?);
+    }
     let live = &settings.rater;
     let ready = readiness(
         settings,
@@ -403,9 +411,12 @@ pub async fn policy(settings: &Settings) -> anyhow::Result<()> {
     settings
         .kafka
         .ensure_topics(&[
-            (settings.topics.samples.as_str(), 8),
-            (settings.topics.commands.as_str(), 8),
-            (settings.topics.leases.as_str(), 8),
+            (settings.topics.samples.as_str(), settings.topics.partitions),
+            (
+                settings.topics.commands.as_str(),
+                settings.topics.partitions,
+            ),
+            (settings.topics.leases.as_str(), settings.topics.partitions),
         ])
         .await?;
     let file = &settings.policy.file;
@@ -441,8 +452,11 @@ pub async fn collector(settings: &Settings) -> anyhow::Result<()> {
     settings
         .kafka
         .ensure_topics(&[
-            (settings.topics.samples.as_str(), 8),
-            (settings.topics.commands.as_str(), 8),
+            (settings.topics.samples.as_str(), settings.topics.partitions),
+            (
+                settings.topics.commands.as_str(),
+                settings.topics.partitions,
+            ),
         ])
         .await
         .unwrap_or_else(|error| {

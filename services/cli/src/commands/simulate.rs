@@ -35,7 +35,7 @@ pub async fn run(settings: &Settings, args: SimulateArgs) -> anyhow::Result<()> 
     anyhow::ensure!(args.interval_s > 0.0, "--interval-s must be positive");
     settings
         .kafka
-        .ensure_topics(&[(settings.topics.samples.as_str(), 8)])
+        .ensure_topics(&[(settings.topics.samples.as_str(), settings.topics.partitions)])
         .await?;
     let producer = settings.kafka.producer("idlemeter-simulate")?;
     let mut fleet = Fleet::new(FleetShape {
