@@ -14,7 +14,7 @@ TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory \
 	IDLEMETER_PG_PORT=25432 IDLEMETER_PG_EPHEMERAL=1
 
-.PHONY: pdftotext prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+.PHONY: zookeeper test-scale-out pdftotext prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
 ## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
 run: build
@@ -24,7 +24,7 @@ run: build
 ## The durable broker first: the test broker then runs the same tansu build
 ## (the PyPI wheel's, used while the build is absent, mishandles a member
 ## joining a group during its first join).
-test: durable-broker test-services-start chdb-venv schemathesis-venv chromium prometheus pdftotext
+test: durable-broker test-services-start chdb-venv schemathesis-venv chromium prometheus pdftotext zookeeper
 	@# The collector's fault tests run (and SIGKILL) the real binary; cargo does
 	@# not build another package's binary for a test, so build it first.
 	cargo build -p idlemeter-cli --bin idlemeter
@@ -78,6 +78,18 @@ durable-broker:
 ## Debian's prometheus (and promtool), for the alert rules' tests and the scrape test.
 prometheus:
 	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+## Debian's zookeeper (and its Java), for the ClickHouse cluster of the scale-out test.
+zookeeper:
+	@[ -x /usr/share/zookeeper/bin/zkServer.sh ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper >/dev/null; }
+
+## Two replicas of every service on a local ClickHouse cluster, with a replica
+## of each and a ClickHouse server stopped midway (also part of `make test`).
+test-scale-out: durable-broker test-services-start zookeeper
+	cargo build -p idlemeter-cli --bin idlemeter
+	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
+		cargo nextest run -p idlemeter-tests --test scale_out --no-capture
 
 ## Debian's poppler-utils, whose pdftotext reads invoice PDFs back in the tests.
 pdftotext:

@@ -11,6 +11,12 @@ logs=${IDLEMETER_RUN_DIR:-$PWD/.run}
 mkdir -p "$logs"
 eval "$(scripts/services.sh start)"
 export IDLEMETER_CLICKHOUSE__URL IDLEMETER_KAFKA__BROKERS IDLEMETER_LEDGER__URL
+# CLUSTER=1: the local ClickHouse cluster (ZooKeeper, two shards, three
+# servers) instead of the single server; every service runs against ch1.
+if [ "${CLUSTER:-0}" = 1 ]; then
+    eval "$(scripts/services.sh start-cluster)"
+    export IDLEMETER_CLICKHOUSE__URL IDLEMETER_CLICKHOUSE__CLUSTER
+fi
 $bin migrate
 
 pids=()

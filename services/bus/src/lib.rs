@@ -462,6 +462,52 @@ impl KafkaSettings {
             })
     }
 
+    /// A consumer of every partition of `topic` from the first message at
+    /// or after `since_ms` (Kafka timestamps), committing nothing: for a
+    /// stream every replica must see whole (the policy's leases). A broker
+    /// that cannot look offsets up by time is read from the beginning.
+    pub fn replay_consumer(
+        &self,
+        client_id: &str,
+        topic: &str,
+        since_ms: i64,
+    ) -> Result<GroupConsumer> {
+        use rdkafka::consumer::Consumer;
+        let consumer = self.tail_consumer(client_id)?;
+        let kafka = |context: &str| {
+            let context = format!("{context} {topic}");
+            move |source| Error::Kafka { context, source }
+        };
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(kafka("metadata of"))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|found| found.name() == topic)
+            .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
+            .collect();
+        let mut wanted = rdkafka::TopicPartitionList::new();
+        for partition in &partitions {
+            wanted
+                .add_partition_offset(topic, *partition, rdkafka::Offset::Offset(since_ms))
+                .map_err(kafka("offsets of"))?;
+        }
+        let start = consumer
+            .offsets_for_times(wanted, timeout)
+            .unwrap_or_else(|error| {
+                tracing::warn!(%topic, %error, "offsets by time not available; reading from the beginning");
+                let mut beginning = rdkafka::TopicPartitionList::new();
+                for partition in &partitions {
+                    let _ = beginning.add_partition_offset(topic, *partition, rdkafka::Offset::Beginning);
+                }
+                beginning
+            });
+        consumer.assign(&start).map_err(kafka("assign"))?;
+        Ok(consumer)
+    }
+
     /// A consumer that reads a topic from its end onwards and never commits:
     /// for views rebuilt from the stream (the rater's live figures), where
     /// each process reads every partition itself. Its group id is unique to

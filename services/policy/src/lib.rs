@@ -1,8 +1,8 @@
 //! The idle-suspend policy service.
 //!
-//! It consumes `usage.samples` (its own consumer group) and `sandbox.leases`,
-//! feeds them to the pure [`Engine`] of `idlemeter_core::policy`, and for
-//! every decision:
+//! It consumes `usage.samples` (its own consumer group) and `sandbox.leases`
+//! (every partition, in every replica), feeds them to the pure [`Engine`] of
+//! `idlemeter_core::policy`, and for every decision:
 //! 1. produces a `SandboxCommand` on `sandbox.commands`, keyed by node, unless
 //!    the action is `notify` (the collector of that node freezes or stops the
 //!    sandbox);
@@ -13,11 +13,20 @@
 //!
 //! Steps 1 and 2 are acknowledged before the next message is read. Every
 //! `snapshot_interval_ms` the engine's state goes to `policy_state` and only
-//! then are the offsets consumed so far committed. After a crash the service
-//! restores the last snapshot and replays from the last commit: the engine
-//! recognises samples it has seen by seq, and replayed decisions carry the same
-//! ids (the row collapses, the collector and the receiver act once per id).
-//! So a restart neither forgets an idle streak nor suspends early.
+//! then are the offsets consumed so far committed. A replica holds the state
+//! of the sandboxes whose samples reach its partitions: the first sample of a
+//! sandbox new to it (at start, or after a rebalance gave it the partition)
+//! reads the sandbox's snapshot, and a revoked partition's sandboxes are
+//! forgotten, left to their next owner. That owner replays from the last
+//! commit, which is never ahead of the snapshot: the engine recognises
+//! samples it has seen by seq, and replayed decisions carry the same ids (the
+//! row collapses, the collector and the receiver act once per id). So neither
+//! a restart nor a replica's death forgets an idle streak or suspends early.
+//!
+//! Leases are keyed by sandbox, samples by node, so a lease may arrive on
+//! another replica's partition: every replica reads every lease, applies
+//! those of the sandboxes it holds and keeps the others, in case the sandbox
+//! comes to it.
 
 pub use idlemeter_webhook as webhook;
 
@@ -30,9 +39,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use idlemeter_bus::{GroupConsumer, KafkaSettings, Topics};
-use idlemeter_core::policy::{
-    Action, Decision, Engine, Input, Lease, Policy, SandboxState, Snapshot, Spend,
-};
+use idlemeter_core::policy::{Action, Decision, Engine, Input, Lease, Policy, SandboxState, Spend};
 use idlemeter_core::CustomerId;
 use idlemeter_proto::{decode_node_batch, v1, SCHEMA_VERSION};
 use idlemeter_store::{DecisionRow, PolicyStateRow, Store};
@@ -107,6 +114,12 @@ pub struct PolicyConfig {
     /// header); collectors refuse commands that do not verify with theirs.
     /// Empty sends unsigned commands, which collectors refuse.
     pub command_key: idlemeter_core::Secret,
+    /// How far back a starting replica reads `sandbox.leases`. Every
+    /// replica reads every lease (a lease is keyed by sandbox, the samples
+    /// by node, so they need not share a partition); what an owner applied
+    /// is in its snapshots, so this only has to cover the leases sent since
+    /// the last snapshot before a stop, and while no replica ran.
+    pub lease_lookback_s: u64,
 }
 
 impl Default for PolicyConfig {
@@ -121,6 +134,7 @@ impl Default for PolicyConfig {
             webhook_url: String::new(),
             webhook_secret: idlemeter_core::Secret::default(),
             command_key: idlemeter_core::Secret::default(),
+            lease_lookback_s: 86_400,
         }
     }
 }
@@ -246,6 +260,14 @@ pub struct PolicyService {
     consumed: HashMap<(String, i32), i64>,
     /// Seq per sandbox at the last snapshot: only changed rows are written.
     snapshotted: HashMap<(String, String), (u64, u64, i64)>,
+    /// The partition each known sandbox's samples come from: its state is
+    /// forgotten when that partition goes to another replica.
+    partition_of: HashMap<SandboxKey, (String, i32)>,
+    /// The newest lease of each sandbox this replica does not hold, applied
+    /// if its samples come here (after a rebalance, or before any sample).
+    pending_leases: HashMap<SandboxKey, Lease>,
+    /// Leases from every partition of `sandbox.leases`.
+    leases: Option<tokio::sync::mpsc::Receiver<Lease>>,
     /// The billing period budget caps count spend over (`[billing] period`).
     period: idlemeter_core::Period,
 }
@@ -281,45 +303,37 @@ impl PolicyService {
                 config.webhook_secret.expose(),
             )?))
         };
-        let since_ms = Utc::now().timestamp_millis()
-            - i64::try_from(config.forget_after_s).unwrap_or(i64::MAX / 2_000) * 1000;
-        let rows = store.policy_state(&config.group_id, since_ms).await?;
-        let mut snapshotted = HashMap::new();
-        let mut sandboxes = Vec::with_capacity(rows.len());
-        for row in rows {
-            let state: SandboxState =
-                serde_json::from_str(&row.state).map_err(|error| Error::State {
-                    customer: row.customer.clone(),
-                    sandbox: row.sandbox.clone(),
-                    reason: error.to_string(),
-                })?;
-            snapshotted.insert((row.customer, row.sandbox), state.version());
-            sandboxes.push(state);
-        }
-        tracing::info!(
-            policy = %policy.version_label(),
-            restored = sandboxes.len(),
-            "policy state restored"
-        );
-        let engine = Engine::restore(
-            policy.clone(),
-            Snapshot {
-                policy_version: policy.version_label(),
-                sandboxes,
-                spend: Vec::new(),
-            },
-        );
+        // No state is restored here: a sandbox's state is read from the
+        // snapshots when its first sample reaches this replica (see
+        // `take_over`), so a replica holds only the sandboxes of its
+        // partitions, as their last owner left them.
+        tracing::info!(policy = %policy.version_label(), "policy loaded");
+        let engine = Engine::new(policy.clone());
         if config.command_key.is_empty() {
             tracing::warn!("policy.command_key is not set: commands go out unsigned and collectors refuse them");
         }
         let client_id = format!("idlemeter-policy-{}", std::process::id());
         let consumer = kafka.prompt_consumer(&client_id, &config.group_id)?;
         consumer
-            .subscribe(&[topics.samples.as_str(), topics.leases.as_str()])
+            .subscribe(&[topics.samples.as_str()])
             .map_err(|source| Error::Kafka {
                 context: "subscribe",
                 source,
             })?;
+        kafka
+            .ensure_topics(&[(topics.leases.as_str(), topics.partitions)])
+            .await?;
+        let lookback_ms = i64::try_from(config.lease_lookback_s)
+            .unwrap_or(i64::MAX / 2_000)
+            .saturating_mul(1000);
+        let lease_consumer = kafka.replay_consumer(
+            &format!("{client_id}-leases"),
+            &topics.leases,
+            Utc::now().timestamp_millis() - lookback_ms,
+        )?;
+        let metrics = PolicyMetrics::register(registry)?;
+        let (lease_sender, leases) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(read_leases(lease_consumer, lease_sender, metrics.clone()));
         Ok(Self {
             engine,
             policy,
@@ -330,9 +344,12 @@ impl PolicyService {
             topics,
             config,
             webhook,
-            metrics: PolicyMetrics::register(registry)?,
+            metrics,
             consumed: HashMap::new(),
-            snapshotted,
+            snapshotted: HashMap::new(),
+            partition_of: HashMap::new(),
+            pending_leases: HashMap::new(),
+            leases: Some(leases),
             period: idlemeter_core::Period::Month,
         })
     }
@@ -380,25 +397,52 @@ impl PolicyService {
             self.config.snapshot_interval_ms.max(100),
         ));
         snapshot_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leases = self
+            .leases
+            .take()
+            .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
+        let consumer = Arc::clone(&self.consumer);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = snapshot_every.tick() => self.checkpoint(&stop).await,
                 _ = spend_every.tick(), if budget_caps => self.read_spend(&spend_limits).await,
-                received = self.consumer.recv() => match received {
+                Some(lease) = leases.recv() => {
+                    let decisions = self.on_lease(lease);
+                    if !decisions.is_empty() && !self.emit(decisions, &stop).await {
+                        emit_failed = true;
+                        break;
+                    }
+                }
+                received = consumer.recv() => match received {
                     Ok(message) => {
-                        let mut positions = Vec::new();
-                        let mut decisions = Vec::new();
-                        observe(&mut self.engine, &self.topics, &self.metrics, &message, &mut positions, &mut decisions);
+                        let mut batch = Vec::new();
+                        self.receive(&message, &mut batch);
                         drop(message);
                         // Gather whatever else is already waiting (up to
                         // GATHER), so one Kafka flush and one ClickHouse insert
                         // carry the decisions of many messages.
                         let deadline = tokio::time::Instant::now() + GATHER;
                         while let Ok(Ok(message)) =
-                            tokio::time::timeout_at(deadline, self.consumer.recv()).await
+                            tokio::time::timeout_at(deadline, consumer.recv()).await
                         {
-                            observe(&mut self.engine, &self.topics, &self.metrics, &message, &mut positions, &mut decisions);
+                            self.receive(&message, &mut batch);
+                        }
+                        let Some(mut decisions) = self.take_over(&batch, &stop).await else {
+                            break;
+                        };
+                        let mut positions = Vec::with_capacity(batch.len());
+                        for received in batch {
+                            for sample in &received.samples {
+                                self.partition_of.insert(
+                                    (sample.customer.clone(), sample.sandbox.clone()),
+                                    received.partition.clone(),
+                                );
+                            }
+                            for sample in received.samples {
+                                decisions.extend(self.engine.observe(&Input::Sample(sample)));
+                            }
+                            positions.push((received.partition, received.next_offset));
                         }
                         if !decisions.is_empty() && !self.emit(decisions, &stop).await {
                             // Stopped with decisions unsent: the engine state
@@ -467,46 +511,171 @@ impl PolicyService {
         }
     }
 
-    /// The engine inputs in one message; a message that is neither a node batch
-    /// nor a lease is counted and skipped (ingest dead-letters bad batches).
-    fn inputs_of(
-        topics: &Topics,
-        metrics: &PolicyMetrics,
+    /// Decodes one message of the samples topic into `batch`, after
+    /// following any rebalance since the last message.
+    fn receive(
+        &mut self,
         message: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> Vec<Input> {
-        let payload = message.payload().unwrap_or_default();
-        if message.topic() == topics.leases {
-            return match decode_lease(payload) {
-                Ok(mut lease) => {
-                    metrics.leases_observed.inc();
-                    // A wake's event time: when the lease was produced.
-                    if lease.at.is_none() {
-                        lease.at = message
-                            .timestamp()
-                            .to_millis()
-                            .and_then(chrono::DateTime::from_timestamp_millis);
-                    }
-                    vec![Input::Lease(lease)]
-                }
-                Err(reason) => {
-                    metrics.messages_refused.inc();
-                    tracing::warn!(partition = message.partition(), offset = message.offset(), %reason, "lease refused");
-                    Vec::new()
-                }
-            };
+        batch: &mut Vec<Received>,
+    ) {
+        self.follow_revocations(batch);
+        if let Some(produced_ms) = message.timestamp().to_millis() {
+            let delay_ms = (Utc::now().timestamp_millis() - produced_ms).max(0);
+            self.metrics
+                .consume_delay_seconds
+                .observe(delay_ms as f64 / 1000.0);
         }
-        match decode_node_batch(payload) {
+        let samples = match decode_node_batch(message.payload().unwrap_or_default()) {
             Ok(decoded) => {
-                metrics
+                self.metrics
                     .samples_observed
                     .inc_by(decoded.samples.len() as u64);
-                decoded.samples.into_iter().map(Input::Sample).collect()
+                decoded.samples
             }
             Err(error) => {
-                metrics.messages_refused.inc();
+                self.metrics.messages_refused.inc();
                 tracing::debug!(partition = message.partition(), offset = message.offset(), %error, "not a node batch; skipped");
                 Vec::new()
             }
+        };
+        batch.push(Received {
+            partition: (message.topic().to_owned(), message.partition()),
+            next_offset: message.offset() + 1,
+            samples,
+        });
+    }
+
+    /// Partitions taken from this replica: their sandboxes are forgotten
+    /// (the new owner continues from their snapshots and replays from the
+    /// last commit), and what was received or consumed from them and not
+    /// yet acted on is dropped.
+    fn follow_revocations(&mut self, batch: &mut Vec<Received>) {
+        let revoked = self.consumer.context().take_revoked();
+        if revoked.is_empty() {
+            return;
+        }
+        let revoked: std::collections::HashSet<(String, i32)> = revoked.into_iter().collect();
+        batch.retain(|received| !revoked.contains(&received.partition));
+        self.consumed
+            .retain(|partition, _| !revoked.contains(partition));
+        let gone: Vec<SandboxKey> = self
+            .partition_of
+            .iter()
+            .filter(|(_, partition)| revoked.contains(*partition))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (customer, sandbox) in &gone {
+            self.engine.forget(customer, sandbox);
+            self.partition_of
+                .remove(&(customer.clone(), sandbox.clone()));
+            self.snapshotted
+                .remove(&(customer.as_str().to_owned(), sandbox.as_str().to_owned()));
+        }
+        tracing::info!(
+            partitions = revoked.len(),
+            sandboxes = gone.len(),
+            "partitions revoked; their sandboxes' state is left to the next owner"
+        );
+    }
+
+    /// Reads the snapshots of the sandboxes in `batch` this replica does not
+    /// hold yet (new to it: its first start, or a partition it gained), and
+    /// applies the leases it kept for them; returns the leases' decisions.
+    /// Retries while ClickHouse fails; `None` if stopped first.
+    async fn take_over(
+        &mut self,
+        batch: &[Received],
+        stop: &CancellationToken,
+    ) -> Option<Vec<Decision>> {
+        let mut unknown: Vec<SandboxKey> = batch
+            .iter()
+            .flat_map(|received| &received.samples)
+            .filter(|sample| {
+                self.engine
+                    .sandbox(&sample.customer, &sample.sandbox)
+                    .is_none()
+            })
+            .map(|sample| (sample.customer.clone(), sample.sandbox.clone()))
+            .collect();
+        unknown.sort();
+        unknown.dedup();
+        if unknown.is_empty() {
+            return Some(Vec::new());
+        }
+        let since_ms = Utc::now().timestamp_millis()
+            - i64::try_from(self.config.forget_after_s).unwrap_or(i64::MAX / 2_000) * 1000;
+        let names: Vec<&str> = unknown
+            .iter()
+            .map(|(_, sandbox)| sandbox.as_str())
+            .collect();
+        let mut backoff = Duration::from_millis(100);
+        let rows = loop {
+            match self
+                .store
+                .policy_state_of(&self.config.group_id, since_ms, &names)
+                .await
+            {
+                Ok(rows) => break rows,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read sandboxes' snapshots; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let wanted: std::collections::HashSet<&SandboxKey> = unknown.iter().collect();
+        let mut restored = 0;
+        for row in rows {
+            let state: SandboxState = match serde_json::from_str(&row.state) {
+                Ok(state) => state,
+                Err(error) => {
+                    // Decided from its next samples instead, as a new sandbox.
+                    tracing::warn!(customer = %row.customer, sandbox = %row.sandbox, %error, "snapshot row unreadable; starting the sandbox afresh");
+                    continue;
+                }
+            };
+            if !wanted.contains(&(state.customer.clone(), state.sandbox.clone())) {
+                continue;
+            }
+            self.snapshotted
+                .insert((row.customer, row.sandbox), state.version());
+            self.engine.adopt(state);
+            restored += 1;
+        }
+        if restored > 0 {
+            tracing::debug!(restored, "sandboxes taken over from their snapshots");
+        }
+        let mut decisions = Vec::new();
+        for key in &unknown {
+            let Some(lease) = self.pending_leases.remove(key) else {
+                continue;
+            };
+            let held = self
+                .engine
+                .sandbox(&key.0, &key.1)
+                .and_then(|state| state.lease.as_ref())
+                .and_then(|lease| lease.at);
+            // A lease kept here that the snapshot already has (or one older
+            // than the snapshot's) would undo a later one.
+            if held.is_none() || lease.at > held {
+                decisions.extend(self.engine.observe(&Input::Lease(lease)));
+            }
+        }
+        Some(decisions)
+    }
+
+    /// A lease: applied if this replica holds the sandbox, else kept in case
+    /// it comes here.
+    fn on_lease(&mut self, lease: Lease) -> Vec<Decision> {
+        let key = (lease.customer.clone(), lease.sandbox.clone());
+        if self.engine.sandbox(&key.0, &key.1).is_some() {
+            self.engine.observe(&Input::Lease(lease))
+        } else {
+            self.pending_leases.insert(key, lease);
+            Vec::new()
         }
     }
 
@@ -621,7 +790,16 @@ impl PolicyService {
             - chrono::Duration::seconds(
                 i64::try_from(self.config.forget_after_s).unwrap_or(i64::MAX / 2_000),
             );
+        let lookback = chrono::Duration::seconds(
+            i64::try_from(self.config.lease_lookback_s).unwrap_or(i64::MAX / 2_000),
+        );
+        let oldest_kept = Utc::now() - lookback;
+        self.pending_leases
+            .retain(|_, lease| lease.at.unwrap_or(lease.until).max(lease.until) > oldest_kept);
         if self.engine.forget_quiet(horizon) > 0 {
+            let engine = &self.engine;
+            self.partition_of
+                .retain(|(customer, sandbox), _| engine.sandbox(customer, sandbox).is_some());
             // Their rows stay in policy_state; restore skips rows older than the horizon.
             let engine = &self.engine;
             self.snapshotted.retain(|(customer, sandbox), _| {
@@ -690,28 +868,51 @@ impl PolicyService {
     }
 }
 
-/// Feeds one message to the engine, collecting its decisions and its next offset.
-fn observe(
-    engine: &mut Engine,
-    topics: &Topics,
-    metrics: &PolicyMetrics,
-    message: &rdkafka::message::BorrowedMessage<'_>,
-    positions: &mut Vec<((String, i32), i64)>,
-    decisions: &mut Vec<Decision>,
+type SandboxKey = (CustomerId, idlemeter_core::SandboxId);
+
+/// One message of the samples topic, decoded.
+#[derive(Debug)]
+struct Received {
+    partition: (String, i32),
+    next_offset: i64,
+    samples: Vec<idlemeter_core::UsageSample>,
+}
+
+/// Reads every lease into `sender` until the service goes. The lease's
+/// event time is the message's timestamp when the sender did not give one.
+async fn read_leases(
+    consumer: GroupConsumer,
+    sender: tokio::sync::mpsc::Sender<Lease>,
+    metrics: PolicyMetrics,
 ) {
-    if let Some(produced_ms) = message.timestamp().to_millis() {
-        let delay_ms = (Utc::now().timestamp_millis() - produced_ms).max(0);
-        metrics
-            .consume_delay_seconds
-            .observe(delay_ms as f64 / 1000.0);
+    loop {
+        let message = match consumer.recv().await {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "lease consume error; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        match decode_lease(message.payload().unwrap_or_default()) {
+            Ok(mut lease) => {
+                metrics.leases_observed.inc();
+                if lease.at.is_none() {
+                    lease.at = message
+                        .timestamp()
+                        .to_millis()
+                        .and_then(chrono::DateTime::from_timestamp_millis);
+                }
+                if sender.send(lease).await.is_err() {
+                    return;
+                }
+            }
+            Err(reason) => {
+                metrics.messages_refused.inc();
+                tracing::warn!(partition = message.partition(), offset = message.offset(), %reason, "lease refused");
+            }
+        }
     }
-    for input in PolicyService::inputs_of(topics, metrics, message) {
-        decisions.extend(engine.observe(&input));
-    }
-    positions.push((
-        (message.topic().to_owned(), message.partition()),
-        message.offset() + 1,
-    ));
 }
 
 fn spawn_delivery(webhook: Arc<WebhookSender>, decision: &Decision, metrics: PolicyMetrics) {

@@ -87,4 +87,32 @@ impl Store {
             .await
             .context(format!("policy state of {group_id}"))
     }
+
+    /// [`Self::policy_state`] of the named sandboxes only (a replica taking
+    /// them over); rows of other customers' sandboxes of the same name are
+    /// for the caller to drop.
+    pub async fn policy_state_of(
+        &self,
+        group_id: &str,
+        since_ms: i64,
+        sandboxes: &[&str],
+    ) -> Result<Vec<PolicyStateRow>> {
+        if sandboxes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.client
+            .query(
+                "SELECT ?fields FROM policy_state FINAL WHERE group_id = ? AND snapshot_ms >= ? \
+                 AND has(?, sandbox) ORDER BY customer, sandbox",
+            )
+            .bind(group_id)
+            .bind(since_ms)
+            .bind(sandboxes)
+            .fetch_all()
+            .await
+            .context(format!(
+                "policy state of {} sandboxes of {group_id}",
+                sandboxes.len()
+            ))
+    }
 }

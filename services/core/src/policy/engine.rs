@@ -262,6 +262,21 @@ impl Engine {
         self.sandboxes.get(&(customer.clone(), sandbox.clone()))
     }
 
+    /// Takes over a sandbox's state, restored from the snapshot its last
+    /// owner wrote (a replica that gains a partition continues from there).
+    pub fn adopt(&mut self, state: SandboxState) {
+        self.sandboxes
+            .insert((state.customer.clone(), state.sandbox.clone()), state);
+    }
+
+    /// Forgets one sandbox (its partition went to another replica, which
+    /// continues from the snapshot); true if it was known.
+    pub fn forget(&mut self, customer: &CustomerId, sandbox: &SandboxId) -> bool {
+        self.sandboxes
+            .remove(&(customer.clone(), sandbox.clone()))
+            .is_some()
+    }
+
     /// Forgets sandboxes last seen before `before` that are not running (gone
     /// or long suspended), so state stays bounded by the live fleet.
     pub fn forget_quiet(&mut self, before: DateTime<Utc>) -> usize {

@@ -1,0 +1,624 @@
+//! Scale out: two replicas of every service on a ClickHouse cluster of two
+//! shards (one of them with two replicas) and a samples topic of six
+//! partitions, all started by the test (`make test-scale-out`).
+//!
+//! Replica A of each service talks to ClickHouse server ch1 (shard 1), replica
+//! B to ch3 (shard 2; its distributed queries reach shard 1 through ch1 or
+//! ch2). Midway through the stream every A is SIGKILLed and ch1 is stopped for
+//! 30 s, so B carries on with shard 1 served by ch2 alone; ch1 then comes
+//! back and catches up by replication. Then:
+//! - every sample is stored once (none lost, none doubled), and ch1 holds the
+//!   same rows as ch2;
+//! - the idle decisions are exactly those of the pure engine over the stream,
+//!   each recorded once;
+//! - every customer is rated through the end of the period, and its
+//!   invoice's total is the rater's figure;
+//! - invoice numbers run 1..=N, one per customer, across two invoicers (one
+//!   killed mid-close) that share only the ledger;
+//! - the same API call is answered identically by two API replicas.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use idlemeter_core::policy::{decide_all, Input, Policy};
+use idlemeter_core::{NodeId, UsageSample};
+use idlemeter_tests::{counted, sample, TestEnv, SIMPLE_SHEET};
+use rdkafka::producer::FutureRecord;
+
+const CUSTOMERS: usize = 12;
+const SANDBOXES_PER_CUSTOMER: usize = 2;
+const NODES: usize = 6;
+const TICKS: u64 = 1_800;
+const ISSUER: &str = "scale-out";
+
+/// The local cluster of `scripts/services.sh start-cluster`, in a directory
+/// of its own; stopped when dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Cluster {
+    fn start() -> anyhow::Result<Self> {
+        let port = std::env::var("IDLEMETER_SCALE_OUT_PORT")
+            .ok()
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(28_400);
+        let cluster = Self {
+            dir: tempfile::tempdir()?,
+            port,
+        };
+        cluster.services(&["start-cluster"])?;
+        Ok(cluster)
+    }
+
+    fn services(&self, args: &[&str]) -> anyhow::Result<()> {
+        let output = Command::new(repo().join("scripts/services.sh"))
+            .args(args)
+            .env("IDLEMETER_RUN_DIR", self.dir.path())
+            .env("IDLEMETER_CLUSTER_PORT", self.port.to_string())
+            .stdout(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "services.sh {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+
+    /// HTTP URL of server `n` (1-3).
+    fn url(&self, n: u16) -> String {
+        format!("http://127.0.0.1:{}", self.port + 10 * n + 1)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.services(&["stop-cluster"]);
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// One `idlemeter` service process; SIGKILLed when dropped.
+struct Replica {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(
+        name: &str,
+        args: &[&str],
+        config: &Path,
+        env: &[(&str, String)],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let mut command = Command::new(idlemeter_tests::collector::idlemeter_binary()?);
+        // The test runner's own IDLEMETER_* settings would override the file.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("IDLEMETER_") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            child: command.spawn()?,
+            log,
+        })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// Fails with the end of its log if the process has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            anyhow::bail!("{} exited ({status}):\n{tail}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0)
+        .single()
+        .expect("a valid time")
+}
+
+/// The fleet's samples, tick by tick: node batches of `tick`.
+fn node_batches(tick: u64) -> Vec<(NodeId, Vec<UsageSample>)> {
+    let mut by_node: Vec<Vec<UsageSample>> = vec![Vec::new(); NODES];
+    for customer in 0..CUSTOMERS {
+        for index in 0..SANDBOXES_PER_CUSTOMER {
+            let slot = customer * SANDBOXES_PER_CUSTOMER + index;
+            let seq = tick + 1;
+            let mut sample = sample(
+                &format!("sbx-{slot:02}"),
+                1,
+                seq,
+                start() + chrono::Duration::seconds(tick as i64),
+                seq * 10_000,
+                0,
+            );
+            sample.customer = idlemeter_core::CustomerId::parse(format!("cust-{customer:02}"))
+                .expect("a valid id");
+            sample.node = NodeId::parse(format!("node-{}", slot % NODES)).expect("a valid id");
+            // Odd sandboxes go idle after five minutes: the policy suspends
+            // them (and re-issues while they keep running).
+            sample.exec_sessions = u32::from(index == 0 || tick < 300);
+            by_node[slot % NODES].push(counted(sample));
+        }
+    }
+    by_node
+        .into_iter()
+        .enumerate()
+        .map(|(node, samples)| {
+            (
+                NodeId::parse(format!("node-{node}")).expect("a valid id"),
+                samples,
+            )
+        })
+        .collect()
+}
+
+async fn produce_ticks(
+    env: &TestEnv,
+    producer: &rdkafka::producer::FutureProducer,
+    ticks: std::ops::Range<u64>,
+) -> anyhow::Result<()> {
+    let mut pending = Vec::new();
+    for tick in ticks {
+        for (node, samples) in node_batches(tick) {
+            let payload = idlemeter_proto::encode_node_batch(
+                &node,
+                start() + chrono::Duration::seconds(tick as i64),
+                tick,
+                &samples,
+            );
+            let topic = env.topics.samples.clone();
+            let key = node.to_string();
+            pending.push(async move {
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key(&key).payload(&payload),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(error, _)| anyhow::anyhow!("produce: {error}"))
+            });
+        }
+        if pending.len() >= 600 {
+            for result in futures::future::join_all(pending.drain(..)).await {
+                result?;
+            }
+        }
+    }
+    for result in futures::future::join_all(pending).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// `query`'s single number on one server, or `None` while it fails.
+async fn number_on(url: &str, database: &str, query: &str) -> Option<u64> {
+    idlemeter_store::Store::new(&idlemeter_store::ClickHouseSettings {
+        url: url.to_owned(),
+        database: database.to_owned(),
+        user: "default".to_owned(),
+        password: Default::default(),
+        cluster: None,
+    })
+    .client()
+    .query(query)
+    .fetch_one::<u64>()
+    .await
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_of_every_service_on_a_cluster_lose_double_and_skip_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start()?;
+    let (ch1, ch2, ch3) = (cluster.url(1), cluster.url(2), cluster.url(3));
+    // The test reads through ch3, which stays up.
+    std::env::set_var("IDLEMETER_CLICKHOUSE__URL", &ch3);
+    std::env::set_var("IDLEMETER_CLICKHOUSE__CLUSTER", "idlemeter");
+    let mut env = TestEnv::new("scale_out").await?;
+    env.topics.samples = format!("{}.six", env.topics.samples);
+    env.kafka
+        .ensure_topics(&[(env.topics.samples.as_str(), 6)])
+        .await?;
+    let ledger = env.ledger().await?;
+    let work = tempfile::tempdir()?;
+    let sheet = work.path().join("sheet.toml");
+    std::fs::write(&sheet, SIMPLE_SHEET)?;
+    let config = work.path().join("idlemeter.toml");
+    let unique = env.group_id.trim_end_matches(".ingest").to_owned();
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+
+[clickhouse]
+url = "{ch1}"
+database = "{database}"
+cluster = "idlemeter"
+
+[topics]
+samples = "{samples}"
+samples_dead_letter = "{dlq}"
+commands = "{commands}"
+leases = "{leases}"
+events = "{events}"
+partitions = 6
+shares = "{unique}.shares"
+shares_partitions = 16
+
+[ingest]
+group_id = "{unique}.ingest"
+batch_max_wait_ms = 100
+max_sample_age_s = 3153600000
+
+[rater]
+sheet = "{sheet}"
+interval_seconds = 1
+grace_seconds = 0
+live_interval_seconds = 0
+divide_customers = true
+
+[billing]
+issuer = "{ISSUER}"
+period = "month"
+
+[policy]
+file = "{policy}"
+group_id = "{unique}.policy"
+snapshot_interval_ms = 500
+
+[invoicer]
+schedule = "*/2 * * * * *"
+chunk_customers = 2
+divide_customers = true
+
+[api]
+listen = "127.0.0.1:0"
+divide_alerts = true
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[ledger]
+url = "{ledger_url}"
+schema = "{schema}"
+"#,
+            brokers = env.kafka.brokers,
+            database = env.clickhouse.database,
+            samples = env.topics.samples,
+            dlq = env.topics.samples_dead_letter,
+            commands = env.topics.commands,
+            leases = env.topics.leases,
+            events = env.topics.events,
+            sheet = sheet.display(),
+            policy = repo().join("policies/sprites.toml").display(),
+            ledger_url = env.ledger_settings.url.expose(),
+            schema = env.ledger_settings.schema,
+        ),
+    )?;
+    let on = |url: &str| vec![("IDLEMETER_CLICKHOUSE__URL", url.to_owned())];
+    let dir = work.path();
+    let mut replicas = Vec::new();
+    for service in ["ingest", "policy", "rater"] {
+        replicas.push((
+            Replica::start(&format!("{service}-a"), &[service], &config, &on(&ch1), dir)?,
+            Replica::start(&format!("{service}-b"), &[service], &config, &on(&ch3), dir)?,
+        ));
+    }
+    let (api_a_port, api_b_port) = (free_port()?, free_port()?);
+    let api_env = |url: &str, port: u16| {
+        let mut env = on(url);
+        env.push(("IDLEMETER_API__LISTEN", format!("127.0.0.1:{port}")));
+        env
+    };
+    let mut api_a = Replica::start("api-a", &["api"], &config, &api_env(&ch1, api_a_port), dir)?;
+    let mut api_b = Replica::start("api-b", &["api"], &config, &api_env(&ch3, api_b_port), dir)?;
+
+    // The first half of the stream, with everyone up.
+    let producer = env.producer()?;
+    produce_ticks(&env, &producer, 0..TICKS / 2).await?;
+    let total = TICKS * (CUSTOMERS * SANDBOXES_PER_CUSTOMER) as u64;
+    env.eventually_within(
+        Duration::from_secs(120),
+        "ingest to store a tenth of the stream",
+        || async { Ok(env.samples_covered().await.unwrap_or(0) >= total / 10) },
+    )
+    .await?;
+    for (a, b) in &mut replicas {
+        a.check_alive()?;
+        b.check_alive()?;
+    }
+
+    // Every A dies; shard 1 loses ch1 for 30 s; the stream goes on.
+    for (a, _) in &mut replicas {
+        a.kill();
+    }
+    api_a.kill();
+    cluster.services(&["stop-replica", "1"])?;
+    let outage = tokio::time::Instant::now();
+    produce_ticks(&env, &producer, TICKS / 2..TICKS).await?;
+    tokio::time::sleep_until(outage + Duration::from_secs(30)).await;
+    cluster.services(&["start-replica", "1"])?;
+
+    env.eventually_within(Duration::from_secs(180), "every sample stored", || async {
+        Ok(env.samples_covered().await.unwrap_or(0) >= total)
+    })
+    .await?;
+    for (_, b) in &mut replicas {
+        b.check_alive()?;
+    }
+
+    // None lost, none doubled (ingest keeps a row per sandbox-minute and the
+    // samples rating needs; every sample is in its minute's seq range), and
+    // shard 1's replicas agree.
+    assert_eq!(env.samples_covered().await?, total, "every sample, once");
+    let database = env.clickhouse.database.clone();
+    let minutes = number_on(&ch3, &database, "SELECT count() FROM usage_minutes FINAL").await;
+    let sandbox_minutes = (CUSTOMERS * SANDBOXES_PER_CUSTOMER) as u64 * TICKS / 60;
+    assert_eq!(minutes, Some(sandbox_minutes), "one row per sandbox-minute");
+    let local = "SELECT count() FROM usage_minutes_local FINAL";
+    env.eventually_within(
+        Duration::from_secs(60),
+        "ch1 to catch up with ch2",
+        || async {
+            let (one, two) = (
+                number_on(&ch1, &database, local).await,
+                number_on(&ch2, &database, local).await,
+            );
+            Ok(one.is_some() && one == two)
+        },
+    )
+    .await?;
+    let shard1 = number_on(&ch2, &database, local).await.unwrap_or(0);
+    let shard2 = number_on(&ch3, &database, local).await.unwrap_or(0);
+    assert_eq!(
+        shard1 + shard2,
+        sandbox_minutes,
+        "the shards hold the stream between them"
+    );
+    assert!(
+        shard1 > 0 && shard2 > 0,
+        "both shards hold customers: {shard1} + {shard2}"
+    );
+
+    // The idle decisions: exactly the pure engine's over the stream.
+    let policy_text = std::fs::read_to_string(repo().join("policies/sprites.toml"))?;
+    let policy = Policy::from_toml(&policy_text, "sprites.toml")?;
+    let inputs: Vec<Input> = (0..TICKS)
+        .flat_map(node_batches)
+        .flat_map(|(_, samples)| samples)
+        .map(Input::Sample)
+        .collect();
+    let expected: BTreeSet<String> = decide_all(&policy, &inputs)
+        .into_iter()
+        .map(|decision| decision.id)
+        .collect();
+    assert!(
+        expected.len() > 10,
+        "the stream makes decisions: {}",
+        expected.len()
+    );
+    let recorded = || async {
+        env.store
+            .client()
+            .query("SELECT decision_id FROM policy_decisions FINAL")
+            .fetch_all::<String>()
+            .await
+            .map(|ids| ids.into_iter().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    env.eventually_within(
+        Duration::from_secs(120),
+        "every decision recorded",
+        || async { Ok(recorded().await.len() >= expected.len()) },
+    )
+    .await?;
+    let ids = recorded().await;
+    let unique_ids: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(ids.len(), unique_ids.len(), "each decision once");
+    assert_eq!(
+        unique_ids, expected,
+        "the decisions of one engine over the whole stream"
+    );
+
+    // Rated through the end of November, every customer.
+    let checksum = idlemeter_store::ratings_checksum(SIMPLE_SHEET, None);
+    let november = Utc
+        .with_ymd_and_hms(2026, 11, 1, 0, 0, 0)
+        .single()
+        .expect("valid");
+    let december = Utc
+        .with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
+        .single()
+        .expect("valid");
+    let customers: Vec<String> = (0..CUSTOMERS).map(|c| format!("cust-{c:02}")).collect();
+    env.eventually_within(Duration::from_secs(120), "every customer rated", || async {
+        for customer in &customers {
+            let id = idlemeter_core::CustomerId::parse(customer.clone())?;
+            let rated = env
+                .store
+                .rated_hours(&id, november.timestamp() as u32, &checksum)
+                .await
+                .unwrap_or_default();
+            if !rated.contains(&(december.timestamp() as u32)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+
+    // Two invoicers, one killed a moment into its first close.
+    // Each with a lock file of its own: two hosts sharing only the ledger.
+    let invoicer_env = |url: &str, host: &str| {
+        let mut env = on(url);
+        env.push((
+            "IDLEMETER_INVOICER__LOCK_FILE",
+            dir.join(format!("{host}.lock")).display().to_string(),
+        ));
+        env
+    };
+    let mut invoicer_a = Replica::start(
+        "invoicer-a",
+        &["invoicer"],
+        &config,
+        &invoicer_env(&ch1, "a"),
+        dir,
+    )?;
+    let mut invoicer_b = Replica::start(
+        "invoicer-b",
+        &["invoicer"],
+        &config,
+        &invoicer_env(&ch3, "b"),
+        dir,
+    )?;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    invoicer_a.kill();
+    env.eventually_within(
+        Duration::from_secs(120),
+        "every customer invoiced",
+        || async {
+            Ok(ledger
+                .invoice_numbers(ISSUER)
+                .await
+                .unwrap_or_default()
+                .len()
+                >= CUSTOMERS)
+        },
+    )
+    .await?;
+    invoicer_b.check_alive()?;
+    assert_eq!(
+        ledger.invoice_numbers(ISSUER).await?,
+        (1..=CUSTOMERS as u64).collect::<Vec<_>>(),
+        "one number each, none shared or skipped"
+    );
+    env.eventually_within(
+        Duration::from_secs(30),
+        "invoices copied to ClickHouse",
+        || async {
+            Ok(env
+                .store
+                .invoices(ISSUER)
+                .await
+                .map(|rows| rows.len())
+                .unwrap_or(0)
+                >= CUSTOMERS)
+        },
+    )
+    .await?;
+    let invoices = env.store.invoices(ISSUER).await?;
+    let invoiced: BTreeSet<&str> = invoices.iter().map(|row| row.customer.as_str()).collect();
+    assert_eq!(invoiced.len(), CUSTOMERS, "each customer once");
+    for row in &invoices {
+        let spend = env.store.latest_spend(&row.customer).await?.expect("rated");
+        assert_eq!(
+            idlemeter_store::from_column(row.total)?,
+            spend.spend,
+            "{}: the invoice is the rater's figure",
+            row.customer
+        );
+    }
+
+    // A restarted API replica answers as the one that stayed.
+    let mut api_a = Replica::start("api-a2", &["api"], &config, &api_env(&ch1, api_a_port), dir)?;
+    let mut create = Command::new(idlemeter_tests::collector::idlemeter_binary()?);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("IDLEMETER_") {
+            create.env_remove(key);
+        }
+    }
+    let key = create
+        .arg("--config")
+        .arg(&config)
+        .args(["keys", "create", "--customer", "cust-03"])
+        .output()?;
+    anyhow::ensure!(
+        key.status.success(),
+        "keys create: {}",
+        String::from_utf8_lossy(&key.stderr)
+    );
+    let key = String::from_utf8(key.stdout)?.trim().to_owned();
+    let client = reqwest::Client::new();
+    let answer = |port: u16| {
+        let client = client.clone();
+        let key = key.clone();
+        async move {
+            let response = client
+                .get(format!(
+                    "http://127.0.0.1:{port}/v1/customers/cust-03/invoices"
+                ))
+                .bearer_auth(&key)
+                .send()
+                .await?;
+            anyhow::Ok((response.status().as_u16(), response.text().await?))
+        }
+    };
+    env.eventually_within(
+        Duration::from_secs(60),
+        "both API replicas to answer",
+        || async {
+            let (a, b) = (answer(api_a_port).await, answer(api_b_port).await);
+            Ok(matches!((&a, &b), (Ok((200, _)), Ok((200, _)))))
+        },
+    )
+    .await?;
+    let (a, b) = (answer(api_a_port).await?, answer(api_b_port).await?);
+    assert_eq!(a, b, "either replica answers the same");
+    assert!(a.1.contains("cust-03"), "{}", a.1);
+    api_a.check_alive()?;
+    api_b.check_alive()?;
+    Ok(())
+}
