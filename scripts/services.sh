@@ -283,13 +283,16 @@ clientPort=$cluster_port
 clientPortAddress=127.0.0.1
 admin.enableServer=false
 maxClientCnxns=0
-4lw.commands.whitelist=srvr,ruok
+4lw.commands.whitelist=srvr
 CFG
     (cd "$dir" && ZOO_LOG_DIR=$dir exec setsid /usr/share/zookeeper/bin/zkServer.sh \
         start-foreground "$dir/zoo.cfg" >"$run_dir/zookeeper.log" 2>&1 </dev/null) &
     echo $! >"$run_dir/zookeeper.pid"
-    wait_until "zookeeper on :$cluster_port" 300 bash -c \
-        "exec 3<>/dev/tcp/127.0.0.1/$cluster_port; echo ruok >&3; grep -q imok <&3"
+    # Serving (`srvr` names its mode), not only listening: ClickHouse 18.16's
+    # DDL worker gives up for good on a ZooKeeper that drops its handshake.
+    # `timeout`: a ZooKeeper still starting may accept and not answer.
+    wait_until "zookeeper on :$cluster_port" 300 timeout 2 bash -c \
+        "exec 3<>/dev/tcp/127.0.0.1/$cluster_port; echo srvr >&3; grep -q '^Mode: ' <&3"
     log "zookeeper ready on 127.0.0.1:$cluster_port"
 }
 
@@ -329,6 +332,8 @@ start_replica() {
         >"$run_dir/ch$server.log" 2>&1 </dev/null &
     echo $! >"$run_dir/ch$server.pid"
     wait_until "ch$server on :$http" 300 curl -sf "http://127.0.0.1:$http/ping"
+    wait_until "ch$server to reach zookeeper" 300 curl -sf "http://127.0.0.1:$http/" \
+        --data-binary "SELECT count() FROM system.zookeeper WHERE path = '/'"
     log "ch$server (shard $shard) ready on http://127.0.0.1:$http"
 }
 

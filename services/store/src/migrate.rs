@@ -167,7 +167,16 @@ impl Store {
     ) -> Result<()> {
         for (index, written) in migration.statements().iter().enumerate() {
             for statement in translated(cluster, written)? {
-                match self.client.query(&statement).execute().await {
+                let query = match cluster {
+                    // A distributed DDL waits for every server; see below for
+                    // when that wait is cut short.
+                    Some(_) => self
+                        .client
+                        .query(&statement)
+                        .with_setting("distributed_ddl_task_timeout", DDL_WAIT_S.to_string()),
+                    None => self.client.query(&statement),
+                };
+                match query.execute().await {
                     Ok(()) => {}
                     // A rerun after a crash between an ADD COLUMN and its record
                     // (18.16 has no IF NOT EXISTS there): the columns are in place.
@@ -177,6 +186,20 @@ impl Store {
                             statement = index + 1,
                             "columns already added by an earlier, unrecorded run"
                         );
+                    }
+                    // ClickHouse 18.16's DDL worker can leave a replicated
+                    // ALTER ON CLUSTER unacknowledged by the second replica of
+                    // a shard ("Node exists: .../executed") although the
+                    // other replica applied it, which replication carries:
+                    // done once every server has the columns.
+                    Err(error)
+                        if cluster.is_some()
+                            && adds_columns(&statement)
+                            && ddl_timed_out(&error) =>
+                    {
+                        self.await_columns_everywhere(&statement)
+                            .await
+                            .context(format!("{} statement {}", migration.name, index + 1))?;
                     }
                     Err(error) => {
                         return Err(error).context(format!(
@@ -231,6 +254,73 @@ fn translated(cluster: Option<&ClusterDdl>, statement: &str) -> Result<Vec<Strin
     match cluster {
         Some(cluster) => cluster.translate(statement),
         None => Ok(vec![statement.to_owned()]),
+    }
+}
+
+/// How long a distributed DDL statement waits for every server.
+const DDL_WAIT_S: u64 = 60;
+
+/// "Watching task ... is executing longer than distributed_ddl_task_timeout".
+fn ddl_timed_out(error: &clickhouse::error::Error) -> bool {
+    error.to_string().contains("distributed_ddl_task_timeout")
+}
+
+impl Store {
+    /// Waits (up to [`DDL_WAIT_S`]) until every server of the cluster has
+    /// the columns an `ALTER TABLE db.t ON CLUSTER c ADD COLUMN ...` adds.
+    async fn await_columns_everywhere(
+        &self,
+        statement: &str,
+    ) -> Result<(), clickhouse::error::Error> {
+        let words: Vec<&str> = statement.split_whitespace().collect();
+        let (Some(table), Some(cluster)) = (words.get(2), words.get(5)) else {
+            return Err(clickhouse::error::Error::Custom(format!(
+                "not an ALTER ... ON CLUSTER: {statement}"
+            )));
+        };
+        let table = table.rsplit('.').next().unwrap_or(table);
+        let columns: Vec<&str> = words
+            .windows(3)
+            .filter(|w| w[0].eq_ignore_ascii_case("ADD") && w[1].eq_ignore_ascii_case("COLUMN"))
+            .map(|w| w[2])
+            .collect();
+        let hosts: Vec<(String, u16)> = self
+            .client
+            .query("SELECT host_address, port FROM system.clusters WHERE cluster = ?")
+            .bind(*cluster)
+            .fetch_all()
+            .await?;
+        let addresses = hosts
+            .iter()
+            .map(|(host, port)| format!("{host}:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let expected = (hosts.len() * columns.len()) as u64;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(DDL_WAIT_S);
+        loop {
+            // Addresses joined by commas: each server is asked.
+            let found: u64 = self
+                .client
+                .query(&format!(
+                    "SELECT count() FROM remote('{addresses}', system, columns) \
+                     WHERE database = ? AND table = ? AND has(?, name)"
+                ))
+                .bind(&self.database)
+                .bind(table)
+                .bind(&columns)
+                .fetch_one()
+                .await?;
+            if found == expected {
+                tracing::warn!(%table, ?columns, "distributed ALTER unacknowledged by a server that has its columns; continuing");
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(clickhouse::error::Error::Custom(format!(
+                    "{found} of {expected} columns of {table} on the cluster's servers after {DDL_WAIT_S} s"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
     }
 }
 
