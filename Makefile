@@ -84,12 +84,13 @@ zookeeper:
 	@[ -x /usr/share/zookeeper/bin/zkServer.sh ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zookeeper >/dev/null; }
 
 ## Two replicas of every service on a local ClickHouse cluster, with a replica
-## of each and a ClickHouse server stopped midway (also part of `make test`).
+## of each and a ClickHouse server stopped midway. Not part of `make test` yet
+## (ignored there: see the open findings atop tests/tests/scale_out.rs).
 test-scale-out: durable-broker test-services-start zookeeper
 	cargo build -p idlemeter-cli --bin idlemeter
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
 		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
-		cargo nextest run -p idlemeter-tests --test scale_out --no-capture
+		cargo nextest run -p idlemeter-tests --test scale_out --run-ignored all --no-capture
 
 ## Debian's poppler-utils, whose pdftotext reads invoice PDFs back in the tests.
 pdftotext:
