@@ -14,7 +14,7 @@ TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory \
 	IDLEMETER_PG_PORT=25432 IDLEMETER_PG_EPHEMERAL=1
 
-.PHONY: zookeeper test-scale-out pdftotext prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
+.PHONY: zookeeper test-scale-out bench-scale-out pdftotext prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
 ## Start ClickHouse, the broker, ingest and a simulated fleet; Ctrl-C stops them.
 run: build
@@ -110,6 +110,22 @@ bench: build test-services-start
 	$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
 		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		RUST_LOG=warn cargo bench -p idlemeter-tests --bench ingest_throughput
+
+## Ingest throughput against the local ClickHouse cluster (ZooKeeper, three
+## 18.16 servers), with one and then two ingest replicas in one group, 100,000
+## sandboxes at 1 Hz on 12 partitions (not a test; on 2 cores it shows only
+## that nothing serialises, not that two replicas are faster).
+bench-scale-out: build test-services-start zookeeper
+	set -e; cluster() { IDLEMETER_RUN_DIR=$(CURDIR)/.run/cluster scripts/services.sh "$$@"; }; \
+	trap 'cluster stop-cluster' EXIT; cluster start-cluster; \
+	for replicas in 1 2; do \
+		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:18211 IDLEMETER_CLICKHOUSE__CLUSTER=idlemeter \
+		IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
+		CLUSTER_RUN_DIR=$(CURDIR)/.run/cluster INGEST_REPLICAS=$$replicas PARTITIONS=12 \
+		SANDBOXES=$${SANDBOXES:-100000} NODES=$${NODES:-200} CUSTOMERS=$${CUSTOMERS:-10000} \
+		WARMUP_S=$${WARMUP_S:-20} MEASURE_S=$${MEASURE_S:-60} \
+		RUST_LOG=warn cargo bench -p idlemeter-tests --bench ingest_throughput; \
+	done
 
 ## Sample taken -> shown by the usage API (live view), 100k sandboxes at 1 Hz.
 # A normal client's p99 while 1,000 half-open connections are held.

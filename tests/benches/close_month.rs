@@ -187,6 +187,7 @@ async fn run(customers: u64) -> anyhow::Result<()> {
         user: "default".to_owned(),
         password: Default::default(),
         cluster: None,
+        max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
     });
     store.migrate(0).await?;
     let sheet = PriceSheet::from_toml(SHEET, SHEET_PATH)?;

@@ -19,6 +19,11 @@
 //! a crash; the rates of such a run are not comparable (ingest's counters
 //! restart).
 //!
+//! `INGEST_REPLICAS=n` runs n ingest processes in one consumer group (their
+//! metrics on consecutive ports, summed); with `IDLEMETER_CLICKHOUSE__CLUSTER`
+//! set they write to a ClickHouse cluster, whose servers' CPU is read from
+//! the pid files under `CLUSTER_RUN_DIR` (`make bench-scale-out`).
+//!
 //! `make bench` (defaults: 1,000,000 sandboxes on 2,000 nodes, 100,000
 //! customers, 20 s warm-up, 120 s measured). Not a test. Last line:
 //! `bench: <N> samples/s sustained over <S> s, exact: <yes|no>`, where N is
@@ -32,7 +37,8 @@ use idlemeter_core::{
 };
 use idlemeter_simulator::{Fleet, FleetShape};
 use idlemeter_tests::bench::{
-    metric, pid_file, process_use, produce_tick, setting, spawn_ingest, ProcessUse,
+    metric, pid_file, process_use, processes_use, produce_tick, setting, spawn_ingest,
+    ProcessUse,
 };
 use idlemeter_tests::TestEnv;
 
@@ -57,6 +63,15 @@ struct Snapshot {
     ingest: ProcessUse,
     clickhouse: ProcessUse,
     broker: ProcessUse,
+}
+
+/// The sum of one metric over the ingest replicas on `ports`.
+async fn total(http: &reqwest::Client, ports: &[u16], name: &str) -> f64 {
+    let mut sum = 0.0;
+    for port in ports {
+        sum += metric(http, *port, name).await;
+    }
+    sum
 }
 
 async fn rows(env: &TestEnv, table: &str) -> u64 {
@@ -120,6 +135,8 @@ async fn main() -> anyhow::Result<()> {
     let partitions = setting("PARTITIONS", 8) as i32;
     let metrics_port = setting("METRICS_PORT", 29465) as u16;
     let kill_at = setting("KILL_AT_S", 0);
+    let replicas = setting("INGEST_REPLICAS", 1).max(1) as u16;
+    let ports: Vec<u16> = (0..replicas).map(|n| metrics_port + n).collect();
     anyhow::ensure!(checked <= customers, "CHECK_CUSTOMERS above CUSTOMERS");
 
     let env = TestEnv::new("ingest_bench").await?;
@@ -129,14 +146,30 @@ async fn main() -> anyhow::Result<()> {
             (env.topics.samples_dead_letter.as_str(), 1),
         ])
         .await?;
+    let cluster = env.clickhouse.cluster.clone();
     println!(
-        "bench: {sandboxes} sandboxes on {nodes} nodes, {customers} customers, 1 Hz, {warmup_s} s warm-up + {measure_s} s measured, {partitions} partitions, database {}",
+        "bench: {sandboxes} sandboxes on {nodes} nodes, {customers} customers, 1 Hz, {warmup_s} s warm-up + {measure_s} s measured, {partitions} partitions, {replicas} ingest replica(s), ClickHouse {}, database {}",
+        cluster.as_deref().map_or("one server".to_owned(), |name| format!("cluster {name}")),
         env.clickhouse.database
     );
-    let mut ingest = spawn_ingest(&env, metrics_port, SHEET_PATH)?;
-    let mut ingest_pid = ingest.id();
+    let mut ingests = Vec::new();
+    for port in &ports {
+        ingests.push(spawn_ingest(&env, *port, SHEET_PATH)?);
+    }
+    let mut ingest_pids: Vec<u32> = ingests.iter().map(std::process::Child::id).collect();
     let mut restart_at: Option<Instant> = None;
-    let clickhouse_pid = pid_file("clickhouse.pid").unwrap_or(0);
+    let clickhouse_pids: Vec<u32> = if cluster.is_some() {
+        let dir = std::path::PathBuf::from(
+            std::env::var("CLUSTER_RUN_DIR").unwrap_or_else(|_| ".run/cluster".to_owned()),
+        );
+        ["ch1.pid", "ch2.pid", "ch3.pid", "zookeeper.pid"]
+            .iter()
+            .filter_map(|name| std::fs::read_to_string(dir.join(name)).ok())
+            .filter_map(|text| text.trim().parse().ok())
+            .collect()
+    } else {
+        pid_file("clickhouse.pid").into_iter().collect()
+    };
     let broker_pid = pid_file("tansu.pid").unwrap_or(0);
     let me = std::process::id();
     let http = reqwest::Client::new();
@@ -169,24 +202,15 @@ async fn main() -> anyhow::Result<()> {
                 at: Instant::now(),
                 offered,
                 produced_messages,
-                consumed: metric(
-                    &http,
-                    metrics_port,
-                    "idlemeter_ingest_samples_consumed_total",
-                )
-                .await,
-                consumed_messages: metric(
-                    &http,
-                    metrics_port,
-                    "idlemeter_ingest_messages_consumed_total",
-                )
-                .await,
-                committed_lag: metric(&http, metrics_port, "idlemeter_ingest_lag_messages").await,
+                consumed: total(&http, &ports, "idlemeter_ingest_samples_consumed_total").await,
+                consumed_messages: total(&http, &ports, "idlemeter_ingest_messages_consumed_total")
+                    .await,
+                committed_lag: total(&http, &ports, "idlemeter_ingest_lag_messages").await,
                 samples_rows: rows(&env, "usage_samples").await,
                 minute_rows: rows(&env, "usage_minutes").await,
                 me: process_use(me),
-                ingest: process_use(ingest_pid),
-                clickhouse: process_use(clickhouse_pid),
+                ingest: processes_use(&ingest_pids),
+                clickhouse: processes_use(&clickhouse_pids),
                 broker: process_use(broker_pid),
             };
             if tick == warmup_s {
@@ -217,24 +241,19 @@ async fn main() -> anyhow::Result<()> {
         produced_messages += messages;
         tick_seconds.push(begun.elapsed().as_secs_f64());
         if kill_at > 0 && tick == kill_at {
-            ingest.kill()?; // SIGKILL: no shutdown path runs
-            ingest.wait()?;
+            ingests[0].kill()?; // SIGKILL: no shutdown path runs
+            ingests[0].wait()?;
             println!("bench: ingest SIGKILLed at tick {tick}; restarting it in 11 s");
             restart_at = Some(Instant::now() + Duration::from_secs(11));
         }
         if restart_at.is_some_and(|at| Instant::now() >= at) {
             restart_at = None;
-            ingest = spawn_ingest(&env, metrics_port, SHEET_PATH)?;
-            ingest_pid = ingest.id();
+            ingests[0] = spawn_ingest(&env, ports[0], SHEET_PATH)?;
+            ingest_pids[0] = ingests[0].id();
             println!("bench: ingest restarted at tick {tick}");
         }
         if tick % 10 == 0 {
-            let consumed = metric(
-                &http,
-                metrics_port,
-                "idlemeter_ingest_samples_consumed_total",
-            )
-            .await;
+            let consumed = total(&http, &ports, "idlemeter_ingest_samples_consumed_total").await;
             println!(
                 "bench: tick {tick}/{total_ticks}: {offered} offered, {consumed} consumed, tick took {:.2} s",
                 begun.elapsed().as_secs_f64()
@@ -242,7 +261,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if restart_at.is_some() {
-        ingest = spawn_ingest(&env, metrics_port, SHEET_PATH)?;
+        ingests[0] = spawn_ingest(&env, ports[0], SHEET_PATH)?;
         println!("bench: ingest restarted after the load");
     }
     let (start, end) = (
@@ -271,8 +290,8 @@ async fn main() -> anyhow::Result<()> {
     );
     for (name, a, b) in [
         ("simulator (this process)", start.me, end.me),
-        ("ingest", start.ingest, end.ingest),
-        ("clickhouse", start.clickhouse, end.clickhouse),
+        ("ingest (every replica)", start.ingest, end.ingest),
+        ("clickhouse (every server)", start.clickhouse, end.clickhouse),
         ("broker", start.broker, end.broker),
     ] {
         println!(
@@ -343,8 +362,14 @@ async fn main() -> anyhow::Result<()> {
             stored_lines.get(key)
         );
     }
-    let _ = ingest.kill();
-    let _ = ingest.wait();
+    for ingest in &mut ingests {
+        let _ = ingest.kill();
+        let _ = ingest.wait();
+    }
+    println!(
+        "bench: {replicas} ingest replica(s) on {}",
+        cluster.as_deref().map_or("one ClickHouse server".to_owned(), |name| format!("ClickHouse cluster {name}"))
+    );
     let exact = spans_exact && rating_exact && customers_rated >= checked.min(100);
     println!(
         "bench: {:.0} samples/s sustained over {:.0} s, exact: {}",

@@ -25,6 +25,26 @@ pub struct ProcessUse {
     pub peak_mib: u64,
 }
 
+impl std::ops::Add for ProcessUse {
+    type Output = ProcessUse;
+
+    /// Several processes as one: CPU and memory summed.
+    fn add(self, other: ProcessUse) -> ProcessUse {
+        ProcessUse {
+            cpu_s: self.cpu_s + other.cpu_s,
+            rss_mib: self.rss_mib + other.rss_mib,
+            peak_mib: self.peak_mib + other.peak_mib,
+        }
+    }
+}
+
+/// The use of several processes together.
+pub fn processes_use(pids: &[u32]) -> ProcessUse {
+    pids.iter()
+        .map(|pid| process_use(*pid))
+        .fold(ProcessUse::default(), |total, one| total + one)
+}
+
 pub fn process_use(pid: u32) -> ProcessUse {
     let ticks_per_s = 100.0; // CLK_TCK on Linux
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -89,7 +109,7 @@ pub fn spawn_ingest(env: &TestEnv, metrics_port: u16, sheet_path: &str) -> anyho
         "{} is missing: `make bench` builds it (cargo build --release)",
         binary.display()
     );
-    let log = root().join(format!(".run/{}.ingest.log", env.group_id));
+    let log = root().join(format!(".run/{}.ingest-{metrics_port}.log", env.group_id));
     Ok(Command::new(binary)
         .arg("ingest")
         .current_dir(root())

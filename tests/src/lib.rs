@@ -55,6 +55,7 @@ impl TestEnv {
             user: "default".to_owned(),
             password: Default::default(),
             cluster: std::env::var("IDLEMETER_CLICKHOUSE__CLUSTER").ok(),
+            max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
         };
         let kafka = KafkaSettings {
             brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
@@ -694,6 +695,7 @@ impl PrivateClickHouse {
             user: "default".to_owned(),
             password: Default::default(),
             cluster: None,
+            max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while store.ping().await.is_err() {

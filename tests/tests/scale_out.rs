@@ -266,6 +266,7 @@ async fn number_on(url: &str, database: &str, query: &str) -> Option<u64> {
         user: "default".to_owned(),
         password: Default::default(),
         cluster: None,
+        max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
     })
     .client()
     .query(query)

@@ -73,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         user: "default".to_owned(),
         password: Default::default(),
         cluster: None,
+        max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
     });
     let samples: u64 = store
         .client()

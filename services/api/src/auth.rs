@@ -388,6 +388,7 @@ mod tests {
             user: "default".to_owned(),
             password: Default::default(),
             cluster: None,
+            max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
         });
         let cache = KeyCache::new(dead).with_max_staleness(Duration::from_millis(300));
         let customer = CustomerId::parse("acme").expect("id");

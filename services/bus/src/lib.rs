@@ -18,10 +18,13 @@ pub mod shares;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::TopicPartitionList;
 use serde::{Deserialize, Serialize};
 pub use shares::{shard_of, CustomerShares};
 
@@ -80,11 +83,102 @@ impl GroupContext {
     pub fn assigned_handle(&self) -> Assigned {
         std::sync::Arc::clone(&self.assigned)
     }
+
+    /// Whether this consumer holds `topic[partition]` now. A message of a
+    /// partition not held (fetched before a revocation) is not this
+    /// consumer's to act on, and no offset of it is this consumer's to
+    /// commit: another member owns it and its state.
+    pub fn holds(&self, topic: &str, partition: i32) -> bool {
+        self.assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|(held, number)| *number == partition && held == topic)
+    }
+
+    /// `offsets` less the partitions this consumer does not hold now.
+    pub fn held_only(&self, offsets: &TopicPartitionList) -> TopicPartitionList {
+        let mut kept = TopicPartitionList::new();
+        for element in offsets.elements() {
+            if self.holds(element.topic(), element.partition()) {
+                // The offset of an element read from a list is valid.
+                let _ = kept.add_partition_offset(
+                    element.topic(),
+                    element.partition(),
+                    element.offset(),
+                );
+            }
+        }
+        kept
+    }
 }
 
 impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
+    /// librdkafka's rebalance, except that an (eager) assignment starts
+    /// each partition at the offset committed for it, looked up here and
+    /// given to `assign` explicitly: a partition revoked and assigned back
+    /// to this process resumes from the group's commit (its state was
+    /// dropped with the revocation), never from where this process's
+    /// fetcher had got to. Should the lookup fail, librdkafka looks the
+    /// offsets up itself, as it does by default.
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let outcome = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
+                let start = if cooperative {
+                    tpl.clone()
+                } else {
+                    match base_consumer.committed_offsets(tpl.clone(), COMMITTED_LOOKUP) {
+                        Ok(committed) => committed,
+                        Err(error) => {
+                            tracing::warn!(group = %self.group_id, %error, "committed offsets not found; librdkafka looks them up");
+                            tpl.clone()
+                        }
+                    }
+                };
+                let assigned = if cooperative {
+                    base_consumer.incremental_assign(&start)
+                } else {
+                    base_consumer.assign(&start)
+                };
+                self.post_rebalance(base_consumer, &Rebalance::Assign(&start));
+                assigned
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+                let revoked = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                self.post_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+                revoked
+            }
+            other => {
+                let rebalance = Rebalance::Error(KafkaError::Rebalance(other.into()));
+                self.pre_rebalance(base_consumer, &rebalance);
+                // As librdkafka does: an error drops the assignment.
+                let dropped = base_consumer.unassign();
+                self.post_rebalance(base_consumer, &rebalance);
+                dropped
+            }
+        };
+        if let Err(error) = outcome {
+            tracing::error!(group = %self.group_id, %error, "rebalance not applied");
+        }
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => {
@@ -138,11 +232,20 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-fn describe(partitions: &rdkafka::TopicPartitionList) -> String {
+/// How long a rebalance waits for the group's committed offsets.
+const COMMITTED_LOOKUP: Duration = Duration::from_secs(10);
+
+/// `topic[partition]` for each, with `@offset` where one is set.
+fn describe(partitions: &TopicPartitionList) -> String {
     let listed: Vec<String> = partitions
         .elements()
         .iter()
-        .map(|element| format!("{}[{}]", element.topic(), element.partition()))
+        .map(|element| match element.offset() {
+            rdkafka::Offset::Offset(offset) => {
+                format!("{}[{}]@{offset}", element.topic(), element.partition())
+            }
+            _ => format!("{}[{}]", element.topic(), element.partition()),
+        })
         .collect();
     if listed.is_empty() {
         "none".to_owned()
@@ -472,7 +575,6 @@ impl KafkaSettings {
         topic: &str,
         since_ms: i64,
     ) -> Result<GroupConsumer> {
-        use rdkafka::consumer::Consumer;
         let consumer = self.tail_consumer(client_id)?;
         let kafka = |context: &str| {
             let context = format!("{context} {topic}");
@@ -617,7 +719,6 @@ impl std::fmt::Debug for BrokerProbe {
 impl BrokerProbe {
     /// Blocks up to `limit`: run it off the async threads.
     pub fn check(&self, limit: Duration) -> std::result::Result<(), String> {
-        use rdkafka::consumer::Consumer;
         self.0
             .fetch_metadata(None, limit)
             .map(|_| ())
@@ -717,13 +818,11 @@ impl LagReader {
     /// dropped; `Some(None)` when the broker did not answer within 2 s.
     /// Blocks: run it off the async threads.
     pub fn lag_of(&self, consumer: &std::sync::Weak<GroupConsumer>) -> Option<Option<i64>> {
-        use rdkafka::consumer::Consumer;
         let assignment = consumer.upgrade()?.assignment().ok();
         Some(assignment.and_then(|assignment| self.lag(assignment)))
     }
 
     fn lag(&self, assignment: rdkafka::TopicPartitionList) -> Option<i64> {
-        use rdkafka::consumer::Consumer;
         use rdkafka::Offset;
         const TIMEOUT: Duration = Duration::from_secs(2);
         if assignment.count() == 0 {

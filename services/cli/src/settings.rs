@@ -140,6 +140,7 @@ impl Default for Settings {
                 user: "default".to_owned(),
                 password: Default::default(),
                 cluster: None,
+                max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
             },
             topics: Topics::default(),
             ingest: IngestConfig::default(),

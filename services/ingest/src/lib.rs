@@ -37,7 +37,7 @@ use idlemeter_core::{CompactRule, Compacted};
 use idlemeter_store::{ClickHouseSettings, Store};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::FutureProducer;
-use rdkafka::TopicPartitionList;
+use rdkafka::{Message, TopicPartitionList};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -275,6 +275,12 @@ impl Ingest {
                         // State of a partition lost since the last message
                         // goes first: its next owner rebuilds it.
                         self.drop_revoked(partitions);
+                        if !self.consumer.context().holds(message.topic(), message.partition()) {
+                            // Fetched before its partition was revoked: the
+                            // owner now reads it from the group's commit.
+                            self.metrics.messages_not_held.inc();
+                            continue;
+                        }
                         batch.accept(&message, &self.metrics, partitions, admission, clock.now_ms());
                     }
                     Err(error) => {
@@ -350,6 +356,9 @@ impl Ingest {
         // Offsets only now, and only up to what compaction no longer needs
         // (taken when the batch was closed): everything before them is
         // durable downstream.
+        // A partition revoked since the batch closed is its new owner's to
+        // commit: an offset from here could pass samples it still holds.
+        let offsets = self.consumer.context().held_only(&offsets);
         if offsets.count() == 0 {
             return true;
         }

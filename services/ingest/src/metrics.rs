@@ -25,6 +25,7 @@ pub struct IngestMetrics {
     pub dead_letters_dropped: IntCounter,
     pub rows_dead_lettered: IntCounter,
     pub consume_errors: IntCounter,
+    pub messages_not_held: IntCounter,
     pub insert_failures: IntCounter,
     pub commit_failures: IntCounter,
     pub batches_committed: IntCounter,
@@ -137,6 +138,11 @@ impl IngestMetrics {
                 registry,
                 "idlemeter_ingest_consume_errors_total",
                 "kafka consume errors",
+            )?,
+            messages_not_held: counter(
+                registry,
+                "idlemeter_ingest_messages_not_held_total",
+                "messages of partitions revoked before they were handled, left to the partition's owner",
             )?,
             insert_failures: counter(
                 registry,

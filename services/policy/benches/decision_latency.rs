@@ -167,6 +167,7 @@ async fn service_end_to_end(
         user: "default".to_owned(),
         password: Default::default(),
         cluster: None,
+        max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
     };
     let topics = Topics {
         samples: format!("{run}.samples"),

@@ -519,6 +519,15 @@ impl PolicyService {
         batch: &mut Vec<Received>,
     ) {
         self.follow_revocations(batch);
+        if !self
+            .consumer
+            .context()
+            .holds(message.topic(), message.partition())
+        {
+            // Fetched before its partition was revoked: the owner now reads
+            // it from the group's commit, with the sandboxes' state.
+            return;
+        }
         if let Some(produced_ms) = message.timestamp().to_millis() {
             let delay_ms = (Utc::now().timestamp_millis() - produced_ms).max(0);
             self.metrics
@@ -670,6 +679,9 @@ impl PolicyService {
     /// A lease: applied if this replica holds the sandbox, else kept in case
     /// it comes here.
     fn on_lease(&mut self, lease: Lease) -> Vec<Decision> {
+        // A revocation since the last sample first: a sandbox that went
+        // elsewhere is not this replica's to change (or to snapshot).
+        self.follow_revocations(&mut Vec::new());
         let key = (lease.customer.clone(), lease.sandbox.clone());
         if self.engine.sandbox(&key.0, &key.1).is_some() {
             self.engine.observe(&Input::Lease(lease))
@@ -785,6 +797,9 @@ impl PolicyService {
 
     /// Writes changed sandbox states, then commits what was consumed before.
     async fn checkpoint(&mut self, stop: &CancellationToken) {
+        // Never snapshot a sandbox whose partition went elsewhere: its next
+        // owner writes its rows now.
+        self.follow_revocations(&mut Vec::new());
         let to_commit = std::mem::take(&mut self.consumed);
         let horizon = Utc::now()
             - chrono::Duration::seconds(
@@ -860,6 +875,12 @@ impl PolicyService {
             {
                 tracing::warn!(%error, "offset not committable");
             }
+        }
+        // Only what this replica still holds: a revoked partition's offset
+        // is its new owner's to commit.
+        let offsets = self.consumer.context().held_only(&offsets);
+        if offsets.count() == 0 {
+            return;
         }
         if let Err(error) = self.consumer.commit(&offsets, CommitMode::Sync) {
             // Typically a rebalance: the new owner replays from the last commit.

@@ -1575,6 +1575,7 @@ mod tests {
             user: "default".to_owned(),
             password: Default::default(),
             cluster: None,
+            max_replica_delay_s: idlemeter_store::DEFAULT_MAX_REPLICA_DELAY_S,
         });
         let sheet = include_str!("../../../prices/sprites.toml");
         Rater::new(

@@ -71,6 +71,19 @@ pub struct ClickHouseSettings {
     /// tables over them (see [`cluster`]). Unset: one server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// Cluster mode: a replica further behind its shard than this many
+    /// seconds (one just restarted, catching up) serves no read; the
+    /// shard's other replicas do, and with none fresh the read fails and is
+    /// retried, rather than bill from rows a replica has not received yet.
+    #[serde(default = "default_max_replica_delay_s")]
+    pub max_replica_delay_s: u64,
+}
+
+/// The default of [`ClickHouseSettings::max_replica_delay_s`].
+pub const DEFAULT_MAX_REPLICA_DELAY_S: u64 = 5;
+
+fn default_max_replica_delay_s() -> u64 {
+    DEFAULT_MAX_REPLICA_DELAY_S
 }
 
 fn default_user() -> String {
@@ -202,11 +215,18 @@ impl Store {
             // table inside a distributed query reads each shard's own rows,
             // which is whole because tables are sharded by customer; reads and
             // writes prefer the first live replica of each shard, so a reader
-            // sees what was just written while that replica is up.
+            // sees what was just written while that replica is up; a replica
+            // that fell behind (restarted, catching up) is read from only
+            // once it is within `max_replica_delay_s` of its shard.
             client = client
                 .with_setting("insert_distributed_sync", "1")
                 .with_setting("distributed_product_mode", "local")
-                .with_setting("load_balancing", "in_order");
+                .with_setting("load_balancing", "in_order")
+                .with_setting(
+                    "max_replica_delay_for_distributed_queries",
+                    settings.max_replica_delay_s.max(1).to_string(),
+                )
+                .with_setting("fallback_to_stale_replicas_for_distributed_queries", "0");
         }
         Self {
             client,
