@@ -668,7 +668,10 @@ impl Rater {
         let errors = state.advance(&self.sheet, &samples, &self.idle);
         self.report_refused(customer, period_start, &samples, &errors, now)
             .await?;
-        self.store_state(customer, (period_start, end), &state, counted, now)
+        let report = self
+            .store_state(customer, (period_start, end), &state, counted, now)
+            .await?;
+        self.rewrite_lines(customer, &report, (period_start, end), now)
             .await?;
         let mut finals = self.finals.lock().expect("not poisoned");
         if finals
@@ -677,6 +680,46 @@ impl Rater {
         {
             finals.insert(customer.clone(), (period_start, end, state));
         }
+        Ok(())
+    }
+
+    /// Writes the snapshot at `as_of` again from a re-rated `report`, so
+    /// that what the API, spend alerts and dashboards read for the period
+    /// is the figure its close bills. A line the new bill no longer has is
+    /// written again at zero: the table keeps the newest row per line
+    /// number, and the old one must not count.
+    async fn rewrite_lines(
+        &self,
+        customer: &CustomerId,
+        report: &RateReport,
+        (period_start, as_of): (DateTime<Utc>, DateTime<Utc>),
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let Some(bill) = report
+            .customers
+            .iter()
+            .find(|bill| &bill.customer == customer)
+        else {
+            return Ok(());
+        };
+        let (period_secs, as_of_secs, rated_at) =
+            (unix_secs(period_start), unix_secs(as_of), unix_secs(now));
+        let mut rows = self.bill_rows(report, bill, period_secs, as_of_secs, rated_at)?;
+        let old = self
+            .store
+            .rated_lines(customer, period_secs, &self.sheet_checksum, as_of_secs)
+            .await?;
+        let kept = rows.len();
+        for mut gone in old
+            .into_iter()
+            .filter(|row| usize::from(row.line_no) >= kept)
+        {
+            gone.quantity = 0;
+            gone.amount = 0;
+            gone.rated_at = rated_at;
+            rows.push(gone);
+        }
+        self.store.insert_rated_lines(&rows).await?;
         Ok(())
     }
 
