@@ -37,8 +37,7 @@ use idlemeter_core::{
 };
 use idlemeter_simulator::{Fleet, FleetShape};
 use idlemeter_tests::bench::{
-    metric, pid_file, process_use, processes_use, produce_tick, setting, spawn_ingest,
-    ProcessUse,
+    metric, pid_file, process_use, processes_use, produce_tick, setting, spawn_ingest, ProcessUse,
 };
 use idlemeter_tests::TestEnv;
 
@@ -291,7 +290,11 @@ async fn main() -> anyhow::Result<()> {
     for (name, a, b) in [
         ("simulator (this process)", start.me, end.me),
         ("ingest (every replica)", start.ingest, end.ingest),
-        ("clickhouse (every server)", start.clickhouse, end.clickhouse),
+        (
+            "clickhouse (every server)",
+            start.clickhouse,
+            end.clickhouse,
+        ),
         ("broker", start.broker, end.broker),
     ] {
         println!(
@@ -368,7 +371,11 @@ async fn main() -> anyhow::Result<()> {
     }
     println!(
         "bench: {replicas} ingest replica(s) on {}",
-        cluster.as_deref().map_or("one ClickHouse server".to_owned(), |name| format!("ClickHouse cluster {name}"))
+        cluster
+            .as_deref()
+            .map_or("one ClickHouse server".to_owned(), |name| format!(
+                "ClickHouse cluster {name}"
+            ))
     );
     let exact = spans_exact && rating_exact && customers_rated >= checked.min(100);
     println!(
