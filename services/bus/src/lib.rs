@@ -3,8 +3,8 @@
 //! It speaks the Kafka protocol to Apache Kafka, Redpanda, MSK and, in tests,
 //! tansu. idlemeter never relies on Kafka transactions: exactly-once comes from
 //! idempotent writes downstream plus committing offsets only after the sink
-//! acknowledged (see ../../shared/DESIGN.md), so consumers built here have
-//! auto-commit and auto offset store turned off.
+//! acknowledged (see docs/INVARIANTS.md at the repository root), so
+//! consumers built here have auto-commit and auto offset store turned off.
 //!
 //! Kafka is a trust boundary: every client here takes its TLS and SASL
 //! settings from one [`KafkaSettings`] (librdkafka is built with OpenSSL).

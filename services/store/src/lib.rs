@@ -1,7 +1,7 @@
 //! ClickHouse adapter of idlemeter: schema migrations, sample inserts and the
 //! rollup queries, on ClickHouse 18.16 through current releases.
 //!
-//! SQL is kept to what both ends accept (see ../shared/INFRA.md): no
+//! SQL is kept to what both ends accept (see "Supported servers" in the README): no
 //! `DateTime64`, no server-side query parameters, no window functions. Values are
 //! bound with the clickhouse crate's client-side `?` binding, never formatted into
 //! SQL. Schema validation is off because it needs the
