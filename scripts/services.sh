@@ -337,10 +337,20 @@ start_replica() {
     log "ch$server (shard $shard) ready on http://127.0.0.1:$http"
 }
 
+# The local cluster starts empty: its ZooKeeper starts with no data, and a
+# server's replicated tables do not load without their ZooKeeper nodes, so
+# the servers' data goes too (start-replica N, a restart within a running
+# cluster, keeps it).
 start_cluster() {
     ensure_clickhouse
+    local entry fresh=1
+    is_ours zookeeper zookeeper && fresh=0
     start_zookeeper
-    local entry
+    if [ "$fresh" = 1 ]; then
+        for entry in $cluster_layout; do
+            is_ours "ch${entry%%:*}" clickhouse-server || rm -rf "$run_dir/ch${entry%%:*}"
+        done
+    fi
     for entry in $cluster_layout; do start_replica "${entry%%:*}"; done
 }
 
