@@ -133,12 +133,7 @@ impl EventIngest {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let stop = CancellationToken::new();
-        let on_shutdown = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            on_shutdown.cancel();
-        });
+        let stop = idlemeter_telemetry::stop_on(shutdown);
         tracing::info!(topic = %self.topics.events, meters = self.meters.meters.len(), "event ingest started");
         while !stop.is_cancelled() {
             let batch = self.collect(&stop).await;

@@ -185,12 +185,7 @@ impl Ingest {
         mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let stop = CancellationToken::new();
-        let stop_on_shutdown = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            stop_on_shutdown.cancel();
-        });
+        let stop = idlemeter_telemetry::stop_on(shutdown);
         tracing::info!(topic = %self.topics.samples, group = %self.config.group_id, "ingest started");
         if let Some(lag) = self.lag_reader.take() {
             self.metrics.follow_lag(&self.consumer, lag, stop.clone());

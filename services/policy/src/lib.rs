@@ -366,12 +366,7 @@ impl PolicyService {
         mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let stop = CancellationToken::new();
-        let stop_on_shutdown = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            stop_on_shutdown.cancel();
-        });
+        let stop = idlemeter_telemetry::stop_on(shutdown);
         if let Some(lag) = self.lag_reader.take() {
             let consumer = Arc::downgrade(&self.consumer);
             idlemeter_telemetry::follow_gauge(

@@ -337,6 +337,21 @@ async fn render_health(State(exposed): State<Exposed>) -> impl IntoResponse {
     )
 }
 
+/// A token cancelled once `shutdown` completes: the one stop signal a
+/// service's tasks share, however the service was asked to stop (a signal,
+/// a test's channel).
+pub fn stop_on(
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        cancel.cancel();
+    });
+    stop
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
