@@ -191,6 +191,23 @@ pub struct CloseOutcome {
     pub timings: CloseTimings,
 }
 
+impl CloseOutcome {
+    /// Counts a chunk's issued invoices into the totals per currency,
+    /// keeping the first `keep` of them whole.
+    fn count_issued(&mut self, invoices: Vec<Invoice>, keep: usize) {
+        for invoice in invoices {
+            self.issued_count += 1;
+            *self
+                .issued_totals
+                .entry(invoice.currency.clone())
+                .or_default() += invoice.total;
+            if self.issued.len() < keep {
+                self.issued.push(invoice);
+            }
+        }
+    }
+}
+
 /// Where a close's time went: reading accounts and rated quantities,
 /// billing, and waiting for the previous chunk's write (the rest of each
 /// write overlaps the next chunk).
@@ -726,6 +743,44 @@ impl Invoicer {
         }
     }
 
+    /// Who to bill for the period: everyone the rater rated in it, everyone
+    /// invoiced before (plan fees, adjustments), everyone with metered usage
+    /// in it, on a plan, or with a record; in this invoicer's currency lane
+    /// and share. Names only, in order; the rest is read chunk by chunk.
+    async fn customers_to_bill(
+        &self,
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<Vec<String>> {
+        let issuer = &self.terms.issuer;
+        let start_s = unix_secs(start);
+        let mut customers: BTreeSet<String> = self
+            .store
+            .rated_customers(start_s, &self.sheet_checksum)
+            .await?
+            .into_iter()
+            .collect();
+        customers.extend(self.store.invoiced_customers(issuer).await?);
+        // And everyone with metered usage in the period (events only).
+        customers.extend(
+            self.metered_in(("", "\u{10ffff}"), start, end)
+                .await?
+                .names()
+                .cloned(),
+        );
+        // And everyone on a plan of their subscription (fees), and everyone
+        // with a record (a record the sheet cannot bill, in another
+        // currency, is then reported, not skipped in silence).
+        customers.extend(self.store.subscribed_customers(issuer).await?);
+        let currencies = self.store.customer_currencies(issuer).await?;
+        customers.extend(currencies.keys().cloned());
+        let mut customers: Vec<String> = customers.into_iter().collect();
+        if let Some(lane) = &self.lane {
+            customers.retain(|customer| lane.admits(customer, &currencies));
+        }
+        customers.retain(|customer| self.share.admits(customer));
+        Ok(customers)
+    }
+
     /// Closes the period starting at `period_start` (see the module doc).
     /// `progress(done, total)` is called as customers are computed.
     pub async fn close_period(
@@ -762,34 +817,7 @@ impl Invoicer {
                 );
             }
         }
-        // Who to bill: everyone the rater rated in the period, and everyone
-        // invoiced before (plan fees, adjustments). Names only; the rest is
-        // read chunk by chunk.
-        let mut customers: BTreeSet<String> = self
-            .store
-            .rated_customers(start_s, &self.sheet_checksum)
-            .await?
-            .into_iter()
-            .collect();
-        customers.extend(self.store.invoiced_customers(issuer).await?);
-        // And everyone with metered usage in the period (events only).
-        customers.extend(
-            self.metered_in(("", "\u{10ffff}"), start, end)
-                .await?
-                .names()
-                .cloned(),
-        );
-        // And everyone on a plan of their subscription (fees), and everyone
-        // with a record (a record the sheet cannot bill, in another
-        // currency, is then reported, not skipped in silence).
-        customers.extend(self.store.subscribed_customers(issuer).await?);
-        let currencies = self.store.customer_currencies(issuer).await?;
-        customers.extend(currencies.keys().cloned());
-        let mut customers: Vec<String> = customers.into_iter().collect();
-        if let Some(lane) = &self.lane {
-            customers.retain(|customer| lane.admits(customer, &currencies));
-        }
-        customers.retain(|customer| self.share.admits(customer));
+        let customers = self.customers_to_bill((start, end)).await?;
         let adjusted = self.accounts(None).all_issued_adjustments().await?;
         let mut outcome = CloseOutcome::default();
         let mut next = self.store.last_invoice_number(issuer).await? + 1;
@@ -901,16 +929,7 @@ impl Invoicer {
                 let store = self.store.clone();
                 writing = Some(tokio::spawn(async move { write_rows(&store, rows).await }));
             }
-            for invoice in chunk_issued {
-                outcome.issued_count += 1;
-                *outcome
-                    .issued_totals
-                    .entry(invoice.currency.clone())
-                    .or_default() += invoice.total;
-                if outcome.issued.len() < self.config.keep_issued {
-                    outcome.issued.push(invoice);
-                }
-            }
+            outcome.count_issued(chunk_issued, self.config.keep_issued);
         }
         if let Some(last) = writing.take() {
             let waiting = std::time::Instant::now();
