@@ -695,11 +695,7 @@ impl Rater {
         (period_start, as_of): (DateTime<Utc>, DateTime<Utc>),
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let Some(bill) = report
-            .customers
-            .iter()
-            .find(|bill| &bill.customer == customer)
-        else {
+        let Some(bill) = bill_of(report, customer) else {
             return Ok(());
         };
         let (period_secs, as_of_secs, rated_at) =
@@ -767,11 +763,7 @@ impl Rater {
             .lock()
             .expect("not poisoned")
             .insert(customer.clone(), (period_start, as_of, state));
-        let Some(bill) = report
-            .customers
-            .iter()
-            .find(|bill| &bill.customer == customer)
-        else {
+        let Some(bill) = bill_of(&report, customer) else {
             return Ok(());
         };
         let rated_at = unix_secs(now);
@@ -1352,11 +1344,7 @@ impl Rater {
         }
         let (report, _) = self.report(customer, &live.state, &live.account, &live.metered)?;
         let as_of_secs = u32::try_from(live.newest_ms / 1000).unwrap_or(u32::MAX);
-        let rows = match report
-            .customers
-            .iter()
-            .find(|bill| &bill.customer == customer)
-        {
+        let rows = match bill_of(&report, customer) {
             Some(bill) => self.bill_rows(
                 &report,
                 bill,
@@ -1604,6 +1592,14 @@ fn unix_secs(time: DateTime<Utc>) -> u32 {
 /// Orders two writes of the same state (not a time anything is billed at).
 fn wall_clock_ms() -> u64 {
     u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// `customer`'s bill in `report`, if it has one.
+fn bill_of<'a>(report: &'a RateReport, customer: &CustomerId) -> Option<&'a CustomerBill> {
+    report
+        .customers
+        .iter()
+        .find(|bill| &bill.customer == customer)
 }
 
 #[cfg(test)]
