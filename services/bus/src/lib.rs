@@ -849,6 +849,42 @@ impl LagReader {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_held_partitions_are_acted_on_and_committed() {
+        let context = GroupContext {
+            group_id: "g".to_owned(),
+            revoked: Default::default(),
+            assigned: Default::default(),
+        };
+        context
+            .assigned
+            .lock()
+            .expect("not poisoned")
+            .extend([("samples".to_owned(), 1), ("samples".to_owned(), 3)]);
+        assert!(context.holds("samples", 1));
+        assert!(!context.holds("samples", 2));
+        assert!(!context.holds("other", 1));
+        let mut offsets = TopicPartitionList::new();
+        for (partition, offset) in [(1, 10), (2, 20), (3, 30)] {
+            offsets
+                .add_partition_offset("samples", partition, rdkafka::Offset::Offset(offset))
+                .expect("a fresh partition");
+        }
+        let kept: Vec<(i32, rdkafka::Offset)> = context
+            .held_only(&offsets)
+            .elements()
+            .iter()
+            .map(|element| (element.partition(), element.offset()))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                (1, rdkafka::Offset::Offset(10)),
+                (3, rdkafka::Offset::Offset(30))
+            ]
+        );
+    }
+
     fn secured() -> KafkaSettings {
         KafkaSettings {
             brokers: "127.0.0.1:1".to_owned(),
