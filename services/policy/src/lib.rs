@@ -111,8 +111,9 @@ pub struct PolicyConfig {
     /// in `policy_decisions` but sends no command and no webhook: the sandbox
     /// has moved on since. 0 sends everything.
     pub stale_after_s: u64,
-    /// How often the spend of customers with a `spend_limit` is read from the
-    /// rater's `rated_usage` (budget caps); 0 turns budget caps off.
+    /// How often the spend of customers with a `spend_limit` is read (the
+    /// newer of the rater's live and hourly figures; budget caps); 0 turns
+    /// budget caps off.
     pub spend_poll_interval_s: u64,
     /// `http://` URL receiving signed decisions; empty for none.
     pub webhook_url: String,
