@@ -223,7 +223,16 @@ impl Ingest {
             // Offsets are committed only for partitions still owned.
             this.drop_revoked(&mut partitions);
             let quiet_since = clock.now_ms() - this.config.quiet_series_ms as i64;
-            partitions.end_quiet(quiet_since, batch.rows_mut());
+            let ended = partitions.end_quiet(quiet_since, batch.rows_mut());
+            if !ended.is_empty() {
+                // Rare while a stream flows: a series is quiet when its
+                // sandbox stopped, its node went, or its partition's fetch
+                // stalled; which one is the first question after a gap.
+                tracing::info!(
+                    ?ended,
+                    "quiet series ended: (partition, minute rows) written"
+                );
+            }
             this.observe_compaction(&mut partitions);
             if batch.is_empty() && batch.rows().is_empty() {
                 continue;

@@ -73,11 +73,18 @@ impl Partitions {
         dropped
     }
 
-    /// Ends the series that received nothing since `before_ms`.
-    pub fn end_quiet(&mut self, before_ms: i64, out: &mut Compacted) {
-        for compactor in self.compactors.values_mut() {
+    /// Ends the series that received nothing since `before_ms`; returns,
+    /// per partition where some ended, how many minute rows that wrote.
+    pub fn end_quiet(&mut self, before_ms: i64, out: &mut Compacted) -> Vec<(i32, usize)> {
+        let mut ended = Vec::new();
+        for (partition, compactor) in &mut self.compactors {
+            let before = out.minutes.len();
             compactor.end_quiet(before_ms, out);
+            if out.minutes.len() > before {
+                ended.push((*partition, out.minutes.len() - before));
+            }
         }
+        ended
     }
 
     /// For each partition with state: the earliest offset a replay must
