@@ -12,7 +12,7 @@ SCHEMATHESIS_VERSION ?= 4.32.5
 # stack `make run` started. Memory storage: every run starts clean.
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory \
-	IDLEMETER_PG_PORT=25432 IDLEMETER_PG_EPHEMERAL=1
+	IDLEMETER_PG_PORT=25432 IDLEMETER_PG_EPHEMERAL=1 IDLEMETER_KAFKA__SINGLE_MESSAGE_BATCHES=true
 
 .PHONY: zookeeper test-scale-out scale-out-check bench-scale-out pdftotext prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 

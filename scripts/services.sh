@@ -23,6 +23,8 @@
 #   IDLEMETER_TANSU_BIN        a tansu binary to use instead of the cached build
 #   IDLEMETER_CACHE_DIR        where the tansu build is cached (~/.cache/idlemeter)
 #   IDLEMETER_CLUSTER_PORT     first port of the local cluster (18200; see below)
+#   IDLEMETER_CH_LOG_LEVEL     ClickHouse server log level (warning; information
+#                              shows replicated inserts and deduplicated blocks)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -140,7 +142,7 @@ write_clickhouse_config() {
     cat >"$dir/config.xml" <<XML
 <yandex>$extra
     <logger>
-        <level>warning</level>
+        <level>${IDLEMETER_CH_LOG_LEVEL:-warning}</level>
         <log>$dir/log/server.log</log>
         <errorlog>$dir/log/server.err.log</errorlog>
         <size>100M</size>

@@ -16,6 +16,7 @@ import csv
 import decimal
 import io
 import pathlib
+import re
 import sys
 import tempfile
 
@@ -56,13 +57,20 @@ def statements(sql: str):
 
 
 def bind(sql: str, params):
-    """Client-side `?` binding, as the clickhouse crate does it: every `?` of
-    the text is a placeholder, comments included."""
-    parts = sql.split("?")
-    if len(parts) != len(params) + 1:
-        raise ValueError(f"{len(parts) - 1} placeholders (comments included), {len(params)} params")
-    out = parts[0]
-    for value, rest in zip(params, parts[1:]):
+    """Client-side binding, as idlemeter-store does it: `{name}` placeholders
+    (the store's `statement!`) or, in the statements that still use them,
+    `?` (every `?` of the text, comments included). Values are given in the
+    placeholders' order; a name given two different values is an error (the
+    store binds one value per name)."""
+    pieces = re.split(r"\?(?!fields)|\{([a-z_][a-z0-9_]*)\}", sql)
+    texts, names = pieces[0::2], pieces[1::2]
+    if len(names) != len(params):
+        raise ValueError(f"{len(names)} placeholders (comments included), {len(params)} params")
+    seen = {}
+    out = texts[0]
+    for name, value, rest in zip(names, params, texts[1:]):
+        if name is not None and seen.setdefault(name, value) != value:
+            raise ValueError(f"{{{name}}} given {seen[name]!r} and {value!r}")
         out += (f"'{value}'" if isinstance(value, str) else str(value)) + rest
     return out
 

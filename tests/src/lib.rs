@@ -60,6 +60,8 @@ impl TestEnv {
         let kafka = KafkaSettings {
             brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
                 .unwrap_or_else(|_| "127.0.0.1:19092".to_owned()),
+            // The suite's broker is tansu (see tests/tests/broker_offsets.rs).
+            single_message_batches: true,
             ..KafkaSettings::default()
         };
         let topics = Topics {
@@ -475,33 +477,22 @@ pub fn sample(
     net_tx_bytes: u64,
 ) -> UsageSample {
     UsageSample {
-        customer: CustomerId::parse("acme").expect("valid id"),
-        node: NodeId::parse("node-1").expect("valid id"),
-        sandbox: SandboxId::parse(sandbox).expect("valid id"),
-        epoch: Epoch(epoch),
-        seq,
-        ts,
-        state: LifecycleState::Running,
         vcpu: VcpuMillis(2000),
         mem_bytes: 4 << 30,
-        gpu_model: None,
-        gpu_count: 0,
         disk_bytes: 10 << 30,
         cpu_used_usec,
-        net_rx_bytes: 0,
         net_tx_bytes,
         vcpu_alloc_usec: seq * 2_000_000,
-        mem_alloc_kib_ms: 0,
-        mem_used_kib_ms: 0,
-        gpu_alloc_ms: 0,
-        disk_mib_ms: 0,
-        api_calls: 0,
         mem_used_bytes: 1 << 30,
         exec_sessions: 1,
-        open_conns: 0,
-        detail: Default::default(),
-        state_counters: Default::default(),
-        counters_present: Default::default(),
+        ..UsageSample::blank(
+            CustomerId::parse("acme").expect("valid id"),
+            NodeId::parse("node-1").expect("valid id"),
+            SandboxId::parse(sandbox).expect("valid id"),
+            Epoch(epoch),
+            seq,
+            ts,
+        )
     }
 }
 

@@ -136,7 +136,10 @@ impl Replica {
             .arg("--config")
             .arg(config)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("IDLEMETER_SCALE_OUT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
         for (key, value) in env {
@@ -311,6 +314,15 @@ async fn two_of_every_service_on_a_cluster_lose_double_and_skip_nothing() -> any
                 eprintln!("{line}");
             }
         }
+        // IDLEMETER_SCALE_OUT_KEEP=DIR keeps a failed run's logs and
+        // ClickHouse data there for a closer look.
+        if let Ok(keep) = std::env::var("IDLEMETER_SCALE_OUT_KEEP") {
+            let kept = Path::new(&keep).join(format!("run-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&keep);
+            if std::fs::rename(work.path(), &kept).is_ok() {
+                eprintln!("kept the failed run in {}", kept.display());
+            }
+        }
     }
     result
 }
@@ -337,6 +349,8 @@ async fn scale_out(dir: &Path) -> anyhow::Result<()> {
             r#"
 [kafka]
 brokers = "{brokers}"
+# tansu: see tests/tests/broker_offsets.rs.
+single_message_batches = true
 
 [clickhouse]
 url = "{ch1}"

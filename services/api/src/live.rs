@@ -135,37 +135,20 @@ pub async fn follow(
 mod tests {
     use super::*;
     use chrono::{DateTime, Utc};
-    use idlemeter_core::{Epoch, LifecycleState, NodeId, VcpuMillis};
+    use idlemeter_core::{Epoch, NodeId, VcpuMillis};
 
     fn sample(seq: u64, second: i64, cpu: u64) -> UsageSample {
         UsageSample {
-            customer: CustomerId::parse("acme").expect("valid"),
-            node: NodeId::parse("n").expect("valid"),
-            sandbox: SandboxId::parse("sbx").expect("valid"),
-            epoch: Epoch(1),
-            seq,
-            ts: DateTime::<Utc>::from_timestamp(1_800_000_000 + second, 0).expect("time"),
-            state: LifecycleState::Running,
             vcpu: VcpuMillis(1000),
-            mem_bytes: 0,
-            gpu_model: None,
-            gpu_count: 0,
-            disk_bytes: 0,
             cpu_used_usec: cpu,
-            net_rx_bytes: 0,
-            net_tx_bytes: 0,
-            vcpu_alloc_usec: 0,
-            mem_alloc_kib_ms: 0,
-            mem_used_kib_ms: 0,
-            gpu_alloc_ms: 0,
-            disk_mib_ms: 0,
-            api_calls: 0,
-            mem_used_bytes: 0,
-            exec_sessions: 0,
-            open_conns: 0,
-            detail: Default::default(),
-            state_counters: Default::default(),
-            counters_present: Default::default(),
+            ..UsageSample::blank(
+                CustomerId::parse("acme").expect("valid"),
+                NodeId::parse("n").expect("valid"),
+                SandboxId::parse("sbx").expect("valid"),
+                Epoch(1),
+                seq,
+                DateTime::<Utc>::from_timestamp(1_800_000_000 + second, 0).expect("time"),
+            )
         }
     }
 

@@ -60,6 +60,9 @@ pub struct GroupContext {
     group_id: String,
     revoked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
     assigned: Assigned,
+    /// Partitions assigned at a known offset whose first message has not
+    /// come yet, with that offset ([`GroupContext::skipped_before`]).
+    starts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>>,
 }
 
 /// The partitions a group consumer holds now, kept by its context.
@@ -94,6 +97,39 @@ impl GroupContext {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .any(|(held, number)| *number == partition && held == topic)
+    }
+
+    /// How many offsets the broker skipped before this message: nonzero
+    /// only for the first message of a partition assigned at a known offset
+    /// (the group's commit) that comes from a later offset, which is logged
+    /// as an error. A Kafka broker serves every offset it still has; one
+    /// that skips some loses what they held: retention deleted them before
+    /// they were consumed, or the broker does not serve a fetch that starts
+    /// inside a record batch (tansu 0.6 serves the next batch instead; see
+    /// the README's "Brokers").
+    pub fn skipped_before(&self, topic: &str, partition: i32, offset: i64) -> u64 {
+        let mut starts = self
+            .starts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if starts.is_empty() {
+            return 0;
+        }
+        let Some(start) = starts.remove(&(topic.to_owned(), partition)) else {
+            return 0;
+        };
+        if offset <= start {
+            return 0;
+        }
+        tracing::error!(
+            group = %self.group_id,
+            topic,
+            partition,
+            assigned_at = start,
+            first_fetched = offset,
+            "the broker skipped offsets: the partition was assigned at the group's commit, and its first message came from a later offset; what the skipped offsets held is lost to this group"
+        );
+        (offset - start) as u64
     }
 
     /// `offsets` less the partitions this consumer does not hold now.
@@ -200,6 +236,14 @@ impl ConsumerContext for GroupContext {
                     assigned.remove(partition);
                 }
                 drop(assigned);
+                let mut starts = self
+                    .starts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for partition in &revoked {
+                    starts.remove(partition);
+                }
+                drop(starts);
                 self.revoked
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -223,6 +267,17 @@ impl ConsumerContext for GroupContext {
                         .iter()
                         .map(|element| (element.topic().to_owned(), element.partition())),
                 );
+            self.starts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(partitions.elements().iter().filter_map(
+                    |element| match element.offset() {
+                        rdkafka::Offset::Offset(offset) => {
+                            Some(((element.topic().to_owned(), element.partition()), offset))
+                        }
+                        _ => None,
+                    },
+                ));
             tracing::info!(
                 group = %self.group_id,
                 partitions = %describe(partitions),
@@ -299,6 +354,15 @@ pub struct KafkaSettings {
     /// `min.insync.replicas = "2"` beside a replication factor of 3.
     #[serde(default)]
     pub topic_config: BTreeMap<String, String>,
+    /// Every message its own record batch (librdkafka's
+    /// `batch.num.messages = 1`), for a broker that cannot serve a fetch
+    /// starting inside a batch: tansu 0.6, the broker of the test suite and
+    /// of `make run`, answers such a fetch with the next batch, and a
+    /// consumer that resumes from its group's commit would lose the rest of
+    /// the batch (consumers log it: [`GroupContext::skipped_before`]). Off
+    /// for Apache Kafka, Redpanda and MSK, which serve every offset.
+    #[serde(default)]
+    pub single_message_batches: bool,
 }
 
 fn default_replication_factor() -> i32 {
@@ -351,6 +415,7 @@ impl Default for KafkaSettings {
             properties: BTreeMap::new(),
             replication_factor: default_replication_factor(),
             topic_config: BTreeMap::new(),
+            single_message_batches: false,
         }
     }
 }
@@ -508,6 +573,9 @@ impl KafkaSettings {
             // memory, less network, for little CPU.
             .set("compression.type", "lz4")
             .set("message.timeout.ms", "30000");
+        if self.single_message_batches {
+            config.set("batch.num.messages", "1");
+        }
         apply_overrides(&mut config, &self.properties);
         config.create().map_err(|source| Error::Kafka {
             context: format!("producer {client_id}"),
@@ -556,6 +624,7 @@ impl KafkaSettings {
             group_id: group_id.to_owned(),
             revoked: Default::default(),
             assigned: Default::default(),
+            starts: Default::default(),
         };
         config
             .create_with_context(context)
@@ -642,6 +711,7 @@ impl KafkaSettings {
                 group_id: group_id.clone(),
                 revoked: Default::default(),
                 assigned: Default::default(),
+                starts: Default::default(),
             })
             .map_err(|source| Error::Kafka {
                 context: format!("tail consumer {client_id} ({group_id})"),
@@ -855,6 +925,7 @@ mod tests {
             group_id: "g".to_owned(),
             revoked: Default::default(),
             assigned: Default::default(),
+            starts: Default::default(),
         };
         context
             .assigned
@@ -882,6 +953,41 @@ mod tests {
                 (1, rdkafka::Offset::Offset(10)),
                 (3, rdkafka::Offset::Offset(30))
             ]
+        );
+    }
+
+    #[test]
+    fn a_first_message_past_the_assigned_offset_counts_the_skipped_ones_once() {
+        let context = GroupContext {
+            group_id: "g".to_owned(),
+            revoked: Default::default(),
+            assigned: Default::default(),
+            starts: Default::default(),
+        };
+        context.starts.lock().expect("not poisoned").extend([
+            (("samples".to_owned(), 1), 10),
+            (("samples".to_owned(), 2), 20),
+        ]);
+        assert_eq!(
+            context.skipped_before("samples", 1, 10),
+            0,
+            "served as asked"
+        );
+        assert_eq!(
+            context.skipped_before("samples", 1, 50),
+            0,
+            "only the first message of an assignment is checked"
+        );
+        assert_eq!(
+            context.skipped_before("samples", 2, 27),
+            7,
+            "20..=26 skipped"
+        );
+        assert_eq!(context.skipped_before("samples", 2, 90), 0, "reported once");
+        assert_eq!(
+            context.skipped_before("samples", 3, 5),
+            0,
+            "assigned without a known offset"
         );
     }
 

@@ -207,6 +207,48 @@ impl SampleDetail {
 }
 
 impl UsageSample {
+    /// A running sample with no allocation, every counter and gauge at zero
+    /// and no counter marked carried: the base a literal completes with
+    /// `..UsageSample::blank(...)`, naming only what it sets.
+    pub fn blank(
+        customer: CustomerId,
+        node: NodeId,
+        sandbox: SandboxId,
+        epoch: Epoch,
+        seq: u64,
+        ts: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            customer,
+            node,
+            sandbox,
+            epoch,
+            seq,
+            ts,
+            state: LifecycleState::Running,
+            vcpu: VcpuMillis(0),
+            mem_bytes: 0,
+            gpu_model: None,
+            gpu_count: 0,
+            disk_bytes: 0,
+            cpu_used_usec: 0,
+            net_rx_bytes: 0,
+            net_tx_bytes: 0,
+            vcpu_alloc_usec: 0,
+            mem_alloc_kib_ms: 0,
+            mem_used_kib_ms: 0,
+            gpu_alloc_ms: 0,
+            disk_mib_ms: 0,
+            api_calls: 0,
+            mem_used_bytes: 0,
+            exec_sessions: 0,
+            open_conns: 0,
+            detail: SampleDetail::default(),
+            state_counters: StateCounters::default(),
+            counters_present: CounterSet::NONE,
+        }
+    }
+
     /// The value of one billed counter (whether or not the sample carries it).
     pub fn counter(&self, counter: Counter) -> u64 {
         let by_state = &self.state_counters;

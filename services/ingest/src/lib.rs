@@ -285,6 +285,12 @@ impl Ingest {
                             self.metrics.messages_not_held.inc();
                             continue;
                         }
+                        let skipped = self.consumer.context().skipped_before(
+                            message.topic(),
+                            message.partition(),
+                            message.offset(),
+                        );
+                        self.metrics.offsets_skipped.inc_by(skipped);
                         batch.accept(&message, &self.metrics, partitions, admission, clock.now_ms());
                     }
                     Err(error) => {
@@ -334,6 +340,11 @@ impl Ingest {
                     self.metrics
                         .batch_samples
                         .observe(batch.sample_count() as f64);
+                    tracing::debug!(
+                        samples = rows.samples,
+                        minutes = rows.minutes,
+                        "batch stored"
+                    );
                     break;
                 }
                 Err(error) if error.is_permanent() => {

@@ -26,6 +26,7 @@ pub struct IngestMetrics {
     pub rows_dead_lettered: IntCounter,
     pub consume_errors: IntCounter,
     pub messages_not_held: IntCounter,
+    pub offsets_skipped: IntCounter,
     pub insert_failures: IntCounter,
     pub commit_failures: IntCounter,
     pub batches_committed: IntCounter,
@@ -143,6 +144,11 @@ impl IngestMetrics {
                 registry,
                 "idlemeter_ingest_messages_not_held_total",
                 "messages of partitions revoked before they were handled, left to the partition's owner",
+            )?,
+            offsets_skipped: counter(
+                registry,
+                "idlemeter_ingest_offsets_skipped_total",
+                "offsets the broker skipped when a partition was assigned at the group's commit: samples lost to ingest (see the error logged)",
             )?,
             insert_failures: counter(
                 registry,

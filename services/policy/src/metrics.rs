@@ -11,6 +11,7 @@ pub struct PolicyMetrics {
     pub decisions: IntCounterVec,
     pub commands_sent: IntCounter,
     pub stale_decisions: IntCounter,
+    pub offsets_skipped: IntCounter,
     pub webhook_failures: IntCounter,
     pub sandboxes_tracked: IntGauge,
     pub snapshots: IntCounter,
@@ -83,6 +84,10 @@ impl PolicyMetrics {
             stale_decisions: counter(
                 "idlemeter_policy_stale_decisions_total",
                 "decisions recorded but not sent: older than stale_after_s when made",
+            )?,
+            offsets_skipped: counter(
+                "idlemeter_policy_offsets_skipped_total",
+                "offsets of the samples topic the broker skipped when a partition was assigned at the group's commit (see the error logged)",
             )?,
             webhook_failures: counter(
                 "idlemeter_policy_webhook_failures_total",

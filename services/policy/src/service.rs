@@ -282,6 +282,12 @@ impl PolicyService {
             // it from the group's commit, with the sandboxes' state.
             return;
         }
+        let skipped = self.consumer.context().skipped_before(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        );
+        self.metrics.offsets_skipped.inc_by(skipped);
         if let Some(produced_ms) = message.timestamp().to_millis() {
             let delay_ms = (Utc::now().timestamp_millis() - produced_ms).max(0);
             self.metrics

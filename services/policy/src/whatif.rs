@@ -203,33 +203,16 @@ idle = "billed"
     fn trace(sandbox: &str, seconds: i64, busy: impl Fn(i64) -> bool) -> Vec<UsageSample> {
         (0..seconds)
             .map(|second| UsageSample {
-                customer: CustomerId::parse("acme").expect("id"),
-                node: NodeId::parse("n").expect("id"),
-                sandbox: SandboxId::parse(sandbox).expect("id"),
-                epoch: Epoch(1),
-                seq: second as u64 + 1,
-                ts: t(second),
-                state: LifecycleState::Running,
                 vcpu: VcpuMillis(1000),
-                mem_bytes: 0,
-                gpu_model: None,
-                gpu_count: 0,
-                disk_bytes: 0,
-                cpu_used_usec: 0,
-                net_rx_bytes: 0,
-                net_tx_bytes: 0,
-                vcpu_alloc_usec: 0,
-                mem_alloc_kib_ms: 0,
-                mem_used_kib_ms: 0,
-                gpu_alloc_ms: 0,
-                disk_mib_ms: 0,
-                api_calls: 0,
-                mem_used_bytes: 0,
                 exec_sessions: u32::from(busy(second)),
-                open_conns: 0,
-                detail: Default::default(),
-                state_counters: Default::default(),
-                counters_present: Default::default(),
+                ..UsageSample::blank(
+                    CustomerId::parse("acme").expect("id"),
+                    NodeId::parse("n").expect("id"),
+                    SandboxId::parse(sandbox).expect("id"),
+                    Epoch(1),
+                    second as u64 + 1,
+                    t(second),
+                )
             })
             .collect()
     }

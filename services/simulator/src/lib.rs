@@ -65,35 +65,22 @@ impl Fleet {
                 let vcpu = [1000, 2000, 4000, 8000][rng.below(4) as usize];
                 SimulatedSandbox {
                     sample: UsageSample {
-                        customer: CustomerId::parse(format!("cust-{customer:05}"))
-                            .expect("generated ids are valid"),
-                        node: nodes[index % nodes.len()].clone(),
-                        sandbox: SandboxId::parse(format!("sbx-{index:07}"))
-                            .expect("generated ids are valid"),
-                        epoch: Epoch(shape.epoch),
-                        seq: 0,
-                        ts: DateTime::UNIX_EPOCH,
-                        state: LifecycleState::Running,
                         vcpu: VcpuMillis(vcpu),
                         mem_bytes: u64::from(vcpu / 1000) * 2 * (1 << 30),
                         gpu_model: has_gpu.then(|| "H100".to_owned()),
                         gpu_count: u32::from(has_gpu),
                         disk_bytes: 10 * (1 << 30),
-                        cpu_used_usec: 0,
-                        net_rx_bytes: 0,
-                        net_tx_bytes: 0,
-                        vcpu_alloc_usec: 0,
-                        mem_alloc_kib_ms: 0,
-                        mem_used_kib_ms: 0,
-                        gpu_alloc_ms: 0,
-                        disk_mib_ms: 0,
-                        api_calls: 0,
-                        mem_used_bytes: 0,
-                        exec_sessions: 0,
-                        open_conns: 0,
-                        detail: Default::default(),
-                        state_counters: Default::default(),
                         counters_present: CounterSet::ALL,
+                        ..UsageSample::blank(
+                            CustomerId::parse(format!("cust-{customer:05}"))
+                                .expect("generated ids are valid"),
+                            nodes[index % nodes.len()].clone(),
+                            SandboxId::parse(format!("sbx-{index:07}"))
+                                .expect("generated ids are valid"),
+                            Epoch(shape.epoch),
+                            0,
+                            DateTime::UNIX_EPOCH,
+                        )
                     },
                     activity: Activity::Burst,
                     remaining_ticks: 0,

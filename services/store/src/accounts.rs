@@ -30,6 +30,7 @@ use idlemeter_core::{
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
+use crate::sql::statement;
 use crate::{from_column, Context, CustomerRow, Error, InvoiceRow, Result, Store, SubscriptionRow};
 
 /// The checksum rated figures, states and invoices are keyed by: the sheet's
@@ -400,16 +401,17 @@ impl Store {
         period_start: u32,
         sheet_checksum: &str,
     ) -> Result<Vec<String>> {
-        self.client
-            .query(
-                "SELECT DISTINCT customer FROM rating_state \
-                 WHERE period_start = toDateTime(?) AND sheet_checksum = ? ORDER BY customer",
-            )
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .fetch_all()
-            .await
-            .context("customers rated in a period")
+        statement!(
+            self.client,
+            "SELECT DISTINCT customer FROM rating_state \
+             WHERE period_start = toDateTime({period_start}) \
+             AND sheet_checksum = {sheet_checksum} ORDER BY customer",
+            period_start,
+            sheet_checksum,
+        )?
+        .fetch_all()
+        .await
+        .context("customers rated in a period")
     }
 
     /// Customers with an invoice of the issuer.
@@ -429,17 +431,17 @@ impl Store {
         first: &str,
         last: &str,
     ) -> Result<Vec<InvoiceRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM invoices FINAL WHERE issuer = ? \
-                 AND customer >= ? AND customer <= ? ORDER BY customer, period_start",
-            )
-            .bind(issuer)
-            .bind(first)
-            .bind(last)
-            .fetch_all()
-            .await
-            .context(format!("invoices of {first} .. {last}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM invoices FINAL WHERE issuer = {issuer} \
+                 AND customer >= {first} AND customer <= {last} ORDER BY customer, period_start",
+            issuer,
+            first,
+            last
+        )?
+        .fetch_all()
+        .await
+        .context(format!("invoices of {first} .. {last}"))
     }
 }
 

@@ -7,6 +7,7 @@ use idlemeter_core::{Epoch, SandboxId};
 use rust_decimal::Decimal;
 
 use crate::rated::from_column;
+use crate::sql::statement;
 use crate::{Context, DecisionRow, Error, InvoiceRow, Result, Store};
 
 /// Usage per (sandbox, epoch, hour or day) from the hourly rollup; see the file.
@@ -218,22 +219,24 @@ impl Store {
         // The hourly rollup knows the same sandboxes at a fraction of the rows;
         // hours are widened to cover a minute range that starts mid-hour.
         let from_hour = from - from % 3_600;
-        self.client
-            .query(
-                "SELECT DISTINCT sandbox FROM usage_hours \
-                 WHERE customer = ? AND hour >= toDateTime(?) AND hour < toDateTime(?) \
-                 AND sandbox > ? AND (? = 0 OR sandbox = ?) ORDER BY sandbox LIMIT ?",
-            )
-            .bind(customer)
-            .bind(from_hour)
-            .bind(to)
-            .bind(after)
-            .bind(u8::from(only.is_some()))
-            .bind(only.unwrap_or(""))
-            .bind(limit)
-            .fetch_all()
-            .await
-            .context(format!("sandboxes with usage of {customer}"))
+        statement!(
+            self.client,
+            "SELECT DISTINCT sandbox FROM usage_hours \
+             WHERE customer = {customer} AND hour >= toDateTime({from_hour}) \
+             AND hour < toDateTime({to}) \
+             AND sandbox > {after} \
+             AND ({only_flag} = 0 OR sandbox = {only}) ORDER BY sandbox LIMIT {limit}",
+            customer,
+            from_hour,
+            to,
+            after,
+            only_flag = u8::from(only.is_some()),
+            only = only.unwrap_or(""),
+            limit,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("sandboxes with usage of {customer}"))
     }
 
     /// Usage of `customer`'s sandboxes in `range` per window of `[from, to)`
@@ -249,51 +252,34 @@ impl Store {
     ) -> Result<Vec<HourUsage>> {
         let context = format!("usage by {window:?} of {customer}");
         let rows: Vec<WindowRow> = match window {
-            Window::Hour | Window::Day => self
-                .client
-                .query(USAGE_WINDOW_ROLLUP_SQL)
-                .bind(from)
-                .bind(window.seconds())
-                .bind(window.seconds())
-                .bind(customer)
-                .bind(to)
-                .bind(&range.first)
-                .bind(&range.last)
-                .bind(customer)
-                .bind(from)
-                .bind(to)
-                .bind(&range.first)
-                .bind(&range.last)
-                .fetch_all()
-                .await
-                .context(context)?,
+            Window::Hour | Window::Day => statement!(
+                self.client,
+                USAGE_WINDOW_ROLLUP_SQL,
+                from,
+                width = window.seconds(),
+                customer,
+                to,
+                first = &range.first,
+                last = &range.last
+            )?
+            .fetch_all()
+            .await
+            .context(context)?,
             Window::Minute => {
                 let from_hour = from - from % 3_600;
-                self.client
-                    .query(USAGE_WINDOW_MINUTE_SQL)
-                    .bind(customer)
-                    .bind(from_hour)
-                    .bind(&range.first)
-                    .bind(&range.last)
-                    .bind(customer)
-                    .bind(from)
-                    .bind(to)
-                    .bind(&range.first)
-                    .bind(&range.last)
-                    .bind(from)
-                    .bind(customer)
-                    .bind(from_hour)
-                    .bind(to)
-                    .bind(&range.first)
-                    .bind(&range.last)
-                    .bind(customer)
-                    .bind(from)
-                    .bind(to)
-                    .bind(&range.first)
-                    .bind(&range.last)
-                    .fetch_all()
-                    .await
-                    .context(context)?
+                statement!(
+                    self.client,
+                    USAGE_WINDOW_MINUTE_SQL,
+                    customer,
+                    from_hour,
+                    first = &range.first,
+                    last = &range.last,
+                    from,
+                    to
+                )?
+                .fetch_all()
+                .await
+                .context(context)?
             }
         };
         windows(rows)
@@ -308,16 +294,18 @@ impl Store {
         only: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SandboxStateRow>> {
-        self.client
-            .query(SANDBOX_STATE_SQL)
-            .bind(customer)
-            .bind(after)
-            .bind(u8::from(only.is_some()))
-            .bind(only.unwrap_or(""))
-            .bind(limit)
-            .fetch_all()
-            .await
-            .context(format!("sandbox states of {customer}"))
+        statement!(
+            self.client,
+            SANDBOX_STATE_SQL,
+            customer,
+            after,
+            only_flag = u8::from(only.is_some()),
+            only = only.unwrap_or(""),
+            limit
+        )?
+        .fetch_all()
+        .await
+        .context(format!("sandbox states of {customer}"))
     }
 
     /// The `limit` most recent policy decisions about one sandbox, newest first.
@@ -327,17 +315,18 @@ impl Store {
         sandbox: &str,
         limit: u32,
     ) -> Result<Vec<DecisionRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM policy_decisions FINAL WHERE customer = ? AND sandbox = ? \
-                 ORDER BY at_ms DESC, decision_id DESC LIMIT ?",
-            )
-            .bind(customer)
-            .bind(sandbox)
-            .bind(limit)
-            .fetch_all()
-            .await
-            .context(format!("recent decisions of {customer}/{sandbox}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM policy_decisions FINAL WHERE customer = {customer} \
+             AND sandbox = {sandbox} \
+             ORDER BY at_ms DESC, decision_id DESC LIMIT {limit}",
+            customer,
+            sandbox,
+            limit,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("recent decisions of {customer}/{sandbox}"))
     }
 
     /// Per-line totals of `customer`'s rated snapshots with `as_of` in
@@ -350,21 +339,11 @@ impl Store {
         from: u32,
         to: u32,
     ) -> Result<Vec<SnapshotLine>> {
-        let rows: Vec<SnapshotLineRow> = self
-            .client
-            .query(SNAPSHOT_LINES_SQL)
-            .bind(customer)
-            .bind(to)
-            .bind(customer)
-            .bind(to)
-            .bind(from)
-            .bind(to)
-            .bind(customer)
-            .bind(to)
-            .bind(from)
-            .fetch_all()
-            .await
-            .context(format!("snapshot lines of {customer}"))?;
+        let rows: Vec<SnapshotLineRow> =
+            statement!(self.client, SNAPSHOT_LINES_SQL, customer, to, from)?
+                .fetch_all()
+                .await
+                .context(format!("snapshot lines of {customer}"))?;
         rows.into_iter()
             .map(|row| {
                 Ok(SnapshotLine {
@@ -401,12 +380,7 @@ impl Store {
 
     async fn spend_in(&self, customer: &str, table: &str) -> Result<Option<LatestSpend>> {
         let sql = crate::policy::PERIOD_SPEND_SQL.replace("rated_usage", table);
-        let row: Option<LatestSpendRow> = self
-            .client
-            .query(&sql)
-            .bind(customer)
-            .bind(customer)
-            .bind(customer)
+        let row: Option<LatestSpendRow> = statement!(self.client, &sql, customer)?
             .fetch_optional()
             .await
             .context(format!("period spend of {customer} in {table}"))?;
@@ -452,18 +426,19 @@ impl Store {
         before: u64,
         limit: u32,
     ) -> Result<Vec<InvoiceRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM invoices FINAL WHERE issuer = ? AND customer = ? AND number < ? \
-                 ORDER BY number DESC LIMIT ?",
-            )
-            .bind(issuer)
-            .bind(customer)
-            .bind(before)
-            .bind(limit)
-            .fetch_all()
-            .await
-            .context(format!("invoices of {customer}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM invoices FINAL WHERE issuer = {issuer} \
+             AND customer = {customer} AND number < {before} \
+             ORDER BY number DESC LIMIT {limit}",
+            issuer,
+            customer,
+            before,
+            limit,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("invoices of {customer}"))
     }
 
     /// One invoice of `customer`, if it is theirs.
@@ -473,16 +448,17 @@ impl Store {
         customer: &str,
         number: u64,
     ) -> Result<Option<InvoiceRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM invoices FINAL WHERE issuer = ? AND customer = ? AND number = ?",
-            )
-            .bind(issuer)
-            .bind(customer)
-            .bind(number)
-            .fetch_optional()
-            .await
-            .context(format!("invoice {number} of {customer}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM invoices FINAL WHERE issuer = {issuer} \
+             AND customer = {customer} AND number = {number}",
+            issuer,
+            customer,
+            number,
+        )?
+        .fetch_optional()
+        .await
+        .context(format!("invoice {number} of {customer}"))
     }
 
     pub async fn insert_api_key(&self, row: &ApiKeyRow) -> Result<()> {
@@ -509,13 +485,12 @@ impl Store {
     /// keeps an old undeleted version from showing through on servers that
     /// apply a WHERE before collapsing versions.
     pub async fn spend_alerts(&self, customer: Option<&str>) -> Result<Vec<SpendAlertRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM spend_alerts FINAL WHERE (? = '' OR customer = ?) \
-                 ORDER BY customer, alert_id",
-            )
-            .bind(customer.unwrap_or(""))
-            .bind(customer.unwrap_or(""))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM spend_alerts FINAL WHERE ({customer} = '' OR customer = {customer}) \
+             ORDER BY customer, alert_id",
+            customer = customer.unwrap_or(""),
+        )?
             .fetch_all()
             .await
             .context("spend alerts")

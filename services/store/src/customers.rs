@@ -1,6 +1,7 @@
 //! Customers and subscriptions (migration 0014): the ledger's records as
 //! ClickHouse keeps them, and the reads accounts need.
 
+use crate::sql::statement;
 use crate::{Context, Result, Store};
 
 /// One row of `customers`.
@@ -111,17 +112,17 @@ impl Store {
         first: &str,
         last: &str,
     ) -> Result<Vec<CustomerRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM customers FINAL WHERE issuer = ? \
-                 AND id >= ? AND id <= ? ORDER BY id",
-            )
-            .bind(issuer)
-            .bind(first)
-            .bind(last)
-            .fetch_all()
-            .await
-            .context(format!("customers {first} .. {last}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM customers FINAL WHERE issuer = {issuer} \
+                 AND id >= {first} AND id <= {last} ORDER BY id",
+            issuer,
+            first,
+            last
+        )?
+        .fetch_all()
+        .await
+        .context(format!("customers {first} .. {last}"))
     }
 
     /// The plan changes of customers from `first` to `last` effective
@@ -133,18 +134,19 @@ impl Store {
         last: &str,
         before: u32,
     ) -> Result<Vec<SubscriptionRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM subscriptions FINAL WHERE issuer = ? \
-                 AND customer >= ? AND customer <= ? AND effective_from < toDateTime(?) \
-                 ORDER BY customer, effective_from",
-            )
-            .bind(issuer)
-            .bind(first)
-            .bind(last)
-            .bind(before)
-            .fetch_all()
-            .await
-            .context(format!("subscriptions of {first} .. {last}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM subscriptions FINAL WHERE issuer = {issuer} \
+             AND customer >= {first} AND customer <= {last} \
+             AND effective_from < toDateTime({before}) \
+             ORDER BY customer, effective_from",
+            issuer,
+            first,
+            last,
+            before,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("subscriptions of {first} .. {last}"))
     }
 }

@@ -1,5 +1,6 @@
 //! Invoices (migration 0005): headers, lines and the reads the invoicer needs.
 
+use crate::sql::statement;
 use crate::{Context, Result, Store};
 
 /// One row of `invoices`: an issued invoice's header. Field order is column order.
@@ -157,19 +158,20 @@ impl Store {
         last: &str,
         before: u32,
     ) -> Result<Vec<(String, i128)>> {
-        self.client
-            .query(
-                "SELECT customer, sum(amount) FROM wallet_deposits FINAL \
-                 WHERE issuer = ? AND customer >= ? AND customer <= ? AND deposited_at < toDateTime(?) \
-                 GROUP BY customer ORDER BY customer",
-            )
-            .bind(issuer)
-            .bind(first)
-            .bind(last)
-            .bind(before)
-            .fetch_all()
-            .await
-            .context("wallet deposits")
+        statement!(
+            self.client,
+            "SELECT customer, sum(amount) FROM wallet_deposits FINAL \
+             WHERE issuer = {issuer} AND customer >= {first} AND customer <= {last} \
+             AND deposited_at < toDateTime({before}) \
+             GROUP BY customer ORDER BY customer",
+            issuer,
+            first,
+            last,
+            before,
+        )?
+        .fetch_all()
+        .await
+        .context("wallet deposits")
     }
 
     /// Credit notes: lines first, then the headers (a header is the note's
@@ -192,16 +194,17 @@ impl Store {
         issuer: &str,
         customer: &str,
     ) -> Result<Vec<CreditNoteRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM credit_notes FINAL WHERE issuer = ? AND customer = ? \
-                 ORDER BY number",
-            )
-            .bind(issuer)
-            .bind(customer)
-            .fetch_all()
-            .await
-            .context(format!("credit notes of {customer}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM credit_notes FINAL WHERE issuer = {issuer} \
+             AND customer = {customer} \
+             ORDER BY number",
+            issuer,
+            customer,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("credit notes of {customer}"))
     }
 
     /// The lines of a credit note, in order.
@@ -209,20 +212,21 @@ impl Store {
         &self,
         header: &CreditNoteRow,
     ) -> Result<Vec<CreditNoteLineRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM credit_note_lines FINAL WHERE issuer = ? AND number = ? \
-                 AND line_no <= ? ORDER BY line_no",
-            )
-            .bind(&header.issuer)
-            .bind(header.number)
-            .bind(header.line_count)
-            .fetch_all()
-            .await
-            .context(format!(
-                "lines of credit note {}-{}",
-                header.issuer, header.number
-            ))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM credit_note_lines FINAL WHERE issuer = {issuer} \
+             AND number = {number} \
+             AND line_no <= {line_count} ORDER BY line_no",
+            issuer = &header.issuer,
+            number = header.number,
+            line_count = header.line_count,
+        )?
+        .fetch_all()
+        .await
+        .context(format!(
+            "lines of credit note {}-{}",
+            header.issuer, header.number
+        ))
     }
 
     /// Each customer's credit notes settled to the next invoice and issued
@@ -235,20 +239,20 @@ impl Store {
         last: &str,
         before: u32,
     ) -> Result<Vec<(String, i128)>> {
-        self.client
-            .query(
-                "SELECT customer, sum(total) FROM credit_notes FINAL \
-                 WHERE issuer = ? AND customer >= ? AND customer <= ? \
-                 AND settlement = 'next_invoice' AND issued_at < toDateTime(?) \
+        statement!(
+            self.client,
+            "SELECT customer, sum(total) FROM credit_notes FINAL \
+                 WHERE issuer = {issuer} AND customer >= {first} AND customer <= {last} \
+                 AND settlement = 'next_invoice' AND issued_at < toDateTime({before}) \
                  GROUP BY customer ORDER BY customer",
-            )
-            .bind(issuer)
-            .bind(first)
-            .bind(last)
-            .bind(before)
-            .fetch_all()
-            .await
-            .context("credit note balances")
+            issuer,
+            first,
+            last,
+            before
+        )?
+        .fetch_all()
+        .await
+        .context("credit note balances")
     }
 
     /// Adjustment lines of customers `first..=last`, as (customer, number,
@@ -260,19 +264,20 @@ impl Store {
         first: &str,
         last: &str,
     ) -> Result<Vec<(String, u64, u16, u32, i128)>> {
-        self.client
-            .query(
-                "SELECT customer, number, line_no, toUInt32(for_period), amount \
-                 FROM invoice_lines FINAL \
-                 WHERE issuer = ? AND customer >= ? AND customer <= ? AND kind = 'adjustment' \
-                 ORDER BY customer, number, line_no",
-            )
-            .bind(issuer)
-            .bind(first)
-            .bind(last)
-            .fetch_all()
-            .await
-            .context("adjustment lines")
+        statement!(
+            self.client,
+            "SELECT customer, number, line_no, toUInt32(for_period), amount \
+             FROM invoice_lines FINAL \
+             WHERE issuer = {issuer} AND customer >= {first} AND customer <= {last} \
+             AND kind = 'adjustment' \
+             ORDER BY customer, number, line_no",
+            issuer,
+            first,
+            last,
+        )?
+        .fetch_all()
+        .await
+        .context("adjustment lines")
     }
 
     /// The highest `written_ms` of `issuer`'s lines, 0 before the first.
@@ -346,20 +351,21 @@ impl Store {
     /// The lines of the issued invoice `header`, in line order: its customer's,
     /// its first `line_count` (see migration 0005 for why both).
     pub async fn invoice_lines(&self, header: &InvoiceRow) -> Result<Vec<InvoiceLineRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM invoice_lines FINAL WHERE issuer = ? AND number = ? \
-                 AND customer = ? AND line_no <= ? ORDER BY line_no",
-            )
-            .bind(&header.issuer)
-            .bind(header.number)
-            .bind(&header.customer)
-            .bind(header.line_count)
-            .fetch_all()
-            .await
-            .context(format!(
-                "lines of invoice {}-{}",
-                header.issuer, header.number
-            ))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM invoice_lines FINAL WHERE issuer = {issuer} \
+             AND number = {number} \
+             AND customer = {customer} AND line_no <= {line_count} ORDER BY line_no",
+            issuer = &header.issuer,
+            number = header.number,
+            customer = &header.customer,
+            line_count = header.line_count,
+        )?
+        .fetch_all()
+        .await
+        .context(format!(
+            "lines of invoice {}-{}",
+            header.issuer, header.number
+        ))
     }
 }

@@ -22,6 +22,7 @@ pub mod pdf;
 mod policy;
 mod rated;
 mod samples;
+mod sql;
 mod state;
 mod usage;
 
@@ -107,6 +108,10 @@ pub enum Error {
     },
     #[error("stored row is invalid: {0}")]
     BadRow(String),
+    /// A statement of this crate that cannot be bound (a bug, found by the
+    /// first test that runs it).
+    #[error("{0}")]
+    BadStatement(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -142,6 +147,7 @@ impl Error {
         match self {
             Error::BadRow(_) => true,
             Error::ChangedMigration { .. } => true,
+            Error::BadStatement(_) => true,
             Error::ClickHouse { source, .. } => match source {
                 clickhouse::error::Error::BadResponse(text) => {
                     text.contains("Too many partitions for single INSERT block")

@@ -2,6 +2,7 @@
 
 use rust_decimal::Decimal;
 
+use crate::sql::statement;
 use crate::{Context, Result, Store};
 
 /// See `queries/period_spend.sql`.
@@ -76,16 +77,17 @@ impl Store {
     /// The latest state row of every sandbox of `group_id` snapshotted at or
     /// after `since_ms`.
     pub async fn policy_state(&self, group_id: &str, since_ms: i64) -> Result<Vec<PolicyStateRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM policy_state FINAL WHERE group_id = ? AND snapshot_ms >= ? \
-                 ORDER BY customer, sandbox",
-            )
-            .bind(group_id)
-            .bind(since_ms)
-            .fetch_all()
-            .await
-            .context(format!("policy state of {group_id}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM policy_state FINAL WHERE group_id = {group_id} \
+             AND snapshot_ms >= {since_ms} \
+             ORDER BY customer, sandbox",
+            group_id,
+            since_ms,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("policy state of {group_id}"))
     }
 
     /// [`Self::policy_state`] of the named sandboxes only (a replica taking
@@ -100,19 +102,20 @@ impl Store {
         if sandboxes.is_empty() {
             return Ok(Vec::new());
         }
-        self.client
-            .query(
-                "SELECT ?fields FROM policy_state FINAL WHERE group_id = ? AND snapshot_ms >= ? \
-                 AND has(?, sandbox) ORDER BY customer, sandbox",
-            )
-            .bind(group_id)
-            .bind(since_ms)
-            .bind(sandboxes)
-            .fetch_all()
-            .await
-            .context(format!(
-                "policy state of {} sandboxes of {group_id}",
-                sandboxes.len()
-            ))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM policy_state FINAL WHERE group_id = {group_id} \
+             AND snapshot_ms >= {since_ms} \
+             AND has({sandboxes}, sandbox) ORDER BY customer, sandbox",
+            group_id,
+            since_ms,
+            sandboxes,
+        )?
+        .fetch_all()
+        .await
+        .context(format!(
+            "policy state of {} sandboxes of {group_id}",
+            sandboxes.len()
+        ))
     }
 }

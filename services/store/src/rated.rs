@@ -8,6 +8,7 @@ use idlemeter_core::{
 use rust_decimal::Decimal;
 use serde_repr::Deserialize_repr;
 
+use crate::sql::statement;
 use crate::{Context, Error, Result, Store};
 
 /// Samples of one customer closing an interval in `[from_ms, to_ms)`, plus, for
@@ -232,17 +233,16 @@ impl Store {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<(CustomerId, u64, u64)>> {
-        let rows: Vec<(String, u64, u64)> = self
-            .client
-            .query(
-                "SELECT customer, min(ts_ms), count() FROM usage_samples \
-                 WHERE ts_ms >= ? AND ts_ms < ? GROUP BY customer ORDER BY customer",
-            )
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all()
-            .await
-            .context("customers with samples")?;
+        let rows: Vec<(String, u64, u64)> = statement!(
+            self.client,
+            "SELECT customer, min(ts_ms), count() FROM usage_samples \
+                 WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms} GROUP BY customer ORDER BY customer",
+            from_ms,
+            to_ms
+        )?
+        .fetch_all()
+        .await
+        .context("customers with samples")?;
         rows.into_iter()
             .map(|(name, first_ms, count)| {
                 let customer = CustomerId::parse(name).map_err(|e| Error::BadRow(e.to_string()))?;
@@ -258,20 +258,16 @@ impl Store {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<UsageSample>> {
-        let rows: Vec<StoredSample> = self
-            .client
-            .query(SAMPLES_FOR_RATING_SQL)
-            .bind(customer.as_str())
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(customer.as_str())
-            .bind(from_ms)
-            .bind(customer.as_str())
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all()
-            .await
-            .context(format!("samples for rating {customer}"))?;
+        let rows: Vec<StoredSample> = statement!(
+            self.client,
+            SAMPLES_FOR_RATING_SQL,
+            customer = customer.as_str(),
+            from_ms,
+            to_ms
+        )?
+        .fetch_all()
+        .await
+        .context(format!("samples for rating {customer}"))?;
         rows.into_iter().map(UsageSample::try_from).collect()
     }
 
@@ -284,23 +280,17 @@ impl Store {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<UsageSample>> {
-        let rows: Vec<StoredSample> = self
-            .client
-            .query(SAMPLES_FOR_RATING_RANGE_SQL)
-            .bind(first)
-            .bind(last)
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(first)
-            .bind(last)
-            .bind(from_ms)
-            .bind(first)
-            .bind(last)
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all()
-            .await
-            .context(format!("samples for rating {first} .. {last}"))?;
+        let rows: Vec<StoredSample> = statement!(
+            self.client,
+            SAMPLES_FOR_RATING_RANGE_SQL,
+            first,
+            last,
+            from_ms,
+            to_ms
+        )?
+        .fetch_all()
+        .await
+        .context(format!("samples for rating {first} .. {last}"))?;
         rows.into_iter().map(UsageSample::try_from).collect()
     }
 
@@ -321,19 +311,19 @@ impl Store {
         period_start: u32,
         as_of: u32,
     ) -> Result<Vec<(String, Decimal)>> {
-        let rows: Vec<SnapshotTotal> = self
-            .client
-            .query(
-                "SELECT sheet_checksum, sum(amount) AS total FROM rated_usage FINAL \
-                 WHERE customer = ? AND period_start = toDateTime(?) AND as_of = toDateTime(?) \
+        let rows: Vec<SnapshotTotal> = statement!(
+            self.client,
+            "SELECT sheet_checksum, sum(amount) AS total FROM rated_usage FINAL \
+                 WHERE customer = {customer} AND period_start = toDateTime({period_start}) \
+                 AND as_of = toDateTime({as_of}) \
                  GROUP BY sheet_checksum ORDER BY sheet_checksum",
-            )
-            .bind(customer.as_str())
-            .bind(period_start)
-            .bind(as_of)
-            .fetch_all()
-            .await
-            .context(format!("snapshot totals of {customer}"))?;
+            customer = customer.as_str(),
+            period_start,
+            as_of,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("snapshot totals of {customer}"))?;
         rows.into_iter()
             .map(|row| Ok((row.sheet_checksum, from_column(row.total)?)))
             .collect()
@@ -347,18 +337,18 @@ impl Store {
         period_start: u32,
         sheet_checksum: &str,
     ) -> Result<std::collections::HashSet<u32>> {
-        let hours: Vec<u32> = self
-            .client
-            .query(
-                "SELECT DISTINCT toUInt32(as_of) FROM rated_usage \
-                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ?",
-            )
-            .bind(customer.as_str())
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .fetch_all()
-            .await
-            .context(format!("rated hours of {customer}"))?;
+        let hours: Vec<u32> = statement!(
+            self.client,
+            "SELECT DISTINCT toUInt32(as_of) FROM rated_usage \
+                 WHERE customer = {customer} AND period_start = toDateTime({period_start}) \
+                 AND sheet_checksum = {sheet_checksum}",
+            customer = customer.as_str(),
+            period_start,
+            sheet_checksum,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("rated hours of {customer}"))?;
         Ok(hours.into_iter().collect())
     }
 
@@ -371,18 +361,17 @@ impl Store {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<std::collections::BTreeSet<u32>> {
-        let hours: Vec<u32> = self
-            .client
-            .query(
-                "SELECT DISTINCT toUInt32(toStartOfHour(ts)) FROM usage_samples \
-                 WHERE customer = ? AND ts_ms >= ? AND ts_ms < ?",
-            )
-            .bind(customer.as_str())
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all()
-            .await
-            .context(format!("hours with samples of {customer}"))?;
+        let hours: Vec<u32> = statement!(
+            self.client,
+            "SELECT DISTINCT toUInt32(toStartOfHour(ts)) FROM usage_samples \
+                 WHERE customer = {customer} AND ts_ms >= {from_ms} AND ts_ms < {to_ms}",
+            customer = customer.as_str(),
+            from_ms,
+            to_ms
+        )?
+        .fetch_all()
+        .await
+        .context(format!("hours with samples of {customer}"))?;
         Ok(hours.into_iter().collect())
     }
 
@@ -394,19 +383,20 @@ impl Store {
         sheet_checksum: &str,
         as_of: u32,
     ) -> Result<Vec<RatedLineRow>> {
-        self.client
-            .query(
-                "SELECT ?fields FROM rated_usage FINAL \
-                 WHERE customer = ? AND period_start = toDateTime(?) AND sheet_checksum = ? \
-                 AND as_of = toDateTime(?) ORDER BY line_no",
-            )
-            .bind(customer.as_str())
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .bind(as_of)
-            .fetch_all()
-            .await
-            .context(format!("rated lines of {customer}"))
+        statement!(
+            self.client,
+            "SELECT ?fields FROM rated_usage FINAL \
+             WHERE customer = {customer} AND period_start = toDateTime({period_start}) \
+             AND sheet_checksum = {sheet_checksum} \
+             AND as_of = toDateTime({as_of}) ORDER BY line_no",
+            customer = customer.as_str(),
+            period_start,
+            sheet_checksum,
+            as_of,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("rated lines of {customer}"))
     }
 }
 

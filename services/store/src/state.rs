@@ -1,6 +1,7 @@
 //! What the rater carries between passes, its live figures and the samples
 //! it refused (migration 0009).
 
+use crate::sql::statement;
 use crate::{Context, RatedLineRow, Result, Store};
 
 /// See `queries/rating_states.sql`.
@@ -83,16 +84,18 @@ impl Store {
         sheet_checksum: &str,
         before: u32,
     ) -> Result<Vec<(String, u32, String)>> {
-        self.client
-            .query(RATING_STATES_SQL)
-            .bind(first)
-            .bind(last)
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .bind(before)
-            .fetch_all()
-            .await
-            .context(format!("rating states of {first} .. {last}"))
+        statement!(
+            self.client,
+            RATING_STATES_SQL,
+            first,
+            last,
+            period_start,
+            sheet_checksum,
+            before
+        )?
+        .fetch_all()
+        .await
+        .context(format!("rating states of {first} .. {last}"))
     }
 
     /// Every customer's (from `first` to `last`, inclusive) newest rated
@@ -106,15 +109,17 @@ impl Store {
         period_start: u32,
         sheet_checksum: &str,
     ) -> Result<Vec<RatedQuantities>> {
-        self.client
-            .query(RATED_QUANTITIES_SQL)
-            .bind(first)
-            .bind(last)
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .fetch_all()
-            .await
-            .context(format!("rated quantities of {first} .. {last}"))
+        statement!(
+            self.client,
+            RATED_QUANTITIES_SQL,
+            first,
+            last,
+            period_start,
+            sheet_checksum
+        )?
+        .fetch_all()
+        .await
+        .context(format!("rated quantities of {first} .. {last}"))
     }
 
     /// Replaces the customer's live figure with these lines (all of one
@@ -131,17 +136,16 @@ impl Store {
         period_start: u32,
         sheet_checksum: &str,
     ) -> Result<Vec<RatedLineRow>> {
-        self.client
-            .query(LIVE_LINES_SQL)
-            .bind(customer)
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .bind(customer)
-            .bind(period_start)
-            .bind(sheet_checksum)
-            .fetch_all()
-            .await
-            .context(format!("live lines of {customer}"))
+        statement!(
+            self.client,
+            LIVE_LINES_SQL,
+            customer,
+            period_start,
+            sheet_checksum
+        )?
+        .fetch_all()
+        .await
+        .context(format!("live lines of {customer}"))
     }
 
     pub async fn insert_rating_errors(&self, rows: &[RatingErrorRow]) -> Result<()> {

@@ -750,33 +750,18 @@ mod tests {
 
     fn sample(seq: u64, cpu_used_usec: u64, api_calls: u64, exec_sessions: u32) -> UsageSample {
         UsageSample {
-            customer: CustomerId::parse("c").expect("id"),
-            node: NodeId::parse("n").expect("id"),
-            sandbox: SandboxId::parse("s").expect("id"),
-            epoch: Epoch(1),
-            seq,
-            ts: DateTime::from_timestamp(1_800_000_000 + seq as i64 * 10, 0).expect("time"),
-            state: LifecycleState::Running,
             vcpu: VcpuMillis(2000),
-            mem_bytes: 0,
-            gpu_model: None,
-            gpu_count: 0,
-            disk_bytes: 0,
             cpu_used_usec,
-            net_rx_bytes: 0,
-            net_tx_bytes: 0,
-            vcpu_alloc_usec: 0,
-            mem_alloc_kib_ms: 0,
-            mem_used_kib_ms: 0,
-            gpu_alloc_ms: 0,
-            disk_mib_ms: 0,
             api_calls,
-            mem_used_bytes: 0,
             exec_sessions,
-            open_conns: 0,
-            detail: Default::default(),
-            state_counters: Default::default(),
-            counters_present: Default::default(),
+            ..UsageSample::blank(
+                CustomerId::parse("c").expect("id"),
+                NodeId::parse("n").expect("id"),
+                SandboxId::parse("s").expect("id"),
+                Epoch(1),
+                seq,
+                DateTime::from_timestamp(1_800_000_000 + seq as i64 * 10, 0).expect("time"),
+            )
         }
     }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use idlemeter_core::{
     rate_report, BillingOptions, CounterSet, CustomerId, Epoch, LifecycleState, NodeId,
-    NumberedSample, PriceSheet, RateReport, SandboxId, SessionOrConnection, StateCounters,
-    UsageSample, VcpuMillis,
+    NumberedSample, PriceSheet, RateReport, SandboxId, SessionOrConnection, UsageSample,
+    VcpuMillis,
 };
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -101,33 +101,20 @@ pub fn start() -> DateTime<Utc> {
 pub fn collect(sandbox: usize, plan: &EpochPlan, jitter: &[u16]) -> Vec<UsageSample> {
     let mut samples = Vec::new();
     let mut sample = UsageSample {
-        customer: CustomerId::parse(format!("cust-{}", sandbox % 3)).expect("valid id"),
-        node: NodeId::parse("node-1").expect("valid id"),
-        sandbox: SandboxId::parse(format!("sbx-{sandbox}")).expect("valid id"),
-        epoch: Epoch(1),
-        seq: 1,
-        ts: start(),
-        state: LifecycleState::Running,
         vcpu: VcpuMillis(plan.phases[0].vcpu),
         mem_bytes: plan.phases[0].mem_mib << 20,
         gpu_model: (plan.gpus > 0).then(|| "H100".to_owned()),
         gpu_count: plan.gpus,
         disk_bytes: plan.disk_gib << 30,
-        cpu_used_usec: 0,
-        net_rx_bytes: 0,
-        net_tx_bytes: 0,
-        vcpu_alloc_usec: 0,
-        mem_alloc_kib_ms: 0,
-        mem_used_kib_ms: 0,
-        gpu_alloc_ms: 0,
-        disk_mib_ms: 0,
-        api_calls: 0,
-        mem_used_bytes: 0,
-        exec_sessions: 0,
-        open_conns: 0,
-        detail: Default::default(),
-        state_counters: StateCounters::default(),
         counters_present: CounterSet::ALL,
+        ..UsageSample::blank(
+            CustomerId::parse(format!("cust-{}", sandbox % 3)).expect("valid id"),
+            NodeId::parse("node-1").expect("valid id"),
+            SandboxId::parse(format!("sbx-{sandbox}")).expect("valid id"),
+            Epoch(1),
+            1,
+            start(),
+        )
     };
     samples.push(sample.clone());
     let mut tick = 0usize;

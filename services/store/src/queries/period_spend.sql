@@ -5,8 +5,7 @@
 -- the dashboards' revenue_lines.sql. total is what is due (every line);
 -- spend is what the period costs, before a prepaid wallet or the credit
 -- balance paid part of it (what spend alerts, budget caps and spend
--- limits compare). Parameters: customer, customer,
--- customer.
+-- limits compare).
 SELECT
     toUInt32(period_start) AS period_start_unix,
     sheet_checksum,
@@ -14,11 +13,11 @@ SELECT
     sum(amount) AS total,
     sumIf(amount, kind NOT IN ('wallet', 'balance')) AS spend
 FROM rated_usage FINAL
-WHERE customer = ?
+WHERE customer = {customer}
   AND (period_start, sheet_checksum) IN (
       SELECT period_start, argMax(sheet_checksum, rated_at) FROM rated_usage
-      WHERE customer = ?
-        AND period_start = (SELECT max(period_start) FROM rated_usage WHERE customer = ?)
+      WHERE customer = {customer}
+        AND period_start = (SELECT max(period_start) FROM rated_usage WHERE customer = {customer})
       GROUP BY period_start
   )
 GROUP BY period_start, as_of, sheet_checksum

@@ -1,8 +1,8 @@
 -- Each customer's newest rated quantities in a period under a sheet checksum
 -- (rating_state, migrations 0009 and 0011): what closing the period bills,
 -- one row per customer in a range. A state re-rated after late samples has
--- the same as_of and a newer revision, and wins. Parameters: first customer,
--- last customer (inclusive), period start (Unix seconds), checksum.
+-- the same as_of and a newer revision, and wins. Customers first to last,
+-- inclusive; period_start in Unix seconds.
 SELECT
     customer,
     toUInt32(max(as_of)) AS newest_as_of,
@@ -10,8 +10,8 @@ SELECT
     argMax(usage, (as_of, revision)) AS newest_usage,
     argMax(samples, (as_of, revision)) AS newest_samples
 FROM rating_state
-WHERE customer >= ? AND customer <= ?
-  AND period_start = toDateTime(?)
-  AND sheet_checksum = ?
+WHERE customer >= {first} AND customer <= {last}
+  AND period_start = toDateTime({period_start})
+  AND sheet_checksum = {sheet_checksum}
 GROUP BY customer
 ORDER BY customer

@@ -9,15 +9,15 @@ SELECT
     mem_alloc_active_kib_ms, mem_max_kib_ms, mem_max_active_kib_ms, mem_used_active_kib_ms,
     gpu_alloc_active_ms, disk_running_mib_ms, disk_active_mib_ms
 FROM usage_samples FINAL
-WHERE customer = ?
+WHERE customer = {customer}
   AND (
-      (ts_ms >= ? AND ts_ms < ?)
+      (ts_ms >= {from_ms} AND ts_ms < {to_ms})
       OR (sandbox, epoch, seq) IN (
           SELECT sandbox, epoch, max(seq) FROM usage_samples
-          WHERE customer = ? AND ts_ms < ?
+          WHERE customer = {customer} AND ts_ms < {from_ms}
             AND (sandbox, epoch) IN (
                 SELECT sandbox, epoch FROM usage_samples
-                WHERE customer = ? AND ts_ms >= ? AND ts_ms < ?
+                WHERE customer = {customer} AND ts_ms >= {from_ms} AND ts_ms < {to_ms}
             )
           GROUP BY sandbox, epoch
       )

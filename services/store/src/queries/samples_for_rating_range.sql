@@ -1,8 +1,7 @@
 -- samples_for_rating.sql for a range of customers at once (customer between
 -- the first and last, inclusive): every sample closing an interval in
 -- [from, to) plus, per (customer, sandbox, epoch) that has one, the last
--- sample before `from` as the baseline. Parameters: first, last, from, to,
--- first, last, from, first, last, from, to.
+-- sample before `from` as the baseline.
 SELECT
     customer, sandbox, node, epoch, seq, ts_ms, state,
     vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes,
@@ -14,15 +13,15 @@ SELECT
     mem_alloc_active_kib_ms, mem_max_kib_ms, mem_max_active_kib_ms, mem_used_active_kib_ms,
     gpu_alloc_active_ms, disk_running_mib_ms, disk_active_mib_ms
 FROM usage_samples FINAL
-WHERE customer >= ? AND customer <= ?
+WHERE customer >= {first} AND customer <= {last}
   AND (
-      (ts_ms >= ? AND ts_ms < ?)
+      (ts_ms >= {from_ms} AND ts_ms < {to_ms})
       OR (customer, sandbox, epoch, seq) IN (
           SELECT customer, sandbox, epoch, max(seq) FROM usage_samples
-          WHERE customer >= ? AND customer <= ? AND ts_ms < ?
+          WHERE customer >= {first} AND customer <= {last} AND ts_ms < {from_ms}
             AND (customer, sandbox, epoch) IN (
                 SELECT customer, sandbox, epoch FROM usage_samples
-                WHERE customer >= ? AND customer <= ? AND ts_ms >= ? AND ts_ms < ?
+                WHERE customer >= {first} AND customer <= {last} AND ts_ms >= {from_ms} AND ts_ms < {to_ms}
             )
           GROUP BY customer, sandbox, epoch
       )

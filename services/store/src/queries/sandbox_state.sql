@@ -1,6 +1,6 @@
 -- The latest sample of each of a customer's sandboxes (its current state),
 -- after a cursor in id order, optionally only one sandbox.
--- Binds: customer, after, only_flag (0 or 1), only, limit.
+-- only_flag is 1 to read only the sandbox `only`, else 0.
 SELECT
     sandbox,
     argMax(node, ts_ms) AS node,
@@ -16,7 +16,7 @@ SELECT
     argMax(exec_sessions, ts_ms) AS exec_sessions,
     argMax(open_conns, ts_ms) AS open_conns
 FROM usage_samples
-WHERE customer = ? AND sandbox > ? AND (? = 0 OR sandbox = ?)
+WHERE customer = {customer} AND sandbox > {after} AND ({only_flag} = 0 OR sandbox = {only})
 GROUP BY sandbox
 ORDER BY sandbox
-LIMIT ?
+LIMIT {limit}

@@ -5,7 +5,6 @@
 -- after `to` are left out. Per period only the checksum rated most recently
 -- in the whole period counts (a re-rating supersedes), the rule of
 -- period_spend.sql and of the dashboards.
--- Binds: customer, to, customer, to, from, to, customer, to, from.
 SELECT
     toUInt32(period_start_dt) AS period_start,
     sheet_checksum,
@@ -27,18 +26,18 @@ FROM
         sum(amount) AS amount,
         max(rated_at) AS rated_at_dt
     FROM rated_usage FINAL
-    WHERE customer = ?
-      AND period_start < toDateTime(?)
+    WHERE customer = {customer}
+      AND period_start < toDateTime({to})
       AND (period_start, sheet_checksum) IN (
           SELECT period_start, argMax(sheet_checksum, rated_at) FROM rated_usage
-          WHERE customer = ? AND period_start < toDateTime(?)
+          WHERE customer = {customer} AND period_start < toDateTime({to})
           GROUP BY period_start
       )
       AND (
-          (as_of > toDateTime(?) AND as_of <= toDateTime(?))
+          (as_of > toDateTime({from}) AND as_of <= toDateTime({to}))
           OR (period_start, sheet_checksum, as_of) IN (
               SELECT period_start, sheet_checksum, max(as_of) FROM rated_usage
-              WHERE customer = ? AND period_start < toDateTime(?) AND as_of <= toDateTime(?)
+              WHERE customer = {customer} AND period_start < toDateTime({to}) AND as_of <= toDateTime({from})
               GROUP BY period_start, sheet_checksum
           )
       )

@@ -5,8 +5,7 @@
 -- combined with min and max only, so a minute written twice, or in two
 -- parts by a process that resumed inside it, counts once.
 -- Only epochs with minutes in the range are read, from both sources.
--- Binds: customer, from_hour, first, last, customer, from, to, first, last,
--- from, customer, from_hour, to, first, last, customer, from, to, first, last.
+-- from_hour is the start of from's hour; first and last bound the sandboxes.
 SELECT
     sandbox,
     epoch,
@@ -40,19 +39,19 @@ FROM
         maxMerge(gpu_alloc_ms_max) AS gpu_hi,
         maxMerge(disk_mib_ms_max) AS disk_hi
     FROM usage_hours
-    WHERE customer = ? AND hour < toDateTime(?)
-      AND sandbox >= ? AND sandbox <= ?
+    WHERE customer = {customer} AND hour < toDateTime({from_hour})
+      AND sandbox >= {first} AND sandbox <= {last}
       AND (sandbox, epoch) IN (
           SELECT sandbox, epoch FROM usage_minutes
-          WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-            AND sandbox >= ? AND sandbox <= ?
+          WHERE customer = {customer} AND minute >= toDateTime({from}) AND minute < toDateTime({to})
+            AND sandbox >= {first} AND sandbox <= {last}
       )
     GROUP BY sandbox, epoch
     UNION ALL
     SELECT
         sandbox,
         epoch,
-        toUInt32(if(minute < toDateTime(?), 0, toUInt32(minute))) AS bucket,
+        toUInt32(if(minute < toDateTime({from}), 0, toUInt32(minute))) AS bucket,
         toUInt64(max(last_seq) - min(first_seq) + 1) AS n,
         min(cpu_used_usec_lo) AS cpu_lo,
         min(net_rx_bytes_lo) AS rx_lo,
@@ -71,12 +70,12 @@ FROM
         max(gpu_alloc_ms_hi) AS gpu_hi,
         max(disk_mib_ms_hi) AS disk_hi
     FROM usage_minutes
-    WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-      AND sandbox >= ? AND sandbox <= ?
+    WHERE customer = {customer} AND minute >= toDateTime({from_hour}) AND minute < toDateTime({to})
+      AND sandbox >= {first} AND sandbox <= {last}
       AND (sandbox, epoch) IN (
           SELECT sandbox, epoch FROM usage_minutes
-          WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-            AND sandbox >= ? AND sandbox <= ?
+          WHERE customer = {customer} AND minute >= toDateTime({from}) AND minute < toDateTime({to})
+            AND sandbox >= {first} AND sandbox <= {last}
       )
     GROUP BY sandbox, epoch, bucket
 )

@@ -3,12 +3,11 @@
 -- hour before the range is folded into bucket 0, the epoch's baseline, so a
 -- window's usage is its largest counters minus the previous window's (see
 -- idlemeter_core::rollup). Only epochs with samples in the range are read.
--- Binds: from, width, width, customer, to, first sandbox, last sandbox,
--- customer, from, to, first sandbox, last sandbox.
+-- first and last bound the sandboxes (inclusive).
 SELECT
     sandbox,
     epoch,
-    toUInt32(if(hour < toDateTime(?), 0, intDiv(toUInt32(hour), ?) * ?)) AS bucket,
+    toUInt32(if(hour < toDateTime({from}), 0, intDiv(toUInt32(hour), {width}) * {width})) AS bucket,
     -- Samples spanned: last - first seq + 1.
     toUInt64(maxMerge(last_seq) - minMerge(first_seq) + 1) AS sample_count,
     minMerge(cpu_used_usec_min) AS cpu_lo,
@@ -28,13 +27,13 @@ SELECT
     maxMerge(gpu_alloc_ms_max) AS gpu_hi,
     maxMerge(disk_mib_ms_max) AS disk_hi
 FROM usage_hours
-WHERE customer = ?
-  AND hour < toDateTime(?)
-  AND sandbox >= ? AND sandbox <= ?
+WHERE customer = {customer}
+  AND hour < toDateTime({to})
+  AND sandbox >= {first} AND sandbox <= {last}
   AND (sandbox, epoch) IN (
       SELECT sandbox, epoch FROM usage_hours
-      WHERE customer = ? AND hour >= toDateTime(?) AND hour < toDateTime(?)
-        AND sandbox >= ? AND sandbox <= ?
+      WHERE customer = {customer} AND hour >= toDateTime({from}) AND hour < toDateTime({to})
+        AND sandbox >= {first} AND sandbox <= {last}
   )
 GROUP BY sandbox, epoch, bucket
 ORDER BY sandbox, epoch, bucket
