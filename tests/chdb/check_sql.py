@@ -235,24 +235,18 @@ def run_checks(query) -> int:
 
     sql = (QUERIES / "samples_for_rating.sql").read_text()
     # sbx-a's samples closing in hour 11, plus its last sample of hour 10 as
-    # baseline; sbx-b has nothing in hour 11, so none of its samples.
+    # baseline; sbx-b has nothing in hour 11, so none of its samples. One
+    # customer (first = last), then a range of customers.
     h11, h12 = HOUR_11 * 1000, HOUR_12 * 1000
-    params = ("acme", h11, h12, "acme", h11, "acme", h11, h12)
-    result = query(bind(sql, params))
-    got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
     expected = [('"sbx-a"', "2"), ('"sbx-a"', "3"), ('"sbx-a"', "4")]
-    if got != expected:
-        print(f"FAIL samples_for_rating.sql\n got      {got}\n expected {expected}")
-        return 1
-    print("ok  samples_for_rating.sql")
-    sql = (QUERIES / "samples_for_rating_range.sql").read_text()
-    params = ("a", "z", h11, h12, "a", "z", h11, "a", "z", h11, h12)
-    result = query(bind(sql, params))
-    got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
-    if got != expected:
-        print(f"FAIL samples_for_rating_range.sql\n got      {got}\n expected {expected}")
-        return 1
-    print("ok  samples_for_rating_range.sql")
+    for label, first, last in (("one customer", "acme", "acme"), ("a range", "a", "z")):
+        params = (first, last, h11, h12, first, last, h11, first, last, h11, h12)
+        result = query(bind(sql, params))
+        got = [tuple(line.split(",")[1:5:3]) for line in result.strip().splitlines()]
+        if got != expected:
+            print(f"FAIL samples_for_rating.sql ({label})\n got      {got}\n expected {expected}")
+            return 1
+        print(f"ok  samples_for_rating.sql ({label})")
 
     # Rated usage: Decimal(38, 12) money summed per checksum (no decimal GROUP BY key).
     query(

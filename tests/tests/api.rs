@@ -551,6 +551,28 @@ async fn each_endpoint_answers_its_tenant_with_the_numbers_stored() -> anyhow::R
 
     // Every request was counted by route and status.
     assert!(counter_in(&f.registry, "idlemeter_api_requests_total") >= 20);
+    // By the route's whole pattern (customer routes are nested), never by
+    // the path itself: one series per route, whatever the ids.
+    let routes: Vec<String> = f
+        .registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "idlemeter_api_requests_total")
+        .flat_map(|family| family.get_metric().iter())
+        .flat_map(|metric| metric.get_label().iter())
+        .filter(|label| label.name() == "route")
+        .map(|label| label.value().to_owned())
+        .collect();
+    assert!(
+        routes
+            .iter()
+            .any(|route| route == "/v1/customers/{customer}/usage"),
+        "{routes:?}"
+    );
+    assert!(
+        !routes.iter().any(|route| route.contains("acme")),
+        "{routes:?}"
+    );
     Ok(())
 }
 

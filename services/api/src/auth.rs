@@ -57,6 +57,35 @@ impl Principal {
     }
 }
 
+/// The route's `{customer}` as a tenant the caller may see: what every
+/// customer route takes instead of the path and the principal, so none can
+/// read a customer without the check. Another tenant's id answers the same
+/// not-found as one that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub CustomerId);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Tenant {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Problem> {
+        let principal = parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| Problem::unauthorized("no API key was checked for this route"))?;
+        let crate::problem::Path(params) =
+            crate::problem::Path::<HashMap<String, String>>::from_request_parts(parts, state)
+                .await?;
+        let customer = params
+            .get("customer")
+            .ok_or_else(|| Problem::internal("the route has no {customer} parameter"))?;
+        principal.tenant(customer).map(Tenant)
+    }
+}
+
 /// A new key, as returned once to whoever created it.
 #[derive(Debug, Clone)]
 pub struct NewKey {

@@ -599,43 +599,28 @@ impl Api {
 
     /// The routes, with authentication, rate limits, timeouts and metrics.
     pub fn router(&self) -> Router {
-        let v1 = Router::new()
-            .route("/v1/me", get(routes::me))
-            .route("/v1/customers/{customer}/usage", get(routes::usage))
-            .route("/v1/customers/{customer}/cost", get(routes::cost_now))
+        // One customer's data: every handler takes `auth::Tenant`.
+        let customer = Router::new()
+            .route("/usage", get(routes::usage))
+            .route("/cost", get(routes::cost_now))
+            .route("/cost/history", get(routes::cost_history))
+            .route("/invoice-preview", get(routes::invoice_preview))
+            .route("/invoices", get(routes::invoices))
+            .route("/invoices/{number}", get(routes::invoice))
             .route(
-                "/v1/customers/{customer}/cost/history",
-                get(routes::cost_history),
-            )
-            .route(
-                "/v1/customers/{customer}/invoice-preview",
-                get(routes::invoice_preview),
-            )
-            .route("/v1/customers/{customer}/invoices", get(routes::invoices))
-            .route(
-                "/v1/customers/{customer}/invoices/{number}",
-                get(routes::invoice),
-            )
-            .route(
-                "/v1/customers/{customer}/alerts",
+                "/alerts",
                 get(routes::list_alerts).post(routes::create_alert),
             )
-            .route(
-                "/v1/customers/{customer}/alerts/{alert_id}",
-                delete(routes::delete_alert),
-            )
+            .route("/alerts/{alert_id}", delete(routes::delete_alert))
+            .route("/sandboxes", get(routes::sandboxes))
+            .route("/sandboxes/{sandbox}", get(routes::sandbox))
+            .route("/credit-notes", get(routes::credit_notes));
+        let v1 = Router::new()
+            .route("/v1/me", get(routes::me))
+            .nest("/v1/customers/{customer}", customer)
             .route("/api/v1/events", axum::routing::post(events::ingest_events))
             .route("/api/v1/meters", get(events::list_meters))
             .route("/api/v1/meters/{slug}/query", get(events::query_meter))
-            .route("/v1/customers/{customer}/sandboxes", get(routes::sandboxes))
-            .route(
-                "/v1/customers/{customer}/credit-notes",
-                get(routes::credit_notes),
-            )
-            .route(
-                "/v1/customers/{customer}/sandboxes/{sandbox}",
-                get(routes::sandbox),
-            )
             .merge(
                 // Admin-only: checked before the body is read, so a customer
                 // key gets the same 404 as for a route that does not exist.

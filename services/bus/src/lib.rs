@@ -796,16 +796,7 @@ impl BrokerProbe {
     }
 }
 
-/// Publishes keyed messages to one topic and resolves once the brokers
-/// acknowledged every one (or with the first error).
-pub type Publisher = std::sync::Arc<
-    dyn Fn(
-            Vec<(String, Vec<u8>)>,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>,
-        > + Send
-        + Sync,
->;
+pub use idlemeter_core::publish::Publisher;
 
 impl KafkaSettings {
     /// A [`Publisher`] to `topic` over an idempotent producer: a message

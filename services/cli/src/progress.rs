@@ -129,26 +129,34 @@ mod tests {
 
     #[test]
     fn the_bar_shows_count_rate_and_time_left() {
-        assert_eq!(
-            render("invoices", "customers", 500, 2000, Duration::from_secs(2)),
-            "invoices [#####---------------] 500/2000 customers 250/s, 6 s left"
-        );
-        assert_eq!(
-            render("whatif", "customers", 3, 3, Duration::from_secs(75)),
-            "whatif [####################] 3/3 customers 0/s, done in 1 min 15 s"
-        );
-        assert_eq!(
-            render("load", "samples", 0, 10, Duration::ZERO),
-            "load [--------------------] 0/10 samples 0/s, time left unknown"
-        );
-        assert_eq!(
-            render("load", "samples", 1, 7200, Duration::from_secs(1)),
-            "load [--------------------] 1/7200 samples 1/s, 1 h 59 min left"
-        );
-        // Nothing to do is done.
-        assert_eq!(
-            render("x", "rows", 0, 0, Duration::from_secs(1)),
-            "x [####################] 0/0 rows 0/s, done in 1 s"
-        );
+        let cases = [
+            (
+                ("invoices", "customers", 500, 2000, 2),
+                "invoices [#####---------------] 500/2000 customers 250/s, 6 s left",
+            ),
+            (
+                ("whatif", "customers", 3, 3, 75),
+                "whatif [####################] 3/3 customers 0/s, done in 1 min 15 s",
+            ),
+            (
+                ("load", "samples", 0, 10, 0),
+                "load [--------------------] 0/10 samples 0/s, time left unknown",
+            ),
+            (
+                ("load", "samples", 1, 7200, 1),
+                "load [--------------------] 1/7200 samples 1/s, 1 h 59 min left",
+            ),
+            // Nothing to do is done.
+            (
+                ("x", "rows", 0, 0, 1),
+                "x [####################] 0/0 rows 0/s, done in 1 s",
+            ),
+        ];
+        for ((what, unit, done, total, seconds), expected) in cases {
+            assert_eq!(
+                render(what, unit, done, total, Duration::from_secs(seconds)),
+                expected
+            );
+        }
     }
 }

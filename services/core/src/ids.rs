@@ -161,9 +161,31 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// Sorted `ids` in chunks of at most `size` (at least 1), each with its first
+/// and last id: the inclusive range one query reads the chunk's rows with.
+pub fn id_ranges<T>(ids: &[T], size: usize) -> impl Iterator<Item = (&[T], &T, &T)> {
+    ids.chunks(size.max(1))
+        .filter_map(|chunk| Some((chunk, chunk.first()?, chunk.last()?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_ranges_cover_every_id_once_in_bounded_chunks() {
+        let ids: Vec<u32> = (1..=7).collect();
+        let ranges: Vec<(usize, u32, u32)> = id_ranges(&ids, 3)
+            .map(|(chunk, first, last)| (chunk.len(), *first, *last))
+            .collect();
+        assert_eq!(ranges, vec![(3, 1, 3), (3, 4, 6), (1, 7, 7)]);
+        assert_eq!(
+            id_ranges(&ids, 0).count(),
+            7,
+            "a size of 0 reads one at a time"
+        );
+        assert_eq!(id_ranges::<u32>(&[], 3).count(), 0);
+    }
 
     #[test]
     fn ids_refuse_empty_long_and_spaced_values() {

@@ -801,17 +801,9 @@ impl LinePricer<'_> {
             })?;
         let amount = self.rule().round(exact, self.digits());
         Ok(Some(InvoiceLine {
-            kind: LineKind::Tax,
-            resource: "tax".to_owned(),
             quantity: base,
-            unit: "amount".to_owned(),
             unit_price: rate,
-            amount,
-            price_version: None,
-            tier: None,
-            quantity_base: None,
-            base_unit: None,
-            credit_available: None,
+            ..one_off(LineKind::Tax, "tax".to_owned(), "amount", amount)
         }))
     }
 

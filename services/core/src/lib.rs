@@ -29,6 +29,7 @@ pub mod money;
 pub mod period;
 pub mod policy;
 pub mod pricing;
+pub mod publish;
 pub mod rating;
 pub mod report;
 pub mod rollup;

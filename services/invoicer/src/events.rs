@@ -17,16 +17,9 @@ use idlemeter_webhook::WebhookSender;
 
 use crate::Result;
 
-/// Publishes keyed messages to the billing events topic (see
+/// Publishes to the billing events topic (see
 /// `idlemeter_bus::KafkaSettings::publisher`).
-pub type Publisher = std::sync::Arc<
-    dyn Fn(
-            Vec<(String, Vec<u8>)>,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>,
-        > + Send
-        + Sync,
->;
+pub use idlemeter_core::publish::Publisher;
 
 /// Delivers due billing events from the ledger's outbox.
 #[derive(Clone)]

@@ -593,24 +593,16 @@ impl Invoicer {
         for (done, header) in headers.iter().enumerate() {
             let lines = self.store.invoice_lines(header).await?;
             let invoice = Invoice::from_rows(header, &lines)?;
-            let document = serde_json::to_value(IssuedRows {
-                header: header.clone(),
-                lines,
-            })
-            .map_err(|error| Error::Write(error.to_string()))?;
             let issued_at = DateTime::from_timestamp(i64::from(header.issued_at), 0)
                 .unwrap_or(invoice.period_end);
-            let record = idlemeter_ledger::InvoiceRecord {
-                customer: invoice.customer.clone(),
-                period_start: invoice.period_start,
-                period_end: invoice.period_end,
-                currency: invoice.currency.clone(),
-                total: invoice.total,
-                wallet_applied: invoice.wallet_applied,
-                balance_applied: invoice.balance_applied,
-                balance_carried: invoice.balance_carried,
-                document,
-            };
+            let record = ledger_record(
+                &invoice,
+                IssuedRows {
+                    header: header.clone(),
+                    lines,
+                },
+            )
+            .map_err(Error::Write)?;
             match ledger
                 .import_invoice(&self.terms.issuer, invoice.number, issued_at, &record)
                 .await?
@@ -646,19 +638,7 @@ impl Invoicer {
                     let (header, lines) = invoice
                         .to_rows(issued_at, written_ms)
                         .map_err(|error| error.to_string())?;
-                    let document = serde_json::to_value(IssuedRows { header, lines })
-                        .map_err(|error| error.to_string())?;
-                    Ok(idlemeter_ledger::InvoiceRecord {
-                        customer: invoice.customer.clone(),
-                        period_start: invoice.period_start,
-                        period_end: invoice.period_end,
-                        currency: invoice.currency.clone(),
-                        total: invoice.total,
-                        wallet_applied: invoice.wallet_applied,
-                        balance_applied: invoice.balance_applied,
-                        balance_carried: invoice.balance_carried,
-                        document,
-                    })
+                    ledger_record(invoice, IssuedRows { header, lines })
                 },
             )
             .await?;
@@ -831,10 +811,9 @@ impl Invoicer {
         // a chunk's headers are written only after the previous chunk's,
         // so numbers stay in order and without gaps across a crash.
         let mut writing: Option<tokio::task::JoinHandle<Result<()>>> = None;
-        for chunk in customers.chunks(self.config.chunk_customers.max(1)) {
-            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-                continue;
-            };
+        for (chunk, first, last) in
+            idlemeter_core::ids::id_ranges(&customers, self.config.chunk_customers)
+        {
             let reading = std::time::Instant::now();
             let reader = self.accounts(Some(&adjusted));
             let (accounts, rated, metered) = tokio::try_join!(
@@ -1290,6 +1269,25 @@ pub async fn record_deposit(
     let new = deposit_in_ledger(ledger, row).await?;
     ledger.relay(store).await?;
     Ok(new)
+}
+
+/// An issued invoice as the ledger keeps it: its figures, and its stored
+/// rows as the document.
+fn ledger_record(
+    invoice: &Invoice,
+    rows: IssuedRows,
+) -> std::result::Result<idlemeter_ledger::InvoiceRecord, String> {
+    Ok(idlemeter_ledger::InvoiceRecord {
+        customer: invoice.customer.clone(),
+        period_start: invoice.period_start,
+        period_end: invoice.period_end,
+        currency: invoice.currency.clone(),
+        total: invoice.total,
+        wallet_applied: invoice.wallet_applied,
+        balance_applied: invoice.balance_applied,
+        balance_carried: invoice.balance_carried,
+        document: serde_json::to_value(rows).map_err(|error| error.to_string())?,
+    })
 }
 
 /// Records a deposit row in the ledger with the row as its ClickHouse copy.

@@ -491,18 +491,9 @@ impl Rater {
         for period_start in [previous, current] {
             let full_end = self.period().next(period_start);
             let period_end = full_end.min(closed_until);
-            let mut customers = self
-                .store
-                .customers_with_samples(unix_ms(period_start), unix_ms(period_end))
+            let customers = self
+                .my_customers_with_usage(period_start, period_end, true)
                 .await?;
-            self.add_metered_customers(&mut customers, period_start, period_end)
-                .await?;
-            self.keep_mine(
-                &mut customers,
-                |(customer, _, _)| customer.as_str(),
-                std::time::Duration::ZERO,
-            )
-            .await?;
             for (customer, _, count) in &customers {
                 // One query for what this sheet already rated, not one per hour.
                 let rated = self
@@ -570,19 +561,9 @@ impl Rater {
             let mut period_start = previous;
             for _ in 1..self.terms.adjust_lookback_periods {
                 period_start = self.period().previous(period_start);
-                let mut customers = self
-                    .store
-                    .customers_with_samples(
-                        unix_ms(period_start),
-                        unix_ms(self.period().next(period_start)),
-                    )
+                let customers = self
+                    .my_customers_with_usage(period_start, self.period().next(period_start), false)
                     .await?;
-                self.keep_mine(
-                    &mut customers,
-                    |(customer, _, _)| customer.as_str(),
-                    std::time::Duration::ZERO,
-                )
-                .await?;
                 self.rerate_late(period_start, &customers, now, &mut pass)
                     .await?;
             }
@@ -800,13 +781,8 @@ impl Rater {
         counted: u64,
         now: DateTime<Utc>,
     ) -> Result<RateReport> {
-        let account = self
-            .account_reader()
-            .read(customer.as_str(), customer.as_str(), period_start, as_of)
-            .await?
-            .account(customer);
-        let metered = self
-            .metered_range((customer.as_str(), customer.as_str()), period_start, as_of)
+        let (account, metered) = self
+            .account_and_metered(customer, period_start, as_of)
             .await?;
         let metered = metered
             .of(customer.as_str())
@@ -879,6 +855,23 @@ impl Rater {
 
     /// The metered quantities of the customers `first..=last` over
     /// `[period_start, until)`; nothing when the sheet prices no meter.
+    /// One customer's account and metered usage of its period up to `at`.
+    async fn account_and_metered(
+        &self,
+        customer: &CustomerId,
+        period_start: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<(Account, MeteredRange)> {
+        let id = customer.as_str();
+        let account = self
+            .account_reader()
+            .read(id, id, period_start, at)
+            .await?
+            .account(customer);
+        let metered = self.metered_range((id, id), period_start, at).await?;
+        Ok((account, metered))
+    }
+
     async fn metered_range(
         &self,
         customers: (&str, &str),
@@ -894,6 +887,32 @@ impl Rater {
 
     /// Adds to `customers` (sorted, from the samples) those with only
     /// metered usage in `[period_start, until)`, without samples counted.
+    /// The customers of this replica with samples in `[start, end)` (and,
+    /// with `metered`, those with metered events there), as
+    /// (customer, first sample ms, sample count).
+    async fn my_customers_with_usage(
+        &self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        metered: bool,
+    ) -> Result<Vec<(CustomerId, u64, u64)>> {
+        let mut customers = self
+            .store
+            .customers_with_samples(unix_ms(start), unix_ms(end))
+            .await?;
+        if metered {
+            self.add_metered_customers(&mut customers, start, end)
+                .await?;
+        }
+        self.keep_mine(
+            &mut customers,
+            |(customer, _, _)| customer.as_str(),
+            std::time::Duration::ZERO,
+        )
+        .await?;
+        Ok(customers)
+    }
+
     async fn add_metered_customers(
         &self,
         customers: &mut Vec<(CustomerId, u64, u64)>,
@@ -1149,10 +1168,7 @@ impl Rater {
                 .map(|customer| (*customer).clone())
                 .collect()
         };
-        for chunk in missing.chunks(RESUME_CHUNK) {
-            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-                continue;
-            };
+        for (chunk, first, last) in idlemeter_core::ids::id_ranges(&missing, RESUME_CHUNK) {
             let stored = self
                 .store
                 .rating_states_before(
@@ -1256,10 +1272,7 @@ impl Rater {
                 .map(|customer| (*customer).clone())
                 .collect()
         };
-        for chunk in stale.chunks(ACCOUNT_CHUNK) {
-            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-                continue;
-            };
+        for (chunk, first, last) in idlemeter_core::ids::id_ranges(&stale, ACCOUNT_CHUNK) {
             let accounts = self
                 .account_reader()
                 .read(first.as_str(), last.as_str(), period_start, now)
@@ -1331,14 +1344,10 @@ impl Rater {
         live.state.advance(&self.sheet, &samples, &self.idle);
         live.newest_ms = live.newest_ms.max(newest);
         if live.account_read.is_none() {
-            live.account = self
-                .account_reader()
-                .read(customer.as_str(), customer.as_str(), period_start, now)
-                .await?
-                .account(customer);
-            let metered = self
-                .metered_range((customer.as_str(), customer.as_str()), period_start, now)
+            let (account, metered) = self
+                .account_and_metered(customer, period_start, now)
                 .await?;
+            live.account = account;
             live.metered = live_metered(&metered, customer);
             live.account_read = Some(std::time::Instant::now());
         }

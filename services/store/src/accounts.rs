@@ -30,6 +30,7 @@ use idlemeter_core::{
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
+use crate::invoices::Carried;
 use crate::sql::statement;
 use crate::{from_column, Context, CustomerRow, Error, InvoiceRow, Result, Store, SubscriptionRow};
 
@@ -144,9 +145,10 @@ impl AccountReader<'_> {
         let period_end = self.terms.period.next(period_start);
         let (invoices, deposits, credit_notes, records, subscriptions) = futures::future::join5(
             self.store.invoices_between(issuer, first, last),
-            self.store.wallet_deposits(issuer, first, last, unix(at)),
             self.store
-                .credit_note_balances(issuer, first, last, unix(at)),
+                .carried(Carried::WalletDeposits, (issuer, first, last), unix(at)),
+            self.store
+                .carried(Carried::CreditNotes, (issuer, first, last), unix(at)),
             self.store.customers_between(issuer, first, last),
             self.store
                 .subscriptions_between(issuer, first, last, unix(period_end)),
@@ -434,7 +436,7 @@ impl Store {
         statement!(
             self.client,
             "SELECT ?fields FROM invoices FINAL WHERE issuer = {issuer} \
-                 AND customer >= {first} AND customer <= {last} ORDER BY customer, period_start",
+             AND customer >= {first} AND customer <= {last} ORDER BY customer, period_start",
             issuer,
             first,
             last

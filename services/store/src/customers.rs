@@ -115,7 +115,7 @@ impl Store {
         statement!(
             self.client,
             "SELECT ?fields FROM customers FINAL WHERE issuer = {issuer} \
-                 AND id >= {first} AND id <= {last} ORDER BY id",
+             AND id >= {first} AND id <= {last} ORDER BY id",
             issuer,
             first,
             last

@@ -125,6 +125,15 @@ pub struct WalletDepositRow {
     pub deposited_at: u32,
 }
 
+/// What [`Store::carried`] sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carried {
+    /// Wallet deposits (prepaid money the next invoices draw on).
+    WalletDeposits,
+    /// Credit notes settled to the next invoice (the credit balance).
+    CreditNotes,
+}
+
 impl Store {
     pub async fn insert_wallet_deposit(&self, row: &WalletDepositRow) -> Result<()> {
         self.insert_rows("wallet_deposits", std::slice::from_ref(row))
@@ -147,31 +156,6 @@ impl Store {
             .fetch_all()
             .await
             .context("wallet deposit rows")
-    }
-
-    /// Each customer's deposits made before `before` (Unix seconds), summed
-    /// (mantissas), for customers from `first` to `last`.
-    pub async fn wallet_deposits(
-        &self,
-        issuer: &str,
-        first: &str,
-        last: &str,
-        before: u32,
-    ) -> Result<Vec<(String, i128)>> {
-        statement!(
-            self.client,
-            "SELECT customer, sum(amount) FROM wallet_deposits FINAL \
-             WHERE issuer = {issuer} AND customer >= {first} AND customer <= {last} \
-             AND deposited_at < toDateTime({before}) \
-             GROUP BY customer ORDER BY customer",
-            issuer,
-            first,
-            last,
-            before,
-        )?
-        .fetch_all()
-        .await
-        .context("wallet deposits")
     }
 
     /// Credit notes: lines first, then the headers (a header is the note's
@@ -227,32 +211,6 @@ impl Store {
             "lines of credit note {}-{}",
             header.issuer, header.number
         ))
-    }
-
-    /// Each customer's credit notes settled to the next invoice and issued
-    /// before `before` (Unix seconds), summed (mantissas), for customers
-    /// from `first` to `last`.
-    pub async fn credit_note_balances(
-        &self,
-        issuer: &str,
-        first: &str,
-        last: &str,
-        before: u32,
-    ) -> Result<Vec<(String, i128)>> {
-        statement!(
-            self.client,
-            "SELECT customer, sum(total) FROM credit_notes FINAL \
-                 WHERE issuer = {issuer} AND customer >= {first} AND customer <= {last} \
-                 AND settlement = 'next_invoice' AND issued_at < toDateTime({before}) \
-                 GROUP BY customer ORDER BY customer",
-            issuer,
-            first,
-            last,
-            before
-        )?
-        .fetch_all()
-        .await
-        .context("credit note balances")
     }
 
     /// Adjustment lines of customers `first..=last`, as (customer, number,
@@ -367,5 +325,49 @@ impl Store {
             "lines of invoice {}-{}",
             header.issuer, header.number
         ))
+    }
+
+    /// What customers carry into their next invoice from before `before`
+    /// (Unix seconds): one sum (mantissas) per customer of `issuer` from
+    /// `first` to `last` with any.
+    pub(crate) async fn carried(
+        &self,
+        carried: Carried,
+        (issuer, first, last): (&str, &str, &str),
+        before: u32,
+    ) -> Result<Vec<(String, i128)>> {
+        let (sql, what) = match carried {
+            Carried::WalletDeposits => (
+                "SELECT customer, sum(amount) FROM wallet_deposits FINAL \
+                 WHERE issuer = {issuer} AND customer >= {first} AND customer <= {last} \
+                 AND deposited_at < toDateTime({before}) \
+                 GROUP BY customer ORDER BY customer",
+                "wallet deposits",
+            ),
+            Carried::CreditNotes => (
+                "SELECT customer, sum(total) FROM credit_notes FINAL \
+                 WHERE issuer = {issuer} AND customer >= {first} AND customer <= {last} \
+                 AND settlement = 'next_invoice' AND issued_at < toDateTime({before}) \
+                 GROUP BY customer ORDER BY customer",
+                "credit notes settled to the next invoice",
+            ),
+        };
+        self.sum_per_customer(sql, (issuer, first, last), before, what)
+            .await
+    }
+
+    /// One sum per customer of `issuer` from `first` to `last` of what
+    /// happened before `before` (Unix seconds): `sql` names those four.
+    async fn sum_per_customer(
+        &self,
+        sql: &str,
+        (issuer, first, last): (&str, &str, &str),
+        before: u32,
+        what: &str,
+    ) -> Result<Vec<(String, i128)>> {
+        statement!(self.client, sql, issuer, first, last, before)?
+            .fetch_all()
+            .await
+            .context(format!("{what} of {first} .. {last}"))
     }
 }

@@ -49,8 +49,7 @@ pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIO
 pub use minutes::CompactedRows;
 pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{
-    from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE,
-    SAMPLES_FOR_RATING_RANGE_SQL, SAMPLES_FOR_RATING_SQL,
+    from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE, SAMPLES_FOR_RATING_SQL,
 };
 pub use samples::SampleRow;
 pub use state::{RatedQuantities, RatingErrorRow, RatingStateRow};

@@ -11,12 +11,10 @@ use serde_repr::Deserialize_repr;
 use crate::sql::statement;
 use crate::{Context, Error, Result, Store};
 
-/// Samples of one customer closing an interval in `[from_ms, to_ms)`, plus, for
-/// each epoch with samples there, its last sample before `from_ms` as the
-/// baseline. Binds: customer, from, to, customer, from, customer, from, to.
+/// Samples of the customers `first..=last` closing an interval in
+/// `[from_ms, to_ms)`, plus, for each epoch with samples there, its last
+/// sample before `from_ms` as the baseline.
 pub const SAMPLES_FOR_RATING_SQL: &str = include_str!("queries/samples_for_rating.sql");
-/// See `queries/samples_for_rating_range.sql`.
-pub const SAMPLES_FOR_RATING_RANGE_SQL: &str = include_str!("queries/samples_for_rating_range.sql");
 
 /// Scale of every `Decimal(38, 12)` column.
 pub const MONEY_SCALE: u32 = 12;
@@ -236,7 +234,7 @@ impl Store {
         let rows: Vec<(String, u64, u64)> = statement!(
             self.client,
             "SELECT customer, min(ts_ms), count() FROM usage_samples \
-                 WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms} GROUP BY customer ORDER BY customer",
+             WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms} GROUP BY customer ORDER BY customer",
             from_ms,
             to_ms
         )?
@@ -251,28 +249,21 @@ impl Store {
             .collect()
     }
 
-    /// See [`SAMPLES_FOR_RATING_SQL`]. Duplicates are already collapsed (FINAL).
+    /// One customer's samples for rating `[from_ms, to_ms)`; see
+    /// [`SAMPLES_FOR_RATING_SQL`]. Duplicates are already collapsed (FINAL).
     pub async fn samples_for_rating(
         &self,
         customer: &CustomerId,
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<UsageSample>> {
-        let rows: Vec<StoredSample> = statement!(
-            self.client,
-            SAMPLES_FOR_RATING_SQL,
-            customer = customer.as_str(),
-            from_ms,
-            to_ms
-        )?
-        .fetch_all()
-        .await
-        .context(format!("samples for rating {customer}"))?;
-        rows.into_iter().map(UsageSample::try_from).collect()
+        let customer = customer.as_str();
+        self.samples_for_rating_range(customer, customer, from_ms, to_ms)
+            .await
     }
 
     /// [`Self::samples_for_rating`] for every customer from `first` to `last`
-    /// (inclusive) in one query; see `queries/samples_for_rating_range.sql`.
+    /// (inclusive) in one query.
     pub async fn samples_for_rating_range(
         &self,
         first: &str,
@@ -282,7 +273,7 @@ impl Store {
     ) -> Result<Vec<UsageSample>> {
         let rows: Vec<StoredSample> = statement!(
             self.client,
-            SAMPLES_FOR_RATING_RANGE_SQL,
+            SAMPLES_FOR_RATING_SQL,
             first,
             last,
             from_ms,
@@ -314,9 +305,9 @@ impl Store {
         let rows: Vec<SnapshotTotal> = statement!(
             self.client,
             "SELECT sheet_checksum, sum(amount) AS total FROM rated_usage FINAL \
-                 WHERE customer = {customer} AND period_start = toDateTime({period_start}) \
-                 AND as_of = toDateTime({as_of}) \
-                 GROUP BY sheet_checksum ORDER BY sheet_checksum",
+             WHERE customer = {customer} AND period_start = toDateTime({period_start}) \
+             AND as_of = toDateTime({as_of}) \
+             GROUP BY sheet_checksum ORDER BY sheet_checksum",
             customer = customer.as_str(),
             period_start,
             as_of,
@@ -340,8 +331,8 @@ impl Store {
         let hours: Vec<u32> = statement!(
             self.client,
             "SELECT DISTINCT toUInt32(as_of) FROM rated_usage \
-                 WHERE customer = {customer} AND period_start = toDateTime({period_start}) \
-                 AND sheet_checksum = {sheet_checksum}",
+             WHERE customer = {customer} AND period_start = toDateTime({period_start}) \
+             AND sheet_checksum = {sheet_checksum}",
             customer = customer.as_str(),
             period_start,
             sheet_checksum,
@@ -364,7 +355,7 @@ impl Store {
         let hours: Vec<u32> = statement!(
             self.client,
             "SELECT DISTINCT toUInt32(toStartOfHour(ts)) FROM usage_samples \
-                 WHERE customer = {customer} AND ts_ms >= {from_ms} AND ts_ms < {to_ms}",
+             WHERE customer = {customer} AND ts_ms >= {from_ms} AND ts_ms < {to_ms}",
             customer = customer.as_str(),
             from_ms,
             to_ms

@@ -66,11 +66,9 @@ pub(super) const MAX_ALERTS: usize = 100;
     security(("api_key" = [])))]
 pub async fn create_alert(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
     Json(new): Json<NewAlert>,
 ) -> ApiResult<(StatusCode, axum::Json<CreatedAlert>)> {
-    let customer = principal.tenant(&customer)?;
     let threshold: Decimal = new.threshold.trim().parse().map_err(|_| {
         Problem::bad_request(format!(
             "threshold {:?} is not a decimal number",
@@ -144,10 +142,8 @@ pub async fn create_alert(
     security(("api_key" = [])))]
 pub async fn list_alerts(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
 ) -> ApiResult<axum::Json<AlertList>> {
-    let customer = principal.tenant(&customer)?;
     let rows = state.store.spend_alerts(Some(customer.as_str())).await?;
     let alerts = rows
         .iter()
@@ -165,10 +161,9 @@ pub async fn list_alerts(
     security(("api_key" = [])))]
 pub async fn delete_alert(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path((customer, alert_id)): Path<(String, String)>,
+    Tenant(customer): Tenant,
+    Path((_, alert_id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let customer = principal.tenant(&customer)?;
     let rows = state.store.spend_alerts(Some(customer.as_str())).await?;
     let row = rows
         .into_iter()

@@ -50,10 +50,8 @@ pub struct CostNow {
     security(("api_key" = [])))]
 pub async fn cost_now(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
 ) -> ApiResult<axum::Json<CostNow>> {
-    let customer = principal.tenant(&customer)?;
     let mut answer = CostNow {
         customer: customer.as_str().to_owned(),
         period_start: None,
@@ -141,11 +139,9 @@ pub struct CostHistoryQuery {
     security(("api_key" = [])))]
 pub async fn cost_history(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
     Query(query): Query<CostHistoryQuery>,
 ) -> ApiResult<axum::Json<CostHistory>> {
-    let customer = principal.tenant(&customer)?;
     if query.window == WindowWidth::Minute {
         return Err(Problem::bad_request(
             "window=minute: cost is rated per hour; use hour or day",
@@ -179,10 +175,8 @@ pub async fn cost_history(
     security(("api_key" = [])))]
 pub async fn invoice_preview(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
 ) -> ApiResult<axum::Json<Invoice>> {
-    let customer = principal.tenant(&customer)?;
     match crate::preview::draft(&state, &customer, state.now()).await? {
         Some(draft) => Ok(axum::Json(draft.normalized())),
         None => Err(Problem::new(

@@ -41,10 +41,8 @@ pub struct InvoiceList {
     security(("api_key" = [])))]
 pub async fn credit_notes(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
 ) -> ApiResult<axum::Json<Vec<idlemeter_store::CreditNote>>> {
-    let customer = principal.tenant(&customer)?;
     let headers = state
         .store
         .credit_notes_of(&state.billing.terms.issuer, customer.as_str())
@@ -65,11 +63,9 @@ pub async fn credit_notes(
     security(("api_key" = [])))]
 pub async fn invoices(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
     Query(query): Query<PageQuery>,
 ) -> ApiResult<axum::Json<InvoiceList>> {
-    let customer = principal.tenant(&customer)?;
     let limit = page_limit(&state, query.limit)?;
     let before = match decode_cursor('n', query.cursor.as_deref())? {
         Some(number) => number
@@ -138,12 +134,11 @@ pub struct InvoiceQuery {
     security(("api_key" = [])))]
 pub async fn invoice(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path((customer, number)): Path<(String, u64)>,
+    Tenant(customer): Tenant,
+    Path((_, number)): Path<(String, u64)>,
     Query(query): Query<InvoiceQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let customer = principal.tenant(&customer)?;
     let not_found = || Problem::not_found("invoice", &number.to_string());
     let header = state
         .store

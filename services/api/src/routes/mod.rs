@@ -20,7 +20,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::{self, Principal, Scope};
+use crate::auth::{self, Principal, Scope, Tenant};
 use crate::problem::{
     AuthProblems, BodyProblems, Json, Path, Problem, Problems, Query, QueryProblems,
 };

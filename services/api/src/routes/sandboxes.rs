@@ -128,11 +128,9 @@ pub struct SandboxList {
     security(("api_key" = [])))]
 pub async fn sandboxes(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
     Query(query): Query<PageQuery>,
 ) -> ApiResult<axum::Json<SandboxList>> {
-    let customer = principal.tenant(&customer)?;
     let limit = page_limit(&state, query.limit)?;
     let after = decode_cursor('s', query.cursor.as_deref())?.unwrap_or_default();
     let mut rows = state
@@ -216,11 +214,10 @@ pub struct SandboxQuery {
     security(("api_key" = [])))]
 pub async fn sandbox(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path((customer, sandbox)): Path<(String, String)>,
+    Tenant(customer): Tenant,
+    Path((_, sandbox)): Path<(String, String)>,
     Query(query): Query<SandboxQuery>,
 ) -> ApiResult<axum::Json<SandboxDetail>> {
-    let customer = principal.tenant(&customer)?;
     let decisions = query.decisions.unwrap_or(20);
     if decisions > 100 {
         return Err(Problem::bad_request(format!(

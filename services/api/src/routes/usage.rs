@@ -31,11 +31,9 @@ pub struct UsageQuery {
     security(("api_key" = [])))]
 pub async fn usage(
     State(state): AppStateRef,
-    Extension(principal): Extension<Principal>,
-    Path(customer): Path<String>,
+    Tenant(customer): Tenant,
     Query(query): Query<UsageQuery>,
 ) -> ApiResult<axum::Json<UsagePage>> {
-    let customer = principal.tenant(&customer)?;
     let window: idlemeter_store::Window = query.window.into();
     let (from, to) = aligned_range(&state, query.from, query.to, window.seconds())?;
     // A page holds at most `max_windows` windows per sandbox and

@@ -54,38 +54,35 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding api.listen {}", settings.api.listen))?;
     tracing::info!(address = %listener.local_addr()?, "usage api served (docs at /docs)");
-    let ready = super::readiness(
-        settings,
-        &registry,
-        super::Needs {
-            kafka: settings.api.live_state,
-            clickhouse: true,
-            lag_gauge: None,
-        },
-    )?;
-    let metrics = super::expose(settings, registry.clone(), ready).await?;
-    let owns: Option<idlemeter_core::Share> =
-        if settings.api.divide_alerts && settings.api.alert_interval_s > 0 {
-            let shares = settings
-                .topics
-                .share_customers(&settings.kafka, "api.alerts")
-                .await?;
-            Some(shares.share())
-        } else {
-            None
-        };
-    let alerts = {
-        let api = api.clone();
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            api.deliver_alerts_until_stopped(&registry, owns, super::shutdown_signal())
-                .await
-        })
+    let needs = super::Needs {
+        kafka: settings.api.live_state,
+        clickhouse: true,
+        lag_gauge: None,
     };
-    api.serve(listener, super::shutdown_signal()).await?;
-    alerts.abort();
-    metrics.await??;
-    Ok(())
+    super::serve(settings, registry.clone(), needs, async {
+        let owns: Option<idlemeter_core::Share> =
+            if settings.api.divide_alerts && settings.api.alert_interval_s > 0 {
+                let shares = settings
+                    .topics
+                    .share_customers(&settings.kafka, "api.alerts")
+                    .await?;
+                Some(shares.share())
+            } else {
+                None
+            };
+        let alerts = {
+            let api = api.clone();
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                api.deliver_alerts_until_stopped(&registry, owns, super::shutdown_signal())
+                    .await
+            })
+        };
+        api.serve(listener, super::shutdown_signal()).await?;
+        alerts.abort();
+        Ok(())
+    })
+    .await
 }
 
 #[derive(Debug, Args)]

@@ -428,46 +428,44 @@ pub async fn service(settings: &Settings) -> anyhow::Result<()> {
         .into_iter()
         .map(|invoicer| invoicer.with_share(share.clone()).with_metrics(&registry))
         .collect::<Result<Vec<_>, _>>()?;
-    let ready = super::readiness(
-        settings,
-        &registry,
-        super::Needs {
-            clickhouse: true,
-            ..super::Needs::default()
-        },
-    )?;
-    let metrics = super::expose(settings, registry, ready).await?;
-    let events = billing_events(settings).await?;
-    let delivering = events.map(|delivery| {
-        tokio::spawn(
-            delivery.run_until_stopped(std::time::Duration::from_secs(1), super::shutdown_signal()),
+    let needs = super::Needs {
+        clickhouse: true,
+        ..super::Needs::default()
+    };
+    super::serve(settings, registry, needs, async {
+        let events = billing_events(settings).await?;
+        let delivering = events.map(|delivery| {
+            tokio::spawn(
+                delivery
+                    .run_until_stopped(std::time::Duration::from_secs(1), super::shutdown_signal()),
+            )
+        });
+        // One shutdown signal stops every sheet's invoicer.
+        let shutdown = futures::FutureExt::shared(super::shutdown_signal());
+        let limits = spend_limits(settings).await?.map(|watch| {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = watch => {}
+                    () = stop => {}
+                }
+            })
+        });
+        futures::future::try_join_all(
+            invoicers
+                .into_iter()
+                .map(|invoicer| invoicer.run_until_stopped(shutdown.clone())),
         )
-    });
-    // One shutdown signal stops every sheet's invoicer.
-    let shutdown = futures::FutureExt::shared(super::shutdown_signal());
-    let limits = spend_limits(settings).await?.map(|watch| {
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = watch => {}
-                () = stop => {}
-            }
-        })
-    });
-    futures::future::try_join_all(
-        invoicers
-            .into_iter()
-            .map(|invoicer| invoicer.run_until_stopped(shutdown.clone())),
-    )
-    .await?;
-    if let Some(delivering) = delivering {
-        delivering.await?;
-    }
-    if let Some(limits) = limits {
-        limits.await?;
-    }
-    metrics.await??;
-    Ok(())
+        .await?;
+        if let Some(delivering) = delivering {
+            delivering.await?;
+        }
+        if let Some(limits) = limits {
+            limits.await?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// With a ledger, compares customers' spend with their spend limits every

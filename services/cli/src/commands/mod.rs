@@ -134,6 +134,32 @@ pub async fn expose(
     )))
 }
 
+/// The one shape of every long-running service: readiness checks for what
+/// it `needs`, `/metrics`, `/health` and `/live` served (see [`expose`])
+/// while `run` runs, then the metrics server's own end.
+pub async fn serve(
+    settings: &Settings,
+    registry: prometheus::Registry,
+    needs: Needs,
+    run: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let ready = readiness(settings, &registry, needs)?;
+    let metrics = expose(settings, registry, ready).await?;
+    run.await?;
+    metrics.await??;
+    Ok(())
+}
+
+/// Creates those of `topics` that do not exist yet, with `[topics]
+/// partitions` partitions each.
+async fn ensure_topics(settings: &Settings, topics: &[&String]) -> anyhow::Result<()> {
+    let wanted: Vec<(&str, i32)> = topics
+        .iter()
+        .map(|topic| (topic.as_str(), settings.topics.partitions))
+        .collect();
+    Ok(settings.kafka.ensure_topics(&wanted).await?)
+}
+
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let store = Store::new(&settings.clickhouse);
     let now = u32::try_from(chrono::Utc::now().timestamp())?;
@@ -219,13 +245,12 @@ fn compact_rule(rater: &idlemeter_rater::RaterConfig) -> idlemeter_core::Compact
 }
 
 pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
+    let topics = &settings.topics;
+    ensure_topics(settings, &[&topics.samples, &topics.events]).await?;
+    // Dead letters are read by people, in order: one partition.
     settings
         .kafka
-        .ensure_topics(&[
-            (settings.topics.samples.as_str(), settings.topics.partitions),
-            (settings.topics.samples_dead_letter.as_str(), 1),
-            (settings.topics.events.as_str(), settings.topics.partitions),
-        ])
+        .ensure_topics(&[(topics.samples_dead_letter.as_str(), 1)])
         .await?;
     let registry = prometheus::Registry::new();
     let events = idlemeter_ingest::events::EventIngest::build(
@@ -245,20 +270,17 @@ pub async fn ingest(settings: &Settings) -> anyhow::Result<()> {
         &registry,
     )?
     .compact_rule(compact_rule(&settings.rater));
-    let ready = readiness(
-        settings,
-        &registry,
-        Needs {
-            kafka: true,
-            clickhouse: true,
-            lag_gauge: Some("idlemeter_ingest_lag_messages"),
-        },
-    )?;
-    let metrics = expose(settings, registry, ready).await?;
-    ingest.run_until_stopped(shutdown_signal()).await?;
-    events.await??;
-    metrics.await??;
-    Ok(())
+    let needs = Needs {
+        kafka: true,
+        clickhouse: true,
+        lag_gauge: Some("idlemeter_ingest_lag_messages"),
+    };
+    serve(settings, registry, needs, async {
+        ingest.run_until_stopped(shutdown_signal()).await?;
+        events.await??;
+        Ok(())
+    })
+    .await
 }
 
 /// The rater of one sheet: the primary `[rater] sheet` or one of
@@ -384,41 +406,33 @@ pub async fn rater(settings: &Settings) -> anyhow::Result<()> {
         raters.push(build_rater(settings, sheet, &registry).await?);
     }
     let live = &settings.rater;
-    let ready = readiness(
-        settings,
-        &registry,
-        Needs {
-            kafka: live.live_interval_seconds > 0
-                && live.live_source == idlemeter_rater::LiveSource::Kafka,
-            clickhouse: true,
-            lag_gauge: None,
-        },
-    )?;
-    let metrics = expose(settings, registry, ready).await?;
-    // One shutdown signal stops every sheet's rater.
-    let shutdown = futures::FutureExt::shared(shutdown_signal());
-    futures::future::try_join_all(
-        raters
-            .into_iter()
-            .map(|rater| rater.run_until_stopped(shutdown.clone())),
-    )
-    .await?;
-    metrics.await??;
-    Ok(())
+    let needs = Needs {
+        kafka: live.live_interval_seconds > 0
+            && live.live_source == idlemeter_rater::LiveSource::Kafka,
+        clickhouse: true,
+        lag_gauge: None,
+    };
+    serve(settings, registry, needs, async {
+        // One shutdown signal stops every sheet's rater.
+        let shutdown = futures::FutureExt::shared(shutdown_signal());
+        futures::future::try_join_all(
+            raters
+                .into_iter()
+                .map(|rater| rater.run_until_stopped(shutdown.clone())),
+        )
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 pub async fn policy(settings: &Settings) -> anyhow::Result<()> {
-    settings
-        .kafka
-        .ensure_topics(&[
-            (settings.topics.samples.as_str(), settings.topics.partitions),
-            (
-                settings.topics.commands.as_str(),
-                settings.topics.partitions,
-            ),
-            (settings.topics.leases.as_str(), settings.topics.partitions),
-        ])
-        .await?;
+    let topics = &settings.topics;
+    ensure_topics(
+        settings,
+        &[&topics.samples, &topics.commands, &topics.leases],
+    )
+    .await?;
     let file = &settings.policy.file;
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading policy file {file}"))?;
@@ -433,36 +447,27 @@ pub async fn policy(settings: &Settings) -> anyhow::Result<()> {
     )
     .await?
     .with_period(settings.billing.period);
-    let ready = readiness(
-        settings,
-        &registry,
-        Needs {
-            kafka: true,
-            clickhouse: true,
-            lag_gauge: Some("idlemeter_policy_lag_messages"),
-        },
-    )?;
-    let metrics = expose(settings, registry, ready).await?;
-    service.run_until_stopped(shutdown_signal()).await?;
-    metrics.await??;
-    Ok(())
+    let needs = Needs {
+        kafka: true,
+        clickhouse: true,
+        lag_gauge: Some("idlemeter_policy_lag_messages"),
+    };
+    serve(settings, registry, needs, async {
+        Ok(service.run_until_stopped(shutdown_signal()).await?)
+    })
+    .await
 }
 
 pub async fn collector(settings: &Settings) -> anyhow::Result<()> {
-    settings
-        .kafka
-        .ensure_topics(&[
-            (settings.topics.samples.as_str(), settings.topics.partitions),
-            (
-                settings.topics.commands.as_str(),
-                settings.topics.partitions,
-            ),
-        ])
-        .await
-        .unwrap_or_else(|error| {
-            // The collector must sample and spool even while Kafka is down.
-            tracing::warn!(%error, "could not ensure kafka topics; continuing");
-        });
+    ensure_topics(
+        settings,
+        &[&settings.topics.samples, &settings.topics.commands],
+    )
+    .await
+    .unwrap_or_else(|error| {
+        // The collector must sample and spool even while Kafka is down.
+        tracing::warn!(%error, "could not ensure kafka topics; continuing");
+    });
     let registry = prometheus::Registry::new();
     let collector = Collector::build(
         settings.collector.clone(),
@@ -473,16 +478,12 @@ pub async fn collector(settings: &Settings) -> anyhow::Result<()> {
     tracing::info!(node = %collector.node(), "collector built");
     // The collector samples and spools while Kafka is down: ready means it
     // can ship.
-    let ready = readiness(
-        settings,
-        &registry,
-        Needs {
-            kafka: true,
-            ..Needs::default()
-        },
-    )?;
-    let metrics = expose(settings, registry, ready).await?;
-    collector.run_until_stopped(shutdown_signal()).await?;
-    metrics.await??;
-    Ok(())
+    let needs = Needs {
+        kafka: true,
+        ..Needs::default()
+    };
+    serve(settings, registry, needs, async {
+        Ok(collector.run_until_stopped(shutdown_signal()).await?)
+    })
+    .await
 }

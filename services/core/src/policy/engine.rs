@@ -163,27 +163,48 @@ pub struct SandboxState {
 }
 
 impl SandboxState {
-    /// A sandbox known only from a lease that arrived before its first
-    /// sample: seq 0, so its first sample is an epoch start. It lives in the
-    /// state (and snapshots) like any other, so a restart keeps the lease.
-    fn placeholder(lease: &Lease) -> Self {
+    /// A sandbox not seen yet: stopped at seq 0, so its next sample starts
+    /// an epoch, with nothing counted.
+    fn unseen(
+        customer: CustomerId,
+        sandbox: SandboxId,
+        node: NodeId,
+        epoch: Epoch,
+        ts: DateTime<Utc>,
+    ) -> Self {
         Self {
-            customer: lease.customer.clone(),
-            sandbox: lease.sandbox.clone(),
-            node: NodeId::parse("unknown").expect("a valid id"),
-            epoch: Epoch(0),
+            customer,
+            sandbox,
+            node,
+            epoch,
             seq: 0,
-            ts: lease.until,
+            ts,
             state: LifecycleState::Stopped,
             cpu_used_usec: 0,
             net_bytes: 0,
             api_calls: 0,
             running_since: None,
             active_at: None,
-            lease: Some(lease.clone()),
+            lease: None,
             flaps: 0,
             pending: None,
             notified: Vec::new(),
+        }
+    }
+
+    /// A sandbox known only from a lease that arrived before its first
+    /// sample. It lives in the state (and snapshots) like any other, so a
+    /// restart keeps the lease.
+    fn placeholder(lease: &Lease) -> Self {
+        Self {
+            lease: Some(lease.clone()),
+            ..Self::unseen(
+                lease.customer.clone(),
+                lease.sandbox.clone(),
+                NodeId::parse("unknown").expect("a valid id"),
+                Epoch(0),
+                lease.until,
+            )
         }
     }
 
@@ -322,23 +343,14 @@ impl Engine {
                 }
                 state
             }
-            None => self.sandboxes.entry(key).or_insert_with(|| SandboxState {
-                customer: sample.customer.clone(),
-                sandbox: sample.sandbox.clone(),
-                node: sample.node.clone(),
-                epoch: sample.epoch,
-                seq: 0,
-                ts: sample.ts,
-                state: LifecycleState::Stopped,
-                cpu_used_usec: 0,
-                net_bytes: 0,
-                api_calls: 0,
-                running_since: None,
-                active_at: None,
-                lease: None,
-                flaps: 0,
-                pending: None,
-                notified: Vec::new(),
+            None => self.sandboxes.entry(key).or_insert_with(|| {
+                SandboxState::unseen(
+                    sample.customer.clone(),
+                    sample.sandbox.clone(),
+                    sample.node.clone(),
+                    sample.epoch,
+                    sample.ts,
+                )
             }),
         };
         let first_of_epoch = sample.epoch != state.epoch || state.seq == 0;

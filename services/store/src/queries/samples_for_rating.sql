@@ -1,3 +1,7 @@
+-- The samples rating reads, for the customers from first to last
+-- (inclusive; first = last for one customer): every sample closing an
+-- interval in [from_ms, to_ms) plus, per (customer, sandbox, epoch) with one
+-- there, its last sample before from_ms as the baseline.
 SELECT
     customer, sandbox, node, epoch, seq, ts_ms, state,
     vcpu_milli, mem_bytes, gpu_model, gpu_count, disk_bytes,
@@ -9,17 +13,17 @@ SELECT
     mem_alloc_active_kib_ms, mem_max_kib_ms, mem_max_active_kib_ms, mem_used_active_kib_ms,
     gpu_alloc_active_ms, disk_running_mib_ms, disk_active_mib_ms
 FROM usage_samples FINAL
-WHERE customer = {customer}
+WHERE customer >= {first} AND customer <= {last}
   AND (
       (ts_ms >= {from_ms} AND ts_ms < {to_ms})
-      OR (sandbox, epoch, seq) IN (
-          SELECT sandbox, epoch, max(seq) FROM usage_samples
-          WHERE customer = {customer} AND ts_ms < {from_ms}
-            AND (sandbox, epoch) IN (
-                SELECT sandbox, epoch FROM usage_samples
-                WHERE customer = {customer} AND ts_ms >= {from_ms} AND ts_ms < {to_ms}
+      OR (customer, sandbox, epoch, seq) IN (
+          SELECT customer, sandbox, epoch, max(seq) FROM usage_samples
+          WHERE customer >= {first} AND customer <= {last} AND ts_ms < {from_ms}
+            AND (customer, sandbox, epoch) IN (
+                SELECT customer, sandbox, epoch FROM usage_samples
+                WHERE customer >= {first} AND customer <= {last} AND ts_ms >= {from_ms} AND ts_ms < {to_ms}
             )
-          GROUP BY sandbox, epoch
+          GROUP BY customer, sandbox, epoch
       )
   )
-ORDER BY sandbox, epoch, seq
+ORDER BY customer, sandbox, epoch, seq
