@@ -35,10 +35,7 @@ fn terms(tax: &[(&str, &str)]) -> idlemeter_core::BillingTerms {
     idlemeter_core::BillingTerms {
         issuer: ISSUER.to_owned(),
         period: Period::Month,
-        tax_rates: tax
-            .iter()
-            .map(|(customer, rate)| ((*customer).to_owned(), (*rate).to_owned()))
-            .collect(),
+        tax_rates: idlemeter_core::TaxRates::parse(tax.iter().copied()).expect("valid rates"),
         ..idlemeter_core::BillingTerms::default()
     }
 }

@@ -46,7 +46,7 @@ fn terms() -> BillingTerms {
     BillingTerms {
         issuer: ISSUER.to_owned(),
         period: Period::Day,
-        tax_rates: [("acme".to_owned(), "0.2".to_owned())].into(),
+        tax_rates: idlemeter_core::TaxRates::parse([("acme", "0.2")]).expect("valid rates"),
         ..BillingTerms::default()
     }
 }

@@ -185,7 +185,7 @@ impl Billing {
             sheet_label: source.sheet_label.to_owned(),
             sheet_checksum: source.checksum(),
             idle_policy: source.idle_version()?,
-            tax_rates: terms.tax_rates()?,
+            tax_rates: terms.tax_rates.rates().clone(),
             terms,
         })
     }

@@ -59,4 +59,4 @@ pub use report::{rate_jsonl, rate_report, report_usage, RateReport};
 pub use sample::{LifecycleState, SampleDetail, SampleError, UsageSample, VcpuMillis};
 pub use secret::Secret;
 pub use share::Share;
-pub use terms::{BillingTerms, TermsError};
+pub use terms::{BillingTerms, TaxRates, TermsError};

@@ -22,9 +22,9 @@ pub struct BillingTerms {
     pub period: Period,
     /// How many earlier invoiced periods late usage is adjusted for.
     pub adjust_lookback_periods: usize,
-    /// Tax rate per customer as a decimal string ("0.2" for 20 %); 0 for
-    /// customers not listed.
-    pub tax_rates: BTreeMap<String, String>,
+    /// Tax rate per customer ("0.2" for 20 %), checked when the settings
+    /// are read; 0 for customers not listed.
+    pub tax_rates: TaxRates,
     /// The seller as invoice documents print it, one line each (name,
     /// address, tax id); the issuer's name when empty.
     pub seller: Vec<String>,
@@ -36,7 +36,7 @@ impl Default for BillingTerms {
             issuer: "idlemeter".to_owned(),
             period: Period::Month,
             adjust_lookback_periods: 3,
-            tax_rates: BTreeMap::new(),
+            tax_rates: TaxRates::default(),
             seller: Vec::new(),
         }
     }
@@ -50,16 +50,24 @@ pub struct TermsError {
     pub reason: String,
 }
 
-impl BillingTerms {
-    /// The tax rates, checked: a valid customer id and a decimal in [0, 1).
-    pub fn tax_rates(&self) -> Result<BTreeMap<CustomerId, Decimal>, TermsError> {
+/// Each customer's tax rate: a valid customer id and a decimal in [0, 1),
+/// checked as the settings are read (a bad rate stops the service at start,
+/// naming the customer), and written back as strings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaxRates(BTreeMap<CustomerId, Decimal>);
+
+impl TaxRates {
+    /// Checks `(customer, rate)` pairs as written in `[billing] tax_rates`.
+    pub fn parse<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, TermsError> {
         let mut rates = BTreeMap::new();
-        for (customer, rate) in &self.tax_rates {
+        for (customer, rate) in pairs {
             let invalid = |reason: String| TermsError {
-                customer: customer.clone(),
+                customer: customer.to_owned(),
                 reason,
             };
-            let id = CustomerId::parse(customer.clone()).map_err(|e| invalid(e.to_string()))?;
+            let id = CustomerId::parse(customer).map_err(|e| invalid(e.to_string()))?;
             let parsed: Decimal = rate
                 .parse()
                 .map_err(|e| invalid(format!("{rate:?} is not a decimal: {e}")))?;
@@ -68,7 +76,34 @@ impl BillingTerms {
             }
             rates.insert(id, parsed);
         }
-        Ok(rates)
+        Ok(Self(rates))
+    }
+
+    /// The rates of the customers listed.
+    pub fn rates(&self) -> &BTreeMap<CustomerId, Decimal> {
+        &self.0
+    }
+}
+
+impl Serialize for TaxRates {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.0
+                .iter()
+                .map(|(customer, rate)| (customer.as_str(), rate.to_string())),
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for TaxRates {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let written = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Self::parse(
+            written
+                .iter()
+                .map(|(customer, rate)| (customer.as_str(), rate.as_str())),
+        )
+        .map_err(serde::de::Error::custom)
     }
 }
 
@@ -78,17 +113,32 @@ mod tests {
 
     #[test]
     fn tax_rates_must_be_fractions_of_valid_customers() {
-        let mut terms = BillingTerms::default();
-        terms.tax_rates.insert("acme".to_owned(), "0.2".to_owned());
-        let rates = terms.tax_rates().expect("valid");
-        assert_eq!(rates.values().next().copied(), Some(Decimal::new(2, 1)));
-        terms.tax_rates.insert("beta".to_owned(), "1".to_owned());
-        let error = terms.tax_rates().expect_err("100 % is refused");
+        let rates = TaxRates::parse([("acme", "0.2")]).expect("valid");
+        assert_eq!(
+            rates.rates().values().next().copied(),
+            Some(Decimal::new(2, 1))
+        );
+        let error = TaxRates::parse([("acme", "0.2"), ("beta", "1")]).expect_err("100 %");
         assert!(error.to_string().contains("beta"), "{error}");
-        terms.tax_rates.remove("beta");
-        terms
-            .tax_rates
-            .insert("gamma".to_owned(), "twenty".to_owned());
-        assert!(terms.tax_rates().is_err());
+        assert!(TaxRates::parse([("gamma", "twenty")]).is_err());
+        assert!(TaxRates::parse([("not an id!", "0.1")]).is_err());
+    }
+
+    #[test]
+    fn tax_rates_are_checked_as_the_settings_are_read_and_written_back_alike() {
+        let terms: BillingTerms =
+            toml::from_str("[tax_rates]\nacme = \"0.2\"\n").expect("valid terms");
+        assert_eq!(
+            terms
+                .tax_rates
+                .rates()
+                .get(&CustomerId::parse("acme").expect("id")),
+            Some(&Decimal::new(2, 1))
+        );
+        let error = toml::from_str::<BillingTerms>("[tax_rates]\nbeta = \"1.5\"\n")
+            .expect_err("150 % is refused at load");
+        assert!(error.to_string().contains("beta"), "{error}");
+        let written = toml::to_string(&terms).expect("serialises");
+        assert!(written.contains("acme = \"0.2\""), "{written}");
     }
 }

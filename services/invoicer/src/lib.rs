@@ -334,7 +334,7 @@ impl Invoicer {
             }
             None => IdleRule::SessionOrConnection,
         };
-        let tax_rates = terms.tax_rates()?;
+        let tax_rates = terms.tax_rates.rates().clone();
         Ok(Self {
             store,
             sheet,

@@ -445,7 +445,7 @@ impl Rater {
     /// terms the invoicer and the API are given, so that every figure is
     /// the invoice's.
     pub fn with_terms(mut self, terms: BillingTerms) -> Result<Self> {
-        self.tax_rates = terms.tax_rates()?;
+        self.tax_rates = terms.tax_rates.rates().clone();
         self.terms = terms;
         Ok(self)
     }

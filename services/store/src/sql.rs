@@ -91,8 +91,15 @@ fn bad(text: &str, reason: &str) -> Error {
 /// `statement!(self.client, SQL, customer, first = &range.first)`.
 /// Evaluates to `Result<clickhouse::query::Query>`; a placeholder with no
 /// value is an error that names it.
+/// With no values: `statement!(client, SQL)`.
 macro_rules! statement {
-    ($client:expr, $sql:expr $(, $name:ident $(= $value:expr)?)* $(,)?) => {
+    ($client:expr, $sql:expr $(,)?) => {
+        $crate::sql::Named::parse($sql).and_then(|named| match named.order().first() {
+            Some(name) => Err(named.missing(name)),
+            None => Ok($client.query(named.positional())),
+        })
+    };
+    ($client:expr, $sql:expr $(, $name:ident $(= $value:expr)?)+ $(,)?) => {
         $crate::sql::Named::parse($sql).and_then(|named| {
             let mut query = $client.query(named.positional());
             for name in named.order() {

@@ -300,11 +300,11 @@ fn from_config_customers(
     for (id, plan) in sheet.customer_plans() {
         customers.entry(id.to_owned()).or_insert_with(blank).plan = Some(plan.to_owned());
     }
-    for (id, rate) in &settings.billing.tax_rates {
-        customers.entry(id.clone()).or_insert_with(blank).tax_rate = Some(
-            rate.parse()
-                .with_context(|| format!("[billing] tax_rates.{id} = {rate:?}"))?,
-        );
+    for (id, rate) in settings.billing.tax_rates.rates() {
+        customers
+            .entry(id.to_string())
+            .or_insert_with(blank)
+            .tax_rate = Some(*rate);
     }
     Ok(customers)
 }
