@@ -10,9 +10,13 @@ SCHEMATHESIS_VERSION ?= 4.32.5
 
 # Tests get their own servers (ports, state directory) so they never touch the
 # stack `make run` started. Memory storage: every run starts clean.
+# The tests' broker is tansu, which serves a fetch that starts inside a record
+# batch from the next batch: the services the tests start send one message a
+# batch (README, "Supported servers"). Benchmarks keep librdkafka's batching.
+TEST_KAFKA := IDLEMETER_KAFKA__SINGLE_MESSAGE_BATCHES=true
 TEST_ENV := IDLEMETER_RUN_DIR=$(CURDIR)/.run/test IDLEMETER_CH_HTTP_PORT=28123 \
 	IDLEMETER_CH_TCP_PORT=29000 IDLEMETER_KAFKA_PORT=29092 IDLEMETER_KAFKA_STORAGE=memory \
-	IDLEMETER_PG_PORT=25432 IDLEMETER_PG_EPHEMERAL=1 IDLEMETER_KAFKA__SINGLE_MESSAGE_BATCHES=true
+	IDLEMETER_PG_PORT=25432 IDLEMETER_PG_EPHEMERAL=1
 
 .PHONY: zookeeper test-scale-out scale-out-check bench-scale-out pdftotext prometheus durable-broker bench bench-slow-clients bench-wake bench-latency bench-live bench-api bench-policy bench-invoices schemathesis-venv chromium run test lint build services-start services-stop test-services-start test-services-stop chdb-venv
 
@@ -30,12 +34,12 @@ test: durable-broker test-services-start chdb-venv schemathesis-venv chromium pr
 	@# not build another package's binary for a test, so build it first.
 	cargo build -p idlemeter-cli --bin idlemeter
 	@if cargo nextest --version >/dev/null 2>&1; then \
-		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 $(TEST_KAFKA) \
 		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python \
 		IDLEMETER_SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis cargo nextest run --workspace --no-fail-fast; \
 	else \
-		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 $(TEST_KAFKA) \
 		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		IDLEMETER_CHDB_PYTHON=$(CHDB_VENV)/bin/python \
 		IDLEMETER_SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis cargo test --workspace --no-fail-fast; \
@@ -95,11 +99,11 @@ test-scale-out: durable-broker test-services-start zookeeper
 scale-out-check:
 	cargo build -p idlemeter-cli --bin idlemeter
 	@if cargo nextest --version >/dev/null 2>&1; then \
-		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 $(TEST_KAFKA) \
 		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		cargo nextest run -p idlemeter-tests --test scale_out --run-ignored only; \
 	else \
-		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 \
+		$(TEST_ENV) IDLEMETER_CLICKHOUSE__URL=http://127.0.0.1:28123 IDLEMETER_KAFKA__BROKERS=127.0.0.1:29092 $(TEST_KAFKA) \
 		IDLEMETER_LEDGER__URL=postgres://postgres@127.0.0.1:25432/idlemeter \
 		cargo test -p idlemeter-tests --test scale_out -- --ignored; \
 	fi

@@ -60,8 +60,10 @@ impl TestEnv {
         let kafka = KafkaSettings {
             brokers: std::env::var("IDLEMETER_KAFKA__BROKERS")
                 .unwrap_or_else(|_| "127.0.0.1:19092".to_owned()),
-            // The suite's broker is tansu (see tests/tests/broker_offsets.rs).
-            single_message_batches: true,
+            // The suite's broker is tansu (see tests/tests/broker_offsets.rs):
+            // `make test` sets this; benchmarks keep librdkafka's batching.
+            single_message_batches: std::env::var("IDLEMETER_KAFKA__SINGLE_MESSAGE_BATCHES")
+                .is_ok_and(|value| value == "true"),
             ..KafkaSettings::default()
         };
         let topics = Topics {

@@ -370,4 +370,48 @@ impl Store {
             .await
             .context(format!("{what} of {first} .. {last}"))
     }
+
+    /// `issuer`'s invoices of `customer` numbered below `before`, newest
+    /// first, at most `limit`.
+    pub async fn invoices_of(
+        &self,
+        issuer: &str,
+        customer: &str,
+        before: u64,
+        limit: u32,
+    ) -> Result<Vec<InvoiceRow>> {
+        statement!(
+            self.client,
+            "SELECT ?fields FROM invoices FINAL WHERE issuer = {issuer} \
+             AND customer = {customer} AND number < {before} \
+             ORDER BY number DESC LIMIT {limit}",
+            issuer,
+            customer,
+            before,
+            limit,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("invoices of {customer}"))
+    }
+
+    /// One invoice of `customer`, if it is theirs.
+    pub async fn invoice_of(
+        &self,
+        issuer: &str,
+        customer: &str,
+        number: u64,
+    ) -> Result<Option<InvoiceRow>> {
+        statement!(
+            self.client,
+            "SELECT ?fields FROM invoices FINAL WHERE issuer = {issuer} \
+             AND customer = {customer} AND number = {number}",
+            issuer,
+            customer,
+            number,
+        )?
+        .fetch_optional()
+        .await
+        .context(format!("invoice {number} of {customer}"))
+    }
 }

@@ -9,12 +9,13 @@
 //! checked against the migrations by the integration tests instead.
 
 mod accounts;
-mod api;
+mod alerts;
 pub mod cluster;
 mod customers;
 pub mod document;
 mod events;
 mod invoices;
+mod keys;
 mod margin;
 mod migrate;
 mod minutes;
@@ -22,6 +23,8 @@ pub mod pdf;
 mod policy;
 mod rated;
 mod samples;
+mod sandboxes;
+mod spend;
 mod sql;
 mod state;
 mod usage;
@@ -29,11 +32,7 @@ mod usage;
 use serde::Deserialize;
 
 pub use accounts::{ratings_checksum, with_policy, AccountReader, Accounts, Adjusted, SheetSource};
-pub use api::{
-    unix_seconds, AlertFiringRow, ApiKeyRow, LatestSpend, SandboxRange, SandboxStateRow,
-    SnapshotLine, SpendAlertRow, Window, SANDBOX_STATE_SQL, SNAPSHOT_LINES_SQL,
-    USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
-};
+pub use alerts::{AlertFiringRow, SpendAlertRow};
 pub use customers::{Currencies, CurrencyLane, CustomerRow, SubscriptionRow};
 pub use document::{BillContext, CreditNote, CreditNoteLine, Invoice, Line};
 pub use events::{
@@ -44,6 +43,7 @@ pub use invoices::{
     CreditNoteLineRow, CreditNoteRow, CreditNoteRows, InvoiceLineRow, InvoiceRow, IssuedRows,
     WalletDepositRow,
 };
+pub use keys::ApiKeyRow;
 pub use margin::NodeCostRow;
 pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIONS};
 pub use minutes::CompactedRows;
@@ -52,7 +52,12 @@ pub use rated::{
     from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE, SAMPLES_FOR_RATING_SQL,
 };
 pub use samples::SampleRow;
+pub use sandboxes::{SandboxStateRow, SANDBOX_STATE_SQL};
+pub use spend::{LatestSpend, SnapshotLine, SNAPSHOT_LINES_SQL};
 pub use state::{RatedQuantities, RatingErrorRow, RatingStateRow};
+pub use usage::{
+    unix_seconds, SandboxRange, Window, USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
+};
 
 /// Where and as whom to reach ClickHouse.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]

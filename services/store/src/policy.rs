@@ -118,4 +118,25 @@ impl Store {
             sandboxes.len()
         ))
     }
+
+    /// The `limit` most recent policy decisions about one sandbox, newest first.
+    pub async fn recent_decisions(
+        &self,
+        customer: &str,
+        sandbox: &str,
+        limit: u32,
+    ) -> Result<Vec<DecisionRow>> {
+        statement!(
+            self.client,
+            "SELECT ?fields FROM policy_decisions FINAL WHERE customer = {customer} \
+             AND sandbox = {sandbox} \
+             ORDER BY at_ms DESC, decision_id DESC LIMIT {limit}",
+            customer,
+            sandbox,
+            limit,
+        )?
+        .fetch_all()
+        .await
+        .context(format!("recent decisions of {customer}/{sandbox}"))
+    }
 }
