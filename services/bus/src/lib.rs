@@ -101,7 +101,8 @@ impl GroupContext {
 
     /// How many offsets the broker skipped before this message: nonzero
     /// only for the first message of a partition assigned at a known offset
-    /// (the group's commit) that comes from a later offset, which is logged
+    /// (the group's commit, or the first offset at a time a replay starts
+    /// from) that comes from a later offset, which is logged
     /// as an error. A Kafka broker serves every offset it still has; one
     /// that skips some loses what they held: retention deleted them before
     /// they were consumed, or the broker does not serve a fetch that starts
@@ -127,9 +128,28 @@ impl GroupContext {
             partition,
             assigned_at = start,
             first_fetched = offset,
-            "the broker skipped offsets: the partition was assigned at the group's commit, and its first message came from a later offset; what the skipped offsets held is lost to this group"
+            "the broker skipped offsets: the partition was assigned at a known offset (the group's commit, or where a replay starts), and its first message came from a later one; what the skipped offsets held is lost to this consumer"
         );
         (offset - start) as u64
+    }
+
+    /// Notes the offsets `assigned` starts its partitions at, for
+    /// [`Self::skipped_before`] to check the first message of each against.
+    fn expect_first(&self, assigned: &TopicPartitionList) {
+        self.starts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(
+                assigned
+                    .elements()
+                    .iter()
+                    .filter_map(|element| match element.offset() {
+                        rdkafka::Offset::Offset(offset) => {
+                            Some(((element.topic().to_owned(), element.partition()), offset))
+                        }
+                        _ => None,
+                    }),
+            );
     }
 
     /// `offsets` less the partitions this consumer does not hold now.
@@ -267,17 +287,7 @@ impl ConsumerContext for GroupContext {
                         .iter()
                         .map(|element| (element.topic().to_owned(), element.partition())),
                 );
-            self.starts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend(partitions.elements().iter().filter_map(
-                    |element| match element.offset() {
-                        rdkafka::Offset::Offset(offset) => {
-                            Some(((element.topic().to_owned(), element.partition()), offset))
-                        }
-                        _ => None,
-                    },
-                ));
+            self.expect_first(partitions);
             tracing::info!(
                 group = %self.group_id,
                 partitions = %describe(partitions),
@@ -676,6 +686,7 @@ impl KafkaSettings {
                 beginning
             });
         consumer.assign(&start).map_err(kafka("assign"))?;
+        consumer.context().expect_first(&start);
         Ok(consumer)
     }
 

@@ -87,7 +87,7 @@ impl PolicyMetrics {
             )?,
             offsets_skipped: counter(
                 "idlemeter_policy_offsets_skipped_total",
-                "offsets of the samples topic the broker skipped when a partition was assigned at the group's commit (see the error logged)",
+                "offsets the broker skipped where a partition was resumed (samples at the group's commit, leases at the time state starts from): see the error logged",
             )?,
             webhook_failures: counter(
                 "idlemeter_policy_webhook_failures_total",

@@ -675,6 +675,13 @@ pub(crate) async fn read_leases(
                 continue;
             }
         };
+        // Every replica reads every lease from the time its state starts at.
+        let skipped = consumer.context().skipped_before(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        );
+        metrics.offsets_skipped.inc_by(skipped);
         match decode_lease(message.payload().unwrap_or_default()) {
             Ok(mut lease) => {
                 metrics.leases_observed.inc();
