@@ -23,7 +23,8 @@
 //! - the idle decisions are exactly those of the pure engine over the stream,
 //!   each recorded once;
 //! - every customer is rated through the end of the period, and its
-//!   invoice's total is the rater's figure;
+//!   invoice's total is the rater's figure and the pure core's bill over the
+//!   whole stream;
 //! - invoice numbers run 1..=N, one per customer, across two invoicers (one
 //!   killed mid-close) that share only the ledger;
 //! - the same API call is answered identically by two API replicas.
@@ -744,6 +745,45 @@ schema = "{schema}"
         .await;
     if let Err(error) = agreed {
         problems.push(format!("{error}: {:?}", apart().await?));
+    }
+    // And independently of every replica: the pure core over the whole
+    // stream bills each customer what its invoice says (nothing rated twice
+    // or skipped shows up in money).
+    let sheet = idlemeter_core::PriceSheet::from_toml(SIMPLE_SHEET, "simple.toml")?;
+    let numbered: Vec<idlemeter_core::NumberedSample> = (0..TICKS)
+        .flat_map(node_batches)
+        .flat_map(|(_, samples)| samples)
+        .enumerate()
+        .map(|(index, sample)| idlemeter_core::NumberedSample {
+            line: index as u64 + 1,
+            sample,
+        })
+        .collect();
+    let offline = idlemeter_core::rate_report(
+        &sheet,
+        &numbered,
+        &idlemeter_core::rating::SessionOrConnection,
+        &idlemeter_core::BillingOptions::default(),
+        Vec::new(),
+    )?;
+    assert!(
+        offline.customers.len() == CUSTOMERS
+            && offline.customers.iter().all(|bill| !bill.total.is_zero()),
+        "every customer's usage costs something"
+    );
+    for row in &invoices {
+        let invoiced = idlemeter_store::from_column(row.total)?;
+        let offline_total = offline
+            .customers
+            .iter()
+            .find(|bill| bill.customer.as_str() == row.customer)
+            .map(|bill| bill.total);
+        if offline_total != Some(invoiced) {
+            problems.push(format!(
+                "{}: invoiced {invoiced}, the pure core over the stream bills {offline_total:?}",
+                row.customer
+            ));
+        }
     }
 
     // A restarted API replica answers as the one that stayed.
