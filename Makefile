@@ -10,7 +10,7 @@ SCHEMATHESIS_VERSION ?= 4.32.5
 
 # Tests get their own servers (ports, state directory) so they never touch the
 # stack `make run` started. Memory storage: every run starts clean.
-# The tests' broker is tansu, which serves a fetch that starts inside a record
+# The tests' broker is tansu with memory storage, which serves a fetch that starts inside a record
 # batch from the next batch: the services the tests start send one message a
 # batch (README, "Supported servers"). Benchmarks keep librdkafka's batching.
 TEST_KAFKA := IDLEMETER_KAFKA__SINGLE_MESSAGE_BATCHES=true

@@ -11,8 +11,9 @@ logs=${IDLEMETER_RUN_DIR:-$PWD/.run}
 mkdir -p "$logs"
 eval "$(scripts/services.sh start)"
 export IDLEMETER_CLICKHOUSE__URL IDLEMETER_KAFKA__BROKERS IDLEMETER_LEDGER__URL
-# The local broker is tansu, which serves a fetch that starts inside a record
-# batch from the next batch: one message a batch (README, "Brokers").
+# The local broker is tansu; with memory storage (used until the durable one
+# is built) it serves a fetch that starts inside a record batch from the next
+# batch: one message a batch (README, "Brokers").
 export IDLEMETER_KAFKA__SINGLE_MESSAGE_BATCHES=true
 # CLUSTER=1: the local ClickHouse cluster (ZooKeeper, two shards, three
 # servers) instead of the single server; every service runs against ch1.

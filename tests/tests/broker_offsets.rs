@@ -2,12 +2,13 @@
 //!
 //! Ingest commits the first offset it still needs (the first sample of an
 //! open minute), which is rarely where a producer's record batch began. A
-//! Kafka broker serves a fetch from any offset; tansu 0.6, the broker of
-//! this suite, answers a fetch that starts inside a batch with the next
-//! batch, and the rest of the batch is lost to the consumer (found by the
-//! scale-out test: a minute of samples of one partition gone after a
-//! rebalance). So: consumers say when the broker skipped offsets, and
-//! `[kafka] single_message_batches` makes every offset a batch's first.
+//! Kafka broker serves a fetch from any offset; tansu 0.6 with memory
+//! storage, the broker of this suite, answers a fetch that starts inside a
+//! batch with the next batch, and the rest of the batch is lost to the
+//! consumer (found by the scale-out test: a minute of samples of one
+//! partition gone after a rebalance; tansu with sqlite storage serves the
+//! offset asked for). So: consumers say when the broker skipped offsets,
+//! and `[kafka] single_message_batches` makes every offset a batch's first.
 
 use std::time::Duration;
 

@@ -33,7 +33,7 @@
 //! the suite); `make test` runs it alone after the suite, and `make
 //! test-scale-out` runs only it.
 //!
-//! Found by this test: tansu answers a fetch that starts inside a record
+//! Found by this test: tansu (memory storage) answers a fetch inside a record
 //! batch with the next batch, so a replica resuming a partition from the
 //! group's commit lost the rest of the batch (the first samples of a minute
 //! of every sandbox of the partition, in about one run in five). The

@@ -106,8 +106,8 @@ impl GroupContext {
     /// as an error. A Kafka broker serves every offset it still has; one
     /// that skips some loses what they held: retention deleted them before
     /// they were consumed, or the broker does not serve a fetch that starts
-    /// inside a record batch (tansu 0.6 serves the next batch instead; see
-    /// the README's "Brokers").
+    /// inside a record batch (tansu 0.6 with memory storage serves the next
+    /// batch instead; see the README's "Brokers").
     pub fn skipped_before(&self, topic: &str, partition: i32, offset: i64) -> u64 {
         let mut starts = self
             .starts
@@ -366,11 +366,12 @@ pub struct KafkaSettings {
     pub topic_config: BTreeMap<String, String>,
     /// Every message its own record batch (librdkafka's
     /// `batch.num.messages = 1`), for a broker that cannot serve a fetch
-    /// starting inside a batch: tansu 0.6, the broker of the test suite and
-    /// of `make run`, answers such a fetch with the next batch, and a
+    /// starting inside a batch: tansu 0.6 with memory storage (the test
+    /// suite's broker) answers such a fetch with the next batch, and a
     /// consumer that resumes from its group's commit would lose the rest of
     /// the batch (consumers log it: [`GroupContext::skipped_before`]). Off
-    /// for Apache Kafka, Redpanda and MSK, which serve every offset.
+    /// for Apache Kafka, Redpanda, MSK and tansu with sqlite storage, which
+    /// serve every offset.
     #[serde(default)]
     pub single_message_batches: bool,
 }
