@@ -24,7 +24,7 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
-use rdkafka::TopicPartitionList;
+use rdkafka::{Message, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 pub use shares::{shard_of, CustomerShares};
 
@@ -97,6 +97,18 @@ impl GroupContext {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .any(|(held, number)| *number == partition && held == topic)
+    }
+
+    /// The step every group consumer takes with a message before acting on
+    /// it: `None` when its partition is no longer held (fetched before a
+    /// revocation: the partition's owner now reads it from the group's
+    /// commit, with the state), else how many offsets the broker skipped
+    /// before it (see [`Self::skipped_before`]).
+    pub fn admit(&self, message: &impl Message) -> Option<u64> {
+        if !self.holds(message.topic(), message.partition()) {
+            return None;
+        }
+        Some(self.skipped_before(message.topic(), message.partition(), message.offset()))
     }
 
     /// How many offsets the broker skipped before this message: nonzero
@@ -957,6 +969,40 @@ mod tests {
                 (3, rdkafka::Offset::Offset(30))
             ]
         );
+    }
+
+    #[test]
+    fn a_message_is_admitted_only_from_a_held_partition_with_what_was_skipped() {
+        let context = GroupContext {
+            group_id: "g".to_owned(),
+            revoked: Default::default(),
+            assigned: Default::default(),
+            starts: Default::default(),
+        };
+        context
+            .assigned
+            .lock()
+            .expect("not poisoned")
+            .insert(("samples".to_owned(), 1));
+        context
+            .starts
+            .lock()
+            .expect("not poisoned")
+            .insert(("samples".to_owned(), 1), 10);
+        let message = |partition, offset| {
+            rdkafka::message::OwnedMessage::new(
+                None,
+                None,
+                "samples".to_owned(),
+                rdkafka::Timestamp::NotAvailable,
+                partition,
+                offset,
+                None,
+            )
+        };
+        assert_eq!(context.admit(&message(2, 5)), None, "not held");
+        assert_eq!(context.admit(&message(1, 12)), Some(2), "10 and 11 skipped");
+        assert_eq!(context.admit(&message(1, 13)), Some(0));
     }
 
     #[test]

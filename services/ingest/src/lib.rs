@@ -37,7 +37,7 @@ use idlemeter_core::{CompactRule, Compacted};
 use idlemeter_store::{ClickHouseSettings, Store};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Message, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -279,17 +279,10 @@ impl Ingest {
                         // State of a partition lost since the last message
                         // goes first: its next owner rebuilds it.
                         self.drop_revoked(partitions);
-                        if !self.consumer.context().holds(message.topic(), message.partition()) {
-                            // Fetched before its partition was revoked: the
-                            // owner now reads it from the group's commit.
+                        let Some(skipped) = self.consumer.context().admit(&message) else {
                             self.metrics.messages_not_held.inc();
                             continue;
-                        }
-                        let skipped = self.consumer.context().skipped_before(
-                            message.topic(),
-                            message.partition(),
-                            message.offset(),
-                        );
+                        };
                         self.metrics.offsets_skipped.inc_by(skipped);
                         batch.accept(&message, &self.metrics, partitions, admission, clock.now_ms());
                     }

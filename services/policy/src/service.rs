@@ -273,20 +273,9 @@ impl PolicyService {
         batch: &mut Vec<Received>,
     ) {
         self.follow_revocations(batch);
-        if !self
-            .consumer
-            .context()
-            .holds(message.topic(), message.partition())
-        {
-            // Fetched before its partition was revoked: the owner now reads
-            // it from the group's commit, with the sandboxes' state.
+        let Some(skipped) = self.consumer.context().admit(message) else {
             return;
-        }
-        let skipped = self.consumer.context().skipped_before(
-            message.topic(),
-            message.partition(),
-            message.offset(),
-        );
+        };
         self.metrics.offsets_skipped.inc_by(skipped);
         if let Some(produced_ms) = message.timestamp().to_millis() {
             let delay_ms = (Utc::now().timestamp_millis() - produced_ms).max(0);
