@@ -494,7 +494,7 @@ async fn the_cron_schedule_closes_the_last_ended_period() -> anyhow::Result<()> 
         idlemeter_tests::sheet_source(SIMPLE_SHEET, "test.toml"),
         InvoicerConfig {
             grace_seconds: 0,
-            schedule: "* * * * * *".to_owned(),
+            schedule: "* * * * * *".parse()?,
             lock_file: lock.path().join("lock").display().to_string(),
             ..InvoicerConfig::default()
         },
@@ -523,16 +523,9 @@ async fn the_cron_schedule_closes_the_last_ended_period() -> anyhow::Result<()> 
         read_back(&env, stored[0].number).await?.total,
         Decimal::from(3)
     );
-    // A schedule that is not cron is refused at start, with the reason.
-    let refused = Invoicer::new(
-        env.store.clone(),
-        idlemeter_tests::sheet_source(SIMPLE_SHEET, "prices/northflank.toml"),
-        InvoicerConfig {
-            schedule: "every hour".to_owned(),
-            ..InvoicerConfig::default()
-        },
-        idlemeter_core::BillingTerms::default(),
-    );
+    // A schedule that is not cron is refused as the settings are read,
+    // with the reason.
+    let refused = serde_json::from_str::<InvoicerConfig>(r#"{"schedule": "every hour"}"#);
     assert!(
         refused.is_err_and(|error| error.to_string().contains("not a cron expression")),
         "a bad schedule must be refused"

@@ -105,8 +105,9 @@ pub struct InvoicerConfig {
     /// invoice; later usage becomes an adjustment on the next one. Longer
     /// than the rater's grace, so that the rater has rated the last hour.
     pub grace_seconds: u64,
-    /// When the scheduler looks for periods to close (cron, with seconds).
-    pub schedule: String,
+    /// When the scheduler looks for periods to close (cron, with seconds),
+    /// checked when the settings are read.
+    pub schedule: CronSchedule,
     /// Serialises runs on one host.
     pub lock_file: String,
     /// Customers billed per chunk: the close's memory is bounded by one
@@ -139,7 +140,9 @@ impl Default for InvoicerConfig {
     fn default() -> Self {
         Self {
             grace_seconds: 3600,
-            schedule: "0 30 * * * *".to_owned(),
+            schedule: "0 30 * * * *"
+                .parse()
+                .expect("the default schedule is a cron expression"),
             // Absolute, so the scheduler and a CLI run started elsewhere on
             // the same host share it.
             lock_file: std::env::temp_dir()
@@ -327,7 +330,6 @@ impl Invoicer {
         terms: BillingTerms,
     ) -> Result<Self> {
         let sheet = PriceSheet::from_toml(source.sheet_text, source.sheet_label)?;
-        parse_schedule(&config.schedule)?;
         let idle = match source.policy {
             Some((text, label)) => {
                 IdleRule::Policy(Box::new(PolicyIdle::new(Policy::from_toml(text, label)?)))
@@ -1176,7 +1178,7 @@ impl Invoicer {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<()> {
-        let schedule = parse_schedule(&self.config.schedule)?;
+        let schedule = self.config.schedule.schedule();
         tokio::pin!(shutdown);
         tracing::info!(schedule = %self.config.schedule, issuer = %self.terms.issuer, "invoicer started");
         loop {
@@ -1338,13 +1340,70 @@ async fn write_rows(store: &Store, (headers, lines): ChunkRows) -> Result<()> {
     Ok(())
 }
 
-fn parse_schedule(schedule: &str) -> Result<cron::Schedule> {
-    schedule
-        .parse()
-        .map_err(|error: cron::error::Error| Error::Schedule {
-            schedule: schedule.to_owned(),
-            reason: error.to_string(),
+/// A cron expression with seconds (`sec min hour day month weekday`),
+/// parsed when the settings are read, so a bad one stops the scheduler at
+/// start with the reason; written back as it was given.
+#[derive(Debug, Clone)]
+pub struct CronSchedule {
+    text: String,
+    schedule: cron::Schedule,
+}
+
+impl CronSchedule {
+    /// The parsed schedule.
+    pub fn schedule(&self) -> &cron::Schedule {
+        &self.schedule
+    }
+}
+
+impl std::str::FromStr for CronSchedule {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let schedule = text
+            .parse()
+            .map_err(|error: cron::error::Error| Error::Schedule {
+                schedule: text.to_owned(),
+                reason: error.to_string(),
+            })?;
+        Ok(Self {
+            text: text.to_owned(),
+            schedule,
         })
+    }
+}
+
+impl std::fmt::Display for CronSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl PartialEq for CronSchedule {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for CronSchedule {}
+
+impl Serialize for CronSchedule {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for CronSchedule {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 fn unix_ms(time: DateTime<Utc>) -> u64 {
