@@ -1109,16 +1109,15 @@ impl Invoicer {
         let stored = self
             .store
             .rating_states_before(
-                customer.as_str(),
-                customer.as_str(),
-                unix_secs(start),
-                &self.sheet_checksum,
-                unix_secs(until),
+                (customer.as_str(), customer.as_str()),
+                start,
+                (&self.sheet, &self.sheet_checksum),
+                until,
             )
             .await?;
         let (mut state, from_ms) = match stored.into_iter().next() {
-            Some((_, as_of, text)) => match RatingState::from_json(&text, &self.sheet) {
-                Ok(state) => (state, u64::from(as_of) * 1000),
+            Some(saved) => match saved.state {
+                Ok(state) => (state, saved.as_of_ms),
                 Err(error) => {
                     tracing::warn!(%customer, %error, "stored rating state does not load; rating the period from its samples");
                     (RatingState::new(&self.sheet), unix_ms(start))

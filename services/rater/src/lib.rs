@@ -832,18 +832,18 @@ impl Rater {
         let stored = self
             .store
             .rating_states_before(
-                customer.as_str(),
-                customer.as_str(),
-                unix_secs(period_start),
-                &self.sheet_checksum,
-                unix_secs(before),
+                (customer.as_str(), customer.as_str()),
+                period_start,
+                (&self.sheet, &self.sheet_checksum),
+                before,
             )
             .await?;
-        let Some((_, as_of, text)) = stored.into_iter().next() else {
+        let Some(saved) = stored.into_iter().next() else {
             return Ok(scratch());
         };
-        match RatingState::from_json(&text, &self.sheet) {
-            Ok(state) => Ok((state, u64::from(as_of) * 1000)),
+        let as_of = saved.as_of_ms / 1000;
+        match saved.state {
+            Ok(state) => Ok((state, saved.as_of_ms)),
             Err(error) => {
                 // States are a cache of the samples: rating from the
                 // period's start gives the same figures, only slower.
@@ -1172,18 +1172,18 @@ impl Rater {
             let stored = self
                 .store
                 .rating_states_before(
-                    first.as_str(),
-                    last.as_str(),
-                    unix_secs(period_start),
-                    &self.sheet_checksum,
-                    unix_secs(now),
+                    (first.as_str(), last.as_str()),
+                    period_start,
+                    (&self.sheet, &self.sheet_checksum),
+                    now,
                 )
                 .await?;
-            let mut states: HashMap<&str, (RatingState, u64)> = HashMap::new();
-            for (customer, as_of, text) in &stored {
-                match RatingState::from_json(text, &self.sheet) {
+            let mut states: HashMap<String, (RatingState, u64)> = HashMap::new();
+            for saved in stored {
+                let customer = saved.customer;
+                match saved.state {
                     Ok(state) => {
-                        states.insert(customer.as_str(), (state, u64::from(*as_of) * 1000));
+                        states.insert(customer, (state, saved.as_of_ms));
                     }
                     Err(error) => {
                         tracing::warn!(%customer, %error, "stored rating state does not load; live rating from the period's start")

@@ -54,7 +54,7 @@ pub use rated::{
 pub use samples::SampleRow;
 pub use sandboxes::{SandboxStateRow, SANDBOX_STATE_SQL};
 pub use spend::{LatestSpend, SnapshotLine, SNAPSHOT_LINES_SQL};
-pub use state::{RatedQuantities, RatingErrorRow, RatingStateRow};
+pub use state::{RatedQuantities, RatingErrorRow, RatingStateRow, SavedState};
 pub use usage::{
     unix_seconds, SandboxRange, Window, USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };

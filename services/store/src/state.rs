@@ -1,8 +1,22 @@
 //! What the rater carries between passes, its live figures and the samples
 //! it refused (migration 0009).
 
+use chrono::{DateTime, Utc};
+use idlemeter_core::rating::StateError;
+use idlemeter_core::{PriceSheet, RatingState};
+
 use crate::sql::statement;
-use crate::{Context, RatedLineRow, Result, Store};
+use crate::{unix_seconds, Context, RatedLineRow, Result, Store};
+
+/// A customer's rating state as the rater saved it, loaded for a sheet.
+#[derive(Debug)]
+pub struct SavedState {
+    pub customer: String,
+    /// What the state covers: samples up to this instant (Unix ms).
+    pub as_of_ms: u64,
+    /// The state, or why it does not load for the sheet.
+    pub state: std::result::Result<RatingState, StateError>,
+}
 
 /// See `queries/rating_states.sql`.
 pub const RATING_STATES_SQL: &str = include_str!("queries/rating_states.sql");
@@ -74,17 +88,19 @@ impl Store {
     }
 
     /// The newest state at or before `before` of every customer from `first`
-    /// to `last` (inclusive) with one in the period under the checksum, as
-    /// (customer, as_of, state), in one query.
+    /// to `last` (inclusive) with one in the period under the sheet, in one
+    /// query, each loaded for `sheet` (or why it does not load: states are a
+    /// cache of the samples, so the caller rates from the period's start).
     pub async fn rating_states_before(
         &self,
-        first: &str,
-        last: &str,
-        period_start: u32,
-        sheet_checksum: &str,
-        before: u32,
-    ) -> Result<Vec<(String, u32, String)>> {
-        statement!(
+        (first, last): (&str, &str),
+        period_start: DateTime<Utc>,
+        (sheet, sheet_checksum): (&PriceSheet, &str),
+        before: DateTime<Utc>,
+    ) -> Result<Vec<SavedState>> {
+        let period_start = unix_seconds(period_start);
+        let before = unix_seconds(before);
+        let rows: Vec<(String, u32, String)> = statement!(
             self.client,
             RATING_STATES_SQL,
             first,
@@ -95,7 +111,15 @@ impl Store {
         )?
         .fetch_all()
         .await
-        .context(format!("rating states of {first} .. {last}"))
+        .context(format!("rating states of {first} .. {last}"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(customer, as_of, text)| SavedState {
+                customer,
+                as_of_ms: u64::from(as_of) * 1000,
+                state: RatingState::from_json(&text, sheet),
+            })
+            .collect())
     }
 
     /// Every customer's (from `first` to `last`, inclusive) newest rated
