@@ -45,17 +45,27 @@ async fn produce(kafka: &KafkaSettings, topic: &str, count: i64) -> anyhow::Resu
     Ok(())
 }
 
+/// A topic of one partition holding [`MESSAGES`] messages, produced with
+/// or without `single_message_batches`.
+async fn topic_of(
+    test: &str,
+    single_message_batches: bool,
+) -> anyhow::Result<(TestEnv, KafkaSettings, String)> {
+    let env = TestEnv::new(test).await?;
+    let kafka = KafkaSettings {
+        single_message_batches,
+        ..env.kafka.clone()
+    };
+    let topic = format!("{}.offsets", env.group_id);
+    kafka.ensure_topics(&[(topic.as_str(), 1)]).await?;
+    produce(&kafka, &topic, MESSAGES).await?;
+    Ok((env, kafka, topic))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_resuming_inside_a_batch_is_served_its_commit_or_told_what_was_skipped(
 ) -> anyhow::Result<()> {
-    let env = TestEnv::new("broker_offsets_group").await?;
-    let kafka = KafkaSettings {
-        single_message_batches: false,
-        ..env.kafka.clone()
-    };
-    let topic = format!("{}.batched", env.group_id);
-    kafka.ensure_topics(&[(topic.as_str(), 1)]).await?;
-    produce(&kafka, &topic, MESSAGES).await?;
+    let (env, kafka, topic) = topic_of("broker_offsets_group", false).await?;
 
     // The group's commit, inside whatever batch holds offset 37.
     let group = format!("{}.resume", env.group_id);
@@ -88,14 +98,7 @@ async fn a_group_resuming_inside_a_batch_is_served_its_commit_or_told_what_was_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_single_message_batches_every_offset_is_served() -> anyhow::Result<()> {
-    let env = TestEnv::new("broker_offsets_single").await?;
-    let kafka = KafkaSettings {
-        single_message_batches: true,
-        ..env.kafka.clone()
-    };
-    let topic = format!("{}.single", env.group_id);
-    kafka.ensure_topics(&[(topic.as_str(), 1)]).await?;
-    produce(&kafka, &topic, MESSAGES).await?;
+    let (env, kafka, topic) = topic_of("broker_offsets_single", true).await?;
     let mut served = Vec::new();
     for start in [0, 1, 37, 150, 211, MESSAGES - 1] {
         let consumer: BaseConsumer = ClientConfig::new()

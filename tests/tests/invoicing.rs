@@ -3,9 +3,7 @@
 //! unchanged), idempotent reruns and concurrent runs without double issue.
 
 use chrono::{DateTime, TimeZone, Utc};
-use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
-};
+use idlemeter_core::{CustomerId, Epoch, NodeId, SandboxId, UsageSample, VcpuMillis};
 use idlemeter_invoicer::{Invoice, Invoicer, InvoicerConfig};
 use idlemeter_rater::Period;
 use idlemeter_store::{to_column, InvoiceLineRow, WalletDepositRow};
@@ -29,33 +27,18 @@ fn sample(
     vcpu_milli: u32,
 ) -> UsageSample {
     UsageSample {
-        customer: CustomerId::parse(customer).expect("id"),
-        node: NodeId::parse("node-1").expect("id"),
-        sandbox: SandboxId::parse(sandbox).expect("id"),
-        epoch: Epoch(epoch),
-        seq,
-        ts,
-        state: LifecycleState::Running,
         vcpu: VcpuMillis(vcpu_milli),
-        mem_bytes: 0,
-        gpu_model: None,
-        gpu_count: 0,
-        disk_bytes: 0,
         cpu_used_usec: seq * 1_000,
-        net_rx_bytes: 0,
-        net_tx_bytes: 0,
         vcpu_alloc_usec: seq * 1_000_000,
-        mem_alloc_kib_ms: 0,
-        mem_used_kib_ms: 0,
-        gpu_alloc_ms: 0,
-        disk_mib_ms: 0,
-        api_calls: 0,
-        mem_used_bytes: 0,
         exec_sessions: 1,
-        open_conns: 0,
-        detail: Default::default(),
-        state_counters: Default::default(),
-        counters_present: Default::default(),
+        ..UsageSample::blank(
+            CustomerId::parse(customer).expect("id"),
+            NodeId::parse("node-1").expect("id"),
+            SandboxId::parse(sandbox).expect("id"),
+            Epoch(epoch),
+            seq,
+            ts,
+        )
     }
 }
 

@@ -934,14 +934,18 @@ impl LagReader {
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_held_partitions_are_acted_on_and_committed() {
-        let context = GroupContext {
+    fn context() -> GroupContext {
+        GroupContext {
             group_id: "g".to_owned(),
             revoked: Default::default(),
             assigned: Default::default(),
             starts: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn only_held_partitions_are_acted_on_and_committed() {
+        let context = context();
         context
             .assigned
             .lock()
@@ -973,12 +977,7 @@ mod tests {
 
     #[test]
     fn a_message_is_admitted_only_from_a_held_partition_with_what_was_skipped() {
-        let context = GroupContext {
-            group_id: "g".to_owned(),
-            revoked: Default::default(),
-            assigned: Default::default(),
-            starts: Default::default(),
-        };
+        let context = context();
         context
             .assigned
             .lock()
@@ -1007,12 +1006,7 @@ mod tests {
 
     #[test]
     fn a_first_message_past_the_assigned_offset_counts_the_skipped_ones_once() {
-        let context = GroupContext {
-            group_id: "g".to_owned(),
-            revoked: Default::default(),
-            assigned: Default::default(),
-            starts: Default::default(),
-        };
+        let context = context();
         context.starts.lock().expect("not poisoned").extend([
             (("samples".to_owned(), 1), 10),
             (("samples".to_owned(), 2), 20),

@@ -7,9 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
-};
+use idlemeter_core::{CustomerId, Epoch, NodeId, SandboxId, UsageSample, VcpuMillis};
 use idlemeter_invoicer::Invoice;
 use idlemeter_tests::TestEnv;
 
@@ -40,33 +38,18 @@ fn samples() -> Vec<UsageSample> {
     (0..CUSTOMERS)
         .flat_map(|index| {
             (1..=2u64).map(move |seq| UsageSample {
-                customer: CustomerId::parse(format!("cust-{index:04}")).expect("id"),
-                node: NodeId::parse("node-1").expect("id"),
-                sandbox: SandboxId::parse("sbx").expect("id"),
-                epoch: Epoch(1),
-                seq,
-                ts: start + chrono::Duration::minutes((seq as i64 - 1) * (60 + index as i64 * 7)),
-                state: LifecycleState::Running,
                 vcpu: VcpuMillis(1500),
-                mem_bytes: 0,
-                gpu_model: None,
-                gpu_count: 0,
-                disk_bytes: 0,
                 cpu_used_usec: seq,
-                net_rx_bytes: 0,
-                net_tx_bytes: 0,
                 vcpu_alloc_usec: seq,
-                mem_alloc_kib_ms: 0,
-                mem_used_kib_ms: 0,
-                gpu_alloc_ms: 0,
-                disk_mib_ms: 0,
-                api_calls: 0,
-                mem_used_bytes: 0,
                 exec_sessions: 1,
-                open_conns: 0,
-                detail: Default::default(),
-                state_counters: Default::default(),
-                counters_present: Default::default(),
+                ..UsageSample::blank(
+                    CustomerId::parse(format!("cust-{index:04}")).expect("id"),
+                    NodeId::parse("node-1").expect("id"),
+                    SandboxId::parse("sbx").expect("id"),
+                    Epoch(1),
+                    seq,
+                    start + chrono::Duration::minutes((seq as i64 - 1) * (60 + index as i64 * 7)),
+                )
             })
         })
         .collect()

@@ -37,12 +37,6 @@ fn trace() -> Vec<NumberedSample> {
             samples.push(NumberedSample {
                 line: samples.len() as u64 + 1,
                 sample: UsageSample {
-                    customer: customers[index % customers.len()].clone(),
-                    node: node.clone(),
-                    sandbox: sandbox.clone(),
-                    epoch: Epoch(1),
-                    seq: seconds,
-                    ts: start + Duration::from_secs(seconds),
                     state: if tick % 50 < 45 {
                         LifecycleState::Running
                     } else {
@@ -56,18 +50,16 @@ fn trace() -> Vec<NumberedSample> {
                     cpu_used_usec: seconds * 700_000,
                     net_rx_bytes: seconds * 1000,
                     net_tx_bytes: seconds * 2000,
-                    vcpu_alloc_usec: 0,
-                    mem_alloc_kib_ms: 0,
-                    mem_used_kib_ms: 0,
-                    gpu_alloc_ms: 0,
-                    disk_mib_ms: 0,
-                    api_calls: 0,
                     mem_used_bytes: 1 << 30,
                     exec_sessions: u32::from(tick % 3 == 0),
-                    open_conns: 0,
-                    detail: Default::default(),
-                    state_counters: Default::default(),
-                    counters_present: Default::default(),
+                    ..UsageSample::blank(
+                        customers[index % customers.len()].clone(),
+                        node.clone(),
+                        sandbox.clone(),
+                        Epoch(1),
+                        seconds,
+                        start + Duration::from_secs(seconds),
+                    )
                 },
             });
         }

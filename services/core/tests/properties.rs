@@ -115,12 +115,6 @@ fn series_from(sandbox: usize, steps: &[Step]) -> Vec<UsageSample> {
                 cpu += cpu_step;
                 tx += tx_step;
                 UsageSample {
-                    customer: CustomerId::parse(format!("cust-{}", sandbox % 2)).expect("valid id"),
-                    node: NodeId::parse("node-1").expect("valid id"),
-                    sandbox: SandboxId::parse(format!("sbx-{sandbox}")).expect("valid id"),
-                    epoch: Epoch(1),
-                    seq: seq as u64,
-                    ts,
                     state: [
                         LifecycleState::Running,
                         LifecycleState::Suspended,
@@ -132,20 +126,17 @@ fn series_from(sandbox: usize, steps: &[Step]) -> Vec<UsageSample> {
                     gpu_count: u32::from(gpu),
                     disk_bytes: mem / 3,
                     cpu_used_usec: cpu,
-                    net_rx_bytes: 0,
                     net_tx_bytes: tx,
-                    vcpu_alloc_usec: 0,
-                    mem_alloc_kib_ms: 0,
-                    mem_used_kib_ms: 0,
-                    gpu_alloc_ms: 0,
-                    disk_mib_ms: 0,
-                    api_calls: 0,
                     mem_used_bytes: mem / 2,
                     exec_sessions: sessions,
-                    open_conns: 0,
-                    detail: Default::default(),
-                    state_counters: Default::default(),
-                    counters_present: Default::default(),
+                    ..UsageSample::blank(
+                        CustomerId::parse(format!("cust-{}", sandbox % 2)).expect("valid id"),
+                        NodeId::parse("node-1").expect("valid id"),
+                        SandboxId::parse(format!("sbx-{sandbox}")).expect("valid id"),
+                        Epoch(1),
+                        seq as u64,
+                        ts,
+                    )
                 }
             },
         )

@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::{TimeZone, Utc};
 use idlemeter_bus::{KafkaSettings, Topics};
 use idlemeter_core::policy::{Engine, Input, Policy};
-use idlemeter_core::{
-    CustomerId, Epoch, LifecycleState, NodeId, SandboxId, UsageSample, VcpuMillis,
-};
+use idlemeter_core::{CustomerId, Epoch, NodeId, SandboxId, UsageSample, VcpuMillis};
 use idlemeter_policy::{PolicyConfig, PolicyService};
 use idlemeter_proto::{decode_command, encode_node_batch};
 use idlemeter_store::{ClickHouseSettings, Store};
@@ -55,33 +53,19 @@ fn sample(
     ts: chrono::DateTime<Utc>,
 ) -> UsageSample {
     UsageSample {
-        customer: CustomerId::parse(format!("cust-{:04}", index % 1000)).expect("id"),
-        node: NodeId::parse(format!("node-{:03}", index % nodes)).expect("id"),
-        sandbox: SandboxId::parse(format!("sbx-{index:07}")).expect("id"),
-        epoch: Epoch(1),
-        seq: tick + 1,
-        ts,
-        state: LifecycleState::Running,
         vcpu: VcpuMillis(1000),
         mem_bytes: 1 << 30,
-        gpu_model: None,
-        gpu_count: 0,
-        disk_bytes: 0,
         cpu_used_usec: tick * 10_000,
-        net_rx_bytes: 0,
-        net_tx_bytes: 0,
         vcpu_alloc_usec: tick * 1_000_000,
-        mem_alloc_kib_ms: 0,
-        mem_used_kib_ms: 0,
-        gpu_alloc_ms: 0,
-        disk_mib_ms: 0,
-        api_calls: 0,
-        mem_used_bytes: 0,
         exec_sessions: u32::from(tick <= index % window_s),
-        open_conns: 0,
-        detail: Default::default(),
-        state_counters: Default::default(),
-        counters_present: Default::default(),
+        ..UsageSample::blank(
+            CustomerId::parse(format!("cust-{:04}", index % 1000)).expect("id"),
+            NodeId::parse(format!("node-{:03}", index % nodes)).expect("id"),
+            SandboxId::parse(format!("sbx-{index:07}")).expect("id"),
+            Epoch(1),
+            tick + 1,
+            ts,
+        )
     }
 }
 
