@@ -128,9 +128,16 @@ impl GroupContext {
         if starts.is_empty() {
             return 0;
         }
-        let Some(start) = starts.remove(&(topic.to_owned(), partition)) else {
+        // Found without building a key: this runs for every message until
+        // each assigned partition's first one has come.
+        let Some((key, start)) = starts
+            .iter()
+            .find(|((held, number), _)| *number == partition && held == topic)
+            .map(|(key, start)| (key.clone(), *start))
+        else {
             return 0;
         };
+        starts.remove(&key);
         if offset <= start {
             return 0;
         }

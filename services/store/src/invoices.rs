@@ -352,19 +352,6 @@ impl Store {
                 "credit notes settled to the next invoice",
             ),
         };
-        self.sum_per_customer(sql, (issuer, first, last), before, what)
-            .await
-    }
-
-    /// One sum per customer of `issuer` from `first` to `last` of what
-    /// happened before `before` (Unix seconds): `sql` names those four.
-    async fn sum_per_customer(
-        &self,
-        sql: &str,
-        (issuer, first, last): (&str, &str, &str),
-        before: u32,
-        what: &str,
-    ) -> Result<Vec<(String, i128)>> {
         statement!(self.client, sql, issuer, first, last, before)?
             .fetch_all()
             .await
