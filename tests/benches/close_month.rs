@@ -14,6 +14,11 @@
 //! October's state. A rater rating a million customers hour by hour would
 //! store the same rows; it is not what is measured here.
 //!
+//! The samples themselves are not stored, so the close's check that each
+//! state rated every sample stored for the period (a count of the period's
+//! sample rows per chunk of customers) runs over an empty table here; in
+//! production it reads the period's `usage_samples` rows once per close.
+//!
 //! November's close reads adjustments as well: 1 % of customers have a
 //! re-rated October (a newer state with more usage, as the rater writes it
 //! when late samples arrive), 1 % have prepaid wallet deposits, and every
@@ -157,7 +162,10 @@ async fn store_states(
             ),
             rated_at: end.timestamp() as u32,
             usage: profile.usage.clone(),
-            samples: (end - period_start).num_seconds() as u64,
+            // No samples are stored here, so the states count none (a
+            // state counting samples that are not stored would be rated
+            // again from them by the close).
+            samples: 0,
             revision,
         });
         if rows.len() == INSERT_BATCH {

@@ -318,7 +318,7 @@ def run_checks(query) -> int:
         "('beta', 0, 'c2', 7200, 1, 'other', 1, '', 0, 5), ('zeta', 0, 'c1', 3600, 1, 'z1', 1, '', 0, 6)"
     )
     if not check_query("rating_states.sql", "newest before", ("acme", "beta", 0, "c1", 7200),
-                       [["acme", "7200", "s2"], ["beta", "3600", "b2"]]):
+                       [["acme", "7200", "s2", "9"], ["beta", "3600", "b2", "5"]]):
         return 1
     print("ok  rating_states.sql")
     # customer, as_of, rated_at, usage, samples.

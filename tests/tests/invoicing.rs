@@ -926,3 +926,128 @@ async fn a_draw_the_ledgers_wallet_cannot_cover_fails_only_that_customer() -> an
     );
     Ok(())
 }
+
+/// October's rated figure through the end of the period, as the API and
+/// spend alerts read it.
+async fn october_rated(env: &TestEnv, customer: &str) -> anyhow::Result<Decimal> {
+    Ok(env
+        .store
+        .rated_lines(
+            &CustomerId::parse(customer.to_owned())?,
+            at(2026, 10, 1).timestamp() as u32,
+            &idlemeter_store::ratings_checksum(SIMPLE_SHEET, None),
+            at(2026, 11, 1).timestamp() as u32,
+        )
+        .await?
+        .iter()
+        .map(|line| idlemeter_store::from_column(line.amount))
+        .sum::<Result<Decimal, _>>()?)
+}
+
+/// Half an hour of a second sandbox, 1 vCPU, in October's hour ending
+/// 11 October 01:00 (an hour the first pass below rates): $0.50.
+fn late_half_hour(customer: &str) -> Vec<UsageSample> {
+    let hour = at(2026, 10, 11);
+    vec![
+        sample(customer, "sbx-b", 1, 1, hour, 1000),
+        sample(
+            customer,
+            "sbx-b",
+            1,
+            2,
+            hour + chrono::Duration::minutes(30),
+            1000,
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_late_for_an_hour_already_rated_are_in_the_period_end_figure() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("invoice_late_hour").await?;
+    // 1 vCPU from the 1st to the 11th: $240, with a sample half an hour in
+    // (so the period's first hour has a snapshot of its own).
+    env.store
+        .insert_samples(&[
+            sample("late-2", "sbx", 1, 1, at(2026, 10, 1), 1000),
+            sample(
+                "late-2",
+                "sbx",
+                1,
+                2,
+                at(2026, 10, 1) + chrono::Duration::minutes(30),
+                1000,
+            ),
+            sample("late-2", "sbx", 1, 3, at(2026, 10, 11), 1000),
+        ])
+        .await?;
+    // The rater rates October's hours through the 15th, the hour ending
+    // 11 October 01:00 among them.
+    let pass = |now| idlemeter_tests::rater_pass(&env, SIMPLE_SHEET, "test.toml", terms(), now);
+    pass(at(2026, 10, 15) + chrono::Duration::hours(1)).await?;
+    // Samples of that hour arrive late, before the period ends: no pass
+    // rates that hour again, and the next hours' reads start after it.
+    env.store.insert_samples(&late_half_hour("late-2")).await?;
+    let last = pass(at(2026, 11, 1) + chrono::Duration::hours(1)).await?;
+    assert_eq!(last.periods_rerated, 1, "{last:?}");
+    assert_eq!(
+        october_rated(&env, "late-2").await?,
+        Decimal::new(24050, 2),
+        "the period-end figure counts the late half hour"
+    );
+    // Nothing more to re-rate: the re-rated state counts every sample.
+    let again = pass(at(2026, 11, 1) + chrono::Duration::hours(2)).await?;
+    assert_eq!(again.periods_rerated, 0, "{again:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_close_bills_samples_the_raters_period_end_state_has_not_rated() -> anyhow::Result<()> {
+    let env = TestEnv::new("invoice_unrated").await?;
+    let lock = tempfile::tempdir()?;
+    env.store
+        .insert_samples(&[
+            sample("late-3", "sbx", 1, 1, at(2026, 10, 1), 1000),
+            sample("late-3", "sbx", 1, 2, at(2026, 10, 11), 1000),
+        ])
+        .await?;
+    rate_month(&env, SIMPLE_SHEET, 10).await?;
+    assert_eq!(october_rated(&env, "late-3").await?, Decimal::from(240));
+    // October's samples arrive after the rater's period-end state, before
+    // the close; the rater has not passed since.
+    env.store.insert_samples(&late_half_hour("late-3")).await?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
+    let october = invoicer
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert_eq!(
+        october.total,
+        Decimal::new(24050, 2),
+        "the close rates the period from its samples"
+    );
+    // The rater's next pass re-rates October to the same figure, so
+    // November adjusts nothing for it.
+    rate_month(&env, SIMPLE_SHEET, 11).await?;
+    assert_eq!(october_rated(&env, "late-3").await?, Decimal::new(24050, 2));
+    env.store
+        .insert_samples(&[
+            sample("late-3", "sbx", 2, 1, at(2026, 11, 1), 1000),
+            sample("late-3", "sbx", 2, 2, at(2026, 11, 2), 1000),
+        ])
+        .await?;
+    rate_month(&env, SIMPLE_SHEET, 11).await?;
+    let november = invoicer
+        .close_period(at(2026, 11, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert_eq!(november.total, Decimal::from(24));
+    assert!(
+        november.lines.iter().all(|line| line.kind != "adjustment"),
+        "{:?}",
+        november.lines
+    );
+    Ok(())
+}

@@ -39,8 +39,8 @@ use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
 use idlemeter_core::rating::{CustomerUsage, NumberedSample};
 use idlemeter_core::{bill, Account, BillingTerms, CustomerId, PriceSheet, RatingState};
 use idlemeter_store::{
-    AccountReader, Accounts, Adjusted, BillContext, CreditNoteRows, IssuedRows, MeteredRange,
-    RatedQuantities, SheetSource, Store,
+    AccountReader, Accounts, Adjusted, BillContext, Counted, CreditNoteRows, IssuedRows,
+    MeteredRange, RatedQuantities, SavedState, SheetSource, Store,
 };
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -820,7 +820,7 @@ impl Invoicer {
             let reader = self.accounts(Some(&adjusted));
             let (accounts, rated, metered) = tokio::try_join!(
                 async { Ok::<_, Error>(reader.read(first, last, start, end).await?) },
-                self.rated_in(first, last, start_s),
+                self.rated_in(first, last, (start, end)),
                 self.metered_in((first, last), start, end),
             )?;
             outcome.timings.read += reading.elapsed();
@@ -938,20 +938,57 @@ impl Invoicer {
         Ok(outcome)
     }
 
-    /// The period-end rated quantities of the customers `first..=last`.
+    /// The rater's quantities of the customers `first..=last` for the
+    /// period starting `start` that can be billed as they are: rated
+    /// through `until`, closed (not older than migration 0011), and from
+    /// every distinct sample stored for the period. A customer left out
+    /// is rated from its samples by [`Self::usage_at`].
     async fn rated_in(
         &self,
         first: &str,
         last: &str,
-        period_start: u32,
+        (start, until): (DateTime<Utc>, DateTime<Utc>),
     ) -> Result<HashMap<String, RatedQuantities>> {
-        Ok(self
-            .store
-            .rated_quantities(first, last, period_start, &self.sheet_checksum)
-            .await?
+        let (from_ms, to_ms) = (unix_ms(start), unix_ms(until));
+        let (rows, stored_rows) = tokio::try_join!(
+            self.store
+                .rated_quantities(first, last, unix_secs(start), &self.sheet_checksum),
+            self.store
+                .sample_counts(Counted::Rows, (first, last), from_ms, to_ms),
+        )?;
+        let count = |counts: &HashMap<String, u64>, customer: &str| {
+            counts.get(customer).copied().unwrap_or(0)
+        };
+        let reaching: Vec<RatedQuantities> = rows
             .into_iter()
-            .map(|row| (row.customer.clone(), row))
-            .collect())
+            .filter(|row| row.as_of >= unix_secs(until) && !row.usage.is_empty())
+            .collect();
+        // Rows awaiting a merge make the row count differ: only there the
+        // distinct samples are counted.
+        let differ: Vec<&str> = reaching
+            .iter()
+            .filter(|row| row.samples != count(&stored_rows, &row.customer))
+            .map(|row| row.customer.as_str())
+            .collect();
+        let distinct = match (differ.first(), differ.last()) {
+            (Some(low), Some(high)) => {
+                self.store
+                    .sample_counts(Counted::Distinct, (low, high), from_ms, to_ms)
+                    .await?
+            }
+            _ => HashMap::new(),
+        };
+        let mut complete = HashMap::new();
+        for row in reaching {
+            let stored = count(&stored_rows, &row.customer);
+            if row.samples != stored && row.samples != count(&distinct, &row.customer) {
+                // The rater re-rates it on a later pass; the close cannot wait.
+                tracing::info!(customer = %row.customer, rated = row.samples, stored, "the rater's period-end state did not rate every stored sample; rating the period from its samples");
+                continue;
+            }
+            complete.insert(row.customer.clone(), row);
+        }
+        Ok(complete)
     }
 
     /// In a dry run: what each already issued invoice of the chunk would
@@ -1088,9 +1125,10 @@ impl Invoicer {
     }
 
     /// A customer's rated quantities of the period starting at `start`,
-    /// through `until`: the rater's, when its newest state reaches `until`;
-    /// else that state (or nothing) carried forward by the stored samples
-    /// since, as the rater would (`true`: caught up here).
+    /// through `until`: the rater's, when [`Self::rated_in`] found them
+    /// complete; else its newest state before `until` that rated every
+    /// sample stored before its end (or nothing) carried forward by the
+    /// stored samples since, as the rater would (`true`: caught up here).
     async fn usage_at(
         &self,
         customer: &CustomerId,
@@ -1098,7 +1136,7 @@ impl Invoicer {
         until: DateTime<Utc>,
         rated: Option<&RatedQuantities>,
     ) -> Result<(CustomerUsage, bool)> {
-        if let Some(rated) = rated.filter(|r| r.as_of >= unix_secs(until) && !r.usage.is_empty()) {
+        if let Some(rated) = rated {
             let usage = CustomerUsage::from_text(&rated.usage, customer.clone(), &self.sheet)
                 .map_err(|error| Error::Quantities {
                     customer: customer.to_string(),
@@ -1115,15 +1153,22 @@ impl Invoicer {
                 until,
             )
             .await?;
+        let scratch = || (RatingState::new(&self.sheet), unix_ms(start));
         let (mut state, from_ms) = match stored.into_iter().next() {
             Some(saved) => match saved.state {
-                Ok(state) => (state, saved.as_of_ms),
+                Ok(state) if self.rated_all(customer, start, &saved).await? => {
+                    (state, saved.as_of_ms)
+                }
+                Ok(_) => {
+                    tracing::info!(%customer, rated = saved.samples, "stored rating state did not rate every stored sample before its end; rating the period from its samples");
+                    scratch()
+                }
                 Err(error) => {
                     tracing::warn!(%customer, %error, "stored rating state does not load; rating the period from its samples");
-                    (RatingState::new(&self.sheet), unix_ms(start))
+                    scratch()
                 }
             },
-            None => (RatingState::new(&self.sheet), unix_ms(start)),
+            None => scratch(),
         };
         let samples: Vec<NumberedSample> = self
             .store
@@ -1144,6 +1189,22 @@ impl Invoicer {
             .find(|usage| &usage.customer == customer)
             .unwrap_or_else(|| CustomerUsage::nothing(customer.clone(), &self.sheet));
         Ok((usage, true))
+    }
+
+    /// Whether `saved`, a state of the period starting at `start`, rated
+    /// every distinct sample stored from `start` up to its end.
+    async fn rated_all(
+        &self,
+        customer: &CustomerId,
+        start: DateTime<Utc>,
+        saved: &SavedState,
+    ) -> Result<bool> {
+        let id = customer.as_str();
+        let stored = self
+            .store
+            .sample_counts(Counted::Distinct, (id, id), unix_ms(start), saved.as_of_ms)
+            .await?;
+        Ok(stored.get(id).copied().unwrap_or(0) == saved.samples)
     }
 
     /// Stores why a customer's invoice was not computed in `rating_errors`
@@ -1227,7 +1288,7 @@ impl Invoicer {
             .accounts(None)
             .read(customer, customer, start, now)
             .await?;
-        let rated = self.rated_in(customer, customer, unix_secs(start)).await?;
+        let rated = self.rated_in(customer, customer, (start, now)).await?;
         let id = CustomerId::parse(customer.to_owned()).map_err(|error| Error::Quantities {
             customer: customer.to_owned(),
             reason: error.to_string(),

@@ -48,7 +48,7 @@ use idlemeter_core::{
     NumberedSample, PriceSheet, RateReport, RatingState, UsageSample,
 };
 use idlemeter_store::{
-    ratings_checksum, to_column, AccountReader, Currencies, CurrencyLane, MeteredRange,
+    ratings_checksum, to_column, AccountReader, Counted, Currencies, CurrencyLane, MeteredRange,
     RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow, Store,
 };
 use rust_decimal::Decimal;
@@ -215,7 +215,56 @@ fn live_metered(range: &MeteredRange, customer: &CustomerId) -> Vec<Metered> {
 }
 
 /// A customer's state at its newest final hour: (period start, as_of, state).
-type FinalState = (DateTime<Utc>, DateTime<Utc>, RatingState);
+/// A customer's newest final state, kept so the next hour need not read it
+/// back.
+#[derive(Debug, Clone)]
+struct FinalState {
+    period_start: DateTime<Utc>,
+    /// The end of the hour it rates through.
+    as_of: DateTime<Utc>,
+    state: RatingState,
+    /// How many of the period's samples it has rated (see [`Rated`]).
+    samples: u64,
+}
+
+/// A state to go on rating from: what it covers and how much of it.
+#[derive(Debug)]
+struct Rated {
+    state: RatingState,
+    /// The time (Unix ms) its samples run to.
+    until_ms: u64,
+    /// How many distinct samples of the period (taken from its start up to
+    /// `until_ms`) it has rated: each read's samples in its own range,
+    /// added up hour after hour. Stored with every state; the period-end
+    /// state's figure is compared with the period's stored samples, and a
+    /// difference (samples that arrived after their hour was rated, or a
+    /// read that came from a replica still catching up) re-rates the
+    /// period (`Rater::rerate_late`).
+    samples: u64,
+}
+
+impl FinalState {
+    fn of(period_start: DateTime<Utc>, as_of: DateTime<Utc>, rated: Rated) -> Self {
+        Self {
+            period_start,
+            as_of,
+            state: rated.state,
+            samples: rated.samples,
+        }
+    }
+}
+
+/// How many of `samples` (a read of `[from_ms, ..)` with its baselines)
+/// were taken in the read's own range: what the read adds to a state's
+/// count.
+fn in_range(samples: &[NumberedSample], from_ms: u64) -> u64 {
+    samples
+        .iter()
+        .filter(|numbered| {
+            u64::try_from(numbered.sample.ts.timestamp_millis()).is_ok_and(|ts| ts >= from_ms)
+        })
+        .count() as u64
+}
 
 /// Rater metrics.
 #[derive(Debug, Clone)]
@@ -282,8 +331,7 @@ pub struct Rater {
     /// The meters the sheet prices (none unless [`Self::with_meters`]).
     meters: PricedMeters,
     metrics: RaterMetrics,
-    /// The state of each customer's newest final hour, kept so the next
-    /// hour need not read it back: (period start, as_of, state).
+    /// The state of each customer's newest final hour.
     finals: Mutex<HashMap<CustomerId, FinalState>>,
     /// Each customer's live state, ahead of its final one.
     live: Mutex<HashMap<CustomerId, LiveState>>,
@@ -494,7 +542,7 @@ impl Rater {
             let customers = self
                 .my_customers_with_usage(period_start, period_end, true)
                 .await?;
-            for (customer, _, count) in &customers {
+            for (customer, _, _) in &customers {
                 // One query for what this sheet already rated, not one per hour.
                 let rated = self
                     .store
@@ -523,13 +571,7 @@ impl Rater {
                     if rated.contains(&unix_secs(as_of)) {
                         pass.snapshots_present += 1;
                     } else if let Err(error) = self
-                        .rate_snapshot(
-                            customer,
-                            (period_start, as_of),
-                            if as_of == full_end { *count } else { 0 },
-                            now,
-                            &mut pass,
-                        )
+                        .rate_snapshot(customer, (period_start, as_of), now, &mut pass)
                         .await
                     {
                         // The store failing is everyone's problem: retry the
@@ -572,11 +614,14 @@ impl Rater {
     }
 
     /// Re-rates, from its samples, the finished period of every customer
-    /// whose stored sample count there changed since its period-end state
-    /// was written: samples that arrived after the period's last hour was
-    /// rated. The new period-end state is what the close bills, or, after
-    /// the close, what the next invoice adjusts for. A state that did not
-    /// count its samples (written before migration 0011) is left alone.
+    /// whose period-end state did not rate every sample stored for the
+    /// period: samples that arrived after their hour was rated, or a read
+    /// served by a replica still catching up. The new period-end state is
+    /// what the close bills, or, after the close, what the next invoice
+    /// adjusts for. `customers` carries each one's stored row count
+    /// (duplicates not yet merged included): when it equals the state's
+    /// count nothing is due; otherwise the distinct samples decide, so
+    /// duplicates awaiting a merge never re-rate a period.
     async fn rerate_late(
         &self,
         period_start: DateTime<Utc>,
@@ -601,19 +646,29 @@ impl Rater {
             .map(|row| (row.customer, (row.as_of, row.samples)))
             .collect();
         for (customer, _, count) in customers {
-            let stale = rated
-                .get(customer.as_str())
-                .is_some_and(|(as_of, samples)| {
-                    *as_of == unix_secs(end) && *samples != 0 && samples != count
-                });
-            if !stale {
+            let Some(&(as_of, rated)) = rated.get(customer.as_str()) else {
+                continue;
+            };
+            if as_of != unix_secs(end) || rated == *count {
                 continue;
             }
-            tracing::info!(%customer, period = %period_start, samples = count, "late samples: re-rating the period");
-            match self
-                .rerate_period(customer, period_start, *count, now, pass)
-                .await
-            {
+            let stored = self
+                .store
+                .sample_counts(
+                    Counted::Distinct,
+                    (customer.as_str(), customer.as_str()),
+                    unix_ms(period_start),
+                    unix_ms(end),
+                )
+                .await?
+                .get(customer.as_str())
+                .copied()
+                .unwrap_or(0);
+            if stored == rated {
+                continue;
+            }
+            tracing::info!(%customer, period = %period_start, rated, stored, "samples the period-end state did not rate: re-rating the period");
+            match self.rerate_period(customer, period_start, now, pass).await {
                 Ok(()) => pass.periods_rerated += 1,
                 Err(Error::Store(error)) => return Err(Error::Store(error)),
                 Err(error) => {
@@ -632,7 +687,6 @@ impl Rater {
         &self,
         customer: &CustomerId,
         period_start: DateTime<Utc>,
-        counted: u64,
         now: DateTime<Utc>,
         pass: &mut RatingPass,
     ) -> Result<()> {
@@ -649,17 +703,22 @@ impl Rater {
         let errors = state.advance(&self.sheet, &samples, &self.idle);
         self.report_refused(customer, period_start, &samples, &errors, now)
             .await?;
+        let rated = Rated {
+            state,
+            until_ms: unix_ms(end),
+            samples: in_range(&samples, unix_ms(period_start)),
+        };
         let report = self
-            .store_state(customer, (period_start, end), &state, counted, now)
+            .store_state(customer, (period_start, end), &rated, now)
             .await?;
         self.rewrite_lines(customer, &report, (period_start, end), now)
             .await?;
         let mut finals = self.finals.lock().expect("not poisoned");
         if finals
             .get(customer)
-            .is_some_and(|(period, _, _)| *period == period_start)
+            .is_some_and(|last| last.period_start == period_start)
         {
-            finals.insert(customer.clone(), (period_start, end, state));
+            finals.insert(customer.clone(), FinalState::of(period_start, end, rated));
         }
         Ok(())
     }
@@ -701,13 +760,11 @@ impl Rater {
     }
 
     /// Rates one customer's hour ending `as_of` of the period starting
-    /// `period_start`; `counted` is the period's sample count when `as_of`
-    /// is its end (0 otherwise), stored with the state for late samples.
+    /// `period_start`.
     async fn rate_snapshot(
         &self,
         customer: &CustomerId,
         (period_start, as_of): (DateTime<Utc>, DateTime<Utc>),
-        counted: u64,
         now: DateTime<Utc>,
         pass: &mut RatingPass,
     ) -> Result<()> {
@@ -727,23 +784,30 @@ impl Rater {
         // The newest state at or before this hour: usually the hour before;
         // this hour's own when a pass stored it and died before the lines
         // (it then rates nothing more); an older one after a gap.
-        let (mut state, from) = self.resume(customer, period_start, as_of).await?;
+        let mut rated = self.resume(customer, period_start, as_of).await?;
         let samples = self
-            .read_samples(customer, from, unix_ms(as_of), &mut pass.samples_read)
+            .read_samples(
+                customer,
+                rated.until_ms,
+                unix_ms(as_of),
+                &mut pass.samples_read,
+            )
             .await?;
-        let errors = state.advance(&self.sheet, &samples, &self.idle);
+        let errors = rated.state.advance(&self.sheet, &samples, &self.idle);
         self.report_refused(customer, period_start, &samples, &errors, now)
             .await?;
         pass.samples_refused += errors.len();
+        rated.samples += in_range(&samples, rated.until_ms);
+        rated.until_ms = unix_ms(as_of);
         // The state first: a state without lines is found by the next pass,
         // which writes the lines from it.
         let report = self
-            .store_state(customer, (period_start, as_of), &state, counted, now)
+            .store_state(customer, (period_start, as_of), &rated, now)
             .await?;
         self.finals
             .lock()
             .expect("not poisoned")
-            .insert(customer.clone(), (period_start, as_of, state));
+            .insert(customer.clone(), FinalState::of(period_start, as_of, rated));
         let Some(bill) = bill_of(&report, customer) else {
             return Ok(());
         };
@@ -770,17 +834,17 @@ impl Rater {
         Ok(())
     }
 
-    /// Bills `state` with the customer's account as at `as_of` and stores
-    /// it (with its closed quantities and, for a period-end state, the
-    /// period's sample count); returns the bill.
+    /// Bills a rated state with the customer's account as at `as_of` and
+    /// stores it (with its closed quantities and the count of samples it
+    /// rated); returns the bill.
     async fn store_state(
         &self,
         customer: &CustomerId,
         (period_start, as_of): (DateTime<Utc>, DateTime<Utc>),
-        state: &RatingState,
-        counted: u64,
+        rated: &Rated,
         now: DateTime<Utc>,
     ) -> Result<RateReport> {
+        let state = &rated.state;
         let (account, metered) = self
             .account_and_metered(customer, period_start, as_of)
             .await?;
@@ -801,7 +865,7 @@ impl Rater {
                 state: state.to_json(),
                 rated_at: unix_secs(now),
                 usage,
-                samples: counted,
+                samples: rated.samples,
                 revision: wall_clock_ms(),
             })
             .await?;
@@ -810,23 +874,28 @@ impl Rater {
 
     /// The state to continue from to rate up to `before`: the cached final
     /// state if it is not newer, else the newest stored one at or before it,
-    /// else nothing (the period's start). Returns it with the time (Unix ms)
-    /// its samples run to.
+    /// else nothing (the period's start).
     async fn resume(
         &self,
         customer: &CustomerId,
         period_start: DateTime<Utc>,
         before: DateTime<Utc>,
-    ) -> Result<(RatingState, u64)> {
-        let scratch = || (RatingState::new(&self.sheet), unix_ms(period_start));
+    ) -> Result<Rated> {
+        let scratch = || Rated {
+            state: RatingState::new(&self.sheet),
+            until_ms: unix_ms(period_start),
+            samples: 0,
+        };
         if before <= period_start {
             return Ok(scratch());
         }
-        if let Some((period, as_of, state)) =
-            self.finals.lock().expect("not poisoned").get(customer)
-        {
-            if *period == period_start && *as_of <= before {
-                return Ok((state.clone(), unix_ms(*as_of)));
+        if let Some(last) = self.finals.lock().expect("not poisoned").get(customer) {
+            if last.period_start == period_start && last.as_of <= before {
+                return Ok(Rated {
+                    state: last.state.clone(),
+                    until_ms: unix_ms(last.as_of),
+                    samples: last.samples,
+                });
             }
         }
         let stored = self
@@ -843,7 +912,11 @@ impl Rater {
         };
         let as_of = saved.as_of_ms / 1000;
         match saved.state {
-            Ok(state) => Ok((state, saved.as_of_ms)),
+            Ok(state) => Ok(Rated {
+                state,
+                until_ms: saved.as_of_ms,
+                samples: saved.samples,
+            }),
             Err(error) => {
                 // States are a cache of the samples: rating from the
                 // period's start gives the same figures, only slower.

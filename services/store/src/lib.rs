@@ -49,7 +49,8 @@ pub use migrate::{minutes_from_samples_sql, Migration, MigrationReport, MIGRATIO
 pub use minutes::CompactedRows;
 pub use policy::{DecisionRow, PolicyStateRow};
 pub use rated::{
-    from_column, to_column, RatedLineRow, RatingChangeRow, MONEY_SCALE, SAMPLES_FOR_RATING_SQL,
+    from_column, to_column, Counted, RatedLineRow, RatingChangeRow, MONEY_SCALE,
+    SAMPLES_FOR_RATING_SQL,
 };
 pub use samples::SampleRow;
 pub use sandboxes::{SandboxStateRow, SANDBOX_STATE_SQL};

@@ -1,5 +1,7 @@
 //! Reading samples for the rater and storing what it rated (migration 0003).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use idlemeter_core::{
     CounterSet, CustomerId, Epoch, LifecycleState, NodeId, SampleDetail, SandboxId, StateCounters,
@@ -215,6 +217,19 @@ pub fn from_column(mantissa: i128) -> Result<Decimal> {
         .map_err(|error| Error::BadRow(format!("decimal {mantissa}e-12: {error}")))
 }
 
+/// How [`Store::sample_counts`] counts a customer's stored samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Every stored row, duplicates awaiting a merge included: cheap, and
+    /// equal to the distinct count unless a replay's rows await a merge
+    /// (where it equals a rating state's count, so does the distinct one).
+    Rows,
+    /// Distinct samples, duplicates collapsed as rating reads them
+    /// (`FINAL`): what a rating state's count must equal for the state to
+    /// cover the range.
+    Distinct,
+}
+
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
 struct SnapshotTotal {
     sheet_checksum: String,
@@ -247,6 +262,32 @@ impl Store {
                 Ok((customer, first_ms, count))
             })
             .collect()
+    }
+
+    /// How many samples each customer from `first` to `last` (inclusive)
+    /// has stored in `[from_ms, to_ms)`, counted as `counted` says;
+    /// customers with none are absent.
+    pub async fn sample_counts(
+        &self,
+        counted: Counted,
+        (first, last): (&str, &str),
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<HashMap<String, u64>> {
+        let table = match counted {
+            Counted::Rows => "usage_samples",
+            Counted::Distinct => "usage_samples FINAL",
+        };
+        let sql = format!(
+            "SELECT customer, count() FROM {table} \
+             WHERE customer >= {{first}} AND customer <= {{last}} \
+             AND ts_ms >= {{from_ms}} AND ts_ms < {{to_ms}} GROUP BY customer"
+        );
+        let rows: Vec<(String, u64)> = statement!(self.client, &sql, first, last, from_ms, to_ms)?
+            .fetch_all()
+            .await
+            .context(format!("{counted:?} sample counts of {first} .. {last}"))?;
+        Ok(rows.into_iter().collect())
     }
 
     /// One customer's samples for rating `[from_ms, to_ms)`; see

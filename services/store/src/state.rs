@@ -16,6 +16,8 @@ pub struct SavedState {
     pub as_of_ms: u64,
     /// The state, or why it does not load for the sheet.
     pub state: std::result::Result<RatingState, StateError>,
+    /// See [`RatingStateRow::samples`].
+    pub samples: u64,
 }
 
 /// See `queries/rating_states.sql`.
@@ -41,8 +43,12 @@ pub struct RatingStateRow {
     pub rated_at: u32,
     /// The state's quantities, closed (`CustomerUsage::to_text`).
     pub usage: String,
-    /// For a period-end state: the period's stored sample rows it rated
-    /// (0: not counted). See migration 0011.
+    /// How many distinct samples of the period, taken before `as_of`, the
+    /// state has rated: what the rater compares with the samples stored
+    /// for the period (migration 0011). States written before this count
+    /// was kept for every hour have 0 except at a period's end; rows
+    /// older than migration 0011 have 0 everywhere. A state whose count
+    /// falls short is re-rated, or rated again by the close.
     pub samples: u64,
     /// Orders states of the same as_of: wall-clock ms of the write.
     pub revision: u64,
@@ -100,7 +106,7 @@ impl Store {
     ) -> Result<Vec<SavedState>> {
         let period_start = unix_seconds(period_start);
         let before = unix_seconds(before);
-        let rows: Vec<(String, u32, String)> = statement!(
+        let rows: Vec<(String, u32, String, u64)> = statement!(
             self.client,
             RATING_STATES_SQL,
             first,
@@ -114,10 +120,11 @@ impl Store {
         .context(format!("rating states of {first} .. {last}"))?;
         Ok(rows
             .into_iter()
-            .map(|(customer, as_of, text)| SavedState {
+            .map(|(customer, as_of, text, samples)| SavedState {
                 customer,
                 as_of_ms: u64::from(as_of) * 1000,
                 state: RatingState::from_json(&text, sheet),
+                samples,
             })
             .collect())
     }
