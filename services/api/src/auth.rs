@@ -86,6 +86,24 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Tenant {
     }
 }
 
+/// The OpenAPI description of the path parameter [`Tenant`] reads.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // read by utoipa only
+struct TenantPath {
+    /// Customer id
+    customer: String,
+}
+
+/// In the OpenAPI document a `Tenant` is the path's `customer`.
+impl utoipa::IntoParams for Tenant {
+    fn into_params(
+        parameter_in: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        TenantPath::into_params(parameter_in)
+    }
+}
+
 /// A new key, as returned once to whoever created it.
 #[derive(Debug, Clone)]
 pub struct NewKey {

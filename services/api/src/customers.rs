@@ -138,8 +138,7 @@ async fn relay(state: &AppState, ledger: &idlemeter_ledger::Ledger) -> Result<()
     summary = "Create or replace a customer's record (admin keys only)",
     params(CustomerPath),
     request_body = CustomerBody,
-    responses((status = 200, body = Saved), LedgerProblems),
-    security(("api_key" = [])))]
+    responses((status = 200, body = Saved), LedgerProblems))]
 pub async fn put_customer(
     State(state): AppStateRef,
     Path(path): Path<CustomerPath>,
@@ -184,8 +183,7 @@ pub async fn put_customer(
 #[utoipa::path(get, path = "/v1/admin/customers/{customer}", tag = "customers",
     summary = "A customer's record and plan changes (admin keys only)",
     params(CustomerPath),
-    responses((status = 200, body = CustomerView), LedgerProblems),
-    security(("api_key" = [])))]
+    responses((status = 200, body = CustomerView), LedgerProblems))]
 pub async fn get_customer(
     State(state): AppStateRef,
     Path(path): Path<CustomerPath>,
@@ -226,8 +224,7 @@ pub async fn get_customer(
     description = "The period the change falls in bills each plan per second: its fee, included usage and monthly credit for its share of the period.",
     params(CustomerPath),
     request_body = PlanChange,
-    responses((status = 201, body = PlanChange), LedgerProblems),
-    security(("api_key" = [])))]
+    responses((status = 201, body = PlanChange), LedgerProblems))]
 pub async fn post_subscription(
     State(state): AppStateRef,
     Path(path): Path<CustomerPath>,

@@ -91,8 +91,7 @@ pub struct EventsProblem {
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 413, body = Problem, content_type = "application/problem+json"),
         (status = 415, body = Problem, content_type = "application/problem+json"),
-        crate::problem::AuthProblems),
-    security(("api_key" = [])))]
+        crate::problem::AuthProblems))]
 pub async fn ingest_events(
     State(state): AppStateRef,
     Extension(principal): Extension<Principal>,
@@ -226,8 +225,7 @@ pub struct MeterView {
 
 #[utoipa::path(get, path = "/api/v1/meters", tag = "events",
     summary = "The meters over usage events",
-    responses((status = 200, body = Vec<MeterView>), crate::problem::AuthProblems),
-    security(("api_key" = [])))]
+    responses((status = 200, body = Vec<MeterView>), crate::problem::AuthProblems))]
 pub async fn list_meters(State(state): AppStateRef) -> axum::Json<Vec<MeterView>> {
     let meters = state
         .events
@@ -298,8 +296,7 @@ pub struct MeterQueryResult {
 #[utoipa::path(get, path = "/api/v1/meters/{slug}/query", tag = "events",
     summary = "A meter aggregated per window (OpenMeter's query)",
     params(("slug" = String, Path, description = "Meter slug"), MeterQueryParams),
-    responses((status = 200, body = MeterQueryResult), crate::problem::Problems),
-    security(("api_key" = [])))]
+    responses((status = 200, body = MeterQueryResult), crate::problem::Problems))]
 pub async fn query_meter(
     State(state): AppStateRef,
     Extension(principal): Extension<Principal>,

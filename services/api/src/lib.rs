@@ -466,7 +466,9 @@ quantities are decimal strings; lists page with an opaque `cursor`. Errors are \
     ),
     // Referenced only by query parameters, which do not collect their schemas.
     components(schemas(problem::Problem, routes::InvoiceFormat, views::WindowWidth, views::Resource)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth),
+    // Every operation takes a key: customer, admin or finance.
+    security(("api_key" = []))
 )]
 pub struct ApiDoc;
 

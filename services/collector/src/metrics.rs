@@ -1,6 +1,7 @@
 //! Prometheus metrics of the collector, all named `idlemeter_collector_*`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use idlemeter_telemetry::histogram;
+use prometheus::{Histogram, IntCounter, IntGauge, Registry};
 
 /// Every metric the collector exports.
 #[derive(Debug, Clone)]
@@ -24,65 +25,67 @@ pub struct CollectorMetrics {
     pub commands_ignored: IntCounter,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
-    let counter = IntCounter::with_opts(Opts::new(name, help))?;
-    registry.register(Box::new(counter.clone()))?;
-    Ok(counter)
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-    let gauge = IntGauge::with_opts(Opts::new(name, help))?;
-    registry.register(Box::new(gauge.clone()))?;
-    Ok(gauge)
-}
-
 impl CollectorMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let tick_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "idlemeter_collector_tick_seconds",
-                "time to read every sandbox, advance counters, save state and spool the batch",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]),
+        let tick_seconds = histogram(
+            registry,
+            "idlemeter_collector_tick_seconds",
+            "time to read every sandbox, advance counters, save state and spool the batch",
+            vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
         )?;
-        registry.register(Box::new(tick_seconds.clone()))?;
+        let counter = |name, help| idlemeter_telemetry::counter(registry, name, help);
+        let gauge = |name, help| idlemeter_telemetry::gauge(registry, name, help);
         Ok(Self {
-            ticks: counter(registry, "idlemeter_collector_ticks_total", "sampling ticks completed")?,
-            tick_failures: counter(registry, "idlemeter_collector_tick_failures_total", "sampling ticks that failed")?,
+            ticks: counter("idlemeter_collector_ticks_total", "sampling ticks completed")?,
+            tick_failures: counter(
+                "idlemeter_collector_tick_failures_total",
+                "sampling ticks that failed",
+            )?,
             tick_seconds,
-            samples: counter(registry, "idlemeter_collector_samples_total", "sandbox samples produced")?,
-            sandboxes: gauge(registry, "idlemeter_collector_sandboxes", "sandboxes read in the last tick")?,
+            samples: counter("idlemeter_collector_samples_total", "sandbox samples produced")?,
+            sandboxes: gauge("idlemeter_collector_sandboxes", "sandboxes read in the last tick")?,
             unlabelled_sandboxes: gauge(
-                registry,
                 "idlemeter_collector_unlabelled_sandboxes",
                 "sandboxes without a label file (metered with a zero allocation)",
             )?,
-            epochs_started: counter(registry, "idlemeter_collector_epochs_started_total", "sandbox epochs started")?,
-            sandboxes_stopped: counter(registry, "idlemeter_collector_sandboxes_stopped_total", "sandboxes whose cgroup vanished (final stopped sample sent)")?,
-            spool_batches: gauge(registry, "idlemeter_collector_spool_batches", "node batches waiting in the spool")?,
-            spool_bytes: gauge(registry, "idlemeter_collector_spool_bytes", "bytes waiting in the spool")?,
+            epochs_started: counter(
+                "idlemeter_collector_epochs_started_total",
+                "sandbox epochs started",
+            )?,
+            sandboxes_stopped: counter(
+                "idlemeter_collector_sandboxes_stopped_total",
+                "sandboxes whose cgroup vanished (final stopped sample sent)",
+            )?,
+            spool_batches: gauge(
+                "idlemeter_collector_spool_batches",
+                "node batches waiting in the spool",
+            )?,
+            spool_bytes: gauge("idlemeter_collector_spool_bytes", "bytes waiting in the spool")?,
             spool_shrunk_batches: counter(
-                registry,
                 "idlemeter_collector_spool_shrunk_batches_total",
                 "spooled batches cut down to their epoch boundaries (first and stopped samples) at the bound",
             )?,
             spool_boundaries_lost: counter(
-                registry,
                 "idlemeter_collector_spool_boundaries_lost_total",
                 "shrunk batches dropped at the bound all the same: epoch boundaries lost",
             )?,
             spool_dropped_batches: counter(
-                registry,
                 "idlemeter_collector_spool_dropped_batches_total",
                 "oldest spooled batches dropped because the spool hit its bound",
             )?,
-            batches_sent: counter(registry, "idlemeter_collector_batches_sent_total", "node batches acknowledged by kafka")?,
-            send_failures: counter(registry, "idlemeter_collector_send_failures_total", "failed attempts to send a node batch")?,
-            commands_applied: counter(registry, "idlemeter_collector_commands_applied_total", "suspend and resume commands applied")?,
+            batches_sent: counter(
+                "idlemeter_collector_batches_sent_total",
+                "node batches acknowledged by kafka",
+            )?,
+            send_failures: counter(
+                "idlemeter_collector_send_failures_total",
+                "failed attempts to send a node batch",
+            )?,
+            commands_applied: counter(
+                "idlemeter_collector_commands_applied_total",
+                "suspend and resume commands applied",
+            )?,
             commands_ignored: counter(
-                registry,
                 "idlemeter_collector_commands_ignored_total",
                 "commands for this node that were not applied (too old, stale epoch, unknown sandbox, unsupported)",
             )?,

@@ -38,11 +38,7 @@ struct EventMetrics {
 
 impl EventMetrics {
     fn register(registry: &Registry) -> Result<Self> {
-        let counter = |name: &str, help: &str| -> Result<IntCounter> {
-            let counter = IntCounter::new(name, help)?;
-            registry.register(Box::new(counter.clone()))?;
-            Ok(counter)
-        };
+        let counter = |name, help| idlemeter_telemetry::counter(registry, name, help);
         Ok(Self {
             consumed: counter(
                 "idlemeter_ingest_events_consumed_total",

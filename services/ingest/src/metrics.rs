@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idlemeter_bus::GroupConsumer;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use idlemeter_telemetry::{counter, gauge, histogram};
+use prometheus::{Histogram, IntCounter, IntGauge, Registry};
 use tokio_util::sync::CancellationToken;
 
 /// Every metric ingest exports.
@@ -36,38 +37,21 @@ pub struct IngestMetrics {
     pub lag_messages: IntGauge,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
-    let counter = IntCounter::with_opts(Opts::new(name, help))?;
-    registry.register(Box::new(counter.clone()))?;
-    Ok(counter)
-}
-
-fn histogram(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    buckets: Vec<f64>,
-) -> prometheus::Result<Histogram> {
-    let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-    registry.register(Box::new(histogram.clone()))?;
-    Ok(histogram)
-}
-
 impl IngestMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let seconds = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
-        let lag_messages = IntGauge::with_opts(Opts::new(
+        let lag_messages = gauge(
+            registry,
             "idlemeter_ingest_lag_messages",
             "messages not yet consumed on the assigned partitions (high watermark - position)",
-        ))?;
-        registry.register(Box::new(lag_messages.clone()))?;
-        let series_held = IntGauge::with_opts(Opts::new(
+        )?;
+        let series_held = gauge(
+            registry,
             "idlemeter_ingest_series_held",
             "series (sandbox epochs) whose compaction state this process holds",
-        ))?;
-        registry.register(Box::new(series_held.clone()))?;
+        )?;
         Ok(Self {
             series_held,
             minutes_inserted: counter(

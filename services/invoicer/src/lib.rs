@@ -258,38 +258,39 @@ impl InvoicerMetrics {
     /// Registers the invoicer's metrics labelled with its sheet's currency
     /// (one invoicer runs per currency's sheet).
     fn register(registry: &prometheus::Registry, currency: &str) -> Result<Self> {
+        use idlemeter_telemetry::registered;
         use prometheus::{IntCounter, IntCounterVec, IntGauge};
         let opts = |name: &str, help: &str| {
             prometheus::Opts::new(name, help).const_label("currency", currency)
         };
-        let runs = IntCounterVec::new(
-            opts(
-                "idlemeter_invoicer_runs_total",
-                "scheduled closes by outcome (ok, failed)",
-            ),
-            &["outcome"],
+        let runs = registered(
+            registry,
+            IntCounterVec::new(
+                opts(
+                    "idlemeter_invoicer_runs_total",
+                    "scheduled closes by outcome (ok, failed)",
+                ),
+                &["outcome"],
+            )?,
         )?;
-        let last_run_succeeded = IntGauge::with_opts(opts(
+        let gauge = |name, help| registered(registry, IntGauge::with_opts(opts(name, help))?);
+        let counter = |name, help| registered(registry, IntCounter::with_opts(opts(name, help))?);
+        let last_run_succeeded = gauge(
             "idlemeter_invoicer_last_run_succeeded",
             "1 unless the last scheduled close failed as a whole",
-        ))?;
-        let last_success = IntGauge::with_opts(opts(
+        )?;
+        let last_success = gauge(
             "idlemeter_invoicer_last_success_timestamp_seconds",
             "when the last scheduled close succeeded (the process start before the first)",
-        ))?;
-        let customers_failed = IntCounter::with_opts(opts(
+        )?;
+        let customers_failed = counter(
             "idlemeter_invoicer_customers_failed_total",
             "customers a close could not invoice (reported in rating_errors, retried next run)",
-        ))?;
-        let invoices_issued = IntCounter::with_opts(opts(
+        )?;
+        let invoices_issued = counter(
             "idlemeter_invoicer_invoices_issued_total",
             "invoices issued by scheduled closes",
-        ))?;
-        registry.register(Box::new(runs.clone()))?;
-        registry.register(Box::new(last_run_succeeded.clone()))?;
-        registry.register(Box::new(last_success.clone()))?;
-        registry.register(Box::new(customers_failed.clone()))?;
-        registry.register(Box::new(invoices_issued.clone()))?;
+        )?;
         for outcome in ["ok", "failed"] {
             runs.with_label_values(&[outcome]);
         }
@@ -1144,31 +1145,20 @@ impl Invoicer {
                 })?;
             return Ok((usage, false));
         }
-        let stored = self
+        let saved = self
             .store
-            .rating_states_before(
-                (customer.as_str(), customer.as_str()),
-                start,
-                (&self.sheet, &self.sheet_checksum),
-                until,
-            )
+            .rating_state_before(customer, start, (&self.sheet, &self.sheet_checksum), until)
             .await?;
-        let scratch = || (RatingState::new(&self.sheet), unix_ms(start));
-        let (mut state, from_ms) = match stored.into_iter().next() {
-            Some(saved) => match saved.state {
-                Ok(state) if self.rated_all(customer, start, &saved).await? => {
-                    (state, saved.as_of_ms)
-                }
-                Ok(_) => {
+        let (mut state, from_ms) = match saved {
+            Some(saved) if self.rated_all(customer, start, &saved).await? => {
+                (saved.state, saved.as_of_ms)
+            }
+            saved => {
+                if let Some(saved) = saved {
                     tracing::info!(%customer, rated = saved.samples, "stored rating state did not rate every stored sample before its end; rating the period from its samples");
-                    scratch()
                 }
-                Err(error) => {
-                    tracing::warn!(%customer, %error, "stored rating state does not load; rating the period from its samples");
-                    scratch()
-                }
-            },
-            None => scratch(),
+                (RatingState::new(&self.sheet), unix_ms(start))
+            }
         };
         let samples: Vec<NumberedSample> = self
             .store

@@ -501,17 +501,16 @@ impl Ledger {
             }
             let number = next;
             let made = record(draft, number).map_err(Error::Refused)?;
-            if made.wallet_applied > Decimal::ZERO {
-                if let Err(reason) = check_wallet(&tx, issuer, &made).await? {
-                    issued.refused.push((index, reason));
-                    continue;
+            let mut refused = None;
+            for drawn in [Drawn::Wallet, Drawn::CreditBalance] {
+                if let Err(reason) = drawn.check(&tx, issuer, &made).await? {
+                    refused = Some(reason);
+                    break;
                 }
             }
-            if made.balance_applied > Decimal::ZERO {
-                if let Err(reason) = check_balance(&tx, issuer, &made).await? {
-                    issued.refused.push((index, reason));
-                    continue;
-                }
+            if let Some(reason) = refused {
+                issued.refused.push((index, reason));
+                continue;
             }
             let number_sql = i64::try_from(number)
                 .map_err(|_| Error::Refused(format!("invoice number {number} overflows")))?;
@@ -934,35 +933,6 @@ const WALLET_BALANCE_SQL: &str = "SELECT \
      (SELECT COALESCE(sum(amount), 0) FROM wallet_deposits WHERE issuer = $1 AND customer = $2) \
      - (SELECT COALESCE(sum(wallet_applied), 0) FROM invoices WHERE issuer = $1 AND customer = $2)";
 
-/// Refuses (the inner error, saying why) an invoice drawing more than the
-/// customer's wallet holds now: deposits less what their issued invoices
-/// drew, under a lock on the wallet so that two issuers cannot both spend
-/// the same balance.
-async fn check_wallet(
-    tx: &deadpool_postgres::Transaction<'_>,
-    issuer: &str,
-    record: &InvoiceRecord,
-) -> Result<std::result::Result<(), String>> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('wallet:' || $1 || ':' || $2))",
-        &[&issuer, &record.customer],
-    )
-    .await
-    .context("locking the wallet")?;
-    let row = tx
-        .query_one(WALLET_BALANCE_SQL, &[&issuer, &record.customer])
-        .await
-        .context("reading the wallet")?;
-    let balance: Decimal = row.get(0);
-    if record.wallet_applied > balance {
-        return Ok(Err(format!(
-            "the invoice of {} draws {} from a wallet holding {balance}: refused; the next run bills with the wallet as it is then",
-            record.customer, record.wallet_applied
-        )));
-    }
-    Ok(Ok(()))
-}
-
 /// A credit balance: notes settled to the next invoice, plus negative
 /// totals carried, less what invoices applied.
 const CREDIT_BALANCE_SQL: &str = "SELECT \
@@ -971,32 +941,59 @@ const CREDIT_BALANCE_SQL: &str = "SELECT \
      + (SELECT COALESCE(sum(balance_carried - balance_applied), 0) FROM invoices \
         WHERE issuer = $1 AND customer = $2)";
 
-/// Refuses (the inner error, saying why) an invoice taking more from the
-/// customer's credit balance than it holds now, under a lock on the
-/// balance (as [`check_wallet`] does for the wallet).
-async fn check_balance(
-    tx: &deadpool_postgres::Transaction<'_>,
-    issuer: &str,
-    record: &InvoiceRecord,
-) -> Result<std::result::Result<(), String>> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('balance:' || $1 || ':' || $2))",
-        &[&issuer, &record.customer],
-    )
-    .await
-    .context("locking the credit balance")?;
-    let row = tx
-        .query_one(CREDIT_BALANCE_SQL, &[&issuer, &record.customer])
-        .await
-        .context("reading the credit balance")?;
-    let balance: Decimal = row.get(0);
-    if record.balance_applied > balance {
-        return Ok(Err(format!(
-            "the invoice of {} takes {} from a credit balance holding {balance}: refused; the next run bills with the balance as it is then",
-            record.customer, record.balance_applied
-        )));
+/// A balance an invoice draws from, checked before it is issued.
+#[derive(Debug, Clone, Copy)]
+enum Drawn {
+    /// Prepaid deposits (`wallet_applied`).
+    Wallet,
+    /// Credit notes settled to the next invoice and negative totals carried
+    /// (`balance_applied`).
+    CreditBalance,
+}
+
+impl Drawn {
+    /// What `record` draws from this balance.
+    fn applied(self, record: &InvoiceRecord) -> Decimal {
+        match self {
+            Self::Wallet => record.wallet_applied,
+            Self::CreditBalance => record.balance_applied,
+        }
     }
-    Ok(Ok(()))
+
+    /// Refuses (the inner error, saying why) an invoice drawing more than
+    /// the customer's balance holds now, under a lock on the balance so
+    /// that two issuers cannot both spend it.
+    async fn check(
+        self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        issuer: &str,
+        record: &InvoiceRecord,
+    ) -> Result<std::result::Result<(), String>> {
+        let applied = self.applied(record);
+        if applied <= Decimal::ZERO {
+            return Ok(Ok(()));
+        }
+        let (name, lock, balance_sql) = match self {
+            Self::Wallet => ("wallet", "wallet", WALLET_BALANCE_SQL),
+            Self::CreditBalance => ("credit balance", "balance", CREDIT_BALANCE_SQL),
+        };
+        let lock_key = format!("{lock}:{issuer}:{}", record.customer);
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key])
+            .await
+            .context(format!("locking the {name}"))?;
+        let row = tx
+            .query_one(balance_sql, &[&issuer, &record.customer])
+            .await
+            .context(format!("reading the {name}"))?;
+        let balance: Decimal = row.get(0);
+        if applied > balance {
+            return Ok(Err(format!(
+                "the invoice of {} draws {applied} from a {name} holding {balance}: refused; the next run bills with the {name} as it is then",
+                record.customer
+            )));
+        }
+        Ok(Ok(()))
+    }
 }
 
 /// Queues a billing event in the transaction that made it happen.

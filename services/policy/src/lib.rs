@@ -51,7 +51,7 @@ use idlemeter_core::policy::{Action, Decision, Engine, Input, Lease, Policy, San
 use idlemeter_core::CustomerId;
 use idlemeter_proto::{decode_node_batch, v1, SCHEMA_VERSION};
 use idlemeter_store::{DecisionRow, PolicyStateRow, Store};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};

@@ -24,45 +24,40 @@ pub struct PolicyMetrics {
 
 impl PolicyMetrics {
     pub fn register(registry: &Registry) -> Result<Self> {
-        let counter = |name: &str, help: &str| -> Result<IntCounter> {
-            let counter = IntCounter::new(name, help)?;
-            registry.register(Box::new(counter.clone()))?;
-            Ok(counter)
-        };
-        let decisions = IntCounterVec::new(
-            Opts::new(
-                "idlemeter_policy_decisions_total",
-                "decisions by rule and action",
-            ),
-            &["rule", "action"],
+        use idlemeter_telemetry::{gauge, histogram, registered};
+        let counter = |name, help| idlemeter_telemetry::counter(registry, name, help);
+        let decisions = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "idlemeter_policy_decisions_total",
+                    "decisions by rule and action",
+                ),
+                &["rule", "action"],
+            )?,
         )?;
-        registry.register(Box::new(decisions.clone()))?;
-        let sandboxes_tracked = IntGauge::new(
+        let sandboxes_tracked = gauge(
+            registry,
             "idlemeter_policy_sandboxes_tracked",
             "sandboxes in the engine's state",
         )?;
-        registry.register(Box::new(sandboxes_tracked.clone()))?;
-        let lag_messages = IntGauge::new(
+        let lag_messages = gauge(
+            registry,
             "idlemeter_policy_lag_messages",
             "messages not yet committed on the partitions this process owns (samples and leases)",
         )?;
-        registry.register(Box::new(lag_messages.clone()))?;
-        let decision_delay_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "idlemeter_policy_decision_delay_seconds",
-                "deciding sample's timestamp to command acknowledged by Kafka",
-            )
-            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        let decision_delay_seconds = histogram(
+            registry,
+            "idlemeter_policy_decision_delay_seconds",
+            "deciding sample's timestamp to command acknowledged by Kafka",
+            vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
         )?;
-        registry.register(Box::new(decision_delay_seconds.clone()))?;
-        let consume_delay_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "idlemeter_policy_consume_delay_seconds",
-                "message's Kafka timestamp to consumed by the policy service",
-            )
-            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        let consume_delay_seconds = histogram(
+            registry,
+            "idlemeter_policy_consume_delay_seconds",
+            "message's Kafka timestamp to consumed by the policy service",
+            vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
         )?;
-        registry.register(Box::new(consume_delay_seconds.clone()))?;
         Ok(Self {
             samples_observed: counter(
                 "idlemeter_policy_samples_observed_total",

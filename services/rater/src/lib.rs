@@ -48,8 +48,8 @@ use idlemeter_core::{
     NumberedSample, PriceSheet, RateReport, RatingState, UsageSample,
 };
 use idlemeter_store::{
-    ratings_checksum, to_column, AccountReader, Counted, Currencies, CurrencyLane, MeteredRange,
-    RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow, Store,
+    ratings_checksum, to_column, AccountReader, Accounts, Counted, Currencies, CurrencyLane,
+    MeteredRange, RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow, Store,
 };
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -282,11 +282,11 @@ impl RaterMetrics {
     /// (one rater runs per currency's sheet).
     fn new(registry: &prometheus::Registry, currency: &str) -> Result<Self> {
         let counter = |name: &str, help: &str| -> Result<prometheus::IntCounter> {
-            let counter = prometheus::IntCounter::with_opts(
-                prometheus::Opts::new(name, help).const_label("currency", currency),
-            )?;
-            registry.register(Box::new(counter.clone()))?;
-            Ok(counter)
+            let opts = prometheus::Opts::new(name, help).const_label("currency", currency);
+            Ok(idlemeter_telemetry::registered(
+                registry,
+                prometheus::IntCounter::with_opts(opts)?,
+            )?)
         };
         Ok(Self {
             snapshots_written: counter(
@@ -898,36 +898,25 @@ impl Rater {
                 });
             }
         }
-        let stored = self
+        // A stored state that does not load is none: states are a cache of
+        // the samples, and rating from the period's start gives the same
+        // figures, only slower.
+        let saved = self
             .store
-            .rating_states_before(
-                (customer.as_str(), customer.as_str()),
-                period_start,
-                (&self.sheet, &self.sheet_checksum),
-                before,
-            )
+            .rating_state_before(customer, period_start, self.sheet_key(), before)
             .await?;
-        let Some(saved) = stored.into_iter().next() else {
-            return Ok(scratch());
-        };
-        let as_of = saved.as_of_ms / 1000;
-        match saved.state {
-            Ok(state) => Ok(Rated {
-                state,
-                until_ms: saved.as_of_ms,
-                samples: saved.samples,
-            }),
-            Err(error) => {
-                // States are a cache of the samples: rating from the
-                // period's start gives the same figures, only slower.
-                tracing::warn!(%customer, as_of, %error, "stored rating state does not load; rating the period from its start");
-                Ok(scratch())
-            }
-        }
+        Ok(saved.map_or_else(scratch, |saved| Rated {
+            state: saved.state,
+            until_ms: saved.as_of_ms,
+            samples: saved.samples,
+        }))
     }
 
-    /// The metered quantities of the customers `first..=last` over
-    /// `[period_start, until)`; nothing when the sheet prices no meter.
+    /// The sheet and its checksum, as stored states are keyed.
+    fn sheet_key(&self) -> (&PriceSheet, &str) {
+        (&self.sheet, &self.sheet_checksum)
+    }
+
     /// One customer's account and metered usage of its period up to `at`.
     async fn account_and_metered(
         &self,
@@ -936,15 +925,30 @@ impl Rater {
         at: DateTime<Utc>,
     ) -> Result<(Account, MeteredRange)> {
         let id = customer.as_str();
-        let account = self
-            .account_reader()
-            .read(id, id, period_start, at)
-            .await?
-            .account(customer);
-        let metered = self.metered_range((id, id), period_start, at).await?;
-        Ok((account, metered))
+        let (accounts, metered) = self
+            .accounts_and_metered((id, id), period_start, at)
+            .await?;
+        Ok((accounts.account(customer), metered))
     }
 
+    /// The accounts and metered usage of the customers `first..=last` for
+    /// their period up to `at`.
+    async fn accounts_and_metered(
+        &self,
+        (first, last): (&str, &str),
+        period_start: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<(Accounts, MeteredRange)> {
+        let accounts = self
+            .account_reader()
+            .read(first, last, period_start, at)
+            .await?;
+        let metered = self.metered_range((first, last), period_start, at).await?;
+        Ok((accounts, metered))
+    }
+
+    /// The metered quantities of the customers `first..=last` over
+    /// `[period_start, until)`; nothing when the sheet prices no meter.
     async fn metered_range(
         &self,
         customers: (&str, &str),
@@ -958,8 +962,6 @@ impl Rater {
             .await?)
     }
 
-    /// Adds to `customers` (sorted, from the samples) those with only
-    /// metered usage in `[period_start, until)`, without samples counted.
     /// The customers of this replica with samples in `[start, end)` (and,
     /// with `metered`, those with metered events there), as
     /// (customer, first sample ms, sample count).
@@ -986,6 +988,8 @@ impl Rater {
         Ok(customers)
     }
 
+    /// Adds to `customers` (sorted, from the samples) those with only
+    /// metered usage in `[period_start, until)`, without samples counted.
     async fn add_metered_customers(
         &self,
         customers: &mut Vec<(CustomerId, u64, u64)>,
@@ -1247,28 +1251,16 @@ impl Rater {
                 .rating_states_before(
                     (first.as_str(), last.as_str()),
                     period_start,
-                    (&self.sheet, &self.sheet_checksum),
+                    self.sheet_key(),
                     now,
                 )
                 .await?;
-            let mut states: HashMap<String, (RatingState, u64)> = HashMap::new();
-            for saved in stored {
-                let customer = saved.customer;
-                match saved.state {
-                    Ok(state) => {
-                        states.insert(customer, (state, saved.as_of_ms));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%customer, %error, "stored rating state does not load; live rating from the period's start")
-                    }
-                }
-            }
-            let accounts = self
-                .account_reader()
-                .read(first.as_str(), last.as_str(), period_start, now)
-                .await?;
-            let metered = self
-                .metered_range((first.as_str(), last.as_str()), period_start, now)
+            let mut states: HashMap<String, (RatingState, u64)> = stored
+                .into_iter()
+                .map(|saved| (saved.customer, (saved.state, saved.as_of_ms)))
+                .collect();
+            let (accounts, metered) = self
+                .accounts_and_metered((first.as_str(), last.as_str()), period_start, now)
                 .await?;
             let from_ms = chunk
                 .iter()
@@ -1346,12 +1338,8 @@ impl Rater {
                 .collect()
         };
         for (chunk, first, last) in idlemeter_core::ids::id_ranges(&stale, ACCOUNT_CHUNK) {
-            let accounts = self
-                .account_reader()
-                .read(first.as_str(), last.as_str(), period_start, now)
-                .await?;
-            let metered = self
-                .metered_range((first.as_str(), last.as_str()), period_start, now)
+            let (accounts, metered) = self
+                .accounts_and_metered((first.as_str(), last.as_str()), period_start, now)
                 .await?;
             let mut live = self.live.lock().expect("not poisoned");
             for customer in chunk {

@@ -31,7 +31,7 @@ use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
 use crate::invoices::Carried;
-use crate::sql::statement;
+use crate::sql::{statement, Fetch};
 use crate::{from_column, Context, CustomerRow, Error, InvoiceRow, Result, Store, SubscriptionRow};
 
 /// The checksum rated figures, states and invoices are keyed by: the sheet's
@@ -410,10 +410,9 @@ impl Store {
              AND sheet_checksum = {sheet_checksum} ORDER BY customer",
             period_start,
             sheet_checksum,
-        )?
-        .fetch_all()
+        )
+        .all("customers rated in a period")
         .await
-        .context("customers rated in a period")
     }
 
     /// Customers with an invoice of the issuer.
@@ -421,9 +420,8 @@ impl Store {
         self.client
             .query("SELECT DISTINCT customer FROM invoices WHERE issuer = ? ORDER BY customer")
             .bind(issuer)
-            .fetch_all()
+            .all(format!("customers invoiced by {issuer}"))
             .await
-            .context(format!("customers invoiced by {issuer}"))
     }
 
     /// Every invoice header of the customers `first..=last` of an issuer.
@@ -440,10 +438,9 @@ impl Store {
             issuer,
             first,
             last
-        )?
-        .fetch_all()
+        )
+        .all(format!("invoices of {first} .. {last}"))
         .await
-        .context(format!("invoices of {first} .. {last}"))
     }
 }
 

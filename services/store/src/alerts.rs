@@ -1,8 +1,8 @@
 //! Spend alerts and their firings (`spend_alerts`, `spend_alert_firings`,
 //! migration 0006).
 
-use crate::sql::statement;
-use crate::{Context, Result, Store};
+use crate::sql::{statement, Fetch};
+use crate::{Result, Store};
 
 /// One row of `spend_alerts`.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
@@ -47,10 +47,9 @@ impl Store {
             "SELECT ?fields FROM spend_alerts FINAL WHERE ({customer} = '' OR customer = {customer}) \
              ORDER BY customer, alert_id",
             customer = customer.unwrap_or(""),
-        )?
-            .fetch_all()
+        )
+            .all("spend alerts")
             .await
-            .context("spend alerts")
     }
 
     pub async fn insert_alert_firing(&self, row: &AlertFiringRow) -> Result<()> {
@@ -61,8 +60,7 @@ impl Store {
     pub async fn alert_firings(&self) -> Result<Vec<AlertFiringRow>> {
         self.client
             .query("SELECT ?fields FROM spend_alert_firings FINAL ORDER BY customer, alert_id, period_start")
-            .fetch_all()
+            .all("spend alert firings")
             .await
-            .context("spend alert firings")
     }
 }

@@ -1,7 +1,7 @@
 //! Customers and subscriptions (migration 0014): the ledger's records as
 //! ClickHouse keeps them, and the reads accounts need.
 
-use crate::sql::statement;
+use crate::sql::{statement, Fetch};
 use crate::{Context, Result, Store};
 
 /// One row of `customers`.
@@ -81,9 +81,8 @@ impl Store {
                  ORDER BY id",
             )
             .bind(issuer)
-            .fetch_all()
+            .all("customers with spend limits")
             .await
-            .context("customers with spend limits")
     }
 
     /// Customers with a plan change recorded (their fees are due even
@@ -92,9 +91,8 @@ impl Store {
         self.client
             .query("SELECT DISTINCT customer FROM subscriptions WHERE issuer = ? ORDER BY customer")
             .bind(issuer)
-            .fetch_all()
+            .all("subscribed customers")
             .await
-            .context("subscribed customers")
     }
 
     pub async fn insert_customers(&self, rows: &[CustomerRow]) -> Result<()> {
@@ -119,10 +117,9 @@ impl Store {
             issuer,
             first,
             last
-        )?
-        .fetch_all()
+        )
+        .all(format!("customers {first} .. {last}"))
         .await
-        .context(format!("customers {first} .. {last}"))
     }
 
     /// The plan changes of customers from `first` to `last` effective
@@ -144,9 +141,8 @@ impl Store {
             first,
             last,
             before,
-        )?
-        .fetch_all()
+        )
+        .all(format!("subscriptions of {first} .. {last}"))
         .await
-        .context(format!("subscriptions of {first} .. {last}"))
     }
 }

@@ -7,6 +7,7 @@ use idlemeter_core::events::{Aggregation, Meter, MeterValue, UsageEvent};
 use idlemeter_core::metering::{Metered, PricedMeters};
 use idlemeter_core::PriceSheet;
 
+use crate::sql::Fetch;
 use crate::{Context, Result, Store};
 
 /// The meter query's template (see the file for its parts).
@@ -163,9 +164,8 @@ impl Store {
                  ORDER BY time_ms, source, id",
             )
             .bind(customer)
-            .fetch_all()
+            .all(format!("events of {customer}"))
             .await
-            .context(format!("events of {customer}"))
     }
 
     /// `meter` aggregated per window (and group) over the query's range,
@@ -248,9 +248,8 @@ impl Store {
             .bind(meter.slug.as_str())
             .bind(from_ms)
             .bind(to_ms)
-            .fetch_all()
+            .all(format!("meter {} totals {first}..={last}", meter.slug))
             .await
-            .context(format!("meter {} totals {first}..={last}", meter.slug))
     }
 
     /// The metered quantities of the customers `first..=last` over

@@ -1,6 +1,6 @@
 //! Invoices (migration 0005): headers, lines and the reads the invoicer needs.
 
-use crate::sql::statement;
+use crate::sql::{statement, Fetch};
 use crate::{Context, Result, Store};
 
 /// One row of `invoices`: an issued invoice's header. Field order is column order.
@@ -153,9 +153,8 @@ impl Store {
                  ORDER BY customer, deposit_id",
             )
             .bind(issuer)
-            .fetch_all()
+            .all("wallet deposit rows")
             .await
-            .context("wallet deposit rows")
     }
 
     /// Credit notes: lines first, then the headers (a header is the note's
@@ -185,10 +184,9 @@ impl Store {
              ORDER BY number",
             issuer,
             customer,
-        )?
-        .fetch_all()
+        )
+        .all(format!("credit notes of {customer}"))
         .await
-        .context(format!("credit notes of {customer}"))
     }
 
     /// The lines of a credit note, in order.
@@ -204,13 +202,12 @@ impl Store {
             issuer = &header.issuer,
             number = header.number,
             line_count = header.line_count,
-        )?
-        .fetch_all()
-        .await
-        .context(format!(
+        )
+        .all(format!(
             "lines of credit note {}-{}",
             header.issuer, header.number
         ))
+        .await
     }
 
     /// Adjustment lines of customers `first..=last`, as (customer, number,
@@ -232,10 +229,9 @@ impl Store {
             issuer,
             first,
             last,
-        )?
-        .fetch_all()
+        )
+        .all("adjustment lines")
         .await
-        .context("adjustment lines")
     }
 
     /// The highest `written_ms` of `issuer`'s lines, 0 before the first.
@@ -259,9 +255,8 @@ impl Store {
                 list.join(", ")
             ))
             .bind(issuer)
-            .fetch_all()
+            .all("adjustment lines of invoices")
             .await
-            .context("adjustment lines of invoices")
     }
 
     pub async fn last_line_version(&self, issuer: &str) -> Result<u64> {
@@ -301,9 +296,8 @@ impl Store {
                  ORDER BY period_start, number",
             )
             .bind(issuer)
-            .fetch_all()
+            .all(format!("invoices of {issuer}"))
             .await
-            .context(format!("invoices of {issuer}"))
     }
 
     /// The lines of the issued invoice `header`, in line order: its customer's,
@@ -318,13 +312,12 @@ impl Store {
             number = header.number,
             customer = &header.customer,
             line_count = header.line_count,
-        )?
-        .fetch_all()
-        .await
-        .context(format!(
+        )
+        .all(format!(
             "lines of invoice {}-{}",
             header.issuer, header.number
         ))
+        .await
     }
 
     /// What customers carry into their next invoice from before `before`
@@ -352,10 +345,9 @@ impl Store {
                 "credit notes settled to the next invoice",
             ),
         };
-        statement!(self.client, sql, issuer, first, last, before)?
-            .fetch_all()
+        statement!(self.client, sql, issuer, first, last, before)
+            .all(format!("{what} of {first} .. {last}"))
             .await
-            .context(format!("{what} of {first} .. {last}"))
     }
 
     /// `issuer`'s invoices of `customer` numbered below `before`, newest
@@ -376,10 +368,9 @@ impl Store {
             customer,
             before,
             limit,
-        )?
-        .fetch_all()
+        )
+        .all(format!("invoices of {customer}"))
         .await
-        .context(format!("invoices of {customer}"))
     }
 
     /// One invoice of `customer`, if it is theirs.

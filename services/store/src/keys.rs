@@ -1,6 +1,7 @@
 //! API keys (`api_keys`, migration 0006): the secret's hash and scope.
 
-use crate::{Context, Result, Store};
+use crate::sql::Fetch;
+use crate::{Result, Store};
 
 /// One row of `api_keys`; field order is column order.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
@@ -30,8 +31,7 @@ impl Store {
     pub async fn api_keys(&self) -> Result<Vec<ApiKeyRow>> {
         self.client
             .query("SELECT ?fields FROM api_keys FINAL ORDER BY key_id")
-            .fetch_all()
+            .all("api keys")
             .await
-            .context("api keys")
     }
 }

@@ -10,6 +10,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::cluster::ClusterDdl;
+use crate::sql::Fetch;
 use crate::{Context, Error, Result, Store};
 
 /// One migration file.
@@ -133,9 +134,8 @@ impl Store {
         let applied: Vec<AppliedRow> = self
             .client
             .query("SELECT name, checksum FROM schema_migrations ORDER BY name")
-            .fetch_all()
-            .await
-            .context("read schema_migrations")?;
+            .all("read schema_migrations")
+            .await?;
 
         let mut report = MigrationReport::default();
         for migration in MIGRATIONS {

@@ -123,13 +123,7 @@ pub fn to_pdf(invoice: &Invoice, parties: &Parties) -> Vec<u8> {
         if index == 0 {
             y = writer.header(invoice, parties, y);
         } else {
-            writer.text(
-                "F2",
-                11.0,
-                MARGIN,
-                y,
-                &format!("Invoice {}-{} (continued)", invoice.issuer, invoice.number),
-            );
+            writer.title(invoice, " (continued)", 11.0, y);
             y -= 24.0;
         }
         writer.text("F3", LINE_SIZE, MARGIN, y, &row_headings());
@@ -190,16 +184,16 @@ impl PageWriter {
         self.content.stroke();
     }
 
+    /// "Invoice <issuer>-<number>" and `suffix` in bold at the margin.
+    fn title(&mut self, invoice: &Invoice, suffix: &str, size: f32, y: f32) {
+        let title = format!("Invoice {}-{}{suffix}", invoice.issuer, invoice.number);
+        self.text("F2", size, MARGIN, y, &title);
+    }
+
     /// Title, dates and the two parties; returns where the table starts.
     fn header(&mut self, invoice: &Invoice, parties: &Parties, top: f32) -> f32 {
         let mut y = top;
-        self.text(
-            "F2",
-            18.0,
-            MARGIN,
-            y,
-            &format!("Invoice {}-{}", invoice.issuer, invoice.number),
-        );
+        self.title(invoice, "", 18.0, y);
         y -= 20.0;
         let facts = [
             format!("Status: {}", invoice.status),

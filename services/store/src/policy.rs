@@ -2,8 +2,8 @@
 
 use rust_decimal::Decimal;
 
-use crate::sql::statement;
-use crate::{Context, Result, Store};
+use crate::sql::{statement, Fetch};
+use crate::{Result, Store};
 
 /// See `queries/period_spend.sql`.
 pub const PERIOD_SPEND_SQL: &str = include_str!("queries/period_spend.sql");
@@ -54,9 +54,8 @@ impl Store {
                  ORDER BY at_ms, decision_id",
             )
             .bind(customer)
-            .fetch_all()
+            .all(format!("decisions of {customer}"))
             .await
-            .context(format!("decisions of {customer}"))
     }
 
     /// The customer's spend so far in their latest period (what the period
@@ -84,10 +83,9 @@ impl Store {
              ORDER BY customer, sandbox",
             group_id,
             since_ms,
-        )?
-        .fetch_all()
+        )
+        .all(format!("policy state of {group_id}"))
         .await
-        .context(format!("policy state of {group_id}"))
     }
 
     /// [`Self::policy_state`] of the named sandboxes only (a replica taking
@@ -110,13 +108,12 @@ impl Store {
             group_id,
             since_ms,
             sandboxes,
-        )?
-        .fetch_all()
-        .await
-        .context(format!(
+        )
+        .all(format!(
             "policy state of {} sandboxes of {group_id}",
             sandboxes.len()
         ))
+        .await
     }
 
     /// The `limit` most recent policy decisions about one sandbox, newest first.
@@ -134,9 +131,8 @@ impl Store {
             customer,
             sandbox,
             limit,
-        )?
-        .fetch_all()
+        )
+        .all(format!("recent decisions of {customer}/{sandbox}"))
         .await
-        .context(format!("recent decisions of {customer}/{sandbox}"))
     }
 }

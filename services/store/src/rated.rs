@@ -10,8 +10,8 @@ use idlemeter_core::{
 use rust_decimal::Decimal;
 use serde_repr::Deserialize_repr;
 
-use crate::sql::statement;
-use crate::{Context, Error, Result, Store};
+use crate::sql::{statement, Fetch};
+use crate::{Error, Result, Store};
 
 /// Samples of the customers `first..=last` closing an interval in
 /// `[from_ms, to_ms)`, plus, for each epoch with samples there, its last
@@ -252,10 +252,9 @@ impl Store {
              WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms} GROUP BY customer ORDER BY customer",
             from_ms,
             to_ms
-        )?
-        .fetch_all()
-        .await
-        .context("customers with samples")?;
+        )
+        .all("customers with samples")
+        .await?;
         rows.into_iter()
             .map(|(name, first_ms, count)| {
                 let customer = CustomerId::parse(name).map_err(|e| Error::BadRow(e.to_string()))?;
@@ -283,10 +282,9 @@ impl Store {
              WHERE customer >= {{first}} AND customer <= {{last}} \
              AND ts_ms >= {{from_ms}} AND ts_ms < {{to_ms}} GROUP BY customer"
         );
-        let rows: Vec<(String, u64)> = statement!(self.client, &sql, first, last, from_ms, to_ms)?
-            .fetch_all()
-            .await
-            .context(format!("{counted:?} sample counts of {first} .. {last}"))?;
+        let rows: Vec<(String, u64)> = statement!(self.client, &sql, first, last, from_ms, to_ms)
+            .all(format!("{counted:?} sample counts of {first} .. {last}"))
+            .await?;
         Ok(rows.into_iter().collect())
     }
 
@@ -319,10 +317,9 @@ impl Store {
             last,
             from_ms,
             to_ms
-        )?
-        .fetch_all()
-        .await
-        .context(format!("samples for rating {first} .. {last}"))?;
+        )
+        .all(format!("samples for rating {first} .. {last}"))
+        .await?;
         rows.into_iter().map(UsageSample::try_from).collect()
     }
 
@@ -352,10 +349,9 @@ impl Store {
             customer = customer.as_str(),
             period_start,
             as_of,
-        )?
-        .fetch_all()
-        .await
-        .context(format!("snapshot totals of {customer}"))?;
+        )
+        .all(format!("snapshot totals of {customer}"))
+        .await?;
         rows.into_iter()
             .map(|row| Ok((row.sheet_checksum, from_column(row.total)?)))
             .collect()
@@ -377,10 +373,9 @@ impl Store {
             customer = customer.as_str(),
             period_start,
             sheet_checksum,
-        )?
-        .fetch_all()
-        .await
-        .context(format!("rated hours of {customer}"))?;
+        )
+        .all(format!("rated hours of {customer}"))
+        .await?;
         Ok(hours.into_iter().collect())
     }
 
@@ -400,10 +395,9 @@ impl Store {
             customer = customer.as_str(),
             from_ms,
             to_ms
-        )?
-        .fetch_all()
-        .await
-        .context(format!("hours with samples of {customer}"))?;
+        )
+        .all(format!("hours with samples of {customer}"))
+        .await?;
         Ok(hours.into_iter().collect())
     }
 
@@ -425,10 +419,9 @@ impl Store {
             period_start,
             sheet_checksum,
             as_of,
-        )?
-        .fetch_all()
+        )
+        .all(format!("rated lines of {customer}"))
         .await
-        .context(format!("rated lines of {customer}"))
     }
 }
 

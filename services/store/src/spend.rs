@@ -5,7 +5,7 @@
 use rust_decimal::Decimal;
 
 use crate::rated::from_column;
-use crate::sql::statement;
+use crate::sql::{statement, Fetch};
 use crate::{Context, Result, Store};
 
 /// Rated snapshot totals per line for a time range; see the file.
@@ -75,10 +75,9 @@ impl Store {
         to: u32,
     ) -> Result<Vec<SnapshotLine>> {
         let rows: Vec<SnapshotLineRow> =
-            statement!(self.client, SNAPSHOT_LINES_SQL, customer, to, from)?
-                .fetch_all()
-                .await
-                .context(format!("snapshot lines of {customer}"))?;
+            statement!(self.client, SNAPSHOT_LINES_SQL, customer, to, from)
+                .all(format!("snapshot lines of {customer}"))
+                .await?;
         rows.into_iter()
             .map(|row| {
                 Ok(SnapshotLine {

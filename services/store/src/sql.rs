@@ -9,8 +9,11 @@
 //! the type), and [`statement!`] binds each placeholder to
 //! the variable (or expression) of that name, in the text's order, still
 //! through the crate's escaping: nothing is formatted into SQL by hand.
+//! [`Fetch::all`] then reads every row, naming what was read when it fails.
 
-use crate::{Error, Result};
+use clickhouse::query::Query;
+
+use crate::{Context, Error, Result};
 
 /// A statement's text with its `{name}` placeholders turned into `?`, and
 /// the names in the order of the `?`s.
@@ -115,6 +118,33 @@ macro_rules! statement {
     (@value $name:ident, $value:expr) => { $value };
 }
 pub(crate) use statement;
+
+/// Reading every row of a statement: `statement!(..).all("what").await`
+/// instead of `?`, `fetch_all`, `await` and `context` at every read.
+pub(crate) trait Fetch {
+    /// Every row, or an error that says what was being read.
+    async fn all<T>(self, what: impl Into<String>) -> Result<Vec<T>>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead;
+}
+
+impl Fetch for Query {
+    async fn all<T>(self, what: impl Into<String>) -> Result<Vec<T>>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        self.fetch_all().await.context(what)
+    }
+}
+
+impl Fetch for Result<Query> {
+    async fn all<T>(self, what: impl Into<String>) -> Result<Vec<T>>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        self?.all(what).await
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,11 +2,10 @@
 //! it refused (migration 0009).
 
 use chrono::{DateTime, Utc};
-use idlemeter_core::rating::StateError;
-use idlemeter_core::{PriceSheet, RatingState};
+use idlemeter_core::{CustomerId, PriceSheet, RatingState};
 
-use crate::sql::statement;
-use crate::{unix_seconds, Context, RatedLineRow, Result, Store};
+use crate::sql::{statement, Fetch};
+use crate::{unix_seconds, RatedLineRow, Result, Store};
 
 /// A customer's rating state as the rater saved it, loaded for a sheet.
 #[derive(Debug)]
@@ -14,8 +13,7 @@ pub struct SavedState {
     pub customer: String,
     /// What the state covers: samples up to this instant (Unix ms).
     pub as_of_ms: u64,
-    /// The state, or why it does not load for the sheet.
-    pub state: std::result::Result<RatingState, StateError>,
+    pub state: RatingState,
     /// See [`RatingStateRow::samples`].
     pub samples: u64,
 }
@@ -95,8 +93,9 @@ impl Store {
 
     /// The newest state at or before `before` of every customer from `first`
     /// to `last` (inclusive) with one in the period under the sheet, in one
-    /// query, each loaded for `sheet` (or why it does not load: states are a
-    /// cache of the samples, so the caller rates from the period's start).
+    /// query, each loaded for `sheet`. A state that does not load is left
+    /// out with a warning: states are a cache of the samples, and the
+    /// caller rates that customer from the period's start instead.
     pub async fn rating_states_before(
         &self,
         (first, last): (&str, &str),
@@ -114,19 +113,41 @@ impl Store {
             period_start,
             sheet_checksum,
             before
-        )?
-        .fetch_all()
-        .await
-        .context(format!("rating states of {first} .. {last}"))?;
+        )
+        .all(format!("rating states of {first} .. {last}"))
+        .await?;
         Ok(rows
             .into_iter()
-            .map(|(customer, as_of, text, samples)| SavedState {
-                customer,
-                as_of_ms: u64::from(as_of) * 1000,
-                state: RatingState::from_json(&text, sheet),
-                samples,
+            .filter_map(|(customer, as_of, text, samples)| {
+                match RatingState::from_json(&text, sheet) {
+                    Ok(state) => Some(SavedState {
+                        customer,
+                        as_of_ms: u64::from(as_of) * 1000,
+                        state,
+                        samples,
+                    }),
+                    Err(error) => {
+                        tracing::warn!(%customer, as_of, %error, "stored rating state does not load; rating from the period's start");
+                        None
+                    }
+                }
             })
             .collect())
+    }
+
+    /// [`Self::rating_states_before`] of one customer.
+    pub async fn rating_state_before(
+        &self,
+        customer: &CustomerId,
+        period_start: DateTime<Utc>,
+        sheet: (&PriceSheet, &str),
+        before: DateTime<Utc>,
+    ) -> Result<Option<SavedState>> {
+        let id = customer.as_str();
+        let states = self
+            .rating_states_before((id, id), period_start, sheet, before)
+            .await?;
+        Ok(states.into_iter().next())
     }
 
     /// Every customer's (from `first` to `last`, inclusive) newest rated
@@ -147,10 +168,9 @@ impl Store {
             last,
             period_start,
             sheet_checksum
-        )?
-        .fetch_all()
+        )
+        .all(format!("rated quantities of {first} .. {last}"))
         .await
-        .context(format!("rated quantities of {first} .. {last}"))
     }
 
     /// Replaces the customer's live figure with these lines (all of one
@@ -173,10 +193,9 @@ impl Store {
             customer,
             period_start,
             sheet_checksum
-        )?
-        .fetch_all()
+        )
+        .all(format!("live lines of {customer}"))
         .await
-        .context(format!("live lines of {customer}"))
     }
 
     pub async fn insert_rating_errors(&self, rows: &[RatingErrorRow]) -> Result<()> {
@@ -194,8 +213,7 @@ impl Store {
                  ORDER BY sandbox, epoch, seq, field",
             )
             .bind(customer)
-            .fetch_all()
+            .all(format!("rating errors of {customer}"))
             .await
-            .context(format!("rating errors of {customer}"))
     }
 }

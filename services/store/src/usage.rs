@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use idlemeter_core::rollup::{usage_by_hour, Counters, HourCounters, HourUsage};
 use idlemeter_core::{Epoch, SandboxId};
 
-use crate::sql::statement;
-use crate::{Context, Error, Result, Store};
+use crate::sql::{statement, Fetch};
+use crate::{Error, Result, Store};
 use idlemeter_core::CustomerId;
 
 /// Usage per (sandbox, epoch, hour or day) from the hourly rollup; see the file.
@@ -121,10 +121,9 @@ impl Store {
             only_flag = u8::from(only.is_some()),
             only = only.unwrap_or(""),
             limit,
-        )?
-        .fetch_all()
+        )
+        .all(format!("sandboxes with usage of {customer}"))
         .await
-        .context(format!("sandboxes with usage of {customer}"))
     }
 
     /// Usage of `customer`'s sandboxes in `range` per window of `[from, to)`
@@ -140,19 +139,20 @@ impl Store {
     ) -> Result<Vec<HourUsage>> {
         let context = format!("usage by {window:?} of {customer}");
         let rows: Vec<WindowRow> = match window {
-            Window::Hour | Window::Day => statement!(
-                self.client,
-                USAGE_WINDOW_ROLLUP_SQL,
-                from,
-                width = window.seconds(),
-                customer,
-                to,
-                first = &range.first,
-                last = &range.last
-            )?
-            .fetch_all()
-            .await
-            .context(context)?,
+            Window::Hour | Window::Day => {
+                statement!(
+                    self.client,
+                    USAGE_WINDOW_ROLLUP_SQL,
+                    from,
+                    width = window.seconds(),
+                    customer,
+                    to,
+                    first = &range.first,
+                    last = &range.last
+                )
+                .all(context)
+                .await?
+            }
             Window::Minute => {
                 let from_hour = from - from % 3_600;
                 statement!(
@@ -164,10 +164,9 @@ impl Store {
                     last = &range.last,
                     from,
                     to
-                )?
-                .fetch_all()
-                .await
-                .context(context)?
+                )
+                .all(context)
+                .await?
             }
         };
         windows(rows)

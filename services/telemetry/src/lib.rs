@@ -16,7 +16,10 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use tokio::net::TcpListener;
 
 /// Installs the global tracing subscriber once; `RUST_LOG` filters (default `info`).
@@ -215,6 +218,37 @@ impl Readiness {
             }
         }))
     }
+}
+
+/// `metric`, registered in `registry`: how every service makes its
+/// metrics, so that one registered twice fails where it is made.
+pub fn registered<M>(registry: &Registry, metric: M) -> prometheus::Result<M>
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+/// A counter named `name`, registered in `registry`.
+pub fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    registered(registry, IntCounter::new(name, help)?)
+}
+
+/// A gauge named `name`, registered in `registry`.
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    registered(registry, IntGauge::new(name, help)?)
+}
+
+/// A histogram named `name` with `buckets`, registered in `registry`.
+pub fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> prometheus::Result<Histogram> {
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    registered(registry, Histogram::with_opts(opts)?)
 }
 
 /// What a [`follow_gauge`] read found.

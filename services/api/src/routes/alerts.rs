@@ -59,11 +59,10 @@ pub(super) const MAX_ALERTS: usize = 100;
 
 #[utoipa::path(post, path = "/v1/customers/{customer}/alerts", tag = "alerts",
     summary = "Create a spend alert",
-    params(("customer" = String, Path, description = "Customer id")),
+    params(Tenant),
     request_body = NewAlert,
     responses((status = 201, body = CreatedAlert),
-        BodyProblems),
-    security(("api_key" = [])))]
+        BodyProblems))]
 pub async fn create_alert(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
@@ -136,10 +135,9 @@ pub async fn create_alert(
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/alerts", tag = "alerts",
     summary = "The customer's spend alerts",
-    params(("customer" = String, Path, description = "Customer id")),
+    params(Tenant),
     responses((status = 200, body = AlertList),
-        Problems),
-    security(("api_key" = [])))]
+        Problems))]
 pub async fn list_alerts(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
@@ -155,10 +153,9 @@ pub async fn list_alerts(
 
 #[utoipa::path(delete, path = "/v1/customers/{customer}/alerts/{alert_id}", tag = "alerts",
     summary = "Delete a spend alert",
-    params(("customer" = String, Path, description = "Customer id"), ("alert_id" = String, Path, description = "Alert id")),
+    params(Tenant, ("alert_id" = String, Path, description = "Alert id")),
     responses((status = 204, description = "Deleted"),
-        Problems),
-    security(("api_key" = [])))]
+        Problems))]
 pub async fn delete_alert(
     State(state): AppStateRef,
     Tenant(customer): Tenant,

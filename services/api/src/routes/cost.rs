@@ -44,10 +44,9 @@ pub struct CostNow {
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/cost", tag = "cost",
     summary = "Cost so far in the current billing period (the live figure of the open hour, or the latest closed hour's snapshot)",
-    params(("customer" = String, Path, description = "Customer id")),
+    params(Tenant),
     responses((status = 200, body = CostNow),
-        Problems),
-    security(("api_key" = [])))]
+        Problems))]
 pub async fn cost_now(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
@@ -133,10 +132,9 @@ pub struct CostHistoryQuery {
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/cost/history", tag = "cost",
     summary = "Cost per hour or day over a time range, from the rated snapshots",
-    params(("customer" = String, Path, description = "Customer id"), CostHistoryQuery),
+    params(Tenant, CostHistoryQuery),
     responses((status = 200, body = CostHistory),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn cost_history(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
@@ -169,10 +167,9 @@ pub async fn cost_history(
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/invoice-preview", tag = "invoices",
     summary = "A draft invoice of the open period: what it would be if it closed now",
-    params(("customer" = String, Path, description = "Customer id")),
+    params(Tenant),
     responses((status = 200, body = Invoice),
-        Problems),
-    security(("api_key" = [])))]
+        Problems))]
 pub async fn invoice_preview(
     State(state): AppStateRef,
     Tenant(customer): Tenant,

@@ -66,8 +66,7 @@ pub(super) async fn run_panels(
     summary = "Every finance dashboard panel's data for a range (admin keys only)",
     params(FinanceQuery),
     responses((status = 200, body = Vec<crate::finance::PanelData>),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn finance_panels(
     State(state): AppStateRef,
     Query(query): Query<FinanceQuery>,
@@ -99,8 +98,7 @@ pub struct MarginRow {
     description = "Node cost is allocated to sandboxes by their share of each node's capacity (GPU-seconds on GPU nodes, vCPU-seconds on others) under the loaded node cost sheet; customers billed in another currency than the cost sheet's are left out. See idlemeter_core::margin.",
     params(FinanceQuery),
     responses((status = 200, body = Vec<MarginRow>),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn margin(
     State(state): AppStateRef,
     Query(query): Query<FinanceQuery>,
@@ -149,8 +147,7 @@ pub struct FinanceLink {
 #[utoipa::path(post, path = "/v1/finance/link", tag = "finance",
     summary = "A short-lived link to the built-in finance page, for a browser (admin keys only)",
     responses((status = 201, body = FinanceLink),
-        Problems),
-    security(("api_key" = [])))]
+        Problems))]
 pub async fn finance_link(
     State(state): AppStateRef,
     Extension(principal): Extension<Principal>,

@@ -35,10 +35,9 @@ pub struct InvoiceList {
 #[utoipa::path(get, path = "/v1/customers/{customer}/credit-notes", tag = "invoices",
     summary = "Credit notes on the customer's invoices, oldest first",
     description = "Each note credits amounts of one issued invoice (which never changes) and says where its total went: `next_invoice` (the credit balance, applied by the next invoice's `balance.applied` line) or `wallet` (a deposit).",
-    params(("customer" = String, Path, description = "Customer id")),
+    params(Tenant),
     responses((status = 200, body = Vec<idlemeter_store::CreditNote>),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn credit_notes(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
@@ -57,10 +56,9 @@ pub async fn credit_notes(
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/invoices", tag = "invoices",
     summary = "Issued invoices, newest first",
-    params(("customer" = String, Path, description = "Customer id"), PageQuery),
+    params(Tenant, PageQuery),
     responses((status = 200, body = InvoiceList),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn invoices(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
@@ -127,11 +125,10 @@ pub struct InvoiceQuery {
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/invoices/{number}", tag = "invoices",
     summary = "One issued invoice, as JSON, CSV or PDF",
-    params(("customer" = String, Path, description = "Customer id"),
+    params(Tenant,
         ("number" = u64, Path, description = "Invoice number"), InvoiceQuery),
     responses((status = 200, description = "The invoice", content((Invoice = "application/json"), (String = "text/csv"), (Vec<u8> = "application/pdf"))),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn invoice(
     State(state): AppStateRef,
     Tenant(customer): Tenant,

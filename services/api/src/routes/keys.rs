@@ -27,8 +27,7 @@ pub struct CreatedKey {
     summary = "Create an API key (admin keys only)",
     request_body = NewKey,
     responses((status = 201, body = CreatedKey),
-        BodyProblems),
-    security(("api_key" = [])))]
+        BodyProblems))]
 pub async fn create_key(
     State(state): AppStateRef,
     Extension(principal): Extension<Principal>,
@@ -67,8 +66,7 @@ pub async fn create_key(
     summary = "Revoke an API key (admin keys only)",
     params(("key_id" = String, Path, description = "Key id (the part after imk_)")),
     responses((status = 204, description = "Revoked"),
-        Problems),
-    security(("api_key" = [])))]
+        Problems))]
 pub async fn revoke_key(
     State(state): AppStateRef,
     Extension(principal): Extension<Principal>,

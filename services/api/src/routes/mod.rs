@@ -130,8 +130,7 @@ pub struct Me {
 
 #[utoipa::path(get, path = "/v1/me", tag = "keys",
     summary = "The calling key: its id, role and tenant",
-    responses((status = 200, body = Me), AuthProblems),
-    security(("api_key" = [])))]
+    responses((status = 200, body = Me), AuthProblems))]
 pub async fn me(Extension(principal): Extension<Principal>) -> axum::Json<Me> {
     let (role, customer) = match &principal.scope {
         Scope::Admin => ("admin", None),

@@ -44,21 +44,10 @@ pub(super) fn sandbox_now(
         || u64::try_from(live.minute.first_ts_ms).unwrap_or(0),
         |row| row.first_seen_ms,
     );
-    Some(SandboxState {
-        sandbox: sample.sandbox.to_string(),
-        state: sample.state.as_str().to_owned(),
-        node: sample.node.to_string(),
-        epoch: sample.epoch.0,
-        first_seen: time_ms(first_seen_ms),
-        last_seen: time_ms(live_ms),
-        vcpu_milli: sample.vcpu.0,
-        mem_bytes: sample.mem_bytes,
-        gpu_model: sample.gpu_model.clone().unwrap_or_default(),
-        gpu_count: sample.gpu_count,
-        disk_bytes: sample.disk_bytes,
-        exec_sessions: sample.exec_sessions,
-        open_conns: sample.open_conns,
-    })
+    Some(sandbox_view(idlemeter_store::SandboxStateRow::of_sample(
+        sample,
+        first_seen_ms,
+    )))
 }
 
 /// The minute a sandbox is in, as far as its samples have arrived: what it
@@ -122,10 +111,9 @@ pub struct SandboxList {
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/sandboxes", tag = "sandboxes",
     summary = "Sandboxes and their current state",
-    params(("customer" = String, Path, description = "Customer id"), PageQuery),
+    params(Tenant, PageQuery),
     responses((status = 200, body = SandboxList),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn sandboxes(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
@@ -208,10 +196,9 @@ pub struct SandboxQuery {
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/sandboxes/{sandbox}", tag = "sandboxes",
     summary = "One sandbox: its current state and recent idle-policy decisions",
-    params(("customer" = String, Path, description = "Customer id"), ("sandbox" = String, Path, description = "Sandbox id"), SandboxQuery),
+    params(Tenant, ("sandbox" = String, Path, description = "Sandbox id"), SandboxQuery),
     responses((status = 200, body = SandboxDetail),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn sandbox(
     State(state): AppStateRef,
     Tenant(customer): Tenant,

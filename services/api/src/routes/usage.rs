@@ -25,10 +25,9 @@ pub struct UsageQuery {
 
 #[utoipa::path(get, path = "/v1/customers/{customer}/usage", tag = "usage",
     summary = "Usage by sandbox, resource and window (minute, hour or day) over a time range",
-    params(("customer" = String, Path, description = "Customer id"), UsageQuery),
+    params(Tenant, UsageQuery),
     responses((status = 200, body = UsagePage),
-        QueryProblems),
-    security(("api_key" = [])))]
+        QueryProblems))]
 pub async fn usage(
     State(state): AppStateRef,
     Tenant(customer): Tenant,
