@@ -167,6 +167,7 @@ async fn store_states(
             // again from them by the close).
             samples: 0,
             revision,
+            counts_rated: 1,
         });
         if rows.len() == INSERT_BATCH {
             store.insert_rating_states(&rows).await?;

@@ -308,22 +308,25 @@ def run_checks(query) -> int:
     # Carried states: the newest per customer in range (as_of is the merge
     # version: one row per customer, period and checksum survives).
     # Columns: customer, period_start, sheet_checksum, as_of, series, state,
-    # rated_at, usage, samples, revision. beta's 3600 state was re-rated
-    # (same as_of, newer revision: b2 wins).
+    # rated_at, usage, samples, revision, counts_rated. beta's 3600 state was
+    # re-rated (same as_of, newer revision: b2 wins); gamma's count was
+    # written before migration 0017 (counts_rated 0) and reads as 0.
     query(
-        "INSERT INTO rating_state VALUES ('acme', 0, 'c1', 3600, 1, 's1', 1, '1x1 0.0=1', 0, 1), "
-        "('acme', 0, 'c1', 7200, 1, 's2', 1, '1x1 0.0=2', 9, 2), "
-        "('beta', 0, 'c1', 3600, 1, 'b1', 1, '1x1 0.0=3', 4, 3), "
-        "('beta', 0, 'c1', 3600, 1, 'b2', 2, '1x1 0.0=4', 5, 4), "
-        "('beta', 0, 'c2', 7200, 1, 'other', 1, '', 0, 5), ('zeta', 0, 'c1', 3600, 1, 'z1', 1, '', 0, 6)"
+        "INSERT INTO rating_state VALUES ('acme', 0, 'c1', 3600, 1, 's1', 1, '1x1 0.0=1', 0, 1, 1), "
+        "('acme', 0, 'c1', 7200, 1, 's2', 1, '1x1 0.0=2', 9, 2, 1), "
+        "('beta', 0, 'c1', 3600, 1, 'b1', 1, '1x1 0.0=3', 4, 3, 1), "
+        "('beta', 0, 'c1', 3600, 1, 'b2', 2, '1x1 0.0=4', 5, 4, 1), "
+        "('gamma', 0, 'c1', 3600, 1, 'g1', 1, '1x1 0.0=5', 7, 5, 0), "
+        "('beta', 0, 'c2', 7200, 1, 'other', 1, '', 0, 5, 1), ('zeta', 0, 'c1', 3600, 1, 'z1', 1, '', 0, 6, 1)"
     )
-    if not check_query("rating_states.sql", "newest before", ("acme", "beta", 0, "c1", 7200),
-                       [["acme", "7200", "s2", "9"], ["beta", "3600", "b2", "5"]]):
+    if not check_query("rating_states.sql", "newest before", ("acme", "gamma", 0, "c1", 7200),
+                       [["acme", "7200", "s2", "9"], ["beta", "3600", "b2", "5"], ["gamma", "3600", "g1", "0"]]):
         return 1
     print("ok  rating_states.sql")
     # customer, as_of, rated_at, usage, samples.
-    if not check_query("rated_quantities.sql", "newest, re-rated wins", ("acme", "beta", 0, "c1"),
-                       [["acme", "7200", "1", "1x1 0.0=2", "9"], ["beta", "3600", "2", "1x1 0.0=4", "5"]]):
+    if not check_query("rated_quantities.sql", "newest, re-rated wins", ("acme", "gamma", 0, "c1"),
+                       [["acme", "7200", "1", "1x1 0.0=2", "9"], ["beta", "3600", "2", "1x1 0.0=4", "5"],
+                        ["gamma", "3600", "1", "1x1 0.0=5", "0"]]):
         return 1
     print("ok  rated_quantities.sql")
 

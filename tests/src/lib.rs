@@ -989,6 +989,7 @@ pub fn period_end_states(
             usage,
             samples: count,
             revision: 1,
+            counts_rated: 1,
         });
     }
     Ok(rows)

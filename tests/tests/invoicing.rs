@@ -1051,3 +1051,39 @@ async fn the_close_bills_samples_the_raters_period_end_state_has_not_rated() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_written_before_states_counted_what_they_rated_is_not_trusted() -> anyhow::Result<()>
+{
+    let env = TestEnv::new("invoice_old_count").await?;
+    let lock = tempfile::tempdir()?;
+    let rated = vec![
+        sample("late-4", "sbx", 1, 1, at(2026, 10, 1), 1000),
+        sample("late-4", "sbx", 1, 2, at(2026, 10, 11), 1000),
+    ];
+    let mut stored = rated.clone();
+    stored.extend(late_half_hour("late-4"));
+    env.store.insert_samples(&stored).await?;
+    // A period-end state as the release before migration 0017 wrote it:
+    // rated without the late half hour, but counting every stored row (the
+    // count taken when its pass began).
+    let mut states =
+        idlemeter_tests::period_end_states(SIMPLE_SHEET, &rated, Period::Month, at(2026, 10, 1))?;
+    for state in &mut states {
+        state.samples = stored.len() as u64;
+        state.counts_rated = 0;
+    }
+    env.store.insert_rating_states(&states).await?;
+    let invoicer = invoicer(&env, "test.toml", SIMPLE_SHEET, &lock.path().join("lock")).await?;
+    let october = invoicer
+        .close_period(at(2026, 10, 1), NOW(), false, &never_billed)
+        .await?
+        .issued
+        .remove(0);
+    assert_eq!(
+        october.total,
+        Decimal::new(24050, 2),
+        "the close rates the period from its samples"
+    );
+    Ok(())
+}

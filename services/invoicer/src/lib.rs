@@ -39,8 +39,8 @@ use idlemeter_core::policy::{IdleRule, Policy, PolicyIdle};
 use idlemeter_core::rating::{CustomerUsage, NumberedSample};
 use idlemeter_core::{bill, Account, BillingTerms, CustomerId, PriceSheet, RatingState};
 use idlemeter_store::{
-    AccountReader, Accounts, Adjusted, BillContext, Counted, CreditNoteRows, IssuedRows,
-    MeteredRange, RatedQuantities, SavedState, SheetSource, Store,
+    unix_ms, unix_seconds, AccountReader, Accounts, Adjusted, BillContext, Counted, CreditNoteRows,
+    IssuedRows, MeteredRange, RatedQuantities, SavedState, SheetSource, Store,
 };
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -735,7 +735,7 @@ impl Invoicer {
         (start, end): (DateTime<Utc>, DateTime<Utc>),
     ) -> Result<Vec<String>> {
         let issuer = &self.terms.issuer;
-        let start_s = unix_secs(start);
+        let start_s = unix_seconds(start);
         let mut customers: BTreeSet<String> = self
             .store
             .rated_customers(start_s, &self.sheet_checksum)
@@ -788,7 +788,7 @@ impl Invoicer {
             Some(FileLock::acquire(&self.config.lock_file).await?)
         };
         let issuer = &self.terms.issuer;
-        let start_s = unix_secs(start);
+        let start_s = unix_seconds(start);
         if !dry_run {
             // Invoices a crashed run issued but did not copy: copied first,
             // so the accounts read below see them.
@@ -886,7 +886,7 @@ impl Invoicer {
             } else if let Some(ledger) = &self.ledger {
                 let waiting = std::time::Instant::now();
                 let (issued, already, refused) = self
-                    .issue_in_ledger(ledger, start, chunk_issued, unix_secs(now), written_ms)
+                    .issue_in_ledger(ledger, start, chunk_issued, unix_seconds(now), written_ms)
                     .await?;
                 outcome.timings.write_wait += waiting.elapsed();
                 outcome.already_issued.extend(already);
@@ -900,7 +900,7 @@ impl Invoicer {
                 }
                 chunk_issued = issued;
             } else {
-                let rows = chunk_rows(&chunk_issued, unix_secs(now), written_ms)?;
+                let rows = chunk_rows(&chunk_issued, unix_seconds(now), written_ms)?;
                 let waiting = std::time::Instant::now();
                 if let Some(previous) = writing.take() {
                     previous
@@ -940,56 +940,26 @@ impl Invoicer {
     }
 
     /// The rater's quantities of the customers `first..=last` for the
-    /// period starting `start` that can be billed as they are: rated
-    /// through `until`, closed (not older than migration 0011), and from
-    /// every distinct sample stored for the period. A customer left out
-    /// is rated from its samples by [`Self::usage_at`].
+    /// period starting `start` that can be billed as they are through
+    /// `until` ([`Store::rated_through`]). A customer left out is rated
+    /// from its samples by [`Self::usage_at`].
     async fn rated_in(
         &self,
         first: &str,
         last: &str,
-        (start, until): (DateTime<Utc>, DateTime<Utc>),
+        period: (DateTime<Utc>, DateTime<Utc>),
     ) -> Result<HashMap<String, RatedQuantities>> {
-        let (from_ms, to_ms) = (unix_ms(start), unix_ms(until));
-        let (rows, stored_rows) = tokio::try_join!(
-            self.store
-                .rated_quantities(first, last, unix_secs(start), &self.sheet_checksum),
-            self.store
-                .sample_counts(Counted::Rows, (first, last), from_ms, to_ms),
-        )?;
-        let count = |counts: &HashMap<String, u64>, customer: &str| {
-            counts.get(customer).copied().unwrap_or(0)
-        };
-        let reaching: Vec<RatedQuantities> = rows
-            .into_iter()
-            .filter(|row| row.as_of >= unix_secs(until) && !row.usage.is_empty())
-            .collect();
-        // Rows awaiting a merge make the row count differ: only there the
-        // distinct samples are counted.
-        let differ: Vec<&str> = reaching
-            .iter()
-            .filter(|row| row.samples != count(&stored_rows, &row.customer))
-            .map(|row| row.customer.as_str())
-            .collect();
-        let distinct = match (differ.first(), differ.last()) {
-            (Some(low), Some(high)) => {
-                self.store
-                    .sample_counts(Counted::Distinct, (low, high), from_ms, to_ms)
-                    .await?
-            }
-            _ => HashMap::new(),
-        };
-        let mut complete = HashMap::new();
-        for row in reaching {
-            let stored = count(&stored_rows, &row.customer);
-            if row.samples != stored && row.samples != count(&distinct, &row.customer) {
+        let rated = self
+            .store
+            .rated_through((first, last), period, &self.sheet_checksum)
+            .await?;
+        for row in &rated.incomplete {
+            if row.as_of >= unix_seconds(period.1) && !row.usage.is_empty() {
                 // The rater re-rates it on a later pass; the close cannot wait.
-                tracing::info!(customer = %row.customer, rated = row.samples, stored, "the rater's period-end state did not rate every stored sample; rating the period from its samples");
-                continue;
+                tracing::info!(customer = %row.customer, rated = row.samples, "the rater's period-end state did not rate every stored sample; rating the period from its samples");
             }
-            complete.insert(row.customer.clone(), row);
         }
-        Ok(complete)
+        Ok(rated.complete)
     }
 
     /// In a dry run: what each already issued invoice of the chunk would
@@ -1215,7 +1185,7 @@ impl Invoicer {
             reason: error.to_string(),
             period_start,
             sheet_checksum: self.sheet_checksum.clone(),
-            detected_at: unix_secs(now),
+            detected_at: unix_seconds(now),
         };
         if let Err(store_error) = self.store.insert_rating_errors(&[row]).await {
             tracing::warn!(%customer, %store_error, "could not store the invoicing error");
@@ -1454,14 +1424,6 @@ impl<'de> Deserialize<'de> for CronSchedule {
             .parse()
             .map_err(serde::de::Error::custom)
     }
-}
-
-fn unix_ms(time: DateTime<Utc>) -> u64 {
-    u64::try_from(time.timestamp_millis()).unwrap_or(0)
-}
-
-fn unix_secs(time: DateTime<Utc>) -> u32 {
-    u32::try_from(time.timestamp()).unwrap_or(0)
 }
 
 /// An exclusive lock on a file, held until dropped.

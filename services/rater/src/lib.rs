@@ -48,8 +48,9 @@ use idlemeter_core::{
     NumberedSample, PriceSheet, RateReport, RatingState, UsageSample,
 };
 use idlemeter_store::{
-    ratings_checksum, to_column, AccountReader, Accounts, Counted, Currencies, CurrencyLane,
-    MeteredRange, RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow, Store,
+    ratings_checksum, to_column, unix_ms, unix_seconds, AccountReader, Accounts, Counted,
+    Currencies, CurrencyLane, MeteredRange, RatedLineRow, RatingChangeRow, RatingErrorRow,
+    RatingStateRow, Store,
 };
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -546,9 +547,9 @@ impl Rater {
                 // One query for what this sheet already rated, not one per hour.
                 let rated = self
                     .store
-                    .rated_hours(customer, unix_secs(period_start), &self.sheet_checksum)
+                    .rated_hours(customer, unix_seconds(period_start), &self.sheet_checksum)
                     .await?;
-                if rated.contains(&unix_secs(period_end)) {
+                if rated.contains(&unix_seconds(period_end)) {
                     // Rated through the newest closed hour: nothing is due
                     // (late samples of a finished period: `rerate_late`).
                     pass.snapshots_present += 1;
@@ -568,7 +569,7 @@ impl Rater {
                     .collect();
                 due.insert(period_end);
                 for as_of in due {
-                    if rated.contains(&unix_secs(as_of)) {
+                    if rated.contains(&unix_seconds(as_of)) {
                         pass.snapshots_present += 1;
                     } else if let Err(error) = self
                         .rate_snapshot(customer, (period_start, as_of), now, &mut pass)
@@ -633,23 +634,27 @@ impl Rater {
             return Ok(());
         }
         let end = self.period().next(period_start);
+        // States older than migration 0011 (no closed quantities) are left
+        // alone: their periods were invoiced from samples, and re-rating them
+        // now would start adjusting invoices an older release issued.
         let rated: HashMap<String, (u32, u64)> = self
             .store
             .rated_quantities(
                 "",
                 "\u{10ffff}",
-                unix_secs(period_start),
+                unix_seconds(period_start),
                 &self.sheet_checksum,
             )
             .await?
             .into_iter()
+            .filter(|row| !row.usage.is_empty())
             .map(|row| (row.customer, (row.as_of, row.samples)))
             .collect();
         for (customer, _, count) in customers {
             let Some(&(as_of, rated)) = rated.get(customer.as_str()) else {
                 continue;
             };
-            if as_of != unix_secs(end) || rated == *count {
+            if as_of != unix_seconds(end) || rated == *count {
                 continue;
             }
             let stored = self
@@ -738,8 +743,11 @@ impl Rater {
         let Some(bill) = bill_of(report, customer) else {
             return Ok(());
         };
-        let (period_secs, as_of_secs, rated_at) =
-            (unix_secs(period_start), unix_secs(as_of), unix_secs(now));
+        let (period_secs, as_of_secs, rated_at) = (
+            unix_seconds(period_start),
+            unix_seconds(as_of),
+            unix_seconds(now),
+        );
         let mut rows = self.bill_rows(report, bill, period_secs, as_of_secs, rated_at)?;
         let old = self
             .store
@@ -768,7 +776,7 @@ impl Rater {
         now: DateTime<Utc>,
         pass: &mut RatingPass,
     ) -> Result<()> {
-        let (period_secs, as_of_secs) = (unix_secs(period_start), unix_secs(as_of));
+        let (period_secs, as_of_secs) = (unix_seconds(period_start), unix_seconds(as_of));
         // Snapshots of other sheet versions: the new one is explained against them.
         let existing = self
             .store
@@ -811,7 +819,7 @@ impl Rater {
         let Some(bill) = bill_of(&report, customer) else {
             return Ok(());
         };
-        let rated_at = unix_secs(now);
+        let rated_at = unix_seconds(now);
         let rows = self.bill_rows(&report, bill, period_secs, as_of_secs, rated_at)?;
         self.store.insert_rated_lines(&rows).await?;
         self.metrics.snapshots_written.inc();
@@ -858,15 +866,16 @@ impl Rater {
         self.store
             .insert_rating_state(&RatingStateRow {
                 customer: customer.to_string(),
-                period_start: unix_secs(period_start),
+                period_start: unix_seconds(period_start),
                 sheet_checksum: self.sheet_checksum.clone(),
-                as_of: unix_secs(as_of),
+                as_of: unix_seconds(as_of),
                 series: u32::try_from(state.series_count()).unwrap_or(u32::MAX),
                 state: state.to_json(),
-                rated_at: unix_secs(now),
+                rated_at: unix_seconds(now),
                 usage,
                 samples: rated.samples,
                 revision: wall_clock_ms(),
+                counts_rated: 1,
             })
             .await?;
         Ok(report)
@@ -1109,9 +1118,9 @@ impl Rater {
                     seq: sample.map_or(0, |s| s.seq),
                     field: error.field.clone(),
                     reason: error.reason.clone(),
-                    period_start: unix_secs(period_start),
+                    period_start: unix_seconds(period_start),
                     sheet_checksum: self.sheet_checksum.clone(),
-                    detected_at: unix_secs(now),
+                    detected_at: unix_seconds(now),
                 }
             })
             .collect();
@@ -1137,9 +1146,9 @@ impl Rater {
             seq: 0,
             field: "customer".to_owned(),
             reason: error.to_string(),
-            period_start: unix_secs(period_start),
+            period_start: unix_seconds(period_start),
             sheet_checksum: self.sheet_checksum.clone(),
-            detected_at: unix_secs(now),
+            detected_at: unix_seconds(now),
         };
         if let Err(store_error) = self.store.insert_rating_errors(&[row]).await {
             tracing::warn!(%customer, %store_error, "could not store the rating error");
@@ -1418,9 +1427,9 @@ impl Rater {
             Some(bill) => self.bill_rows(
                 &report,
                 bill,
-                unix_secs(period_start),
+                unix_seconds(period_start),
                 as_of_secs,
-                unix_secs(now),
+                unix_seconds(now),
             )?,
             None => Vec::new(),
         };
@@ -1649,14 +1658,6 @@ fn numbered(samples: impl IntoIterator<Item = UsageSample>) -> Vec<NumberedSampl
 
 fn short(checksum: &str) -> &str {
     checksum.get(..12).unwrap_or(checksum)
-}
-
-fn unix_ms(time: DateTime<Utc>) -> u64 {
-    u64::try_from(time.timestamp_millis()).unwrap_or(0)
-}
-
-fn unix_secs(time: DateTime<Utc>) -> u32 {
-    u32::try_from(time.timestamp()).unwrap_or(0)
 }
 
 /// Orders two writes of the same state (not a time anything is billed at).

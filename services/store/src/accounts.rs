@@ -208,16 +208,20 @@ impl AccountReader<'_> {
         };
         let mut adjustments: BTreeMap<String, Vec<idlemeter_core::Adjustment>> = BTreeMap::new();
         for (earlier_period, rows) in &lookback {
-            let rated: HashMap<String, crate::RatedQuantities> = self
+            // Only quantities rated through the period's end from every
+            // sample stored for it: a state still short of late samples
+            // would adjust by less than the usage (even credit back what
+            // the invoice billed from the samples); the rater re-rates it,
+            // and a later invoice adjusts.
+            let earlier_start = time(*earlier_period);
+            let period = (earlier_start, self.terms.period.next(earlier_start));
+            let rated = self
                 .store
-                .rated_quantities(first, last, *earlier_period, self.sheet_checksum)
+                .rated_through((first, last), period, self.sheet_checksum)
                 .await?
-                .into_iter()
-                .map(|row| (row.customer.clone(), row))
-                .collect();
+                .complete;
             for row in rows {
-                let Some(quantities) = rated.get(&row.customer).filter(|q| !q.usage.is_empty())
-                else {
+                let Some(quantities) = rated.get(&row.customer) else {
                     out.not_adjustable
                         .push((row.customer.clone(), *earlier_period));
                     continue;
@@ -226,14 +230,13 @@ impl AccountReader<'_> {
                 let usage =
                     CustomerUsage::from_text(&quantities.usage, customer.clone(), self.sheet)
                         .map_err(|error| Error::BadRow(error.to_string()))?;
-                let earlier_start = time(row.period_start);
                 let invoiced = InvoicedPeriod {
                     subscription: subscription(
                         self.sheet,
                         &customer,
                         plan_changes.get(&row.customer).map(Vec::as_slice),
                         earlier_start,
-                        self.terms.period.next(earlier_start),
+                        period.1,
                     ),
                     period_start: earlier_start,
                     subtotal: from_column(row.subtotal)?,

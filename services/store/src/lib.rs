@@ -55,9 +55,9 @@ pub use rated::{
 pub use samples::SampleRow;
 pub use sandboxes::{SandboxStateRow, SANDBOX_STATE_SQL};
 pub use spend::{LatestSpend, SnapshotLine, SNAPSHOT_LINES_SQL};
-pub use state::{RatedQuantities, RatingErrorRow, RatingStateRow, SavedState};
+pub use state::{RatedQuantities, RatedThrough, RatingErrorRow, RatingStateRow, SavedState};
 pub use usage::{
-    unix_seconds, SandboxRange, Window, USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
+    unix_ms, unix_seconds, SandboxRange, Window, USAGE_WINDOW_MINUTE_SQL, USAGE_WINDOW_ROLLUP_SQL,
 };
 
 /// Where and as whom to reach ClickHouse.

@@ -57,6 +57,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0014_customers.sql"),
     migration!("0015_node_costs.sql"),
     migration!("0016_invoice_buyer.sql"),
+    migration!("0017_rating_state_counts.sql"),
 ];
 
 impl Migration {

@@ -1,11 +1,13 @@
 //! What the rater carries between passes, its live figures and the samples
 //! it refused (migration 0009).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use idlemeter_core::{CustomerId, PriceSheet, RatingState};
 
 use crate::sql::{statement, Fetch};
-use crate::{unix_seconds, RatedLineRow, Result, Store};
+use crate::{unix_ms, unix_seconds, Counted, RatedLineRow, Result, Store};
 
 /// A customer's rating state as the rater saved it, loaded for a sheet.
 #[derive(Debug)]
@@ -43,13 +45,14 @@ pub struct RatingStateRow {
     pub usage: String,
     /// How many distinct samples of the period, taken before `as_of`, the
     /// state has rated: what the rater compares with the samples stored
-    /// for the period (migration 0011). States written before this count
-    /// was kept for every hour have 0 except at a period's end; rows
-    /// older than migration 0011 have 0 everywhere. A state whose count
-    /// falls short is re-rated, or rated again by the close.
+    /// for the period (migration 0011). A state whose count falls short is
+    /// re-rated, or rated again by the close.
     pub samples: u64,
     /// Orders states of the same as_of: wall-clock ms of the write.
     pub revision: u64,
+    /// 1: `samples` counts what the state rated (migration 0017). Rows
+    /// written before have 0, and readers take their count as 0.
+    pub counts_rated: u8,
 }
 
 /// A customer's newest rated quantities in a period (see
@@ -64,6 +67,16 @@ pub struct RatedQuantities {
     pub usage: String,
     /// See [`RatingStateRow::samples`].
     pub samples: u64,
+}
+
+/// What [`Store::rated_through`] found.
+#[derive(Debug, Default)]
+pub struct RatedThrough {
+    /// The customers whose quantities can be billed as they are.
+    pub complete: HashMap<String, RatedQuantities>,
+    /// The others with a state in the period: rated short of `until`,
+    /// older than migration 0011, or short of samples stored since.
+    pub incomplete: Vec<RatedQuantities>,
 }
 
 /// One sample rating refused, and why.
@@ -171,6 +184,60 @@ impl Store {
         )
         .all(format!("rated quantities of {first} .. {last}"))
         .await
+    }
+
+    /// [`Self::rated_quantities`] of the customers `first..=last` in the
+    /// period starting `period_start`, split by whether they can be billed
+    /// as they are through `until`: rated through it, closed (not older
+    /// than migration 0011), and from every distinct sample stored in
+    /// `[period_start, until)` (the state's count equals the stored rows,
+    /// or, where those differ because a replay's rows await a merge, the
+    /// distinct samples). What the close bills and what an adjustment
+    /// compares an issued invoice with.
+    pub async fn rated_through(
+        &self,
+        (first, last): (&str, &str),
+        (period_start, until): (DateTime<Utc>, DateTime<Utc>),
+        sheet_checksum: &str,
+    ) -> Result<RatedThrough> {
+        let (from_ms, to_ms) = (unix_ms(period_start), unix_ms(until));
+        let (rows, stored_rows) = futures::try_join!(
+            self.rated_quantities(first, last, unix_seconds(period_start), sheet_checksum),
+            self.sample_counts(Counted::Rows, (first, last), from_ms, to_ms),
+        )?;
+        let count = |counts: &HashMap<String, u64>, customer: &str| {
+            counts.get(customer).copied().unwrap_or(0)
+        };
+        let (reaching, mut incomplete): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|row| row.as_of >= unix_seconds(until) && !row.usage.is_empty());
+        let differ: Vec<&str> = reaching
+            .iter()
+            .filter(|row| row.samples != count(&stored_rows, &row.customer))
+            .map(|row| row.customer.as_str())
+            .collect();
+        let distinct = match (differ.first(), differ.last()) {
+            (Some(low), Some(high)) => {
+                self.sample_counts(Counted::Distinct, (low, high), from_ms, to_ms)
+                    .await?
+            }
+            _ => HashMap::new(),
+        };
+        let mut complete = HashMap::new();
+        for row in reaching {
+            let customer = row.customer.as_str();
+            if row.samples == count(&stored_rows, customer)
+                || row.samples == count(&distinct, customer)
+            {
+                complete.insert(row.customer.clone(), row);
+            } else {
+                incomplete.push(row);
+            }
+        }
+        Ok(RatedThrough {
+            complete,
+            incomplete,
+        })
     }
 
     /// Replaces the customer's live figure with these lines (all of one

@@ -92,6 +92,11 @@ pub fn unix_seconds(time: DateTime<Utc>) -> u32 {
     u32::try_from(time.timestamp().max(0)).unwrap_or(u32::MAX)
 }
 
+/// Unix milliseconds of `time` (0 before 1970), as the `*_ms` columns hold them.
+pub fn unix_ms(time: DateTime<Utc>) -> u64 {
+    u64::try_from(time.timestamp_millis()).unwrap_or(0)
+}
+
 impl Store {
     /// Sandboxes of `customer` with samples in `[from, to)`, after `after` (in
     /// id order), at most `limit`, or only `only` when given.
