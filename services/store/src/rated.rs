@@ -265,7 +265,9 @@ impl Store {
 
     /// How many samples each customer from `first` to `last` (inclusive)
     /// has stored in `[from_ms, to_ms)`, counted as `counted` says;
-    /// customers with none are absent.
+    /// customers with none are absent. The bounds on `ts` (whole seconds,
+    /// a superset of the range) let ClickHouse skip the months outside it
+    /// (`usage_samples` is partitioned by the month of `ts`).
     pub async fn sample_counts(
         &self,
         counted: Counted,
@@ -280,7 +282,9 @@ impl Store {
         let sql = format!(
             "SELECT customer, count() FROM {table} \
              WHERE customer >= {{first}} AND customer <= {{last}} \
-             AND ts_ms >= {{from_ms}} AND ts_ms < {{to_ms}} GROUP BY customer"
+             AND ts_ms >= {{from_ms}} AND ts_ms < {{to_ms}} \
+             AND ts >= toDateTime(intDiv({{from_ms}}, 1000)) \
+             AND ts <= toDateTime(intDiv({{to_ms}}, 1000)) GROUP BY customer"
         );
         let rows: Vec<(String, u64)> = statement!(self.client, &sql, first, last, from_ms, to_ms)
             .all(format!("{counted:?} sample counts of {first} .. {last}"))
