@@ -93,7 +93,6 @@ impl Invoicer {
             Some(FileLock::acquire(&self.config.lock_file).await?)
         };
         let issuer = &self.terms.issuer;
-        let start_s = unix_seconds(start);
         if !dry_run {
             // Invoices a crashed run issued but did not copy: copied first,
             // so the accounts read below see them.
@@ -110,11 +109,16 @@ impl Invoicer {
         let mut outcome = CloseOutcome::default();
         let mut next = self.store.last_invoice_number(issuer).await? + 1;
         let mut computed = 0;
-        // Above every line written before, whatever this host's clock says,
-        // so this run's lines replace a crashed run's.
-        let written_ms = u64::try_from(Utc::now().timestamp_millis())
-            .unwrap_or(0)
-            .max(self.store.last_line_version(issuer).await? + 1);
+        let run = Run {
+            period: (start, end),
+            now,
+            dry_run,
+            // Above every line written before, whatever this host's clock
+            // says, so this run's lines replace a crashed run's.
+            written_ms: u64::try_from(Utc::now().timestamp_millis())
+                .unwrap_or(0)
+                .max(self.store.last_line_version(issuer).await? + 1),
+        };
         // One chunk's write runs while the next chunk is read and billed;
         // a chunk's headers are written only after the previous chunk's,
         // so numbers stay in order and without gaps across a crash.
@@ -123,100 +127,23 @@ impl Invoicer {
             idlemeter_core::ids::id_ranges(&customers, self.config.chunk_customers)
         {
             let reading = std::time::Instant::now();
-            let reader = self.accounts(Some(&adjusted));
-            let (accounts, rated, metered) = tokio::try_join!(
-                async { Ok::<_, Error>(reader.read(first, last, start, end).await?) },
-                self.rated_in(first, last, (start, end)),
-                self.metered_in((first, last), start, end),
-            )?;
+            let read = self
+                .read_chunk((first, last), run.period, &adjusted)
+                .await?;
             outcome.timings.read += reading.elapsed();
             let billing = std::time::Instant::now();
-            outcome.not_adjustable += accounts.not_adjustable.len();
-            let mut chunk_issued = Vec::new();
-            for customer in chunk {
+            let mut billed = || {
                 computed += 1;
                 progress(computed, customers.len());
-                if let Some(header) = accounts.invoiced_now.get(customer) {
-                    outcome
-                        .already_issued
-                        .push(Invoice::from_rows(header, &[])?);
-                    continue;
-                }
-                if accounts.invoiced_later.contains(customer) {
-                    outcome.behind_a_later_invoice.push(customer.clone());
-                    continue;
-                }
-                match self
-                    .invoice_of(
-                        customer,
-                        (start, end),
-                        &accounts,
-                        (rated.get(customer), &metered),
-                        next,
-                    )
-                    .await
-                {
-                    Ok((Some(invoice), caught_up)) => {
-                        outcome.caught_up += usize::from(caught_up);
-                        // Every amount must fit its column, checked here so
-                        // that one customer's cannot fail the chunk's insert.
-                        if let Err(unfit) = invoice.to_rows(0, 0) {
-                            let error = Error::Amount {
-                                customer: customer.clone(),
-                                reason: unfit.to_string(),
-                            };
-                            self.failed(customer, start_s, now, dry_run, error, &mut outcome)
-                                .await;
-                            continue;
-                        }
-                        chunk_issued.push(invoice);
-                        next += 1;
-                    }
-                    Ok((None, caught_up)) => {
-                        outcome.caught_up += usize::from(caught_up);
-                        outcome.nothing_to_bill += 1;
-                    }
-                    // The store failing is everyone's problem.
-                    Err(Error::Store(error)) => return Err(Error::Store(error)),
-                    Err(error) => {
-                        self.failed(customer, start_s, now, dry_run, error, &mut outcome)
-                            .await
-                    }
-                }
-            }
+            };
+            let chunk_issued = self
+                .bill_chunk(&run, chunk, &read, &mut next, &mut outcome, &mut billed)
+                .await?;
             outcome.timings.bill += billing.elapsed();
-            if dry_run {
-                self.compare_issued(&mut outcome, (start, end), &accounts, (&rated, &metered))
-                    .await?;
-            } else if let Some(ledger) = &self.ledger {
-                let waiting = std::time::Instant::now();
-                let (issued, already, refused) = self
-                    .issue_in_ledger(ledger, start, chunk_issued, unix_seconds(now), written_ms)
-                    .await?;
-                outcome.timings.write_wait += waiting.elapsed();
-                outcome.already_issued.extend(already);
-                for (customer, reason) in refused {
-                    let error = Error::Amount {
-                        customer: customer.clone(),
-                        reason,
-                    };
-                    self.failed(&customer, start_s, now, dry_run, error, &mut outcome)
-                        .await;
-                }
-                chunk_issued = issued;
-            } else {
-                let rows = chunk_rows(&chunk_issued, unix_seconds(now), written_ms)?;
-                let waiting = std::time::Instant::now();
-                if let Some(previous) = writing.take() {
-                    previous
-                        .await
-                        .map_err(|error| Error::Write(error.to_string()))??;
-                }
-                outcome.timings.write_wait += waiting.elapsed();
-                let store = self.store.clone();
-                writing = Some(tokio::spawn(async move { write_rows(&store, rows).await }));
-            }
-            outcome.count_issued(chunk_issued, self.config.keep_issued);
+            let issued = self
+                .write_chunk(&run, chunk_issued, &read, &mut writing, &mut outcome)
+                .await?;
+            outcome.count_issued(issued, self.config.keep_issued);
         }
         if let Some(last) = writing.take() {
             let waiting = std::time::Instant::now();
@@ -242,6 +169,151 @@ impl Invoicer {
             );
         }
         Ok(outcome)
+    }
+
+    /// What billing the customers `first..=last` reads: their accounts (with
+    /// the adjustments already issued, `adjusted`), the rater's quantities
+    /// and their metered usage, in parallel.
+    async fn read_chunk(
+        &self,
+        (first, last): (&str, &str),
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+        adjusted: &Adjusted,
+    ) -> Result<ChunkRead> {
+        let reader = self.accounts(Some(adjusted));
+        let (accounts, rated, metered) = tokio::try_join!(
+            async { Ok::<_, Error>(reader.read(first, last, start, end).await?) },
+            self.rated_in(first, last, (start, end)),
+            self.metered_in((first, last), start, end),
+        )?;
+        Ok(ChunkRead {
+            accounts,
+            rated,
+            metered,
+        })
+    }
+
+    /// Bills each customer of a chunk, numbering the invoices from `next`;
+    /// returns them. A customer whose invoice cannot be computed is
+    /// reported and left out; the store failing fails the close.
+    async fn bill_chunk(
+        &self,
+        run: &Run,
+        chunk: &[String],
+        read: &ChunkRead,
+        next: &mut u64,
+        outcome: &mut CloseOutcome,
+        billed: &mut (dyn FnMut() + Send),
+    ) -> Result<Vec<Invoice>> {
+        let start_s = unix_seconds(run.period.0);
+        let mut issued = Vec::new();
+        outcome.not_adjustable += read.accounts.not_adjustable.len();
+        for customer in chunk {
+            billed();
+            if let Some(header) = read.accounts.invoiced_now.get(customer) {
+                outcome
+                    .already_issued
+                    .push(Invoice::from_rows(header, &[])?);
+                continue;
+            }
+            if read.accounts.invoiced_later.contains(customer) {
+                outcome.behind_a_later_invoice.push(customer.clone());
+                continue;
+            }
+            let invoice = self
+                .invoice_of(
+                    customer,
+                    run.period,
+                    &read.accounts,
+                    (read.rated.get(customer), &read.metered),
+                    *next,
+                )
+                .await;
+            match invoice {
+                Ok((Some(invoice), caught_up)) => {
+                    outcome.caught_up += usize::from(caught_up);
+                    // Every amount must fit its column, checked here so
+                    // that one customer's cannot fail the chunk's insert.
+                    if let Err(unfit) = invoice.to_rows(0, 0) {
+                        let error = Error::Amount {
+                            customer: customer.clone(),
+                            reason: unfit.to_string(),
+                        };
+                        self.failed(customer, start_s, run.now, run.dry_run, error, outcome)
+                            .await;
+                        continue;
+                    }
+                    issued.push(invoice);
+                    *next += 1;
+                }
+                Ok((None, caught_up)) => {
+                    outcome.caught_up += usize::from(caught_up);
+                    outcome.nothing_to_bill += 1;
+                }
+                // The store failing is everyone's problem.
+                Err(Error::Store(error)) => return Err(Error::Store(error)),
+                Err(error) => {
+                    self.failed(customer, start_s, run.now, run.dry_run, error, outcome)
+                        .await
+                }
+            }
+        }
+        Ok(issued)
+    }
+
+    /// Issues a chunk's invoices: in the ledger when there is one (which
+    /// may refuse some, reported here), else in ClickHouse, written in the
+    /// background (`writing`) after the previous chunk's write; a dry run
+    /// writes nothing and compares the chunk's issued invoices instead.
+    /// Returns the invoices issued.
+    async fn write_chunk(
+        &self,
+        run: &Run,
+        invoices: Vec<Invoice>,
+        read: &ChunkRead,
+        writing: &mut Option<tokio::task::JoinHandle<Result<()>>>,
+        outcome: &mut CloseOutcome,
+    ) -> Result<Vec<Invoice>> {
+        let now_s = unix_seconds(run.now);
+        if run.dry_run {
+            self.compare_issued(
+                outcome,
+                run.period,
+                &read.accounts,
+                (&read.rated, &read.metered),
+            )
+            .await?;
+            return Ok(invoices);
+        }
+        if let Some(ledger) = &self.ledger {
+            let waiting = std::time::Instant::now();
+            let (issued, already, refused) = self
+                .issue_in_ledger(ledger, run.period.0, invoices, now_s, run.written_ms)
+                .await?;
+            outcome.timings.write_wait += waiting.elapsed();
+            outcome.already_issued.extend(already);
+            for (customer, reason) in refused {
+                let error = Error::Amount {
+                    customer: customer.clone(),
+                    reason,
+                };
+                let start_s = unix_seconds(run.period.0);
+                self.failed(&customer, start_s, run.now, false, error, outcome)
+                    .await;
+            }
+            return Ok(issued);
+        }
+        let rows = chunk_rows(&invoices, now_s, run.written_ms)?;
+        let waiting = std::time::Instant::now();
+        if let Some(previous) = writing.take() {
+            previous
+                .await
+                .map_err(|error| Error::Write(error.to_string()))??;
+        }
+        outcome.timings.write_wait += waiting.elapsed();
+        let store = self.store.clone();
+        *writing = Some(tokio::spawn(async move { write_rows(&store, rows).await }));
+        Ok(invoices)
     }
 
     /// The rater's quantities of the customers `first..=last` for the
@@ -556,6 +628,22 @@ pub struct CloseTimings {
     pub read: Duration,
     pub bill: Duration,
     pub write_wait: Duration,
+}
+
+/// What one close is: its period, when it runs, whether it writes, and
+/// the version its lines are written with.
+struct Run {
+    period: (DateTime<Utc>, DateTime<Utc>),
+    now: DateTime<Utc>,
+    dry_run: bool,
+    written_ms: u64,
+}
+
+/// What a close reads for a chunk of customers.
+struct ChunkRead {
+    accounts: Accounts,
+    rated: HashMap<String, RatedQuantities>,
+    metered: MeteredRange,
 }
 
 /// A chunk's invoices as rows: (headers, lines).
