@@ -169,8 +169,6 @@ pub struct Billing {
     /// The version of the idle rule the rater classifies with.
     pub(crate) idle_policy: String,
     pub(crate) terms: idlemeter_core::BillingTerms,
-    pub(crate) tax_rates:
-        std::collections::BTreeMap<idlemeter_core::CustomerId, rust_decimal::Decimal>,
 }
 
 impl Billing {
@@ -185,7 +183,6 @@ impl Billing {
             sheet_label: source.sheet_label.to_owned(),
             sheet_checksum: source.checksum(),
             idle_policy: source.idle_version()?,
-            tax_rates: terms.tax_rates.rates().clone(),
             terms,
         })
     }
@@ -212,7 +209,7 @@ impl AppState {
         idlemeter_store::AccountReader {
             store: &self.store,
             terms: &billing.terms,
-            tax_rates: &billing.tax_rates,
+            tax_rates: billing.terms.tax_rates.rates(),
             sheet: &billing.sheet,
             sheet_checksum: &billing.sheet_checksum,
             adjusted: None,

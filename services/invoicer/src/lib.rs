@@ -124,7 +124,6 @@ pub struct Invoicer {
     idle: IdleRule,
     config: InvoicerConfig,
     terms: BillingTerms,
-    tax_rates: BTreeMap<CustomerId, Decimal>,
     /// The meters the sheet prices (none unless [`Invoicer::with_meters`]).
     meters: PricedMeters,
     /// Where numbers are claimed and invoices issued, when configured
@@ -152,7 +151,6 @@ impl Invoicer {
             }
             None => IdleRule::SessionOrConnection,
         };
-        let tax_rates = terms.tax_rates.rates().clone();
         Ok(Self {
             store,
             sheet,
@@ -163,7 +161,6 @@ impl Invoicer {
             idle,
             config,
             terms,
-            tax_rates,
             meters: PricedMeters::default(),
             ledger: None,
             metrics: None,
@@ -263,7 +260,7 @@ impl Invoicer {
         AccountReader {
             store: &self.store,
             terms: &self.terms,
-            tax_rates: &self.tax_rates,
+            tax_rates: self.terms.tax_rates.rates(),
             sheet: &self.sheet,
             sheet_checksum: &self.sheet_checksum,
             adjusted,

@@ -120,7 +120,6 @@ pub struct Rater {
     sheet_checksum: String,
     config: RaterConfig,
     terms: BillingTerms,
-    tax_rates: std::collections::BTreeMap<CustomerId, Decimal>,
     idle: IdleRule,
     /// The meters the sheet prices (none unless [`Self::with_meters`]).
     meters: PricedMeters,
@@ -169,7 +168,6 @@ impl Rater {
             sheet_checksum,
             config,
             terms: BillingTerms::default(),
-            tax_rates: std::collections::BTreeMap::new(),
             idle: IdleRule::SessionOrConnection,
             meters: PricedMeters::default(),
             metrics,
@@ -287,7 +285,6 @@ impl Rater {
     /// terms the invoicer and the API are given, so that every figure is
     /// the invoice's.
     pub fn with_terms(mut self, terms: BillingTerms) -> Result<Self> {
-        self.tax_rates = terms.tax_rates.rates().clone();
         self.terms = terms;
         Ok(self)
     }
@@ -309,7 +306,7 @@ impl Rater {
         AccountReader {
             store: &self.store,
             terms: &self.terms,
-            tax_rates: &self.tax_rates,
+            tax_rates: self.terms.tax_rates.rates(),
             sheet: &self.sheet,
             sheet_checksum: &self.sheet_checksum,
             adjusted: None,
