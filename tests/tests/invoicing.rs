@@ -254,19 +254,7 @@ async fn late_usage_is_an_adjustment_on_the_next_invoice_and_the_issued_one_neve
     // changed after its last hour was rated.
     rate_month(&env, SIMPLE_SHEET, 11).await?;
     // What the API and alerts read for October is the re-rated figure.
-    let october_end = at(2026, 11, 1).timestamp() as u32;
-    let rated: Decimal = env
-        .store
-        .rated_lines(
-            &idlemeter_core::CustomerId::parse("late-1".to_owned())?,
-            at(2026, 10, 1).timestamp() as u32,
-            &idlemeter_store::ratings_checksum(SIMPLE_SHEET, None),
-            october_end,
-        )
-        .await?
-        .iter()
-        .map(|line| idlemeter_store::from_column(line.amount))
-        .sum::<Result<Decimal, _>>()?;
+    let rated = october_rated(&env, "late-1").await?;
     assert_eq!(rated, Decimal::from(480), "October's snapshot re-rated");
     // Rerunning October's close changes nothing: it is issued.
     let rerun = invoicer

@@ -507,17 +507,11 @@ impl Invoicer {
                 (RatingState::new(&self.sheet), unix_ms(start))
             }
         };
-        let samples: Vec<NumberedSample> = self
-            .store
-            .samples_for_rating(customer, from_ms, unix_ms(until))
-            .await?
-            .into_iter()
-            .enumerate()
-            .map(|(position, sample)| NumberedSample {
-                line: position as u64 + 1,
-                sample,
-            })
-            .collect();
+        let samples = NumberedSample::numbered(
+            self.store
+                .samples_for_rating(customer, from_ms, unix_ms(until))
+                .await?,
+        );
         state.advance(&self.sheet, &samples, &self.idle);
         let usage = state
             .usage(&self.sheet, &self.idle)

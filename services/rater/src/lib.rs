@@ -367,7 +367,7 @@ impl Rater {
         to_ms: u64,
         read: &mut usize,
     ) -> Result<Vec<NumberedSample>> {
-        let samples = numbered(
+        let samples = NumberedSample::numbered(
             self.store
                 .samples_for_rating(customer, from_ms, to_ms)
                 .await?,
@@ -606,17 +606,6 @@ pub async fn feed_from_kafka(
 }
 
 /// Samples numbered by position from 1, the line numbers rating reports.
-fn numbered(samples: impl IntoIterator<Item = UsageSample>) -> Vec<NumberedSample> {
-    samples
-        .into_iter()
-        .enumerate()
-        .map(|(position, sample)| NumberedSample {
-            line: position as u64 + 1,
-            sample,
-        })
-        .collect()
-}
-
 fn short(checksum: &str) -> &str {
     checksum.get(..12).unwrap_or(checksum)
 }

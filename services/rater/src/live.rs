@@ -80,7 +80,7 @@ impl Rater {
         // Grouped by moving each sample once (a pass at 100k samples/s holds
         // a second of them; sorting them would move each many times).
         let mut by_customer: HashMap<CustomerId, Vec<NumberedSample>> = HashMap::new();
-        for numbered in numbered(recent) {
+        for numbered in NumberedSample::numbered(recent) {
             match by_customer.get_mut(&numbered.sample.customer) {
                 Some(group) => group.push(numbered),
                 None => {
@@ -174,7 +174,7 @@ impl Rater {
                 let (mut state, resumed_ms) = states
                     .remove(customer.as_str())
                     .unwrap_or_else(|| (RatingState::new(&self.sheet), unix_ms(period_start)));
-                let own = numbered(
+                let own = NumberedSample::numbered(
                     samples
                         .iter()
                         .filter(|sample| &sample.customer == customer)

@@ -35,6 +35,18 @@ pub struct NumberedSample {
     pub sample: UsageSample,
 }
 
+impl NumberedSample {
+    /// `samples` numbered by position from 1, as the lines of a file are:
+    /// what a reader numbers the samples it read from a store with.
+    pub fn numbered(samples: impl IntoIterator<Item = UsageSample>) -> Vec<Self> {
+        samples
+            .into_iter()
+            .zip(1..)
+            .map(|(sample, line)| Self { line, sample })
+            .collect()
+    }
+}
+
 /// Rated quantities of one customer, in base units, per (version, slot).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerUsage {
