@@ -185,10 +185,15 @@ impl Rater {
             return Ok(());
         }
         let end = self.period().next(period_start);
-        // States older than migration 0011 (no closed quantities) are left
-        // alone: their periods were invoiced from samples, and re-rating them
-        // now would start adjusting invoices an older release issued.
-        let rated: HashMap<String, (u32, u64)> = self
+        let mine: HashMap<&str, &CustomerId> = customers
+            .iter()
+            .map(|(customer, _, _)| (customer.as_str(), customer))
+            .collect();
+        let stored_rows: HashMap<String, u64> = customers
+            .iter()
+            .map(|(customer, _, rows)| (customer.to_string(), *rows))
+            .collect();
+        let rated: Vec<_> = self
             .store
             .rated_quantities(
                 "",
@@ -198,32 +203,27 @@ impl Rater {
             )
             .await?
             .into_iter()
-            .filter(|row| !row.usage.is_empty())
-            .map(|row| (row.customer, (row.as_of, row.samples)))
+            .filter(|row| mine.contains_key(row.customer.as_str()))
             .collect();
-        for (customer, _, count) in customers {
-            let Some(&(as_of, rated)) = rated.get(customer.as_str()) else {
+        // The states not complete through the period's end: those that
+        // reach it but did not rate every stored sample. States older than
+        // migration 0011 (no closed quantities) are never complete, and are
+        // left alone: their periods were invoiced from samples, and
+        // re-rating them now would start adjusting invoices an older
+        // release issued.
+        let split = self
+            .store
+            .split_complete(rated, &stored_rows, (period_start, end))
+            .await?;
+        let short = split
+            .incomplete
+            .iter()
+            .filter(|row| row.as_of >= unix_seconds(end) && !row.usage.is_empty());
+        for row in short {
+            let Some(&customer) = mine.get(row.customer.as_str()) else {
                 continue;
             };
-            if as_of != unix_seconds(end) || rated == *count {
-                continue;
-            }
-            let stored = self
-                .store
-                .sample_counts(
-                    Counted::Distinct,
-                    (customer.as_str(), customer.as_str()),
-                    unix_ms(period_start),
-                    unix_ms(end),
-                )
-                .await?
-                .get(customer.as_str())
-                .copied()
-                .unwrap_or(0);
-            if stored == rated {
-                continue;
-            }
-            tracing::info!(%customer, period = %period_start, rated, stored, "samples the period-end state did not rate: re-rating the period");
+            tracing::info!(%customer, period = %period_start, rated = row.samples, "samples the period-end state did not rate: re-rating the period");
             match self.rerate_period(customer, period_start, now, pass).await {
                 Ok(()) => pass.periods_rerated += 1,
                 Err(Error::Store(error)) => return Err(Error::Store(error)),

@@ -65,9 +65,9 @@ use idlemeter_core::{
     NumberedSample, PriceSheet, RateReport, RatingState, UsageSample,
 };
 use idlemeter_store::{
-    ratings_checksum, to_column, unix_ms, unix_seconds, AccountReader, Accounts, Counted,
-    Currencies, CurrencyLane, MeteredRange, RatedLineRow, RatingChangeRow, RatingErrorRow,
-    RatingStateRow, Store,
+    ratings_checksum, to_column, unix_ms, unix_seconds, AccountReader, Accounts, Currencies,
+    CurrencyLane, MeteredRange, RatedLineRow, RatingChangeRow, RatingErrorRow, RatingStateRow,
+    Store,
 };
 use rust_decimal::Decimal;
 use serde::Deserialize;

@@ -205,6 +205,21 @@ impl Store {
             self.rated_quantities(first, last, unix_seconds(period_start), sheet_checksum),
             self.sample_counts(Counted::Rows, (first, last), from_ms, to_ms),
         )?;
+        self.split_complete(rows, &stored_rows, (period_start, until))
+            .await
+    }
+
+    /// [`Self::rated_through`]'s split of `rows` (in customer order), for a
+    /// caller that has counted each customer's stored rows in
+    /// `[period_start, until)` already (`stored_rows`, as
+    /// [`Counted::Rows`] counts them; absent: none). The distinct samples
+    /// are counted only for customers whose rows differ from their count.
+    pub async fn split_complete(
+        &self,
+        rows: Vec<RatedQuantities>,
+        stored_rows: &HashMap<String, u64>,
+        (period_start, until): (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<RatedThrough> {
         let count = |counts: &HashMap<String, u64>, customer: &str| {
             counts.get(customer).copied().unwrap_or(0)
         };
@@ -213,12 +228,13 @@ impl Store {
             .partition(|row| row.as_of >= unix_seconds(until) && !row.usage.is_empty());
         let differ: Vec<&str> = reaching
             .iter()
-            .filter(|row| row.samples != count(&stored_rows, &row.customer))
+            .filter(|row| row.samples != count(stored_rows, &row.customer))
             .map(|row| row.customer.as_str())
             .collect();
         let distinct = match (differ.first(), differ.last()) {
             (Some(low), Some(high)) => {
-                self.sample_counts(Counted::Distinct, (low, high), from_ms, to_ms)
+                let range = (unix_ms(period_start), unix_ms(until));
+                self.sample_counts(Counted::Distinct, (low, high), range.0, range.1)
                     .await?
             }
             _ => HashMap::new(),
@@ -226,7 +242,7 @@ impl Store {
         let mut complete = HashMap::new();
         for row in reaching {
             let customer = row.customer.as_str();
-            if row.samples == count(&stored_rows, customer)
+            if row.samples == count(stored_rows, customer)
                 || row.samples == count(&distinct, customer)
             {
                 complete.insert(row.customer.clone(), row);
